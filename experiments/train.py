@@ -33,8 +33,19 @@ flags.DEFINE_enum("mode", "jit", list(ws.training.MODES), "jit | sharded | pmap.
 config_flags.DEFINE_config_file("config", None, "Optional ml_collections config; overrides flags.")
 FLAGS = flags.FLAGS
 
-_KEYS = ("dataset", "data_dir", "seed", "quick", "model", "optimizer", "lr", "steps",
-         "batch_size", "eval_every", "mode")
+_KEYS = (
+    "dataset",
+    "data_dir",
+    "seed",
+    "quick",
+    "model",
+    "optimizer",
+    "lr",
+    "steps",
+    "batch_size",
+    "eval_every",
+    "mode",
+)
 
 
 def get_config() -> dict:
@@ -66,16 +77,28 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
         ws.training.classification_loss(model.apply), tx, mode=cfg["mode"]
     )
     state, history = ws.training.fit(
-        state, step, ds, apply_fn=model.apply, num_steps=cfg["steps"],
-        batch_size=cfg["batch_size"], seed=cfg["seed"], mode=cfg["mode"],
-        eval_every=cfg["eval_every"], workdir=workdir, progress=progress,
+        state,
+        step,
+        ds,
+        apply_fn=model.apply,
+        num_steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        seed=cfg["seed"],
+        mode=cfg["mode"],
+        eval_every=cfg["eval_every"],
+        workdir=workdir,
+        progress=progress,
     )
     final = history[-1]
     results = {
-        "dataset": cfg["dataset"], "model": cfg["model"], "steps": cfg["steps"],
+        "dataset": cfg["dataset"],
+        "model": cfg["model"],
+        "steps": cfg["steps"],
         "num_params": ws.training.num_params(state.params),
-        "test_accuracy": final["test_accuracy"], "test_loss": final["test_loss"],
-        "train_accuracy": final["train_accuracy"], "train_loss": final["train_loss"],
+        "test_accuracy": final["test_accuracy"],
+        "test_loss": final["test_loss"],
+        "train_accuracy": final["train_accuracy"],
+        "train_loss": final["train_loss"],
     }
     common.save_results(workdir, results)
     _plot(history, workdir)

@@ -11,10 +11,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_experiment(module: str, workdir, *flags: str, timeout: int = 300) -> None:
     """Runs ``python -m experiments.<module> --quick --workdir=...`` and fails loudly on error."""
-    cmd = [sys.executable, "-m", f"experiments.{module}", f"--workdir={workdir}",
-           "--quick", "--noprogress", *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=_env())
+    cmd = [
+        sys.executable,
+        "-m",
+        f"experiments.{module}",
+        f"--workdir={workdir}",
+        "--quick",
+        "--noprogress",
+        *flags,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env()
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
 
 
@@ -26,8 +34,9 @@ def run_notebook(name: str, timeout: int = 300) -> None:
     path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
     nb = nbformat.read(path, as_version=4)
     os.environ.update(_env())  # the kernel inherits this process's environment
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": ROOT}}).execute()
+    NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": ROOT}}
+    ).execute()
 
 
 def _env() -> dict:

@@ -187,16 +187,16 @@ def _load_npz(path: str) -> Dataset:
     if not os.path.exists(path):
         raise ValueError(f"npz file not found: {path!r}")
     try:
-        with np.load(path) as f:
-            missing = [k for k in _NPZ_KEYS if k not in f.files]
-            if missing:
-                raise ValueError(
-                    f"npz file {path!r} lacks keys {missing}; it has {sorted(f.files)}, "
-                    f"needs {list(_NPZ_KEYS)}"
-                )
-            arrays = {k: f[k] for k in _NPZ_KEYS}
-    except (OSError, EOFError) as e:  # not a zip/npz at all
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in _NPZ_KEYS if k in f.files}
+            present = sorted(f.files)
+    except (OSError, EOFError, ValueError, AttributeError) as e:  # not an npz archive
         raise ValueError(f"cannot read {path!r} as an npz file: {e}") from e
+    missing = [k for k in _NPZ_KEYS if k not in arrays]
+    if missing:
+        raise ValueError(
+            f"npz file {path!r} lacks keys {missing}; it has {present}, needs {list(_NPZ_KEYS)}"
+        )
     for split in ("train", "test"):
         nx, ny = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
         if nx != ny or arrays[f"y_{split}"].ndim != 1:
@@ -219,20 +219,18 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
         ) from e
     if download:
         builder.download_and_prepare()
-    try:
-        sources = tfds.data_source(name, data_dir=data_dir, download=False)
-    except Exception as e:
-        raise ValueError(
-            f"tensorflow-datasets set {name!r} is not prepared in data_dir="
-            f"{data_dir or builder.data_dir!r}. On a machine with internet, run "
-            f"`wspace.data.load({name!r}, download=True, data_dir=...)` (or "
-            f"`tfds build {name} --data_dir=...`) once, then pass that data_dir."
-        ) from e
     arrays = {}
     for split in ("train", "test"):
-        if split not in sources:
-            raise ValueError(f"dataset {name!r} has no {split!r} split; it has {list(sources)}")
-        records = [sources[split][i] for i in range(len(sources[split]))]
+        try:
+            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:
+            raise ValueError(
+                f"tensorflow-datasets set {name!r} (split {split!r}) is not prepared in "
+                f"data_dir={data_dir or builder.data_dir!r}. On a machine with internet, run "
+                f"`wspace.data.load({name!r}, download=True, data_dir=...)` (or "
+                f"`tfds build {name} --data_dir=...`) once, then pass that data_dir."
+            ) from e
+        records = [source[i] for i in range(len(source))]
         arrays[f"x_{split}"] = np.stack([r["image"] for r in records])
         arrays[f"y_{split}"] = np.array([r["label"] for r in records])
     for split in ("train", "test"):

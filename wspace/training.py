@@ -125,9 +125,7 @@ def classification_loss(apply_fn: Callable, *, per_example: bool = False) -> Cal
 
 def default_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh named ``data`` over all devices (of all processes)."""
-    return jax.make_mesh(
-        (jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def make_train_step(
@@ -163,9 +161,7 @@ def make_train_step(
         if axis_name is not None:  # different noise per device, same key stream
             sub = jax.random.fold_in(sub, jax.lax.axis_index(axis_name))
         grad_fn = estimator(loss_fn, has_aux=True)
-        (loss, (model_state, metrics)), grads = grad_fn(
-            state.params, state.model_state, batch, sub
-        )
+        (loss, (model_state, metrics)), grads = grad_fn(state.params, state.model_state, batch, sub)
         metrics = {**metrics, "loss": jnp.mean(loss)}
         if axis_name is not None:
             grads, model_state, metrics = jax.lax.pmean((grads, model_state, metrics), axis_name)
@@ -251,7 +247,9 @@ def evaluate(
     """Mean cross-entropy and accuracy of a classifier in eval mode over ``(x, y)``."""
     loss_sum, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        s, c = _eval_batch(apply_fn, variables, x[start : start + batch_size], y[start : start + batch_size])
+        s, c = _eval_batch(
+            apply_fn, variables, x[start : start + batch_size], y[start : start + batch_size]
+        )
         loss_sum, correct = loss_sum + float(s), correct + int(c)
     return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
 
@@ -332,35 +330,41 @@ def fit(
     last_good = start
     bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train")
     t0 = time.time()
-    for step in range(start + 1, num_steps + 1):
-        placed, metrics = train_step(placed, place_batch(next(stream), mode, mesh), tx_args)
-        pending.append((step, metrics["loss"]))
-        bar.update(1)
-        is_eval = step % eval_every == 0 or step == num_steps
-        is_ckpt = ckpt is not None and (step % checkpoint_every == 0 or step == num_steps)
-        if is_eval or is_ckpt or len(pending) >= 50:
-            _check_finite(pending, last_good, ckpt)
-            pending = []
-        if is_eval:
-            host = unplace_state(placed, mode)
-            record = {"step": step, "time": round(time.time() - t0, 3)}
-            for split, x, y in (
-                ("train", dataset.x_train, dataset.y_train),
-                ("test", dataset.x_test, dataset.y_test),
-            ):
-                for k, v in evaluate(apply_fn, host.variables, x, y).items():
-                    record[f"{split}_{k}"] = v
-            history.append(record)
-            if workdir:
-                _append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
-            bar.set_postfix(test_acc=f"{record['test_accuracy']:.3f}")
-        if is_ckpt:
-            ckpt.save(step, unplace_state(placed, mode))
-            last_good = step
-    bar.close()
-    if ckpt is not None:
-        ckpt.close()
+    try:
+        for step in range(start + 1, num_steps + 1):
+            placed, metrics = train_step(placed, place_batch(next(stream), mode, mesh), tx_args)
+            pending.append((step, metrics["loss"]))
+            bar.update(1)
+            is_eval = step % eval_every == 0 or step == num_steps
+            is_ckpt = ckpt is not None and (step % checkpoint_every == 0 or step == num_steps)
+            if is_eval or is_ckpt or len(pending) >= 50:
+                _check_finite(pending, last_good, ckpt)
+                pending = []
+            if is_eval:
+                record = {"step": step, "time": round(time.time() - t0, 3)}
+                record.update(_evaluate_splits(apply_fn, unplace_state(placed, mode), dataset))
+                history.append(record)
+                if workdir:
+                    _append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
+                bar.set_postfix(test_acc=f"{record['test_accuracy']:.3f}")
+            if is_ckpt:
+                ckpt.save(step, unplace_state(placed, mode))
+                last_good = step
+    finally:  # also on errors: the last good checkpoint is complete on disk
+        bar.close()
+        if ckpt is not None:
+            ckpt.close()
     return unplace_state(placed, mode), history
+
+
+def _evaluate_splits(apply_fn, state: TrainState, dataset: data_lib.Dataset) -> dict:
+    """``{train,test}_{loss,accuracy}`` of ``state`` on both splits."""
+    record = {}
+    for split in ("train", "test"):
+        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+        for k, v in evaluate(apply_fn, state.variables, x, y).items():
+            record[f"{split}_{k}"] = v
+    return record
 
 
 def _check_finite(pending, last_good: int, ckpt) -> None:
@@ -425,7 +429,7 @@ def _append_jsonl(path: str, record: dict) -> None:
 
 
 def _read_metrics(workdir: str | None, upto: int) -> list[dict]:
-    """Records of a resumed run up to its checkpoint; later ones are dropped (they will be redone)."""
+    """Records of a resumed run up to its checkpoint; later ones are dropped and redone."""
     path = os.path.join(workdir, "metrics.jsonl") if workdir else None
     if not path or not os.path.exists(path):
         return []

@@ -69,7 +69,7 @@ def make_optimizer(name: str, lr: float, steps: int) -> optax.GradientTransforma
 def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
     """Trains one model as ``cfg`` says and writes the workdir files; returns results."""
     common.start(workdir, cfg)
-    ds = ws.data.load(cfg["dataset"], data_dir=cfg["data_dir"])
+    ds = ws.data.standardize(ws.data.load(cfg["dataset"], data_dir=cfg["data_dir"]))
     model = ws.models.create(cfg["model"], ds.num_classes)
     tx = make_optimizer(cfg["optimizer"], cfg["lr"], cfg["steps"])
     state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(cfg["seed"]))

@@ -158,7 +158,7 @@ def top_hessian_eigenvalues(
     the ``m x m`` tridiagonal matrix (Lanczos 1950; as used for neural-network
     Hessians by Ghorbani et al. 2019, arXiv 1901.10159). With ``m = dim`` the result
     is exact up to rounding; after a breakdown (an invariant subspace found) it
-    restarts with a random orthogonal vector. ``power``: power iteration,
+    restarts with a vector orthogonal to the basis. ``power``: power iteration,
     ``num_iters`` Hessian-vector products per eigenvalue; if the dominant eigenvalue
     ``λ`` is negative it reruns on ``H - λI`` so the answer is the algebraic maximum;
     for ``k > 1`` each further eigenpair iterates in the orthogonal complement of the
@@ -194,8 +194,8 @@ def top_hessian_eigenvalues(
     if method == "lanczos":
         m = min(num_iters, dim)
 
-        def run(flat, key):
-            alphas, betas, basis = _lanczos(lambda v: matvec(flat, v), flat, m, key)
+        def run(flat, start):
+            alphas, betas, basis = _lanczos(lambda v: matvec(flat, v), start[0], m)
             tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
             evals, evecs = jnp.linalg.eigh(tri)
             evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
@@ -203,10 +203,12 @@ def top_hessian_eigenvalues(
 
     else:
 
-        def run(flat, key):
-            return _power(lambda v: matvec(flat, v), flat, k, num_iters, key)
+        def run(flat, starts):
+            return _power(lambda v: matvec(flat, v), starts, num_iters)
 
-    evals, vecs = jax.jit(run)(flat, key)
+    # Random starts are drawn outside the compiled loop (keeps the program small).
+    starts = jax.random.normal(key, (1 if method == "lanczos" else k, dim), flat.dtype)
+    evals, vecs = jax.jit(run)(flat, starts)
     if return_vectors:
         return evals, [unravel(v) for v in vecs]
     return evals
@@ -272,13 +274,12 @@ def _orthogonalise(w, basis):
     return w - basis.T @ (basis @ w)
 
 
-def _lanczos(matvec: Callable, flat, m: int, key):
-    """``m`` Lanczos steps with full reorthogonalisation: diagonals, off-diagonals, basis."""
-    dim, dtype = flat.size, flat.dtype
+def _lanczos(matvec: Callable, v0, m: int):
+    """``m`` Lanczos steps from ``v0`` with full reorthogonalisation: diagonals, off-diagonals,
+    basis."""
+    dim, dtype = v0.size, v0.dtype
     tiny = jnp.finfo(dtype).tiny
     tol = 100 * jnp.finfo(dtype).eps
-    start_key, restart_key = jax.random.split(key)
-    v0 = jax.random.normal(start_key, (dim,), dtype)
     basis = jnp.zeros((m + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
 
     def body(j, carry):
@@ -290,9 +291,10 @@ def _lanczos(matvec: Callable, flat, m: int, key):
         w = _orthogonalise(w, basis)  # rows > j are still zero
         beta = jnp.linalg.norm(w)
         broke = beta <= tol * scale + tiny
-        r = _orthogonalise(
-            jax.random.normal(jax.random.fold_in(restart_key, j), (dim,), dtype), basis
-        )
+        # Restart after a breakdown with the unit vector of the coordinate least covered by
+        # the basis (its squared column norms sum to j + 1 < dim, so one is below 1).
+        e = jax.nn.one_hot(jnp.argmin(jnp.sum(basis * basis, axis=0)), dim, dtype=dtype)
+        r = _orthogonalise(e, basis)
         nxt = jnp.where(
             broke, r / jnp.maximum(jnp.linalg.norm(r), tiny), w / jnp.maximum(beta, tiny)
         )
@@ -304,41 +306,43 @@ def _lanczos(matvec: Callable, flat, m: int, key):
     return alphas, betas, basis[:m]
 
 
-def _power(matvec: Callable, flat, k: int, num_iters: int, key):
-    """Top-``k`` algebraic eigenpairs by power iteration with deflation by projection."""
-    dim, dtype = flat.size, flat.dtype
+def _power(matvec: Callable, starts, num_iters: int):
+    """Top-``k`` algebraic eigenpairs by power iteration with deflation by projection.
+
+    Eigenpair ``i`` iterates on ``P H P`` with ``P`` the projector onto the orthogonal
+    complement of the pairs found so far (rows of ``found`` not yet set are zero, so
+    they project nothing). If its dominant eigenvalue ``λ`` is negative, a second
+    phase iterates on ``P (H - λI) P``, whose dominant eigenvalue is ``λ_max - λ``.
+    """
+    (k, dim), dtype = starts.shape, starts.dtype
     tiny = jnp.finfo(dtype).tiny
-    found = jnp.zeros((k, dim), dtype)
-    evals = []
-    for i, subkey in enumerate(jax.random.split(key, k)):
-        v0 = _orthogonalise(jax.random.normal(subkey, (dim,), dtype), found)
+
+    def pair(i, carry):
+        found, evals = carry
+        op = lambda v: _orthogonalise(matvec(_orthogonalise(v, found)), found)
+        v0 = _orthogonalise(starts[i], found)
         v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), tiny)
-        v, lam = _power_one(matvec, v0, found, num_iters)
-        found = found.at[i].set(v)
-        evals.append(lam)
-    return jnp.stack(evals), found
 
+        def phase(state):  # num_iters steps on op - shift·I, then the Rayleigh quotient of op
+            stage, _, _, shift = state
 
-def _power_one(matvec: Callable, v0, found, num_iters: int):
-    """The algebraically largest eigenpair of ``H`` on the orthogonal complement of ``found``."""
-    tiny = jnp.finfo(v0.dtype).tiny
-    op = lambda v: _orthogonalise(matvec(_orthogonalise(v, found)), found)
+            def step(_, v):
+                w = op(v) - shift * v
+                return w / jnp.maximum(jnp.linalg.norm(w), tiny)
 
-    def iterate(op):
-        def body(_, v):
-            w = op(v)
-            return w / jnp.maximum(jnp.linalg.norm(w), tiny)
+            v = jax.lax.fori_loop(0, num_iters, step, v0)
+            lam = jnp.vdot(v, op(v))
+            negative = (stage == 0) & (lam < 0)
+            return jnp.where(negative, 1, 2), v, lam, jnp.where(negative, lam, shift)
 
-        v = jax.lax.fori_loop(0, num_iters, body, v0)
-        return v, jnp.vdot(v, op(v))
+        zero = jnp.zeros((), dtype)
+        init = (jnp.zeros((), jnp.int32), v0, zero, zero)
+        _, v, lam, _ = jax.lax.while_loop(lambda s: s[0] < 2, phase, init)
+        return found.at[i].set(v), evals.at[i].set(lam)
 
-    v, lam = iterate(op)
-
-    def shifted():  # the dominant eigenvalue is negative: iterate on H - λI (PSD there)
-        v2, _ = iterate(lambda u: op(u) - lam * _orthogonalise(u, found))
-        return v2, jnp.vdot(v2, op(v2))
-
-    return jax.lax.cond(lam < 0, shifted, lambda: (v, lam))
+    init = (jnp.zeros((k, dim), dtype), jnp.zeros(k, dtype))
+    found, evals = jax.lax.fori_loop(0, k, pair, init)
+    return evals, found
 
 
 # ----------------------------------------------------------------------------- paths
@@ -378,8 +382,8 @@ def linear_path(
     _check_same_tree(params_a, params_b, "params_a", "params_b")
     alphas = jnp.linspace(0.0, 1.0, num_points)
 
-    def at(alpha):
-        return g(jax.tree.map(lambda a, b: (1 - alpha) * a + alpha * b, params_a, params_b))
+    def at(alpha):  # exact at both endpoints, and everywhere when params_a == params_b
+        return g(jax.tree.map(lambda a, b: _lerp(a, b, alpha), params_a, params_b))
 
     if mode in ("auto", "map"):
         try:
@@ -663,6 +667,12 @@ def flatness(
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _lerp(a, b, alpha):
+    """``(1 - α) a + α b`` as ``a + α (b - a)`` for ``α <= 1/2``, ``b - (1 - α)(b - a)`` above."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    return jnp.where(alpha <= 0.5, a + alpha * (b - a), b - (1 - alpha) * (b - a))
 
 
 def _check_int(value, name: str, minimum: int) -> None:

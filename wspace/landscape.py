@@ -23,6 +23,7 @@ This is infrastructure: it imports no method module.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -189,26 +190,12 @@ def top_hessian_eigenvalues(
     dim = flat.size
     if k > dim:
         raise ValueError(f"k={k} exceeds the number of parameters ({dim})")
-    matvec = _flat_hvp(f, unravel)
-
-    if method == "lanczos":
-        m = min(num_iters, dim)
-
-        def run(flat, start):
-            alphas, betas, basis = _lanczos(lambda v: matvec(flat, v), start[0], m)
-            tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-            evals, evecs = jnp.linalg.eigh(tri)
-            evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
-            return evals, (basis.T @ evecs).T
-
-    else:
-
-        def run(flat, starts):
-            return _power(lambda v: matvec(flat, v), starts, num_iters)
-
     # Random starts are drawn outside the compiled loop (keeps the program small).
     starts = jax.random.normal(key, (1 if method == "lanczos" else k, dim), flat.dtype)
-    evals, vecs = jax.jit(run)(flat, starts)
+    if method == "lanczos":
+        evals, vecs = _lanczos_top(f, params, starts[0], k=k, m=min(num_iters, dim))
+    else:
+        evals, vecs = _power_top(f, params, starts, num_iters=num_iters)
     if return_vectors:
         return evals, [unravel(v) for v in vecs]
     return evals
@@ -239,23 +226,42 @@ def hessian_trace(
       the estimate (a scalar array), or ``(estimate, stderr)``.
     """
     _check_int(num_samples, "num_samples", 2 if return_stderr else 1)
-    flat, unravel = ravel_pytree(params)
-    matvec = _flat_hvp(f, unravel)
-
-    def run(flat, key):
-        keys = jax.random.split(key, num_samples)
-
-        def one(k):
-            z = jax.random.rademacher(k, flat.shape, flat.dtype)
-            return jnp.vdot(z, matvec(flat, z))
-
-        return jax.lax.map(one, keys)
-
-    samples = jax.jit(run)(flat, key)
+    samples = _hutchinson_samples(f, params, key, num_samples=num_samples)
     mean = jnp.mean(samples)
     if return_stderr:
         return mean, jnp.std(samples, ddof=1) / np.sqrt(num_samples)
     return mean
+
+
+# f is a static argument: calling again with the same f and shapes reuses the compiled program.
+@functools.partial(jax.jit, static_argnames=("f", "k", "m"))
+def _lanczos_top(f, params, start, *, k: int, m: int):
+    flat, unravel = ravel_pytree(params)
+    matvec = _flat_hvp(f, unravel)
+    alphas, betas, basis = _lanczos(lambda v: matvec(flat, v), start, m)
+    tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    evals, evecs = jnp.linalg.eigh(tri)
+    evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
+    return evals, (basis.T @ evecs).T
+
+
+@functools.partial(jax.jit, static_argnames=("f", "num_iters"))
+def _power_top(f, params, starts, *, num_iters: int):
+    flat, unravel = ravel_pytree(params)
+    matvec = _flat_hvp(f, unravel)
+    return _power(lambda v: matvec(flat, v), starts, num_iters)
+
+
+@functools.partial(jax.jit, static_argnames=("f", "num_samples"))
+def _hutchinson_samples(f, params, key, *, num_samples: int):
+    flat, unravel = ravel_pytree(params)
+    matvec = _flat_hvp(f, unravel)
+
+    def one(k):
+        z = jax.random.rademacher(k, flat.shape, flat.dtype)
+        return jnp.vdot(z, matvec(flat, z))
+
+    return jax.lax.map(one, jax.random.split(key, num_samples))
 
 
 def _flat_hvp(f: Callable, unravel: Callable) -> Callable:
@@ -381,23 +387,30 @@ def linear_path(
         raise ValueError(f"mode={mode!r}; use one of {PATH_MODES}")
     _check_same_tree(params_a, params_b, "params_a", "params_b")
     alphas = jnp.linspace(0.0, 1.0, num_points)
-
-    def at(alpha):  # exact at both endpoints, and everywhere when params_a == params_b
-        return g(jax.tree.map(lambda a, b: _lerp(a, b, alpha), params_a, params_b))
-
     if mode in ("auto", "map"):
         try:
-            values = jax.jit(lambda al: jax.lax.map(at, al))(alphas)
+            values = _path_values(g, params_a, params_b, alphas, vectorize=False)
         except jax.errors.JAXTypeError:
             if mode == "map":
                 raise
             mode = "loop"
     if mode == "vmap":
-        values = jax.jit(jax.vmap(at))(alphas)
+        values = _path_values(g, params_a, params_b, alphas, vectorize=True)
     if mode == "loop":
-        outs = [at(float(al)) for al in np.asarray(alphas)]
+        outs = [_point(g, params_a, params_b, float(al)) for al in np.asarray(alphas)]
         values = jax.tree.map(lambda *xs: jnp.asarray(np.array(xs)), *outs)
     return alphas, values
+
+
+def _point(g: Callable, params_a, params_b, alpha):
+    """``g`` at ``(1 - α) a + α b``; exact at both ends, and everywhere when ``a == b``."""
+    return g(jax.tree.map(lambda a, b: _lerp(a, b, alpha), params_a, params_b))
+
+
+@functools.partial(jax.jit, static_argnames=("g", "vectorize"))
+def _path_values(g: Callable, params_a, params_b, alphas, *, vectorize: bool):
+    at = functools.partial(_point, g, params_a, params_b)
+    return jax.vmap(at)(alphas) if vectorize else jax.lax.map(at, alphas)
 
 
 def barrier_height(values):
@@ -576,20 +589,23 @@ def filter_normalized_direction(params: PyTree, key) -> PyTree:
     Returns:
       a pytree shaped like ``params``.
     """
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    out = []
-    for leaf, k in zip(leaves, keys[: len(leaves)], strict=True):
-        leaf = jnp.asarray(leaf)
-        if leaf.ndim <= 1:
-            out.append(jnp.zeros_like(leaf))
-            continue
-        d = jax.random.normal(k, leaf.shape, leaf.dtype)
-        axes = tuple(range(leaf.ndim - 1))
+    flat, unravel = ravel_pytree(params)
+    return _filter_normalize(params, unravel(jax.random.normal(key, flat.shape, flat.dtype)))
+
+
+@jax.jit
+def _filter_normalize(params: PyTree, noise: PyTree) -> PyTree:
+    """Rescales each last-axis slice of ``noise`` to the norm of ``params``'; 1-D leaves -> 0."""
+
+    def leaf(p, d):
+        if p.ndim <= 1:
+            return jnp.zeros_like(p)
+        axes = tuple(range(p.ndim - 1))
         dn = jnp.sqrt(jnp.sum(d * d, axis=axes, keepdims=True))
-        pn = jnp.sqrt(jnp.sum(leaf * leaf, axis=axes, keepdims=True))
-        out.append(d * pn / jnp.maximum(dn, jnp.finfo(leaf.dtype).tiny))
-    return jax.tree.unflatten(treedef, out)
+        pn = jnp.sqrt(jnp.sum(p * p, axis=axes, keepdims=True))
+        return d * pn / jnp.maximum(dn, jnp.finfo(d.dtype).tiny)
+
+    return jax.tree.map(leaf, params, noise)
 
 
 def flatness(
@@ -638,14 +654,32 @@ def flatness(
     _check_int(num_directions, "num_directions", 1)
     _check_int(num_steps, "num_steps", 1)
     _check_int(refine_steps, "refine_steps", 0)
-    grid = jnp.linspace(0.0, max_distance, num_steps + 1)[1:]
+    flat, unravel = ravel_pytree(params)
+    noise = jax.random.normal(key, (num_directions, flat.size), flat.dtype)
+    distances = _flatness_distances(
+        f,
+        params,
+        jax.vmap(unravel)(noise),
+        jnp.asarray(threshold, flat.dtype),
+        jnp.asarray(max_distance, flat.dtype),
+        num_steps=num_steps,
+        refine_steps=refine_steps,
+    )
+    mean = jnp.mean(distances)
+    return (mean, distances) if return_distances else mean
 
-    def one(base, key):
-        d = filter_normalized_direction(params, key)
+
+@functools.partial(jax.jit, static_argnames=("f", "num_steps", "refine_steps"))
+def _flatness_distances(f, params, noise, threshold, max_distance, *, num_steps, refine_steps):
+    """Per-direction first-crossing distances; ``noise`` has a leading direction axis."""
+    grid = max_distance * jnp.arange(1, num_steps + 1, dtype=threshold.dtype) / num_steps
+    base = f(params)
+
+    def one(z):
+        d = _filter_normalize(params, z)
         rise = lambda t: f(jax.tree.map(lambda p, di: p + t * di, params, d)) - base
         above = jax.lax.map(rise, grid) > threshold
         first = jnp.argmax(above)
-        hi = grid[first]
         lo = jnp.where(first > 0, grid[jnp.maximum(first - 1, 0)], 0.0)
 
         def bisect(_, bracket):
@@ -654,16 +688,10 @@ def flatness(
             up = rise(mid) > threshold
             return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
 
-        lo, hi = jax.lax.fori_loop(0, refine_steps, bisect, (lo, hi))
+        lo, hi = jax.lax.fori_loop(0, refine_steps, bisect, (lo, grid[first]))
         return jnp.where(jnp.any(above), 0.5 * (lo + hi), max_distance)
 
-    def run(key):
-        base = f(params)
-        return jax.lax.map(lambda k: one(base, k), jax.random.split(key, num_directions))
-
-    distances = jax.jit(run)(key)
-    mean = jnp.mean(distances)
-    return (mean, distances) if return_distances else mean
+    return jax.lax.map(one, noise)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -94,6 +94,29 @@ def test_power_returns_algebraic_maximum_when_dominant_eigenvalue_is_negative():
         np.testing.assert_allclose(top, [1.0, 0.5], atol=1e-3)
 
 
+def test_repeated_eigenvalues_need_restart_or_deflation():
+    # A has two distinct eigenvalues: a Krylov space has dimension 2, so plain Lanczos
+    # would find 3 only once; after the breakdown it must restart.
+    a = _sym(np.array([3.0, 3.0, 3.0, 1.0, 1.0, 1.0]), seed=3)
+    f = _Unhashable(_quadratic(a))  # also: f need not be hashable
+    for method in ("lanczos", "power"):
+        top = L.top_hessian_eigenvalues(f, PARAMS, k=4, num_iters=50, key=KEY, method=method)
+        np.testing.assert_allclose(top, [3.0, 3.0, 3.0, 1.0], atol=1e-4)
+
+
+class _Unhashable:
+    __hash__ = None
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, p):
+        return self.fn(p)
+
+    def __eq__(self, other):
+        return False
+
+
 def test_lanczos_on_a_larger_spectrum_finds_the_top():
     n = 60
     eigs = np.concatenate([[10.0, 8.0], np.linspace(-1.0, 2.0, n - 2)])

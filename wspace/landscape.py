@@ -18,6 +18,15 @@ function of the parameters; `classification_objective` does exactly that.
   `flatness`, the distance along random filter-normalised directions before the
   loss rises by a threshold.
 
+Practical notes. The iterative tools compile ``f`` inside a loop; the compiled program
+is cached per ``f`` object (identity), so reuse one closure for repeated calls at the
+same shapes, and treat ``f`` as pure. Data closed over by ``f`` becomes a constant of
+the program: estimate curvature on a subset (a few thousand examples) rather than a
+whole large training set. Lanczos keeps ``num_iters + 1`` vectors of the size of the
+parameters; `flatness` keeps ``num_directions``. When interpolating BatchNorm
+networks, ``f`` uses the running statistics it closes over (one endpoint's, say);
+Frankle et al. do the same at evaluation time.
+
 This is infrastructure: it imports no method module.
 """
 
@@ -135,7 +144,8 @@ def hvp(f: Callable, params: PyTree, v: PyTree) -> PyTree:
       v: the direction, a pytree of the same structure and shapes.
 
     Returns:
-      ``H v``, a pytree shaped like ``params``.
+      ``H v``, a pytree shaped like ``params``. Not compiled here: for repeated use,
+      ``jax.jit(lambda p, v: hvp(f, p, v))``.
     """
     _check_same_tree(params, v, "params", "v")
     return jax.jvp(jax.grad(f), (params,), (v,))[1]
@@ -157,14 +167,16 @@ def top_hessian_eigenvalues(
     flattened parameters with full reorthogonalisation (each new vector is
     Gram-Schmidt-ed twice against all previous ones), then the top ``k`` Ritz values of
     the ``m x m`` tridiagonal matrix (Lanczos 1950; as used for neural-network
-    Hessians by Ghorbani et al. 2019, arXiv 1901.10159). With ``m = dim`` the result
-    is exact up to rounding; after a breakdown (an invariant subspace found) it
-    restarts with a vector orthogonal to the basis. ``power``: power iteration,
-    ``num_iters`` Hessian-vector products per eigenvalue; if the dominant eigenvalue
-    ``λ`` is negative it reruns on ``H - λI`` so the answer is the algebraic maximum;
-    for ``k > 1`` each further eigenpair iterates in the orthogonal complement of the
-    ones found (deflation by projection). Power iteration converges at rate
-    ``|λ₂/λ₁|`` per step: give it more iterations than Lanczos.
+    Hessians by Ghorbani et al. 2019, arXiv 1901.10159). The Ritz values interlace the
+    spectrum, so with ``m < dim`` the ``i``-th estimate is a lower bound on ``λ_i``
+    (the extremes converge first); with ``m = dim`` the result is exact up to
+    rounding. After a breakdown (an invariant subspace found) it restarts with a
+    vector orthogonal to the basis. ``power``: power iteration, ``num_iters``
+    Hessian-vector products per eigenvalue; if the dominant eigenvalue ``λ`` is
+    negative it reruns on ``H - λI`` so the answer is the algebraic maximum; for
+    ``k > 1`` each further eigenpair iterates in the orthogonal complement of the ones
+    found (deflation by projection). Power iteration converges at rate ``|λ₂/λ₁|`` per
+    step: give it more iterations than Lanczos.
 
     Args:
       f: ``f(params) -> scalar`` (e.g. `classification_objective`).
@@ -193,9 +205,9 @@ def top_hessian_eigenvalues(
     # Random starts are drawn outside the compiled loop (keeps the program small).
     starts = jax.random.normal(key, (1 if method == "lanczos" else k, dim), flat.dtype)
     if method == "lanczos":
-        evals, vecs = _lanczos_top(f, params, starts[0], k=k, m=min(num_iters, dim))
+        evals, vecs = _lanczos_top(_ById(f), params, starts[0], k=k, m=min(num_iters, dim))
     else:
-        evals, vecs = _power_top(f, params, starts, num_iters=num_iters)
+        evals, vecs = _power_top(_ById(f), params, starts, num_iters=num_iters)
     if return_vectors:
         return evals, [unravel(v) for v in vecs]
     return evals
@@ -226,14 +238,35 @@ def hessian_trace(
       the estimate (a scalar array), or ``(estimate, stderr)``.
     """
     _check_int(num_samples, "num_samples", 2 if return_stderr else 1)
-    samples = _hutchinson_samples(f, params, key, num_samples=num_samples)
+    samples = _hutchinson_samples(_ById(f), params, key, num_samples=num_samples)
     mean = jnp.mean(samples)
     if return_stderr:
         return mean, jnp.std(samples, ddof=1) / np.sqrt(num_samples)
     return mean
 
 
-# f is a static argument: calling again with the same f and shapes reuses the compiled program.
+class _ById:
+    """Wraps a callable as a static jit argument hashed by identity: the compiled program is
+    reused when the same ``f`` object is passed again with the same shapes (``f`` is assumed
+    pure: state it reads from outside its arguments is frozen at the first call)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise ValueError(f"expected a callable f(params); got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ById) and other.fn is self.fn
+
+
 @functools.partial(jax.jit, static_argnames=("f", "k", "m"))
 def _lanczos_top(f, params, start, *, k: int, m: int):
     flat, unravel = ravel_pytree(params)
@@ -389,13 +422,13 @@ def linear_path(
     alphas = jnp.linspace(0.0, 1.0, num_points)
     if mode in ("auto", "map"):
         try:
-            values = _path_values(g, params_a, params_b, alphas, vectorize=False)
+            values = _path_values(_ById(g), params_a, params_b, alphas, vectorize=False)
         except jax.errors.JAXTypeError:
             if mode == "map":
                 raise
             mode = "loop"
     if mode == "vmap":
-        values = _path_values(g, params_a, params_b, alphas, vectorize=True)
+        values = _path_values(_ById(g), params_a, params_b, alphas, vectorize=True)
     if mode == "loop":
         outs = [_point(g, params_a, params_b, float(al)) for al in np.asarray(alphas)]
         values = jax.tree.map(lambda *xs: jnp.asarray(np.array(xs)), *outs)
@@ -657,7 +690,7 @@ def flatness(
     flat, unravel = ravel_pytree(params)
     noise = jax.random.normal(key, (num_directions, flat.size), flat.dtype)
     distances = _flatness_distances(
-        f,
+        _ById(f),
         params,
         jax.vmap(unravel)(noise),
         jnp.asarray(threshold, flat.dtype),
@@ -742,7 +775,9 @@ def _zip_leaves(*trees: PyTree):
 
 
 def _masked_sum(x, m):
-    return jnp.sum(jnp.where(m, jnp.asarray(x, jnp.float32), 0.0))
+    x = jnp.asarray(x)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.sum(jnp.where(m, x, 0))
 
 
 def _split_keys(keys) -> list:

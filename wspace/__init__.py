@@ -3,7 +3,7 @@
 Import it flat: ``import wspace as ws; ws.training.make_train_step(...)``.
 """
 
-from wspace import data, models, training
+from wspace import data, models, pruning, training
 
-__all__ = ["data", "models", "training"]
+__all__ = ["data", "models", "training", "pruning"]
 __version__ = "0.1.0"

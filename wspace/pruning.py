@@ -24,6 +24,7 @@ Design reference: google-research/jaxpruner (Lee et al. 2023, arXiv 2304.14082).
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -153,20 +154,36 @@ def _prune(scores, masks, sparsity, *, scope, exclude, layer_sparsity, relative)
 
     ``relative=True``: remove ``round(rate * alive)`` of the surviving weights of
     each group; ``relative=False``: prune until ``round(rate * size)`` of the
-    group is pruned (never reviving a pruned weight).
+    group is pruned (never reviving a pruned weight). The grouping is decided
+    here in Python; the ranking runs in one compiled function (`_prune_groups`).
     """
     names, s_leaves, treedef = _named_leaves(scores)
-    m_leaves = jax.tree.leaves(masks)
+    m_leaves = [jnp.asarray(m, bool) for m in jax.tree.leaves(masks)]
     rates = _rates(names, s_leaves, sparsity, exclude, layer_sparsity)
-    groups: list[tuple[list[int], Any]] = []
+    groups, group_rates = [], []
     default = [i for i, r in enumerate(rates) if r is None and not exclude(names[i], s_leaves[i])]
     if scope == "global" and default:
-        groups.append((default, sparsity))
+        groups.append(tuple(default))
+        group_rates.append(sparsity)
     else:
-        groups += [([i], sparsity) for i in default]
-    groups += [([i], r) for i, r in enumerate(rates) if r is not None]
-    out = [jnp.asarray(m, bool) for m in m_leaves]
-    for idx, rate in groups:
+        groups += [(i,) for i in default]
+        group_rates += [sparsity] * len(default)
+    for i, r in enumerate(rates):
+        if r is not None:
+            groups.append((i,))
+            group_rates.append(r)
+    if not groups:
+        return jax.tree.unflatten(treedef, m_leaves)
+    rate_arr = jnp.stack([jnp.asarray(r, jnp.float32) for r in group_rates])
+    out = _prune_groups(s_leaves, m_leaves, rate_arr, groups=tuple(groups), relative=relative)
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "relative"))
+def _prune_groups(s_leaves, m_leaves, rates, *, groups, relative):
+    out = list(m_leaves)
+    for g, idx in enumerate(groups):
+        rate = rates[g]
         flat_s = jnp.concatenate([jnp.ravel(s_leaves[i]) for i in idx])
         flat_m = jnp.concatenate([jnp.ravel(out[i]) for i in idx])
         n_alive = jnp.sum(flat_m, dtype=jnp.int32)
@@ -181,7 +198,7 @@ def _prune(scores, masks, sparsity, *, scope, exclude, layer_sparsity, relative)
             size = int(np.prod(jnp.shape(s_leaves[i])))
             out[i] = keep[offset : offset + size].reshape(jnp.shape(s_leaves[i]))
             offset += size
-    return jax.tree.unflatten(treedef, out)
+    return out
 
 
 def _prepare(params, sparsity, scope, masks, exclude):

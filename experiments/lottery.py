@@ -51,7 +51,7 @@ flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "sgd (momentum 0.9) or ad
 flags.DEFINE_float("lr", 0.05, "Peak learning rate (cosine decay over --steps).")
 flags.DEFINE_integer("steps", 1000, "Training steps per level (T).")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("levels", 10, "Pruning levels after the dense level 0.")
+flags.DEFINE_integer("levels", 15, "Pruning levels after the dense level 0.")
 flags.DEFINE_float("rate", 0.2, "Fraction of surviving weights pruned per level.")
 flags.DEFINE_float("head_rate", 0.1, "Per-level rate of the output layer `head`.")
 flags.DEFINE_enum("scope", "layerwise", list(pruning.SCOPES), "Magnitude ranking scope.")
@@ -278,7 +278,14 @@ def _plot(results, workdir) -> None:
         std = np.array([r.get("test_accuracy_std", 0.0) for r in rows])
         ax.plot(d, acc, marker="o", ms=3, label=name)
         ax.fill_between(d, acc - std, acc + std, alpha=0.2)
+    dense = results["summary"].get("dense_test_accuracy")
+    if dense is not None:
+        ax.axhline(dense - 0.01, color="gray", ls="--", lw=0.8, label="dense - 1 point")
     ax.set_xscale("log")
+    lowest = min(r["density"] for r in table) * 100
+    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5) if t >= 0.9 * lowest]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
     ax.invert_xaxis()
     ax.set(xlabel="weights remaining (%)", ylabel="test accuracy", title="lottery tickets")
     ax.legend()

@@ -126,7 +126,7 @@ def _run_seed(where, cfg, ds, model, tx, step, seed, progress):
                                 workdir=os.path.join(where, "dense"))
     dense_time = time.time() - t0
     measure = _make_measure(cfg, ds, model, seed) if cfg["geometry"] else None
-    init_fn = lambda k: model.init(k, ds.x_train[:1], train=False)["params"]
+    init_fn = jax.jit(lambda k: model.init(k, ds.x_train[:1], train=False)["params"])
     common_kw = dict(levels=cfg["levels"], rate=cfg["rate"], layer_rates={"head": cfg["head_rate"]},
                      scope=cfg["scope"], measure=measure)
     plan = [("rewind_init", "rewind", dense.rewound_to(0)), ("rewind_k", "rewind", dense),
@@ -195,13 +195,20 @@ def _make_measure(cfg, ds, model, seed):
             "mask_overlap_prev": landscape.mask_overlap(masks, previous_masks),
         }
 
+    cache = {}
+
     def measure(level, previous, dense):
+        if level.level == 0 and "dense" in cache:  # level 0 is the same dense net in every arm
+            return cache["dense"]
         out = curvature(level.params, level.masks, level.model_state, dense.init.params,
                         jax.random.fold_in(key, level.level), x, y)
         if previous is not None:
             out.update(path(level.params, level.masks, previous.params, previous.masks,
                             level.model_state, ds.x_test, ds.y_test))
-        return {k: float(v) for k, v in out.items()}
+        out = {k: float(v) for k, v in out.items()}
+        if level.level == 0:
+            cache["dense"] = out
+        return out
 
     return measure
 

@@ -119,7 +119,8 @@ def _run_seed(where, cfg, ds, model, tx, step, seed, progress):
     train = lottery.make_trainer(step, ds, apply_fn=model.apply, batch_size=cfg["batch_size"],
                                  seed=seed)
     key = jax.random.PRNGKey(seed)
-    state = ws.training.init_state(model, tx, ds.x_train[:1], key)
+    # one compiled init instead of many eager ops (bit-identical values on CPU)
+    state = jax.jit(lambda k: ws.training.init_state(model, tx, ds.x_train[:1], k))(key)
     t0 = time.time()
     dense = lottery.train_dense(state, train, num_steps=cfg["steps"],
                                 rewind_step=cfg["rewind_step"],

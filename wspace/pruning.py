@@ -362,7 +362,7 @@ def sparsity(masks: PyTree, *, exclude: Exclude | None = None) -> dict:
 
 
 class KeepMaskedState(NamedTuple):
-    """State of `keep_masked`: step ``count`` and the masks used by the last update."""
+    """State of `keep_masked`: step ``count`` and the construction-time ``masks`` (or None)."""
 
     count: jax.Array
     masks: PyTree
@@ -382,34 +382,43 @@ def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtr
     After ``params + u'`` a pruned weight is ``p - p = 0`` exactly, whatever the
     earlier transformations did (momentum, weight decay, Adam); surviving
     weights get the inner update unchanged. Put it **last** in the chain, after
-    the learning rate. The masks live in the state (so they are arrays, not
-    compile-time constants) and can be replaced on every call by the extra
-    argument ``masks=`` without recompiling; the state keeps the last ones used.
+    the learning rate. Masks given here live in the state (arrays, not
+    compile-time constants); the extra argument ``masks=`` of ``update``
+    overrides them for that call, so masks can change between calls (e.g. IMP
+    levels) without recompiling. Without construction-time masks the state
+    holds ``masks=None`` and every ``update`` needs ``masks=``.
 
     Args:
-      masks: boolean pytree shaped like the params; default all ``True`` (then
-        pass ``masks=`` to ``update``).
+      masks: boolean pytree shaped like the params, or None (then pass ``masks=``
+        to every ``update``).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` with state `KeepMaskedState`.
+      An ``optax.GradientTransformationExtraArgs`` with state `KeepMaskedState`;
       ``update(updates, state, params, *, masks=None, **extra_args)``.
+
+    Raises:
+      ValueError: no params, no masks at all, or masks not shaped like the updates.
     """
 
     def init_fn(params):
-        if masks is None:
-            m = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
-        else:
+        m = None
+        if masks is not None:
             check_masks(params, masks)
             m = jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
         return KeepMaskedState(count=jnp.zeros((), jnp.int32), masks=m)
 
     def update_fn(updates, state, params=None, *, masks=None, **extra_args):
         del extra_args
-        m = state.masks if masks is None else jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
-        if masks is not None:
-            check_masks(updates, m)
+        if masks is None:
+            masks = state.masks
+            if masks is None:
+                raise ValueError("keep_masked() was built without masks: pass update(..., masks=)")
+        else:
+            check_masks(updates, masks)
+        m = jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
         new = _masked_updates(updates, params, m)
-        return new, KeepMaskedState(count=optax.safe_int32_increment(state.count), masks=m)
+        return new, KeepMaskedState(count=optax.safe_int32_increment(state.count),
+                                    masks=state.masks)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

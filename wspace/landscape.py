@@ -18,11 +18,21 @@ function of the parameters; `classification_objective` does exactly that.
   `flatness`, the distance along random filter-normalised directions before the
   loss rises by a threshold.
 
+Practical notes. The iterative tools compile ``f`` inside a loop; the compiled program
+is cached per ``f`` object (identity), so reuse one closure for repeated calls at the
+same shapes, and treat ``f`` as pure. Data closed over by ``f`` becomes a constant of
+the program: estimate curvature on a subset (a few thousand examples) rather than a
+whole large training set. Lanczos keeps ``num_iters + 1`` vectors of the size of the
+parameters; `flatness` keeps ``num_directions``. When interpolating BatchNorm
+networks, ``f`` uses the running statistics it closes over (one endpoint's, say);
+Frankle et al. do the same at evaluation time.
+
 This is infrastructure: it imports no method module.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -134,7 +144,8 @@ def hvp(f: Callable, params: PyTree, v: PyTree) -> PyTree:
       v: the direction, a pytree of the same structure and shapes.
 
     Returns:
-      ``H v``, a pytree shaped like ``params``.
+      ``H v``, a pytree shaped like ``params``. Not compiled here: for repeated use,
+      ``jax.jit(lambda p, v: hvp(f, p, v))``.
     """
     _check_same_tree(params, v, "params", "v")
     return jax.jvp(jax.grad(f), (params,), (v,))[1]
@@ -156,14 +167,16 @@ def top_hessian_eigenvalues(
     flattened parameters with full reorthogonalisation (each new vector is
     Gram-Schmidt-ed twice against all previous ones), then the top ``k`` Ritz values of
     the ``m x m`` tridiagonal matrix (Lanczos 1950; as used for neural-network
-    Hessians by Ghorbani et al. 2019, arXiv 1901.10159). With ``m = dim`` the result
-    is exact up to rounding; after a breakdown (an invariant subspace found) it
-    restarts with a random orthogonal vector. ``power``: power iteration,
-    ``num_iters`` Hessian-vector products per eigenvalue; if the dominant eigenvalue
-    ``λ`` is negative it reruns on ``H - λI`` so the answer is the algebraic maximum;
-    for ``k > 1`` each further eigenpair iterates in the orthogonal complement of the
-    ones found (deflation by projection). Power iteration converges at rate
-    ``|λ₂/λ₁|`` per step: give it more iterations than Lanczos.
+    Hessians by Ghorbani et al. 2019, arXiv 1901.10159). The Ritz values interlace the
+    spectrum, so with ``m < dim`` the ``i``-th estimate is a lower bound on ``λ_i``
+    (the extremes converge first); with ``m = dim`` the result is exact up to
+    rounding. After a breakdown (an invariant subspace found) it restarts with a
+    vector orthogonal to the basis. ``power``: power iteration, ``num_iters``
+    Hessian-vector products per eigenvalue; if the dominant eigenvalue ``λ`` is
+    negative it reruns on ``H - λI`` so the answer is the algebraic maximum; for
+    ``k > 1`` each further eigenpair iterates in the orthogonal complement of the ones
+    found (deflation by projection). Power iteration converges at rate ``|λ₂/λ₁|`` per
+    step: give it more iterations than Lanczos.
 
     Args:
       f: ``f(params) -> scalar`` (e.g. `classification_objective`).
@@ -189,24 +202,12 @@ def top_hessian_eigenvalues(
     dim = flat.size
     if k > dim:
         raise ValueError(f"k={k} exceeds the number of parameters ({dim})")
-    matvec = _flat_hvp(f, unravel)
-
+    # Random starts are drawn outside the compiled loop (keeps the program small).
+    starts = jax.random.normal(key, (1 if method == "lanczos" else k, dim), flat.dtype)
     if method == "lanczos":
-        m = min(num_iters, dim)
-
-        def run(flat, key):
-            alphas, betas, basis = _lanczos(lambda v: matvec(flat, v), flat, m, key)
-            tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
-            evals, evecs = jnp.linalg.eigh(tri)
-            evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
-            return evals, (basis.T @ evecs).T
-
+        evals, vecs = _lanczos_top(_ById(f), params, starts[0], k=k, m=min(num_iters, dim))
     else:
-
-        def run(flat, key):
-            return _power(lambda v: matvec(flat, v), flat, k, num_iters, key)
-
-    evals, vecs = jax.jit(run)(flat, key)
+        evals, vecs = _power_top(_ById(f), params, starts, num_iters=num_iters)
     if return_vectors:
         return evals, [unravel(v) for v in vecs]
     return evals
@@ -237,23 +238,63 @@ def hessian_trace(
       the estimate (a scalar array), or ``(estimate, stderr)``.
     """
     _check_int(num_samples, "num_samples", 2 if return_stderr else 1)
-    flat, unravel = ravel_pytree(params)
-    matvec = _flat_hvp(f, unravel)
-
-    def run(flat, key):
-        keys = jax.random.split(key, num_samples)
-
-        def one(k):
-            z = jax.random.rademacher(k, flat.shape, flat.dtype)
-            return jnp.vdot(z, matvec(flat, z))
-
-        return jax.lax.map(one, keys)
-
-    samples = jax.jit(run)(flat, key)
+    samples = _hutchinson_samples(_ById(f), params, key, num_samples=num_samples)
     mean = jnp.mean(samples)
     if return_stderr:
         return mean, jnp.std(samples, ddof=1) / np.sqrt(num_samples)
     return mean
+
+
+class _ById:
+    """Wraps a callable as a static jit argument hashed by identity: the compiled program is
+    reused when the same ``f`` object is passed again with the same shapes (``f`` is assumed
+    pure: state it reads from outside its arguments is frozen at the first call)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable):
+        if not callable(fn):
+            raise ValueError(f"expected a callable f(params); got {type(fn).__name__}")
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _ById) and other.fn is self.fn
+
+
+@functools.partial(jax.jit, static_argnames=("f", "k", "m"))
+def _lanczos_top(f, params, start, *, k: int, m: int):
+    flat, unravel = ravel_pytree(params)
+    matvec = _flat_hvp(f, unravel)
+    alphas, betas, basis = _lanczos(lambda v: matvec(flat, v), start, m)
+    tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    evals, evecs = jnp.linalg.eigh(tri)
+    evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
+    return evals, (basis.T @ evecs).T
+
+
+@functools.partial(jax.jit, static_argnames=("f", "num_iters"))
+def _power_top(f, params, starts, *, num_iters: int):
+    flat, unravel = ravel_pytree(params)
+    matvec = _flat_hvp(f, unravel)
+    return _power(lambda v: matvec(flat, v), starts, num_iters)
+
+
+@functools.partial(jax.jit, static_argnames=("f", "num_samples"))
+def _hutchinson_samples(f, params, key, *, num_samples: int):
+    flat, unravel = ravel_pytree(params)
+    matvec = _flat_hvp(f, unravel)
+
+    def one(k):
+        z = jax.random.rademacher(k, flat.shape, flat.dtype)
+        return jnp.vdot(z, matvec(flat, z))
+
+    return jax.lax.map(one, jax.random.split(key, num_samples))
 
 
 def _flat_hvp(f: Callable, unravel: Callable) -> Callable:
@@ -272,13 +313,12 @@ def _orthogonalise(w, basis):
     return w - basis.T @ (basis @ w)
 
 
-def _lanczos(matvec: Callable, flat, m: int, key):
-    """``m`` Lanczos steps with full reorthogonalisation: diagonals, off-diagonals, basis."""
-    dim, dtype = flat.size, flat.dtype
+def _lanczos(matvec: Callable, v0, m: int):
+    """``m`` Lanczos steps from ``v0`` with full reorthogonalisation: diagonals, off-diagonals,
+    basis."""
+    dim, dtype = v0.size, v0.dtype
     tiny = jnp.finfo(dtype).tiny
     tol = 100 * jnp.finfo(dtype).eps
-    start_key, restart_key = jax.random.split(key)
-    v0 = jax.random.normal(start_key, (dim,), dtype)
     basis = jnp.zeros((m + 1, dim), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
 
     def body(j, carry):
@@ -290,9 +330,10 @@ def _lanczos(matvec: Callable, flat, m: int, key):
         w = _orthogonalise(w, basis)  # rows > j are still zero
         beta = jnp.linalg.norm(w)
         broke = beta <= tol * scale + tiny
-        r = _orthogonalise(
-            jax.random.normal(jax.random.fold_in(restart_key, j), (dim,), dtype), basis
-        )
+        # Restart after a breakdown with the unit vector of the coordinate least covered by
+        # the basis (its squared column norms sum to j + 1 < dim, so one is below 1).
+        e = jax.nn.one_hot(jnp.argmin(jnp.sum(basis * basis, axis=0)), dim, dtype=dtype)
+        r = _orthogonalise(e, basis)
         nxt = jnp.where(
             broke, r / jnp.maximum(jnp.linalg.norm(r), tiny), w / jnp.maximum(beta, tiny)
         )
@@ -304,41 +345,43 @@ def _lanczos(matvec: Callable, flat, m: int, key):
     return alphas, betas, basis[:m]
 
 
-def _power(matvec: Callable, flat, k: int, num_iters: int, key):
-    """Top-``k`` algebraic eigenpairs by power iteration with deflation by projection."""
-    dim, dtype = flat.size, flat.dtype
+def _power(matvec: Callable, starts, num_iters: int):
+    """Top-``k`` algebraic eigenpairs by power iteration with deflation by projection.
+
+    Eigenpair ``i`` iterates on ``P H P`` with ``P`` the projector onto the orthogonal
+    complement of the pairs found so far (rows of ``found`` not yet set are zero, so
+    they project nothing). If its dominant eigenvalue ``λ`` is negative, a second
+    phase iterates on ``P (H - λI) P``, whose dominant eigenvalue is ``λ_max - λ``.
+    """
+    (k, dim), dtype = starts.shape, starts.dtype
     tiny = jnp.finfo(dtype).tiny
-    found = jnp.zeros((k, dim), dtype)
-    evals = []
-    for i, subkey in enumerate(jax.random.split(key, k)):
-        v0 = _orthogonalise(jax.random.normal(subkey, (dim,), dtype), found)
+
+    def pair(i, carry):
+        found, evals = carry
+        op = lambda v: _orthogonalise(matvec(_orthogonalise(v, found)), found)
+        v0 = _orthogonalise(starts[i], found)
         v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), tiny)
-        v, lam = _power_one(matvec, v0, found, num_iters)
-        found = found.at[i].set(v)
-        evals.append(lam)
-    return jnp.stack(evals), found
 
+        def phase(state):  # num_iters steps on op - shift·I, then the Rayleigh quotient of op
+            stage, _, _, shift = state
 
-def _power_one(matvec: Callable, v0, found, num_iters: int):
-    """The algebraically largest eigenpair of ``H`` on the orthogonal complement of ``found``."""
-    tiny = jnp.finfo(v0.dtype).tiny
-    op = lambda v: _orthogonalise(matvec(_orthogonalise(v, found)), found)
+            def step(_, v):
+                w = op(v) - shift * v
+                return w / jnp.maximum(jnp.linalg.norm(w), tiny)
 
-    def iterate(op):
-        def body(_, v):
-            w = op(v)
-            return w / jnp.maximum(jnp.linalg.norm(w), tiny)
+            v = jax.lax.fori_loop(0, num_iters, step, v0)
+            lam = jnp.vdot(v, op(v))
+            negative = (stage == 0) & (lam < 0)
+            return jnp.where(negative, 1, 2), v, lam, jnp.where(negative, lam, shift)
 
-        v = jax.lax.fori_loop(0, num_iters, body, v0)
-        return v, jnp.vdot(v, op(v))
+        zero = jnp.zeros((), dtype)
+        init = (jnp.zeros((), jnp.int32), v0, zero, zero)
+        _, v, lam, _ = jax.lax.while_loop(lambda s: s[0] < 2, phase, init)
+        return found.at[i].set(v), evals.at[i].set(lam)
 
-    v, lam = iterate(op)
-
-    def shifted():  # the dominant eigenvalue is negative: iterate on H - λI (PSD there)
-        v2, _ = iterate(lambda u: op(u) - lam * _orthogonalise(u, found))
-        return v2, jnp.vdot(v2, op(v2))
-
-    return jax.lax.cond(lam < 0, shifted, lambda: (v, lam))
+    init = (jnp.zeros((k, dim), dtype), jnp.zeros(k, dtype))
+    found, evals = jax.lax.fori_loop(0, k, pair, init)
+    return evals, found
 
 
 # ----------------------------------------------------------------------------- paths
@@ -377,23 +420,30 @@ def linear_path(
         raise ValueError(f"mode={mode!r}; use one of {PATH_MODES}")
     _check_same_tree(params_a, params_b, "params_a", "params_b")
     alphas = jnp.linspace(0.0, 1.0, num_points)
-
-    def at(alpha):
-        return g(jax.tree.map(lambda a, b: (1 - alpha) * a + alpha * b, params_a, params_b))
-
     if mode in ("auto", "map"):
         try:
-            values = jax.jit(lambda al: jax.lax.map(at, al))(alphas)
+            values = _path_values(_ById(g), params_a, params_b, alphas, vectorize=False)
         except jax.errors.JAXTypeError:
             if mode == "map":
                 raise
             mode = "loop"
     if mode == "vmap":
-        values = jax.jit(jax.vmap(at))(alphas)
+        values = _path_values(_ById(g), params_a, params_b, alphas, vectorize=True)
     if mode == "loop":
-        outs = [at(float(al)) for al in np.asarray(alphas)]
+        outs = [_point(g, params_a, params_b, float(al)) for al in np.asarray(alphas)]
         values = jax.tree.map(lambda *xs: jnp.asarray(np.array(xs)), *outs)
     return alphas, values
+
+
+def _point(g: Callable, params_a, params_b, alpha):
+    """``g`` at ``(1 - α) a + α b``; exact at both ends, and everywhere when ``a == b``."""
+    return g(jax.tree.map(lambda a, b: _lerp(a, b, alpha), params_a, params_b))
+
+
+@functools.partial(jax.jit, static_argnames=("g", "vectorize"))
+def _path_values(g: Callable, params_a, params_b, alphas, *, vectorize: bool):
+    at = functools.partial(_point, g, params_a, params_b)
+    return jax.vmap(at)(alphas) if vectorize else jax.lax.map(at, alphas)
 
 
 def barrier_height(values):
@@ -572,20 +622,23 @@ def filter_normalized_direction(params: PyTree, key) -> PyTree:
     Returns:
       a pytree shaped like ``params``.
     """
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    out = []
-    for leaf, k in zip(leaves, keys[: len(leaves)], strict=True):
-        leaf = jnp.asarray(leaf)
-        if leaf.ndim <= 1:
-            out.append(jnp.zeros_like(leaf))
-            continue
-        d = jax.random.normal(k, leaf.shape, leaf.dtype)
-        axes = tuple(range(leaf.ndim - 1))
+    flat, unravel = ravel_pytree(params)
+    return _filter_normalize(params, unravel(jax.random.normal(key, flat.shape, flat.dtype)))
+
+
+@jax.jit
+def _filter_normalize(params: PyTree, noise: PyTree) -> PyTree:
+    """Rescales each last-axis slice of ``noise`` to the norm of ``params``'; 1-D leaves -> 0."""
+
+    def leaf(p, d):
+        if p.ndim <= 1:
+            return jnp.zeros_like(p)
+        axes = tuple(range(p.ndim - 1))
         dn = jnp.sqrt(jnp.sum(d * d, axis=axes, keepdims=True))
-        pn = jnp.sqrt(jnp.sum(leaf * leaf, axis=axes, keepdims=True))
-        out.append(d * pn / jnp.maximum(dn, jnp.finfo(leaf.dtype).tiny))
-    return jax.tree.unflatten(treedef, out)
+        pn = jnp.sqrt(jnp.sum(p * p, axis=axes, keepdims=True))
+        return d * pn / jnp.maximum(dn, jnp.finfo(d.dtype).tiny)
+
+    return jax.tree.map(leaf, params, noise)
 
 
 def flatness(
@@ -634,14 +687,32 @@ def flatness(
     _check_int(num_directions, "num_directions", 1)
     _check_int(num_steps, "num_steps", 1)
     _check_int(refine_steps, "refine_steps", 0)
-    grid = jnp.linspace(0.0, max_distance, num_steps + 1)[1:]
+    flat, unravel = ravel_pytree(params)
+    noise = jax.random.normal(key, (num_directions, flat.size), flat.dtype)
+    distances = _flatness_distances(
+        _ById(f),
+        params,
+        jax.vmap(unravel)(noise),
+        jnp.asarray(threshold, flat.dtype),
+        jnp.asarray(max_distance, flat.dtype),
+        num_steps=num_steps,
+        refine_steps=refine_steps,
+    )
+    mean = jnp.mean(distances)
+    return (mean, distances) if return_distances else mean
 
-    def one(base, key):
-        d = filter_normalized_direction(params, key)
+
+@functools.partial(jax.jit, static_argnames=("f", "num_steps", "refine_steps"))
+def _flatness_distances(f, params, noise, threshold, max_distance, *, num_steps, refine_steps):
+    """Per-direction first-crossing distances; ``noise`` has a leading direction axis."""
+    grid = max_distance * jnp.arange(1, num_steps + 1, dtype=threshold.dtype) / num_steps
+    base = f(params)
+
+    def one(z):
+        d = _filter_normalize(params, z)
         rise = lambda t: f(jax.tree.map(lambda p, di: p + t * di, params, d)) - base
         above = jax.lax.map(rise, grid) > threshold
         first = jnp.argmax(above)
-        hi = grid[first]
         lo = jnp.where(first > 0, grid[jnp.maximum(first - 1, 0)], 0.0)
 
         def bisect(_, bracket):
@@ -650,19 +721,19 @@ def flatness(
             up = rise(mid) > threshold
             return jnp.where(up, lo, mid), jnp.where(up, mid, hi)
 
-        lo, hi = jax.lax.fori_loop(0, refine_steps, bisect, (lo, hi))
+        lo, hi = jax.lax.fori_loop(0, refine_steps, bisect, (lo, grid[first]))
         return jnp.where(jnp.any(above), 0.5 * (lo + hi), max_distance)
 
-    def run(key):
-        base = f(params)
-        return jax.lax.map(lambda k: one(base, k), jax.random.split(key, num_directions))
-
-    distances = jax.jit(run)(key)
-    mean = jnp.mean(distances)
-    return (mean, distances) if return_distances else mean
+    return jax.lax.map(one, noise)
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _lerp(a, b, alpha):
+    """``(1 - α) a + α b`` as ``a + α (b - a)`` for ``α <= 1/2``, ``b - (1 - α)(b - a)`` above."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    return jnp.where(alpha <= 0.5, a + alpha * (b - a), b - (1 - alpha) * (b - a))
 
 
 def _check_int(value, name: str, minimum: int) -> None:
@@ -704,7 +775,9 @@ def _zip_leaves(*trees: PyTree):
 
 
 def _masked_sum(x, m):
-    return jnp.sum(jnp.where(m, jnp.asarray(x, jnp.float32), 0.0))
+    x = jnp.asarray(x)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.sum(jnp.where(m, x, 0))
 
 
 def _split_keys(keys) -> list:

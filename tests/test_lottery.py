@@ -1,0 +1,198 @@
+"""Tests of wspace.lottery: rewinding, arms, resuming, masked training; experiment and notebook."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import wspace as ws
+from tests.helpers import run_experiment, run_notebook
+from wspace import lottery, pruning
+
+T, K = 10, 4
+
+
+def _state(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32),
+                          "bias": jnp.zeros((6,), jnp.float32)},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                       "bias": jnp.zeros((3,), jnp.float32)}}
+    return ws.training.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
+                                  opt_state=(), key=jax.random.PRNGKey(seed))
+
+
+class FakeTrainer:
+    """Deterministic 'training': params move by a fixed field; records every start state."""
+
+    def __init__(self, keep_zero=True):
+        self.starts, self.keep_zero = [], keep_zero
+
+    def __call__(self, state, masks, num_steps):
+        self.starts.append((state, masks))
+        steps = num_steps - int(state.step)
+        params = jax.tree.map(
+            lambda p, m: np.where(m | (not self.keep_zero), p + 0.1 * steps * np.sign(p + 0.05), 0),
+            _np(state.params), _np(masks))
+        acc = float(sum(np.abs(p).sum() for p in jax.tree.leaves(params)))
+        return state.replace(step=np.asarray(num_steps, np.int32), params=params), {
+            "test_accuracy": acc, "train_accuracy": acc}
+
+
+def _np(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def _tree_equal(a, b):
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_rewind_arm_prunes_survivors_and_rewinds_to_step_k():
+    fake = FakeTrainer()
+    dense = lottery.train_dense(_state(), fake, num_steps=T, rewind_step=K)
+    assert int(dense.rewind.step) == K and int(dense.final.step) == T
+    assert _tree_equal(fake.starts[1][0].params, dense.rewind.params)  # dense resumed at k
+    fake.starts.clear()
+    levels = lottery.run_arm("rewind", dense, fake, levels=3, rate=0.5,
+                             layer_rates={"head": 0.25})
+    assert [lv.level for lv in levels] == [0, 1, 2, 3]
+    for lv, (start, masks) in zip(levels[1:], fake.starts, strict=True):
+        prev = levels[lv.level - 1]
+        expect = pruning.magnitude_masks(prev.params, 0.5, masks=prev.masks, scope="layerwise",
+                                         layer_sparsity={"head": 0.25})
+        assert _tree_equal(masks, expect) and _tree_equal(lv.masks, expect)
+        assert int(start.step) == K
+        assert _tree_equal(start.params, pruning.apply_masks(dense.rewind.params, masks))
+    # survivors after l rounds: n -> n - round(0.5 n) for the body, 0.25 for the head
+    body, head = 30, 18
+    for lv in levels[1:]:
+        body -= int(np.floor(0.5 * body + 0.5))
+        head -= int(np.floor(0.25 * head + 0.5))
+        s = lv.metrics["layer_sparsity"]
+        assert s["Dense_0/kernel"] == pytest.approx(1 - body / 30)
+        assert s["head/kernel"] == pytest.approx(1 - head / 18)
+    to_init = lottery.run_arm("rewind", dense.rewound_to(0), fake, levels=1, rate=0.5)
+    assert int(fake.starts[-1][0].step) == 0 and to_init[1].metrics["arm"] == "rewind"
+    assert _tree_equal(fake.starts[-1][0].params,
+                       pruning.apply_masks(dense.init.params, to_init[1].masks))
+
+
+def test_control_arms():
+    fake = FakeTrainer()
+    dense = lottery.train_dense(_state(1), fake, num_steps=T, rewind_step=0)
+    ticket = lottery.run_arm("rewind", dense, fake, levels=2, rate=0.4)
+    key = jax.random.PRNGKey(7)
+    init_fn = lambda k: _state(int(jax.random.randint(k, (), 0, 1000))).params
+    fake.starts.clear()
+    reinit = lottery.run_arm("reinit", dense, fake, levels=2, rate=0.4, reference=ticket,
+                             key=key, init_fn=init_fn)
+    for lv in (1, 2):
+        start, masks = fake.starts[lv - 1]
+        assert _tree_equal(masks, ticket[lv].masks) and int(start.step) == 0
+        fresh = pruning.apply_masks(init_fn(jax.random.fold_in(key, lv)), masks)
+        assert _tree_equal(start.params, fresh)
+        assert not _tree_equal(start.params, pruning.apply_masks(dense.init.params, masks))
+    assert reinit[2].metrics["density"] == ticket[2].metrics["density"]
+    rand = lottery.run_arm("random", dense, fake, levels=2, rate=0.4, reference=ticket, key=key)
+    for lv in (1, 2):
+        assert rand[lv].metrics["layer_sparsity"] == ticket[lv].metrics["layer_sparsity"]
+        assert not _tree_equal(rand[lv].masks, ticket[lv].masks)
+    one = lottery.run_arm("oneshot", dense, fake, levels=2, rate=0.4, layer_rates={"head": 0.2})
+    expect = pruning.magnitude_masks(dense.final.params, 1 - 0.6**2, scope="layerwise",
+                                     layer_sparsity={"head": 1 - 0.8**2})
+    assert _tree_equal(one[2].masks, expect)
+    with pytest.raises(ValueError, match="init_fn"):
+        lottery.run_arm("reinit", dense, fake, levels=1, reference=ticket, key=key)
+    with pytest.raises(ValueError, match="unknown arm"):
+        lottery.run_arm("late", dense, fake, levels=1)
+
+
+def test_bad_rewind_step_and_rate():
+    for k in (T, T + 5, -1):
+        with pytest.raises(ValueError, match=rf"rewind_step must be an int in \[0, {T}\).*{k}"):
+            lottery.train_dense(_state(), FakeTrainer(), num_steps=T, rewind_step=k)
+    dense = lottery.train_dense(_state(), FakeTrainer(), num_steps=T)
+    with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got 1.2"):
+        lottery.run_arm("rewind", dense, FakeTrainer(), levels=1, rate=1.2)
+    with pytest.raises(ValueError, match="cannot rewind to 3"):
+        dense.rewound_to(3)
+
+
+def test_resume_at_first_unfinished_level(tmp_path):
+    fake = FakeTrainer()
+    dense = lottery.train_dense(_state(), fake, num_steps=T, rewind_step=K,
+                                workdir=str(tmp_path / "dense"))
+    first = lottery.run_arm("rewind", dense, fake, levels=3, workdir=str(tmp_path / "arm"))
+    os.remove(tmp_path / "arm" / "level_03" / "metrics.json")  # as if killed during level 3
+    again = FakeTrainer()
+    dense2 = lottery.train_dense(_state(), again, num_steps=T, rewind_step=K,
+                                 workdir=str(tmp_path / "dense"))
+    assert again.starts == [] and _tree_equal(dense2.rewind, dense.rewind)
+    second = lottery.run_arm("rewind", dense2, again, levels=3, workdir=str(tmp_path / "arm"))
+    assert len(again.starts) == 1  # only level 3 was redone
+    for a, b in zip(first, second, strict=True):
+        assert _tree_equal(a.params, b.params) and _tree_equal(a.masks, b.masks)
+        assert a.metrics["test_accuracy"] == b.metrics["test_accuracy"]
+    with open(tmp_path / "arm" / "level_02" / "metrics.json") as f:
+        assert json.load(f)["density"] == second[2].metrics["density"]
+
+
+def _mlp_apply(variables, x, train=False, rngs=None):
+    """A hand-written one-hidden-layer MLP in flax's calling convention (no flax init cost)."""
+    del train, rngs
+    p = variables["params"]
+    h = jax.nn.relu(x.reshape(len(x), -1) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    return h @ p["head"]["kernel"] + p["head"]["bias"]
+
+
+def test_masked_training_keeps_pruned_weights_exactly_zero():
+    ds = ws.data.load("digits")
+    rng = np.random.default_rng(0)
+    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(64, 16)) / 8, jnp.float32),
+                          "bias": jnp.zeros(16)},
+              "head": {"kernel": jnp.asarray(rng.normal(size=(16, 10)) / 4, jnp.float32),
+                       "bias": jnp.zeros(10)}}
+    inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9))
+    tx = optax.chain(inner, pruning.keep_masked())
+    state = ws.training.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
+                                   opt_state=tx.init(params), key=jax.random.PRNGKey(0))
+    step = ws.training.make_train_step(ws.training.classification_loss(_mlp_apply), tx)
+    train = lottery.make_trainer(step, ds, apply_fn=_mlp_apply, batch_size=64)
+    dense = lottery.train_dense(state, train, num_steps=12, rewind_step=3)
+    levels = lottery.run_arm("rewind", dense, train, levels=2, rate=0.5)
+    for lv in levels[1:]:
+        for p, m, p0 in zip(jax.tree.leaves(lv.params), jax.tree.leaves(lv.masks),
+                            jax.tree.leaves(dense.rewind.params), strict=True):
+            p, m = np.asarray(p), np.asarray(m)
+            assert (p[~m] == 0).all()
+            assert (p[m] != np.asarray(p0)[m]).mean() > 0.9  # survivors did train
+        assert lv.metrics["test_accuracy"] > 0.2
+    assert levels[2].metrics["density"] == pytest.approx(0.25, abs=0.01)
+
+
+def test_training_that_moves_pruned_weights_is_refused():
+    leaky = FakeTrainer(keep_zero=False)
+    dense = lottery.train_dense(_state(), leaky, num_steps=4)
+    with pytest.raises(ValueError, match="keep_masked"):
+        lottery.run_arm("rewind", dense, leaky, levels=1, rate=0.5)
+
+
+def test_experiment_quick(tmp_path):
+    run_experiment("lottery", tmp_path, "--arms=reinit")  # runs the rewind_init ticket too
+    for name in ("config.json", "results.json", "lth.png", "geometry.png"):
+        assert (tmp_path / name).exists(), name
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    arms = {r["arm"] for r in results["table"]}
+    assert arms == {"reinit"}
+    assert all("sharpness" in r for r in results["table"])
+    assert (tmp_path / "seed_0" / "rewind_init" / "level_02" / "metrics.json").exists()
+
+
+def test_notebook():
+    run_notebook("lottery")

@@ -1,0 +1,382 @@
+"""Lottery tickets by iterative magnitude pruning (IMP) with rewinding, and its controls.
+
+IMP (Frankle & Carbin 2019, arXiv 1803.03635; rewinding to step ``k``:
+Frankle et al. 2020, arXiv 1912.05671): train the dense network for ``T``
+steps; then, for levels ``l = 1..L``, prune a fraction ``rate`` of the
+surviving weights by magnitude (``layer_rates`` per layer, e.g. ``{"head":
+0.1}``), rewind the survivors to their values at step ``k`` (``k = 0``: the
+original initialisation) and retrain to step ``T``. After ``l`` levels the
+density of a layer pruned at rate ``r`` is ``(1 - r)**l``.
+
+Rewinding restores the **whole training state at step k** (params, optimizer
+state including the learning-rate schedule position, step, PRNG key) with the
+new mask applied, so a rewound run retrains for ``T - k`` steps on the same
+data order as the dense run from step ``k`` on.
+
+Arms (`ARMS`):
+
+* ``rewind``: the ticket, as above (``k = 0`` is rewind-to-init).
+* ``reinit``: the ticket's masks (``reference``), fresh random weights from
+  ``init_fn``, trained from step 0 (the random re-initialisation control).
+* ``random``: random masks with the ticket's per-layer counts (`shuffle_masks`
+  of ``reference``; without one, layerwise random pruning at the level's
+  rates), rewound weights.
+* ``oneshot``: the dense solution pruned in one shot to level ``l``'s sparsity,
+  rewound, retrained.
+
+Training goes through a ``train(state, masks, num_steps) -> (state, metrics)``
+callable (`make_trainer` builds one on `wspace.training.fit`); its optax chain
+must end with `wspace.pruning.keep_masked`, which receives the masks as the
+extra argument ``masks`` so they change between levels without recompiling.
+Every level's params, masks and metrics are saved under ``workdir`` (orbax +
+atomic JSON, the JSON last); a rerun resumes at the first unfinished level.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wspace import pruning
+from wspace import training as training_lib
+
+PyTree = Any
+ARMS = ("rewind", "reinit", "random", "oneshot")
+
+
+class DenseRun(NamedTuple):
+    """The dense run that every arm starts from: train states at steps 0, ``k`` and ``T``."""
+
+    init: training_lib.TrainState
+    rewind: training_lib.TrainState
+    final: training_lib.TrainState
+    metrics: dict
+    rewind_step: int
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.final.step)
+
+    def rewound_to(self, step: int) -> DenseRun:
+        """This run with its rewind point moved to ``0`` (the init) or its own ``k``."""
+        if step == 0:
+            return self._replace(rewind=self.init, rewind_step=0)
+        if step == self.rewind_step:
+            return self
+        raise ValueError(
+            f"this dense run saved steps 0 and {self.rewind_step}; cannot rewind to {step}"
+        )
+
+
+class Level(NamedTuple):
+    """One IMP level: trained ``params`` and ``model_state``, its ``masks`` and ``metrics``."""
+
+    level: int
+    params: PyTree
+    model_state: PyTree
+    masks: PyTree
+    metrics: dict
+
+
+def all_true(params: PyTree) -> PyTree:
+    """The dense mask: ``True`` everywhere, shaped like ``params``."""
+    return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+
+
+def level_rate(rate: float, level: int) -> float:
+    """Fraction pruned after ``level`` rounds at ``rate``: ``1 - (1 - rate)**level``."""
+    return 1.0 - (1.0 - rate) ** level
+
+
+def make_trainer(
+    train_step: Callable,
+    dataset,
+    *,
+    apply_fn: Callable,
+    batch_size: int,
+    seed: int = 0,
+    mode: str = "jit",
+) -> Callable:
+    """``train(state, masks, num_steps) -> (state, metrics)`` on `wspace.training.fit`.
+
+    Trains from ``state.step`` to ``num_steps`` (the data order continues where
+    ``state.step`` is, so a state rewound to step ``k`` sees the batches the
+    dense run saw after ``k``), passing ``tx_args={"masks": masks}`` to every
+    step, and evaluates once at the end (``train_/test_ loss/accuracy``).
+
+    Args:
+      train_step: from `wspace.training.make_train_step`; its ``tx`` must end
+        with `wspace.pruning.keep_masked`.
+      dataset: a `wspace.data.Dataset`.
+      apply_fn: ``model.apply``, for evaluation.
+      batch_size: batch size.
+      seed: data-order seed.
+      mode: the train step's mode.
+    """
+
+    def train(state, masks, num_steps):
+        steps = int(num_steps) - int(state.step)
+        if steps <= 0:
+            raise ValueError(f"state is at step {int(state.step)}; cannot train to {num_steps}")
+        state, history = training_lib.fit(
+            state, train_step, dataset, apply_fn=apply_fn, num_steps=int(num_steps),
+            batch_size=batch_size, seed=seed, mode=mode, eval_every=int(num_steps),
+            tx_args={"masks": masks}, progress=False,
+        )
+        metrics = {k: v for k, v in history[-1].items() if k not in ("step", "time")}
+        return state, metrics
+
+    return train
+
+
+def train_dense(
+    state: training_lib.TrainState,
+    train: Callable,
+    *,
+    num_steps: int,
+    rewind_step: int = 0,
+    workdir: str | None = None,
+) -> DenseRun:
+    """Trains the dense network to ``num_steps``, keeping the state at ``rewind_step``.
+
+    Args:
+      state: the initial `TrainState` (step 0).
+      train: ``train(state, masks, num_steps) -> (state, metrics)`` (`make_trainer`).
+      num_steps: training length ``T`` of every level.
+      rewind_step: ``k`` in ``[0, T)``.
+      workdir: where the three states and the metrics are saved (a rerun loads them).
+
+    Returns:
+      A `DenseRun`.
+
+    Raises:
+      ValueError: ``rewind_step`` outside ``[0, num_steps)``.
+    """
+    _check_steps(num_steps, rewind_step)
+    if int(state.step) != 0:
+        raise ValueError(f"the dense run must start at step 0, got a state at {int(state.step)}")
+    done = _load_json(workdir, "metrics.json")
+    if done is not None:
+        like = {"init": state, "rewind": state, "final": state}
+        states = _restore(os.path.join(workdir, "states"), like)
+        return DenseRun(states["init"], states["rewind"], states["final"], done["metrics"],
+                        done["rewind_step"])
+    ones = all_true(state.params)
+    t0 = time.time()
+    rewind = state
+    if rewind_step > 0:
+        rewind, _ = train(state, ones, rewind_step)
+    final, metrics = train(rewind, ones, num_steps)
+    metrics = {**metrics, "train_time": time.time() - t0}
+    if workdir:
+        _save(os.path.join(workdir, "states"), {"init": state, "rewind": rewind, "final": final})
+        training_lib.write_json(os.path.join(workdir, "metrics.json"),
+                                {"metrics": metrics, "rewind_step": rewind_step,
+                                 "num_steps": num_steps})
+    return DenseRun(state, rewind, final, metrics, rewind_step)
+
+
+def masks_for_level(
+    arm: str,
+    level: int,
+    *,
+    dense: DenseRun,
+    previous: Level | None = None,
+    rate: float = 0.2,
+    layer_rates: dict | None = None,
+    scope: str = "layerwise",
+    exclude: Callable | None = None,
+    reference: list | None = None,
+    key: jax.Array | None = None,
+) -> PyTree:
+    """The mask an arm trains at ``level >= 1`` (see the module docstring for the arms).
+
+    Args:
+      arm: one of `ARMS`.
+      level: level ``l >= 1``.
+      dense: the dense run.
+      previous: this arm's level ``l - 1`` (``rewind`` prunes its params).
+      rate, layer_rates, scope, exclude: as in `wspace.pruning.magnitude_masks`
+        (``layer_rates`` is passed as ``layer_sparsity``; a dict of names/prefixes).
+      reference: the ticket's levels (a list indexed by level) for ``reinit``/``random``.
+      key: PRNG key for ``random``.
+    """
+    layer_rates = dict(layer_rates or {})
+    if arm == "rewind":
+        if previous is None:
+            raise ValueError("the rewind arm needs the previous level")
+        return pruning.magnitude_masks(previous.params, rate, masks=previous.masks, scope=scope,
+                                       exclude=exclude, layer_sparsity=layer_rates)
+    cumulative = {k: level_rate(r, level) for k, r in layer_rates.items()}
+    if arm == "oneshot":
+        return pruning.magnitude_masks(dense.final.params, level_rate(rate, level), scope=scope,
+                                       exclude=exclude, layer_sparsity=cumulative)
+    if arm == "reinit":
+        if reference is None or len(reference) <= level:
+            raise ValueError(f"the reinit arm needs the ticket's level {level} as reference")
+        return reference[level].masks
+    if arm == "random":
+        if key is None:
+            raise ValueError("the random arm needs a key")
+        key = jax.random.fold_in(key, level)
+        if reference is not None and len(reference) > level:
+            return pruning.shuffle_masks(reference[level].masks, key=key, exclude=exclude)
+        return pruning.random_masks(dense.final.params, level_rate(rate, level), key=key,
+                                    scope="layerwise", exclude=exclude,
+                                    layer_sparsity=cumulative)
+    raise ValueError(f"unknown arm {arm!r}; use one of {ARMS}")
+
+
+def run_arm(
+    arm: str,
+    dense: DenseRun,
+    train: Callable,
+    *,
+    levels: int,
+    rate: float = 0.2,
+    layer_rates: dict | None = None,
+    scope: str = "layerwise",
+    exclude: Callable | None = None,
+    reference: list | None = None,
+    key: jax.Array | None = None,
+    init_fn: Callable | None = None,
+    measure: Callable | None = None,
+    workdir: str | None = None,
+    callback: Callable | None = None,
+) -> list[Level]:
+    """Runs one arm of IMP for ``levels`` levels after the dense level 0.
+
+    Level 0 is the dense solution; level ``l`` trains the mask of
+    `masks_for_level` from the rewound state (``reinit``: from fresh weights at
+    step 0) to ``dense.num_steps`` and checks that every pruned weight is exactly
+    zero afterwards.
+
+    Args:
+      arm: one of `ARMS`.
+      dense: from `train_dense` (use ``dense.rewound_to(0)`` for rewind-to-init).
+      train: ``train(state, masks, num_steps) -> (state, metrics)``.
+      levels: number of pruning levels ``L >= 0``.
+      rate: fraction of surviving weights pruned per level, in ``[0, 1)``.
+      layer_rates: per-layer rates, e.g. ``{"head": 0.1}`` (LTH).
+      scope: ``"layerwise"`` (LTH for fully connected nets) or ``"global"``.
+      exclude: leaves never pruned (default: ``ndim < 2``).
+      reference: the ticket's list of `Level` (``reinit`` needs it; ``random`` uses it).
+      key: PRNG key (``random`` masks; ``reinit`` weights).
+      init_fn: ``init_fn(key) -> params`` for ``reinit``.
+      measure: ``measure(level, previous, dense) -> dict`` of extra metrics (e.g.
+        geometry), called once per newly computed level (``previous`` is None at 0).
+      workdir: per-level files go to ``workdir/level_XX/`` (resumable).
+      callback: ``callback(level)`` after each level (e.g. a progress print).
+
+    Returns:
+      The list of `Level`, index = level.
+
+    Raises:
+      ValueError: unknown arm, bad rate, missing reference/init_fn/key, or
+        pruned weights that moved in training (the chain lacks ``keep_masked``).
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; use one of {ARMS}")
+    if not isinstance(levels, int | np.integer) or levels < 0:
+        raise ValueError(f"levels must be an int >= 0, got {levels!r}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate!r}")
+    if arm == "reinit" and init_fn is None:
+        raise ValueError("the reinit arm needs init_fn(key) -> params")
+    if arm in ("reinit", "random") and key is None:
+        raise ValueError(f"the {arm} arm needs a key")
+    _check_steps(dense.num_steps, dense.rewind_step)
+    out: list[Level] = []
+    like = {"params": dense.final.params, "model_state": dense.final.model_state,
+            "masks": all_true(dense.final.params)}
+    for level in range(levels + 1):
+        where = os.path.join(workdir, f"level_{level:02d}") if workdir else None
+        done = _load_json(where, "metrics.json")
+        if done is not None:
+            saved = _restore(os.path.join(where, "state"), like)
+            out.append(Level(level, saved["params"], saved["model_state"], saved["masks"], done))
+            if callback:
+                callback(out[-1])
+            continue
+        t0 = time.time()
+        if level == 0:
+            params, model_state = dense.final.params, dense.final.model_state
+            masks, metrics = all_true(params), dict(dense.metrics)
+        else:
+            masks = masks_for_level(arm, level, dense=dense, previous=out[-1], rate=rate,
+                                    layer_rates=layer_rates, scope=scope, exclude=exclude,
+                                    reference=reference, key=key)
+            if arm == "reinit":
+                fresh = init_fn(jax.random.fold_in(key, level))
+                start = dense.init.replace(params=pruning.apply_masks(fresh, masks))
+            else:
+                start = dense.rewind.replace(params=pruning.apply_masks(dense.rewind.params, masks))
+            state, metrics = train(start, masks, dense.num_steps)
+            _check_pruned_zero(state.params, masks, arm, level)
+            params, model_state = state.params, state.model_state
+        result = Level(level, params, model_state, masks, {})
+        stats = pruning.sparsity(masks, exclude=exclude)
+        metrics = {**metrics, "level": level, "arm": arm, "sparsity": stats["overall"],
+                   "density": stats["density"], "layer_sparsity": stats["layers"],
+                   "train_time": dense.metrics.get("train_time", 0.0) if level == 0
+                   else time.time() - t0}
+        if measure is not None:
+            metrics.update(measure(result, out[-1] if out else None, dense))
+        result = result._replace(metrics=metrics)
+        if where:
+            _save(os.path.join(where, "state"),
+                  {"params": params, "model_state": model_state, "masks": masks})
+            training_lib.write_json(os.path.join(where, "metrics.json"), metrics)
+        out.append(result)
+        if callback:
+            callback(result)
+    return out
+
+
+def _check_steps(num_steps, rewind_step) -> None:
+    if not isinstance(num_steps, int | np.integer) or num_steps < 1:
+        raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}")
+    if not isinstance(rewind_step, int | np.integer) or not 0 <= rewind_step < num_steps:
+        raise ValueError(
+            f"rewind_step must be an int in [0, {num_steps}) (the training length), "
+            f"got {rewind_step!r}"
+        )
+
+
+def _check_pruned_zero(params, masks, arm, level) -> None:
+    moved = sum(int(np.count_nonzero(np.asarray(p)[~np.asarray(m, bool)]))
+                for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks), strict=True))
+    if moved:
+        raise ValueError(
+            f"{moved} pruned weights are non-zero after training ({arm}, level {level}); "
+            "end the optax chain with wspace.pruning.keep_masked() so pruned weights stay zero"
+        )
+
+
+def _load_json(where, name):
+    path = os.path.join(where, name) if where else None
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save(directory: str, tree) -> None:
+    ckpt = training_lib.Checkpointer(directory, max_to_keep=1)
+    ckpt.save(0, tree)
+    ckpt.close()
+
+
+def _restore(directory: str, like):
+    ckpt = training_lib.Checkpointer(directory, max_to_keep=1)
+    try:
+        return ckpt.restore(like)
+    finally:
+        ckpt.close()

@@ -3,8 +3,7 @@
 Import it flat: ``import wspace as ws; ws.training.make_train_step(...)``.
 """
 
-from wspace import data, models, training
-from wspace import late_phase
+from wspace import data, late_phase, models, training
 
 __all__ = ["data", "models", "training", "late_phase"]
 __version__ = "0.1.0"

@@ -679,7 +679,9 @@ def swa_params(opt_state: PyTree) -> PyTree:
         if isinstance(s, SWAState)
     ]
     if len(found) != 1:
-        raise ValueError(f"expected exactly one SWAState in the optimizer state, found {len(found)}")
+        raise ValueError(
+            f"expected exactly one SWAState in the optimizer state, found {len(found)}"
+        )
     return found[0].mean
 
 

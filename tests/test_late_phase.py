@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import flax.linen as nn
@@ -25,39 +26,55 @@ def _data(n=24, length=12, classes=3, seed=0):
     return x, y
 
 
-def _convnet_state(tx=None, seed=0):
-    model = ws.models.ConvNet(channels=(4, 6), num_classes=3)
+@functools.cache
+def _init(name):
+    """Model, params, model_state and a batch; initialised once (jitted) per test process."""
+    if name == "convnet":
+        model = ws.models.ConvNet(channels=(4, 6), num_classes=3)
+    else:
+        model = ws.models.MLP(features=(7,), num_classes=3)
     x, y = _data()
+    variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.PRNGKey(0), x[:2])
+    params = variables["params"]
+    model_state = {k: v for k, v in variables.items() if k != "params"}
+    return model, params, model_state, {"x": x, "y": y}
+
+
+def _state(name, tx=None):
+    model, params, model_state, batch = _init(name)
     tx = tx or optax.sgd(0.1)
-    state = ws.training.init_state(model, tx, x[:2], jax.random.PRNGKey(seed))
-    return model, tx, state, {"x": x, "y": y}
+    copy = lambda t: jax.tree.map(jnp.copy, t)
+    state = ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32), params=copy(params), model_state=copy(model_state),
+        opt_state=tx.init(params), key=jax.random.PRNGKey(1))
+    return model, tx, state, batch
+
+
+def _convnet_state(tx=None):
+    return _state("convnet", tx)
 
 
 def _mlp_state(tx=None):
-    model = ws.models.MLP(features=(7,), num_classes=3)
-    x, y = _data()
-    tx = tx or optax.sgd(0.1)
-    state = ws.training.init_state(model, tx, x[:2], jax.random.PRNGKey(1))
-    return model, tx, state, {"x": x, "y": y}
+    return _state("mlp", tx)
 
 
 def _perturb(tree, key, scale=0.3):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    )
+    noisy = [x + scale * jax.random.normal(k, x.shape)
+             for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, noisy)
 
 
 def _assert_tree_close(a, b, **kw):
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
 
 
 def _assert_tree_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -69,7 +86,7 @@ def test_presets_choose_bn_affine_and_head_or_rank1_factors():
     late = lp.expand(state.params, "bn_head", K)
     axes = lp.member_axes(late, "bn_head")
     chosen = {"/".join(p) for p, a in zip(lp._paths(late), jax.tree.leaves(
-        axes, is_leaf=lambda x: x is None)) if a == 0}
+        axes, is_leaf=lambda x: x is None), strict=True) if a == 0}
     assert chosen == {"BatchNorm_0/scale", "BatchNorm_0/bias", "BatchNorm_1/scale",
                       "BatchNorm_1/bias", "head/kernel", "head/bias"}
     assert late["Conv_0"]["kernel"].shape == state.params["Conv_0"]["kernel"].shape
@@ -133,36 +150,39 @@ def test_bad_inputs_raise_value_error_naming_what_is_allowed():
 # ----------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.parametrize("combine", ["mean", "sum"])
-def test_late_phase_gradients_equal_per_member_grads(combine):
+def test_late_phase_gradients_equal_per_member_grads():
     """Member k's weights get dL_k/dphi_k; shared weights the mean (or sum) over members."""
     model, tx, state, batch = _convnet_state()
     loss = ws.training.classification_loss(model.apply)
     late = lp.expand_state(state, tx, "bn_head", K, key=jax.random.PRNGKey(2), noise=0.2)
-    wrapped = lp.late_phase_loss(loss, K, "bn_head", combine=combine)
-    (value, (new_ms, _)), grads = jax.value_and_grad(wrapped, has_aux=True)(
-        late.params, late.model_state, batch, jax.random.PRNGKey(0))
+    member_vg = jax.jit(jax.value_and_grad(loss, has_aux=True))
 
     b = len(batch["x"]) // K
     axes = lp.member_axes(late.params, "bn_head")
-    losses, member_grads = [], []
+    losses, member_grads, member_states = [], [], []
     for k in range(K):
         pk, sk = lp.member(late.params, late.model_state, k)
         sl = jax.tree.map(lambda x, k=k: x[k * b:(k + 1) * b], batch)
-        (lk, (msk, _)), gk = jax.value_and_grad(loss, has_aux=True)(pk, sk, sl, None)
+        (lk, (msk, _)), gk = member_vg(pk, sk, sl, None)
         losses.append(lk)
         member_grads.append(gk)
-        _assert_tree_close(jax.tree.map(lambda x, k=k: x[k], new_ms), msk, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(value, np.mean(losses), rtol=1e-5)
-    factor = 1.0 if combine == "mean" else float(K)
+        member_states.append(msk)
+    for combine, factor in (("mean", 1.0), ("sum", float(K))):
+        wrapped = lp.late_phase_loss(loss, K, "bn_head", combine=combine)
+        (value, (new_ms, _)), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(
+            late.params, late.model_state, batch, jax.random.PRNGKey(0))
+        np.testing.assert_allclose(value, np.mean(losses), rtol=1e-5)
+        for k in range(K):
+            _assert_tree_close(jax.tree.map(lambda x, k=k: x[k], new_ms), member_states[k],
+                               rtol=1e-5, atol=1e-6)
 
-    def expected(a, *gs):
-        if a == 0:
-            return jnp.stack(gs)
-        return factor * jnp.mean(jnp.stack(gs), axis=0)
+        def expected(a, *gs, factor=factor):
+            if a == 0:
+                return jnp.stack(gs)
+            return factor * jnp.mean(jnp.stack(gs), axis=0)
 
-    want = jax.tree.map(expected, axes, *member_grads, is_leaf=lambda x: x is None)
-    _assert_tree_close(grads, want, rtol=2e-4, atol=1e-6)
+        want = jax.tree.map(expected, axes, *member_grads, is_leaf=lambda x: x is None)
+        _assert_tree_close(grads, want, rtol=2e-4, atol=1e-6)
 
 
 def test_rank1_gradients_and_members_on_mlp():
@@ -170,7 +190,7 @@ def test_rank1_gradients_and_members_on_mlp():
     loss = ws.training.classification_loss(model.apply)
     late = lp.expand(state.params, "rank1", K, key=jax.random.PRNGKey(5), noise=0.3)
     wrapped = lp.late_phase_loss(loss, K, "rank1")
-    (value, _), grads = jax.value_and_grad(wrapped, has_aux=True)(late, {}, batch, None)
+    (value, _), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(late, {}, batch, None)
     b = len(batch["x"]) // K
 
     def member_loss(w, r, s, k):  # Dense_0 of member k: W * r s^T, computed by hand
@@ -181,9 +201,9 @@ def test_rank1_gradients_and_members_on_mlp():
 
     w = late["Dense_0"]["kernel"]
     rs, ss = late["Dense_0"]["kernel_rank1_in"], late["Dense_0"]["kernel_rank1_out"]
-    per = [jax.grad(member_loss, argnums=(0, 1, 2))(w, rs[k], ss[k], k) for k in range(K)]
-    np.testing.assert_allclose(value, np.mean([member_loss(w, rs[k], ss[k], k)
-                                               for k in range(K)]), rtol=1e-5)
+    vg = jax.jit(jax.value_and_grad(member_loss, argnums=(0, 1, 2)), static_argnums=3)
+    vals, per = zip(*[vg(w, rs[k], ss[k], k) for k in range(K)], strict=True)
+    np.testing.assert_allclose(value, np.mean(vals), rtol=1e-5)
     np.testing.assert_allclose(grads["Dense_0"]["kernel"], np.mean([g[0] for g in per], 0),
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(grads["Dense_0"]["kernel_rank1_in"], np.stack([g[1] for g in per]),
@@ -260,14 +280,14 @@ def test_k1_late_phase_fit_reproduces_plain_training_through_the_switch():
     """
     model, _, _, batch = _convnet_state()
     tx = optax.adam(optax.cosine_decay_schedule(0.05, 12))
-    state = ws.training.init_state(model, tx, batch["x"][:2], jax.random.PRNGKey(0))
+    state = _convnet_state(tx)[2]
     ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
     loss = ws.training.classification_loss(model.apply)
-    kw = dict(apply_fn=model.apply, num_steps=12, batch_size=8, eval_every=6, progress=False)
+    kw = dict(apply_fn=model.apply, num_steps=12, batch_size=8, eval_every=12, progress=False)
     copy = lambda s: jax.tree.map(jnp.copy, s)
     plain, _ = ws.training.fit(copy(state), ws.training.make_train_step(loss, tx), ds, **kw)
     late, hist = lp.fit(copy(state), loss, tx, ds, num_members=1, t0=5, **kw)
-    assert [r["phase"] for r in hist] == ["plain", "late", "late"]
+    assert [(r["phase"], r["step"]) for r in hist] == [("plain", 5), ("late", 12)]
     p, s = lp.average(late.params, late.model_state)
     _assert_tree_close(p, plain.params, rtol=1e-4, atol=1e-5)
     _assert_tree_close(s, plain.model_state, rtol=1e-4, atol=1e-5)
@@ -280,7 +300,7 @@ def test_k1_late_phase_fit_reproduces_plain_training_through_the_switch():
 def test_expand_opt_state_copies_moments_and_keeps_counts():
     model, _, _, batch = _convnet_state()
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.01)
-    state = ws.training.init_state(model, tx, batch["x"][:2], jax.random.PRNGKey(0))
+    state = _convnet_state(tx)[2]
     step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
     for _ in range(3):
         state, _ = step(state, batch)
@@ -309,8 +329,7 @@ def test_swa_keeps_the_running_mean_of_iterates_also_injected_and_late_phase():
     for tx in (optax.chain(optax.sgd(0.1), lp.swa(start=start, every=every)),
                optax.inject_hyperparams(lambda start, every: optax.chain(
                    optax.sgd(0.1), lp.swa(start=start, every=every)))(start=start, every=every)):
-        s = lp.expand_state(ws.training.init_state(model, tx, batch["x"][:2],
-                                                   jax.random.PRNGKey(0)), tx, "bn_head", K)
+        s = lp.expand_state(_convnet_state(tx)[2], tx, "bn_head", K)
         step = ws.training.make_train_step(lp.late_phase_loss(loss, K), tx)
         iterates = []
         for t in range(1, steps + 1):

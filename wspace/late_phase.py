@@ -165,6 +165,7 @@ def _no_selection_error(tree, sel: Selection) -> ValueError:
 # ----------------------------------------------------------------------------- expand
 
 
+@functools.partial(jax.jit, static_argnames=("select", "num_members", "noise"))
 def expand(
     params: PyTree,
     select: str | Callable | Selection,
@@ -205,28 +206,32 @@ def expand(
         ]
         if not chosen:
             raise _no_selection_error(params, sel)
-        counter = iter(range(2 * len(chosen)))
-        return _add_rank1(params, (), sel, k_members, key, noise, counter)
+        return _add_noise(_add_rank1(params, (), sel, k_members), sel, key, noise)
 
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     if not any(sel.predicate(_path(kp)) for kp, _ in flat):
         raise _no_selection_error(params, sel)
-    keys = iter(jax.random.split(key, len(flat)))
-
-    def one(kp, x):
-        sub = next(keys)
-        if not sel.predicate(_path(kp)):
-            return x
-        x = jnp.asarray(x)
-        out = jnp.broadcast_to(x, (k_members,) + x.shape)
-        if noise > 0:
-            out = out + noise * jax.random.normal(sub, out.shape, x.dtype)
-        return out
-
-    return jax.tree_util.tree_map_with_path(one, params)
+    leaves = [jnp.broadcast_to(x, (k_members,) + jnp.shape(x)) if sel.predicate(_path(kp))
+              else x for kp, x in flat]
+    return _add_noise(jax.tree.unflatten(jax.tree.structure(params), leaves), sel, key, noise)
 
 
-def _add_rank1(tree, path, sel, k_members, key, noise, counter):
+def _add_noise(late, sel: Selection, key, noise: float):
+    """``x + noise * N(0, 1)`` on the member leaves: one draw for all of them, split by leaf."""
+    if noise == 0:
+        return late
+    paths, leaves = _paths(late), jax.tree.leaves(late)
+    idx = [i for i, p in enumerate(paths) if _is_member_path(p, sel)]
+    eps = jax.random.normal(key, (sum(leaves[i].size for i in idx),))
+    start = 0
+    for i in idx:
+        x = leaves[i]
+        leaves[i] = x + noise * eps[start:start + x.size].reshape(x.shape).astype(x.dtype)
+        start += x.size
+    return jax.tree.unflatten(jax.tree.structure(late), leaves)
+
+
+def _add_rank1(tree, path, sel, k_members):
     if not isinstance(tree, Mapping):
         raise ValueError(f"rank-1 late-phase weights need params as nested dicts; at {path} "
                          f"found {type(tree).__name__}")
@@ -234,18 +239,14 @@ def _add_rank1(tree, path, sel, k_members, key, noise, counter):
     for name, value in tree.items():
         p = path + (str(name),)
         if isinstance(value, Mapping):
-            out[name] = _add_rank1(value, p, sel, k_members, key, noise, counter)
+            out[name] = _add_rank1(value, p, sel, k_members)
             continue
         out[name] = value
         if sel.predicate(p) and jnp.ndim(value) >= 2:
             for suffix, size in ((_R_IN, value.shape[-2]), (_R_OUT, value.shape[-1])):
                 if name + suffix in tree:
                     raise ValueError(f"params already hold {'/'.join(p)}{suffix}")
-                factor = jnp.ones((k_members, size), value.dtype)
-                if noise > 0:
-                    sub = jax.random.fold_in(key, next(counter))
-                    factor = factor + noise * jax.random.normal(sub, factor.shape, value.dtype)
-                out[name + suffix] = factor
+                out[name + suffix] = jnp.ones((k_members, size), value.dtype)
     return out
 
 
@@ -477,6 +478,7 @@ def _mean0(x):
     return x[0] + jnp.mean(x - x[0], axis=0)
 
 
+@functools.partial(jax.jit, static_argnames=("select", "eps"))
 def average(
     params: PyTree, model_state: PyTree, select="bn_head", *, eps: float = 1e-5
 ) -> tuple[PyTree, PyTree]:

@@ -697,6 +697,8 @@ def recompute_batch_stats(
     with momentum m the old statistics keep weight ``m ** len(batches)``.
     Works with a plain loss or a `late_phase_loss` (per-member statistics).
     """
+    if not jax.tree.leaves(model_state):
+        return model_state
     key = jax.random.PRNGKey(0) if key is None else key
     step = jax.jit(lambda p, s, b, k: loss_fn(p, s, b, k)[1][0])
     for i, batch in enumerate(batches):

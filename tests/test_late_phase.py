@@ -167,7 +167,7 @@ def test_late_phase_gradients_equal_per_member_grads():
         losses.append(lk)
         member_grads.append(gk)
         member_states.append(msk)
-    for combine, factor in (("mean", 1.0), ("sum", float(K))):
+    for combine, factor in (("mean", 1.0),):  # "sum" is checked on the MLP below
         wrapped = lp.late_phase_loss(loss, K, "bn_head", combine=combine)
         (value, (new_ms, _)), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(
             late.params, late.model_state, batch, jax.random.PRNGKey(0))
@@ -185,11 +185,11 @@ def test_late_phase_gradients_equal_per_member_grads():
         _assert_tree_close(grads, want, rtol=2e-4, atol=1e-6)
 
 
-def test_rank1_gradients_and_members_on_mlp():
+def test_rank1_gradients_with_sum_combine_on_mlp():
     model, tx, state, batch = _mlp_state()
     loss = ws.training.classification_loss(model.apply)
     late = lp.expand(state.params, "rank1", K, key=jax.random.PRNGKey(5), noise=0.3)
-    wrapped = lp.late_phase_loss(loss, K, "rank1")
+    wrapped = lp.late_phase_loss(loss, K, "rank1", combine="sum")
     (value, _), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(late, {}, batch, None)
     b = len(batch["x"]) // K
 
@@ -204,7 +204,8 @@ def test_rank1_gradients_and_members_on_mlp():
     vg = jax.jit(jax.value_and_grad(member_loss, argnums=(0, 1, 2)), static_argnums=3)
     vals, per = zip(*[vg(w, rs[k], ss[k], k) for k in range(K)], strict=True)
     np.testing.assert_allclose(value, np.mean(vals), rtol=1e-5)
-    np.testing.assert_allclose(grads["Dense_0"]["kernel"], np.mean([g[0] for g in per], 0),
+    # combine="sum": the shared kernel gets the sum of the members' gradients
+    np.testing.assert_allclose(grads["Dense_0"]["kernel"], np.sum([g[0] for g in per], 0),
                                rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(grads["Dense_0"]["kernel_rank1_in"], np.stack([g[1] for g in per]),
                                rtol=1e-4, atol=1e-6)
@@ -298,39 +299,43 @@ def test_k1_late_phase_fit_reproduces_plain_training_through_the_switch():
 
 
 def test_expand_opt_state_copies_moments_and_keeps_counts():
-    model, _, _, batch = _convnet_state()
+    _, _, _, batch = _convnet_state()
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.01)
     state = _convnet_state(tx)[2]
-    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
-    for _ in range(3):
-        state, _ = step(state, batch)
+    update = jax.jit(tx.update)
+    opt_state = state.opt_state
+    for i in range(3):  # a non-trivial Adam state: three updates with random gradients
+        grads = _perturb(jax.tree.map(jnp.zeros_like, state.params), jax.random.PRNGKey(i), 1.0)
+        _, opt_state = update(grads, opt_state, state.params)
+    state = state.replace(opt_state=opt_state)
     late = lp.expand_state(state, tx, "bn_head", K)
     inner, old = late.opt_state.inner_state[0], state.opt_state.inner_state[0]
     assert int(inner.count) == 3 and int(late.opt_state.count) == 3
+    assert float(jnp.abs(old.mu["head"]["kernel"]).min()) > 0
     for k in range(K):
         np.testing.assert_array_equal(inner.mu["head"]["kernel"][k], old.mu["head"]["kernel"])
+        np.testing.assert_array_equal(inner.nu["BatchNorm_1"]["bias"][k],
+                                      old.nu["BatchNorm_1"]["bias"])
     np.testing.assert_array_equal(inner.nu["Conv_0"]["kernel"], old.nu["Conv_0"]["kernel"])
     r1 = lp.expand_state(state, tx, "rank1", K)
     inner = r1.opt_state.inner_state[0]
     np.testing.assert_array_equal(inner.mu["Conv_1"]["kernel_rank1_in"], 0.0)
     np.testing.assert_array_equal(inner.mu["Conv_1"]["kernel"], old.mu["Conv_1"]["kernel"])
-    wrapped = lp.late_phase_loss(ws.training.classification_loss(model.apply), K, "rank1")
-    r1, metrics = ws.training.make_train_step(wrapped, tx)(r1, batch)
-    assert np.isfinite(float(metrics["loss"]))
+    assert int(inner.count) == 3
 
 
 # ----------------------------------------------------------------------------- SWA
 
 
 def test_swa_keeps_the_running_mean_of_iterates_also_injected_and_late_phase():
-    model, _, state, batch = _convnet_state()
+    model, _, state, batch = _mlp_state()
     loss = ws.training.classification_loss(model.apply)
     start, every, steps = 2, 2, 7
     for tx in (optax.chain(optax.sgd(0.1), lp.swa(start=start, every=every)),
                optax.inject_hyperparams(lambda start, every: optax.chain(
                    optax.sgd(0.1), lp.swa(start=start, every=every)))(start=start, every=every)):
-        s = lp.expand_state(_convnet_state(tx)[2], tx, "bn_head", K)
-        step = ws.training.make_train_step(lp.late_phase_loss(loss, K), tx)
+        s = lp.expand_state(_mlp_state(tx)[2], tx, "head", K)
+        step = ws.training.make_train_step(lp.late_phase_loss(loss, K, "head"), tx)
         iterates = []
         for t in range(1, steps + 1):
             s, _ = step(s, batch)

@@ -11,7 +11,11 @@ Classification arms (same steps, batch, cosine learning-rate schedule, SGD + mom
   swa          SWA: cosine decay to swa_lr at 60%, then constant, average every swa_every
                steps, BatchNorm statistics recomputed for the average;
   late_swa     late-phase from 60% on the SWA schedule, SWA average of the late-phase
-               params, per-member statistics recomputed, then members averaged.
+               params, per-member statistics recomputed, then members averaged;
+  sgd_ghost_bn control: plain SGD whose BatchNorm batch statistics are computed per slice
+               of B/K examples, as the late-phase members' are, but with no members
+               ("ghost batch norm"): separates the effect of the members from that of the
+               smaller normalisation batches.
 Each arm/seed writes arms/<arm>_seed<s>.json (skipped on rerun); results.json holds the
 mean and std over seeds of test accuracy and NLL; accuracy.png the test-accuracy curves.
 
@@ -62,7 +66,7 @@ flags.DEFINE_integer("eval_every", 200, "Evaluate every N steps.")
 flags.DEFINE_integer("nqp_dim", 50, "NQP dimension.")
 FLAGS = flags.FLAGS
 
-ARMS = ("sgd", "late", "late_t0_0", "swa", "late_swa")
+ARMS = ("sgd", "late", "late_t0_0", "swa", "late_swa", "sgd_ghost_bn")
 NQP_ARMS = ("sgd", "sgd_lr_over_K", "late", "swa", "late_swa")
 _KEYS = ("problem", "dataset", "data_dir", "seed", "quick", "model", "select", "members",
          "t0_frac", "steps", "batch_size", "lr", "swa_lr", "swa_every", "combine", "noise",
@@ -107,8 +111,9 @@ def run_arm(arm: str, seed: int, cfg: dict, ds, progress: bool) -> dict:
     common_kw = dict(apply_fn=model.apply, num_steps=cfg["steps"], batch_size=cfg["batch_size"],
                      seed=seed, eval_every=cfg["eval_every"], progress=progress)
     k, sel = cfg["members"], cfg["select"]
-    if arm in ("sgd", "swa"):
-        state, hist = ws.training.fit(state, ws.training.make_train_step(loss, tx), ds,
+    if arm in ("sgd", "swa", "sgd_ghost_bn"):
+        train_loss = _ghost_bn_loss(loss, k) if arm == "sgd_ghost_bn" else loss
+        state, hist = ws.training.fit(state, ws.training.make_train_step(train_loss, tx), ds,
                                       **common_kw)
         params, model_state = state.params, state.model_state
         if arm == "swa":
@@ -132,6 +137,19 @@ def run_arm(arm: str, seed: int, cfg: dict, ds, progress: bool) -> dict:
             "test_nll": final["loss"],
             "curve": [{"step": r["step"], "test_accuracy": r["test_accuracy"],
                        "test_loss": r["test_loss"]} for r in hist]}
+
+
+def _ghost_bn_loss(loss_fn, num_slices: int):
+    """The plain loss with BatchNorm statistics per slice of the batch; shared running stats."""
+
+    def wrapped(params, model_state, batch, key):
+        sliced = jax.tree.map(lambda x: x.reshape((num_slices, -1) + x.shape[1:]), batch)
+        losses, (new_state, metrics) = jax.vmap(loss_fn, in_axes=(None, None, 0, None))(
+            params, model_state, sliced, key)
+        mean0 = lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t)
+        return jnp.mean(losses), (mean0(new_state), mean0(metrics))
+
+    return wrapped
 
 
 def _epoch(ds, cfg, num_batches: int = 80):

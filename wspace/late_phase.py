@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -753,8 +754,6 @@ def fit(
       ``(late-phase state at num_steps, evaluation records of both phases)``;
       collapse it with `average`.
     """
-    import os
-
     k_members = _check_k(num_members)
     if not isinstance(t0, int) or not 0 <= t0 <= num_steps:
         raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")

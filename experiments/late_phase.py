@@ -20,8 +20,9 @@ Each arm/seed writes arms/<arm>_seed<s>.json (skipped on rerun); results.json ho
 mean and std over seeds of test accuracy and NLL; accuracy.png the test-accuracy curves.
 
 NQP (--problem=nqp): loss l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2 with a fresh noisy
-minimum c ~ N(mu, diag(h)) per sample, h_i = 1/i; the late-phase model is multiplicative
-(rank-1 factors, w_k = w * r_k s_k, the library's ``rank1`` preset on a d x 1 kernel).
+minimum c ~ N(mu, diag(h)) per sample, h_i = 1/i, mu = 1. The model is w = theta * gain
+(elementwise), the analogue of a layer followed by a BatchNorm scale: every arm trains
+both vectors; the late-phase arms replicate ``gain`` into K members (w_k = theta * gain_k).
 Arms at matched steps and batch: SGD at lr, SGD at lr/K, late-phase (from the middle of
 the run), SWA (from the middle), late-phase + SWA. Reports the steady-state excess loss
 E[l] - min E[l] of each arm's final network (mean over the last quarter of the run).
@@ -204,17 +205,20 @@ def _plot_curves(runs, workdir):
 # ----------------------------------------------------------------------------- NQP
 
 
+_NQP_SELECT = lp.selection(lambda path: path[-1] == "gain")
+
+
 def _nqp_problem(dim: int):
     h = 1.0 / np.arange(1, dim + 1, dtype=np.float32)
     mu = np.ones(dim, np.float32)
 
     def loss_fn(params, model_state, batch, key):
-        w = params["w"]["kernel"][:, 0]
+        w = params["theta"] * params["gain"]
         value = 0.5 * jnp.mean(jnp.sum(h * (w - batch["x"]) ** 2, axis=-1))
         return value, (model_state, {"loss": value})
 
     def excess(params):  # E_c l(w; c) - min_w E_c l(w; c)
-        w = params["w"]["kernel"][:, 0]
+        w = params["theta"] * params["gain"]
         return 0.5 * jnp.sum(h * (w - mu) ** 2)
 
     return h, mu, loss_fn, jax.jit(excess)
@@ -230,15 +234,15 @@ def run_nqp_arm(arm: str, seed: int, cfg: dict) -> dict:
     tx = optax.sgd(lr)
     if uses_swa:
         tx = optax.chain(tx, lp.swa(start=t0, every=1))
-    params = {"w": {"kernel": jnp.zeros((dim, 1))}}
+    params = {"theta": jnp.zeros(dim), "gain": jnp.ones(dim)}
     state = ws.training.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
                                    opt_state=tx.init(params), key=jax.random.PRNGKey(seed))
     plain_step = ws.training.make_train_step(loss_fn, tx)
     late_step = ws.training.make_train_step(
-        lp.late_phase_loss(loss_fn, k, "rank1", combine=cfg["combine"]), tx)
+        lp.late_phase_loss(loss_fn, k, _NQP_SELECT, combine=cfg["combine"]), tx)
     is_late = arm in ("late", "late_swa")
     rng = np.random.default_rng(seed)
-    out = jax.jit(lambda p, o: lp.average(swa_or(p, o), {}, "rank1")[0]) if is_late else \
+    out = jax.jit(lambda p, o: lp.average(swa_or(p, o), {}, _NQP_SELECT)[0]) if is_late else \
         jax.jit(lambda p, o: swa_or(p, o))
 
     def swa_or(p, o):
@@ -247,15 +251,15 @@ def run_nqp_arm(arm: str, seed: int, cfg: dict) -> dict:
     curve = []
     for t in range(1, steps + 1):
         if is_late and t == t0 + 1:
-            state = lp.expand_state(state, tx, "rank1", k, key=jax.random.PRNGKey(seed),
+            state = lp.expand_state(state, tx, _NQP_SELECT, k, key=jax.random.PRNGKey(seed),
                                     noise=cfg["noise"])
         batch = {"x": (mu + np.sqrt(h) * rng.normal(size=(bsz, dim))).astype(np.float32),
                  "y": np.zeros(bsz, np.int32)}
         step = late_step if is_late and t > t0 else plain_step
         state, _ = step(state, batch)
         if t % cfg["eval_every"] == 0 or t == steps:
-            net = out(state.params, state.opt_state) if (is_late and t > t0) or uses_swa \
-                else state.params
+            net = out(state.params, state.opt_state) if t > t0 and (is_late or uses_swa) \
+                else state.params  # before t0 every arm's output is its plain iterate
             curve.append({"step": t, "excess_loss": float(excess(net))})
     tail = [r["excess_loss"] for r in curve if r["step"] > 0.75 * steps]
     return {"arm": arm, "seed": seed, "steady_state_excess_loss": float(np.mean(tail)),

@@ -1,9 +1,13 @@
 """wspace: a JAX library for weight-space research.
 
-Import it flat: ``import wspace as ws; ws.training.make_train_step(...)``.
+Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
+
+Infrastructure: `data`, `models`, `training`, `landscape`. Methods (one module
+each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
+`lottery`, `invariant_path`.
 """
 
-from wspace import data, landscape, lottery, models, pruning, training
+from wspace import data, landscape, late_phase, lottery, models, pruning, training
 
-__all__ = ["data", "models", "training", "landscape", "pruning", "lottery"]
+__all__ = ["data", "models", "training", "landscape", "pruning", "lottery", "late_phase"]
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.train --workdir=runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --durations=15 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

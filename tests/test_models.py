@@ -6,7 +6,10 @@ import wspace as ws
 
 
 def _init(model, shape):
-    return model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+    """Variable shapes only: `jax.eval_shape` traces without compiling (fast tests)."""
+    return jax.eval_shape(
+        lambda x: model.init(jax.random.PRNGKey(0), x, train=False), jnp.zeros(shape)
+    )
 
 
 def test_lenet_300_100_param_count():
@@ -25,11 +28,14 @@ def test_lenet_300_100_param_count():
 )
 def test_output_shapes_and_batch_stats(model, shape):
     variables = _init(model, shape)
-    logits = model.apply(variables, jnp.ones(shape), train=False)
+    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    logits = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
     assert logits.shape == (shape[0], 10)
     assert "head" in variables["params"]
     if "batch_stats" in variables:
-        _, new_state = model.apply(variables, jnp.ones(shape), train=True, mutable=["batch_stats"])
+        _, new_state = jax.eval_shape(
+            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables, x
+        )
         assert jax.tree.structure(new_state["batch_stats"]) == jax.tree.structure(
             variables["batch_stats"]
         )

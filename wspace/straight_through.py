@@ -533,7 +533,8 @@ def states_loss(apply_fn: Callable, variables: dict, x, *, loss: Callable | None
 
     def fn(params, states, x_one, y_one):
         parts = jnp.split(states, np.cumsum(sizes)[:-1]) if leaves else []
-        tree = jax.tree.unflatten(treedef, [p.reshape(s.shape) for p, s in zip(parts, leaves)])
+        shaped = [p.reshape(s.shape) for p, s in zip(parts, leaves, strict=True)]
+        tree = jax.tree.unflatten(treedef, shaped)
         out, sown = apply_fn({"params": params, **model_state, col: tree}, x_one[None],
                              train=True, mutable=[_LOGP])
         logp = sum(jax.tree.leaves(sown.get(_LOGP, {})), jnp.zeros(()))
@@ -665,11 +666,12 @@ def reinforce(slf: StatesLoss, num_samples: int) -> Callable:
 # ----------------------------------------------------------------------- metrics
 
 
-def _flat(tree: PyTree, lead: int = 0) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
+def _flat(tree: PyTree, lead: int = 0) -> np.ndarray:
+    """Concatenates a pytree's leaves into one float64 numpy vector (or rows, with ``lead``)."""
+    leaves = [np.asarray(v, np.float64) for v in jax.tree.leaves(tree)]
     if lead:
-        return jnp.concatenate([jnp.reshape(v, (v.shape[0], -1)) for v in leaves], axis=1)
-    return jnp.concatenate([jnp.ravel(v) for v in leaves])
+        return np.concatenate([v.reshape(v.shape[0], -1) for v in leaves], axis=1)
+    return np.concatenate([v.ravel() for v in leaves])
 
 
 def gradient_metrics(estimates: PyTree, exact: PyTree) -> dict[str, float]:
@@ -678,7 +680,7 @@ def gradient_metrics(estimates: PyTree, exact: PyTree) -> dict[str, float]:
     With ``R`` estimates ``g_r`` (a leading axis on every leaf) and exact ``G``:
     ``bias = ||mean g - G||``, ``variance = 1/(R-1) sum ||g_r - mean g||^2``,
     ``rmse = sqrt(1/R sum ||g_r - G||^2)``, ``cosine = 1/R sum cos(g_r, G)``;
-    ``norm = ||G||`` for relative values.
+    ``norm = ||G||`` for relative values. Computed on the host in float64.
 
     Args:
       estimates: pytree like ``exact`` with a leading axis of ``R >= 2`` repeats.
@@ -692,14 +694,14 @@ def gradient_metrics(estimates: PyTree, exact: PyTree) -> dict[str, float]:
     if g.shape[0] < 2 or g.shape[1] != e.shape[0]:
         raise ValueError(f"estimates need a leading axis of >= 2 repeats matching exact "
                          f"({e.shape[0]} entries); got shape {tuple(g.shape)}")
-    mean = jnp.mean(g, 0)
-    enorm = jnp.linalg.norm(e)
-    cos = (g @ e) / (jnp.linalg.norm(g, axis=1) * enorm + 1e-30)
+    mean = g.mean(0)
+    enorm = np.linalg.norm(e)
+    cos = (g @ e) / (np.linalg.norm(g, axis=1) * enorm + 1e-30)
     return {
-        "bias": float(jnp.linalg.norm(mean - e)),
-        "variance": float(jnp.sum((g - mean) ** 2) / (g.shape[0] - 1)),
-        "rmse": float(jnp.sqrt(jnp.mean(jnp.sum((g - e) ** 2, 1)))),
-        "cosine": float(jnp.mean(cos)),
+        "bias": float(np.linalg.norm(mean - e)),
+        "variance": float(np.sum((g - mean) ** 2) / (g.shape[0] - 1)),
+        "rmse": float(np.sqrt(np.mean(np.sum((g - e) ** 2, 1)))),
+        "cosine": float(np.mean(cos)),
         "norm": float(enorm),
     }
 

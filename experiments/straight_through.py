@@ -41,19 +41,19 @@ from wspace import straight_through as st  # noqa: E402
 
 ESTIMATORS = ("st", "identity", "hardtanh", "tanh", "deterministic")
 common.define_common_flags("runs/straight_through")
-flags.DEFINE_list("datasets", ["mnist1d", "digits"], "Datasets of part (b).")
+flags.DEFINE_list("datasets", ["digits", "mnist1d"], "Datasets of part (b).")
 flags.DEFINE_list("estimators", list(ESTIMATORS), f"Activation estimators, from {ESTIMATORS}.")
 flags.DEFINE_list("toy_hidden", ["5", "5", "5"], "Binary layers of the toy (2 inputs).")
 flags.DEFINE_integer("toy_points", 32, "Two-moons points of the toy problem.")
 flags.DEFINE_integer("toy_train_steps", 300, "Adam steps (principled ST) to the 'trained' point.")
 flags.DEFINE_integer("max_samples", 64, "Largest number of samples in the toy curves.")
 flags.DEFINE_integer("repeats", 32, "Independent estimates per number of samples.")
-flags.DEFINE_list("hidden", ["128", "128"], "Hidden widths of the binary MLPs.")
-flags.DEFINE_integer("steps", 600, "Training steps per arm.")
+flags.DEFINE_list("hidden", ["64", "64"], "Hidden widths of the binary MLPs.")
+flags.DEFINE_integer("steps", 500, "Training steps per arm.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_float("lr", 3e-3, "Adam learning rate of the real-valued parameters.")
 flags.DEFINE_float("latent_lr", 1000.0, "Mirror-descent step on the latents (estimator arms).")
-flags.DEFINE_list("latent_grid", ["100", "1000", "10000"], "Latent learning rates compared.")
+flags.DEFINE_list("latent_grid", ["300", "3000"], "Latent learning rates compared.")
 flags.DEFINE_integer("eval_samples", 8, "Samples averaged for the stochastic test accuracy.")
 FLAGS = flags.FLAGS
 _KEYS = ("datasets", "estimators", "seed", "quick", "toy_hidden", "toy_points",

@@ -93,7 +93,7 @@ def noise_pdf(a: jax.Array, noise: str = "logistic") -> jax.Array:
         s = jax.nn.sigmoid(a)
         return s * (1.0 - s)
     if noise == "uniform":
-        return jnp.where(jnp.abs(a) < 1.0, 0.5, 0.0).astype(jnp.result_type(a))
+        return jnp.where(jnp.abs(a) <= 1.0, 0.5, 0.0).astype(jnp.result_type(a))
     return jax.scipy.stats.norm.pdf(a)
 
 

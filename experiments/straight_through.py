@@ -74,7 +74,7 @@ def get_config() -> dict:
         cfg.update(datasets=["digits"], estimators=["st"], toy_hidden=[2],
                    toy_points=4, toy_train_steps=0, max_samples=2, repeats=2, hidden=[16],
                    steps=10, batch_size=32,
-                   latent_grid=[1000.0], eval_samples=2)
+                   latent_grid=[], eval_samples=2)
     return cfg
 
 

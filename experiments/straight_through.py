@@ -42,6 +42,7 @@ from wspace import straight_through as st  # noqa: E402
 ESTIMATORS = ("st", "identity", "hardtanh", "tanh", "deterministic")
 common.define_common_flags("runs/straight_through")
 flags.DEFINE_list("datasets", ["digits", "mnist1d"], "Datasets of part (b).")
+flags.DEFINE_list("parts", ["toy", "train"], "Which parts to run: toy (a) and/or train (b).")
 flags.DEFINE_list("estimators", list(ESTIMATORS), f"Activation estimators, from {ESTIMATORS}.")
 flags.DEFINE_list("toy_hidden", ["5", "5", "5"], "Binary layers of the toy (2 inputs).")
 flags.DEFINE_integer("toy_points", 32, "Two-moons points of the toy problem.")
@@ -56,7 +57,7 @@ flags.DEFINE_float("latent_lr", 1000.0, "Mirror-descent step on the latents (est
 flags.DEFINE_list("latent_grid", ["300", "3000"], "Latent learning rates compared.")
 flags.DEFINE_integer("eval_samples", 8, "Samples averaged for the stochastic test accuracy.")
 FLAGS = flags.FLAGS
-_KEYS = ("datasets", "estimators", "seed", "quick", "toy_hidden", "toy_points",
+_KEYS = ("parts", "datasets", "estimators", "seed", "quick", "toy_hidden", "toy_points",
          "toy_train_steps", "max_samples", "repeats", "hidden", "steps", "batch_size", "lr",
          "latent_lr", "latent_grid", "eval_samples")
 
@@ -67,6 +68,8 @@ def get_config() -> dict:
     cfg["hidden"] = [int(h) for h in cfg["hidden"]]
     cfg["toy_hidden"] = [int(h) for h in cfg["toy_hidden"]]
     cfg["latent_grid"] = [float(v) for v in cfg["latent_grid"]]
+    if not set(cfg["parts"]) <= {"toy", "train"} or not cfg["parts"]:
+        raise ValueError(f"--parts must be a non-empty subset of toy,train; got {cfg['parts']}")
     for est in cfg["estimators"]:
         if est not in ESTIMATORS:
             raise ValueError(f"unknown estimator {est!r}; use some of {ESTIMATORS}")
@@ -209,6 +212,7 @@ def plot_toy(toy: dict, workdir: str) -> None:
         axes[row, 1].set(xscale="log", yscale="log", xlabel="samples",
                          ylabel="RMSE / ||exact||", title=f"toy, {name}")
         axes[row, 1].legend(fontsize=7)
+    fig.tight_layout()
     common.savefig(fig, workdir, "toy_estimators.png")
 
 
@@ -304,14 +308,16 @@ def plot_training(arms: dict, workdir: str) -> None:
 def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
     """Runs parts (a) and (b) as ``cfg`` says; writes the workdir files; returns results."""
     common.start(workdir, cfg)
-    toy = run_toy(cfg, workdir)
-    plot_toy(toy, workdir)
-    arms = {}
-    for dset in cfg["datasets"]:
-        ds = ws.data.standardize(ws.data.load(dset))
-        for arm in _arms(cfg):
-            arms[f"{dset}/{arm['name']}"] = run_arm(arm, cfg, dset, ds, workdir, progress)
-    plot_training(arms, workdir)
+    toy, arms = {}, {}
+    if "toy" in cfg["parts"]:
+        toy = run_toy(cfg, workdir)
+        plot_toy(toy, workdir)
+    if "train" in cfg["parts"]:
+        for dset in cfg["datasets"]:
+            ds = ws.data.standardize(ws.data.load(dset))
+            for arm in _arms(cfg):
+                arms[f"{dset}/{arm['name']}"] = run_arm(arm, cfg, dset, ds, workdir, progress)
+        plot_training(arms, workdir)
     toy_table = {
         point: {est: {"exact_bias": c["exact_bias"], "cosine_1": c["cosine"][0],
                       "cosine_max": c["cosine"][-1], "rmse_1": c["rmse"][0],
@@ -321,8 +327,8 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
     train_table = {k: {"test_accuracy": a["test_accuracy"],
                        "sampled_test_accuracy": a["sampled_test_accuracy"],
                        "train_accuracy": a["train_accuracy"]} for k, a in arms.items()}
-    results = {"toy": toy_table, "toy_max_samples": toy["init"]["num_samples"][-1],
-               "training": train_table}
+    results = {"toy": toy_table, "training": train_table,
+               "toy_max_samples": toy["init"]["num_samples"][-1] if toy else None}
     common.save_results(workdir, results)
     return results
 

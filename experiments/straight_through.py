@@ -293,7 +293,7 @@ def run_arm(arm: dict, cfg: dict, dataset: str, ds, workdir: str, progress: bool
 
 def plot_training(arms: dict, workdir: str) -> None:
     datasets = sorted({a["dataset"] for a in arms.values()})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.5), squeeze=False)
     for ax, dset in zip(axes[0], datasets, strict=True):
         rows = [a for a in arms.values() if a["dataset"] == dset]
         names = [a["name"] for a in rows]
@@ -302,6 +302,7 @@ def plot_training(arms: dict, workdir: str) -> None:
                    zorder=3, label="mean of samples")
         ax.set(xlabel="test accuracy", title=dset, xlim=(0, 1))
         ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
     common.savefig(fig, workdir, "training.png")
 
 

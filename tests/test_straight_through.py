@@ -1,5 +1,6 @@
 """Tests of wspace.straight_through against enumeration, finite differences and closed forms."""
 
+import functools
 import json
 import os
 
@@ -19,7 +20,7 @@ def _toy(hidden=(3, 3), n=4, seed=0, **kw):
     model = st.BinaryMLP(hidden, num_classes=2, **kw)
     x = jax.random.normal(jax.random.PRNGKey(seed + 1), (n, 2))
     y = (x[:, 0] * x[:, 1] > 0).astype(jnp.int32)
-    params = model.init(jax.random.PRNGKey(seed), x)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"]
     return model, params, x, y
 
 
@@ -80,7 +81,7 @@ def test_exact_gradient_matches_finite_differences():
     vg = st.exact_value_and_grad(slf)
     value, grads = vg(params, x, y)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
-    f = jax.jit(lambda v: vg(unravel(v), x, y)[0])
+    f = lambda v: vg(unravel(v), x, y)[0]  # vg is jitted: no second compile
     g = jax.flatten_util.ravel_pytree(grads)[0]
     for i in range(3):
         d = jax.random.normal(jax.random.PRNGKey(10 + i), flat.shape)
@@ -216,23 +217,25 @@ def test_layers_train_in_the_foundation_step():
         moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), before, new.params)
         assert max(jax.tree.leaves(moved)) > 0
         # eval mode is deterministic and needs no rng
-        out1 = model.apply({"params": new.params}, x)
-        np.testing.assert_array_equal(out1, model.apply({"params": new.params}, x))
+        apply = jax.jit(model.apply)
+        out1 = apply({"params": new.params}, x)
+        np.testing.assert_array_equal(out1, apply({"params": new.params}, x))
 
 
 def test_binary_conv_shapes_and_values():
     conv = st.BinaryConv(4, kernel_size=(3,), activation=None, use_scale=False, use_bias=False)
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 3))
-    params = conv.init(jax.random.PRNGKey(1), x)["params"]
-    y = conv.apply({"params": params}, x)  # eval: w = sign(latent)
+    params = jax.jit(conv.init)(jax.random.PRNGKey(1), x)["params"]
+    y = jax.jit(conv.apply)({"params": params}, x)  # eval: w = sign(latent)
     assert y.shape == (2, 10, 4)
     w = jnp.where(params["latent"] >= 0, 1.0, -1.0) / np.sqrt(9)
     ref = jax.lax.conv_general_dilated(x, w, (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC"))
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
     conv2 = st.BinaryConv(2, kernel_size=(3, 3), strides=(2, 2))
     x2 = jnp.ones((1, 8, 8, 1))
-    v2 = conv2.init(jax.random.PRNGKey(0), x2)
-    out = conv2.apply(v2, x2, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    v2 = jax.jit(conv2.init)(jax.random.PRNGKey(0), x2)
+    out = jax.jit(functools.partial(conv2.apply, train=True))(
+        v2, x2, rngs={"dropout": jax.random.PRNGKey(2)})
     assert out.shape == (1, 4, 4, 2) and set(np.unique(np.asarray(out))) <= {-1.0, 1.0}
 
 

@@ -7,7 +7,25 @@ each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 `lottery`, `invariant_path`.
 """
 
-from wspace import data, landscape, late_phase, lottery, models, pruning, training
+from wspace import (
+    data,
+    landscape,
+    late_phase,
+    lottery,
+    models,
+    pruning,
+    straight_through,
+    training,
+)
 
-__all__ = ["data", "models", "training", "landscape", "pruning", "lottery", "late_phase"]
+__all__ = [
+    "data",
+    "models",
+    "training",
+    "landscape",
+    "pruning",
+    "lottery",
+    "late_phase",
+    "straight_through",
+]
 __version__ = "0.1.0"

@@ -188,7 +188,9 @@ def _check_sigma(sigma) -> None:
         if isinstance(s, jax.core.Tracer):
             continue
         if not np.all(np.asarray(s) > 0):
-            raise ValueError(f"sigma must be > 0 (a float or a mapping of layer paths), got {sigma!r}")
+            raise ValueError(
+                f"sigma must be > 0 (a float or a mapping of layer paths), got {sigma!r}"
+            )
 
 
 def _validate(num_copies, sigma, noise, antithetic, baseline, qmc=False) -> None:

@@ -67,8 +67,7 @@ def score(noise: str, e: jax.Array, sigma) -> jax.Array:
 
     Gaussian ``N(0, sigma^2)``: ``z / sigma^2 = e / sigma``; Laplace with scale
     ``b = sigma``: ``sign(z) / b``; logistic with scale ``s = sigma``:
-    ``tanh(z / 2s) / s``. All three are odd, so antithetic pairs cancel any
-    baseline exactly.
+    ``tanh(z / 2s) / s``. All three are odd.
 
     Args:
       noise: ``gaussian``, ``laplace`` or ``logistic``.
@@ -310,7 +309,9 @@ def ulr(
       antithetic: copies ``n`` and ``n + N/2`` get ``+e`` and ``-e`` (N even).
       baseline: ``none``; ``clean`` (the loss of one extra noise-free pass,
         whose ``aux`` is then returned); ``mean`` (leave-one-out mean over the
-        other copies, or other pairs with ``antithetic``; unbiased).
+        other copies, or other pairs with ``antithetic``; unbiased). Antithetic
+        pairs alone cancel the ``L * psi`` term only where both members see the
+        same layer input (the first layer); deeper layers need a baseline too.
       layerwise: each copy perturbs one layer only (copies assigned round-robin
         over the perturbed layers; needs N (pairs) >= number of layers); the
         total cost stays N forward evaluations.

@@ -106,7 +106,7 @@ def _seed(key) -> jax.Array:
 
 
 def _uniform(seed, stream, shape) -> jax.Array:
-    """Counter-based uniforms in (0, 1): ``mix(mix(i + s) ^ s')`` with 24-bit resolution.
+    """Counter-based uniforms in (0, 1): ``mix(mix(i + s) ^ s')`` with 23-bit resolution.
 
     A hash of (seed, stream, coordinate) instead of `jax.random`: threefry
     takes ~10 s to compile per call site on a busy CPU, this takes well under
@@ -115,7 +115,8 @@ def _uniform(seed, stream, shape) -> jax.Array:
     s = _mix32(seed ^ _mix32(jnp.asarray(stream).astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
     i = jnp.arange(math.prod(shape), dtype=jnp.uint32)
     h = _mix32(_mix32(i * jnp.uint32(0x9E3779B1) + s) ^ (s * jnp.uint32(0x27D4EB2F)))
-    u = ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / 2**24)
+    # 23 bits: the largest value, 1 - 2^-24, is a float32 below 1 (with 24 bits it rounds to 1).
+    u = ((h >> 9).astype(jnp.float32) + 0.5) * (1.0 / 2**23)
     return u.reshape(shape)
 
 
@@ -351,8 +352,8 @@ def ulr(
         per_layer = _copies_per_site(opts, num_sites)
         copies = jnp.arange(n_copies)
 
-        def noisy(p, b, k_noise, copy, weight, collect):
-            """One copy's noisy pass; collect: 'outs' (records) or 'surrogate' (sum c*o)."""
+        def noisy(p, b, k_noise, copy, collect):
+            """One copy's noisy pass; collect 'outs' records (layer output, unit noise)."""
             counter, records = [0], []
 
             def intercept(next_fun, args, kwargs, context):
@@ -361,17 +362,14 @@ def ulr(
                 i = counter[0]
                 counter[0] += 1
                 x = jax.lax.stop_gradient(args[0])  # local VJP only: no path through x
+                k_i = _after(k_noise, x)
                 out = next_fun(x, *args[1:], **kwargs)
-                e = _unit_noise(opts, k_noise, i, copy, out.shape, out.dtype)
+                e = _unit_noise(opts, k_i, i, copy, out.shape, out.dtype)
                 if opts["layerwise"]:
                     e = e * (_assigned_site(opts, copy, num_sites) == i).astype(e.dtype)
                 s = _sigma_of(opts["sigma"], _layer_name(context.module))
                 if collect == "outs":
                     records.append((out, e))
-                elif collect == "surrogate":
-                    w = weight.reshape(weight.shape + (1,) * (out.ndim - weight.ndim))
-                    c = w * score(opts["noise"], e, s) / per_layer[i]
-                    records.append(jnp.sum(jax.lax.stop_gradient(c) * out))
                 return out + s * e
 
             with nn.intercept_methods(intercept):
@@ -383,7 +381,7 @@ def ulr(
 
         def wide(p):
             loss, aux, recs = jax.vmap(
-                lambda c: noisy(p, batch, key_noise, c, None, collect)
+                lambda c: noisy(p, batch, key_noise, c, collect)
             )(copies)
             outs = [o for o, _ in recs]
             return outs, (loss, aux, [e for _, e in recs])
@@ -406,14 +404,10 @@ def ulr(
             # weights, so XLA can neither merge it with pass 1 nor keep pass 1's noise.
             weights_b, batch_b, key_b = jax.lax.optimization_barrier((weights, batch, key_noise))
 
-            def surrogate(p):
-                def one(c, w):
-                    _, _, recs = noisy(p, batch_b, key_b, c, w, "surrogate")
-                    return sum(recs)
-
-                return jnp.sum(jax.vmap(one)(copies, weights_b))
-
-            grads = jax.grad(surrogate)(params)
+            grads = _second_pass(
+                loss_fn, opts, params, model_state, batch_b, key_b, key_loss, weights_b,
+                per_layer, num_sites, layer_types,
+            )
         else:
             cots = []
             for i, (out, e) in enumerate(zip(outs, noises, strict=True)):
@@ -427,6 +421,79 @@ def ulr(
         return ((loss, aux) if has_aux else loss), grads
 
     return fn
+
+
+def _after(seed, x):
+    """``seed``, made data-dependent on ``x`` so XLA cannot generate a layer's noise early.
+
+    ``x != x`` is false except for NaN, and XLA may not fold it away; the
+    seed is unchanged for finite inputs. (An optimisation barrier does not
+    survive XLA:CPU's pipeline; without this, all layers' noise is
+    materialised at the start and memory grows with depth.)
+    """
+    probe = jnp.ravel(x)[0]
+    return seed + (probe != probe).astype(jnp.uint32)
+
+
+def _second_pass(loss_fn, opts, params, model_state, batch, key_noise, key_loss, weights,
+                 per_layer, num_sites, layer_types):
+    """Recompute mode: one tiled noisy pass that forms each layer's gradient on the spot.
+
+    The batch is tiled N times (copy-major, the order of the vmapped first
+    pass, so the noise and layer inputs are identical); at each perturbed
+    layer the cotangent ``c = w psi(e) / M_l`` is known already and the layer's
+    local VJP runs at once; an optimisation barrier makes the next layer wait
+    for it, so each layer input dies before the next layer runs.
+    """
+    n = opts["num_copies"]
+    copies = jnp.arange(n)
+    tiled = jax.tree.map(lambda a: jnp.concatenate([a] * n, 0), batch)
+    counter, inside, acc = [0], [False], {}
+
+    def intercept(next_fun, args, kwargs, context):
+        if inside[0] or not _is_site(context, layer_types):
+            return next_fun(*args, **kwargs)
+        i = counter[0]
+        counter[0] += 1
+        x = args[0]
+        key_i = _after(key_noise, x)
+        out = next_fun(*args, **kwargs)
+        per_copy = (out.shape[0] // n,) + out.shape[1:]
+        e = jax.vmap(lambda c: _unit_noise(opts, key_i, i, c, per_copy, out.dtype))(copies)
+        if opts["layerwise"]:
+            mask = (_assigned_site(opts, copies, num_sites) == i).astype(e.dtype)
+            e = e * mask.reshape((n,) + (1,) * (e.ndim - 1))
+        sigma = _sigma_of(opts["sigma"], _layer_name(context.module))
+        w = weights.reshape(weights.shape + (1,) * (e.ndim - weights.ndim))
+        cot = (w * score(opts["noise"], e, sigma) / per_layer[i]).reshape(out.shape)
+        layer = context.module.clone(parent=None)
+        inside[0] = True
+        _, vjp = jax.vjp(
+            lambda p: layer.apply({"params": p}, x, *args[1:], **kwargs),
+            context.module.variables["params"],
+        )
+        inside[0] = False
+        (g,) = vjp(cot)
+        g, noisy = jax.lax.optimization_barrier((g, out + sigma * e.reshape(out.shape)))
+        path = tuple(context.module.path)
+        acc[path] = g if path not in acc else jax.tree.map(jnp.add, acc[path], g)
+        return noisy
+
+    with nn.intercept_methods(intercept):
+        loss_fn(params, model_state, tiled, key_loss)  # the loss itself is dead code
+    grads = jax.tree.map(jnp.zeros_like, params)
+    for path, g in acc.items():
+        node = grads
+        try:
+            for name in path[:-1]:
+                node = node[name]
+            node[path[-1]] = jax.tree.map(jnp.add, node[path[-1]], g)
+        except (KeyError, TypeError) as err:
+            raise ValueError(
+                f"recompute=True looks layers up in params by module path; {'/'.join(path)} "
+                "is not there (loss_fn must apply the model to {'params': params})"
+            ) from err
+    return grads
 
 
 def likelihood_ratio(**options) -> Callable:

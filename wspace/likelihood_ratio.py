@@ -400,9 +400,11 @@ def ulr(
         weights = _weights(losses, clean_loss, opts)  # (N,) or (N, B): scale of psi per copy
 
         if recompute:
-            # The second pass reads its inputs through a barrier that also holds the
-            # weights, so XLA can neither merge it with pass 1 nor keep pass 1's noise.
-            weights_b, batch_b, key_b = jax.lax.optimization_barrier((weights, batch, key_noise))
+            # Pass 2 starts only once the weights exist (else XLA runs its forward early
+            # and keeps every layer input waiting for them).
+            weights_b = weights
+            key_b = _after(key_noise, weights)
+            batch_b = jax.tree.map(lambda a: _after(a, weights), batch)
 
             grads = _second_pass(
                 loss_fn, opts, params, model_state, batch_b, key_b, key_loss, weights_b,
@@ -424,7 +426,7 @@ def ulr(
 
 
 def _after(seed, x):
-    """``seed``, made data-dependent on ``x`` so XLA cannot generate a layer's noise early.
+    """``seed`` (or any array), made data-dependent on ``x`` so XLA cannot compute with it early.
 
     ``x != x`` is false except for NaN, and XLA may not fold it away; the
     seed is unchanged for finite inputs. (An optimisation barrier does not
@@ -432,7 +434,9 @@ def _after(seed, x):
     materialised at the start and memory grows with depth.)
     """
     probe = jnp.ravel(x)[0]
-    return seed + (probe != probe).astype(jnp.uint32)
+    if jnp.issubdtype(seed.dtype, jnp.floating):
+        return jnp.where(probe != probe, jnp.nan, seed)
+    return seed + (probe != probe).astype(seed.dtype)
 
 
 def _second_pass(loss_fn, opts, params, model_state, batch, key_noise, key_loss, weights,

@@ -101,17 +101,6 @@ def test_ulr_mean_matches_jax_grad(model, per_example, options):
     assert not _unbiased(1.5 * samples, exact).all()
 
 
-def test_recompute_gives_the_same_gradient():
-    params, batch = _problem(_SMOOTH)
-    loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
-    key = jax.random.PRNGKey(5)
-    one = jax.jit(lr.ulr(loss, num_copies=8, baseline="mean"))(params, {}, batch, key)
-    two = jax.jit(lr.ulr(loss, num_copies=8, baseline="mean", recompute=True))(
-        params, {}, batch, key)
-    np.testing.assert_allclose(_flat(two[1]), _flat(one[1]), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(two[0][0], one[0][0], rtol=1e-6)
-
-
 def test_es_mean_matches_jax_grad():
     params, batch = _problem(_SMOOTH)
     loss = ws.training.classification_loss(_SMOOTH.apply)
@@ -131,7 +120,7 @@ def test_cosine_rises_with_copies_and_variance_reduction():
 
     def cosine(num_copies, **options):
         est = lr.ulr(loss, num_copies=num_copies, sigma=0.3, **options)
-        return _mean_cosine(_estimates(est, params, batch, 48, seed=7), exact)
+        return _mean_cosine(_estimates(est, params, batch, 32, seed=7), exact)
 
     plain4, plain64 = cosine(4), cosine(64)
     assert plain64 > 2 * plain4 > 0, (plain4, plain64)
@@ -212,10 +201,10 @@ def test_score_functions_match_log_density_gradients():
         np.testing.assert_allclose(lr.score(noise, e, sigma), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_same_key_same_gradient_and_signature_shape():
+def test_same_key_same_gradient_signature_and_recompute():
     params, batch = _problem(_SMOOTH)
     loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
-    est = jax.jit(lr.ulr(loss, num_copies=4))
+    est = jax.jit(lr.ulr(loss, num_copies=4, baseline="mean"))
     (l1, (state, metrics)), g1 = est(params, {}, batch, jax.random.PRNGKey(3))
     (l2, _), g2 = est(params, {}, batch, jax.random.PRNGKey(3))
     (_, _), g3 = est(params, {}, batch, jax.random.PRNGKey(4))
@@ -224,9 +213,10 @@ def test_same_key_same_gradient_and_signature_shape():
     np.testing.assert_array_equal(_flat(g1), _flat(g2))
     assert not np.allclose(_flat(g1), _flat(g3))
     no_aux = lambda p, s, b, k: loss(p, s, b, k)[0]
-    l4, g4 = jax.jit(lr.ulr(no_aux, has_aux=False, num_copies=4))(
-        params, {}, batch, jax.random.PRNGKey(3))
-    np.testing.assert_allclose(_flat(g4), _flat(g1), rtol=1e-6, atol=1e-7)
+    l4, g4 = jax.jit(lr.ulr(no_aux, has_aux=False, num_copies=4, baseline="mean", recompute=True))(
+        params, {}, batch, jax.random.PRNGKey(3))  # low-memory two-pass mode: same gradient
+    np.testing.assert_allclose(_flat(g4), _flat(g1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(l4, l1, rtol=1e-6)
     assert [name for name, _ in lr.perturbed_layers(loss, params, {}, batch)] == [
         "Dense_0", "Dense_1", "head"]
 

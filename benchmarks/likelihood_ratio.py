@@ -10,7 +10,8 @@ program needs, activations included; parameters and outputs excluded).
 Baseline: ``jax.value_and_grad``. ULR one-pass and ULR ``recompute=True``.
 
 Part 2: mean cosine to the exact gradient per forward evaluation on an
-8-layer MLP: ULR (antithetic + QMC), ES (antithetic weight perturbation, this
+8-layer MLP: ULR (leave-one-out mean baseline; layer-wise + clean baseline with N-1
+copies, so N forward evaluations in all), ES (antithetic weight perturbation, this
 module) and evosax's OpenES (identity fitness shaping, if importable).
 """
 
@@ -118,8 +119,10 @@ def part2(depth, width, batch, copies_list, repeats):
     rows = []
     for n in copies_list:
         fns = {
-            "ulr (antithetic+qmc)": lambda k, n=n: flat(lr.ulr(
-                per_ex, num_copies=n, sigma=0.1, antithetic=True, qmc=True)(
+            "ulr (mean baseline)": lambda k, n=n: flat(lr.ulr(
+                per_ex, num_copies=n, sigma=0.1, baseline="mean")(params, {}, batch_, k)[1]),
+            "ulr (layerwise+clean)": lambda k, n=n: flat(lr.ulr(
+                per_ex, num_copies=n - 1, sigma=0.1, layerwise=True, baseline="clean")(
                 params, {}, batch_, k)[1]),
             "es (antithetic)": lambda k, n=n: flat(lr.es(mean_loss, num_copies=n, sigma=0.01)(
                 params, {}, batch_, k)[1]),

@@ -67,17 +67,17 @@ QUALITY = {
     "ulr+antithetic+clean": dict(antithetic=True, baseline="clean"),
     "es (antithetic)": "es",
 }
-QUICK_QUALITY = ("ulr", "ulr+antithetic", "es (antithetic)")
-# Part (b): the ULR arm uses antithetic pairs + a leave-one-pair-out mean baseline (no extra
-# forward pass; among the best of part (a)).
-ULR_TRAIN = dict(antithetic=True, baseline="mean")
+QUICK_QUALITY = ("ulr+mean baseline", "es (antithetic)")
+# Part (b): the ULR arm uses the leave-one-out mean baseline: no extra forward pass, so exactly
+# N forward evaluations like ES; among the best of part (a).
+ULR_TRAIN = dict(baseline="mean")
 
 
 def get_config() -> dict:
     cfg = {k: getattr(FLAGS, k) for k in _KEYS}
     if cfg["quick"]:
         cfg.update(datasets=["digits"], hidden=["32"], steps=30, batch_size=32, copies=8,
-                   quality_copies=["4"], quality_repeats=2, fgsm_eps=["0", "0.1"])
+                   quality_copies=["4"], quality_repeats=2, fgsm_eps=["0.1"])
     return cfg
 
 
@@ -258,11 +258,12 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
     for dataset in cfg["datasets"]:
         ds = ws.data.standardize(ws.data.load(dataset))
         trained = {}
-        for method in ("backprop", "ulr", "es"):
+        for method in ("backprop", "ulr") if cfg["quick"] else ("backprop", "ulr", "es"):
             result, params, model = train_arm(workdir, cfg, dataset, method, progress)
             training.append({k: v for k, v in result.items() if k != "history"})
             trained[method] = (params, model, result["history"])
-        training.append(train_openes(workdir, cfg, dataset))
+        if not cfg["quick"]:  # the smoke test covers the library's arms only
+            training.append(train_openes(workdir, cfg, dataset))
         path = os.path.join(workdir, f"robustness_{dataset}.json")
         rob = common.load_json(path)
         if rob is None:

@@ -11,6 +11,7 @@ from wspace import (
     data,
     landscape,
     late_phase,
+    likelihood_ratio,
     lottery,
     models,
     pruning,
@@ -26,6 +27,7 @@ __all__ = [
     "pruning",
     "lottery",
     "late_phase",
+    "likelihood_ratio",
     "straight_through",
 ]
 __version__ = "0.1.0"

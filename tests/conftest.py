@@ -2,8 +2,13 @@
 
 import os
 
+from tests.helpers import FAST_COMPILE_FLAGS
+
+# Tests are dominated by XLA compile time; unoptimised CPU code runs tiny shapes fast enough.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 "
+    + FAST_COMPILE_FLAGS
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("MPLBACKEND", "Agg")

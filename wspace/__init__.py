@@ -3,8 +3,7 @@
 Import it flat: ``import wspace as ws; ws.training.make_train_step(...)``.
 """
 
-from wspace import data, models, training
-from wspace import invariant_path
+from wspace import data, invariant_path, landscape, models, pruning, training
 
-__all__ = ["data", "models", "training", "invariant_path"]
+__all__ = ["data", "models", "training", "landscape", "pruning", "invariant_path"]
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ def _dense_metric(apply_fn, params, x, metric):
     flat, unravel = ravel_pytree(params)
     out = apply_fn(params, x)
     n, k = out.shape
-    jac = jax.jacrev(lambda w: apply_fn(unravel(w), x).reshape(-1))(flat)  # (N K, P)
+    jac = jax.jit(jax.jacrev(lambda w: apply_fn(unravel(w), x).reshape(-1)))(flat)  # (N K, P)
     if metric == "jacobian":
         m = np.eye(n * k)
     else:
@@ -48,7 +48,8 @@ def test_metric_matvec_matches_dense(metric):
     _, params, x, f = _mlp()
     g, _, unravel = _dense_metric(f, params, x, metric)
     v = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (g.shape[0],)))
-    gv = ravel_pytree(ip.metric_matvec(f, params, x, metric=metric)(unravel(v)))[0]
+    gv_fn = jax.jit(lambda p, z, u: ip.metric_matvec(f, p, z, metric=metric)(u))
+    gv = ravel_pytree(gv_fn(params, x, unravel(v)))[0]
     np.testing.assert_allclose(gv, g @ v, rtol=1e-4, atol=1e-5 * np.abs(g @ v).max())
 
 
@@ -92,11 +93,14 @@ def test_cg_matches_dense_solve(metric):
     step, state = jax.jit(lambda u, s, p, a: tx.update(u, s, p, anchors=a))(
         unravel(b), tx.init(params), params, x
     )
-    np.testing.assert_allclose(ravel_pytree(step)[0], exact, rtol=1e-3, atol=1e-3 * np.abs(exact).max())
+    atol = 1e-3 * np.abs(exact).max()
+    np.testing.assert_allclose(ravel_pytree(step)[0], exact, rtol=1e-3, atol=atol)
     assert float(state.residual) < 1e-3
     # Few iterations solve worse: the tolerance above is not vacuous.
     tx2 = ip.invariant_path(f, damping=lam, cg_iters=2, metric=metric)
-    rough, _ = tx2.update(unravel(b), tx2.init(params), params, anchors=x)
+    rough, _ = jax.jit(lambda u, s, p, a: tx2.update(u, s, p, anchors=a))(
+        unravel(b), tx2.init(params), params, x
+    )
     assert np.abs(ravel_pytree(rough)[0] - exact).max() > 1e-2 * np.abs(exact).max()
 
 
@@ -119,15 +123,19 @@ def test_path_step_moves_anchor_outputs_far_less_than_gradient_step():
     grads = jax.grad(new_loss)(params)
     eps = 0.05
     tx = ip.invariant_path(f, damping=1e-4, cg_iters=100, max_norm=1.0)
-    path, _ = tx.update(grads, tx.init(params), params, anchors=x)
+    path, _ = jax.jit(lambda u, s, p, a: tx.update(u, s, p, anchors=a))(
+        grads, tx.init(params), params, x
+    )
     norm = optax.tree_utils.tree_norm(grads)
     plain = jax.tree.map(lambda g: g / norm, grads)
     base = f(params, x)
 
+    @jax.jit
     def moved(step):
-        return float(jnp.linalg.norm(f(jax.tree.map(lambda p, s: p - eps * s, params, step), x) - base))
+        moved_params = jax.tree.map(lambda p, s: p - eps * s, params, step)
+        return jnp.linalg.norm(f(moved_params, x) - base)
 
-    assert moved(path) < 0.05 * moved(plain), (moved(path), moved(plain))
+    assert float(moved(path)) < 0.05 * float(moved(plain)), (moved(path), moved(plain))
     # ... while still descending the secondary objective.
     assert new_loss(jax.tree.map(lambda p, s: p - eps * s, params, path)) < new_loss(params)
 
@@ -222,12 +230,12 @@ def test_penalty_loss_value_and_zero_gradient_at_anchor():
     base = ws.training.classification_loss(model.apply)
     batch = {"x": x, "y": jnp.arange(5) % 3, "anchors": x[:3] * 2}
     loss = ip.penalty_loss(base, f, params, weight=10.0)
-    (v0, _), g0 = jax.value_and_grad(base, has_aux=True)(params, {}, batch, None)
-    (v1, (_, metrics)), g1 = jax.value_and_grad(loss, has_aux=True)(params, {}, batch, None)
+    (v0, _), g0 = jax.jit(jax.value_and_grad(base, has_aux=True))(params, {}, batch, None)
+    (v1, _), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, {}, batch, None)
     np.testing.assert_allclose(v1, v0, atol=1e-6)
     np.testing.assert_allclose(ravel_pytree(g1)[0], ravel_pytree(g0)[0], atol=1e-5)
     moved = jax.tree.map(lambda p: p + 0.3, params)
-    v2, (_, m2) = loss(moved, {}, batch, None)
+    v2, (_, m2) = jax.jit(loss)(moved, {}, batch, None)
     expect = base(moved, {}, batch, None)[0] + 10.0 * ip.output_distance(
         f(moved, batch["anchors"]), f(params, batch["anchors"])
     )
@@ -238,6 +246,39 @@ def test_penalty_loss_value_and_zero_gradient_at_anchor():
 
 
 # ----------------------------------------------------------------------------- objectives
+
+
+def test_projection_distance_and_sparsity_path():
+    _, params, x, f = _mlp(num_in=6, hidden=(16,), classes=3, n=4)
+    level = 0.5
+    masks = ws.pruning.magnitude_masks(params, level)
+    dist, grad = jax.jit(jax.value_and_grad(lambda p: ip.projection_distance(p, level)))(params)
+    pruned_part = jax.tree.map(lambda w, m: jnp.where(m, 0.0, w), params, masks)
+    np.testing.assert_allclose(ravel_pytree(grad)[0], ravel_pytree(pruned_part)[0], atol=1e-7)
+    np.testing.assert_allclose(dist, 0.5 * np.sum(ravel_pytree(pruned_part)[0] ** 2), rtol=1e-5)
+    assert float(dist) > 0
+    # The level may be traced (read from the batch): same value, one compilation for all levels.
+    loss = jax.jit(lambda p, b: ip.sparsity_loss(b["sparsity"])(p, {}, b, None)[0])
+    np.testing.assert_allclose(loss(params, {"sparsity": jnp.float32(level)}), dist, rtol=1e-6)
+    with pytest.raises(ValueError, match="sparsity.*1.5"):
+        ip.sparsity_loss(1.5)
+    # A path step on the sparsity objective approaches the projection, keeping the outputs.
+    tx = ip.invariant_path(f, damping=1e-4, cg_iters=60, max_norm=1.0)
+    step, _ = jax.jit(lambda u, s, p, a: tx.update(u, s, p, anchors=a))(
+        grad, tx.init(params), params, x
+    )
+    norm = optax.tree_utils.tree_norm(grad)
+
+    @jax.jit
+    def after(direction):
+        moved = jax.tree.map(lambda p, d: p - 0.05 * d, params, direction)
+        change = jnp.linalg.norm(f(moved, x) - f(params, x))
+        return ip.projection_distance(moved, level), change
+
+    d_path, change_path = after(step)
+    _, change_plain = after(jax.tree.map(lambda g: g / norm, grad))
+    assert float(d_path) < float(dist)
+    assert float(change_path) < 0.05 * float(change_plain)
 
 
 def test_fgsm_closed_form_and_pgd_in_ball():
@@ -272,7 +313,7 @@ def test_diagonal_fisher_matches_enumeration_and_ewc_gradient():
     _, params, x, f = _mlp(n=3)
     flat, unravel = ravel_pytree(params)
     # Enumerate: every example n, every class k, the full gradient of log p_k(x_n).
-    jac = np.asarray(jax.jacrev(lambda w: jax.nn.log_softmax(f(unravel(w), x), -1))(flat))
+    jac = np.asarray(jax.jit(jax.jacrev(lambda w: jax.nn.log_softmax(f(unravel(w), x), -1)))(flat))
     probs = np.asarray(jax.nn.softmax(f(params, x), -1), np.float64)
     expect = np.einsum("nk,nkp->p", probs, jac.astype(np.float64) ** 2) / 3
     fisher = ip.diagonal_fisher(f, params, x, batch_size=2)
@@ -283,7 +324,7 @@ def test_diagonal_fisher_matches_enumeration_and_ewc_gradient():
 
     loss = ip.ewc_loss(zero_loss, params, fisher, weight=3.0)
     moved = jax.tree.map(lambda p: p + 0.1, params)
-    grad = jax.grad(lambda p: loss(p, {}, {}, None)[0])(moved)
+    grad = jax.jit(jax.grad(lambda p: loss(p, {}, {}, None)[0]))(moved)
     np.testing.assert_allclose(ravel_pytree(grad)[0], 3.0 * expect * 0.1, rtol=1e-3, atol=1e-8)
     assert float(loss(params, {}, {}, None)[0]) == 0.0
 

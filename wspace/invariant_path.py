@@ -1,4 +1,4 @@
-"""Functionally invariant paths: move the weights towards a second goal without changing the function.
+"""Functionally invariant paths: move weights towards a second goal without changing the function.
 
 Raghavan & Thomson (2022/2024), "Engineering flexible machine learning systems
 by traversing functionally invariant paths in weight space", arXiv 2205.00334.
@@ -218,7 +218,7 @@ def invariant_path(
     def update_fn(updates, state, params=None, *, anchors=None, **extra_args):
         del extra_args
         if params is None:
-            raise ValueError("invariant_path needs params: call tx.update(grads, state, params, ...)")
+            raise ValueError("invariant_path needs params: tx.update(grads, state, params, ...)")
         anchors = _check_anchors(anchors, input_shape)
         gv = metric_matvec(apply_fn, params, anchors, metric=metric)
 
@@ -350,7 +350,7 @@ def sparsity_loss(sparsity: float, **mask_kwargs) -> Callable:
     """The sparsity objective as a loss: `projection_distance` in the library signature.
 
     Args:
-      sparsity: target sparsity in ``[0, 1)``.
+      sparsity: target sparsity in ``[0, 1)`` (may be traced, e.g. read from the batch).
       **mask_kwargs: passed to `wspace.pruning.magnitude_masks`.
 
     Returns:
@@ -359,8 +359,7 @@ def sparsity_loss(sparsity: float, **mask_kwargs) -> Callable:
 
     Reference: Raghavan & Thomson 2022, arXiv 2205.00334.
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    _check_number("sparsity", sparsity, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
 
     def loss(params, model_state, batch, key):
         del batch, key

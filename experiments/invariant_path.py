@@ -57,13 +57,15 @@ flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_integer("base_steps", 1500, "Steps of task-1 / dense training.")
 flags.DEFINE_integer("task2_steps", 500, "Steps on task 2 for every continual arm.")
 flags.DEFINE_integer("buffer_size", 100, "Replay buffer of task-1 training examples.")
-flags.DEFINE_float("path_lr", 0.05, "SGD step after the path transformation.")
+flags.DEFINE_list("fip_lrs", ["0.03", "0.1"], "Continual part: SGD rates after the path step.")
+flags.DEFINE_list("penalty_weights", ["10", "100"], "Continual part: Bhattacharyya weights.")
+flags.DEFINE_list("ewc_weights", ["100", "1e6"], "Continual part: EWC strengths.")
+flags.DEFINE_float("path_lr", 0.05, "Sparsity/robustness parts: SGD rate after the path step.")
 flags.DEFINE_float("max_norm", 1.0, "Norm bound of the path direction (step = path_lr * this).")
 flags.DEFINE_float("damping", 1e-3, "lambda in (g + lambda I) d = grad.")
 flags.DEFINE_integer("cg_iters", 10, "CG iterations per path step.")
 flags.DEFINE_enum("metric", "jacobian", list(ip.METRICS), "Metric of the path step.")
-flags.DEFINE_float("penalty_weight", 10.0, "Weight of the Bhattacharyya penalty.")
-flags.DEFINE_float("ewc_weight", 1000.0, "EWC strength.")
+flags.DEFINE_float("penalty_weight", 10.0, "Sparsity/robustness parts: penalty weight.")
 flags.DEFINE_list("sparsities", ["0.5", "0.8", "0.9", "0.95"], "Sparsity levels.")
 flags.DEFINE_integer("path_steps", 200, "Path steps per sparsity level.")
 flags.DEFINE_integer("ft_steps", 200, "Masked fine-tuning steps per sparsity level.")
@@ -76,9 +78,9 @@ FLAGS = flags.FLAGS
 
 _KEYS = ("dataset", "seed", "quick", "parts", "datasets", "hidden", "lr", "batch_size",
          "base_steps", "task2_steps", "buffer_size", "path_lr", "max_norm", "damping",
-         "cg_iters", "metric", "penalty_weight", "ewc_weight", "sparsities", "path_steps",
+         "cg_iters", "metric", "fip_lrs", "penalty_weights", "ewc_weights", "penalty_weight",
+         "sparsities", "path_steps",
          "ft_steps", "anchor_batch", "eps", "attack_steps", "eval_attack_steps", "robust_steps")
-CONTINUAL_ARMS = ("naive", "fip", "penalty", "replay", "ewc")
 SPARSITY_ARMS = ("oneshot", "path", "penalty")
 ROBUST_ARMS = ("base", "adv_ft", "fip", "penalty")
 
@@ -87,12 +89,14 @@ def get_config() -> dict:
     """The run's settings from flags, shrunk by --quick."""
     cfg = {k: getattr(FLAGS, k) for k in _KEYS}
     cfg["hidden"] = [int(h) for h in cfg["hidden"]]
-    cfg["sparsities"] = [float(s) for s in cfg["sparsities"]]
+    for key in ("sparsities", "fip_lrs", "penalty_weights", "ewc_weights"):
+        cfg[key] = [float(v) for v in cfg[key]]
     if cfg["quick"]:
         cfg.update(datasets=["digits"], dataset="digits", hidden=[32], base_steps=40,
                    task2_steps=8, buffer_size=20, path_steps=4, ft_steps=4, robust_steps=4,
                    sparsities=[0.5, 0.9], attack_steps=2, eval_attack_steps=3, anchor_batch=32,
-                   batch_size=32, cg_iters=3)
+                   batch_size=32, cg_iters=3, fip_lrs=[0.1], penalty_weights=[10.0],
+                   ewc_weights=[100.0])
     return cfg
 
 
@@ -224,29 +228,43 @@ def run_continual(workdir, cfg, name, progress):
         old, _ = net.ce(params, model_state, {"x": batch["buf_x"], "y": batch["buf_y"]}, key)
         return new + old, (model_state, m)
 
-    def arm(kind):
+    fisher = []  # computed once, by the first EWC arm
+
+    def arm(kind, value):
         stream = _stream(x2, y2, bs, seed + 1)
         tx, loss, tx_args = optax.adam(lr), net.ce, None
         if kind == "fip":
-            tx, tx_args = _path_tx(cfg, net.f), (lambda b: {"anchors": buf_x})
+            tx = _path_tx({**cfg, "path_lr": value}, net.f)
+            tx_args = lambda b: {"anchors": buf_x}  # noqa: E731
         elif kind == "penalty":
-            loss = ip.penalty_loss(net.ce, net.f, p1, weight=cfg["penalty_weight"])
+            loss = ip.penalty_loss(net.ce, net.f, p1, weight=value)
             stream = _stream(x2, y2, bs, seed + 1, anchors=buf_x)
         elif kind == "replay":
             loss = replay_loss
             stream = _stream(x2, y2, bs, seed + 1, buf_x=buf_x, buf_y=buf_y)
         elif kind == "ewc":
-            fisher = ip.diagonal_fisher(net.f, p1, x1)
-            loss = ip.ewc_loss(net.ce, p1, fisher, weight=cfg["ewc_weight"])
+            if not fisher:
+                fisher.append(ip.diagonal_fisher(net.f, p1, x1))
+            loss = ip.ewc_loss(net.ce, p1, fisher[0], weight=value)
         params = _Trainer(loss, tx)(p1, stream, cfg["task2_steps"], seed + 2, tx_args,
                                     progress=progress, desc=f"{name} {kind}")
-        return {"arm": kind, **evaluate(params)}
+        return {"arm": kind, "value": value, **evaluate(params)}
 
     results = {"after_task1": _arm(os.path.join(out, "after_task1.json"),
                                    lambda: {"arm": "after_task1", **evaluate(p1)})}
-    for kind in CONTINUAL_ARMS:
-        results[kind] = _arm(os.path.join(out, f"{kind}.json"), lambda k=kind: arm(k))
+    for label, kind, value in continual_arms(cfg):
+        results[label] = _arm(os.path.join(out, f"{label}.json"), lambda k=kind, v=value: arm(k, v))
     return results
+
+
+def continual_arms(cfg) -> list[tuple[str, str, float | None]]:
+    """``(label, kind, hyperparameter)`` of each continual arm, e.g. ``("fip_lr0.1", "fip", 0.1)``.
+    """
+    arms = [("naive", "naive", None), ("replay", "replay", None)]
+    for kind, key, tag in (("fip", "fip_lrs", "lr"), ("penalty", "penalty_weights", "w"),
+                           ("ewc", "ewc_weights", "w")):
+        arms += [(f"{kind}_{tag}{v:g}", kind, v) for v in cfg[key]]
+    return arms
 
 
 # ----------------------------------------------------------------------------- (b) sparsity
@@ -365,7 +383,7 @@ def _plot_continual(results, workdir):
     names = list(results)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        arms = ["after_task1", *CONTINUAL_ARMS]
+        arms = list(results[name])
         pos = np.arange(len(arms))
         for j, (key, label) in enumerate((("task1_accuracy", "task 1 (0-4)"),
                                           ("task2_accuracy", "task 2 (5-9)"))):

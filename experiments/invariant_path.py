@@ -6,14 +6,16 @@ r"""Functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334) at small
 Three parts, all on an MLP (inputs standardised):
 
 (a) ``continual``: class-incremental learning, classes 0-4 then 5-9 with one
-    10-way head, on each of ``--datasets``. After task 1, five arms train on
+    10-way head, on each of ``--datasets``. After task 1, the arms train on
     task 2 for the same number of steps: naive fine-tuning, FIP (the metric
     step: new-task gradient through `invariant_path` with the replay buffer's
-    inputs as anchors), the penalty method (new-task CE + Bhattacharyya to the
-    task-1 network on the buffer inputs), replay (new-task CE + CE on the same
-    buffer with its labels) and EWC (Kirkpatrick et al. 2017, Fisher on the
-    task-1 training set). Reported: accuracy on each task's test examples
-    (10-way argmax) and task-aware accuracy (argmax within the task's classes).
+    inputs as anchors, then SGD at each of ``--fip_lrs``), the penalty method
+    (new-task CE + Bhattacharyya to the task-1 network on the buffer inputs,
+    each of ``--penalty_weights``), replay (new-task CE + CE on the same buffer
+    with its labels) and EWC (Kirkpatrick et al. 2017, exact diagonal Fisher on
+    the task-1 training set, each of ``--ewc_weights``). Reported: accuracy on
+    each task's test examples (10-way argmax), on all test examples, and
+    task-aware accuracy (argmax within the task's classes).
 (b) ``sparsity``: a network trained on all classes is sparsified to each of
     ``--sparsities`` (global magnitude pruning of the kernels): one-shot
     pruning, one-shot + masked fine-tuning, the FIP path (secondary objective
@@ -60,7 +62,8 @@ flags.DEFINE_integer("buffer_size", 100, "Replay buffer of task-1 training examp
 flags.DEFINE_list("fip_lrs", ["0.03", "0.1"], "Continual part: SGD rates after the path step.")
 flags.DEFINE_list("penalty_weights", ["10", "100"], "Continual part: Bhattacharyya weights.")
 flags.DEFINE_list("ewc_weights", ["100", "1e6"], "Continual part: EWC strengths.")
-flags.DEFINE_float("path_lr", 0.05, "Sparsity/robustness parts: SGD rate after the path step.")
+flags.DEFINE_float("path_lr", 0.2, "Sparsity part: SGD rate after the path step.")
+flags.DEFINE_float("robust_path_lr", 0.5, "Robustness part: SGD rate after the path step.")
 flags.DEFINE_float("max_norm", 1.0, "Norm bound of the path direction (step = path_lr * this).")
 flags.DEFINE_float("damping", 1e-3, "lambda in (g + lambda I) d = grad.")
 flags.DEFINE_integer("cg_iters", 10, "CG iterations per path step.")
@@ -70,17 +73,17 @@ flags.DEFINE_list("sparsities", ["0.5", "0.8", "0.9", "0.95"], "Sparsity levels.
 flags.DEFINE_integer("path_steps", 200, "Path steps per sparsity level.")
 flags.DEFINE_integer("ft_steps", 200, "Masked fine-tuning steps per sparsity level.")
 flags.DEFINE_integer("anchor_batch", 128, "Anchor inputs per step in the sparsity part.")
-flags.DEFINE_float("eps", 0.5, "L-inf radius of the attacks (standardised input units).")
+flags.DEFINE_float("eps", 0.1, "L-inf radius of the attacks (standardised input units).")
 flags.DEFINE_integer("attack_steps", 5, "PGD steps in adversarial training.")
 flags.DEFINE_integer("eval_attack_steps", 20, "PGD steps in the robustness evaluation.")
 flags.DEFINE_integer("robust_steps", 300, "Steps of each robustness arm.")
 FLAGS = flags.FLAGS
 
 _KEYS = ("dataset", "seed", "quick", "parts", "datasets", "hidden", "lr", "batch_size",
-         "base_steps", "task2_steps", "buffer_size", "path_lr", "max_norm", "damping",
-         "cg_iters", "metric", "fip_lrs", "penalty_weights", "ewc_weights", "penalty_weight",
-         "sparsities", "path_steps",
-         "ft_steps", "anchor_batch", "eps", "attack_steps", "eval_attack_steps", "robust_steps")
+         "base_steps", "task2_steps", "buffer_size", "path_lr", "robust_path_lr", "max_norm",
+         "damping", "cg_iters", "metric", "fip_lrs", "penalty_weights", "ewc_weights",
+         "penalty_weight", "sparsities", "path_steps", "ft_steps", "anchor_batch", "eps",
+         "attack_steps", "eval_attack_steps", "robust_steps")
 SPARSITY_ARMS = ("oneshot", "path", "penalty")
 ROBUST_ARMS = ("base", "adv_ft", "fip", "penalty")
 
@@ -364,7 +367,8 @@ def run_robustness(workdir, cfg, progress):
         stream = _stream(ds.x_train, ds.y_train, cfg["batch_size"], seed + 30)
         tx, loss, tx_args = optax.adam(cfg["lr"]), adv, None
         if kind == "fip":
-            tx, tx_args = _path_tx(cfg, net.f), (lambda b: {"anchors": b["x"]})
+            tx = _path_tx({**cfg, "path_lr": cfg["robust_path_lr"]}, net.f)
+            tx_args = lambda b: {"anchors": b["x"]}  # noqa: E731
         elif kind == "penalty":
             loss = ip.penalty_loss(adv, net.f, dense, weight=cfg["penalty_weight"])
             stream = ({**b, "anchors": b["x"]} for b in stream)

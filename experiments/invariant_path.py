@@ -303,9 +303,9 @@ def run_sparsity(workdir, cfg, progress):
         for b in _stream(ds.x_train, ds.y_train, cfg["anchor_batch"], seed + 10 + k):
             yield {"anchors": b["x"], "sparsity": np.float32(level)}
 
-    def finetune(params, masks, k):
+    def finetune(params, masks, k, steps):
         stream = _stream(ds.x_train, ds.y_train, cfg["batch_size"], seed + 20 + k)
-        params = trainers["finetune"](params, stream, cfg["ft_steps"], seed,
+        params = trainers["finetune"](params, stream, steps, seed,
                                       lambda b: {"masks": masks}, progress, "finetune")
         return net.accuracy(params, ds.x_test, ds.y_test)
 
@@ -326,7 +326,11 @@ def run_sparsity(workdir, cfg, progress):
                                         tx_args, progress, f"{kind} {level}")
             rec, pruned, masks = record(params, level)
             rec["unpruned_test_accuracy"] = net.accuracy(params, ds.x_test, ds.y_test)
-            rec["ft_test_accuracy"] = finetune(pruned, masks, k)
+            rec["ft_test_accuracy"] = finetune(pruned, masks, k, cfg["ft_steps"])
+            if kind == "oneshot":  # as many steps as the path took to get here, plus its FT
+                steps = (k + 1) * cfg["path_steps"] + cfg["ft_steps"]
+                rec["ft_matched_steps"] = steps
+                rec["ft_matched_test_accuracy"] = finetune(pruned, masks, k, steps)
             rows.append({"target": level, **rec})
         return {"arm": kind, "levels": rows}
 
@@ -406,6 +410,9 @@ def _plot_sparsity(results, workdir):
         ax.plot(levels, [r["test_accuracy"] for r in rows], "o-", color=color, label=kind)
         ax.plot(levels, [r["ft_test_accuracy"] for r in rows], "s--", color=color,
                 label=f"{kind} + fine-tune")
+    rows = results["oneshot"]["levels"]
+    ax.plot([r["target"] for r in rows], [r["ft_matched_test_accuracy"] for r in rows], "^:",
+            color="C0", label="oneshot + step-matched fine-tune")
     ax.axhline(results["dense_test_accuracy"], color="k", ls=":", label="dense")
     ax.set(xlabel="sparsity", ylabel="test accuracy")
     ax.legend(fontsize=8)
@@ -456,6 +463,9 @@ def _summary(results: dict) -> str:
             accs = " ".join(f"{r['target']}:{r['test_accuracy']:.3f}/{r['ft_test_accuracy']:.3f}"
                             for r in res[kind]["levels"])
             lines.append(f"  {kind:12s} {accs}   (projected / + fine-tune)")
+        accs = " ".join(f"{r['target']}:{r['ft_matched_test_accuracy']:.3f}"
+                        for r in res["oneshot"]["levels"])
+        lines.append(f"  oneshot + fine-tune with as many steps as path + FT: {accs}")
     if "robustness" in results:
         lines.append("robustness: arm  clean  robust")
         for kind, r in results["robustness"].items():
@@ -465,6 +475,12 @@ def _summary(results: dict) -> str:
 
 def main(argv):
     del argv
+    if FLAGS.quick and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        # Tiny runs are all compilation: skip XLA's backend optimisations (read when the
+        # backend starts, which is after this point: nothing has touched a device yet).
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+        ).strip()
     results = run(FLAGS.workdir, get_config(), progress=FLAGS.progress)
     print(_summary(results))
 

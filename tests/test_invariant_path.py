@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -17,11 +18,13 @@ from tests.helpers import run_experiment, run_notebook
 from wspace import invariant_path as ip
 
 
+@functools.lru_cache
 def _mlp(num_in=4, hidden=(8,), classes=3, n=5, seed=0):
+    """A small MLP, its params, inputs and jitted ``(params, x) -> logits`` (cached)."""
     model = ws.models.MLP(features=hidden, num_classes=classes)
     x = jax.random.normal(jax.random.PRNGKey(seed), (n, num_in))
     params = model.init(jax.random.PRNGKey(seed + 1), x)["params"]
-    return model, params, x, (lambda p, z: model.apply({"params": p}, z))
+    return model, params, x, jax.jit(lambda p, z: model.apply({"params": p}, z))
 
 
 def _dense_metric(apply_fn, params, x, metric):
@@ -120,7 +123,7 @@ def test_path_step_moves_anchor_outputs_far_less_than_gradient_step():
     def new_loss(p):
         return optax.softmax_cross_entropy_with_integer_labels(f(p, new_x), new_y).mean()
 
-    grads = jax.grad(new_loss)(params)
+    grads = jax.jit(jax.grad(new_loss))(params)
     eps = 0.05
     tx = ip.invariant_path(f, damping=1e-4, cg_iters=100, max_norm=1.0)
     path, _ = jax.jit(lambda u, s, p, a: tx.update(u, s, p, anchors=a))(
@@ -164,9 +167,10 @@ def test_inject_hyperparams_chain_and_jit():
 
 
 def test_train_step_with_anchors_keeps_old_outputs():
-    model, params, x_old, f = _mlp(num_in=6, hidden=(16,), classes=4, n=6)
+    model, params, x_old, f = _mlp(num_in=6, hidden=(16,), classes=3, n=8)
+    params = jax.tree.map(jnp.copy, params)  # the train step donates its input; _mlp is cached
     x_new = jax.random.normal(jax.random.PRNGKey(5), (16, 6)) + 2.0
-    y_new = jnp.full((16,), 3)
+    y_new = jnp.full((16,), 2)
     tx = optax.chain(ip.invariant_path(f, damping=1e-3, cg_iters=30, max_norm=1.0), optax.sgd(0.05))
     state = ws.training.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, model_state={},
@@ -249,7 +253,7 @@ def test_penalty_loss_value_and_zero_gradient_at_anchor():
 
 
 def test_projection_distance_and_sparsity_path():
-    _, params, x, f = _mlp(num_in=6, hidden=(16,), classes=3, n=4)
+    _, params, x, f = _mlp(num_in=6, hidden=(16,), classes=3, n=8)
     level = 0.5
     masks = ws.pruning.magnitude_masks(params, level)
     dist, grad = jax.jit(jax.value_and_grad(lambda p: ip.projection_distance(p, level)))(params)
@@ -310,12 +314,12 @@ def test_adversarial_loss_exceeds_clean_loss():
 
 
 def test_diagonal_fisher_matches_enumeration_and_ewc_gradient():
-    _, params, x, f = _mlp(n=3)
+    _, params, x, f = _mlp()
     flat, unravel = ravel_pytree(params)
     # Enumerate: every example n, every class k, the full gradient of log p_k(x_n).
     jac = np.asarray(jax.jit(jax.jacrev(lambda w: jax.nn.log_softmax(f(unravel(w), x), -1)))(flat))
     probs = np.asarray(jax.nn.softmax(f(params, x), -1), np.float64)
-    expect = np.einsum("nk,nkp->p", probs, jac.astype(np.float64) ** 2) / 3
+    expect = np.einsum("nk,nkp->p", probs, jac.astype(np.float64) ** 2) / len(x)
     fisher = ip.diagonal_fisher(f, params, x, batch_size=2)
     np.testing.assert_allclose(ravel_pytree(fisher)[0], expect, rtol=1e-4, atol=1e-7)
 

@@ -389,16 +389,16 @@ def run_robustness(workdir, cfg, progress):
 
 def _plot_continual(results, workdir):
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         arms = list(results[name])
         pos = np.arange(len(arms))
         for j, (key, label) in enumerate((("task1_accuracy", "task 1 (0-4)"),
                                           ("task2_accuracy", "task 2 (5-9)"))):
             ax.bar(pos + 0.4 * j - 0.2, [results[name][a][key] for a in arms], 0.4, label=label)
-        ax.set_xticks(pos, arms, rotation=30)
+        ax.set_xticks(pos, arms, rotation=45, ha="right")
         ax.set(ylabel="test accuracy (10-way)", title=name, ylim=(0, 1))
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
     common.savefig(fig, workdir, "continual.png")
 
 

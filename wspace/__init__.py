@@ -9,6 +9,7 @@ each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 
 from wspace import (
     data,
+    invariant_path,
     landscape,
     late_phase,
     likelihood_ratio,
@@ -29,5 +30,6 @@ __all__ = [
     "late_phase",
     "likelihood_ratio",
     "straight_through",
+    "invariant_path",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,349 @@
+"""Tests of wspace.invariant_path against dense linear algebra, closed forms and invariances."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import wspace as ws
+from tests.helpers import run_experiment, run_notebook
+from wspace import invariant_path as ip
+
+
+@functools.lru_cache
+def _mlp(num_in=4, hidden=(8,), classes=3, n=5, seed=0):
+    """A small MLP, its params, inputs and jitted ``(params, x) -> logits`` (cached)."""
+    model = ws.models.MLP(features=hidden, num_classes=classes)
+    x = jax.random.normal(jax.random.PRNGKey(seed), (n, num_in))
+    params = model.init(jax.random.PRNGKey(seed + 1), x)["params"]
+    return model, params, x, jax.jit(lambda p, z: model.apply({"params": p}, z))
+
+
+def _dense_metric(apply_fn, params, x, metric):
+    flat, unravel = ravel_pytree(params)
+    out = apply_fn(params, x)
+    n, k = out.shape
+    jac = jax.jit(jax.jacrev(lambda w: apply_fn(unravel(w), x).reshape(-1)))(flat)  # (N K, P)
+    if metric == "jacobian":
+        m = np.eye(n * k)
+    else:
+        p = np.asarray(jax.nn.softmax(out, -1), np.float64)
+        m = np.zeros((n * k, n * k))
+        for i in range(n):
+            m[i * k : (i + 1) * k, i * k : (i + 1) * k] = np.diag(p[i]) - np.outer(p[i], p[i])
+    jac = np.asarray(jac, np.float64)
+    return jac.T @ m @ jac / n, jac, unravel
+
+
+# ----------------------------------------------------------------------------- the metric
+
+
+@pytest.mark.parametrize("metric", ["jacobian", "fisher"])
+def test_metric_matvec_matches_dense(metric):
+    _, params, x, f = _mlp()
+    g, _, unravel = _dense_metric(f, params, x, metric)
+    v = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (g.shape[0],)))
+    gv_fn = jax.jit(lambda p, z, u: ip.metric_matvec(f, p, z, metric=metric)(u))
+    gv = ravel_pytree(gv_fn(params, x, unravel(v)))[0]
+    np.testing.assert_allclose(gv, g @ v, rtol=1e-4, atol=1e-5 * np.abs(g @ v).max())
+
+
+def test_linear_model_metric_exact_and_step_in_null_space():
+    # f(W, x) = x W: J v = x V, so g V = x^T x V / N exactly, independent of W.
+    n, d, k = 3, 10, 2
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, d))
+    w = jax.random.normal(jax.random.PRNGKey(1), (d, k))
+
+    def f(p, z):
+        return z @ p["w"]
+
+    v = jax.random.normal(jax.random.PRNGKey(2), (d, k))
+    gv = ip.metric_matvec(f, {"w": w}, x)({"w": v})["w"]
+    np.testing.assert_allclose(gv, x.T @ x @ v / n, rtol=1e-5, atol=1e-5)
+
+    grad = {"w": jax.random.normal(jax.random.PRNGKey(3), (d, k))}
+    tx = ip.invariant_path(f, damping=1e-6, cg_iters=50, max_norm=1.0)
+    step, state = tx.update(grad, tx.init({"w": w}), {"w": w}, anchors=x)
+    assert int(state.count) == 1
+    np.testing.assert_allclose(optax.tree_utils.tree_norm(step), 1.0, rtol=1e-5)
+    # The anchor outputs do not move (exactly, for a linear model) ...
+    moved = np.abs(f({"w": w - step["w"]}, x) - f({"w": w}, x)).max()
+    grad_unit = grad["w"] / jnp.linalg.norm(grad["w"])
+    moved_grad = np.abs(f({"w": w - grad_unit}, x) - f({"w": w}, x)).max()
+    assert moved < 1e-3 * moved_grad, (moved, moved_grad)
+    # ... and the step is the null-space projection of the gradient, normalised.
+    null = np.eye(d) - np.linalg.pinv(np.asarray(x)) @ np.asarray(x)
+    proj = null @ np.asarray(grad["w"])
+    np.testing.assert_allclose(step["w"], proj / np.linalg.norm(proj), atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", ["jacobian", "fisher"])
+def test_cg_matches_dense_solve(metric):
+    _, params, x, f = _mlp()
+    lam = 0.05
+    g, _, unravel = _dense_metric(f, params, x, metric)
+    b = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (g.shape[0],)))
+    exact = np.linalg.solve(g + lam * np.eye(len(b)), b)
+    tx = ip.invariant_path(f, damping=lam, cg_iters=len(b), metric=metric)
+    step, state = jax.jit(lambda u, s, p, a: tx.update(u, s, p, anchors=a))(
+        unravel(b), tx.init(params), params, x
+    )
+    atol = 1e-3 * np.abs(exact).max()
+    np.testing.assert_allclose(ravel_pytree(step)[0], exact, rtol=1e-3, atol=atol)
+    assert float(state.residual) < 1e-3
+    # Few iterations solve worse: the tolerance above is not vacuous.
+    tx2 = ip.invariant_path(f, damping=lam, cg_iters=2, metric=metric)
+    rough, _ = jax.jit(lambda u, s, p, a: tx2.update(u, s, p, anchors=a))(
+        unravel(b), tx2.init(params), params, x
+    )
+    assert np.abs(ravel_pytree(rough)[0] - exact).max() > 1e-2 * np.abs(exact).max()
+
+
+def test_large_damping_gives_scaled_gradient():
+    _, params, x, f = _mlp()
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx = ip.invariant_path(f, damping=1e6, cg_iters=5)
+    step, _ = tx.update(grads, tx.init(params), params, anchors=x)
+    np.testing.assert_allclose(ravel_pytree(step)[0], 1e-6, rtol=1e-3)
+
+
+def test_path_step_moves_anchor_outputs_far_less_than_gradient_step():
+    _, params, x, f = _mlp(num_in=6, hidden=(16,), classes=3, n=8)
+    new_x = jax.random.normal(jax.random.PRNGKey(9), (8, 6)) + 1.0
+    new_y = jnp.arange(8) % 3
+
+    def new_loss(p):
+        return optax.softmax_cross_entropy_with_integer_labels(f(p, new_x), new_y).mean()
+
+    grads = jax.jit(jax.grad(new_loss))(params)
+    eps = 0.05
+    tx = ip.invariant_path(f, damping=1e-4, cg_iters=100, max_norm=1.0)
+    path, _ = jax.jit(lambda u, s, p, a: tx.update(u, s, p, anchors=a))(
+        grads, tx.init(params), params, x
+    )
+    norm = optax.tree_utils.tree_norm(grads)
+    plain = jax.tree.map(lambda g: g / norm, grads)
+    base = f(params, x)
+
+    @jax.jit
+    def moved(step):
+        moved_params = jax.tree.map(lambda p, s: p - eps * s, params, step)
+        return jnp.linalg.norm(f(moved_params, x) - base)
+
+    assert float(moved(path)) < 0.05 * float(moved(plain)), (moved(path), moved(plain))
+    # ... while still descending the secondary objective.
+    assert new_loss(jax.tree.map(lambda p, s: p - eps * s, params, path)) < new_loss(params)
+
+
+def test_inject_hyperparams_chain_and_jit():
+    _, params, x, f = _mlp()
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    plain = optax.chain(ip.invariant_path(f, damping=0.1, cg_iters=7, max_norm=0.5), optax.sgd(0.1))
+    inj = optax.chain(
+        optax.inject_hyperparams(ip.invariant_path, static_args="apply_fn")(
+            f, damping=0.1, cg_iters=7, max_norm=0.5
+        ),
+        optax.sgd(0.1),
+    )
+    a, _ = plain.update(grads, plain.init(params), params, anchors=x)
+    state = inj.init(params)
+    b, state = jax.jit(lambda g, s, p, z: inj.update(g, s, p, anchors=z, unused=1))(
+        grads, state, params, x
+    )
+    np.testing.assert_allclose(ravel_pytree(a)[0], ravel_pytree(b)[0], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(optax.tree_utils.tree_norm(a), 0.05, rtol=1e-5)
+    # Changing an injected hyperparameter changes the step (it is really traced, not baked in).
+    state[0].hyperparams["max_norm"] = jnp.asarray(0.25)
+    c, _ = inj.update(grads, state, params, anchors=x)
+    np.testing.assert_allclose(optax.tree_utils.tree_norm(c), 0.025, rtol=1e-5)
+
+
+def test_train_step_with_anchors_keeps_old_outputs():
+    model, params, x_old, f = _mlp(num_in=6, hidden=(16,), classes=3, n=8)
+    params = jax.tree.map(jnp.copy, params)  # the train step donates its input; _mlp is cached
+    x_new = jax.random.normal(jax.random.PRNGKey(5), (16, 6)) + 2.0
+    y_new = jnp.full((16,), 2)
+    tx = optax.chain(ip.invariant_path(f, damping=1e-3, cg_iters=30, max_norm=1.0), optax.sgd(0.05))
+    state = ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state={},
+        opt_state=tx.init(params), key=jax.random.PRNGKey(0),
+    )
+    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
+    before = f(params, x_old)
+    batch = {"x": x_new, "y": y_new}
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, batch, tx_args={"anchors": x_old})
+        losses.append(float(metrics["loss"]))
+    after = f(state.params, x_old)
+    assert losses[-1] < 0.8 * losses[0]
+    assert float(ip.output_distance(after, before)) < 1e-3
+    assert int(state.opt_state[0].count) == 20
+
+
+def test_bad_input_raises_value_error():
+    _, params, x, f = _mlp()
+    with pytest.raises(ValueError, match="damping.*-0.5"):
+        ip.invariant_path(f, damping=-0.5)
+    with pytest.raises(ValueError, match="cg_iters.*0"):
+        ip.invariant_path(f, cg_iters=0)
+    with pytest.raises(ValueError, match="max_norm"):
+        ip.invariant_path(f, max_norm=0.0)
+    with pytest.raises(ValueError, match="metric.*'hessian'"):
+        ip.invariant_path(f, metric="hessian")
+    tx = ip.invariant_path(f)
+    grads = jax.tree.map(jnp.ones_like, params)
+    with pytest.raises(ValueError, match=r"shape \(5, 7\)"):
+        tx.update(grads, tx.init(params), params, anchors=jnp.ones((5, 7)))
+    with pytest.raises(ValueError, match="anchor"):
+        tx.update(grads, tx.init(params), params)
+    shaped = ip.invariant_path(f, input_shape=(4,))
+    with pytest.raises(ValueError, match=r"\(4, 2\).*input_shape \(4,\)"):
+        shaped.update(grads, shaped.init(params), params, anchors=jnp.ones((4, 2)))
+    with pytest.raises(ValueError, match="kind"):
+        ip.output_distance(jnp.zeros((2, 3)), jnp.zeros((2, 3)), kind="js")
+
+
+# ----------------------------------------------------------------------------- penalty form
+
+
+def test_output_distance_closed_forms():
+    a = jax.random.normal(jax.random.PRNGKey(0), (4, 5))
+    b = jax.random.normal(jax.random.PRNGKey(1), (4, 5))
+    p = np.asarray(jax.nn.softmax(a, -1), np.float64)
+    q = np.asarray(jax.nn.softmax(b, -1), np.float64)
+    bhat = -np.log(np.sqrt(p * q).sum(-1)).mean()
+    kl = (q * (np.log(q) - np.log(p))).sum(-1).mean()
+    np.testing.assert_allclose(ip.output_distance(a, b), bhat, rtol=1e-5)
+    np.testing.assert_allclose(ip.output_distance(a, b, kind="kl"), kl, rtol=1e-5)
+    np.testing.assert_allclose(ip.output_distance(b, b), 0.0, atol=1e-6)
+    # Invariant to a per-example logit shift (softmax is).
+    np.testing.assert_allclose(ip.output_distance(a + 3.0, b), bhat, rtol=1e-5)
+
+
+def test_penalty_loss_value_and_zero_gradient_at_anchor():
+    model, params, x, f = _mlp()
+    base = ws.training.classification_loss(model.apply)
+    batch = {"x": x, "y": jnp.arange(5) % 3, "anchors": x[:3] * 2}
+    loss = ip.penalty_loss(base, f, params, weight=10.0)
+    (v0, _), g0 = jax.jit(jax.value_and_grad(base, has_aux=True))(params, {}, batch, None)
+    (v1, _), g1 = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, {}, batch, None)
+    np.testing.assert_allclose(v1, v0, atol=1e-6)
+    np.testing.assert_allclose(ravel_pytree(g1)[0], ravel_pytree(g0)[0], atol=1e-5)
+    moved = jax.tree.map(lambda p: p + 0.3, params)
+    v2, (_, m2) = jax.jit(loss)(moved, {}, batch, None)
+    expect = base(moved, {}, batch, None)[0] + 10.0 * ip.output_distance(
+        f(moved, batch["anchors"]), f(params, batch["anchors"])
+    )
+    np.testing.assert_allclose(v2, expect, rtol=1e-5)
+    assert float(m2["output_distance"]) > 0
+    with pytest.raises(ValueError, match="anchors"):
+        loss(params, {}, {"x": x, "y": batch["y"]}, None)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def test_projection_distance_and_sparsity_path():
+    _, params, x, f = _mlp(num_in=6, hidden=(16,), classes=3, n=8)
+    level = 0.5
+    masks = ws.pruning.magnitude_masks(params, level)
+    dist, grad = jax.jit(jax.value_and_grad(lambda p: ip.projection_distance(p, level)))(params)
+    pruned_part = jax.tree.map(lambda w, m: jnp.where(m, 0.0, w), params, masks)
+    np.testing.assert_allclose(ravel_pytree(grad)[0], ravel_pytree(pruned_part)[0], atol=1e-7)
+    np.testing.assert_allclose(dist, 0.5 * np.sum(ravel_pytree(pruned_part)[0] ** 2), rtol=1e-5)
+    assert float(dist) > 0
+    # The level may be traced (read from the batch): same value, one compilation for all levels.
+    loss = jax.jit(lambda p, b: ip.sparsity_loss(b["sparsity"])(p, {}, b, None)[0])
+    np.testing.assert_allclose(loss(params, {"sparsity": jnp.float32(level)}), dist, rtol=1e-6)
+    with pytest.raises(ValueError, match="sparsity.*1.5"):
+        ip.sparsity_loss(1.5)
+    # A path step on the sparsity objective approaches the projection, keeping the outputs.
+    tx = ip.invariant_path(f, damping=1e-4, cg_iters=60, max_norm=1.0)
+    step, _ = jax.jit(lambda u, s, p, a: tx.update(u, s, p, anchors=a))(
+        grad, tx.init(params), params, x
+    )
+    norm = optax.tree_utils.tree_norm(grad)
+
+    @jax.jit
+    def after(direction):
+        moved = jax.tree.map(lambda p, d: p - 0.05 * d, params, direction)
+        change = jnp.linalg.norm(f(moved, x) - f(params, x))
+        return ip.projection_distance(moved, level), change
+
+    d_path, change_path = after(step)
+    _, change_plain = after(jax.tree.map(lambda g: g / norm, grad))
+    assert float(d_path) < float(dist)
+    assert float(change_path) < 0.05 * float(change_plain)
+
+
+def test_fgsm_closed_form_and_pgd_in_ball():
+    w = jnp.array([1.0, -2.0, 0.5, -0.1])
+    x = jnp.array([[0.3, 0.2, -0.1, 0.0], [1.0, 1.0, 1.0, 1.0]])
+
+    def loss_of_x(z):
+        return jnp.sum(z @ w)
+
+    np.testing.assert_allclose(ip.fgsm(loss_of_x, x, eps=0.1), x + 0.1 * jnp.sign(w))
+    adv = ip.pgd(loss_of_x, x, jax.random.PRNGKey(0), eps=0.1, steps=5)
+    assert float(jnp.abs(adv - x).max()) <= 0.1 + 1e-6
+    np.testing.assert_allclose(adv, x + 0.1 * jnp.sign(w), atol=1e-6)  # linear: the corner
+    clipped = ip.fgsm(loss_of_x, x, eps=0.1, clip=(0.0, 1.0))
+    assert float(clipped.min()) >= 0.0 and float(clipped.max()) <= 1.0
+
+
+def test_adversarial_loss_exceeds_clean_loss():
+    model, params, x, _ = _mlp()
+    base = ws.training.classification_loss(model.apply)
+    batch = {"x": x, "y": jnp.arange(5) % 3}
+    clean = base(params, {}, batch, None)[0]
+    for method in ("fgsm", "pgd"):
+        adv = ip.adversarial_loss(base, eps=0.3, method=method, steps=5)
+        value = adv(params, {}, batch, jax.random.PRNGKey(0))[0]
+        assert float(value) > float(clean) + 1e-3, method
+    zero = ip.adversarial_loss(base, eps=0.0, method="fgsm")(params, {}, batch, None)[0]
+    np.testing.assert_allclose(zero, clean, rtol=1e-6)
+
+
+def test_diagonal_fisher_matches_enumeration_and_ewc_gradient():
+    _, params, x, f = _mlp()
+    flat, unravel = ravel_pytree(params)
+    # Enumerate: every example n, every class k, the full gradient of log p_k(x_n).
+    jac = np.asarray(jax.jit(jax.jacrev(lambda w: jax.nn.log_softmax(f(unravel(w), x), -1)))(flat))
+    probs = np.asarray(jax.nn.softmax(f(params, x), -1), np.float64)
+    expect = np.einsum("nk,nkp->p", probs, jac.astype(np.float64) ** 2) / len(x)
+    fisher = ip.diagonal_fisher(f, params, x, batch_size=2)
+    np.testing.assert_allclose(ravel_pytree(fisher)[0], expect, rtol=1e-4, atol=1e-7)
+
+    def zero_loss(p, s, b, k):
+        return 0.0 * ravel_pytree(p)[0].sum(), (s, {})
+
+    loss = ip.ewc_loss(zero_loss, params, fisher, weight=3.0)
+    moved = jax.tree.map(lambda p: p + 0.1, params)
+    grad = jax.jit(jax.grad(lambda p: loss(p, {}, {}, None)[0]))(moved)
+    np.testing.assert_allclose(ravel_pytree(grad)[0], 3.0 * expect * 0.1, rtol=1e-3, atol=1e-8)
+    assert float(loss(params, {}, {}, None)[0]) == 0.0
+
+
+# ----------------------------------------------------------------------------- experiment, notebook
+
+
+def test_experiment_quick(tmp_path):
+    run_experiment("invariant_path", tmp_path)
+    for name in ("config.json", "results.json", "continual.png", "sparsity.png", "robustness.png"):
+        assert os.path.exists(tmp_path / name), name
+    with open(tmp_path / "results.json") as f:
+        results = json.load(f)
+    assert {"continual", "sparsity", "robustness"} <= set(results)
+
+
+def test_notebook_runs():
+    run_notebook("invariant_path")

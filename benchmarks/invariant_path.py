@@ -28,8 +28,11 @@ from wspace import invariant_path as ip
 
 def _state(params, tx):
     return ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, model_state={},
-        opt_state=tx.init(params), key=jax.random.PRNGKey(0),
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(0),
     )
 
 
@@ -55,11 +58,16 @@ def main():
     anchors = jnp.asarray(ds.x_train[-args.anchors :])
     arms = {"sgd": (ce, optax.sgd(0.01), None, batch)}
     for k in (int(c) for c in args.cg_iters.split(",")):
-        tx = optax.chain(ip.invariant_path(f, damping=1e-3, cg_iters=k, max_norm=1.0),
-                         optax.sgd(0.01))
+        tx = optax.chain(
+            ip.invariant_path(f, damping=1e-3, cg_iters=k, max_norm=1.0), optax.sgd(0.01)
+        )
         arms[f"path cg={k}"] = (ce, tx, {"anchors": anchors}, batch)
-    arms["penalty"] = (ip.penalty_loss(ce, f, params), optax.sgd(0.01), None,
-                       {**batch, "anchors": anchors})
+    arms["penalty"] = (
+        ip.penalty_loss(ce, f, params),
+        optax.sgd(0.01),
+        None,
+        {**batch, "anchors": anchors},
+    )
 
     runners = {}
     for name, (loss, tx, tx_args, b) in arms.items():
@@ -78,9 +86,11 @@ def main():
             jax.block_until_ready(s)
             times[name].append((time.perf_counter() - t0) / args.steps)
 
-    print(f"MLP {args.hidden}, {ws.training.num_params(params)} params, batch {args.batch}, "
-          f"{args.anchors} anchors, {jax.devices()[0].platform}; median of {args.rounds} "
-          f"rounds x {args.steps} steps")
+    print(
+        f"MLP {args.hidden}, {ws.training.num_params(params)} params, batch {args.batch}, "
+        f"{args.anchors} anchors, {jax.devices()[0].platform}; median of {args.rounds} "
+        f"rounds x {args.steps} steps"
+    )
     base = float(np.median(times["sgd"]))
     print(f"{'step':14s} {'ms/step':>9s} {'x SGD':>7s}")
     for name, ts in times.items():

@@ -91,18 +91,26 @@ def main(argv):
     wall_med = {n: statistics.median(w for w, _ in v) for n, v in times.items()}
     wall_min = {n: min(w for w, _ in v) for n, v in times.items()}
     cpu_med = {n: statistics.median(c for _, c in v) for n, v in times.items()}
-    print(f"{FLAGS.model} on mnist1d, batch {bsz}, K={k}, backend {jax.default_backend()}, "
-          f"{FLAGS.rounds} rounds x {FLAGS.steps} steps")
-    print(f"{'step':<12}{'wall med':>10}{'ratio':>7}{'wall min':>10}{'ratio':>7}"
-          f"{'cpu med':>10}{'ratio':>7}   (ms/step)")
+    print(
+        f"{FLAGS.model} on mnist1d, batch {bsz}, K={k}, backend {jax.default_backend()}, "
+        f"{FLAGS.rounds} rounds x {FLAGS.steps} steps"
+    )
+    print(
+        f"{'step':<12}{'wall med':>10}{'ratio':>7}{'wall min':>10}{'ratio':>7}"
+        f"{'cpu med':>10}{'ratio':>7}   (ms/step)"
+    )
     for n in runs:
-        print(f"{n:<12}{1e3 * wall_med[n]:>10.2f}{wall_med[n] / wall_med['plain']:>7.2f}"
-              f"{1e3 * wall_min[n]:>10.2f}{wall_min[n] / wall_min['plain']:>7.2f}"
-              f"{1e3 * cpu_med[n]:>10.2f}{cpu_med[n] / cpu_med['plain']:>7.2f}")
+        print(
+            f"{n:<12}{1e3 * wall_med[n]:>10.2f}{wall_med[n] / wall_med['plain']:>7.2f}"
+            f"{1e3 * wall_min[n]:>10.2f}{wall_min[n] / wall_min['plain']:>7.2f}"
+            f"{1e3 * cpu_med[n]:>10.2f}{cpu_med[n] / cpu_med['plain']:>7.2f}"
+        )
     for label, t in (("wall median", wall_med), ("wall min", wall_min), ("cpu median", cpu_med)):
-        print(f"{label}: late / plain = {t['late'] / t['plain']:.3f} (target <= 1.15); "
-              f"naive-vmap / late = {t['naive-vmap'] / t['late']:.2f}; "
-              f"naive-loop / late = {t['naive-loop'] / t['late']:.2f}")
+        print(
+            f"{label}: late / plain = {t['late'] / t['plain']:.3f} (target <= 1.15); "
+            f"naive-vmap / late = {t['naive-vmap'] / t['late']:.2f}; "
+            f"naive-loop / late = {t['naive-loop'] / t['late']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def _measure(fn, args, repeats):
 
 def part1(depths, width, batch, copies, repeats):
     print(f"\n== one gradient, MLP width {width}, batch {batch}, ULR N={copies} (antithetic) ==")
-    print(f"{'depth':>5} {'method':>16} {'time ms':>9} {'temp MiB':>9} "
-          f"{'time/bp':>8} {'mem/bp':>7}")
+    print(
+        f"{'depth':>5} {'method':>16} {'time ms':>9} {'temp MiB':>9} {'time/bp':>8} {'mem/bp':>7}"
+    )
     rows = []
     for depth in depths:
         model, params, batch_ = _setup(depth, width, batch)
@@ -70,15 +71,16 @@ def part1(depths, width, batch, copies, repeats):
             "ulr": lr.ulr(per_ex, num_copies=copies, antithetic=True),
             "ulr recompute": lr.ulr(per_ex, num_copies=copies, antithetic=True, recompute=True),
         }
-        methods = {name: (lambda p, b, k, f=f: f(p, {}, b, k)[1])
-                   for name, f in estimators.items()}
+        methods = {name: (lambda p, b, k, f=f: f(p, {}, b, k)[1]) for name, f in estimators.items()}
         base = None
         for name, fn in methods.items():
             t, m = _measure(fn, (params, batch_, key), repeats)
             base = base or (t, m)
             rows.append((depth, name, t, m))
-            print(f"{depth:>5} {name:>16} {1e3 * t:>9.2f} {m / 2**20:>9.2f} "
-                  f"{t / base[0]:>8.2f} {m / base[1]:>7.2f}")
+            print(
+                f"{depth:>5} {name:>16} {1e3 * t:>9.2f} {m / 2**20:>9.2f} "
+                f"{t / base[0]:>8.2f} {m / base[1]:>7.2f}"
+            )
     return rows
 
 
@@ -91,9 +93,13 @@ def _evosax_grad_fn(loss, params, pop):
     from jax.flatten_util import ravel_pytree
 
     flat, unravel = ravel_pytree(params)
-    strategy = Open_ES(population_size=pop, solution=flat, optimizer=optax.sgd(1.0),
-                       std_schedule=optax.constant_schedule(0.01),
-                       fitness_shaping_fn=identity_fitness_shaping_fn)
+    strategy = Open_ES(
+        population_size=pop,
+        solution=flat,
+        optimizer=optax.sgd(1.0),
+        std_schedule=optax.constant_schedule(0.01),
+        fitness_shaping_fn=identity_fitness_shaping_fn,
+    )
     es_params = strategy.default_params
 
     def grad(key):
@@ -119,13 +125,17 @@ def part2(depth, width, batch, copies_list, repeats):
     rows = []
     for n in copies_list:
         fns = {
-            "ulr (mean baseline)": lambda k, n=n: flat(lr.ulr(
-                per_ex, num_copies=n, sigma=0.1, baseline="mean")(params, {}, batch_, k)[1]),
-            "ulr (layerwise+clean)": lambda k, n=n: flat(lr.ulr(
-                per_ex, num_copies=n - 1, sigma=0.1, layerwise=True, baseline="clean")(
-                params, {}, batch_, k)[1]),
-            "es (antithetic)": lambda k, n=n: flat(lr.es(mean_loss, num_copies=n, sigma=0.01)(
-                params, {}, batch_, k)[1]),
+            "ulr (mean baseline)": lambda k, n=n: flat(
+                lr.ulr(per_ex, num_copies=n, sigma=0.1, baseline="mean")(params, {}, batch_, k)[1]
+            ),
+            "ulr (layerwise+clean)": lambda k, n=n: flat(
+                lr.ulr(per_ex, num_copies=n - 1, sigma=0.1, layerwise=True, baseline="clean")(
+                    params, {}, batch_, k
+                )[1]
+            ),
+            "es (antithetic)": lambda k, n=n: flat(
+                lr.es(mean_loss, num_copies=n, sigma=0.01)(params, {}, batch_, k)[1]
+            ),
         }
         evosax = _evosax_grad_fn(lambda p: mean_loss(p, {}, batch_, None)[0], params, n)
         if evosax is not None:
@@ -155,8 +165,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
-    part1([int(d) for d in args.depths.split(",")], args.width, args.batch, args.copies,
-          args.repeats)
+    part1(
+        [int(d) for d in args.depths.split(",")], args.width, args.batch, args.copies, args.repeats
+    )
     part2(8, args.width, args.batch, [16, 64], max(args.repeats // 2, 3))
 
 

@@ -43,8 +43,10 @@ def _block(step, state, batch, tx_args, n):
 def compare_steps(name, input_shape, num_classes=10):
     """Median seconds per step of the dense and the masked step; returns the ratio."""
     rng = np.random.default_rng(0)
-    batch = {"x": rng.normal(size=(FLAGS.batch_size, *input_shape)).astype(np.float32),
-             "y": rng.integers(0, num_classes, FLAGS.batch_size).astype(np.int32)}
+    batch = {
+        "x": rng.normal(size=(FLAGS.batch_size, *input_shape)).astype(np.float32),
+        "y": rng.integers(0, num_classes, FLAGS.batch_size).astype(np.int32),
+    }
     model = ws.models.lenet_300_100(num_classes)
     loss = ws.training.classification_loss(model.apply)
     key = jax.random.PRNGKey(0)
@@ -65,13 +67,17 @@ def compare_steps(name, input_shape, num_classes=10):
         times["dense"].append(t)
         masked_state, t = _block(masked_step, masked_state, batch, args, FLAGS.steps)
         times["masked"].append(t)
-    zero = all(bool((np.asarray(p)[~np.asarray(m)] == 0).all()) for p, m in zip(
-        jax.tree.leaves(masked_state.params), jax.tree.leaves(masks), strict=True))
+    zero = all(
+        bool((np.asarray(p)[~np.asarray(m)] == 0).all())
+        for p, m in zip(jax.tree.leaves(masked_state.params), jax.tree.leaves(masks), strict=True)
+    )
     d, m = np.median(times["dense"]), np.median(times["masked"])
     best = np.min(times["masked"]) / np.min(times["dense"])
     n = ws.training.num_params(dense_state.params)
-    print(f"{name:26s} {n:>8d} {d * 1e3:10.3f} {m * 1e3:10.3f} {m / d:7.3f} {best:9.3f}"
-          f"   pruned==0: {zero}")
+    print(
+        f"{name:26s} {n:>8d} {d * 1e3:10.3f} {m * 1e3:10.3f} {m / d:7.3f} {best:9.3f}"
+        f"   pruned==0: {zero}"
+    )
     return m / d
 
 
@@ -79,8 +85,9 @@ def time_imp(levels, steps):
     """Wall seconds of the dense run plus ``levels`` IMP levels (rewind to init)."""
     ds = ws.data.standardize(ws.data.load("mnist1d"))
     model = ws.models.lenet_300_100(ds.num_classes)
-    tx = optax.chain(optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9),
-                     pruning.keep_masked())
+    tx = optax.chain(
+        optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9), pruning.keep_masked()
+    )
     t0 = time.perf_counter()
     state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(0))
     step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
@@ -90,19 +97,22 @@ def time_imp(levels, steps):
     out = lottery.run_arm("rewind", dense, train, levels=levels, layer_rates={"head": 0.1})
     t2 = time.perf_counter()
     last = out[-1].metrics
-    print(f"IMP: dense {t1 - t0:.1f} s + {levels} levels {t2 - t1:.1f} s = {t2 - t0:.1f} s "
-          f"({steps} steps/level); final density {last['density']:.3f}, "
-          f"test acc {last['test_accuracy']:.3f} (dense {dense.metrics['test_accuracy']:.3f})")
+    print(
+        f"IMP: dense {t1 - t0:.1f} s + {levels} levels {t2 - t1:.1f} s = {t2 - t0:.1f} s "
+        f"({steps} steps/level); final density {last['density']:.3f}, "
+        f"test acc {last['test_accuracy']:.3f} (dense {dense.metrics['test_accuracy']:.3f})"
+    )
     return t2 - t0
 
 
 def main(argv):
     del argv
-    print(f"devices: {jax.devices()}; batch {FLAGS.batch_size}; median of {FLAGS.repeats} "
-          f"blocks of {FLAGS.steps} steps")
+    print(
+        f"devices: {jax.devices()}; batch {FLAGS.batch_size}; median of {FLAGS.repeats} "
+        f"blocks of {FLAGS.steps} steps"
+    )
     head = ("model / input", "params", "dense ms", "masked ms", "ratio", "min-ratio")
-    print(f"{head[0]:26s} {head[1]:>8s} {head[2]:>10s} {head[3]:>10s} {head[4]:>7s} "
-          f"{head[5]:>9s}")
+    print(f"{head[0]:26s} {head[1]:>8s} {head[2]:>10s} {head[3]:>10s} {head[4]:>7s} {head[5]:>9s}")
     compare_steps("LeNet-300-100 / mnist1d", (40,))
     compare_steps("LeNet-300-100 / 28x28", (28, 28, 1))
     if FLAGS.imp_levels:

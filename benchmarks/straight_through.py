@@ -55,23 +55,28 @@ def main():
     x = np.random.default_rng(0).normal(size=(args.batch, args.inputs)).astype(np.float32)
     y = (np.arange(args.batch) % 10).astype(np.int32)
     adam = optax.adam(1e-3)
-    binw_tx = optax.multi_transform({"latent": st.mirror_descent(100.0), "real": adam},
-                                    st.latent_labels)
+    binw_tx = optax.multi_transform(
+        {"latent": st.mirror_descent(100.0), "real": adam}, st.latent_labels
+    )
     arms = {
         "real MLP (ReLU), baseline": _step_fn(ws.models.MLP(hidden, 10), adam, x, y),
         "binary activations (st)": _step_fn(st.BinaryMLP(hidden, 10), adam, x, y),
         "binary weights + activations (md)": _step_fn(
-            st.BinaryMLP(hidden, 10, binary_weights=True), binw_tx, x, y),
+            st.BinaryMLP(hidden, 10, binary_weights=True), binw_tx, x, y
+        ),
         "deterministic sign + STE": _step_fn(
-            st.BinaryMLP(hidden, 10, activation="deterministic"), adam, x, y),
+            st.BinaryMLP(hidden, 10, activation="deterministic"), adam, x, y
+        ),
     }
     times = {k: [] for k in arms}
     for _ in range(args.rounds):
         for k, run in arms.items():
             times[k].append(run(args.steps))
     base = np.median(times["real MLP (ReLU), baseline"])
-    print(f"MLP {args.inputs}-{'-'.join(map(str, hidden))}-10, batch {args.batch}, "
-          f"{jax.devices()[0].platform}, median of {args.rounds} rounds x {args.steps} steps")
+    print(
+        f"MLP {args.inputs}-{'-'.join(map(str, hidden))}-10, batch {args.batch}, "
+        f"{jax.devices()[0].platform}, median of {args.rounds} rounds x {args.steps} steps"
+    )
     print(f"{'step':36s} {'ms/step':>9s} {'ratio':>7s}")
     for k, v in times.items():
         med = np.median(v)

@@ -55,15 +55,23 @@ def _torch_models():
 
     def lenet():
         return nn.Sequential(
-            nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(784, 300),
+            nn.ReLU(),
+            nn.Linear(300, 100),
+            nn.ReLU(),
             nn.Linear(100, 10),
         )
 
     def convnet(channels=(32, 64, 64)):
         layers, c_in = [], 1
         for c in channels:
-            layers += [nn.Conv1d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm1d(c),
-                       nn.ReLU(), nn.MaxPool1d(2)]
+            layers += [
+                nn.Conv1d(c_in, c, 3, padding=1, bias=False),
+                nn.BatchNorm1d(c),
+                nn.ReLU(),
+                nn.MaxPool1d(2),
+            ]
             c_in = c
         return nn.Sequential(*layers, nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(c_in, 10))
 
@@ -101,16 +109,26 @@ def main(argv):
     b = FLAGS.batch_size
     y = rng.integers(0, 10, b).astype(np.int32)
     cases = {
-        "LeNet-300-100 (28x28)": (ws.models.lenet_300_100(), torch_lenet(),
-                                  rng.normal(size=(b, 28, 28, 1)).astype(np.float32)),
-        "ConvNet+BN (mnist1d, 40)": (ws.models.ConvNet(), torch_convnet(),
-                                     rng.normal(size=(b, 40)).astype(np.float32)),
+        "LeNet-300-100 (28x28)": (
+            ws.models.lenet_300_100(),
+            torch_lenet(),
+            rng.normal(size=(b, 28, 28, 1)).astype(np.float32),
+        ),
+        "ConvNet+BN (mnist1d, 40)": (
+            ws.models.ConvNet(),
+            torch_convnet(),
+            rng.normal(size=(b, 40)).astype(np.float32),
+        ),
     }
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads); batch {b}, {FLAGS.steps} steps x "
-          f"{FLAGS.repeats} repeats, median")
-    print(f"{'model':28s} {'wspace steps/s':>15s} {'torch steps/s':>14s} {'ratio':>6s} "
-          f"{'compile s':>10s}")
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads); batch {b}, {FLAGS.steps} steps x "
+        f"{FLAGS.repeats} repeats, median"
+    )
+    print(
+        f"{'model':28s} {'wspace steps/s':>15s} {'torch steps/s':>14s} {'ratio':>6s} "
+        f"{'compile s':>10s}"
+    )
     for name, (flax_model, torch_model, x) in cases.items():
         jax_run, compile_s = _jax_runner(flax_model, x, y)
         jax_run(3)

@@ -79,11 +79,37 @@ flags.DEFINE_integer("eval_attack_steps", 20, "PGD steps in the robustness evalu
 flags.DEFINE_integer("robust_steps", 300, "Steps of each robustness arm.")
 FLAGS = flags.FLAGS
 
-_KEYS = ("dataset", "seed", "quick", "parts", "datasets", "hidden", "lr", "batch_size",
-         "base_steps", "task2_steps", "buffer_size", "path_lr", "robust_path_lr", "max_norm",
-         "damping", "cg_iters", "metric", "fip_lrs", "penalty_weights", "ewc_weights",
-         "penalty_weight", "sparsities", "path_steps", "ft_steps", "anchor_batch", "eps",
-         "attack_steps", "eval_attack_steps", "robust_steps")
+_KEYS = (
+    "dataset",
+    "seed",
+    "quick",
+    "parts",
+    "datasets",
+    "hidden",
+    "lr",
+    "batch_size",
+    "base_steps",
+    "task2_steps",
+    "buffer_size",
+    "path_lr",
+    "robust_path_lr",
+    "max_norm",
+    "damping",
+    "cg_iters",
+    "metric",
+    "fip_lrs",
+    "penalty_weights",
+    "ewc_weights",
+    "penalty_weight",
+    "sparsities",
+    "path_steps",
+    "ft_steps",
+    "anchor_batch",
+    "eps",
+    "attack_steps",
+    "eval_attack_steps",
+    "robust_steps",
+)
 SPARSITY_ARMS = ("oneshot", "path", "penalty")
 ROBUST_ARMS = ("base", "adv_ft", "fip", "penalty")
 
@@ -95,11 +121,26 @@ def get_config() -> dict:
     for key in ("sparsities", "fip_lrs", "penalty_weights", "ewc_weights"):
         cfg[key] = [float(v) for v in cfg[key]]
     if cfg["quick"]:
-        cfg.update(datasets=["digits"], dataset="digits", hidden=[32], base_steps=40,
-                   task2_steps=8, buffer_size=20, path_steps=4, ft_steps=4, robust_steps=4,
-                   sparsities=[0.5, 0.9], attack_steps=2, eval_attack_steps=3, anchor_batch=32,
-                   batch_size=32, cg_iters=3, fip_lrs=[0.1], penalty_weights=[10.0],
-                   ewc_weights=[100.0])
+        cfg.update(
+            datasets=["digits"],
+            dataset="digits",
+            hidden=[32],
+            base_steps=40,
+            task2_steps=8,
+            buffer_size=20,
+            path_steps=4,
+            ft_steps=4,
+            robust_steps=4,
+            sparsities=[0.5, 0.9],
+            attack_steps=2,
+            eval_attack_steps=3,
+            anchor_batch=32,
+            batch_size=32,
+            cg_iters=3,
+            fip_lrs=[0.1],
+            penalty_weights=[10.0],
+            ewc_weights=[100.0],
+        )
     return cfg
 
 
@@ -138,8 +179,11 @@ class _Trainer:
         from tqdm.auto import tqdm
 
         state = ws.training.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, model_state={},
-            opt_state=self.tx.init(params), key=jax.random.PRNGKey(seed),
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            model_state={},
+            opt_state=self.tx.init(params),
+            key=jax.random.PRNGKey(seed),
         )
         state = jax.tree.map(jnp.copy, state)  # the step donates its input
         metrics = {"loss": jnp.nan}
@@ -155,8 +199,13 @@ class _Trainer:
 def _path_tx(cfg, f):
     """The FIP step: `invariant_path` on the anchors, then plain SGD."""
     return optax.chain(
-        ip.invariant_path(f, damping=cfg["damping"], cg_iters=cfg["cg_iters"],
-                          max_norm=cfg["max_norm"], metric=cfg["metric"]),
+        ip.invariant_path(
+            f,
+            damping=cfg["damping"],
+            cg_iters=cfg["cg_iters"],
+            max_norm=cfg["max_norm"],
+            metric=cfg["metric"],
+        ),
         optax.sgd(cfg["path_lr"]),
     )
 
@@ -208,10 +257,16 @@ def run_continual(workdir, cfg, name, progress):
     out = os.path.join(workdir, "continual", name)
 
     p1 = _cached_params(
-        os.path.join(out, "task1.msgpack"), net.init,
+        os.path.join(out, "task1.msgpack"),
+        net.init,
         lambda: _Trainer(net.ce, optax.adam(lr))(
-            net.init, _stream(x1, y1, bs, seed), cfg["base_steps"], seed, progress=progress,
-            desc=f"{name} task 1"),
+            net.init,
+            _stream(x1, y1, bs, seed),
+            cfg["base_steps"],
+            seed,
+            progress=progress,
+            desc=f"{name} task 1",
+        ),
     )
 
     def evaluate(params):
@@ -249,23 +304,35 @@ def run_continual(workdir, cfg, name, progress):
             if not fisher:
                 fisher.append(ip.diagonal_fisher(net.f, p1, x1))
             loss = ip.ewc_loss(net.ce, p1, fisher[0], weight=value)
-        params = _Trainer(loss, tx)(p1, stream, cfg["task2_steps"], seed + 2, tx_args,
-                                    progress=progress, desc=f"{name} {kind}")
+        params = _Trainer(loss, tx)(
+            p1,
+            stream,
+            cfg["task2_steps"],
+            seed + 2,
+            tx_args,
+            progress=progress,
+            desc=f"{name} {kind}",
+        )
         return {"arm": kind, "value": value, **evaluate(params)}
 
-    results = {"after_task1": _arm(os.path.join(out, "after_task1.json"),
-                                   lambda: {"arm": "after_task1", **evaluate(p1)})}
+    results = {
+        "after_task1": _arm(
+            os.path.join(out, "after_task1.json"), lambda: {"arm": "after_task1", **evaluate(p1)}
+        )
+    }
     for label, kind, value in continual_arms(cfg):
         results[label] = _arm(os.path.join(out, f"{label}.json"), lambda k=kind, v=value: arm(k, v))
     return results
 
 
 def continual_arms(cfg) -> list[tuple[str, str, float | None]]:
-    """``(label, kind, hyperparameter)`` of each continual arm, e.g. ``("fip_lr0.1", "fip", 0.1)``.
-    """
+    """Continual arms ``(label, kind, value)``, e.g. ``("fip_lr0.1", "fip", 0.1)``."""
     arms = [("naive", "naive", None), ("replay", "replay", None)]
-    for kind, key, tag in (("fip", "fip_lrs", "lr"), ("penalty", "penalty_weights", "w"),
-                           ("ewc", "ewc_weights", "w")):
+    for kind, key, tag in (
+        ("fip", "fip_lrs", "lr"),
+        ("penalty", "penalty_weights", "w"),
+        ("ewc", "ewc_weights", "w"),
+    ):
         arms += [(f"{kind}_{tag}{v:g}", kind, v) for v in cfg[key]]
     return arms
 
@@ -275,10 +342,16 @@ def continual_arms(cfg) -> list[tuple[str, str, float | None]]:
 
 def _dense(workdir, cfg, ds, net, progress):
     return _cached_params(
-        os.path.join(workdir, "dense.msgpack"), net.init,
+        os.path.join(workdir, "dense.msgpack"),
+        net.init,
         lambda: _Trainer(net.ce, optax.adam(cfg["lr"]))(
-            net.init, _stream(ds.x_train, ds.y_train, cfg["batch_size"], cfg["seed"]),
-            cfg["base_steps"], cfg["seed"], progress=progress, desc="dense"),
+            net.init,
+            _stream(ds.x_train, ds.y_train, cfg["batch_size"], cfg["seed"]),
+            cfg["base_steps"],
+            cfg["seed"],
+            progress=progress,
+            desc="dense",
+        ),
     )
 
 
@@ -295,8 +368,10 @@ def run_sparsity(workdir, cfg, progress):
     trainers = {
         "finetune": _Trainer(net.ce, optax.chain(optax.adam(cfg["lr"]), ws.pruning.keep_masked())),
         "path": _Trainer(level_loss, _path_tx(cfg, net.f)),
-        "penalty": _Trainer(ip.penalty_loss(level_loss, net.f, dense, weight=cfg["penalty_weight"]),
-                            optax.adam(cfg["lr"])),
+        "penalty": _Trainer(
+            ip.penalty_loss(level_loss, net.f, dense, weight=cfg["penalty_weight"]),
+            optax.adam(cfg["lr"]),
+        ),
     }
 
     def inputs(k, level):
@@ -305,16 +380,19 @@ def run_sparsity(workdir, cfg, progress):
 
     def finetune(params, masks, k, steps):
         stream = _stream(ds.x_train, ds.y_train, cfg["batch_size"], seed + 20 + k)
-        params = trainers["finetune"](params, stream, steps, seed,
-                                      lambda b: {"masks": masks}, progress, "finetune")
+        params = trainers["finetune"](
+            params, stream, steps, seed, lambda b: {"masks": masks}, progress, "finetune"
+        )
         return net.accuracy(params, ds.x_test, ds.y_test)
 
     def record(params, level):
         masks = ws.pruning.magnitude_masks(params, level)
         pruned = ws.pruning.apply_masks(params, masks)
-        rec = {"sparsity": ws.pruning.sparsity(masks)["overall"],
-               "test_accuracy": net.accuracy(pruned, ds.x_test, ds.y_test),
-               "distance_before_projection": float(ip.projection_distance(params, level))}
+        rec = {
+            "sparsity": ws.pruning.sparsity(masks)["overall"],
+            "test_accuracy": net.accuracy(pruned, ds.x_test, ds.y_test),
+            "distance_before_projection": float(ip.projection_distance(params, level)),
+        }
         return rec, pruned, masks
 
     def arm(kind):
@@ -322,8 +400,15 @@ def run_sparsity(workdir, cfg, progress):
         for k, level in enumerate(levels):
             if kind != "oneshot":  # move along the path (from the previous level's end point)
                 tx_args = None if kind == "penalty" else (lambda b: {"anchors": b["anchors"]})
-                params = trainers[kind](params, inputs(k, level), cfg["path_steps"], seed + k,
-                                        tx_args, progress, f"{kind} {level}")
+                params = trainers[kind](
+                    params,
+                    inputs(k, level),
+                    cfg["path_steps"],
+                    seed + k,
+                    tx_args,
+                    progress,
+                    f"{kind} {level}",
+                )
             rec, pruned, masks = record(params, level)
             rec["unpruned_test_accuracy"] = net.accuracy(params, ds.x_test, ds.y_test)
             rec["ft_test_accuracy"] = finetune(pruned, masks, k, cfg["ft_steps"])
@@ -358,12 +443,16 @@ def run_robustness(workdir, cfg, progress):
         return ip.pgd(loss_of_x, x, key, eps=cfg["eps"], steps=cfg["eval_attack_steps"])
 
     def evaluate(params):
-        x_adv = attack(params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test),
-                       jax.random.PRNGKey(seed + 99))
-        return {"clean_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
-                "robust_accuracy": net.accuracy(params, x_adv, ds.y_test),
-                "train_distance": float(ip.output_distance(
-                    net.f(params, ds.x_train), net.f(dense, ds.x_train)))}
+        x_adv = attack(
+            params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test), jax.random.PRNGKey(seed + 99)
+        )
+        return {
+            "clean_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
+            "robust_accuracy": net.accuracy(params, x_adv, ds.y_test),
+            "train_distance": float(
+                ip.output_distance(net.f(params, ds.x_train), net.f(dense, ds.x_train))
+            ),
+        }
 
     def arm(kind):
         if kind == "base":
@@ -376,12 +465,20 @@ def run_robustness(workdir, cfg, progress):
         elif kind == "penalty":
             loss = ip.penalty_loss(adv, net.f, dense, weight=cfg["penalty_weight"])
             stream = ({**b, "anchors": b["x"]} for b in stream)
-        params = _Trainer(loss, tx)(dense, stream, cfg["robust_steps"], seed + 3, tx_args,
-                                    progress=progress, desc=f"robust {kind}")
+        params = _Trainer(loss, tx)(
+            dense,
+            stream,
+            cfg["robust_steps"],
+            seed + 3,
+            tx_args,
+            progress=progress,
+            desc=f"robust {kind}",
+        )
         return {"arm": kind, **evaluate(params)}
 
-    return {kind: _arm(os.path.join(out, f"{kind}.json"), lambda k=kind: arm(k))
-            for kind in ROBUST_ARMS}
+    return {
+        kind: _arm(os.path.join(out, f"{kind}.json"), lambda k=kind: arm(k)) for kind in ROBUST_ARMS
+    }
 
 
 # ----------------------------------------------------------------------------- plots, main
@@ -393,8 +490,9 @@ def _plot_continual(results, workdir):
     for ax, name in zip(axes[0], names, strict=True):
         arms = list(results[name])
         pos = np.arange(len(arms))
-        for j, (key, label) in enumerate((("task1_accuracy", "task 1 (0-4)"),
-                                          ("task2_accuracy", "task 2 (5-9)"))):
+        for j, (key, label) in enumerate(
+            (("task1_accuracy", "task 1 (0-4)"), ("task2_accuracy", "task 2 (5-9)"))
+        ):
             ax.bar(pos + 0.4 * j - 0.2, [results[name][a][key] for a in arms], 0.4, label=label)
         ax.set_xticks(pos, arms, rotation=45, ha="right")
         ax.set(ylabel="test accuracy (10-way)", title=name, ylim=(0, 1))
@@ -408,11 +506,21 @@ def _plot_sparsity(results, workdir):
         rows, color = results[kind]["levels"], f"C{j}"
         levels = [r["target"] for r in rows]
         ax.plot(levels, [r["test_accuracy"] for r in rows], "o-", color=color, label=kind)
-        ax.plot(levels, [r["ft_test_accuracy"] for r in rows], "s--", color=color,
-                label=f"{kind} + fine-tune")
+        ax.plot(
+            levels,
+            [r["ft_test_accuracy"] for r in rows],
+            "s--",
+            color=color,
+            label=f"{kind} + fine-tune",
+        )
     rows = results["oneshot"]["levels"]
-    ax.plot([r["target"] for r in rows], [r["ft_matched_test_accuracy"] for r in rows], "^:",
-            color="C0", label="oneshot + step-matched fine-tune")
+    ax.plot(
+        [r["target"] for r in rows],
+        [r["ft_matched_test_accuracy"] for r in rows],
+        "^:",
+        color="C0",
+        label="oneshot + step-matched fine-tune",
+    )
     ax.axhline(results["dense_test_accuracy"], color="k", ls=":", label="dense")
     ax.set(xlabel="sparsity", ylabel="test accuracy")
     ax.legend(fontsize=8)
@@ -435,8 +543,9 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
     common.start(workdir, cfg)
     results = {}
     if "continual" in cfg["parts"]:
-        results["continual"] = {n: run_continual(workdir, cfg, n, progress)
-                                for n in cfg["datasets"]}
+        results["continual"] = {
+            n: run_continual(workdir, cfg, n, progress) for n in cfg["datasets"]
+        }
         _plot_continual(results["continual"], workdir)
     if "sparsity" in cfg["parts"]:
         results["sparsity"] = run_sparsity(workdir, cfg, progress)
@@ -453,18 +562,23 @@ def _summary(results: dict) -> str:
     for name, res in results.get("continual", {}).items():
         lines.append(f"continual {name}: arm  task1  task2  all  (task-aware t1 t2)")
         for arm, r in res.items():
-            lines.append(f"  {arm:12s} {r['task1_accuracy']:.3f} {r['task2_accuracy']:.3f} "
-                         f"{r['all_accuracy']:.3f}  ({r['task1_aware_accuracy']:.3f} "
-                         f"{r['task2_aware_accuracy']:.3f})")
+            lines.append(
+                f"  {arm:12s} {r['task1_accuracy']:.3f} {r['task2_accuracy']:.3f} "
+                f"{r['all_accuracy']:.3f}  ({r['task1_aware_accuracy']:.3f} "
+                f"{r['task2_aware_accuracy']:.3f})"
+            )
     if "sparsity" in results:
         res = results["sparsity"]
         lines.append(f"sparsity (dense {res['dense_test_accuracy']:.3f}): arm  acc per level")
         for kind in SPARSITY_ARMS:
-            accs = " ".join(f"{r['target']}:{r['test_accuracy']:.3f}/{r['ft_test_accuracy']:.3f}"
-                            for r in res[kind]["levels"])
+            accs = " ".join(
+                f"{r['target']}:{r['test_accuracy']:.3f}/{r['ft_test_accuracy']:.3f}"
+                for r in res[kind]["levels"]
+            )
             lines.append(f"  {kind:12s} {accs}   (projected / + fine-tune)")
-        accs = " ".join(f"{r['target']}:{r['ft_matched_test_accuracy']:.3f}"
-                        for r in res["oneshot"]["levels"])
+        accs = " ".join(
+            f"{r['target']}:{r['ft_matched_test_accuracy']:.3f}" for r in res["oneshot"]["levels"]
+        )
         lines.append(f"  oneshot + fine-tune with as many steps as path + FT: {accs}")
     if "robustness" in results:
         lines.append("robustness: arm  clean  robust")

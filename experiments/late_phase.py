@@ -71,9 +71,27 @@ FLAGS = flags.FLAGS
 ARMS = ("sgd", "late", "late_t0_0", "swa", "late_swa", "sgd_ghost_bn")
 QUICK_ARMS = ("sgd", "late", "late_swa", "sgd_ghost_bn")  # --quick: every code path once
 NQP_ARMS = ("sgd", "sgd_lr_over_K", "late", "swa", "late_swa")
-_KEYS = ("problem", "dataset", "data_dir", "seed", "quick", "model", "select", "members",
-         "t0_frac", "steps", "batch_size", "lr", "swa_lr", "swa_every", "combine", "noise",
-         "seeds", "eval_every", "nqp_dim")
+_KEYS = (
+    "problem",
+    "dataset",
+    "data_dir",
+    "seed",
+    "quick",
+    "model",
+    "select",
+    "members",
+    "t0_frac",
+    "steps",
+    "batch_size",
+    "lr",
+    "swa_lr",
+    "swa_every",
+    "combine",
+    "noise",
+    "seeds",
+    "eval_every",
+    "nqp_dim",
+)
 
 
 def get_config() -> dict:
@@ -83,8 +101,9 @@ def get_config() -> dict:
         if cfg["problem"] == "nqp":
             cfg.update(steps=200, eval_every=20, seeds=1, nqp_dim=10)
         else:
-            cfg.update(model="mlp", steps=12, eval_every=12, batch_size=8, members=2, seeds=1,
-                       swa_every=2)
+            cfg.update(
+                model="mlp", steps=12, eval_every=12, batch_size=8, members=2, seeds=1, swa_every=2
+            )
     elif cfg["problem"] == "nqp" and FLAGS["steps"].using_default_value:
         cfg.update(steps=4000, eval_every=50, lr=0.5)
     return cfg
@@ -97,8 +116,12 @@ def _schedules(cfg):
     steps, t_swa = cfg["steps"], int(cfg["t0_frac"] * cfg["steps"])
     cosine = optax.cosine_decay_schedule(cfg["lr"], max(steps, 1))
     to_swa = optax.join_schedules(
-        [optax.cosine_decay_schedule(cfg["lr"], max(t_swa, 1), alpha=cfg["swa_lr"] / cfg["lr"]),
-         optax.constant_schedule(cfg["swa_lr"])], [t_swa])
+        [
+            optax.cosine_decay_schedule(cfg["lr"], max(t_swa, 1), alpha=cfg["swa_lr"] / cfg["lr"]),
+            optax.constant_schedule(cfg["swa_lr"]),
+        ],
+        [t_swa],
+    )
     return cosine, to_swa, t_swa
 
 
@@ -111,35 +134,58 @@ def run_arm(arm: str, seed: int, cfg: dict, ds, progress: bool) -> dict:
     opt = optax.sgd(to_swa if uses_swa else cosine, momentum=0.9)
     tx = optax.chain(opt, lp.swa(start=t_swa, every=cfg["swa_every"])) if uses_swa else opt
     state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
-    common_kw = dict(apply_fn=model.apply, num_steps=cfg["steps"], batch_size=cfg["batch_size"],
-                     seed=seed, eval_every=cfg["eval_every"], progress=progress)
+    common_kw = dict(
+        apply_fn=model.apply,
+        num_steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        seed=seed,
+        eval_every=cfg["eval_every"],
+        progress=progress,
+    )
     k, sel = cfg["members"], cfg["select"]
     if arm in ("sgd", "swa", "sgd_ghost_bn"):
         train_loss = _ghost_bn_loss(loss, k) if arm == "sgd_ghost_bn" else loss
-        state, hist = ws.training.fit(state, ws.training.make_train_step(train_loss, tx), ds,
-                                      **common_kw)
+        state, hist = ws.training.fit(
+            state, ws.training.make_train_step(train_loss, tx), ds, **common_kw
+        )
         params, model_state = state.params, state.model_state
         if arm == "swa":
             params = lp.swa_params(state.opt_state)
             model_state = lp.recompute_batch_stats(loss, params, model_state, _epoch(ds, cfg))
     else:
         t0 = 0 if arm == "late_t0_0" else t_swa
-        state, hist = lp.fit(state, loss, tx, ds, num_members=k, t0=t0, select=sel,
-                             combine=cfg["combine"], noise=cfg["noise"],
-                             key=jax.random.PRNGKey(10_000 + seed), **common_kw)
+        state, hist = lp.fit(
+            state,
+            loss,
+            tx,
+            ds,
+            num_members=k,
+            t0=t0,
+            select=sel,
+            combine=cfg["combine"],
+            noise=cfg["noise"],
+            key=jax.random.PRNGKey(10_000 + seed),
+            **common_kw,
+        )
         params, model_state = state.params, state.model_state
         if arm == "late_swa":
             params = lp.swa_params(state.opt_state)
             late_loss = lp.late_phase_loss(loss, k, sel, combine=cfg["combine"])
-            model_state = lp.recompute_batch_stats(late_loss, params, model_state,
-                                                   _epoch(ds, cfg))
+            model_state = lp.recompute_batch_stats(late_loss, params, model_state, _epoch(ds, cfg))
         params, model_state = lp.average(params, model_state, sel)
-    final = ws.training.evaluate(model.apply, {"params": params, **model_state},
-                                 ds.x_test, ds.y_test)
-    return {"arm": arm, "seed": seed, "test_accuracy": final["accuracy"],
-            "test_nll": final["loss"],
-            "curve": [{"step": r["step"], "test_accuracy": r["test_accuracy"],
-                       "test_loss": r["test_loss"]} for r in hist]}
+    final = ws.training.evaluate(
+        model.apply, {"params": params, **model_state}, ds.x_test, ds.y_test
+    )
+    return {
+        "arm": arm,
+        "seed": seed,
+        "test_accuracy": final["accuracy"],
+        "test_nll": final["loss"],
+        "curve": [
+            {"step": r["step"], "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"]}
+            for r in hist
+        ],
+    }
 
 
 @functools.cache
@@ -154,7 +200,8 @@ def _ghost_bn_loss(loss_fn, num_slices: int):
     def wrapped(params, model_state, batch, key):
         sliced = jax.tree.map(lambda x: x.reshape((num_slices, -1) + x.shape[1:]), batch)
         losses, (new_state, metrics) = jax.vmap(loss_fn, in_axes=(None, None, 0, None))(
-            params, model_state, sliced, key)
+            params, model_state, sliced, key
+        )
         mean0 = lambda t: jax.tree.map(lambda x: jnp.mean(x, axis=0), t)
         return jnp.mean(losses), (mean0(new_state), mean0(metrics))
 
@@ -185,14 +232,24 @@ def run_classification(workdir: str, cfg: dict, progress: bool) -> dict:
     for arm, rs in runs.items():
         acc = np.array([r["test_accuracy"] for r in rs])
         nll = np.array([r["test_nll"] for r in rs])
-        table[arm] = {"test_accuracy_mean": acc.mean(), "test_accuracy_std": acc.std(ddof=1)
-                      if len(acc) > 1 else 0.0, "test_nll_mean": nll.mean(),
-                      "test_nll_std": nll.std(ddof=1) if len(nll) > 1 else 0.0,
-                      "delta_accuracy_vs_sgd_mean": float((acc - base).mean()),
-                      "per_seed_accuracy": acc.tolist()}
-    results = {"problem": "classify", "dataset": cfg["dataset"], "model": cfg["model"],
-               "select": cfg["select"], "members": cfg["members"], "steps": cfg["steps"],
-               "seeds": cfg["seeds"], "arms": table}
+        table[arm] = {
+            "test_accuracy_mean": acc.mean(),
+            "test_accuracy_std": acc.std(ddof=1) if len(acc) > 1 else 0.0,
+            "test_nll_mean": nll.mean(),
+            "test_nll_std": nll.std(ddof=1) if len(nll) > 1 else 0.0,
+            "delta_accuracy_vs_sgd_mean": float((acc - base).mean()),
+            "per_seed_accuracy": acc.tolist(),
+        }
+    results = {
+        "problem": "classify",
+        "dataset": cfg["dataset"],
+        "model": cfg["model"],
+        "select": cfg["select"],
+        "members": cfg["members"],
+        "steps": cfg["steps"],
+        "seeds": cfg["seeds"],
+        "arms": table,
+    }
     common.save_results(workdir, results)
     _plot_curves(runs, workdir)
     return results
@@ -205,8 +262,11 @@ def _plot_curves(runs, workdir):
         accs = np.array([[r["test_accuracy"] for r in x["curve"]] for x in rs])
         ax.plot(steps, accs.mean(0), label=arm, marker=".")
         ax.fill_between(steps, accs.min(0), accs.max(0), alpha=0.15)
-    ax.set(xlabel="step", ylabel="test accuracy (late arms: averaged net; SWA: iterate)",
-           title="late-phase weights, mean and range over seeds")
+    ax.set(
+        xlabel="step",
+        ylabel="test accuracy (late arms: averaged net; SWA: iterate)",
+        title="late-phase weights, mean and range over seeds",
+    )
     ax.legend()
     common.savefig(fig, workdir, "accuracy.png")
 
@@ -244,15 +304,24 @@ def run_nqp_arm(arm: str, seed: int, cfg: dict) -> dict:
     if uses_swa:
         tx = optax.chain(tx, lp.swa(start=t0, every=1))
     params = {"theta": jnp.zeros(dim), "gain": jnp.ones(dim)}
-    state = ws.training.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
-                                   opt_state=tx.init(params), key=jax.random.PRNGKey(seed))
+    state = ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(seed),
+    )
     plain_step = ws.training.make_train_step(loss_fn, tx)
     late_step = ws.training.make_train_step(
-        lp.late_phase_loss(loss_fn, k, _NQP_SELECT, combine=cfg["combine"]), tx)
+        lp.late_phase_loss(loss_fn, k, _NQP_SELECT, combine=cfg["combine"]), tx
+    )
     is_late = arm in ("late", "late_swa")
     rng = np.random.default_rng(seed)
-    out = jax.jit(lambda p, o: lp.average(swa_or(p, o), {}, _NQP_SELECT)[0]) if is_late else \
-        jax.jit(lambda p, o: swa_or(p, o))
+    out = (
+        jax.jit(lambda p, o: lp.average(swa_or(p, o), {}, _NQP_SELECT)[0])
+        if is_late
+        else jax.jit(lambda p, o: swa_or(p, o))
+    )
 
     def swa_or(p, o):
         return lp.swa_params(o) if uses_swa else p
@@ -260,19 +329,30 @@ def run_nqp_arm(arm: str, seed: int, cfg: dict) -> dict:
     curve = []
     for t in range(1, steps + 1):
         if is_late and t == t0 + 1:
-            state = lp.expand_state(state, tx, _NQP_SELECT, k, key=jax.random.PRNGKey(seed),
-                                    noise=cfg["noise"])
-        batch = {"x": (mu + np.sqrt(h) * rng.normal(size=(bsz, dim))).astype(np.float32),
-                 "y": np.zeros(bsz, np.int32)}
+            state = lp.expand_state(
+                state, tx, _NQP_SELECT, k, key=jax.random.PRNGKey(seed), noise=cfg["noise"]
+            )
+        batch = {
+            "x": (mu + np.sqrt(h) * rng.normal(size=(bsz, dim))).astype(np.float32),
+            "y": np.zeros(bsz, np.int32),
+        }
         step = late_step if is_late and t > t0 else plain_step
         state, _ = step(state, batch)
         if t % cfg["eval_every"] == 0 or t == steps:
-            net = out(state.params, state.opt_state) if t > t0 and (is_late or uses_swa) \
-                else state.params  # before t0 every arm's output is its plain iterate
+            net = (
+                out(state.params, state.opt_state)
+                if t > t0 and (is_late or uses_swa)
+                else state.params
+            )  # before t0 every arm's output is its plain iterate
             curve.append({"step": t, "excess_loss": float(excess(net))})
     tail = [r["excess_loss"] for r in curve if r["step"] > 0.75 * steps]
-    return {"arm": arm, "seed": seed, "steady_state_excess_loss": float(np.mean(tail)),
-            "final_excess_loss": curve[-1]["excess_loss"], "curve": curve}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "steady_state_excess_loss": float(np.mean(tail)),
+        "final_excess_loss": curve[-1]["excess_loss"],
+        "curve": curve,
+    }
 
 
 def run_nqp(workdir: str, cfg: dict) -> dict:
@@ -289,20 +369,33 @@ def run_nqp(workdir: str, cfg: dict) -> dict:
     table = {}
     for arm, rs in runs.items():
         ss = np.array([r["steady_state_excess_loss"] for r in rs])
-        table[arm] = {"steady_state_excess_loss_mean": ss.mean(),
-                      "steady_state_excess_loss_std": ss.std(ddof=1) if len(ss) > 1 else 0.0}
+        table[arm] = {
+            "steady_state_excess_loss_mean": ss.mean(),
+            "steady_state_excess_loss_std": ss.std(ddof=1) if len(ss) > 1 else 0.0,
+        }
     winner = min(table, key=lambda a: table[a]["steady_state_excess_loss_mean"])
-    results = {"problem": "nqp", "dim": cfg["nqp_dim"], "members": cfg["members"],
-               "steps": cfg["steps"], "batch_size": cfg["batch_size"], "lr": cfg["lr"],
-               "seeds": cfg["seeds"], "arms": table, "winner": winner}
+    results = {
+        "problem": "nqp",
+        "dim": cfg["nqp_dim"],
+        "members": cfg["members"],
+        "steps": cfg["steps"],
+        "batch_size": cfg["batch_size"],
+        "lr": cfg["lr"],
+        "seeds": cfg["seeds"],
+        "arms": table,
+        "winner": winner,
+    }
     common.save_results(workdir, results)
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, rs in runs.items():
         steps = [r["step"] for r in rs[0]["curve"]]
-        ax.plot(steps, np.mean([[r["excess_loss"] for r in x["curve"]] for x in rs], 0),
-                label=arm)
-    ax.set(xlabel="step", ylabel="excess loss of the output network", yscale="log",
-           title="noisy quadratic problem")
+        ax.plot(steps, np.mean([[r["excess_loss"] for r in x["curve"]] for x in rs], 0), label=arm)
+    ax.set(
+        xlabel="step",
+        ylabel="excess loss of the output network",
+        yscale="log",
+        title="noisy quadratic problem",
+    )
     ax.legend()
     common.savefig(fig, workdir, "nqp.png")
     return results

@@ -50,8 +50,22 @@ flags.DEFINE_integer("quality_repeats", 8, "Estimates per (method, N) in part (a
 flags.DEFINE_list("fgsm_eps", ["0", "0.05", "0.1", "0.2", "0.3"], "FGSM budgets (std. inputs).")
 FLAGS = flags.FLAGS
 
-_KEYS = ("dataset", "seed", "quick", "datasets", "hidden", "steps", "batch_size", "lr", "copies",
-         "sigma", "es_sigma", "quality_copies", "quality_repeats", "fgsm_eps")
+_KEYS = (
+    "dataset",
+    "seed",
+    "quick",
+    "datasets",
+    "hidden",
+    "steps",
+    "batch_size",
+    "lr",
+    "copies",
+    "sigma",
+    "es_sigma",
+    "quality_copies",
+    "quality_repeats",
+    "fgsm_eps",
+)
 
 # Part (a): each variance reduction alone (and layer-wise with a clean baseline), plus ES.
 QUALITY = {
@@ -76,14 +90,21 @@ ULR_TRAIN = dict(baseline="mean")
 def get_config() -> dict:
     cfg = {k: getattr(FLAGS, k) for k in _KEYS}
     if cfg["quick"]:
-        cfg.update(datasets=["digits"], hidden=["32"], steps=30, batch_size=32, copies=8,
-                   quality_copies=["4"], quality_repeats=2, fgsm_eps=["0.1"])
+        cfg.update(
+            datasets=["digits"],
+            hidden=["32"],
+            steps=30,
+            batch_size=32,
+            copies=8,
+            quality_copies=["4"],
+            quality_repeats=2,
+            fgsm_eps=["0.1"],
+        )
     return cfg
 
 
 def _model(cfg, ds):
-    return ws.models.MLP(features=tuple(int(h) for h in cfg["hidden"]),
-                         num_classes=ds.num_classes)
+    return ws.models.MLP(features=tuple(int(h) for h in cfg["hidden"]), num_classes=ds.num_classes)
 
 
 def _flat(tree):
@@ -99,8 +120,10 @@ def gradient_quality(workdir: str, cfg: dict) -> dict:
     model = _model(cfg, ds)
     key = jax.random.PRNGKey(cfg["seed"])
     params = model.init(key, ds.x_train[:1])["params"]
-    batch = {"x": jnp.asarray(ds.x_train[: cfg["batch_size"]]),
-             "y": jnp.asarray(ds.y_train[: cfg["batch_size"]])}
+    batch = {
+        "x": jnp.asarray(ds.x_train[: cfg["batch_size"]]),
+        "y": jnp.asarray(ds.y_train[: cfg["batch_size"]]),
+    }
     per_ex = ws.training.classification_loss(model.apply, per_example=True)
     mean_loss = ws.training.classification_loss(model.apply)
     exact = _flat(jax.grad(lambda p: mean_loss(p, {}, batch, None)[0])(params))
@@ -120,25 +143,41 @@ def gradient_quality(workdir: str, cfg: dict) -> dict:
                 evals = n
             else:
                 est = lr.ulr(per_ex, num_copies=n, sigma=cfg["sigma"], **options)
-                evals = lr.forward_evaluations(num_copies=n, baseline=options.get("baseline",
-                                                                                   "none"))
+                evals = lr.forward_evaluations(
+                    num_copies=n, baseline=options.get("baseline", "none")
+                )
             fn = jax.jit(lambda k, est=est: _flat(est(params, {}, batch, k)[1]))
             cos = []
             for r in range(cfg["quality_repeats"]):
                 g = fn(jax.random.PRNGKey(1000 + r))
                 cos.append(float(g @ exact / (jnp.linalg.norm(g) * jnp.linalg.norm(exact))))
-            rows.append({"copies": n, "forward_evals": evals, "cosine": float(np.mean(cos)),
-                         "cosine_se": float(np.std(cos) / np.sqrt(len(cos)))})
+            rows.append(
+                {
+                    "copies": n,
+                    "forward_evals": evals,
+                    "cosine": float(np.mean(cos)),
+                    "cosine_se": float(np.std(cos) / np.sqrt(len(cos))),
+                }
+            )
         ws.training.write_json(path, rows)
         out[name] = rows
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in out.items():
-        ax.errorbar([r["forward_evals"] for r in rows], [r["cosine"] for r in rows],
-                    yerr=[r["cosine_se"] for r in rows], marker="o", capsize=2, label=name,
-                    linestyle="--" if name.startswith("es") else "-")
-    ax.set(xscale="log", xlabel="forward evaluations per example",
-           ylabel="cosine to exact gradient",
-           title=f"{cfg['datasets'][0]}, MLP {'x'.join(cfg['hidden'])}, batch {cfg['batch_size']}")
+        ax.errorbar(
+            [r["forward_evals"] for r in rows],
+            [r["cosine"] for r in rows],
+            yerr=[r["cosine_se"] for r in rows],
+            marker="o",
+            capsize=2,
+            label=name,
+            linestyle="--" if name.startswith("es") else "-",
+        )
+    ax.set(
+        xscale="log",
+        xlabel="forward evaluations per example",
+        ylabel="cosine to exact gradient",
+        title=f"{cfg['datasets'][0]}, MLP {'x'.join(cfg['hidden'])}, batch {cfg['batch_size']}",
+    )
     ax.legend(fontsize=7)
     common.savefig(fig, workdir, "gradient_quality.png")
     return out
@@ -166,19 +205,32 @@ def train_arm(workdir: str, cfg: dict, dataset: str, method: str, progress: bool
     arm_dir = os.path.join(workdir, "train", f"{dataset}_{method}")
     t0 = time.time()
     state, history = ws.training.fit(
-        state, step, ds, apply_fn=model.apply, num_steps=cfg["steps"],
-        batch_size=cfg["batch_size"], seed=cfg["seed"], eval_every=max(cfg["steps"] // 6, 1),
-        workdir=arm_dir, checkpoint_every=cfg["steps"], progress=progress,
+        state,
+        step,
+        ds,
+        apply_fn=model.apply,
+        num_steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        seed=cfg["seed"],
+        eval_every=max(cfg["steps"] // 6, 1),
+        workdir=arm_dir,
+        checkpoint_every=cfg["steps"],
+        progress=progress,
     )
     path = os.path.join(arm_dir, "result.json")
     result = common.load_json(path)
     if result is None:
         evals = {"backprop": "1 fwd + 1 bwd"}.get(method, cfg["copies"])
-        result = {"dataset": dataset, "method": method, "forward_evals_per_step": evals,
-                  "test_accuracy": history[-1]["test_accuracy"],
-                  "train_accuracy": history[-1]["train_accuracy"],
-                  "test_loss": history[-1]["test_loss"], "seconds": round(time.time() - t0, 1),
-                  "history": history}
+        result = {
+            "dataset": dataset,
+            "method": method,
+            "forward_evals_per_step": evals,
+            "test_accuracy": history[-1]["test_accuracy"],
+            "train_accuracy": history[-1]["train_accuracy"],
+            "test_loss": history[-1]["test_loss"],
+            "seconds": round(time.time() - t0, 1),
+            "history": history,
+        }
         ws.training.write_json(path, result)
     return result, state.params, model
 
@@ -199,9 +251,12 @@ def train_openes(workdir: str, cfg: dict, dataset: str):
     model = _model(cfg, ds)
     params = model.init(jax.random.PRNGKey(cfg["seed"]), ds.x_train[:1])["params"]
     flat0, unravel = ravel_pytree(params)
-    strategy = Open_ES(population_size=cfg["copies"], solution=flat0,
-                       optimizer=optax.adam(cfg["lr"]),
-                       std_schedule=optax.constant_schedule(cfg["es_sigma"]))
+    strategy = Open_ES(
+        population_size=cfg["copies"],
+        solution=flat0,
+        optimizer=optax.adam(cfg["lr"]),
+        std_schedule=optax.constant_schedule(cfg["es_sigma"]),
+    )
     es_params = strategy.default_params
     state = strategy.init(jax.random.PRNGKey(cfg["seed"]), flat0, es_params)
     loss = ws.training.classification_loss(model.apply)
@@ -215,8 +270,9 @@ def train_openes(workdir: str, cfg: dict, dataset: str):
         return state, jnp.mean(fit)
 
     t0 = time.time()
-    stream = ws.data.batches(ds.x_train, ds.y_train, cfg["batch_size"], seed=cfg["seed"],
-                             epochs=None)
+    stream = ws.data.batches(
+        ds.x_train, ds.y_train, cfg["batch_size"], seed=cfg["seed"], epochs=None
+    )
     key = jax.random.PRNGKey(cfg["seed"] + 1)
     for _ in range(cfg["steps"]):
         key, sub = jax.random.split(key)
@@ -224,10 +280,15 @@ def train_openes(workdir: str, cfg: dict, dataset: str):
     final = {"params": unravel(state.mean)}
     test = ws.training.evaluate(model.apply, final, ds.x_test, ds.y_test)
     train = ws.training.evaluate(model.apply, final, ds.x_train, ds.y_train)
-    result = {"dataset": dataset, "method": "openes (evosax)",
-              "forward_evals_per_step": cfg["copies"], "test_accuracy": test["accuracy"],
-              "train_accuracy": train["accuracy"], "test_loss": test["loss"],
-              "seconds": round(time.time() - t0, 1)}
+    result = {
+        "dataset": dataset,
+        "method": "openes (evosax)",
+        "forward_evals_per_step": cfg["copies"],
+        "test_accuracy": test["accuracy"],
+        "train_accuracy": train["accuracy"],
+        "test_loss": test["loss"],
+        "seconds": round(time.time() - t0, 1),
+    }
     ws.training.write_json(path, result)
     return result
 
@@ -247,8 +308,9 @@ def fgsm_accuracy(model, params, x, y, eps: float) -> float:
         adv = x + eps * jnp.sign(jax.grad(ce)(x))
         return jnp.sum(jnp.argmax(model.apply({"params": params}, adv), -1) == y)
 
-    return float(sum(int(acc(x[i:i + 1000], y[i:i + 1000])) for i in range(0, len(x), 1000))
-                 / len(x))
+    return float(
+        sum(int(acc(x[i : i + 1000], y[i : i + 1000])) for i in range(0, len(x), 1000)) / len(x)
+    )
 
 
 def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
@@ -267,16 +329,23 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
         path = os.path.join(workdir, f"robustness_{dataset}.json")
         rob = common.load_json(path)
         if rob is None:
-            rob = {m: {e: fgsm_accuracy(mod, p, ds.x_test, ds.y_test, float(e))
-                       for e in cfg["fgsm_eps"]}
-                   for m, (p, mod, _) in trained.items() if m in ("backprop", "ulr")}
+            rob = {
+                m: {
+                    e: fgsm_accuracy(mod, p, ds.x_test, ds.y_test, float(e))
+                    for e in cfg["fgsm_eps"]
+                }
+                for m, (p, mod, _) in trained.items()
+                if m in ("backprop", "ulr")
+            }
             ws.training.write_json(path, rob)
         robustness[dataset] = rob
         _plot_training(workdir, cfg, dataset, trained)
     _plot_robustness(workdir, robustness)
     results = {
-        "gradient_quality": {m: {str(r["forward_evals"]): round(r["cosine"], 4) for r in rows}
-                             for m, rows in quality.items()},
+        "gradient_quality": {
+            m: {str(r["forward_evals"]): round(r["cosine"], 4) for r in rows}
+            for m, rows in quality.items()
+        },
         "training": training,
         "robustness": robustness,
     }
@@ -287,8 +356,12 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
 def _plot_training(workdir, cfg, dataset, trained):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, (_, _, history) in trained.items():
-        ax.plot([r["step"] for r in history], [r["test_accuracy"] for r in history],
-                marker="o", label=method)
+        ax.plot(
+            [r["step"] for r in history],
+            [r["test_accuracy"] for r in history],
+            marker="o",
+            label=method,
+        )
     ax.set(xlabel="step", ylabel="test accuracy", title=f"{dataset}: N={cfg['copies']}")
     ax.legend()
     name = "training.png" if dataset == cfg["datasets"][0] else f"training_{dataset}.png"
@@ -299,8 +372,12 @@ def _plot_robustness(workdir, robustness):
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for dataset, rob in robustness.items():
         for method, accs in rob.items():
-            ax.plot([float(e) for e in accs], list(accs.values()), marker="o",
-                    label=f"{dataset} {method}")
+            ax.plot(
+                [float(e) for e in accs],
+                list(accs.values()),
+                marker="o",
+                label=f"{dataset} {method}",
+            )
     ax.set(xlabel="FGSM eps", ylabel="test accuracy")
     ax.legend(fontsize=8)
     common.savefig(fig, workdir, "robustness.png")

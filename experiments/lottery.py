@@ -65,16 +65,41 @@ flags.DEFINE_integer("trace_samples", 20, "Hutchinson probes for the Hessian tra
 flags.DEFINE_integer("path_points", 11, "Points on the line to the previous level.")
 FLAGS = flags.FLAGS
 
-_KEYS = ("dataset", "data_dir", "seed", "quick", "model", "standardize", "optimizer", "lr",
-         "steps", "batch_size", "levels", "rate", "head_rate", "scope", "rewind_step", "arms",
-         "num_seeds", "geometry", "geometry_examples", "lanczos_iters", "trace_samples",
-         "path_points")
-GEOMETRY = (("sharpness", "top Hessian eigenvalue"), ("hessian_trace", "Hessian trace"),
-            ("barrier_loss", "loss barrier to prev. level"),
-            ("barrier_error", "test-error barrier to prev. level"),
-            ("dist_prev", "L2 distance to prev. level"), ("cos_prev", "cosine to prev. level"),
-            ("dist_init", "L2 distance to init"), ("cos_init", "cosine to init"),
-            ("mask_overlap_prev", "mask Jaccard to prev. level"))
+_KEYS = (
+    "dataset",
+    "data_dir",
+    "seed",
+    "quick",
+    "model",
+    "standardize",
+    "optimizer",
+    "lr",
+    "steps",
+    "batch_size",
+    "levels",
+    "rate",
+    "head_rate",
+    "scope",
+    "rewind_step",
+    "arms",
+    "num_seeds",
+    "geometry",
+    "geometry_examples",
+    "lanczos_iters",
+    "trace_samples",
+    "path_points",
+)
+GEOMETRY = (
+    ("sharpness", "top Hessian eigenvalue"),
+    ("hessian_trace", "Hessian trace"),
+    ("barrier_loss", "loss barrier to prev. level"),
+    ("barrier_error", "test-error barrier to prev. level"),
+    ("dist_prev", "L2 distance to prev. level"),
+    ("cos_prev", "cosine to prev. level"),
+    ("dist_init", "L2 distance to init"),
+    ("cos_init", "cosine to init"),
+    ("mask_overlap_prev", "mask Jaccard to prev. level"),
+)
 
 
 def get_config() -> dict:
@@ -85,8 +110,16 @@ def get_config() -> dict:
     if bad:
         raise ValueError(f"unknown arms {bad}; use a subset of {ALL_ARMS}")
     if cfg["quick"]:
-        cfg.update(steps=20, rewind_step=5, levels=2, batch_size=32, geometry_examples=64,
-                   lanczos_iters=3, trace_samples=2, path_points=3)
+        cfg.update(
+            steps=20,
+            rewind_step=5,
+            levels=2,
+            batch_size=32,
+            geometry_examples=64,
+            lanczos_iters=3,
+            trace_samples=2,
+            path_points=3,
+        )
     return cfg
 
 
@@ -104,11 +137,15 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
     rows, timing = [], {}
     for s in range(cfg["num_seeds"]):
         seed = cfg["seed"] + s
-        levels, seconds = _run_seed(os.path.join(workdir, f"seed_{seed}"), cfg, ds, model, tx,
-                                    step, seed, progress)
+        levels, seconds = _run_seed(
+            os.path.join(workdir, f"seed_{seed}"), cfg, ds, model, tx, step, seed, progress
+        )
         timing[seed] = seconds
-        rows += [{**lv.metrics, "method": lv.metrics["arm"], "arm": arm, "seed": seed}
-                 for arm in levels for lv in levels[arm]]
+        rows += [
+            {**lv.metrics, "method": lv.metrics["arm"], "arm": arm, "seed": seed}
+            for arm in levels
+            for lv in levels[arm]
+        ]
     results = _summarise(rows, cfg, timing)
     common.save_results(workdir, results)
     _plot(results, workdir)
@@ -116,38 +153,59 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
 
 
 def _run_seed(where, cfg, ds, model, tx, step, seed, progress):
-    train = lottery.make_trainer(step, ds, apply_fn=model.apply, batch_size=cfg["batch_size"],
-                                 seed=seed)
+    train = lottery.make_trainer(
+        step, ds, apply_fn=model.apply, batch_size=cfg["batch_size"], seed=seed
+    )
     key = jax.random.PRNGKey(seed)
     # one compiled init instead of many eager ops (bit-identical values on CPU)
     state = jax.jit(lambda k: ws.training.init_state(model, tx, ds.x_train[:1], k))(key)
     t0 = time.time()
-    dense = lottery.train_dense(state, train, num_steps=cfg["steps"],
-                                rewind_step=cfg["rewind_step"],
-                                workdir=os.path.join(where, "dense"))
+    dense = lottery.train_dense(
+        state,
+        train,
+        num_steps=cfg["steps"],
+        rewind_step=cfg["rewind_step"],
+        workdir=os.path.join(where, "dense"),
+    )
     dense_time = time.time() - t0
     measure = _make_measure(cfg, ds, model, seed) if cfg["geometry"] else None
     init_fn = jax.jit(lambda k: model.init(k, ds.x_train[:1], train=False)["params"])
-    common_kw = dict(levels=cfg["levels"], rate=cfg["rate"], layer_rates={"head": cfg["head_rate"]},
-                     scope=cfg["scope"], measure=measure)
-    plan = [("rewind_init", "rewind", dense.rewound_to(0)), ("rewind_k", "rewind", dense),
-            ("reinit", "reinit", dense.rewound_to(0)), ("random", "random", dense.rewound_to(0)),
-            ("oneshot", "oneshot", dense.rewound_to(0))]
+    common_kw = dict(
+        levels=cfg["levels"],
+        rate=cfg["rate"],
+        layer_rates={"head": cfg["head_rate"]},
+        scope=cfg["scope"],
+        measure=measure,
+    )
+    plan = [
+        ("rewind_init", "rewind", dense.rewound_to(0)),
+        ("rewind_k", "rewind", dense),
+        ("reinit", "reinit", dense.rewound_to(0)),
+        ("random", "random", dense.rewound_to(0)),
+        ("oneshot", "oneshot", dense.rewound_to(0)),
+    ]
     if cfg["rewind_step"] == 0:
         plan = [p for p in plan if p[0] != "rewind_k"]
     out, seconds = {}, {"dense": dense_time}
     for name, arm, run_from in plan:
         needs_ticket = name in ("reinit", "random")
-        if name not in cfg["arms"] and not (name == "rewind_init" and any(
-                a in cfg["arms"] for a in ("reinit", "random"))):
+        if name not in cfg["arms"] and not (
+            name == "rewind_init" and any(a in cfg["arms"] for a in ("reinit", "random"))
+        ):
             continue
         t0 = time.time()
         report = _reporter(name, seed) if progress else None
         out[name] = lottery.run_arm(
-            arm, run_from, train, **common_kw, workdir=os.path.join(where, name),
+            arm,
+            run_from,
+            train,
+            **common_kw,
+            workdir=os.path.join(where, name),
             reference=out.get("rewind_init") if needs_ticket else None,
-            key=jax.random.fold_in(key, 1000 + ALL_ARMS.index(name)), init_fn=init_fn,
-            callback=report)
+            key=jax.random.fold_in(key, 1000 + ALL_ARMS.index(name)),
+            init_fn=init_fn,
+            callback=report,
+        )
         seconds[name] = time.time() - t0
     return {k: v for k, v in out.items() if k in cfg["arms"]}, seconds
 
@@ -155,8 +213,12 @@ def _run_seed(where, cfg, ds, model, tx, step, seed, progress):
 def _reporter(name, seed):
     def report(level):
         m = level.metrics
-        print(f"seed {seed} {name:12s} level {level.level:2d} density {m['density']:.3f} "
-              f"test acc {m['test_accuracy']:.3f}", flush=True)
+        print(
+            f"seed {seed} {name:12s} level {level.level:2d} density {m['density']:.3f} "
+            f"test acc {m['test_accuracy']:.3f}",
+            flush=True,
+        )
+
     return report
 
 
@@ -177,9 +239,11 @@ def _make_measure(cfg, ds, model, seed):
         k1, k2 = jax.random.split(key)
         return {
             "sharpness": landscape.top_hessian_eigenvalues(
-                f_masked, params, k=1, num_iters=cfg["lanczos_iters"], key=k1)[0],
+                f_masked, params, k=1, num_iters=cfg["lanczos_iters"], key=k1
+            )[0],
             "hessian_trace": landscape.hessian_trace(
-                f_masked, params, num_samples=cfg["trace_samples"], key=k2),
+                f_masked, params, num_samples=cfg["trace_samples"], key=k2
+            ),
             "dist_init": landscape.l2_distance(params, init),
             "cos_init": landscape.cosine_similarity(params, init),
         }
@@ -187,10 +251,12 @@ def _make_measure(cfg, ds, model, seed):
     @jax.jit
     def path(params, masks, previous, previous_masks, model_state, x, y):
         g = landscape.classification_objective(model.apply, model_state, x, y, metric="all")
-        barrier = landscape.linear_barrier(g, previous, params,
-                                           num_points=cfg["path_points"])["barrier"]
+        barrier = landscape.linear_barrier(g, previous, params, num_points=cfg["path_points"])[
+            "barrier"
+        ]
         return {
-            "barrier_loss": barrier["loss"], "barrier_error": barrier["error"],
+            "barrier_loss": barrier["loss"],
+            "barrier_error": barrier["error"],
             "dist_prev": landscape.l2_distance(params, previous),
             "cos_prev": landscape.cosine_similarity(params, previous),
             "mask_overlap_prev": landscape.mask_overlap(masks, previous_masks),
@@ -201,11 +267,27 @@ def _make_measure(cfg, ds, model, seed):
     def measure(level, previous, dense):
         if level.level == 0 and "dense" in cache:  # level 0 is the same dense net in every arm
             return cache["dense"]
-        out = curvature(level.params, level.masks, level.model_state, dense.init.params,
-                        jax.random.fold_in(key, level.level), x, y)
+        out = curvature(
+            level.params,
+            level.masks,
+            level.model_state,
+            dense.init.params,
+            jax.random.fold_in(key, level.level),
+            x,
+            y,
+        )
         if previous is not None:
-            out.update(path(level.params, level.masks, previous.params, previous.masks,
-                            level.model_state, ds.x_test, ds.y_test))
+            out.update(
+                path(
+                    level.params,
+                    level.masks,
+                    previous.params,
+                    previous.masks,
+                    level.model_state,
+                    ds.x_test,
+                    ds.y_test,
+                )
+            )
         out = {k: float(v) for k, v in out.items()}
         if level.level == 0:
             cache["dense"] = out
@@ -260,18 +342,27 @@ def _headline(table, cfg, timing) -> dict:
                 summary[f"{name}_{g}_first_last"] = [first, levels[-1][g]]
     for ticket in ("rewind_init", "rewind_k"):
         for control in ("reinit", "random"):
-            beats = [get[(ticket, lv)]["density"] for lv in range(1, cfg["levels"] + 1)
-                     if (ticket, lv) in get and (control, lv) in get
-                     and get[(ticket, lv)]["test_accuracy"] > get[(control, lv)]["test_accuracy"]]
+            beats = [
+                get[(ticket, lv)]["density"]
+                for lv in range(1, cfg["levels"] + 1)
+                if (ticket, lv) in get
+                and (control, lv) in get
+                and get[(ticket, lv)]["test_accuracy"] > get[(control, lv)]["test_accuracy"]
+            ]
             if (ticket, 1) in get and (control, 1) in get:
                 summary[f"{ticket}_beats_{control}_at_densities"] = beats
     seeds = list(timing.values())
     if seeds and "rewind_init" in seeds[0]:  # wall time incl. geometry and saving; 0 if resumed
-        summary["imp_seconds_with_geometry"] = float(np.mean(
-            [t["dense"] + t["rewind_init"] for t in seeds]))
-        summary["imp_train_seconds"] = float(sum(
-            get[("rewind_init", lv)].get("train_time", 0.0) for lv in range(cfg["levels"] + 1)
-            if ("rewind_init", lv) in get))
+        summary["imp_seconds_with_geometry"] = float(
+            np.mean([t["dense"] + t["rewind_init"] for t in seeds])
+        )
+        summary["imp_train_seconds"] = float(
+            sum(
+                get[("rewind_init", lv)].get("train_time", 0.0)
+                for lv in range(cfg["levels"] + 1)
+                if ("rewind_init", lv) in get
+            )
+        )
     return summary
 
 
@@ -303,8 +394,7 @@ def _plot(results, workdir) -> None:
     for ax, (g, label) in zip(axes.ravel(), GEOMETRY, strict=True):
         for name in names:
             rows = [r for r in table if r["arm"] == name and g in r]
-            ax.plot([r["level"] for r in rows], [r[g] for r in rows], marker="o", ms=3,
-                    label=name)
+            ax.plot([r["level"] for r in rows], [r[g] for r in rows], marker="o", ms=3, label=name)
         ax.set(xlabel="level", title=label)
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()

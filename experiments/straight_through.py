@@ -57,9 +57,25 @@ flags.DEFINE_float("latent_lr", 1000.0, "Mirror-descent step on the latents (est
 flags.DEFINE_list("latent_grid", ["300", "3000"], "Latent learning rates compared.")
 flags.DEFINE_integer("eval_samples", 8, "Samples averaged for the stochastic test accuracy.")
 FLAGS = flags.FLAGS
-_KEYS = ("parts", "datasets", "estimators", "seed", "quick", "toy_hidden", "toy_points",
-         "toy_train_steps", "max_samples", "repeats", "hidden", "steps", "batch_size", "lr",
-         "latent_lr", "latent_grid", "eval_samples")
+_KEYS = (
+    "parts",
+    "datasets",
+    "estimators",
+    "seed",
+    "quick",
+    "toy_hidden",
+    "toy_points",
+    "toy_train_steps",
+    "max_samples",
+    "repeats",
+    "hidden",
+    "steps",
+    "batch_size",
+    "lr",
+    "latent_lr",
+    "latent_grid",
+    "eval_samples",
+)
 
 
 def get_config() -> dict:
@@ -74,10 +90,20 @@ def get_config() -> dict:
         if est not in ESTIMATORS:
             raise ValueError(f"unknown estimator {est!r}; use some of {ESTIMATORS}")
     if cfg["quick"]:
-        cfg.update(datasets=["digits"], estimators=["st"], toy_hidden=[2],
-                   toy_points=4, toy_train_steps=0, max_samples=2, repeats=2, hidden=[16],
-                   steps=10, batch_size=32,
-                   latent_grid=[], eval_samples=2)
+        cfg.update(
+            datasets=["digits"],
+            estimators=["st"],
+            toy_hidden=[2],
+            toy_points=4,
+            toy_train_steps=0,
+            max_samples=2,
+            repeats=2,
+            hidden=[16],
+            steps=10,
+            batch_size=32,
+            latent_grid=[],
+            eval_samples=2,
+        )
     return cfg
 
 
@@ -89,8 +115,9 @@ def _toy_data(n: int, seed: int):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 2
     t = rng.uniform(0, np.pi, n)
-    x = np.stack([np.cos(t) + y * (1 - 2 * np.cos(t)) - 0.5 * y,
-                  np.sin(t) * (1 - 2 * y) + 0.5 * y], 1)
+    x = np.stack(
+        [np.cos(t) + y * (1 - 2 * np.cos(t)) - 0.5 * y, np.sin(t) * (1 - 2 * y) + 0.5 * y], 1
+    )
     x = x + 0.2 * rng.normal(size=x.shape)
     x = (x - x.mean(0)) / x.std(0)
     return jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.int32)
@@ -110,22 +137,29 @@ def _toy_point(cfg: dict, x, y, params, name: str, workdir: str) -> dict:
     variables = {"params": params}
     base = _toy_model("st", cfg["toy_hidden"])
     exact_loss, exact = st.exact_value_and_grad(st.states_loss(base.apply, variables, x))(
-        params, x, y)
+        params, x, y
+    )
     num_samples = [2**i for i in range(int(np.log2(cfg["max_samples"])) + 1)]
     batch = {"x": x, "y": y}
     key = jax.random.fold_in(jax.random.PRNGKey(cfg["seed"]), len(name))
-    out = {"exact_loss": float(exact_loss), "exact_norm": float(np.linalg.norm(st._flat(exact))),
-           "num_samples": num_samples, "estimators": {}}
+    out = {
+        "exact_loss": float(exact_loss),
+        "exact_norm": float(np.linalg.norm(st._flat(exact))),
+        "num_samples": num_samples,
+        "estimators": {},
+    }
     for i, est in enumerate(cfg["estimators"]):
         model = _toy_model(est, cfg["toy_hidden"])
         loss_fn = ws.training.classification_loss(model.apply)
         single = lambda k, f=loss_fn: jax.grad(lambda p: f(p, {}, batch, k)[0])(params)
         samples = jax.jit(jax.vmap(single))(
-            jax.random.split(jax.random.fold_in(key, i), cfg["repeats"] * num_samples[-1]))
+            jax.random.split(jax.random.fold_in(key, i), cfg["repeats"] * num_samples[-1])
+        )
         curves = _grouped_metrics(samples, exact, num_samples, cfg["repeats"])
         if est != "deterministic":
             _, mean_st = st.expected_estimate(
-                st.states_loss(model.apply, variables, x, straight_through=True))(params, x, y)
+                st.states_loss(model.apply, variables, x, straight_through=True)
+            )(params, x, y)
         else:  # no randomness: the estimate is its own mean
             mean_st = jax.tree.map(lambda v: v[0], samples)
         curves["exact_bias"] = _rel(mean_st, exact)
@@ -139,8 +173,10 @@ def _toy_point(cfg: dict, x, y, params, name: str, workdir: str) -> dict:
         est = jax.jit(jax.vmap(lambda k, fn=fn: fn(params, k, x, y)[1]))(keys)
         met = st.gradient_metrics(est, exact)
         for k in rf:
-            rf[k].append(met[k] / (met["norm"] ** 2 if k == "variance" else
-                                   1.0 if k == "cosine" else met["norm"]))
+            rf[k].append(
+                met[k]
+                / (met["norm"] ** 2 if k == "variance" else 1.0 if k == "cosine" else met["norm"])
+            )
     rf["exact_bias"] = 0.0
     rf["exact_bias_cosine"] = 1.0
     out["estimators"]["reinforce"] = rf
@@ -163,8 +199,10 @@ def _grouped_metrics(samples, exact, num_samples, repeats) -> dict:
     """Relative metrics of m-sample means built from disjoint groups of single-sample estimates."""
     out = {k: [] for k in ("bias", "variance", "rmse", "cosine")}
     for m in num_samples:
-        groups = jax.tree.map(lambda v, m=m: np.asarray(v)[: repeats * m]
-                              .reshape((repeats, m) + v.shape[1:]).mean(1), samples)
+        groups = jax.tree.map(
+            lambda v, m=m: np.asarray(v)[: repeats * m].reshape((repeats, m) + v.shape[1:]).mean(1),
+            samples,
+        )
         met = st.gradient_metrics(groups, exact)
         out["bias"].append(met["bias"] / met["norm"])
         out["variance"].append(met["variance"] / met["norm"] ** 2)
@@ -207,10 +245,19 @@ def plot_toy(toy: dict, workdir: str) -> None:
             axes[row, 1].plot(ns, c["rmse"], style, marker="o", ms=3, label=est)
         axes[row, 0].axhline(1.0, color="k", lw=0.8, label="exact")
         axes[row, 1].axhline(0.0, color="k", lw=0.8, label="exact")
-        axes[row, 0].set(xscale="log", xlabel="samples", ylabel="cosine to exact",
-                         title=f"toy [2,5,5,5], {name} (exact loss {res['exact_loss']:.3f})")
-        axes[row, 1].set(xscale="log", yscale="log", xlabel="samples",
-                         ylabel="RMSE / ||exact||", title=f"toy, {name}")
+        axes[row, 0].set(
+            xscale="log",
+            xlabel="samples",
+            ylabel="cosine to exact",
+            title=f"toy [2,5,5,5], {name} (exact loss {res['exact_loss']:.3f})",
+        )
+        axes[row, 1].set(
+            xscale="log",
+            yscale="log",
+            xlabel="samples",
+            ylabel="RMSE / ||exact||",
+            title=f"toy, {name}",
+        )
         axes[row, 1].legend(fontsize=7)
     fig.tight_layout()
     common.savefig(fig, workdir, "toy_estimators.png")
@@ -224,35 +271,55 @@ def _arms(cfg: dict) -> list[dict]:
     for est in cfg["estimators"]:
         arms.append(dict(name=f"act_{est}", estimator=est, binary_weights=False))
     for est in cfg["estimators"]:
-        arms.append(dict(name=f"bin_{est}", estimator=est, binary_weights=True, latent="md",
-                         latent_lr=cfg["latent_lr"]))
+        arms.append(
+            dict(
+                name=f"bin_{est}",
+                estimator=est,
+                binary_weights=True,
+                latent="md",
+                latent_lr=cfg["latent_lr"],
+            )
+        )
     for latent in ("md", "md_clip", "sgd"):
         for lr in cfg["latent_grid"]:
             if latent == "md" and lr == cfg["latent_lr"]:
                 continue  # the same run as bin_st
-            arms.append(dict(name=f"latent_{latent}_{lr:g}", estimator="st", binary_weights=True,
-                             latent=latent, latent_lr=lr))
+            arms.append(
+                dict(
+                    name=f"latent_{latent}_{lr:g}",
+                    estimator="st",
+                    binary_weights=True,
+                    latent=latent,
+                    latent_lr=lr,
+                )
+            )
     return arms
 
 
 def _build(arm: dict, cfg: dict, num_classes: int):
     latent = arm.get("latent", "md")
     model = st.BinaryMLP(
-        tuple(cfg["hidden"]), num_classes=num_classes, activation=arm["estimator"],
+        tuple(cfg["hidden"]),
+        num_classes=num_classes,
+        activation=arm["estimator"],
         binary_weights=arm["binary_weights"],
         weight_estimator="st" if latent == "sgd" else "identity",
-        weight_noise="uniform" if latent == "md_clip" else "logistic")
+        weight_noise="uniform" if latent == "md_clip" else "logistic",
+    )
     real = optax.adam(cfg["lr"])
     if not arm["binary_weights"]:
         return model, real
-    lat = {"md": lambda lr: st.mirror_descent(lr),
-           "md_clip": lambda lr: st.mirror_descent(lr, clip=1.0),
-           "sgd": lambda lr: optax.sgd(lr)}[latent](arm["latent_lr"])
+    lat = {
+        "md": lambda lr: st.mirror_descent(lr),
+        "md_clip": lambda lr: st.mirror_descent(lr, clip=1.0),
+        "sgd": lambda lr: optax.sgd(lr),
+    }[latent](arm["latent_lr"])
     return model, optax.multi_transform({"latent": lat, "real": real}, st.latent_labels)
 
 
 def _sampled_accuracy(model, params, x, y, key, samples: int) -> float:
     """Test accuracy of the mean of ``samples`` stochastic forward passes' softmax."""
+
     @jax.jit
     def probs(k):
         return jax.nn.softmax(model.apply({"params": params}, x, train=True, rngs={"dropout": k}))
@@ -272,21 +339,42 @@ def run_arm(arm: dict, cfg: dict, dataset: str, ds, workdir: str, progress: bool
     state = ws.training.init_state(model, tx, ds.x_train[:1], key)
     step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
     state, history = ws.training.fit(
-        state, step, ds, apply_fn=model.apply, num_steps=cfg["steps"],
-        batch_size=cfg["batch_size"], seed=cfg["seed"], eval_every=max(cfg["steps"] // 2, 1),
-        progress=progress)
+        state,
+        step,
+        ds,
+        apply_fn=model.apply,
+        num_steps=cfg["steps"],
+        batch_size=cfg["batch_size"],
+        seed=cfg["seed"],
+        eval_every=max(cfg["steps"] // 2, 1),
+        progress=progress,
+    )
     final = history[-1]
-    latents = [v for p, v in jax.tree_util.tree_leaves_with_path(state.params)
-               if getattr(p[-1], "key", None) == "latent"]
-    out = {**arm, "dataset": dataset, "history": history,
-           "test_accuracy": final["test_accuracy"], "train_accuracy": final["train_accuracy"],
-           "train_loss": final["train_loss"],
-           "sampled_test_accuracy": _sampled_accuracy(
-               model, state.params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test),
-               jax.random.fold_in(key, 7), cfg["eval_samples"]),
-           "mean_abs_latent": (float(np.mean([float(jnp.mean(jnp.abs(v))) for v in latents]))
-                               if latents else None),
-           "seconds": round(time.time() - t0, 1)}
+    latents = [
+        v
+        for p, v in jax.tree_util.tree_leaves_with_path(state.params)
+        if getattr(p[-1], "key", None) == "latent"
+    ]
+    out = {
+        **arm,
+        "dataset": dataset,
+        "history": history,
+        "test_accuracy": final["test_accuracy"],
+        "train_accuracy": final["train_accuracy"],
+        "train_loss": final["train_loss"],
+        "sampled_test_accuracy": _sampled_accuracy(
+            model,
+            state.params,
+            jnp.asarray(ds.x_test),
+            jnp.asarray(ds.y_test),
+            jax.random.fold_in(key, 7),
+            cfg["eval_samples"],
+        ),
+        "mean_abs_latent": (
+            float(np.mean([float(jnp.mean(jnp.abs(v))) for v in latents])) if latents else None
+        ),
+        "seconds": round(time.time() - t0, 1),
+    }
     ws.training.write_json(path, out)
     return out
 
@@ -298,8 +386,14 @@ def plot_training(arms: dict, workdir: str) -> None:
         rows = [a for a in arms.values() if a["dataset"] == dset]
         names = [a["name"] for a in rows]
         ax.barh(names, [a["test_accuracy"] for a in rows], label="deterministic (mode)")
-        ax.scatter([a["sampled_test_accuracy"] for a in rows], names, color="k", s=12,
-                   zorder=3, label="mean of samples")
+        ax.scatter(
+            [a["sampled_test_accuracy"] for a in rows],
+            names,
+            color="k",
+            s=12,
+            zorder=3,
+            label="mean of samples",
+        )
         ax.set(xlabel="test accuracy", title=dset, xlim=(0, 1))
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -320,16 +414,31 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
                 arms[f"{dset}/{arm['name']}"] = run_arm(arm, cfg, dset, ds, workdir, progress)
         plot_training(arms, workdir)
     toy_table = {
-        point: {est: {"exact_bias": c["exact_bias"], "cosine_1": c["cosine"][0],
-                      "cosine_max": c["cosine"][-1], "rmse_1": c["rmse"][0],
-                      "rmse_max": c["rmse"][-1]}
-                for est, c in res["estimators"].items()}
-        for point, res in toy.items()}
-    train_table = {k: {"test_accuracy": a["test_accuracy"],
-                       "sampled_test_accuracy": a["sampled_test_accuracy"],
-                       "train_accuracy": a["train_accuracy"]} for k, a in arms.items()}
-    results = {"toy": toy_table, "training": train_table,
-               "toy_max_samples": toy["init"]["num_samples"][-1] if toy else None}
+        point: {
+            est: {
+                "exact_bias": c["exact_bias"],
+                "cosine_1": c["cosine"][0],
+                "cosine_max": c["cosine"][-1],
+                "rmse_1": c["rmse"][0],
+                "rmse_max": c["rmse"][-1],
+            }
+            for est, c in res["estimators"].items()
+        }
+        for point, res in toy.items()
+    }
+    train_table = {
+        k: {
+            "test_accuracy": a["test_accuracy"],
+            "sampled_test_accuracy": a["sampled_test_accuracy"],
+            "train_accuracy": a["train_accuracy"],
+        }
+        for k, a in arms.items()
+    }
+    results = {
+        "toy": toy_table,
+        "training": train_table,
+        "toy_max_samples": toy["init"]["num_samples"][-1] if toy else None,
+    }
     common.save_results(workdir, results)
     return results
 
@@ -340,9 +449,11 @@ def main(argv):
     for point, tab in results["toy"].items():
         print(f"toy {point}:")
         for est, r in tab.items():
-            print(f"  {est:13s} bias {r['exact_bias']:.3f}  cos@1 {r['cosine_1']:.3f}  "
-                  f"cos@{results['toy_max_samples']} {r['cosine_max']:.3f}  "
-                  f"rmse@1 {r['rmse_1']:.3f}")
+            print(
+                f"  {est:13s} bias {r['exact_bias']:.3f}  cos@1 {r['cosine_1']:.3f}  "
+                f"cos@{results['toy_max_samples']} {r['cosine_max']:.3f}  "
+                f"rmse@1 {r['rmse_1']:.3f}"
+            )
     for k, r in results["training"].items():
         print(f"{k:30s} test {r['test_accuracy']:.3f}  sampled {r['sampled_test_accuracy']:.3f}")
 

@@ -173,8 +173,11 @@ def test_train_step_with_anchors_keeps_old_outputs():
     y_new = jnp.full((16,), 2)
     tx = optax.chain(ip.invariant_path(f, damping=1e-3, cg_iters=30, max_norm=1.0), optax.sgd(0.05))
     state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, model_state={},
-        opt_state=tx.init(params), key=jax.random.PRNGKey(0),
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(0),
     )
     step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
     before = f(params, x_old)

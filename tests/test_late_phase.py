@@ -45,8 +45,12 @@ def _state(name, tx=None):
     tx = tx or optax.sgd(0.1)
     copy = lambda t: jax.tree.map(jnp.copy, t)
     state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32), params=copy(params), model_state=copy(model_state),
-        opt_state=tx.init(params), key=jax.random.PRNGKey(1))
+        step=jnp.zeros((), jnp.int32),
+        params=copy(params),
+        model_state=copy(model_state),
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(1),
+    )
     return model, tx, state, batch
 
 
@@ -61,8 +65,7 @@ def _mlp_state(tx=None):
 def _perturb(tree, key, scale=0.3):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape)
-             for x, k in zip(leaves, keys, strict=True)]
+    noisy = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
     return jax.tree.unflatten(treedef, noisy)
 
 
@@ -85,10 +88,21 @@ def test_presets_choose_bn_affine_and_head_or_rank1_factors():
     _, _, state, _ = _convnet_state()
     late = lp.expand(state.params, "bn_head", K)
     axes = lp.member_axes(late, "bn_head")
-    chosen = {"/".join(p) for p, a in zip(lp._paths(late), jax.tree.leaves(
-        axes, is_leaf=lambda x: x is None), strict=True) if a == 0}
-    assert chosen == {"BatchNorm_0/scale", "BatchNorm_0/bias", "BatchNorm_1/scale",
-                      "BatchNorm_1/bias", "head/kernel", "head/bias"}
+    chosen = {
+        "/".join(p)
+        for p, a in zip(
+            lp._paths(late), jax.tree.leaves(axes, is_leaf=lambda x: x is None), strict=True
+        )
+        if a == 0
+    }
+    assert chosen == {
+        "BatchNorm_0/scale",
+        "BatchNorm_0/bias",
+        "BatchNorm_1/scale",
+        "BatchNorm_1/bias",
+        "head/kernel",
+        "head/bias",
+    }
     assert late["Conv_0"]["kernel"].shape == state.params["Conv_0"]["kernel"].shape
     assert late["head"]["kernel"].shape == (K,) + state.params["head"]["kernel"].shape
 
@@ -143,8 +157,18 @@ def test_bad_inputs_raise_value_error_naming_what_is_allowed():
         nothing(late_state.params, late_state.model_state, batch, jax.random.PRNGKey(0))
     ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
     with pytest.raises(ValueError, match=r"t0 must be an int in \[0, num_steps=5\], got 9"):
-        lp.fit(state, loss, tx, ds, apply_fn=model.apply, num_members=K, t0=9, num_steps=5,
-               batch_size=8, progress=False)
+        lp.fit(
+            state,
+            loss,
+            tx,
+            ds,
+            apply_fn=model.apply,
+            num_members=K,
+            t0=9,
+            num_steps=5,
+            batch_size=8,
+            progress=False,
+        )
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -162,7 +186,7 @@ def test_late_phase_gradients_equal_per_member_grads():
     losses, member_grads, member_states = [], [], []
     for k in range(K):
         pk, sk = lp.member(late.params, late.model_state, k)
-        sl = jax.tree.map(lambda x, k=k: x[k * b:(k + 1) * b], batch)
+        sl = jax.tree.map(lambda x, k=k: x[k * b : (k + 1) * b], batch)
         (lk, (msk, _)), gk = member_vg(pk, sk, sl, None)
         losses.append(lk)
         member_grads.append(gk)
@@ -170,11 +194,13 @@ def test_late_phase_gradients_equal_per_member_grads():
     for combine, factor in (("mean", 1.0),):  # "sum" is checked on the MLP below
         wrapped = lp.late_phase_loss(loss, K, "bn_head", combine=combine)
         (value, (new_ms, _)), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(
-            late.params, late.model_state, batch, jax.random.PRNGKey(0))
+            late.params, late.model_state, batch, jax.random.PRNGKey(0)
+        )
         np.testing.assert_allclose(value, np.mean(losses), rtol=1e-5)
         for k in range(K):
-            _assert_tree_close(jax.tree.map(lambda x, k=k: x[k], new_ms), member_states[k],
-                               rtol=1e-5, atol=1e-6)
+            _assert_tree_close(
+                jax.tree.map(lambda x, k=k: x[k], new_ms), member_states[k], rtol=1e-5, atol=1e-6
+            )
 
         def expected(a, *gs, factor=factor):
             if a == 0:
@@ -194,9 +220,11 @@ def test_rank1_gradients_with_sum_combine_on_mlp():
     b = len(batch["x"]) // K
 
     def member_loss(w, r, s, k):  # Dense_0 of member k: W * r s^T, computed by hand
-        p = {"Dense_0": {"kernel": w * jnp.outer(r, s), "bias": late["Dense_0"]["bias"]},
-             "head": lp.member(late, {}, k, "rank1")[0]["head"]}
-        sl = jax.tree.map(lambda x: x[k * b:(k + 1) * b], batch)
+        p = {
+            "Dense_0": {"kernel": w * jnp.outer(r, s), "bias": late["Dense_0"]["bias"]},
+            "head": lp.member(late, {}, k, "rank1")[0]["head"],
+        }
+        sl = jax.tree.map(lambda x: x[k * b : (k + 1) * b], batch)
         return loss(p, {}, sl, None)[0]
 
     w = late["Dense_0"]["kernel"]
@@ -205,12 +233,15 @@ def test_rank1_gradients_with_sum_combine_on_mlp():
     vals, per = zip(*[vg(w, rs[k], ss[k], k) for k in range(K)], strict=True)
     np.testing.assert_allclose(value, np.mean(vals), rtol=1e-5)
     # combine="sum": the shared kernel gets the sum of the members' gradients
-    np.testing.assert_allclose(grads["Dense_0"]["kernel"], np.sum([g[0] for g in per], 0),
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(grads["Dense_0"]["kernel_rank1_in"], np.stack([g[1] for g in per]),
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(grads["Dense_0"]["kernel_rank1_out"],
-                               np.stack([g[2] for g in per]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        grads["Dense_0"]["kernel"], np.sum([g[0] for g in per], 0), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        grads["Dense_0"]["kernel_rank1_in"], np.stack([g[1] for g in per]), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        grads["Dense_0"]["kernel_rank1_out"], np.stack([g[2] for g in per]), rtol=1e-4, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- averaging
@@ -221,8 +252,9 @@ def test_average_of_identical_members_is_the_original_network_exactly():
     state = state.replace(model_state=_perturb(state.model_state, jax.random.PRNGKey(1), 0.1))
     state = state.replace(model_state=jax.tree.map(jnp.abs, state.model_state))
     for select in ("bn_head", "batchnorm", "head", "rank1"):
-        p, s = lp.average(lp.expand(state.params, select, K),
-                          lp.expand_model_state(state.model_state, K), select)
+        p, s = lp.average(
+            lp.expand(state.params, select, K), lp.expand_model_state(state.model_state, K), select
+        )
         _assert_tree_equal(p, state.params)
         _assert_tree_equal(s, state.model_state)
     _, _, mstate, _ = _mlp_state()
@@ -235,8 +267,9 @@ def test_average_head_only_gives_mean_of_member_logits():
     late = lp.expand(state.params, "head", K, key=jax.random.PRNGKey(7), noise=0.5)
     p, _ = lp.average(late, {}, "head")
     avg_logits = model.apply({"params": p}, batch["x"])
-    member_logits = [model.apply({"params": lp.member(late, {}, k, "head")[0]}, batch["x"])
-                     for k in range(K)]
+    member_logits = [
+        model.apply({"params": lp.member(late, {}, k, "head")[0]}, batch["x"]) for k in range(K)
+    ]
     assert float(jnp.std(jnp.stack(member_logits), 0).mean()) > 0.1  # members really differ
     np.testing.assert_allclose(avg_logits, np.mean(member_logits, 0), rtol=1e-5, atol=1e-5)
 
@@ -256,17 +289,27 @@ def test_average_bn_is_mean_of_member_affine_maps():
     params, ms = variables["params"], {"batch_stats": variables["batch_stats"]}
     late = lp.expand(params, "batchnorm", K, key=jax.random.PRNGKey(1), noise=0.5)
     lms = lp.expand_model_state(ms, K)
-    lms = jax.tree.map(lambda t, k: t + jnp.abs(jax.random.normal(k, t.shape)), lms,
-                       {"batch_stats": {"BatchNorm_0": {"mean": jax.random.PRNGKey(2),
-                                                        "var": jax.random.PRNGKey(3)}}})
+    lms = jax.tree.map(
+        lambda t, k: t + jnp.abs(jax.random.normal(k, t.shape)),
+        lms,
+        {
+            "batch_stats": {
+                "BatchNorm_0": {"mean": jax.random.PRNGKey(2), "var": jax.random.PRNGKey(3)}
+            }
+        },
+    )
     p, s = lp.average(late, lms, "batchnorm")
     avg = model.apply({"params": p, **s}, x)
-    outs = [model.apply({"params": pk, **sk}, x)
-            for pk, sk in (lp.member(late, lms, k, "batchnorm") for k in range(K))]
+    outs = [
+        model.apply({"params": pk, **sk}, x)
+        for pk, sk in (lp.member(late, lms, k, "batchnorm") for k in range(K))
+    ]
     assert float(jnp.std(jnp.stack(outs), 0).mean()) > 0.1
     np.testing.assert_allclose(avg, np.mean(outs, 0), rtol=1e-5, atol=1e-5)
-    naive = {"params": jax.tree.map(lambda t: t.mean(0), late, is_leaf=None),
-             "batch_stats": jax.tree.map(lambda t: t.mean(0), lms["batch_stats"])}
+    naive = {
+        "params": jax.tree.map(lambda t: t.mean(0), late, is_leaf=None),
+        "batch_stats": jax.tree.map(lambda t: t.mean(0), lms["batch_stats"]),
+    }
     naive["params"]["Dense_0"] = late["Dense_0"]
     assert not np.allclose(model.apply(naive, x), np.mean(outs, 0), atol=1e-3)
 
@@ -292,8 +335,11 @@ def test_k1_late_phase_fit_reproduces_plain_training_through_the_switch():
     p, s = lp.average(late.params, late.model_state)
     _assert_tree_close(p, plain.params, rtol=1e-4, atol=1e-5)
     _assert_tree_close(s, plain.model_state, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(hist[-1]["test_loss"], ws.training.evaluate(
-        model.apply, plain.variables, batch["x"], batch["y"])["loss"], rtol=1e-4)
+    np.testing.assert_allclose(
+        hist[-1]["test_loss"],
+        ws.training.evaluate(model.apply, plain.variables, batch["x"], batch["y"])["loss"],
+        rtol=1e-4,
+    )
     reset = lp.expand_state(copy(state), tx, "bn_head", 1, reset_opt_state=True)
     assert int(reset.opt_state[0].count) == 0
 
@@ -314,8 +360,9 @@ def test_expand_opt_state_copies_moments_and_keeps_counts():
     assert float(jnp.abs(old.mu["head"]["kernel"]).min()) > 0
     for k in range(K):
         np.testing.assert_array_equal(inner.mu["head"]["kernel"][k], old.mu["head"]["kernel"])
-        np.testing.assert_array_equal(inner.nu["BatchNorm_1"]["bias"][k],
-                                      old.nu["BatchNorm_1"]["bias"])
+        np.testing.assert_array_equal(
+            inner.nu["BatchNorm_1"]["bias"][k], old.nu["BatchNorm_1"]["bias"]
+        )
     np.testing.assert_array_equal(inner.nu["Conv_0"]["kernel"], old.nu["Conv_0"]["kernel"])
     r1 = lp.expand_state(state, tx, "rank1", K)
     inner = r1.opt_state.inner_state[0]
@@ -331,9 +378,12 @@ def test_swa_keeps_the_running_mean_of_iterates_also_injected_and_late_phase():
     model, _, state, batch = _mlp_state()
     loss = ws.training.classification_loss(model.apply)
     start, every, steps = 2, 2, 7
-    for tx in (optax.chain(optax.sgd(0.1), lp.swa(start=start, every=every)),
-               optax.inject_hyperparams(lambda start, every: optax.chain(
-                   optax.sgd(0.1), lp.swa(start=start, every=every)))(start=start, every=every)):
+    for tx in (
+        optax.chain(optax.sgd(0.1), lp.swa(start=start, every=every)),
+        optax.inject_hyperparams(
+            lambda start, every: optax.chain(optax.sgd(0.1), lp.swa(start=start, every=every))
+        )(start=start, every=every),
+    ):
         s = lp.expand_state(_mlp_state(tx)[2], tx, "head", K)
         step = ws.training.make_train_step(lp.late_phase_loss(loss, K, "head"), tx)
         iterates = []
@@ -353,15 +403,19 @@ def test_recompute_batch_stats_follows_the_bn_running_average():
     x, y = _data()
     variables = model.init(jax.random.PRNGKey(0), x[:2])
     params, ms = variables["params"], {"batch_stats": variables["batch_stats"]}
-    loss = lambda p, s, b, k: (0.0, (model.apply({"params": p, **s}, b["x"], train=True,
-                                                 mutable=["batch_stats"])[1], {}))
+    loss = lambda p, s, b, k: (
+        0.0,
+        (model.apply({"params": p, **s}, b["x"], train=True, mutable=["batch_stats"])[1], {}),
+    )
     new = lp.recompute_batch_stats(loss, params, ms, [{"x": x, "y": y}] * 3)
     h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
-    m = 0.9 ** 3
-    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["mean"],
-                               (1 - m) * h.mean(0), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["var"],
-                               m + (1 - m) * h.var(0), rtol=1e-4, atol=1e-6)
+    m = 0.9**3
+    np.testing.assert_allclose(
+        new["batch_stats"]["BatchNorm_0"]["mean"], (1 - m) * h.mean(0), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        new["batch_stats"]["BatchNorm_0"]["var"], m + (1 - m) * h.var(0), rtol=1e-4, atol=1e-6
+    )
 
 
 # ----------------------------------------------------------------------------- experiment, notebook

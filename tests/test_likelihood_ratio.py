@@ -163,8 +163,9 @@ def test_trains_step_function_network_where_backprop_is_blind():
     assert float(jnp.abs(backprop["Dense_0"]["kernel"]).max()) == 0.0  # zero gradients
     est = lr.likelihood_ratio(num_copies=16, sigma=0.5, antithetic=True)
     trained, losses = _train(est, loss, params, batch, steps=60)
-    acc = lambda p: float(jnp.mean(jnp.argmax(model.apply({"params": p}, batch["x"]), -1)
-                                   == batch["y"]))
+    acc = lambda p: float(
+        jnp.mean(jnp.argmax(model.apply({"params": p}, batch["x"]), -1) == batch["y"])
+    )
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3, losses
     assert acc(trained) > acc(params) + 0.3
     assert float(jnp.abs(trained["Dense_0"]["kernel"] - params["Dense_0"]["kernel"]).max()) > 0
@@ -214,11 +215,15 @@ def test_same_key_same_gradient_signature_and_recompute():
     assert not np.allclose(_flat(g1), _flat(g3))
     no_aux = lambda p, s, b, k: loss(p, s, b, k)[0]
     l4, g4 = jax.jit(lr.ulr(no_aux, has_aux=False, num_copies=4, baseline="mean", recompute=True))(
-        params, {}, batch, jax.random.PRNGKey(3))  # low-memory two-pass mode: same gradient
+        params, {}, batch, jax.random.PRNGKey(3)
+    )  # low-memory two-pass mode: same gradient
     np.testing.assert_allclose(_flat(g4), _flat(g1), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(l4, l1, rtol=1e-6)
     assert [name for name, _ in lr.perturbed_layers(loss, params, {}, batch)] == [
-        "Dense_0", "Dense_1", "head"]
+        "Dense_0",
+        "Dense_1",
+        "head",
+    ]
 
 
 def test_bad_input_raises_value_error():

@@ -18,12 +18,23 @@ T, K = 10, 4
 
 def _state(seed=0):
     rng = np.random.default_rng(seed)
-    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32),
-                          "bias": jnp.zeros((6,), jnp.float32)},
-              "head": {"kernel": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
-                       "bias": jnp.zeros((3,), jnp.float32)}}
-    return ws.training.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
-                                  opt_state=(), key=jax.random.PRNGKey(seed))
+    params = {
+        "Dense_0": {
+            "kernel": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32),
+            "bias": jnp.zeros((6,), jnp.float32),
+        },
+        "head": {
+            "kernel": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+            "bias": jnp.zeros((3,), jnp.float32),
+        },
+    }
+    return ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=(),
+        key=jax.random.PRNGKey(seed),
+    )
 
 
 class FakeTrainer:
@@ -37,10 +48,14 @@ class FakeTrainer:
         steps = num_steps - int(state.step)
         params = jax.tree.map(
             lambda p, m: np.where(m | (not self.keep_zero), p + 0.1 * steps * np.sign(p + 0.05), 0),
-            _np(state.params), _np(masks))
+            _np(state.params),
+            _np(masks),
+        )
         acc = float(sum(np.abs(p).sum() for p in jax.tree.leaves(params)))
         return state.replace(step=np.asarray(num_steps, np.int32), params=params), {
-            "test_accuracy": acc, "train_accuracy": acc}
+            "test_accuracy": acc,
+            "train_accuracy": acc,
+        }
 
 
 def _np(tree):
@@ -48,8 +63,10 @@ def _np(tree):
 
 
 def _tree_equal(a, b):
-    return all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
 
 
 def test_rewind_arm_prunes_survivors_and_rewinds_to_step_k():
@@ -58,13 +75,13 @@ def test_rewind_arm_prunes_survivors_and_rewinds_to_step_k():
     assert int(dense.rewind.step) == K and int(dense.final.step) == T
     assert _tree_equal(fake.starts[1][0].params, dense.rewind.params)  # dense resumed at k
     fake.starts.clear()
-    levels = lottery.run_arm("rewind", dense, fake, levels=3, rate=0.5,
-                             layer_rates={"head": 0.25})
+    levels = lottery.run_arm("rewind", dense, fake, levels=3, rate=0.5, layer_rates={"head": 0.25})
     assert [lv.level for lv in levels] == [0, 1, 2, 3]
     for lv, (start, masks) in zip(levels[1:], fake.starts, strict=True):
         prev = levels[lv.level - 1]
-        expect = pruning.magnitude_masks(prev.params, 0.5, masks=prev.masks, scope="layerwise",
-                                         layer_sparsity={"head": 0.25})
+        expect = pruning.magnitude_masks(
+            prev.params, 0.5, masks=prev.masks, scope="layerwise", layer_sparsity={"head": 0.25}
+        )
         assert _tree_equal(masks, expect) and _tree_equal(lv.masks, expect)
         assert int(start.step) == K
         assert _tree_equal(start.params, pruning.apply_masks(dense.rewind.params, masks))
@@ -78,8 +95,9 @@ def test_rewind_arm_prunes_survivors_and_rewinds_to_step_k():
         assert s["head/kernel"] == pytest.approx(1 - head / 18)
     to_init = lottery.run_arm("rewind", dense.rewound_to(0), fake, levels=1, rate=0.5)
     assert int(fake.starts[-1][0].step) == 0 and to_init[1].metrics["arm"] == "rewind"
-    assert _tree_equal(fake.starts[-1][0].params,
-                       pruning.apply_masks(dense.init.params, to_init[1].masks))
+    assert _tree_equal(
+        fake.starts[-1][0].params, pruning.apply_masks(dense.init.params, to_init[1].masks)
+    )
 
 
 def test_control_arms():
@@ -89,8 +107,9 @@ def test_control_arms():
     key = jax.random.PRNGKey(7)
     init_fn = lambda k: _state(int(jax.random.randint(k, (), 0, 1000))).params
     fake.starts.clear()
-    reinit = lottery.run_arm("reinit", dense, fake, levels=2, rate=0.4, reference=ticket,
-                             key=key, init_fn=init_fn)
+    reinit = lottery.run_arm(
+        "reinit", dense, fake, levels=2, rate=0.4, reference=ticket, key=key, init_fn=init_fn
+    )
     for lv in (1, 2):
         start, masks = fake.starts[lv - 1]
         assert _tree_equal(masks, ticket[lv].masks) and int(start.step) == 0
@@ -103,8 +122,9 @@ def test_control_arms():
         assert rand[lv].metrics["layer_sparsity"] == ticket[lv].metrics["layer_sparsity"]
         assert not _tree_equal(rand[lv].masks, ticket[lv].masks)
     one = lottery.run_arm("oneshot", dense, fake, levels=2, rate=0.4, layer_rates={"head": 0.2})
-    expect = pruning.magnitude_masks(dense.final.params, 1 - 0.6**2, scope="layerwise",
-                                     layer_sparsity={"head": 1 - 0.8**2})
+    expect = pruning.magnitude_masks(
+        dense.final.params, 1 - 0.6**2, scope="layerwise", layer_sparsity={"head": 1 - 0.8**2}
+    )
     assert _tree_equal(one[2].masks, expect)
     with pytest.raises(ValueError, match="init_fn"):
         lottery.run_arm("reinit", dense, fake, levels=1, reference=ticket, key=key)
@@ -125,13 +145,15 @@ def test_bad_rewind_step_and_rate():
 
 def test_resume_at_first_unfinished_level(tmp_path):
     fake = FakeTrainer()
-    dense = lottery.train_dense(_state(), fake, num_steps=T, rewind_step=K,
-                                workdir=str(tmp_path / "dense"))
+    dense = lottery.train_dense(
+        _state(), fake, num_steps=T, rewind_step=K, workdir=str(tmp_path / "dense")
+    )
     first = lottery.run_arm("rewind", dense, fake, levels=3, workdir=str(tmp_path / "arm"))
     os.remove(tmp_path / "arm" / "level_03" / "metrics.json")  # as if killed during level 3
     again = FakeTrainer()
-    dense2 = lottery.train_dense(_state(), again, num_steps=T, rewind_step=K,
-                                 workdir=str(tmp_path / "dense"))
+    dense2 = lottery.train_dense(
+        _state(), again, num_steps=T, rewind_step=K, workdir=str(tmp_path / "dense")
+    )
     assert again.starts == [] and _tree_equal(dense2.rewind, dense.rewind)
     second = lottery.run_arm("rewind", dense2, again, levels=3, workdir=str(tmp_path / "arm"))
     assert len(again.starts) == 1  # only level 3 was redone
@@ -153,21 +175,36 @@ def _mlp_apply(variables, x, train=False, rngs=None):
 def test_masked_training_keeps_pruned_weights_exactly_zero():
     ds = ws.data.load("digits")
     rng = np.random.default_rng(0)
-    params = {"Dense_0": {"kernel": jnp.asarray(rng.normal(size=(64, 16)) / 8, jnp.float32),
-                          "bias": jnp.zeros(16)},
-              "head": {"kernel": jnp.asarray(rng.normal(size=(16, 10)) / 4, jnp.float32),
-                       "bias": jnp.zeros(10)}}
+    params = {
+        "Dense_0": {
+            "kernel": jnp.asarray(rng.normal(size=(64, 16)) / 8, jnp.float32),
+            "bias": jnp.zeros(16),
+        },
+        "head": {
+            "kernel": jnp.asarray(rng.normal(size=(16, 10)) / 4, jnp.float32),
+            "bias": jnp.zeros(10),
+        },
+    }
     inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9))
     tx = optax.chain(inner, pruning.keep_masked())
-    state = ws.training.TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state={},
-                                   opt_state=tx.init(params), key=jax.random.PRNGKey(0))
+    state = ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(0),
+    )
     step = ws.training.make_train_step(ws.training.classification_loss(_mlp_apply), tx)
     train = lottery.make_trainer(step, ds, apply_fn=_mlp_apply, batch_size=64)
     dense = lottery.train_dense(state, train, num_steps=12, rewind_step=3)
     levels = lottery.run_arm("rewind", dense, train, levels=2, rate=0.5)
     for lv in levels[1:]:
-        for p, m, p0 in zip(jax.tree.leaves(lv.params), jax.tree.leaves(lv.masks),
-                            jax.tree.leaves(dense.rewind.params), strict=True):
+        for p, m, p0 in zip(
+            jax.tree.leaves(lv.params),
+            jax.tree.leaves(lv.masks),
+            jax.tree.leaves(dense.rewind.params),
+            strict=True,
+        ):
             p, m = np.asarray(p), np.asarray(m)
             assert (p[~m] == 0).all()
             assert (p[m] != np.asarray(p0)[m]).mean() > 0.9  # survivors did train

@@ -12,10 +12,14 @@ from wspace import pruning
 def _params(seed=0):
     rng = np.random.default_rng(seed)
     return {
-        "Dense_0": {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
-                    "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32)},
-        "head": {"kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
-                 "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+        "Dense_0": {
+            "kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(5,)), jnp.float32),
+        },
+        "head": {
+            "kernel": jnp.asarray(rng.normal(size=(5, 4)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+        },
     }
 
 
@@ -35,10 +39,18 @@ def test_layerwise_magnitude_prunes_exactly_the_smallest():
 def test_global_magnitude_uses_one_threshold_across_layers():
     params = _params(1)
     masks = pruning.magnitude_masks(params, 0.5, scope="global")
-    kept = np.concatenate([np.abs(np.asarray(params[n]["kernel"]))[np.asarray(masks[n]["kernel"])]
-                           for n in ("Dense_0", "head")])
-    cut = np.concatenate([np.abs(np.asarray(params[n]["kernel"]))[~np.asarray(masks[n]["kernel"])]
-                          for n in ("Dense_0", "head")])
+    kept = np.concatenate(
+        [
+            np.abs(np.asarray(params[n]["kernel"]))[np.asarray(masks[n]["kernel"])]
+            for n in ("Dense_0", "head")
+        ]
+    )
+    cut = np.concatenate(
+        [
+            np.abs(np.asarray(params[n]["kernel"]))[~np.asarray(masks[n]["kernel"])]
+            for n in ("Dense_0", "head")
+        ]
+    )
     assert len(cut) == 25 and kept.min() >= cut.max()
     s = pruning.sparsity(masks)
     assert s["pruned"] == 25 and s["prunable"] == 50 and s["overall"] == 0.5
@@ -173,8 +185,11 @@ def test_keep_masked_masks_as_extra_arg_without_recompiling():
         masks = pruning.magnitude_masks(params, sp)
         p, s = step(p, s, masks)
         assert pruning.sparsity(masks)["pruned"] == int(
-            sum((np.asarray(x) == 0).sum() for x in jax.tree.leaves(
-                {k: v["kernel"] for k, v in p.items()})))
+            sum(
+                (np.asarray(x) == 0).sum()
+                for x in jax.tree.leaves({k: v["kernel"] for k, v in p.items()})
+            )
+        )
     assert len(traces) == 1 and s[1].masks is None and int(s[1].count) == 3
 
 
@@ -190,16 +205,25 @@ def test_keep_masked_without_params_or_masks_raises():
 
 def test_polynomial_schedule_closed_form():
     kw = dict(final_sparsity=0.8, begin_step=10, end_step=50, frequency=10, initial_sparsity=0.1)
-    for t, expect in [(0, 0.0), (9, 0.0), (10, 0.1), (15, 0.1), (30, 0.8 - 0.7 * 0.5**3),
-                      (49, 0.8 - 0.7 * 0.25**3), (50, 0.8), (1000, 0.8)]:
+    for t, expect in [
+        (0, 0.0),
+        (9, 0.0),
+        (10, 0.1),
+        (15, 0.1),
+        (30, 0.8 - 0.7 * 0.5**3),
+        (49, 0.8 - 0.7 * 0.25**3),
+        (50, 0.8),
+        (1000, 0.8),
+    ]:
         np.testing.assert_allclose(float(pruning.polynomial_sparsity(t, **kw)), expect, rtol=1e-6)
 
 
 def test_gradual_pruning_in_jit_and_inject_hyperparams():
     params = _params(4)
     make = optax.inject_hyperparams(pruning.gradual_pruning, static_args=("scope", "exclude"))
-    tx = optax.chain(optax.sgd(0.01),
-                     make(0.7, begin_step=2, end_step=8, frequency=2, scope="layerwise"))
+    tx = optax.chain(
+        optax.sgd(0.01), make(0.7, begin_step=2, end_step=8, frequency=2, scope="layerwise")
+    )
     p, s = params, tx.init(params)
 
     @jax.jit
@@ -213,13 +237,21 @@ def test_gradual_pruning_in_jit_and_inject_hyperparams():
     for _ in range(12):
         p, s = step(p, s)
         masks = s[1].inner_state.masks
-        assert not any((np.asarray(b) & ~np.asarray(a)).any()  # never revived
-                       for a, b in zip(jax.tree.leaves(prev), jax.tree.leaves(masks), strict=True))
+        assert not any(
+            (np.asarray(b) & ~np.asarray(a)).any()  # never revived
+            for a, b in zip(jax.tree.leaves(prev), jax.tree.leaves(masks), strict=True)
+        )
         prev = masks
         seen.append(pruning.sparsity(masks)["layers"]["Dense_0/kernel"])
         zero = np.asarray(p["Dense_0"]["kernel"])[~np.asarray(masks["Dense_0"]["kernel"])]
         assert (zero == 0).all()
-    expect = [float(pruning.polynomial_sparsity(t, final_sparsity=0.7, begin_step=2, end_step=8,
-                                                frequency=2)) for t in range(12)]
+    expect = [
+        float(
+            pruning.polynomial_sparsity(
+                t, final_sparsity=0.7, begin_step=2, end_step=8, frequency=2
+            )
+        )
+        for t in range(12)
+    ]
     np.testing.assert_allclose(seen, [np.floor(e * 30 + 0.5) / 30 for e in expect])
     assert seen[-1] == 21 / 30 and seen[1] == 0.0

@@ -31,7 +31,8 @@ def _toy(hidden=(3, 3), n=4, seed=0, **kw):
 def test_stochastic_sign_probability_is_cdf(noise):
     a = jnp.array([-1.5, -0.3, 0.0, 0.4, 0.9])
     xs = jax.vmap(lambda k: st.stochastic_sign(k, a, noise=noise))(
-        jax.random.split(jax.random.PRNGKey(0), 20000))
+        jax.random.split(jax.random.PRNGKey(0), 20000)
+    )
     p_hat = np.asarray(jnp.mean(xs == 1.0, 0))
     p = np.asarray(st.noise_cdf(a, noise))
     assert set(np.unique(np.asarray(xs))) <= {-1.0, 1.0}
@@ -42,31 +43,37 @@ def test_backward_rules():
     a = jnp.linspace(-3.0, 3.0, 13)
     key = jax.random.PRNGKey(1)
     grad = lambda noise, est: jax.grad(
-        lambda v: jnp.sum(st.stochastic_sign(key, v, noise=noise, estimator=est)))(a)
+        lambda v: jnp.sum(st.stochastic_sign(key, v, noise=noise, estimator=est))
+    )(a)
     # principled ST for logistic noise = d/da tanh(a/2); for uniform noise = hardtanh'
-    np.testing.assert_allclose(grad("logistic", "st"),
-                               jax.vmap(jax.grad(lambda v: jnp.tanh(v / 2)))(a), rtol=1e-5)
+    np.testing.assert_allclose(
+        grad("logistic", "st"), jax.vmap(jax.grad(lambda v: jnp.tanh(v / 2)))(a), rtol=1e-5
+    )
     np.testing.assert_allclose(grad("uniform", "st"), grad("uniform", "hardtanh"))
-    np.testing.assert_allclose(grad("gaussian", "st"),
-                               2 * jax.scipy.stats.norm.pdf(a), rtol=1e-5)
+    np.testing.assert_allclose(grad("gaussian", "st"), 2 * jax.scipy.stats.norm.pdf(a), rtol=1e-5)
     np.testing.assert_allclose(grad("logistic", "identity"), np.ones(13))
-    np.testing.assert_allclose(grad("logistic", "tanh"), 1 - np.tanh(np.asarray(a)) ** 2,
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        grad("logistic", "tanh"), 1 - np.tanh(np.asarray(a)) ** 2, rtol=1e-5, atol=1e-6
+    )
     # the forward value does not depend on the estimator, only on key and noise
-    np.testing.assert_array_equal(st.stochastic_sign(key, a, estimator="identity"),
-                                  st.stochastic_sign(key, a, estimator="st"))
+    np.testing.assert_array_equal(
+        st.stochastic_sign(key, a, estimator="identity"), st.stochastic_sign(key, a, estimator="st")
+    )
     # deterministic sign with the clipped STE
     np.testing.assert_array_equal(st.sign_ste(a), np.where(np.asarray(a) >= 0, 1.0, -1.0))
-    np.testing.assert_array_equal(jax.grad(lambda v: jnp.sum(st.sign_ste(v)))(a),
-                                  (np.abs(np.asarray(a)) <= 1).astype(np.float32))
+    np.testing.assert_array_equal(
+        jax.grad(lambda v: jnp.sum(st.sign_ste(v)))(a),
+        (np.abs(np.asarray(a)) <= 1).astype(np.float32),
+    )
 
 
 def test_bernoulli_weights_estimators():
     eta = jnp.array([-2.0, 0.0, 1.0])
     key = jax.random.PRNGKey(2)
     g_id = jax.grad(lambda e: jnp.sum(jnp.arange(3.0) * st.bernoulli_weights(key, e)))(eta)
-    g_st = jax.grad(lambda e: jnp.sum(
-        jnp.arange(3.0) * st.bernoulli_weights(key, e, estimator="st")))(eta)
+    g_st = jax.grad(
+        lambda e: jnp.sum(jnp.arange(3.0) * st.bernoulli_weights(key, e, estimator="st"))
+    )(eta)
     np.testing.assert_allclose(g_id, jnp.arange(3.0))  # dL/dw: the mirror-descent direction
     np.testing.assert_allclose(g_st, jnp.arange(3.0) * 2 * st.noise_pdf(eta), rtol=1e-6)
 
@@ -92,7 +99,8 @@ def test_exact_gradient_matches_finite_differences():
     # the value is the probability-weighted mean of per-state losses, and probabilities sum to 1
     states = st.all_states(6)
     losses, logps = jax.vmap(lambda x1, y1: jax.vmap(lambda s: slf.fn(params, s, x1, y1))(states))(
-        x, y)
+        x, y
+    )
     np.testing.assert_allclose(jnp.sum(jnp.exp(logps), 1), np.ones(len(x)), rtol=1e-5)
     np.testing.assert_allclose(value, jnp.mean(jnp.sum(jnp.exp(logps) * losses, 1)), rtol=1e-5)
     assert np.isfinite(float(value))
@@ -109,7 +117,8 @@ def _single_unit_affine(estimator, noise):
     v = {"params": params}
     _, exact = st.exact_value_and_grad(st.states_loss(model.apply, v, x, loss=loss))(params, x, y)
     _, mean_st = st.expected_estimate(
-        st.states_loss(model.apply, v, x, loss=loss, straight_through=True))(params, x, y)
+        st.states_loss(model.apply, v, x, loss=loss, straight_through=True)
+    )(params, x, y)
     return exact, mean_st
 
 
@@ -132,17 +141,20 @@ def test_paper_toy_st_bias_below_identity():
     biases = {}
     for est in ("st", "identity"):
         m = st.BinaryMLP((5, 5, 5), num_classes=2, activation=est)
-        _, mean = st.expected_estimate(
-            st.states_loss(m.apply, v, x, straight_through=True))(params, x, y)
-        biases[est] = st.gradient_metrics(
-            jax.tree.map(lambda a: jnp.stack([a, a]), mean), exact)["bias"]
+        _, mean = st.expected_estimate(st.states_loss(m.apply, v, x, straight_through=True))(
+            params, x, y
+        )
+        biases[est] = st.gradient_metrics(jax.tree.map(lambda a: jnp.stack([a, a]), mean), exact)[
+            "bias"
+        ]
     assert biases["st"] < biases["identity"], biases
 
 
 def test_expected_st_matches_monte_carlo():
     model, params, x, y = _toy()
     _, mean = st.expected_estimate(
-        st.states_loss(model.apply, {"params": params}, x, straight_through=True))(params, x, y)
+        st.states_loss(model.apply, {"params": params}, x, straight_through=True)
+    )(params, x, y)
     loss = ws.training.classification_loss(model.apply)
     single = lambda k: jax.grad(lambda p: loss(p, {}, {"x": x, "y": y}, k)[0])(params)
     samples = jax.jit(jax.vmap(single))(jax.random.split(jax.random.PRNGKey(4), 4000))
@@ -156,7 +168,8 @@ def test_reinforce_is_unbiased():
     _, exact = st.exact_value_and_grad(slf)(params, x, y)
     fn = st.reinforce(slf, 2)
     est = jax.jit(jax.vmap(lambda k: fn(params, k, x, y)[1]))(
-        jax.random.split(jax.random.PRNGKey(5), 8000))
+        jax.random.split(jax.random.PRNGKey(5), 8000)
+    )
     met = st.gradient_metrics(est, exact)
     assert met["bias"] < 4 * np.sqrt(met["variance"] / 8000), met
     assert met["variance"] > 0
@@ -194,7 +207,11 @@ def test_gradient_metrics_closed_form():
     np.testing.assert_allclose(met["cosine"], 2 / np.sqrt(5))
     curve = st.metrics_vs_samples(
         st.average_estimator(lambda k: {"a": jnp.array([1.0, 0.0]) + jax.random.normal(k, (2,))}),
-        exact, jax.random.PRNGKey(0), num_samples=(1, 16), repeats=200)
+        exact,
+        jax.random.PRNGKey(0),
+        num_samples=(1, 16),
+        repeats=200,
+    )
     assert curve["num_samples"] == [1, 16]
     assert curve["variance"][1] < curve["variance"][0] / 8  # variance ~ 2/m
     assert curve["cosine"][1] > curve["cosine"][0]
@@ -207,8 +224,9 @@ def test_layers_train_in_the_foundation_step():
     for model in (st.BinaryMLP((8,), num_classes=3, binary_weights=True),):
         x = jax.random.normal(jax.random.PRNGKey(0), (16, 5))
         y = jnp.arange(16) % 3
-        tx = optax.multi_transform({"latent": st.mirror_descent(10.0), "real": optax.adam(1e-2)},
-                                   st.latent_labels)
+        tx = optax.multi_transform(
+            {"latent": st.mirror_descent(10.0), "real": optax.adam(1e-2)}, st.latent_labels
+        )
         state = ws.training.init_state(model, tx, x[:1], jax.random.PRNGKey(1))
         step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
         before = jax.tree.map(np.asarray, state.params)
@@ -235,7 +253,8 @@ def test_binary_conv_shapes_and_values():
     x2 = jnp.ones((1, 8, 8, 1))
     v2 = jax.jit(conv2.init)(jax.random.PRNGKey(0), x2)
     out = jax.jit(functools.partial(conv2.apply, train=True))(
-        v2, x2, rngs={"dropout": jax.random.PRNGKey(2)})
+        v2, x2, rngs={"dropout": jax.random.PRNGKey(2)}
+    )
     assert out.shape == (1, 4, 4, 2) and set(np.unique(np.asarray(out))) <= {-1.0, 1.0}
 
 

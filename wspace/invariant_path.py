@@ -479,7 +479,12 @@ def adversarial_loss(
         else:
             start_key = None if key is None else jax.random.fold_in(key, 1)
             x_adv = pgd(
-                loss_of_x, batch["x"], start_key, eps=eps, steps=steps, step_size=step_size,
+                loss_of_x,
+                batch["x"],
+                start_key,
+                eps=eps,
+                steps=steps,
+                step_size=step_size,
                 clip=clip,
             )
         return loss_fn(params, model_state, {**batch, "x": x_adv}, key)
@@ -589,9 +594,7 @@ def _check_anchors(anchors, input_shape):
 
 
 def _vdot(a: PyTree, b: PyTree) -> jax.Array:
-    parts = jax.tree.map(
-        lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b
-    )
+    parts = jax.tree.map(lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b)
     return sum(jax.tree.leaves(parts), jnp.zeros((), jnp.float32))
 
 

@@ -116,16 +116,7 @@ def selection(select: str | Callable | Selection, *, rank1: bool = False) -> Sel
     )
 
 
-def _path(keypath) -> tuple[str, ...]:
-    out = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
+_path = training.key_names
 
 
 def _paths(tree) -> list[tuple[str, ...]]:
@@ -202,7 +193,8 @@ def expand(
     key = jax.random.PRNGKey(0) if key is None else key
     if sel.rank1:
         chosen = [
-            p for p, x in zip(_paths(params), jax.tree.leaves(params), strict=True)
+            p
+            for p, x in zip(_paths(params), jax.tree.leaves(params), strict=True)
             if sel.predicate(p) and jnp.ndim(x) >= 2
         ]
         if not chosen:
@@ -212,8 +204,10 @@ def expand(
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     if not any(sel.predicate(_path(kp)) for kp, _ in flat):
         raise _no_selection_error(params, sel)
-    leaves = [jnp.broadcast_to(x, (k_members,) + jnp.shape(x)) if sel.predicate(_path(kp))
-              else x for kp, x in flat]
+    leaves = [
+        jnp.broadcast_to(x, (k_members,) + jnp.shape(x)) if sel.predicate(_path(kp)) else x
+        for kp, x in flat
+    ]
     return _add_noise(jax.tree.unflatten(jax.tree.structure(params), leaves), sel, key, noise)
 
 
@@ -227,15 +221,17 @@ def _add_noise(late, sel: Selection, key, noise: float):
     start = 0
     for i in idx:
         x = leaves[i]
-        leaves[i] = x + noise * eps[start:start + x.size].reshape(x.shape).astype(x.dtype)
+        leaves[i] = x + noise * eps[start : start + x.size].reshape(x.shape).astype(x.dtype)
         start += x.size
     return jax.tree.unflatten(jax.tree.structure(late), leaves)
 
 
 def _add_rank1(tree, path, sel, k_members):
     if not isinstance(tree, Mapping):
-        raise ValueError(f"rank-1 late-phase weights need params as nested dicts; at {path} "
-                         f"found {type(tree).__name__}")
+        raise ValueError(
+            f"rank-1 late-phase weights need params as nested dicts; at {path} "
+            f"found {type(tree).__name__}"
+        )
     out = {}
     for name, value in tree.items():
         p = path + (str(name),)
@@ -387,8 +383,9 @@ def member(params: PyTree, model_state: PyTree, k: int, select="bn_head"):
     """Member k as a plain network: ``(params_k, model_state_k)`` for the unchanged ``apply``."""
     sel = selection(select)
     axes = member_axes(params, sel)
-    p = jax.tree.map(lambda x, a: x if a is None else x[k], params, axes,
-                     is_leaf=lambda x: x is None)
+    p = jax.tree.map(
+        lambda x, a: x if a is None else x[k], params, axes, is_leaf=lambda x: x is None
+    )
     return _effective(p, sel), jax.tree.map(lambda x: x[k], model_state)
 
 
@@ -456,7 +453,9 @@ def late_phase_loss(
         keys = None if key is None else jax.random.split(key, k_members)
         scaled = jax.tree.map(
             lambda x, a: _scale_grad(x, shared_scale if a is None else float(k_members)),
-            params, axes, is_leaf=lambda x: x is None,
+            params,
+            axes,
+            is_leaf=lambda x: x is None,
         )
 
         def one(p, ms, b, k):
@@ -515,10 +514,15 @@ def average(
     if sel.rank1:
         avg = _average_rank1(params)
     else:
-        avg = jax.tree.map(lambda x, a: x if a is None else _mean0(x), params, axes,
-                           is_leaf=lambda x: x is None)
-    is_member = {p: a == 0 for p, a in zip(
-        _paths(params), jax.tree.leaves(axes, is_leaf=lambda x: x is None), strict=True)}
+        avg = jax.tree.map(
+            lambda x, a: x if a is None else _mean0(x), params, axes, is_leaf=lambda x: x is None
+        )
+    is_member = {
+        p: a == 0
+        for p, a in zip(
+            _paths(params), jax.tree.leaves(axes, is_leaf=lambda x: x is None), strict=True
+        )
+    }
     bn = {}  # path of a BN module -> (scale*, bias*, mean*, var*)
     for path, node in _stat_nodes(model_state):
         bn[path[1:]] = _average_bn(params, path[1:], node, is_member, eps)
@@ -573,8 +577,11 @@ def _average_bn(params, path, stats, is_member, eps):
 
     def per_member(name):
         x = node[name]
-        return x if is_member.get(path + (name,), False) else jnp.broadcast_to(
-            x, (k_members,) + x.shape)
+        return (
+            x
+            if is_member.get(path + (name,), False)
+            else jnp.broadcast_to(x, (k_members,) + x.shape)
+        )
 
     scale, bias = per_member("scale"), per_member("bias")
     m_star, v_star = _mean0(mean), _mean0(var)
@@ -668,7 +675,8 @@ def swa(start: int = 0, every: int = 1) -> optax.GradientTransformationExtraArgs
         new_params = optax.apply_updates(params, updates)
         mean = jax.tree.map(
             lambda m, p: (m + weight.astype(m.dtype) * (p - m)).astype(m.dtype),
-            state.mean, new_params,
+            state.mean,
+            new_params,
         )
         return updates, SWAState(count=count, n=n, mean=mean)
 
@@ -678,7 +686,8 @@ def swa(start: int = 0, every: int = 1) -> optax.GradientTransformationExtraArgs
 def swa_params(opt_state: PyTree) -> PyTree:
     """The running average kept by the (single) `swa` inside an optimizer state."""
     found = [
-        s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SWAState))
+        s
+        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SWAState))
         if isinstance(s, SWAState)
     ]
     if len(found) != 1:
@@ -764,8 +773,16 @@ def fit(
     if t0 > 0:
         plain_step = training.make_train_step(loss_fn, tx)
         state, hist = training.fit(
-            state, plain_step, dataset, apply_fn=apply_fn, num_steps=t0, batch_size=batch_size,
-            seed=seed, eval_every=eval_every, workdir=sub("plain"), progress=progress,
+            state,
+            plain_step,
+            dataset,
+            apply_fn=apply_fn,
+            num_steps=t0,
+            batch_size=batch_size,
+            seed=seed,
+            eval_every=eval_every,
+            workdir=sub("plain"),
+            progress=progress,
         )
         history += [{**r, "phase": "plain"} for r in hist]
     late_state = expand_state(state, tx, select, k_members, key=key, noise=noise)
@@ -773,9 +790,16 @@ def fit(
         late_phase_loss(loss_fn, k_members, select, combine=combine), tx
     )
     late_state, hist = training.fit(
-        late_state, late_step, dataset, apply_fn=averaged_apply(apply_fn, select),
-        num_steps=num_steps, batch_size=batch_size, seed=seed, eval_every=eval_every,
-        workdir=sub("late"), progress=progress,
+        late_state,
+        late_step,
+        dataset,
+        apply_fn=averaged_apply(apply_fn, select),
+        num_steps=num_steps,
+        batch_size=batch_size,
+        seed=seed,
+        eval_every=eval_every,
+        workdir=sub("late"),
+        progress=progress,
     )
     history += [{**r, "phase": "late"} for r in hist]
     return late_state, history
@@ -786,7 +810,10 @@ def num_late_phase_params(late_params: PyTree, select="bn_head") -> int:
     axes = member_axes(late_params, select)
     return sum(
         math.prod(x.shape)
-        for x, a in zip(jax.tree.leaves(late_params),
-                        jax.tree.leaves(axes, is_leaf=lambda x: x is None), strict=True)
+        for x, a in zip(
+            jax.tree.leaves(late_params),
+            jax.tree.leaves(axes, is_leaf=lambda x: x is None),
+            strict=True,
+        )
         if a == 0
     )

@@ -242,8 +242,14 @@ def _sigma_of(sigma, name: str):
 
 
 def perturbed_layers(
-    loss_fn: Callable, params: PyTree, model_state: PyTree, batch: dict, key=None, *,
-    has_aux: bool = True, layer_types: tuple = LAYER_TYPES,
+    loss_fn: Callable,
+    params: PyTree,
+    model_state: PyTree,
+    batch: dict,
+    key=None,
+    *,
+    has_aux: bool = True,
+    layer_types: tuple = LAYER_TYPES,
 ) -> list[tuple[str, tuple[int, ...]]]:
     """The layers ULR perturbs, as ``(path, output shape)`` in call order (traced abstractly).
 
@@ -335,8 +341,13 @@ def ulr(
     """
     _validate(num_copies, sigma, noise, antithetic, baseline, qmc)
     opts = dict(
-        num_copies=int(num_copies), sigma=sigma, noise=noise, antithetic=bool(antithetic),
-        baseline=baseline, layerwise=bool(layerwise), qmc=bool(qmc),
+        num_copies=int(num_copies),
+        sigma=sigma,
+        noise=noise,
+        antithetic=bool(antithetic),
+        baseline=baseline,
+        layerwise=bool(layerwise),
+        qmc=bool(qmc),
     )
     layer_types = tuple(layer_types)
 
@@ -344,7 +355,12 @@ def ulr(
         n_copies = opts["num_copies"]
         key_noise, key_loss = _seed(key), key  # noise from a hash of the key (see _uniform)
         sites = perturbed_layers(
-            loss_fn, params, model_state, batch, key_loss, has_aux=has_aux,
+            loss_fn,
+            params,
+            model_state,
+            batch,
+            key_loss,
+            has_aux=has_aux,
             layer_types=layer_types,
         )
         _check_sites(sites, opts, layer_types)
@@ -380,9 +396,7 @@ def ulr(
         collect = "none" if recompute else "outs"
 
         def wide(p):
-            loss, aux, recs = jax.vmap(
-                lambda c: noisy(p, batch, key_noise, c, collect)
-            )(copies)
+            loss, aux, recs = jax.vmap(lambda c: noisy(p, batch, key_noise, c, collect))(copies)
             outs = [o for o, _ in recs]
             return outs, (loss, aux, [e for _, e in recs])
 
@@ -407,8 +421,17 @@ def ulr(
             batch_b = jax.tree.map(lambda a: _after(a, weights), batch)
 
             grads = _second_pass(
-                loss_fn, opts, params, model_state, batch_b, key_b, key_loss, weights_b,
-                per_layer, num_sites, layer_types,
+                loss_fn,
+                opts,
+                params,
+                model_state,
+                batch_b,
+                key_b,
+                key_loss,
+                weights_b,
+                per_layer,
+                num_sites,
+                layer_types,
             )
         else:
             cots = []
@@ -439,8 +462,19 @@ def _after(seed, x):
     return seed + (probe != probe).astype(seed.dtype)
 
 
-def _second_pass(loss_fn, opts, params, model_state, batch, key_noise, key_loss, weights,
-                 per_layer, num_sites, layer_types):
+def _second_pass(
+    loss_fn,
+    opts,
+    params,
+    model_state,
+    batch,
+    key_noise,
+    key_loss,
+    weights,
+    per_layer,
+    num_sites,
+    layer_types,
+):
     """Recompute mode: one tiled noisy pass that forms each layer's gradient on the spot.
 
     The batch is tiled N times (copy-major, the order of the vmapped first
@@ -510,9 +544,12 @@ def likelihood_ratio(**options) -> Callable:
     Reference: Jiang, Zhang, Xu, Yu, Peng, ICLR 2024, arXiv 2305.08960.
     """
     _validate(
-        options.get("num_copies", 16), options.get("sigma", 0.1),
-        options.get("noise", "gaussian"), options.get("antithetic", False),
-        options.get("baseline", "none"), options.get("qmc", False),
+        options.get("num_copies", 16),
+        options.get("sigma", 0.1),
+        options.get("noise", "gaussian"),
+        options.get("antithetic", False),
+        options.get("baseline", "none"),
+        options.get("qmc", False),
     )
     return functools.partial(_ulr_estimator, options=options)
 
@@ -620,16 +657,23 @@ def es(
     Reference: Salimans, Ho, Chen, Sidor, Sutskever, 2017, arXiv 1703.03864.
     """
     _validate(num_copies, sigma, "gaussian", antithetic, baseline)
-    opts = dict(num_copies=int(num_copies), noise="gaussian", antithetic=bool(antithetic),
-                baseline=baseline, qmc=False)
+    opts = dict(
+        num_copies=int(num_copies),
+        noise="gaussian",
+        antithetic=bool(antithetic),
+        baseline=baseline,
+        qmc=False,
+    )
 
     def fn(params, model_state, batch, key):
         key_noise, key_loss = _seed(key), key
         leaves, treedef = jax.tree.flatten(params)
 
         def eps_of(copy):
-            es_ = [_unit_noise(opts, key_noise, i, copy, x.shape, x.dtype)
-                   for i, x in enumerate(leaves)]
+            es_ = [
+                _unit_noise(opts, key_noise, i, copy, x.shape, x.dtype)
+                for i, x in enumerate(leaves)
+            ]
             return jax.tree.unflatten(treedef, es_)
 
         def one(copy):
@@ -661,8 +705,11 @@ def evolution_strategies(**options) -> Callable:
     See `es`. Reference: Salimans et al. 2017, arXiv 1703.03864.
     """
     _validate(
-        options.get("num_copies", 16), options.get("sigma", 0.01), "gaussian",
-        options.get("antithetic", True), options.get("baseline", "none"),
+        options.get("num_copies", 16),
+        options.get("sigma", 0.01),
+        "gaussian",
+        options.get("antithetic", True),
+        options.get("baseline", "none"),
     )
     return functools.partial(_es_estimator, options=options)
 

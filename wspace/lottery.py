@@ -126,9 +126,17 @@ def make_trainer(
         if steps <= 0:
             raise ValueError(f"state is at step {int(state.step)}; cannot train to {num_steps}")
         state, history = training_lib.fit(
-            state, train_step, dataset, apply_fn=apply_fn, num_steps=int(num_steps),
-            batch_size=batch_size, seed=seed, mode=mode, eval_every=int(num_steps),
-            tx_args={"masks": masks}, progress=False,
+            state,
+            train_step,
+            dataset,
+            apply_fn=apply_fn,
+            num_steps=int(num_steps),
+            batch_size=batch_size,
+            seed=seed,
+            mode=mode,
+            eval_every=int(num_steps),
+            tx_args={"masks": masks},
+            progress=False,
         )
         metrics = {k: v for k, v in history[-1].items() if k not in ("step", "time")}
         return state, metrics
@@ -166,8 +174,9 @@ def train_dense(
     if done is not None:
         like = {"init": state, "rewind": state, "final": state}
         states = _restore(os.path.join(workdir, "states"), like)
-        return DenseRun(states["init"], states["rewind"], states["final"], done["metrics"],
-                        done["rewind_step"])
+        return DenseRun(
+            states["init"], states["rewind"], states["final"], done["metrics"], done["rewind_step"]
+        )
     ones = all_true(state.params)
     t0 = time.time()
     rewind = state
@@ -177,9 +186,10 @@ def train_dense(
     metrics = {**metrics, "train_time": time.time() - t0}
     if workdir:
         _save(os.path.join(workdir, "states"), {"init": state, "rewind": rewind, "final": final})
-        training_lib.write_json(os.path.join(workdir, "metrics.json"),
-                                {"metrics": metrics, "rewind_step": rewind_step,
-                                 "num_steps": num_steps})
+        training_lib.write_json(
+            os.path.join(workdir, "metrics.json"),
+            {"metrics": metrics, "rewind_step": rewind_step, "num_steps": num_steps},
+        )
     return DenseRun(state, rewind, final, metrics, rewind_step)
 
 
@@ -212,12 +222,23 @@ def masks_for_level(
     if arm == "rewind":
         if previous is None:
             raise ValueError("the rewind arm needs the previous level")
-        return pruning.magnitude_masks(previous.params, rate, masks=previous.masks, scope=scope,
-                                       exclude=exclude, layer_sparsity=layer_rates)
+        return pruning.magnitude_masks(
+            previous.params,
+            rate,
+            masks=previous.masks,
+            scope=scope,
+            exclude=exclude,
+            layer_sparsity=layer_rates,
+        )
     cumulative = {k: level_rate(r, level) for k, r in layer_rates.items()}
     if arm == "oneshot":
-        return pruning.magnitude_masks(dense.final.params, level_rate(rate, level), scope=scope,
-                                       exclude=exclude, layer_sparsity=cumulative)
+        return pruning.magnitude_masks(
+            dense.final.params,
+            level_rate(rate, level),
+            scope=scope,
+            exclude=exclude,
+            layer_sparsity=cumulative,
+        )
     if arm == "reinit":
         if reference is None or len(reference) <= level:
             raise ValueError(f"the reinit arm needs the ticket's level {level} as reference")
@@ -228,9 +249,14 @@ def masks_for_level(
         key = jax.random.fold_in(key, level)
         if reference is not None and len(reference) > level:
             return pruning.shuffle_masks(reference[level].masks, key=key, exclude=exclude)
-        return pruning.random_masks(dense.final.params, level_rate(rate, level), key=key,
-                                    scope="layerwise", exclude=exclude,
-                                    layer_sparsity=cumulative)
+        return pruning.random_masks(
+            dense.final.params,
+            level_rate(rate, level),
+            key=key,
+            scope="layerwise",
+            exclude=exclude,
+            layer_sparsity=cumulative,
+        )
     raise ValueError(f"unknown arm {arm!r}; use one of {ARMS}")
 
 
@@ -294,8 +320,11 @@ def run_arm(
         raise ValueError(f"the {arm} arm needs a key")
     _check_steps(dense.num_steps, dense.rewind_step)
     out: list[Level] = []
-    like = {"params": dense.final.params, "model_state": dense.final.model_state,
-            "masks": all_true(dense.final.params)}
+    like = {
+        "params": dense.final.params,
+        "model_state": dense.final.model_state,
+        "masks": all_true(dense.final.params),
+    }
     for level in range(levels + 1):
         where = os.path.join(workdir, f"level_{level:02d}") if workdir else None
         done = _load_json(where, "metrics.json")
@@ -310,9 +339,18 @@ def run_arm(
             params, model_state = dense.final.params, dense.final.model_state
             masks, metrics = all_true(params), dict(dense.metrics)
         else:
-            masks = masks_for_level(arm, level, dense=dense, previous=out[-1], rate=rate,
-                                    layer_rates=layer_rates, scope=scope, exclude=exclude,
-                                    reference=reference, key=key)
+            masks = masks_for_level(
+                arm,
+                level,
+                dense=dense,
+                previous=out[-1],
+                rate=rate,
+                layer_rates=layer_rates,
+                scope=scope,
+                exclude=exclude,
+                reference=reference,
+                key=key,
+            )
             if arm == "reinit":
                 fresh = init_fn(jax.random.fold_in(key, level))
                 start = dense.init.replace(params=pruning.apply_masks(fresh, masks))
@@ -323,16 +361,23 @@ def run_arm(
             params, model_state = state.params, state.model_state
         result = Level(level, params, model_state, masks, {})
         stats = pruning.sparsity(masks, exclude=exclude)
-        metrics = {**metrics, "level": level, "arm": arm, "sparsity": stats["overall"],
-                   "density": stats["density"], "layer_sparsity": stats["layers"],
-                   "train_time": dense.metrics.get("train_time", 0.0) if level == 0
-                   else time.time() - t0}
+        metrics = {
+            **metrics,
+            "level": level,
+            "arm": arm,
+            "sparsity": stats["overall"],
+            "density": stats["density"],
+            "layer_sparsity": stats["layers"],
+            "train_time": dense.metrics.get("train_time", 0.0) if level == 0 else time.time() - t0,
+        }
         if measure is not None:
             metrics.update(measure(result, out[-1] if out else None, dense))
         result = result._replace(metrics=metrics)
         if where:
-            _save(os.path.join(where, "state"),
-                  {"params": params, "model_state": model_state, "masks": masks})
+            _save(
+                os.path.join(where, "state"),
+                {"params": params, "model_state": model_state, "masks": masks},
+            )
             training_lib.write_json(os.path.join(where, "metrics.json"), metrics)
         out.append(result)
         if callback:
@@ -351,8 +396,10 @@ def _check_steps(num_steps, rewind_step) -> None:
 
 
 def _check_pruned_zero(params, masks, arm, level) -> None:
-    moved = sum(int(np.count_nonzero(np.asarray(p)[~np.asarray(m, bool)]))
-                for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks), strict=True))
+    moved = sum(
+        int(np.count_nonzero(np.asarray(p)[~np.asarray(m, bool)]))
+        for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks), strict=True)
+    )
     if moved:
         raise ValueError(
             f"{moved} pruned weights are non-zero after training ({arm}, level {level}); "

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from wspace import training
+
 PyTree = Any
 Exclude = Callable[[str, Any], bool]
 LayerSparsity = Mapping[str, float] | Callable[[str, Any], float | None] | None
@@ -46,15 +48,7 @@ SCOPES = ("global", "layerwise")
 
 def leaf_name(path) -> str:
     """The ``"/"``-joined name of a pytree path, e.g. ``"Dense_0/kernel"``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    return "/".join(training.key_names(path))
 
 
 def default_exclude(name: str, leaf) -> bool:
@@ -93,8 +87,7 @@ def check_masks(params: PyTree, masks: PyTree) -> None:
     m_names, m_leaves, m_def = _named_leaves(masks)
     if p_def != m_def:
         raise ValueError(
-            f"mask tree does not match params: masks have leaves {m_names}, "
-            f"params have {p_names}"
+            f"mask tree does not match params: masks have leaves {m_names}, params have {p_names}"
         )
     for name, p, m in zip(p_names, p_leaves, m_leaves, strict=True):
         if jnp.shape(p) != jnp.shape(m):
@@ -255,8 +248,15 @@ def magnitude_masks(
     """
     masks, exclude = _prepare(params, sparsity, scope, masks, exclude)
     scores = jax.tree.map(jnp.abs, params)
-    return _prune(scores, masks, sparsity, scope=scope, exclude=exclude,
-                  layer_sparsity=layer_sparsity, relative=True)
+    return _prune(
+        scores,
+        masks,
+        sparsity,
+        scope=scope,
+        exclude=exclude,
+        layer_sparsity=layer_sparsity,
+        relative=True,
+    )
 
 
 def random_masks(
@@ -292,8 +292,15 @@ def random_masks(
     scores = jax.tree.unflatten(
         treedef, [jax.random.uniform(k, jnp.shape(p)) for k, p in zip(keys, leaves, strict=False)]
     )
-    return _prune(scores, masks, sparsity, scope=scope, exclude=exclude,
-                  layer_sparsity=layer_sparsity, relative=True)
+    return _prune(
+        scores,
+        masks,
+        sparsity,
+        scope=scope,
+        exclude=exclude,
+        layer_sparsity=layer_sparsity,
+        relative=True,
+    )
 
 
 def shuffle_masks(masks: PyTree, *, key: jax.Array, exclude: Exclude | None = None) -> PyTree:
@@ -353,8 +360,14 @@ def sparsity(masks: PyTree, *, exclude: Exclude | None = None) -> dict:
         pruned += n_pruned
         prunable += m.size
     overall = pruned / prunable if prunable else 0.0
-    return {"overall": overall, "density": 1.0 - overall, "pruned": pruned,
-            "prunable": prunable, "total": total, "layers": layers}
+    return {
+        "overall": overall,
+        "density": 1.0 - overall,
+        "pruned": pruned,
+        "prunable": prunable,
+        "total": total,
+        "layers": layers,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -371,9 +384,7 @@ class KeepMaskedState(NamedTuple):
 def _masked_updates(updates, params, masks):
     if params is None:
         raise ValueError("keep_masked/gradual_pruning need params: call tx.update(g, s, params)")
-    return jax.tree.map(
-        lambda u, p, m: jnp.where(m, u, -p).astype(u.dtype), updates, params, masks
-    )
+    return jax.tree.map(lambda u, p, m: jnp.where(m, u, -p).astype(u.dtype), updates, params, masks)
 
 
 def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
@@ -417,8 +428,9 @@ def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtr
             check_masks(updates, masks)
         m = jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
         new = _masked_updates(updates, params, m)
-        return new, KeepMaskedState(count=optax.safe_int32_increment(state.count),
-                                    masks=state.masks)
+        return new, KeepMaskedState(
+            count=optax.safe_int32_increment(state.count), masks=state.masks
+        )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -504,8 +516,11 @@ def gradual_pruning(
             raise ValueError(f"need 0 <= begin_step <= end_step, got {begin_step}, {end_step}")
         if frequency < 1:
             raise ValueError(f"frequency must be >= 1, got {frequency}")
-    if (isinstance(initial_sparsity, numbers.Number) and isinstance(final_sparsity, numbers.Number)
-            and initial_sparsity > final_sparsity):
+    if (
+        isinstance(initial_sparsity, numbers.Number)
+        and isinstance(final_sparsity, numbers.Number)
+        and initial_sparsity > final_sparsity
+    ):
         raise ValueError(
             f"initial_sparsity {initial_sparsity} exceeds final_sparsity {final_sparsity}"
         )
@@ -521,18 +536,32 @@ def gradual_pruning(
             raise ValueError("gradual_pruning needs params: call tx.update(g, state, params)")
         t = state.count
         offset = t - begin_step
-        is_prune = (t >= begin_step) & (t <= end_step) & (
-            (jnp.mod(offset, jnp.maximum(frequency, 1)) == 0) | (t == end_step)
+        is_prune = (
+            (t >= begin_step)
+            & (t <= end_step)
+            & ((jnp.mod(offset, jnp.maximum(frequency, 1)) == 0) | (t == end_step))
         )
         target = polynomial_sparsity(
-            t, final_sparsity=final_sparsity, begin_step=begin_step, end_step=end_step,
-            frequency=frequency, initial_sparsity=initial_sparsity, power=power,
+            t,
+            final_sparsity=final_sparsity,
+            begin_step=begin_step,
+            end_step=end_step,
+            frequency=frequency,
+            initial_sparsity=initial_sparsity,
+            power=power,
         )
 
         def prune(masks):
             scores = jax.tree.map(jnp.abs, params)
-            return _prune(scores, masks, target, scope=scope, exclude=exclude,
-                          layer_sparsity=None, relative=False)
+            return _prune(
+                scores,
+                masks,
+                target,
+                scope=scope,
+                exclude=exclude,
+                layer_sparsity=None,
+                relative=False,
+            )
 
         masks = jax.lax.cond(is_prune, prune, lambda m: m, state.masks)
         new = _masked_updates(updates, params, masks)

@@ -137,8 +137,9 @@ def _straight_through_bwd(noise, estimator, res, g):
 _straight_through.defvjp(_straight_through_fwd, _straight_through_bwd)
 
 
-def straight_through(s: jax.Array, a: jax.Array, *, noise: str = "logistic",
-                     estimator: str = "st") -> jax.Array:
+def straight_through(
+    s: jax.Array, a: jax.Array, *, noise: str = "logistic", estimator: str = "st"
+) -> jax.Array:
     """Returns the given states ``s`` with an ST backward pass to ``a``.
 
     Forward: ``s``; backward: ``da = g * h'(a)`` with ``h' = 2F'`` (``st``),
@@ -163,8 +164,9 @@ def straight_through(s: jax.Array, a: jax.Array, *, noise: str = "logistic",
     return _straight_through(s, a, noise, estimator)
 
 
-def stochastic_sign(key: jax.Array, a: jax.Array, *, noise: str = "logistic",
-                    estimator: str = "st") -> jax.Array:
+def stochastic_sign(
+    key: jax.Array, a: jax.Array, *, noise: str = "logistic", estimator: str = "st"
+) -> jax.Array:
     """Samples ``x = sign(a - z)``, ``z ~ F``, with a straight-through backward pass.
 
     ``P(x = +1) = F(a)``; the principled ``st`` backward multiplies by
@@ -189,8 +191,9 @@ def stochastic_sign(key: jax.Array, a: jax.Array, *, noise: str = "logistic",
     return _straight_through(s, a, noise, estimator)
 
 
-def bernoulli_weights(key: jax.Array, latent: jax.Array, *, noise: str = "logistic",
-                      estimator: str = "identity") -> jax.Array:
+def bernoulli_weights(
+    key: jax.Array, latent: jax.Array, *, noise: str = "logistic", estimator: str = "identity"
+) -> jax.Array:
     """Samples binary weights ``w = +-1`` with ``P(w = +1) = F(latent)``, with an ST backward.
 
     ``identity`` (default): ``d/d latent = dL/dw``, the ST estimate of the gradient
@@ -227,14 +230,20 @@ def sign_ste(a: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------ layers
 
 
-def _binary_site(mdl: nn.Module, name: str, a, *, noise: str, estimator: str, train: bool,
-                 rng_collection: str):
+def _binary_site(
+    mdl: nn.Module, name: str, a, *, noise: str, estimator: str, train: bool, rng_collection: str
+):
     """One array of binary units inside a flax module: sample, most-probable, or injected."""
     for col in (_STATES, _STATES_ST):
         if estimator != "deterministic" and mdl.has_variable(col, name):
             s = jnp.broadcast_to(mdl.get_variable(col, name), a.shape).astype(a.dtype)
-            mdl.sow(_LOGP, name, jnp.sum(_log_prob(s, a, noise)),
-                    init_fn=lambda: 0.0, reduce_fn=lambda acc, v: acc + v)
+            mdl.sow(
+                _LOGP,
+                name,
+                jnp.sum(_log_prob(s, a, noise)),
+                init_fn=lambda: 0.0,
+                reduce_fn=lambda acc, v: acc + v,
+            )
             if col == _STATES:
                 return jax.lax.stop_gradient(s)
             return _straight_through(jax.lax.stop_gradient(s), a, noise, estimator)
@@ -275,9 +284,15 @@ class _BinaryLayer(nn.Module):
         if not self.binary_weights:
             return self.param("kernel", nn.initializers.lecun_normal(), shape)
         latent = self.param("latent", _latent_init, shape)
-        w = _binary_site(self, "weights", latent, noise=self.weight_noise,
-                         estimator=self.weight_estimator, train=train,
-                         rng_collection=self.rng_collection)
+        w = _binary_site(
+            self,
+            "weights",
+            latent,
+            noise=self.weight_noise,
+            estimator=self.weight_estimator,
+            train=train,
+            rng_collection=self.rng_collection,
+        )
         return w / math.sqrt(fan_in)  # keeps the pre-activation O(1) at init
 
     def _finish(self, y, train):
@@ -287,8 +302,15 @@ class _BinaryLayer(nn.Module):
             y = y + self.param("bias", nn.initializers.zeros, (y.shape[-1],))
         if self.activation is None:
             return y
-        return _binary_site(self, "activations", y, noise=self.noise, estimator=self.activation,
-                            train=train, rng_collection=self.rng_collection)
+        return _binary_site(
+            self,
+            "activations",
+            y,
+            noise=self.noise,
+            estimator=self.activation,
+            train=train,
+            rng_collection=self.rng_collection,
+        )
 
 
 class BinaryDense(_BinaryLayer):
@@ -345,15 +367,21 @@ class BinaryConv(_BinaryLayer):
         self._validate()
         nd = len(self.kernel_size)
         if x.ndim != nd + 2:
-            raise ValueError(f"BinaryConv with a {nd}-D kernel needs (N, spatial..., C) inputs "
-                             f"of rank {nd + 2}, got shape {x.shape}")
+            raise ValueError(
+                f"BinaryConv with a {nd}-D kernel needs (N, spatial..., C) inputs "
+                f"of rank {nd + 2}, got shape {x.shape}"
+            )
         cin = x.shape[-1]
         shape = (*self.kernel_size, cin, self.features)
         w = self._kernel(shape, math.prod(self.kernel_size) * cin, train)
         spec = {1: ("NWC", "WIO", "NWC"), 2: ("NHWC", "HWIO", "NHWC")}[nd]
         y = jax.lax.conv_general_dilated(
-            x, w.astype(x.dtype), tuple(self.strides or (1,) * nd), self.padding,
-            dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, spec))
+            x,
+            w.astype(x.dtype),
+            tuple(self.strides or (1,) * nd),
+            self.padding,
+            dimension_numbers=jax.lax.conv_dimension_numbers(x.shape, w.shape, spec),
+        )
         return self._finish(y, train)
 
 
@@ -383,10 +411,15 @@ class BinaryMLP(nn.Module):
     def __call__(self, x, train: bool = False):
         x = x.reshape((x.shape[0], -1))
         for width in self.features:
-            x = BinaryDense(width, binary_weights=self.binary_weights,
-                            activation=self.activation, noise=self.noise,
-                            weight_estimator=self.weight_estimator, weight_noise=self.weight_noise,
-                            rng_collection=self.rng_collection)(x, train)
+            x = BinaryDense(
+                width,
+                binary_weights=self.binary_weights,
+                activation=self.activation,
+                noise=self.noise,
+                weight_estimator=self.weight_estimator,
+                weight_noise=self.weight_noise,
+                rng_collection=self.rng_collection,
+            )(x, train)
         return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -395,6 +428,7 @@ def latent_labels(params: PyTree) -> PyTree:
 
     For ``optax.multi_transform({"latent": mirror_descent(...), "real": ...}, latent_labels)``.
     """
+
     def label(path, _):
         last = path[-1]
         name = getattr(last, "key", getattr(last, "name", None))
@@ -412,8 +446,9 @@ class MirrorDescentState(NamedTuple):
     count: jax.Array
 
 
-def mirror_descent(learning_rate: float | Callable, *,
-                   clip: float | None = None) -> optax.GradientTransformationExtraArgs:
+def mirror_descent(
+    learning_rate: float | Callable, *, clip: float | None = None
+) -> optax.GradientTransformationExtraArgs:
     """Mirror descent on Bernoulli weight probabilities, as a step on the latent weights.
 
     With ``mu = E[w] = 2F(eta) - 1`` and the mirror map ``grad Phi(mu) =
@@ -448,8 +483,7 @@ def mirror_descent(learning_rate: float | Callable, *,
         else:
             if params is None:
                 raise ValueError("mirror_descent(clip=...) needs params in update(); got None")
-            new = jax.tree.map(lambda g, p: jnp.clip(p - lr * g, -clip, clip) - p,
-                               updates, params)
+            new = jax.tree.map(lambda g, p: jnp.clip(p - lr * g, -clip, clip) - p, updates, params)
         return new, MirrorDescentState(count=optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -469,9 +503,10 @@ def all_states(num_units: int, *, max_units: int = MAX_UNITS) -> jax.Array:
     if num_units > max_units:
         raise ValueError(
             f"cannot enumerate {num_units} binary units: that is 2**{num_units} = "
-            f"{2 ** num_units:,} states; at most max_units={max_units} "
-            f"({2 ** max_units:,} states) are allowed")
-    idx = np.arange(2 ** num_units)[:, None]
+            f"{2**num_units:,} states; at most max_units={max_units} "
+            f"({2**max_units:,} states) are allowed"
+        )
+    idx = np.arange(2**num_units)[:, None]
     bits = (idx >> np.arange(num_units)[None, :]) & 1
     return jnp.asarray(2.0 * bits - 1.0, jnp.float32)
 
@@ -493,8 +528,15 @@ def _softmax_ce(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
-def states_loss(apply_fn: Callable, variables: dict, x, *, loss: Callable | None = None,
-                straight_through: bool = False, rng_collection: str = "dropout") -> StatesLoss:
+def states_loss(
+    apply_fn: Callable,
+    variables: dict,
+    x,
+    *,
+    loss: Callable | None = None,
+    straight_through: bool = False,
+    rng_collection: str = "dropout",
+) -> StatesLoss:
     """Turns a flax model built from this module's layers into a function of its binary states.
 
     The loss of one example with every stochastic unit (activations and
@@ -521,8 +563,13 @@ def states_loss(apply_fn: Callable, variables: dict, x, *, loss: Callable | None
     x1 = jnp.asarray(x)[:1]
 
     def sampled(params, key, xb):
-        _, sown = apply_fn({"params": params, **model_state}, xb, train=True,
-                           rngs={rng_collection: key}, mutable=[_SAMPLES])
+        _, sown = apply_fn(
+            {"params": params, **model_state},
+            xb,
+            train=True,
+            rngs={rng_collection: key},
+            mutable=[_SAMPLES],
+        )
         return sown[_SAMPLES]
 
     shapes = jax.eval_shape(sampled, variables["params"], jax.random.PRNGKey(0), x1)
@@ -535,8 +582,9 @@ def states_loss(apply_fn: Callable, variables: dict, x, *, loss: Callable | None
         parts = jnp.split(states, np.cumsum(sizes)[:-1]) if leaves else []
         shaped = [p.reshape(s.shape) for p, s in zip(parts, leaves, strict=True)]
         tree = jax.tree.unflatten(treedef, shaped)
-        out, sown = apply_fn({"params": params, **model_state, col: tree}, x_one[None],
-                             train=True, mutable=[_LOGP])
+        out, sown = apply_fn(
+            {"params": params, **model_state, col: tree}, x_one[None], train=True, mutable=[_LOGP]
+        )
         logp = sum(jax.tree.leaves(sown.get(_LOGP, {})), jnp.zeros(()))
         return jnp.sum(loss(out, jnp.asarray(y_one)[None])), logp
 
@@ -555,7 +603,8 @@ def _enumerate(slf: StatesLoss, *, differentiate_probs: bool, max_units: int, ch
     pad = (-n_states) % chunk
     valid = jnp.concatenate([jnp.ones(n_states), jnp.zeros(pad)]).reshape(-1, chunk)
     states = jnp.concatenate([states, jnp.ones((pad, slf.num_units))]).reshape(
-        -1, chunk, slf.num_units)
+        -1, chunk, slf.num_units
+    )
 
     def chunk_value(params, s, v, x1, y1):
         losses, logps = jax.vmap(lambda si: slf.fn(params, si, x1, y1))(s)
@@ -582,8 +631,9 @@ def _enumerate(slf: StatesLoss, *, differentiate_probs: bool, max_units: int, ch
     return jax.jit(value_and_grad)
 
 
-def exact_value_and_grad(slf: StatesLoss, *, max_units: int = MAX_UNITS,
-                         chunk_size: int = 4096) -> Callable:
+def exact_value_and_grad(
+    slf: StatesLoss, *, max_units: int = MAX_UNITS, chunk_size: int = 4096
+) -> Callable:
     """The exact expected loss and its gradient, by enumerating all ``2^n`` states per example.
 
     ``E(theta) = 1/B sum_b sum_s P_theta(s | x_b) L_theta(s, x_b)``, differentiated
@@ -602,8 +652,9 @@ def exact_value_and_grad(slf: StatesLoss, *, max_units: int = MAX_UNITS,
     return _enumerate(slf, differentiate_probs=True, max_units=max_units, chunk_size=chunk_size)
 
 
-def expected_estimate(slf_st: StatesLoss, *, max_units: int = MAX_UNITS,
-                      chunk_size: int = 4096) -> Callable:
+def expected_estimate(
+    slf_st: StatesLoss, *, max_units: int = MAX_UNITS, chunk_size: int = 4096
+) -> Callable:
     """The exact mean of an ST estimator: ``sum_s P(s) g_ST(s)``, by enumeration.
 
     ``g_ST(s)`` is the ST gradient of the loss with the units at ``s`` (the
@@ -619,8 +670,7 @@ def expected_estimate(slf_st: StatesLoss, *, max_units: int = MAX_UNITS,
 
     Reference: Shekhovtsov & Yanush 2021, arXiv 2006.06880.
     """
-    return _enumerate(slf_st, differentiate_probs=False, max_units=max_units,
-                      chunk_size=chunk_size)
+    return _enumerate(slf_st, differentiate_probs=False, max_units=max_units, chunk_size=chunk_size)
 
 
 def reinforce(slf: StatesLoss, num_samples: int) -> Callable:
@@ -692,8 +742,10 @@ def gradient_metrics(estimates: PyTree, exact: PyTree) -> dict[str, float]:
     g = _flat(estimates, lead=1)
     e = _flat(exact)
     if g.shape[0] < 2 or g.shape[1] != e.shape[0]:
-        raise ValueError(f"estimates need a leading axis of >= 2 repeats matching exact "
-                         f"({e.shape[0]} entries); got shape {tuple(g.shape)}")
+        raise ValueError(
+            f"estimates need a leading axis of >= 2 repeats matching exact "
+            f"({e.shape[0]} entries); got shape {tuple(g.shape)}"
+        )
     mean = g.mean(0)
     enorm = np.linalg.norm(e)
     cos = (g @ e) / (np.linalg.norm(g, axis=1) * enorm + 1e-30)
@@ -722,9 +774,14 @@ def average_estimator(single: Callable) -> Callable:
     return fn
 
 
-def metrics_vs_samples(estimate_fn: Callable, exact: PyTree, key: jax.Array, *,
-                       num_samples: Sequence[int] = (1, 2, 4, 8, 16, 32),
-                       repeats: int = 32) -> dict[str, list]:
+def metrics_vs_samples(
+    estimate_fn: Callable,
+    exact: PyTree,
+    key: jax.Array,
+    *,
+    num_samples: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    repeats: int = 32,
+) -> dict[str, list]:
     """`gradient_metrics` of an estimator as a function of its number of samples.
 
     Args:
@@ -740,8 +797,10 @@ def metrics_vs_samples(estimate_fn: Callable, exact: PyTree, key: jax.Array, *,
       "cosine": [...], "norm": float}``.
     """
     if repeats < 2 or not num_samples or min(num_samples) < 1:
-        raise ValueError(f"need repeats >= 2 and num_samples >= 1; got repeats={repeats}, "
-                         f"num_samples={tuple(num_samples)}")
+        raise ValueError(
+            f"need repeats >= 2 and num_samples >= 1; got repeats={repeats}, "
+            f"num_samples={tuple(num_samples)}"
+        )
     out: dict[str, Any] = {k: [] for k in ("num_samples", "bias", "variance", "rmse", "cosine")}
     for i, m in enumerate(num_samples):
         keys = jax.random.split(jax.random.fold_in(key, i), repeats)

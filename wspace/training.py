@@ -450,6 +450,24 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
 
 
+def key_names(keypath) -> tuple[str, ...]:
+    """The names along a pytree key path, e.g. ``("BatchNorm_0", "scale")``.
+
+    Works for dict keys, attribute names and sequence indices (what
+    `jax.tree_util.tree_flatten_with_path` yields); method modules select
+    weights by these names.
+    """
+    names = []
+    for k in keypath:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                names.append(str(getattr(k, attr)))
+                break
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
 def num_params(params: PyTree) -> int:
     """Total number of scalars in a pytree."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -362,7 +362,8 @@ def _effective(params, sel: Selection):
     return _apply_rank1(params)
 
 
-def _apply_rank1(tree):
+def _fold_rank1(tree, factor):
+    """Multiplies each kernel by ``factor(r, s)`` of its rank-1 factors and drops the factors."""
     if not isinstance(tree, Mapping):
         return tree
     out = {}
@@ -370,13 +371,17 @@ def _apply_rank1(tree):
         if name.endswith(_R_IN) or name.endswith(_R_OUT):
             continue
         if isinstance(value, Mapping):
-            out[name] = _apply_rank1(value)
+            out[name] = _fold_rank1(value, factor)
         elif name + _R_IN in tree:
-            r, s = tree[name + _R_IN], tree[name + _R_OUT]
-            out[name] = value * r[:, None] * s[None, :]
+            out[name] = value * factor(tree[name + _R_IN], tree[name + _R_OUT])
         else:
             out[name] = value
     return out
+
+
+def _apply_rank1(tree):
+    """One member: ``W * (r s^T)``."""
+    return _fold_rank1(tree, lambda r, s: r[:, None] * s[None, :])
 
 
 def member(params: PyTree, model_state: PyTree, k: int, select="bn_head"):
@@ -532,20 +537,8 @@ def average(
 
 
 def _average_rank1(tree):
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {}
-    for name, value in tree.items():
-        if name.endswith(_R_IN) or name.endswith(_R_OUT):
-            continue
-        if isinstance(value, Mapping):
-            out[name] = _average_rank1(value)
-        elif name + _R_IN in tree:
-            r, s = tree[name + _R_IN], tree[name + _R_OUT]
-            out[name] = value * _mean0(r[:, :, None] * s[:, None, :])
-        else:
-            out[name] = value
-    return out
+    """The members' mean kernel: ``mean_k W * (r_k s_k^T) = W * mean_k(r_k s_k^T)``."""
+    return _fold_rank1(tree, lambda r, s: _mean0(r[:, :, None] * s[:, None, :]))
 
 
 def _stat_nodes(tree, path=()) -> Iterable:

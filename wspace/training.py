@@ -17,8 +17,9 @@ Modes: ``jit`` (one device), ``sharded`` (a `jax.sharding.Mesh` over all
 devices, batch split along ``data``, params replicated; multi-host after
 ``jax.distributed.initialize()``), ``pmap`` (the legacy idiom: state
 replicated with a leading device axis, gradients ``pmean``-ed). In ``pmap``
-mode, BatchNorm statistics are per device (flax's default without
-``axis_name``) and random keys are folded with the device index.
+mode, BatchNorm normalises with per-device batch statistics (flax's default
+without ``axis_name``; the running averages are then ``pmean``-ed) and random
+keys are folded with the device index.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import os
 
 from absl import flags, logging
 
+from wspace.data import atomic_open
 from wspace.training import write_json
 
 
@@ -64,8 +65,7 @@ def savefig(fig, workdir: str, name: str) -> str:
     import matplotlib.pyplot as plt
 
     path = os.path.join(workdir, name)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path

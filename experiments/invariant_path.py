@@ -216,10 +216,8 @@ def _cached_params(path, like, make):
         with open(path, "rb") as f:
             return flax.serialization.from_bytes(like, f.read())
     params = make()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "wb") as f:
+    with ws.data.atomic_open(path, "wb") as f:
         f.write(flax.serialization.to_bytes(params))
-    os.replace(path + ".tmp", path)
     return params
 
 

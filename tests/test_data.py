@@ -112,3 +112,14 @@ def test_batches_split_over_processes():
         next(ws.data.batches(x, y, 10, process_count=4))
     with pytest.raises(ValueError, match="batch_size must be in"):
         next(ws.data.batches(x, y, 0))
+
+
+def test_atomic_open_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "results.json"
+    with ws.data.atomic_open(str(path)) as f:
+        f.write("old")
+    with pytest.raises(RuntimeError), ws.data.atomic_open(str(path)) as f:
+        f.write("half of the new")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp left

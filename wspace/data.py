@@ -16,6 +16,7 @@ multi-host runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -147,13 +148,23 @@ def _cache_dir(cache_dir: str | None) -> str:
     return cache_dir or os.path.join(default, "wspace")
 
 
-def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
-    """Writes an npz atomically, so a killed process never leaves half a file."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w"):
+    """Opens a temp file beside ``path`` and renames it onto ``path`` on success.
+
+    Readers never see half a file, and a killed process leaves ``path`` as it
+    was. Every results, metrics and cache file of wspace is written this way.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 def _load_mnist1d(cache_dir: str | None) -> Dataset:
@@ -162,9 +173,10 @@ def _load_mnist1d(cache_dir: str | None) -> Dataset:
         from mnist1d.data import get_dataset_args, make_dataset
 
         raw = make_dataset(get_dataset_args())  # deterministic: the package seeds with 42
-        _atomic_savez(
-            path, x_train=raw["x"], y_train=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"]
-        )
+        with atomic_open(path, "wb") as f:
+            np.savez(
+                f, x_train=raw["x"], y_train=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"]
+            )
     with np.load(path) as f:
         arrays = {k: f[k] for k in _NPZ_KEYS}
     return _from_arrays("mnist1d", arrays)

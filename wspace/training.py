@@ -29,7 +29,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -316,7 +315,6 @@ def fit(
         state = ckpt.restore(state)
     start = int(state.step)
     history = _read_metrics(workdir, upto=start)
-    per_epoch = len(dataset.x_train) // batch_size
     stream = data_lib.batches(
         dataset.x_train,
         dataset.y_train,
@@ -326,7 +324,7 @@ def fit(
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    stream = itertools.islice(stream, start, None) if per_epoch else stream
+    stream = itertools.islice(stream, start, None)  # resume: skip the batches already seen
     placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh)  # steps donate their input
     pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for finiteness
     last_good = start
@@ -412,11 +410,8 @@ class Checkpointer:
 
 def write_json(path: str, obj: Any) -> None:
     """Writes JSON atomically (temp file + rename): readers never see half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with data_lib.atomic_open(path) as f:
         json.dump(obj, f, indent=2, default=_json_default)
-    os.replace(tmp, path)
 
 
 def _json_default(x):
@@ -439,10 +434,8 @@ def _read_metrics(workdir: str | None, upto: int) -> list[dict]:
         records = [json.loads(line) for line in f if line.strip()]
     kept = [r for r in records if r["step"] <= upto]
     if len(kept) != len(records):
-        fd, tmp = tempfile.mkstemp(dir=workdir, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with data_lib.atomic_open(path) as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, path)
     return kept
 
 

@@ -2,12 +2,13 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `landscape`. Methods (one module
+Infrastructure: `data`, `models`, `training`, `landscape`, `averaging`. Methods (one module
 each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 `lottery`, `invariant_path`.
 """
 
 from wspace import (
+    averaging,
     data,
     invariant_path,
     landscape,
@@ -25,6 +26,7 @@ __all__ = [
     "models",
     "training",
     "landscape",
+    "averaging",
     "pruning",
     "lottery",
     "late_phase",

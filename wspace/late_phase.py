@@ -86,7 +86,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from wspace import averaging, training
+from wspace import averaging, pruning, training
 
 PyTree = Any
 PRESETS = ("bn_head", "batchnorm", "head", "rank1")
@@ -260,7 +260,9 @@ class LatePhase:
 
     # ------------------------------------------------------------------ expansion
 
-    def expand(self, params: PyTree, *, key: jax.Array | None = None) -> PyTree:
+    def expand(
+        self, params: PyTree, *, key: jax.Array | None = None, masks: PyTree | None = None
+    ) -> PyTree:
         """Gives the chosen weights a leading member axis of size K; the rest stays shared.
 
         Copies: ``phi_k = phi + noise * eps_k``, ``eps_k ~ N(0, 1)``. Rank-1:
@@ -270,13 +272,20 @@ class LatePhase:
         Args:
           params: the plain params tree (nested dicts for ``rank1``).
           key: PRNG key, required when ``noise > 0``.
+          masks: pruning masks of ``params`` (`wspace.pruning`): pruned weights
+            are exactly zero in every member (no noise lands on them).
 
         Returns:
           The late-phase params tree.
         """
         if self.noise > 0 and key is None:
             raise ValueError(f"noise={self.noise} > 0 needs a PRNG key; got key=None")
-        return _expand(params, jax.random.PRNGKey(0) if key is None else key, cfg=self)
+        late = _expand(params, jax.random.PRNGKey(0) if key is None else key, cfg=self)
+        if masks is None:
+            return late
+        pruning.check_masks(params, masks)
+        zero = lambda x, m: jnp.where(jnp.asarray(m, bool), x, jnp.zeros_like(x))
+        return jax.tree.map(zero, late, self.expand_masks(masks))
 
     def expand_model_state(self, model_state: PyTree) -> PyTree:
         """Per-member copies of the non-param collections (``batch_stats``): axis 0 = K."""
@@ -347,15 +356,17 @@ class LatePhase:
         tx: optax.GradientTransformation,
         *,
         key: jax.Array | None = None,
+        masks: PyTree | None = None,
         reset_opt_state: bool = False,
     ) -> training.TrainState:
         """The plain `TrainState` at T0 as a late-phase state for `make_train_step`.
 
-        Params by `expand`, model state by `expand_model_state`, and the
-        optimizer state of ``optimizer(tx)`` around ``tx``'s state carried over
-        by `expand_opt_state` (``reset_opt_state``: a fresh ``tx.init``).
+        Params by `expand` (``key``, ``masks`` as there), model state by
+        `expand_model_state`, and the optimizer state of ``optimizer(tx)``
+        around ``tx``'s state carried over by `expand_opt_state`
+        (``reset_opt_state``: a fresh ``tx.init``).
         """
-        late = self.expand(state.params, key=key)
+        late = self.expand(state.params, key=key, masks=masks)
         if reset_opt_state:
             inner = tx.init(late)
         else:
@@ -629,6 +640,7 @@ class LatePhase:
         num_steps: int,
         batch_size: int,
         key: jax.Array | None = None,
+        masks: PyTree | None = None,
         seed: int = 0,
         mode: str = "jit",
         mesh: jax.sharding.Mesh | None = None,
@@ -653,6 +665,8 @@ class LatePhase:
           t0: the late-phase start, ``0 <= t0 <= num_steps``.
           num_steps: total steps.
           key: PRNG key of the members' initial noise (needed when ``noise > 0``).
+          masks: pruning masks of the plain params (see `expand`); keep them in
+            ``tx`` too (``wspace.pruning.keep_masked``).
 
         Returns:
           ``(late-phase state at num_steps, evaluation records of both phases)``;
@@ -683,7 +697,7 @@ class LatePhase:
                 state, plain_step, data, apply_fn=apply_fn, num_steps=t0, workdir=sub("plain"), **kw
             )
             history += [{**r, "phase": "plain"} for r in hist]
-        late_state = self.expand_state(state, tx, key=key)
+        late_state = self.expand_state(state, tx, key=key, masks=masks)
         late_state, hist = training.fit(
             late_state,
             self.make_train_step(loss_fn, tx, mode=mode, mesh=mesh),
@@ -711,7 +725,9 @@ class LatePhase:
         mean_k a_k`` and ``b* = mean_k b_k`` -- the mean of the members'
         outputs, as the official code's ``set_average_specialists``. Other
         ``model_state`` leaves are averaged over members. With K identical
-        members the result is the original network exactly (on CPU).
+        members the result is the original network exactly (on CPU). A BatchNorm
+        bias that is zero in every member (pruned) stays exactly zero: then ``m*
+        = -b*/a*`` carries the shift. Pruned weights stay zero (mean of zeros).
 
         Returns:
           ``(params, model_state)`` of one plain network for the unchanged ``apply``.
@@ -735,7 +751,7 @@ def _with_member(loss, member, params, model_state, batch, key):
 
 
 def _compile(step, mode: str, mesh, donate: bool) -> Callable:
-    """Compiles ``step(state, batch, tx_args, axis_name=None)`` as `training.make_train_step` does."""
+    """Compiles ``step(state, batch, tx_args, axis_name=None)`` as `training.make_train_step`."""
     donate_argnums = (0,) if donate else ()
     if mode == "jit":
         compiled = jax.jit(step, donate_argnums=donate_argnums)
@@ -929,7 +945,13 @@ def _average_bn(params, path, stats, is_member, eps):
     a = scale / root
     scale_star = _mean0(scale * (jnp.sqrt(v_star + eps) / root))
     bias_star = _mean0(bias + a * (m_star - mean))
-    return scale_star, bias_star, m_star, v_star
+    # A bias that is exactly zero in every member (pruned) stays exactly zero: the running
+    # mean absorbs the shift instead, m* = -b*/a* (the same affine map a* x + b*).
+    a_star = _mean0(a)
+    fix = jnp.all(bias == 0, axis=0) & (bias_star != 0) & (a_star != 0)
+    b_star = _mean0(bias - a * mean)
+    m_star = jnp.where(fix, -b_star / jnp.where(fix, a_star, 1.0), m_star)
+    return scale_star, jnp.where(fix, 0.0, bias_star).astype(bias_star.dtype), m_star, v_star
 
 
 def _replace_stats(tree, bn, path=()):
@@ -1028,10 +1050,8 @@ _MOVED = ("swa", "swa_params", "recompute_batch_stats", "SWAState")  # to wspace
 
 def __getattr__(name):
     if name in _OLD:
-        _deprecated(
-            name,
-            f"LatePhase(num_members, select, ...).{name.replace('late_phase_loss', 'make_train_step')}",
-        )
+        new = "make_train_step" if name == "late_phase_loss" else name
+        _deprecated(name, f"LatePhase(num_members, select, ...).{new}")
         return _OLD[name]
     if name in _MOVED:
         _deprecated(name, f"wspace.averaging.{name}")

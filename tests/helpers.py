@@ -1,4 +1,4 @@
-"""Shared test helpers: run an experiment module's --quick size, execute a notebook."""
+"""Shared test helpers: run an experiment at its quick size, execute a notebook."""
 
 from __future__ import annotations
 
@@ -9,15 +9,28 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_experiment(module: str, workdir, *flags: str, timeout: int = 300) -> None:
-    """Runs ``python -m experiments.<module> --quick --workdir=...`` and fails loudly on error."""
+def run_experiment(name: str, workdir, *flags: str, **overrides) -> dict:
+    """Runs ``experiments.<name>`` in-process at its quick size; returns its results.
+
+    ``overrides`` replace config fields (``steps=10``). An experiment not yet
+    moved onto configs runs the legacy way, ``--quick`` in a subprocess.
+    """
+    if not os.path.exists(os.path.join(ROOT, "experiments", "configs", f"{name}.py")):
+        return run_experiment_cli(name, workdir, "--quick", *flags)
+    import importlib
+
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("quick")
+    config.update(overrides)
+    return importlib.import_module(f"experiments.{name}").run(config, str(workdir))
+
+
+def run_experiment_cli(module: str, workdir, *flags: str, timeout: int = 300) -> None:
+    """Runs ``python -m experiments.<module> --workdir=... FLAGS`` and fails loudly on error."""
     cmd = [
         sys.executable,
         "-m",
         f"experiments.{module}",
         f"--workdir={workdir}",
-        "--quick",
-        "--noprogress",
         *flags,
     ]
     proc = subprocess.run(

@@ -351,6 +351,12 @@ def savefig(fig, workdir: str, name: str, config=None) -> str:
     return path
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes a text file atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
 def format_number(x: float) -> str:
     """Three significant digits, compact: 0.973, 5.1e-03, 12.3."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

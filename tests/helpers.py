@@ -39,17 +39,34 @@ def run_experiment_cli(module: str, workdir, *flags: str, timeout: int = 300) ->
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
 
 
-def run_notebook(name: str, timeout: int = 300) -> None:
-    """Executes ``notebooks/<name>.ipynb`` top to bottom in a fresh kernel; any error fails."""
+def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
+    """Executes ``notebooks/<name>.ipynb`` top to bottom in a fresh kernel; any error fails.
+
+    The kernel starts in an empty temporary directory, so the notebook sees the
+    installed ``wspace`` package and nothing else of the repository, as in Colab.
+    With ``save``, the executed notebook (outputs included) is written back.
+    """
+    import tempfile
+
     import nbformat
     from nbclient import NotebookClient
 
     path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
     nb = nbformat.read(path, as_version=4)
     os.environ.update(_env())  # the kernel inherits this process's environment
-    NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": ROOT}}
-    ).execute()
+    with tempfile.TemporaryDirectory() as cwd:
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": cwd}}
+        )
+        client.execute()
+    if save:
+        nbformat.write(nb, path)
+
+
+def notebook_names() -> list[str]:
+    """The notebooks in ``notebooks/``, by name."""
+    folder = os.path.join(ROOT, "notebooks")
+    return sorted(f[: -len(".ipynb")] for f in os.listdir(folder) if f.endswith(".ipynb"))
 
 
 # Smoke runs are dominated by XLA compile time, not by running the code.
@@ -58,7 +75,7 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's wspace
     env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one CPU device: enough for a quick run
     env["MPLBACKEND"] = "Agg"
     return env

@@ -1,5 +1,6 @@
 """The experiment layer: configs and overrides, the arms x seeds runner, claims and verdicts."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -129,10 +130,8 @@ def test_cli_overrides_and_rejects_unknown_fields(tmp_path):
 
 
 def test_every_config_has_three_sizes_and_the_common_fields():
-    import importlib
-
     names = [f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))]
-    names = [n for n in names if not n.startswith("_")]
+    names = [n for n in names if not n.startswith("_") and n != "report"]
     assert "train" in names
     for name in names:
         module = importlib.import_module(f"experiments.configs.{name}")
@@ -142,3 +141,32 @@ def test_every_config_has_three_sizes_and_the_common_fields():
             assert config.size == size, name
             for field in ("dataset", "data_dir", "seed", "num_seeds", "mode", "progress"):
                 assert field in config, (name, field)
+
+
+def test_report_quick_writes_markdown_html_and_verdicts(tmp_path):
+    from experiments import report
+
+    config = importlib.import_module("experiments.configs.report").get_config("quick")
+    config.methods = "train"
+    out = report.run(config, str(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert common.SMOKE_STAMP in md and "## Baseline training" in md and "![curves.png]" in md
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
+    assert out["methods"]["train"]["smoke"]
+    config.methods = "train,nonsense"
+    with pytest.raises(ValueError, match="nonsense"):
+        report.run(config, str(tmp_path / "x"))
+
+
+def test_readme_results_are_generated_from_published_results():
+    from experiments import report
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    published = report.published_results()
+    assert report.render_readme(text, published) == text, (
+        "README result blocks differ from experiments/results/*.json; "
+        "run `python -m experiments.report --publish`"
+    )
+    for name in published:
+        assert f"<!-- results:{name} -->" in text, f"README has no block for {name}"

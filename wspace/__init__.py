@@ -2,13 +2,14 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `landscape`. Methods (one module
+Infrastructure: `data`, `models`, `training`, `landscape`, `estimators`. Methods (one module
 each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 `lottery`, `invariant_path`.
 """
 
 from wspace import (
     data,
+    estimators,
     invariant_path,
     landscape,
     late_phase,
@@ -24,6 +25,7 @@ __all__ = [
     "data",
     "models",
     "training",
+    "estimators",
     "landscape",
     "pruning",
     "lottery",

@@ -30,6 +30,7 @@ gradient against the number of samples.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -130,20 +131,31 @@ def sample_gradients(
       key: PRNG key (split into ``repeats`` keys).
       repeats: ``R >= 1``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
-      chunk_size: estimates computed at once (`jax.lax.map` batch size; None: all).
+      chunk_size: estimates computed at once (`jax.lax.map` batch size; None: one vmap).
+        The jitted sampler is cached per ``(estimator, loss_fn, has_aux, chunk_size)``:
+        pass the same objects to reuse its compilation.
 
     Returns:
       grads with a leading axis of ``R``.
     """
     if not isinstance(repeats, int | np.integer) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    sampler = _sampler(estimator, loss_fn, has_aux, chunk_size)
+    return sampler(params, model_state, batch, jax.random.split(key, int(repeats)))
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler(estimator, loss_fn, has_aux, chunk_size):
+    """One jitted sampler per (estimator, loss_fn): reused across params, batches and keys."""
     fn = estimator(loss_fn, has_aux=has_aux)
 
-    def one(k):
-        return fn(params, model_state, batch, k)[1]
+    def run(params, model_state, batch, keys):
+        one = lambda k: fn(params, model_state, batch, k)[1]
+        if chunk_size is None:
+            return jax.vmap(one)(keys)
+        return jax.lax.map(one, keys, batch_size=chunk_size)
 
-    keys = jax.random.split(key, int(repeats))
-    return jax.jit(lambda ks: jax.lax.map(one, ks, batch_size=chunk_size))(keys)
+    return jax.jit(run)
 
 
 def average_estimator(estimator: Callable, num_samples: int) -> Callable:

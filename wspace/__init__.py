@@ -2,13 +2,14 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `io`, `landscape`. Methods (one module
+Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`. Methods (one module
 each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 `lottery`, `invariant_path`.
 """
 
 from wspace import (
     data,
+    estimators,
     invariant_path,
     io,
     landscape,
@@ -27,6 +28,7 @@ __all__ = [
     "training",
     "io",
     "landscape",
+    "estimators",
     "pruning",
     "lottery",
     "late_phase",

@@ -165,7 +165,7 @@ def scale_by_invariant_metric(
     The defaults were chosen by measurement (``benchmarks/invariant_path.py
     --residuals``): with the Fisher metric and ``lambda = 1e-2`` CG reaches a relative
     residual below ``1e-2`` within 100 iterations on the experiment's problems (MLP
-    128-128, digits and MNIST-1D, 100-128 anchors, largest metric eigenvalue 0.3-34).
+    128-128, digits and MNIST-1D, 100-128 anchors, largest metric eigenvalue 0.3-36).
     ``lambda = 1e-3`` needs up to ~300 iterations there, and the Euclidean
     ``jacobian`` metric (largest eigenvalue 250-650) needs ``lambda`` near 1 to
     converge in 100 iterations; at ``lambda = 1e-3`` and 10 iterations (the earlier

@@ -2,7 +2,7 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `landscape`. Methods (one module
+Infrastructure: `data`, `models`, `training`, `io`, `landscape`. Methods (one module
 each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 `lottery`, `invariant_path`.
 """
@@ -10,6 +10,7 @@ each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 from wspace import (
     data,
     invariant_path,
+    io,
     landscape,
     late_phase,
     likelihood_ratio,
@@ -24,6 +25,7 @@ __all__ = [
     "data",
     "models",
     "training",
+    "io",
     "landscape",
     "pruning",
     "lottery",

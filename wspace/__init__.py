@@ -2,12 +2,13 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`. Methods (one module
+Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`, `averaging`. Methods (one module
 each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 `lottery`, `invariant_path`.
 """
 
 from wspace import (
+    averaging,
     data,
     estimators,
     invariant_path,
@@ -29,6 +30,7 @@ __all__ = [
     "io",
     "landscape",
     "estimators",
+    "averaging",
     "pruning",
     "lottery",
     "late_phase",

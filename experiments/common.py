@@ -413,12 +413,17 @@ def main(run_fn: Callable, name: str) -> None:
     Flags: ``--workdir`` (default ``runs/<name>``) and ``--config`` (default
     ``experiments/configs/<name>.py:small``) with ``--config.field=value``
     overrides; the config is locked, so a misspelt field is an error naming it.
+    ``--distributed`` calls `jax.distributed.initialize()` first (one process per
+    host under Slurm, on a TPU pod slice, or with the ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` variables); use it with
+    ``--config.mode=sharded`` so each process feeds its slice of every batch.
     Prints the claims table when the run ends.
     """
     from absl import app, flags
     from ml_collections import config_flags
 
     flags.DEFINE_string("workdir", f"runs/{name}", "Output directory (resumes if it exists).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
     config_flags.DEFINE_config_file(
         "config",
         os.path.join(os.path.dirname(__file__), "configs", f"{name}.py:small"),
@@ -429,6 +434,10 @@ def main(run_fn: Callable, name: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         cfg = flags.FLAGS.config
+        if flags.FLAGS.distributed:
+            import jax
+
+            jax.distributed.initialize()
         results = run_fn(cfg, flags.FLAGS.workdir)
         print(f"\n{name} ({cfg.size} size, {len(results['seeds'])} seeds)")
         if results["smoke"]:

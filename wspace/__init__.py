@@ -2,7 +2,7 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `landscape`, `averaging`. Methods (one module
+Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`, `averaging`. Methods (one module
 each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 `lottery`, `invariant_path`.
 """
@@ -10,7 +10,9 @@ each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
 from wspace import (
     averaging,
     data,
+    estimators,
     invariant_path,
+    io,
     landscape,
     late_phase,
     likelihood_ratio,
@@ -25,7 +27,9 @@ __all__ = [
     "data",
     "models",
     "training",
+    "io",
     "landscape",
+    "estimators",
     "averaging",
     "pruning",
     "lottery",

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import warnings
@@ -87,6 +88,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wspace import averaging, pruning, training
+from wspace import data as ws_data
 
 PyTree = Any
 PRESETS = ("bn_head", "batchnorm", "head", "rank1")
@@ -635,77 +637,92 @@ class LatePhase:
         tx: optax.GradientTransformation,
         data,
         *,
-        apply_fn: Callable,
         t0: int,
         num_steps: int,
-        batch_size: int,
+        eval_fn: Callable | None = None,
+        apply_fn: Callable | None = None,
         key: jax.Array | None = None,
         masks: PyTree | None = None,
-        seed: int = 0,
-        mode: str = "jit",
-        mesh: jax.sharding.Mesh | None = None,
-        eval_every: int = 100,
         workdir: str | None = None,
-        progress: bool = True,
+        **fit_kwargs,
     ) -> tuple[training.TrainState, list[dict]]:
         """Plain training up to step ``t0``, then late-phase training to ``num_steps``.
 
-        Both phases run through `wspace.training.fit` (same data stream,
+        Both phases run through `wspace.training.fit` (the same data stream,
         continued; the plain step from `wspace.training.make_train_step`, the
         late one from `make_train_step`, both in ``mode``), switched once at
-        ``t0`` by `expand_state`. Late-phase evaluations use the averaged
-        network. With a workdir the phases write into ``workdir/plain`` and
-        ``workdir/late`` and a rerun resumes.
+        ``t0`` by `expand_state`. Late-phase records evaluate the averaged
+        network: ``eval_fn`` receives `average_state` of the late state. With a
+        workdir the phases write into ``workdir/plain`` and ``workdir/late`` and
+        a rerun resumes.
 
         Args:
           state: plain `TrainState` at step 0 (or resumed).
           loss_fn: the plain loss; tx: the optax transformation (its state is carried over at t0).
-          data, apply_fn, batch_size, seed, eval_every, progress, mode, mesh:
-            as `wspace.training.fit`.
+          data: a `wspace.data.Dataset`, or an iterable of batch dicts that restarts
+            on every ``iter()`` (then the late phase skips the first ``t0``
+            batches); a one-shot iterator simply continues.
           t0: the late-phase start, ``0 <= t0 <= num_steps``.
           num_steps: total steps.
+          eval_fn, apply_fn: as `wspace.training.fit` (default evaluation: classification).
           key: PRNG key of the members' initial noise (needed when ``noise > 0``).
           masks: pruning masks of the plain params (see `expand`); keep them in
             ``tx`` too (``wspace.pruning.keep_masked``).
+          workdir: as `wspace.training.fit` (None: nothing written).
+          **fit_kwargs: the other arguments of `wspace.training.fit` (``batch_size``,
+            ``seed``, ``mode``, ``mesh``, ``eval_every``, ``tx_args``, ``writer``,
+            ``train_eval_examples``, ``checkpoint_every``, ``progress``).
 
         Returns:
-          ``(late-phase state at num_steps, evaluation records of both phases)``;
+          ``(late-phase state at num_steps, records of both phases with "phase")``;
           collapse the state with `average`.
         """
         if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 <= num_steps:
             raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")
-        if self.schedule == "parallel" and batch_size % self.num_members:
+        batch_size = fit_kwargs.get("batch_size")
+        if self.schedule == "parallel" and batch_size and batch_size % self.num_members:
             raise ValueError(
                 f"batch_size {batch_size} must be divisible by K={self.num_members} "
                 "under schedule='parallel'"
             )
+        mode, mesh = fit_kwargs.get("mode", "jit"), fit_kwargs.get("mesh")
         if mode not in training.MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
+        if eval_fn is None and isinstance(data, ws_data.Dataset):
+            if apply_fn is None:
+                raise ValueError("fit on a Dataset needs apply_fn (default evaluation) or eval_fn")
+            eval_fn = training.classification_eval(
+                apply_fn,
+                data,
+                train_eval_examples=fit_kwargs.get("train_eval_examples", 1000),
+                mode=mode,
+                mesh=mesh,
+            )
         sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
-        kw = dict(
-            batch_size=batch_size,
-            seed=seed,
-            mode=mode,
-            mesh=mesh,
-            eval_every=eval_every,
-            progress=progress,
-        )
         history = []
         if t0 > 0:
             plain_step = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
             state, hist = training.fit(
-                state, plain_step, data, apply_fn=apply_fn, num_steps=t0, workdir=sub("plain"), **kw
+                state,
+                plain_step,
+                data,
+                num_steps=t0,
+                eval_fn=eval_fn,
+                workdir=sub("plain"),
+                **fit_kwargs,
             )
             history += [{**r, "phase": "plain"} for r in hist]
         late_state = self.expand_state(state, tx, key=key, masks=masks)
+        if not isinstance(data, ws_data.Dataset) and iter(data) is data:  # one-shot: continue
+            data = itertools.chain(itertools.repeat({}, int(state.step)), data)
         late_state, hist = training.fit(
             late_state,
             self.make_train_step(loss_fn, tx, mode=mode, mesh=mesh),
             data,
-            apply_fn=self.averaged_apply(apply_fn),
             num_steps=num_steps,
+            eval_fn=None if eval_fn is None else (lambda s: eval_fn(self.average_state(s))),
             workdir=sub("late"),
-            **kw,
+            **fit_kwargs,
         )
         history += [{**r, "phase": "late"} for r in hist]
         return late_state, history
@@ -733,6 +750,11 @@ class LatePhase:
           ``(params, model_state)`` of one plain network for the unchanged ``apply``.
         """
         return _average(params, model_state, sel=self.select, eps=self.bn_eps)
+
+    def average_state(self, state: training.TrainState) -> training.TrainState:
+        """``state`` with `average`-d params and model state (one plain network; opt_state kept)."""
+        params, model_state = self.average(state.params, state.model_state)
+        return state.replace(params=params, model_state=model_state)
 
     def averaged_apply(self, apply_fn: Callable) -> Callable:
         """``apply(variables, x, **kw)`` of the averaged network, for late-phase ``variables``."""

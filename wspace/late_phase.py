@@ -700,8 +700,8 @@ class LatePhase:
             )
         sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
         history = []
+        plain_step, late_step = _steps(self, loss_fn, tx, mode, mesh)
         if t0 > 0:
-            plain_step = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
             state, hist = training.fit(
                 state,
                 plain_step,
@@ -717,7 +717,7 @@ class LatePhase:
             data = itertools.chain(itertools.repeat({}, int(state.step)), data)
         late_state, hist = training.fit(
             late_state,
-            self.make_train_step(loss_fn, tx, mode=mode, mesh=mesh),
+            late_step,
             data,
             num_steps=num_steps,
             eval_fn=None if eval_fn is None else (lambda s: eval_fn(self.average_state(s))),
@@ -766,6 +766,14 @@ class LatePhase:
             return apply_fn({"params": p, **s}, x, **kwargs)
 
         return apply
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(cfg: LatePhase, loss_fn, tx, mode: str, mesh) -> tuple[Callable, Callable]:
+    """The plain and late-phase steps of `LatePhase.fit`, built once per (config, loss, tx):
+    repeated runs (seeds, arms) reuse the compiled steps."""
+    plain = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
+    return plain, cfg.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
 
 
 def _with_member(loss, member, params, model_state, batch, key):

@@ -359,6 +359,18 @@ def run(config, workdir: str) -> dict:
                         higher_is_better=False,
                     )
                 )
+        if "nqp_late_mean" in nqp and "nqp_sgd_lr_over_K" in nqp:
+            claims.append(
+                common.compare(
+                    "NQP: Late-phase (cycle, mean) beats SGD whose learning rate drops to lr/K "
+                    "at T0 (the learning-rate confound)",
+                    "excess_loss",
+                    "nqp_late_mean",
+                    "nqp_sgd_lr_over_K",
+                    nqp,
+                    higher_is_better=False,
+                )
+            )
         tables["Noisy quadratic problem: steady-state excess loss by arm"] = common.summarize(
             nqp, ["excess_loss"]
         )

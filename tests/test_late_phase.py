@@ -501,6 +501,22 @@ def test_expand_opt_state_copies_moments_and_keeps_counts():
     np.testing.assert_array_equal(r1.mu["Conv_1"]["kernel"], old.mu["Conv_1"]["kernel"])
 
 
+def test_swa_inside_tx_averages_the_late_phase_iterates_actually_reached():
+    model, _, _, batch = _init("mlp")
+    start = 2
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), ws.averaging.swa(start=start))
+    cfg = LatePhase(K, "head")
+    s = cfg.expand_state(_state("mlp", tx)[2], tx)
+    step = cfg.make_train_step(ws.training.classification_loss(model.apply), tx, donate=False)
+    iterates = []
+    for t in range(1, K + 3):
+        s, _ = step(s, batch)
+        if t >= start:
+            iterates.append(s.params)
+    want = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *iterates)
+    _assert_tree_close(ws.averaging.swa_params(s.opt_state), want, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- x pruning
 
 
@@ -560,12 +576,23 @@ def test_old_names_warn_and_keep_working():
 
 
 def test_experiment_quick_runs_and_writes_results(tmp_path):
-    run_experiment("late_phase", tmp_path)
-    for name in ("config.json", "results.json", "accuracy.png"):
+    from experiments import common
+    from experiments.configs.late_phase import get_config
+    from experiments.late_phase import run
+
+    results = run_experiment("late_phase", tmp_path)
+    assert results["smoke"] and results["seeds"] == [0, 1]
+    arms = {(c["arm"], c["baseline"]) for c in results["claims"]}
+    assert {("late", "sgd"), ("late", "late_t0_0"), ("nqp_late_random", "nqp_sgd")} <= arms
+    assert all(c["verdict"] in common.VERDICTS and c["n"] == 2 for c in results["claims"])
+    for name in ("config.json", "results.json", "accuracy.png", "nqp.png"):
         assert os.path.exists(tmp_path / name), name
-    run_experiment("late_phase", tmp_path / "nqp", "--problem=nqp")
-    for name in ("config.json", "results.json", "nqp.png"):
-        assert os.path.exists(tmp_path / "nqp" / name), name
+    assert os.path.exists(tmp_path / "arms" / "late" / "seed_1.json")
+    bad = get_config("quick")
+    bad.classify_arms = ("late", "ensemble")
+    with pytest.raises(ValueError, match="config.classify_arms=.*including 'sgd'"):
+        run(bad, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_notebook_executes():

@@ -41,11 +41,8 @@ def get_config(arg: str = "small"):
     c.nqp_dim = {"quick": 10, "small": 50, "paper": 50}[size]
     c.nqp_steps = {"quick": 40, "small": 2000, "paper": 8000}[size]
     c.nqp_batch_size = 10
-    c.nqp_lr = 0.05
+    c.nqp_lr = 0.2  # stable for every arm (cycle + sum steps theta with K x the gradient)
     c.nqp_eval_every = {"quick": 10, "small": 50, "paper": 100}[size]
-    c.nqp_arms = {
-        "quick": ("sgd", "late", "late_random"),
-        "small": ("sgd", "late", "late_random"),
-        "paper": ("sgd", "late", "late_random", "late_mean", "late_parallel", "sgd_lr_over_K"),
-    }[size]
+    nqp_all = ("sgd", "late", "late_random", "late_mean", "sgd_lr_over_K", "late_parallel")
+    c.nqp_arms = {"quick": nqp_all[:3], "small": nqp_all[:5], "paper": nqp_all}[size]
     return c

@@ -393,8 +393,8 @@ def test_k1_fit_reproduces_plain_training_in_every_schedule():
     assert int(reset.opt_state.inner[0].count) == 0
 
 
-def test_sharded_fit_matches_jit_on_8_cpu_devices(tmp_path):
-    """lp.fit in sharded mode (batch split over 8 simulated CPU devices) equals the jit run."""
+def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
+    """lp.fit in sharded/pmap mode (batch split over 8 simulated CPU devices) equals jit."""
     devices = jax.devices("cpu")
     assert len(devices) == 8, "tests/conftest.py simulates 8 CPU devices"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -412,6 +412,35 @@ def test_sharded_fit_matches_jit_on_8_cpu_devices(tmp_path):
         b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, **kw)
     _assert_tree_close(jax.device_get(b.params), a.params, rtol=1e-4, atol=1e-5)
     _assert_tree_close(jax.device_get(b.model_state), a.model_state, rtol=1e-4, atol=1e-5)
+    # pmap (per-device BatchNorm statistics, so a model without BatchNorm): the same run
+    mlp = _init("mlp")[0]
+    loss, kw["apply_fn"] = ws.training.classification_loss(mlp.apply), mlp.apply
+    cfg, state = LatePhase(2, "head", schedule="random"), _state("mlp", tx)[2]
+    with jax.default_matmul_precision("highest"):
+        a, _ = cfg.fit(copy(state), loss, tx, ds, **kw)
+        b, _ = cfg.fit(copy(state), loss, tx, ds, mode="pmap", **kw)
+    _assert_tree_close(b.params, a.params, rtol=1e-4, atol=1e-5)
+
+
+def test_fit_resumes_bit_identically_from_a_late_phase_checkpoint(tmp_path):
+    import shutil
+
+    model, _, _, batch = _init("mlp")
+    tx = optax.sgd(0.05, momentum=0.9)
+    state = _state("mlp", tx)[2]
+    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
+    loss = ws.training.classification_loss(model.apply)
+    cfg = LatePhase(3, "head")
+    kw = dict(apply_fn=model.apply, t0=3, num_steps=9, batch_size=8, eval_every=2, progress=False)
+    full, _ = cfg.fit(state, loss, tx, ds, **kw)
+    kw.update(workdir=str(tmp_path), checkpoint_every=4)
+    cfg.fit(state, loss, tx, ds, **kw)
+    shutil.rmtree(tmp_path / "late" / "checkpoints" / "9")  # as if killed after step 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "history is missing" warning for the late phase
+        resumed, hist = cfg.fit(state, loss, tx, ds, **kw)
+    _assert_tree_equal(resumed, full)
+    assert [(r["phase"], r["step"]) for r in hist][-3:] == [("late", 6), ("late", 8), ("late", 9)]
 
 
 # ----------------------------------------------------------------------------- averaging

@@ -22,19 +22,20 @@ def get_config(arg: str = "small"):
     c.eval_every = {"quick": 6, "small": 100, "paper": 200}[size]
     c.swa_lr = 0.01  # constant learning rate of the SWA phase
     c.swa_every = {"quick": 2, "small": 10, "paper": 10}[size]
+    classify_all = (
+        "sgd",
+        "late",
+        "late_t0_0",
+        "late_random",
+        "late_parallel",
+        "sgd_ghost_bn",
+        "swa",
+        "late_swa",
+    )
     c.classify_arms = {
-        "quick": ("sgd", "late", "late_t0_0"),
-        "small": ("sgd", "late", "late_t0_0"),
-        "paper": (
-            "sgd",
-            "late",
-            "late_t0_0",
-            "late_random",
-            "late_parallel",
-            "sgd_ghost_bn",
-            "swa",
-            "late_swa",
-        ),
+        "quick": classify_all[:3],
+        "small": classify_all[:5],
+        "paper": classify_all,
     }[size]
 
     # NQP: l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2, c ~ N(1, diag(h)), w = theta * gain.

@@ -88,7 +88,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from wspace import averaging, pruning, training
+from wspace import averaging, io, pruning, training
 from wspace import data as ws_data
 from wspace.late_phase._layout import (  # noqa: F401  (selection API re-exported)
     PRESETS,
@@ -634,6 +634,10 @@ class LatePhase:
             )
             history += [{**r, "phase": "plain"} for r in hist]
         late_state = self.expand_state(state, tx, key=key, masks=masks)
+        late_dir = sub("late")
+        if late_dir and jax.process_index() == 0 and not os.path.exists(late_dir):
+            os.makedirs(late_dir)  # a fresh late phase starts at t0 with an empty history
+            io.write_jsonl(os.path.join(late_dir, "metrics.jsonl"), [])
         if not isinstance(data, ws_data.Dataset) and iter(data) is data:  # one-shot: continue
             data = itertools.chain(itertools.repeat({}, int(state.step)), data)
         late_state, hist = training.fit(

@@ -238,11 +238,22 @@ def test_one_step_touches_exactly_one_member_bit_exact(schedule):
     assert len(set(seen)) > 1
 
 
+@functools.cache
+def _member_vg(loss, cfg):
+    """Jitted ``(params, model_state, batch, k) -> ((loss, (new_state_k, _)), grad)`` of member
+    k as a plain network (jax.grad at HIGHEST precision); k is traced: one compile."""
+
+    def fn(params, model_state, batch, k):
+        pk, sk = cfg.member(params, model_state, k)
+        with jax.default_matmul_precision("highest"):
+            return jax.value_and_grad(loss, has_aux=True)(pk, sk, batch, None)
+
+    return jax.jit(fn)
+
+
 def _member_grads(loss, cfg, params, model_state, batch, k):
-    """Plain-network gradient of member k (jax.grad at HIGHEST precision) and its new BN stats."""
-    pk, sk = cfg.member(params, model_state, k)
-    with jax.default_matmul_precision("highest"):
-        (_, (new_sk, _)), g = jax.value_and_grad(loss, has_aux=True)(pk, sk, batch, None)
+    """Plain-network gradient of member k and its new BatchNorm statistics."""
+    (_, (new_sk, _)), g = _member_vg(loss, cfg)(params, model_state, batch, k)
     return g, new_sk
 
 
@@ -313,15 +324,13 @@ def test_parallel_gradients_equal_per_member_grads_on_slices():
     losses, member_grads, member_states = [], [], []
     for k in range(K):
         sl = jax.tree.map(lambda x, k=k: x[k * b : (k + 1) * b], batch)
-        g, msk = _member_grads(loss, cfg, late.params, late.model_state, sl, k)
-        pk, sk = cfg.member(late.params, late.model_state, k)
-        losses.append(loss(pk, sk, sl, None)[0])
+        (lk, (msk, _)), g = _member_vg(loss, cfg)(late.params, late.model_state, sl, k)
+        losses.append(lk)
         member_grads.append(g)
         member_states.append(msk)
     with jax.default_matmul_precision("highest"):
-        (value, (new_ms, _)), grads = jax.value_and_grad(cfg.parallel_loss(loss), has_aux=True)(
-            late.params, late.model_state, batch, None
-        )
+        vg = jax.jit(jax.value_and_grad(cfg.parallel_loss(loss), has_aux=True))
+        (value, (new_ms, _)), grads = vg(late.params, late.model_state, batch, None)
     np.testing.assert_allclose(value, np.mean(losses), rtol=1e-5)
     for k in range(K):
         _assert_tree_close(
@@ -342,9 +351,8 @@ def test_rank1_gradients_with_sum_combine_on_mlp():
     cfg = LatePhase(K, "rank1", schedule="parallel", combine="sum", noise=0.3)
     late = cfg.expand(state.params, key=jax.random.PRNGKey(5))
     with jax.default_matmul_precision("highest"):
-        (value, _), grads = jax.value_and_grad(cfg.parallel_loss(loss), has_aux=True)(
-            late, {}, batch, None
-        )
+        vg = jax.jit(jax.value_and_grad(cfg.parallel_loss(loss), has_aux=True))
+        (value, _), grads = vg(late, {}, batch, None)
     b = len(batch["x"]) // K
 
     def member_loss(w, r, s, k):  # Dense_0 of member k: W * r s^T, computed by hand

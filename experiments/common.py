@@ -113,6 +113,8 @@ def start(config, workdir) -> None:
     validate_common(config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     new = json.loads(config.to_json_best_effort())
+    if not _is_writer():
+        return
     _lock_for_this_process(workdir)
     path = os.path.join(workdir, "config.json")
     old = read_json(path) if os.path.exists(path) else None
@@ -133,6 +135,13 @@ def start(config, workdir) -> None:
 
 
 _LOCKS: dict[str, Any] = {}
+
+
+def _is_writer() -> bool:
+    """In a multi-process run every process computes and process 0 alone writes files."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _lock_for_this_process(workdir: str) -> None:
@@ -158,7 +167,9 @@ def run_arms(
 
     Returns:
       ``{arm: [result for each seed, in seed order]}``; each result is stored in
-      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun.
+      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun. In a
+      multi-process run every process reads the stored results (a shared
+      workdir) and runs the same missing ones; process 0 alone writes.
     """
     results: dict[str, list[dict]] = {}
     for arm, fn in arm_fns.items():
@@ -172,8 +183,8 @@ def run_arms(
                     print(f"[{arm} seed {seed}]", file=sys.stderr, flush=True)
                 result = dict(fn(seed))
                 _check_finite_metrics(result, f"arm {arm!r} seed {seed}")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                write_json(path, result)
+                if _is_writer():
+                    write_json(path, result)
             results[arm].append(result)
     return results
 
@@ -333,7 +344,8 @@ def save_results(
         "notes": list(notes),
         **dict(extra or {}),
     }
-    write_json(os.path.join(workdir, "results.json"), results)
+    if _is_writer():
+        write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 
@@ -350,8 +362,9 @@ def savefig(fig, workdir: str, name: str, config=None) -> str:
             alpha=0.35, rotation=20, transform=fig.transFigure,
         )  # fmt: skip
     path = os.path.join(workdir, name)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    if _is_writer():
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -466,6 +467,10 @@ class Checkpointer:
             return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
 
         abstract = jax.tree.map(to_abstract, like)
+        with _quiet_asyncio():  # orbax's failed reads also log their tasks' tracebacks
+            return self._restore_newest(steps, want, abstract, fallback=step is None)
+
+    def _restore_newest(self, steps, want, abstract, *, fallback: bool):
         failures = []
         for s in reversed(steps):
             path = os.path.join(self.directory, str(s))
@@ -489,7 +494,7 @@ class Checkpointer:
             except Exception as e:
                 failures.append((s, path, _one_line(e)))
                 continue
-            if step is None:
+            if fallback:
                 for bad_step, bad_path, why in failures:
                     self._quarantine(bad_step, bad_path, why, fallback=s)
             return s, tree
@@ -519,6 +524,17 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _signature_diff(path: str, have: dict, want: dict) -> str:

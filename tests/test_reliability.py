@@ -303,3 +303,11 @@ def test_files_are_0644_under_umask_022_and_stray_temps_are_removed(run_at_15, t
         assert {oct(os.stat(p).st_mode & 0o777) for p in ckpt_files} == {"0o644"}
     finally:
         os.umask(old)
+
+
+def test_saving_an_existing_step_replaces_it(tmp_path):
+    ckpt = ws.io.Checkpointer(str(tmp_path / "c"), max_to_keep=1)
+    ckpt.save(0, {"a": jnp.zeros(3)})
+    ckpt.save(0, {"a": jnp.arange(3.0)})
+    np.testing.assert_array_equal(ckpt.restore({"a": jnp.zeros(3)})["a"], [0.0, 1.0, 2.0])
+    ckpt.close()

@@ -427,13 +427,16 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, tree: PyTree) -> None:
-        """Writes ``tree`` as ``step`` with its signature and SHA-256; raises with the path."""
+        """Writes ``tree`` as ``step`` (replacing one already there) with its signature and
+        SHA-256; a failure raises `CheckpointError` naming the directory."""
         integrity = {"signature": tree_signature(tree), "sha256": tree_sha256(tree)}
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(tree),
             integrity=self._ocp.args.JsonSave(integrity),
         )
         try:
+            if int(step) in self._manager.all_steps():  # the caller's tree replaces it
+                self._manager.delete(int(step))
             self._manager.save(int(step), args=args, force=True)
             self._manager.wait_until_finished()
         except Exception as e:

@@ -76,6 +76,10 @@ def _worker(port: int, process_id: int, workdir: str, out: str) -> None:
     except _Interrupt:
         pass
     resumed, resumed_history = ws.training.fit(state, step, ds, workdir=workdir, **kw)
+    from jax.experimental import multihost_utils
+
+    with ws.io.workdir_lock(workdir):  # process 0 holds it; on process 1 it is a no-op
+        multihost_utils.sync_global_devices("both inside the lock")
     result = {
         "plain": ravel_pytree(jax.device_get(plain.params))[0].tolist(),
         "resumed": ravel_pytree(jax.device_get(resumed.params))[0].tolist(),

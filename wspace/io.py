@@ -310,8 +310,14 @@ def workdir_lock(path: str):
     (its pid written, no ``flock`` held) is taken over with a warning naming that pid.
     Re-entrant within one process: nested ``workdir_lock(path)`` calls (e.g. an
     experiment's runner and the `wspace.training.fit` it calls) share the lock, which is
-    released when the outermost one exits. Creates ``path`` if needed.
+    released when the outermost one exits. In a multi-process JAX run (after
+    ``jax.distributed.initialize``) only process 0 takes the lock; on the other processes
+    this is a no-op, so every process of one run may call it on a shared workdir. Creates
+    ``path`` if needed.
     """
+    if jax.distributed.is_initialized() and jax.process_index() != 0:
+        yield
+        return
     os.makedirs(path, exist_ok=True)
     real = os.path.realpath(path)
     with _held_guard:

@@ -1,4 +1,4 @@
-"""Train state, train/eval steps (jit | sharded | pmap), the fit loop, checkpoints.
+"""Train state, train/eval steps (jit | sharded | pmap) and the generic `fit` loop.
 
 The two kinds of pure functions meet here (see DESIGN.md):
 
@@ -20,6 +20,18 @@ replicated with a leading device axis, gradients ``pmean``-ed). In ``pmap``
 mode, BatchNorm normalises with per-device batch statistics (flax's default
 without ``axis_name``; the running averages are then ``pmean``-ed) and random
 keys are folded with the device index.
+
+`fit` drives any train step over a `wspace.data.Dataset` or any iterable of batches,
+evaluates with any ``eval_fn(state) -> dict`` (classification by default), writes
+metrics through `wspace.io` writers, and checkpoints, verifies and resumes through
+`wspace.io.Checkpointer` (all file handling lives in `wspace.io`).
+
+Many hosts: start the same script once per host and call
+``jax.distributed.initialize()`` before anything else (it reads Slurm's or a TPU pod's
+environment; elsewhere pass ``coordinator_address``, ``num_processes``, ``process_id``),
+then use ``mode="sharded"``: `fit` gives each process its slice of every global batch,
+only process 0 writes the files written once, and orbax coordinates the checkpoints.
+tests/test_multihost.py runs two such processes on one machine (gloo CPU collectives).
 """
 
 from __future__ import annotations

@@ -311,3 +311,20 @@ def test_saving_an_existing_step_replaces_it(tmp_path):
     ckpt.save(0, {"a": jnp.arange(3.0)})
     np.testing.assert_array_equal(ckpt.restore({"a": jnp.zeros(3)})["a"], [0.0, 1.0, 2.0])
     ckpt.close()
+
+
+def test_a_failed_first_attempt_does_not_lock_the_workdir_for_the_fix(tmp_path):
+    """Typo, then fix: a run that wrote its identity but no checkpoint is replaced."""
+    small = _state(TX).replace(params={"w": jnp.zeros(DIM - 1)})
+    with pytest.raises(TypeError):  # the wrong shape fails inside the first step
+        ws.training.fit(
+            small,
+            STEP,
+            iter([{"b": TARGETS[0]}]),
+            num_steps=STEPS,
+            workdir=str(tmp_path),
+            progress=False,
+        )
+    with pytest.warns(UserWarning, match=r"held another run with no checkpoint \(params"):
+        final, _ = _fit(str(tmp_path))
+    assert int(final.step) == STEPS

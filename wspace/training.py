@@ -532,7 +532,11 @@ def _validate_fit(state, data, num_steps, batch_size, eval_every, ckpt_every, tr
 
 
 def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> None:
-    """Stores the run's identity in ``workdir/fit.json``, or refuses a different one."""
+    """Stores the run's identity in ``workdir/fit.json``, or refuses a different one.
+
+    A workdir without checkpoints holds nothing to resume (e.g. a run that failed at its
+    first step): its identity is replaced with a warning, so a fixed rerun just works.
+    """
     path = os.path.join(workdir, "fit.json")
     identity = {
         "num_steps": int(num_steps),
@@ -540,16 +544,29 @@ def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> Non
         "batch_size": None if batch_size is None else int(batch_size),
         "params": io.tree_signature(state.params),
     }
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resumable = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if os.path.exists(path):
-        stored = io.read_json(path, recover=f"delete {workdir} to start over")
-        if stored != identity:
-            diffs = _dict_diff(stored, identity)
+        try:
+            stored = io.read_json(path, recover=f"delete {workdir} to start over")
+        except ValueError:
+            if resumable:
+                raise
+            stored = {}
+        if stored == identity:
+            return
+        diffs = _dict_diff(stored, identity)
+        text = "; ".join(diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+        if resumable:
             raise ValueError(
-                f"workdir {workdir} holds another run ({'; '.join(diffs[:4])}"
-                f"{f' (+{len(diffs) - 4} more)' if len(diffs) > 4 else ''}); "
-                "use another workdir, or delete it to start over"
+                f"workdir {workdir} holds another run ({text}); use another workdir, or "
+                "delete it to start over"
             )
-    elif primary:
+        warnings.warn(
+            f"workdir {workdir} held another run with no checkpoint ({text}); starting over",
+            stacklevel=3,
+        )
+    if primary:
         io.write_json(path, identity)
 
 

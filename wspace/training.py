@@ -408,7 +408,8 @@ def fit(
       tx_args: extra arguments for ``tx.update``: a dict, or ``tx_args(batch) -> dict``
         called with each host batch (in multi-host runs it must return the same values on
         every process).
-      writer: a metric writer (`wspace.io`) that also gets every record.
+      writer: a metric writer (`wspace.io`) that also gets every record (process 0 only;
+        steps redone after a resume are written to it again).
       train_eval_examples: training examples the default evaluation uses (None: all).
       progress: show a tqdm progress bar.
 

@@ -251,13 +251,18 @@ def test_evaluate_sharded_matches_jit(digits):
         (dict(batch_size=None), "needs batch_size"),
         (dict(apply_fn=None), "needs apply_fn"),
         (dict(train_eval_examples=-1), "train_eval_examples must be"),
+        (dict(tx_args=[1]), "tx_args must be a dict, a callable"),
+        (dict(writer=object()), "writer must have write_scalars"),
+        (dict(seed=0.5), "seed must be an int, got 0.5"),
+        (dict(eval_fn="acc"), "eval_fn must be callable"),
     ],
 )
 def test_fit_rejects_bad_arguments_before_writing(digits, tmp_path, kwargs, match):
     model, tx, state, loss_fn = _setup(digits)
+    step = lambda s, b, a=None: (s, {})  # never called
     kw = dict(apply_fn=model.apply, num_steps=5, batch_size=8, progress=False)
     with pytest.raises(ValueError, match=match):
-        ws.training.fit(state, None, digits, workdir=str(tmp_path / "w"), **{**kw, **kwargs})
+        ws.training.fit(state, step, digits, workdir=str(tmp_path / "w"), **{**kw, **kwargs})
     assert not (tmp_path / "w").exists()
 
 

@@ -420,6 +420,13 @@ def fit(
     _validate_fit(
         state, data, num_steps, batch_size, eval_every, checkpoint_every, train_eval_examples
     )
+    _check_callables(train_step=train_step, eval_fn=eval_fn, apply_fn=apply_fn)
+    if not (tx_args is None or isinstance(tx_args, dict) or callable(tx_args)):
+        raise ValueError(f"tx_args must be a dict, a callable(batch) or None, got {tx_args!r}")
+    if writer is not None and not callable(getattr(writer, "write_scalars", None)):
+        raise ValueError(f"writer must have write_scalars(step, scalars), got {writer!r}")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     _check_mode(mode)
     if mode == "sharded":
         mesh = mesh or default_mesh()
@@ -530,6 +537,14 @@ def _validate_fit(state, data, num_steps, batch_size, eval_every, ckpt_every, tr
         )
     if int(state.step) > num_steps:
         raise ValueError(f"state is at step {int(state.step)}, beyond num_steps={num_steps}")
+
+
+def _check_callables(**fns) -> None:
+    for name, fn in fns.items():
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be callable, got {fn!r}")
+    if fns["train_step"] is None:
+        raise ValueError("train_step must be callable (from make_train_step), got None")
 
 
 def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> None:

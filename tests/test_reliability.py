@@ -328,3 +328,39 @@ def test_a_failed_first_attempt_does_not_lock_the_workdir_for_the_fix(tmp_path):
     with pytest.warns(UserWarning, match=r"held another run with no checkpoint \(params"):
         final, _ = _fit(str(tmp_path))
     assert int(final.step) == STEPS
+
+
+def test_kill_9_mid_run_resumes_bit_identically(reference, tmp_path):
+    """A real SIGKILL of a running fit: the rerun takes over the lock, resumes, matches."""
+    import signal
+    import time
+
+    workdir = str(tmp_path / "killed")
+    script = (
+        "import time\n"
+        "import tests.test_reliability as t\n"
+        "def slow():\n"
+        "    for b in t.TARGETS:\n"
+        "        time.sleep(0.2)\n"
+        "        yield {'b': b}\n"
+        f"t._fit({workdir!r}, slow(), checkpoint_every=2)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}  # same XLA flags: same numbers
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(metrics) and len(ws.io.read_jsonl(metrics)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    with pytest.warns(UserWarning, match="took over the stale lock"):
+        final, history = _fit(workdir, checkpoint_every=2)
+    np.testing.assert_array_equal(np.asarray(final.params["w"]), reference[0].params["w"])
+    assert [r["batch_loss"] for r in history] == [r["batch_loss"] for r in reference[1]]
+    assert not [n for n in os.listdir(workdir) if n.endswith(".wspace-tmp")]

@@ -432,10 +432,13 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, tree: PyTree) -> None:
+    def save(self, step: int, tree: PyTree, *, meta: Any = None) -> None:
         """Writes ``tree`` as ``step`` (replacing one already there) with its signature and
-        SHA-256; a failure raises `CheckpointError` naming the directory."""
+        SHA-256, and JSON-able ``meta`` (returned by `restore_with_step`); a failure raises
+        `CheckpointError` naming the directory."""
         integrity = {"signature": tree_signature(tree), "sha256": tree_sha256(tree)}
+        if meta is not None:
+            integrity["meta"] = meta
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(tree),
             integrity=self._ocp.args.JsonSave(integrity),
@@ -465,7 +468,7 @@ class Checkpointer:
         return self.restore_with_step(like, step, sharding=sharding)[1]
 
     def restore_with_step(self, like: PyTree, step: int | None = None, *, sharding=None):
-        """`restore`, also returning the step restored: ``(step, tree)``."""
+        """`restore`, returning ``(step, tree, meta)``: the step restored and its ``meta``."""
         steps = self.all_steps() if step is None else [int(step)]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -506,7 +509,7 @@ class Checkpointer:
             if fallback:
                 for bad_step, bad_path, why in failures:
                     self._quarantine(bad_step, bad_path, why, fallback=s)
-            return s, tree
+            return s, tree, integrity.get("meta")
         detail = "; ".join(f"{p}: {why}" for _, p, why in failures)
         raise CheckpointError(
             f"no valid checkpoint in {self.directory} ({detail}); delete the directory to "

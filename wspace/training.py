@@ -442,13 +442,15 @@ def fit(
         if workdir and primary:
             stack.enter_context(io.workdir_lock(workdir))
         ckpt = last_good = None
+        sums = {}  # running sums of the step metrics since the last record (saved with it)
         if workdir:
             _check_identity(workdir, state, num_steps, seed, batch_size, primary)
             ckpt = io.Checkpointer(os.path.join(workdir, "checkpoints"))
             stack.callback(ckpt.close)
             if ckpt.all_steps():
                 sharding = NamedSharding(mesh, P()) if mode == "sharded" else None
-                last_good, state = ckpt.restore_with_step(state, sharding=sharding)
+                last_good, state, meta = ckpt.restore_with_step(state, sharding=sharding)
+                sums = {k: tuple(v) for k, v in (meta or {}).get("window", {}).items()}
         start = int(state.step)
         history = _resume_metrics(workdir, start, primary)
         writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
@@ -472,7 +474,7 @@ def fit(
         bar = tqdm(total=num_steps, initial=start, disable=not (progress and primary), desc="train")
         stack.callback(bar.close)
         placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh)  # steps donate inputs
-        pending, sums = [], {}  # step metrics not yet checked; their running sums
+        pending = []  # step metrics not yet checked for finiteness
         t0 = time.time()
         for step in range(start + 1, num_steps + 1):
             batch = next(stream, None)
@@ -507,7 +509,7 @@ def fit(
                 if "test_accuracy" in record:
                     bar.set_postfix(test_acc=f"{record['test_accuracy']:.3f}")
             if is_ckpt:
-                ckpt.save(step, unplace_state(placed, mode))
+                ckpt.save(step, unplace_state(placed, mode), meta={"window": sums})
                 last_good = step
     return unplace_state(placed, mode), history
 

@@ -3,6 +3,8 @@ import importlib.machinery
 import os
 import subprocess
 import sys
+import warnings
+import zipfile
 
 import jax
 import numpy as np
@@ -69,6 +71,128 @@ def test_npz_errors(tmp_path):
         ws.data.load(f"npz:{ragged}")
     with pytest.raises(ValueError, match="not found"):
         ws.data.load(f"npz:{tmp_path / 'missing.npz'}")
+
+
+def _write_npz(path, **overrides) -> str:
+    """A valid small set (3 classes, 5 features), with some arrays replaced; returns its name."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "x_train": rng.normal(size=(12, 5)),
+        "y_train": np.arange(12) % 3,
+        "x_test": rng.normal(size=(4, 5)),
+        "y_test": np.arange(4) % 3,
+        **overrides,
+    }
+    np.savez(path, **arrays)
+    return f"npz:{path}"
+
+
+def test_npz_uint8_images_scaled_to_unit_interval(tmp_path):
+    x = np.random.default_rng(1).integers(0, 256, (12, 4, 4, 1), dtype=np.uint8)
+    x[0, 0, 0, 0], x[0, 0, 1, 0] = 0, 255
+    ds = ws.data.load(_write_npz(tmp_path / "u8.npz", x_train=x, x_test=x[:4]))
+    assert ds.x_train.dtype == np.float32 and ds.x_train.min() == 0 and ds.x_train.max() == 1
+    np.testing.assert_array_equal(ds.x_train, x.astype(np.float32) / np.float32(255))
+    counts = np.arange(60).reshape(12, 5)  # other integer inputs keep their values
+    ds = ws.data.load(_write_npz(tmp_path / "i64.npz", x_train=counts, x_test=counts[:4]))
+    np.testing.assert_array_equal(ds.x_train, counts.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"y_train": np.arange(12) % 3 * 1.0},
+            r"y_train has dtype float64; labels must be integer",
+        ),
+        ({"y_test": np.array([0, 1, -1, 2])}, r"label -1 is negative"),
+        (
+            {"y_train": np.r_[np.arange(11) % 3, 999]},
+            r"labels run up to 999.*996 class ids never occur in y_train \(e.g. \[3, 4, 5, 6,",
+        ),
+        (  # a stated class count: ids must lie below it
+            {"y_test": np.array([0, 1, 999, 2]), "num_classes": np.array(10)},
+            r"y_test\[2\] = 999 is not a class id in \[0, 10\) \(1 out of range\)",
+        ),
+        ({"num_classes": np.array(2.5)}, r"num_classes must be a scalar integer"),
+        ({"x_test": np.array([[0.0] * 5, [0.0] * 5, [np.nan] * 5, [0.0] * 5])}, r"x_test has non-"),
+        (
+            {"x_train": np.full((12, 5), np.inf)},
+            r"x_train has non-finite.*12 examples, the first at index 0;",
+        ),
+        ({"x_test": np.zeros((0, 5)), "y_test": np.zeros(0, int)}, r"the test split is empty"),
+        ({"x_test": np.zeros((4, 6))}, r"test examples have shape \(6,\) but train .* \(5,\)"),
+    ],
+    ids=[
+        "float",
+        "negative",
+        "stray_999",
+        "above_num_classes",
+        "bad_num_classes",
+        "nan_x_test",
+        "inf_x_train",
+        "empty_test",
+        "test_width",
+    ],
+)
+def test_npz_validation_names_file_and_value(tmp_path, overrides, message):
+    name = _write_npz(tmp_path / "bad.npz", **overrides)
+    with pytest.raises(ValueError, match=message) as err:
+        ws.data.load(name)
+    assert str(tmp_path / "bad.npz") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_npz_num_classes_key_allows_absent_classes(tmp_path):
+    ds = ws.data.load(_write_npz(tmp_path / "k.npz", num_classes=np.array(10)))
+    assert ds.num_classes == 10  # classes 3..9 never occur, as stated
+
+
+def test_dataset_validates_direct_construction():
+    x, y = np.zeros((4, 2), np.float32), np.array([0, 1, 2, 1], np.int32)
+    assert ws.data.Dataset("toy", x, y, x, y, 3).num_classes == 3
+    with pytest.raises(ValueError, match=r"dataset 'toy': y_train\[2\] = 2 is not a class id in"):
+        ws.data.Dataset("toy", x, y, x, y, 2)
+    with pytest.raises(ValueError, match="y_train has dtype float32"):
+        ws.data.Dataset("toy", x, y.astype(np.float32), x, y, 3)
+    with pytest.raises(ValueError, match="num_classes must be an integer >= 1, got 0"):
+        ws.data.Dataset("toy", x, y, x, y, 0)
+    with pytest.raises(ValueError, match=r"y_train has shape \(3,\) for 4 examples"):
+        ws.data.Dataset("toy", x, y[:3], x, y, 3)
+
+
+def _fake_mnist1d():
+    rng = np.random.default_rng(0)
+    return {
+        "x_train": rng.normal(size=(20, 40)),
+        "y_train": np.arange(20) % 10,
+        "x_test": rng.normal(size=(10, 40)),
+        "y_test": np.arange(10),
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing_key"])
+def test_corrupt_mnist1d_cache_is_regenerated_with_a_warning(tmp_path, monkeypatch, damage):
+    monkeypatch.setattr(ws.data, "_generate_mnist1d", _fake_mnist1d)  # fast stand-in
+    path = tmp_path / "mnist1d_v1.npz"
+    good = ws.data.load("mnist1d", cache_dir=str(tmp_path))
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00garbage" * 100)
+    else:
+        with zipfile.ZipFile(path) as z:
+            kept = {n: z.read(n) for n in z.namelist() if n != "y_test.npy"}
+        with zipfile.ZipFile(path, "w") as z:
+            for n, data in kept.items():
+                z.writestr(n, data)
+    with pytest.warns(UserWarning, match=f"mnist1d cache {path} is corrupt.*regenerating"):
+        again = ws.data.load("mnist1d", cache_dir=str(tmp_path))
+    np.testing.assert_array_equal(again.x_test, good.x_test)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cache is whole again: read without a warning
+        np.testing.assert_array_equal(
+            ws.data.load("mnist1d", cache_dir=str(tmp_path)).y_test, good.y_test
+        )
 
 
 def test_unknown_name_lists_known_ones():

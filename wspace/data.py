@@ -454,7 +454,7 @@ def _validate(ds: Dataset) -> None:
         if len(bad):
             raise ValueError(
                 f"{where}: y_{split}[{bad[0]}] = {y[bad[0]]} is not a class id in [0, {k}) "
-                f"({len(bad)} such labels)"
+                f"({len(bad)} out of range)"
             )
         if not np.issubdtype(x.dtype, np.number):
             raise ValueError(f"{where}: x_{split} has dtype {x.dtype}; inputs must be numeric")

@@ -105,7 +105,7 @@ def test_npz_uint8_images_scaled_to_unit_interval(tmp_path):
             {"y_train": np.arange(12) % 3 * 1.0},
             r"y_train has dtype float64; labels must be integer",
         ),
-        ({"y_test": np.array([0, 1, -1, 2])}, r"label -1 is negative"),
+        ({"y_test": np.array([0, 1, -1, 2])}, r"y_test\[2\] = -1 is not a class id in \[0, 3\)"),
         (
             {"y_train": np.r_[np.arange(11) % 3, 999]},
             r"labels run up to 999.*996 class ids never occur in y_train \(e.g. \[3, 4, 5, 6,",

@@ -375,13 +375,9 @@ def _from_arrays(name: str, a: dict[str, np.ndarray], num_classes: int | None = 
     labels = np.concatenate([y_train.ravel(), y_test.ravel()])
     if num_classes is None and labels.size:  # else `_validate` names the empty split
         lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0:
-            raise ValueError(
-                f"dataset {name!r}: label {lo} is negative; labels must be integers in [0, K)"
-            )
-        num_classes = hi + 1
+        num_classes = max(hi, 0) + 1  # a negative label is named by `_validate`
         absent = np.setdiff1d(np.arange(num_classes), y_train)
-        if len(absent):
+        if lo >= 0 and len(absent):
             raise ValueError(
                 f"dataset {name!r}: labels run up to {hi}, so the class count would be "
                 f"{num_classes}, but {len(absent)} class ids never occur in y_train (e.g. "

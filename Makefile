@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean notebooks accel-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,15 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The baseline at full size (about a minute), then every method's experiment at its
-# --quick size, each into runs/demo/<name>; the README lists the full-size commands.
-METHODS := lottery late_phase likelihood_ratio straight_through invariant_path
-
+# The reproduction report: each method's headline comparison at the small size, 5 seeds,
+# with 95% intervals and verdicts (resumable); ends with the verdict table.
 demo: $(STAMP)
-	$(PY) -m experiments.train --workdir=runs/demo/train --noprogress
-	for m in $(METHODS); do $(PY) -m experiments.$$m --workdir=runs/demo/$$m --quick --noprogress || exit 1; done
-	@echo "demo results: runs/demo/*/results.json"
+	$(PY) -m experiments.report --workdir=runs/report --config=experiments/configs/report.py:small
+	@echo "open runs/report/report.html (or report.md) for the figures"
+
+# Re-executes every notebook and stores its outputs in place.
+notebooks: $(STAMP)
+	$(PY) -c "from tests.helpers import notebook_names, run_notebook; [run_notebook(n, save=True) for n in notebook_names()]"
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
@@ -32,6 +33,15 @@ BENCHMARKS := train_step pruning late_phase likelihood_ratio straight_through in
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	for b in $(BENCHMARKS); do $(PY) -m benchmarks.$$b || exit 1; done
+
+# On a machine with an accelerator: the test suite on JAX's default backend (not forced to
+# CPU), the train-step benchmark against PyTorch on the same device, and one full-size run.
+accel-check: $(STAMP)
+	$(PY) -c "import jax; print('backend:', jax.default_backend(), jax.devices())"
+	JAX_PLATFORMS= $(PY) -m pytest -q -n 0 tests
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.train_step
+	$(PY) -m experiments.train --workdir=runs/accel/train --config=experiments/configs/train.py:paper
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

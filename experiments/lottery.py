@@ -153,8 +153,13 @@ def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
 
 
 def _run_seed(where, cfg, ds, model, tx, step, seed, progress):
-    train = lottery.make_trainer(
-        step, ds, apply_fn=model.apply, batch_size=cfg["batch_size"], seed=seed
+    train = lottery.Trainer(
+        ws.training.classification_loss(model.apply),
+        tx,
+        ds,
+        apply_fn=model.apply,
+        batch_size=cfg["batch_size"],
+        seed=seed,
     )
     key = jax.random.PRNGKey(seed)
     # one compiled init instead of many eager ops (bit-identical values on CPU)

@@ -1,127 +1,116 @@
 r"""Plain supervised training: the baseline every method is compared with.
 
-  python -m experiments.train --workdir=runs/train --dataset=mnist1d --model=convnet
-  python -m experiments.train --workdir=runs/quick --quick
-  python -m experiments.train --config=experiments/configs/train.py --workdir=...
+  python -m experiments.train --workdir=runs/train
+  python -m experiments.train --workdir=runs/train_mlp --config.model=mlp --config.lr=0.1
+  python -m experiments.train --workdir=/tmp/quick --config=experiments/configs/train.py:quick
+  python -m experiments.train --config.dataset=cifar10 --config.data_dir=/data/tfds \
+      --config.model=resnet20 --config.mode=sharded
 
-Writes config.json, metrics.jsonl, results.json and curves.png into --workdir;
-rerunning with the same workdir resumes from the latest checkpoint.
+Each seed trains in ``workdir/seed_<s>`` (metrics.jsonl, orbax checkpoints; a
+rerun resumes from the latest checkpoint); ``results.json`` holds the final
+metrics per seed, ``curves.png`` the learning curves.
 """
 
 from __future__ import annotations
 
+import os
+
 import jax
-import matplotlib
+import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import wspace as ws
+from experiments import common
 
-import wspace as ws  # noqa: E402
-from experiments import common  # noqa: E402
-
-common.define_common_flags("runs/train")
-flags.DEFINE_string("model", "convnet", f"One of {sorted(ws.models.MODELS)}.")
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "sgd (momentum 0.9) or adam.")
-flags.DEFINE_float("lr", 0.05, "Peak learning rate (cosine decay).")
-flags.DEFINE_integer("steps", 2000, "Training steps.")
-flags.DEFINE_integer("batch_size", 128, "Global batch size.")
-flags.DEFINE_integer("eval_every", 200, "Evaluate (and checkpoint) every N steps.")
-flags.DEFINE_enum("mode", "jit", list(ws.training.MODES), "jit | sharded | pmap.")
-config_flags.DEFINE_config_file("config", None, "Optional ml_collections config; overrides flags.")
-FLAGS = flags.FLAGS
-
-_KEYS = (
-    "dataset",
-    "data_dir",
-    "seed",
-    "quick",
-    "model",
-    "optimizer",
-    "lr",
-    "steps",
-    "batch_size",
-    "eval_every",
-    "mode",
-)
+OPTIMIZERS = ("sgd", "adam")
 
 
-def get_config() -> dict:
-    """The run's settings: flags, overridden by --config, shrunk by --quick."""
-    cfg = {k: getattr(FLAGS, k) for k in _KEYS}
-    if FLAGS.config is not None:
-        cfg.update(FLAGS.config.to_dict())
-    if cfg["quick"]:
-        cfg.update(steps=30, eval_every=15, batch_size=32)
-    return cfg
+def validate(config) -> None:
+    """Rejects bad fields before any work or file write."""
+    if config.model not in ws.models.MODELS:
+        raise ValueError(f"config.model={config.model!r}; use one of {sorted(ws.models.MODELS)}")
+    if config.dtype not in ws.models.DTYPES:
+        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(ws.models.DTYPES)}")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer={config.optimizer!r}; use one of {OPTIMIZERS}")
+    for field in ("steps", "batch_size", "eval_every"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    if not config.lr > 0 or config.lr == float("inf"):
+        raise ValueError(f"config.lr={config.lr}; must be finite and > 0")
 
 
 def make_optimizer(name: str, lr: float, steps: int) -> optax.GradientTransformation:
     """SGD with momentum 0.9 or Adam, on a cosine-decayed learning rate."""
-    schedule = optax.cosine_decay_schedule(lr, max(steps, 1))
-    if name == "sgd":
-        return optax.sgd(schedule, momentum=0.9)
-    return optax.adam(schedule)
+    schedule = optax.cosine_decay_schedule(lr, steps)
+    return optax.sgd(schedule, momentum=0.9) if name == "sgd" else optax.adam(schedule)
 
 
-def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
-    """Trains one model as ``cfg`` says and writes the workdir files; returns results."""
-    common.start(workdir, cfg)
-    ds = ws.data.standardize(ws.data.load(cfg["dataset"], data_dir=cfg["data_dir"]))
-    model = ws.models.create(cfg["model"], ds.num_classes)
-    tx = make_optimizer(cfg["optimizer"], cfg["lr"], cfg["steps"])
-    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(cfg["seed"]))
+def train_one(config, ds, seed: int, workdir: str | None) -> tuple[dict, list[dict]]:
+    """Trains one model with one seed; returns final metrics and the evaluation history."""
+    model = ws.models.create(config.model, ds.num_classes, dtype=config.dtype)
+    tx = make_optimizer(config.optimizer, config.lr, config.steps)
+    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
     step = ws.training.make_train_step(
-        ws.training.classification_loss(model.apply), tx, mode=cfg["mode"]
+        ws.training.classification_loss(model.apply), tx, mode=config.mode
     )
     state, history = ws.training.fit(
         state,
         step,
         ds,
         apply_fn=model.apply,
-        num_steps=cfg["steps"],
-        batch_size=cfg["batch_size"],
-        seed=cfg["seed"],
-        mode=cfg["mode"],
-        eval_every=cfg["eval_every"],
+        num_steps=config.steps,
+        batch_size=config.batch_size,
+        seed=seed,
+        mode=config.mode,
+        eval_every=config.eval_every,
         workdir=workdir,
-        progress=progress,
+        progress=config.progress,
     )
-    final = history[-1]
-    results = {
-        "dataset": cfg["dataset"],
-        "model": cfg["model"],
-        "steps": cfg["steps"],
-        "num_params": ws.training.num_params(state.params),
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"],
-        "train_accuracy": final["train_accuracy"],
-        "train_loss": final["train_loss"],
-    }
-    common.save_results(workdir, results)
-    _plot(history, workdir)
-    return results
+    final = {k: v for k, v in history[-1].items() if k != "time"}
+    final["num_params"] = ws.training.num_params(state.params)
+    return final, history
 
 
-def _plot(history: list[dict], workdir: str) -> None:
-    steps = [r["step"] for r in history]
+def run(config, workdir: str) -> dict:
+    """Trains ``config.num_seeds`` models and writes results.json and curves.png."""
+    validate(config)
+    common.start(config, workdir)
+    ds = common.load_dataset(config)
+    histories = {}
+
+    def one_seed(seed):
+        final, histories[seed] = train_one(config, ds, seed, os.path.join(workdir, f"seed_{seed}"))
+        return {**final, "curve": histories[seed]}
+
+    per_arm = common.run_arms(workdir, config, {config.model: one_seed})
+    metrics = ["test_accuracy", "test_loss", "train_accuracy", "train_loss"]
+    figure = _plot(per_arm[config.model], workdir, config)
+    return common.save_results(
+        workdir,
+        config,
+        "train",
+        tables={f"{config.model} on {config.dataset}": common.summarize(per_arm, metrics)},
+        figures=[figure],
+        extra={"num_params": per_arm[config.model][0]["num_params"]},
+    )
+
+
+def _plot(results: list[dict], workdir: str, config) -> str:
+    import matplotlib.pyplot as plt
+
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for split in ("train", "test"):
-        ax_loss.plot(steps, [r[f"{split}_loss"] for r in history], label=split)
-        ax_acc.plot(steps, [r[f"{split}_accuracy"] for r in history], label=split)
+    for i, r in enumerate(results):
+        steps = [c["step"] for c in r["curve"]]
+        for split, style in (("train", "--"), ("test", "-")):
+            label = split if i == 0 else None
+            ax_loss.plot(steps, [c[f"{split}_loss"] for c in r["curve"]], style, label=label)
+            ax_acc.plot(steps, [c[f"{split}_accuracy"] for c in r["curve"]], style, label=label)
     ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log")
     ax_acc.set(xlabel="step", ylabel="accuracy")
     ax_acc.legend()
-    common.savefig(fig, workdir, "curves.png")
-
-
-def main(argv):
-    del argv
-    results = run(FLAGS.workdir, get_config(), progress=FLAGS.progress)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in results.items()})
+    fig.suptitle(f"{config.model} on {config.dataset}")
+    return common.savefig(fig, workdir, "curves.png", config)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main(run, "train")

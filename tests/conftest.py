@@ -11,4 +11,6 @@ os.environ["XLA_FLAGS"] = (
     + FAST_COMPILE_FLAGS
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Ground truths compare at full float32 precision on every backend (GPU matmuls default to TF32).
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("MPLBACKEND", "Agg")

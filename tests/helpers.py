@@ -1,4 +1,4 @@
-"""Shared test helpers: run an experiment module's --quick size, execute a notebook."""
+"""Shared test helpers: run an experiment at its quick size, execute a notebook."""
 
 from __future__ import annotations
 
@@ -9,15 +9,28 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_experiment(module: str, workdir, *flags: str, timeout: int = 300) -> None:
-    """Runs ``python -m experiments.<module> --quick --workdir=...`` and fails loudly on error."""
+def run_experiment(name: str, workdir, *flags: str, **overrides) -> dict:
+    """Runs ``experiments.<name>`` in-process at its quick size; returns its results.
+
+    ``overrides`` replace config fields (``steps=10``). An experiment not yet
+    moved onto configs runs the legacy way, ``--quick`` in a subprocess.
+    """
+    if not os.path.exists(os.path.join(ROOT, "experiments", "configs", f"{name}.py")):
+        return run_experiment_cli(name, workdir, "--quick", *flags)
+    import importlib
+
+    config = importlib.import_module(f"experiments.configs.{name}").get_config("quick")
+    config.update(overrides)
+    return importlib.import_module(f"experiments.{name}").run(config, str(workdir))
+
+
+def run_experiment_cli(module: str, workdir, *flags: str, timeout: int = 300) -> None:
+    """Runs ``python -m experiments.<module> --workdir=... FLAGS`` and fails loudly on error."""
     cmd = [
         sys.executable,
         "-m",
         f"experiments.{module}",
         f"--workdir={workdir}",
-        "--quick",
-        "--noprogress",
         *flags,
     ]
     proc = subprocess.run(
@@ -26,17 +39,34 @@ def run_experiment(module: str, workdir, *flags: str, timeout: int = 300) -> Non
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
 
 
-def run_notebook(name: str, timeout: int = 300) -> None:
-    """Executes ``notebooks/<name>.ipynb`` top to bottom in a fresh kernel; any error fails."""
+def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
+    """Executes ``notebooks/<name>.ipynb`` top to bottom in a fresh kernel; any error fails.
+
+    The kernel starts in an empty temporary directory, so the notebook sees the
+    installed ``wspace`` package and nothing else of the repository, as in Colab.
+    With ``save``, the executed notebook (outputs included) is written back.
+    """
+    import tempfile
+
     import nbformat
     from nbclient import NotebookClient
 
     path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
     nb = nbformat.read(path, as_version=4)
     os.environ.update(_env())  # the kernel inherits this process's environment
-    NotebookClient(
-        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": ROOT}}
-    ).execute()
+    with tempfile.TemporaryDirectory() as cwd:
+        client = NotebookClient(
+            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": cwd}}
+        )
+        client.execute()
+    if save:
+        nbformat.write(nb, path)
+
+
+def notebook_names() -> list[str]:
+    """The notebooks in ``notebooks/``, by name."""
+    folder = os.path.join(ROOT, "notebooks")
+    return sorted(f[: -len(".ipynb")] for f in os.listdir(folder) if f.endswith(".ipynb"))
 
 
 # Smoke runs are dominated by XLA compile time, not by running the code.
@@ -45,7 +75,7 @@ FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expe
 
 def _env() -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")  # this checkout's wspace
     env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # one CPU device: enough for a quick run
     env["MPLBACKEND"] = "Agg"
     return env

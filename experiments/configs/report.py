@@ -1,0 +1,19 @@
+"""Config of `experiments.report`: which methods, at which size."""
+
+import ml_collections
+
+from experiments import common
+
+
+def get_config(arg: str = "small"):
+    """``arg`` is the size every method runs at: quick (smoke), small (`make demo`), paper."""
+    if arg not in common.SIZES:
+        raise ValueError(f"unknown report size {arg!r}; use one of {common.SIZES}")
+    return ml_collections.ConfigDict(
+        {
+            "size": arg,
+            # comma-separated experiment names, in report order
+            "methods": "late_phase,likelihood_ratio,straight_through,lottery,invariant_path",
+            "progress": False,
+        }
+    )

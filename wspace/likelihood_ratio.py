@@ -686,6 +686,50 @@ def _weights(losses, clean_loss, cfg) -> jax.Array:
     return jax.lax.stop_gradient(centred)
 
 
+def noisy_loss(
+    loss_fn: Callable,
+    *,
+    sigma: float | Mapping[str, float] = 0.1,
+    noise: str = "gaussian",
+    layer_types: tuple = LAYER_TYPES,
+) -> Callable:
+    """``loss_fn`` with ULR's noise injected: ``o_l + sigma e_l`` at every Dense/Conv output.
+
+    The control arm that separates ULR's estimator from its noise: trained by
+    backprop (`jax.value_and_grad`), the model sees the noise ULR injects,
+    drawn exactly as copy 0 of `ulr` draws it from the same key (the noisy
+    pass of ``ulr(num_copies=1)``).
+
+    Args:
+      loss_fn: the library's loss signature.
+      sigma: noise scale (finite, > 0), or a mapping from layer path to scale.
+      noise: ``gaussian``, ``laplace`` or ``logistic``.
+      layer_types: flax module classes that receive noise.
+
+    Returns:
+      ``noisy(params, model_state, batch, key)`` with ``loss_fn``'s outputs; ``key``
+      (required) draws the noise and is passed on to ``loss_fn``.
+    """
+    _validate(1, sigma, noise, False, "none")
+
+    def noisy(params, model_state, batch, key):
+        key_noise, counter = _noise_key(key), [0]
+
+        def intercept(next_fun, args, kwargs, context):
+            if not _is_site(context, layer_types):
+                return next_fun(*args, **kwargs)
+            i = counter[0]
+            counter[0] += 1
+            out = next_fun(*args, **kwargs)
+            e = unit_noise(key_noise, i, 0, out.shape, noise=noise, dtype=out.dtype)
+            return out + _sigma_of(sigma, _layer_name(context.module)) * e
+
+        with nn.intercept_methods(intercept):
+            return loss_fn(params, model_state, batch, key)
+
+    return noisy
+
+
 # ----------------------------------------------------------------------------- ES baseline
 
 

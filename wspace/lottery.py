@@ -51,6 +51,7 @@ atomic JSON, the JSON last); a rerun resumes at the first unfinished level.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -163,6 +164,12 @@ class Trainer:
             self.loss_fn, self.tx, estimator=self.estimator, mode=self.mode, mesh=self.mesh
         )
         object.__setattr__(self, "train_step", step)
+
+    def with_seed(self, seed: int) -> Trainer:
+        """This trainer with another data-order seed, sharing the compiled step."""
+        new = copy.copy(self)
+        object.__setattr__(new, "seed", seed)
+        return new
 
     def __call__(self, state, masks, num_steps, *, seed: int | None = None):
         if int(num_steps) <= int(state.step):

@@ -28,6 +28,8 @@ def validate(config) -> None:
     """Rejects bad fields before any work or file write."""
     if config.model not in ws.models.MODELS:
         raise ValueError(f"config.model={config.model!r}; use one of {sorted(ws.models.MODELS)}")
+    if config.dtype not in ws.models.DTYPES:
+        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(ws.models.DTYPES)}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"config.optimizer={config.optimizer!r}; use one of {OPTIMIZERS}")
     for field in ("steps", "batch_size", "eval_every"):
@@ -45,7 +47,7 @@ def make_optimizer(name: str, lr: float, steps: int) -> optax.GradientTransforma
 
 def train_one(config, ds, seed: int, workdir: str | None) -> tuple[dict, list[dict]]:
     """Trains one model with one seed; returns final metrics and the evaluation history."""
-    model = ws.models.create(config.model, ds.num_classes)
+    model = ws.models.create(config.model, ds.num_classes, dtype=config.dtype)
     tx = make_optimizer(config.optimizer, config.lr, config.steps)
     state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
     step = ws.training.make_train_step(

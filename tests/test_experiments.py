@@ -97,7 +97,7 @@ def test_start_validates_before_writing(tmp_path):
 def test_damaged_json_is_named(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"seed": 0,')
-    with pytest.raises(ValueError, match="config.json is damaged"):
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
         common.start(_config(), str(tmp_path))
 
 
@@ -170,3 +170,22 @@ def test_readme_results_are_generated_from_published_results():
     )
     for name in published:
         assert f"<!-- results:{name} -->" in text, f"README has no block for {name}"
+
+
+def test_second_run_in_a_locked_workdir_fails_at_once(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from experiments import common; "
+         f"common.start(common.base_config('quick'), {str(tmp_path)!r}); "
+         "print('locked', flush=True); time.sleep(60)"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = _cli(f"--workdir={tmp_path}", "--config=experiments/configs/train.py:quick")
+        assert second.returncode != 0
+        assert f"workdir {os.path.realpath(tmp_path)} is in use by process" in second.stderr
+        assert not (tmp_path / "arms").exists()
+    finally:
+        holder.kill()
+        holder.wait()

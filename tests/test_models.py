@@ -45,3 +45,29 @@ def test_create_by_name():
     assert isinstance(ws.models.create("convnet", 3), ws.models.ConvNet)
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         ws.models.create("vgg", 10)
+
+
+def test_bfloat16_compute_keeps_float32_state_and_trains():
+    """Mixed precision: bf16 activations, float32 params/optimizer state; the loss falls."""
+    import numpy as np
+    import optax
+
+    model = ws.models.create("convnet", 3, dtype="bfloat16", channels=(8, 8))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 16)).astype(np.float32)
+    y = (x[:, :3].argmax(1)).astype(np.int32)  # a learnable rule
+    tx = optax.adam(1e-2)
+    state = ws.training.init_state(model, tx, x[:1], jax.random.PRNGKey(0))
+    logits = model.apply(state.variables, x, train=False)
+    assert logits.dtype == jnp.float32
+    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
+    losses = []
+    for _ in range(15):
+        state, metrics = step(state, {"x": x, "y": y})
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.7 * losses[0], losses
+    for leaf in jax.tree.leaves((state.params, state.opt_state, state.model_state)):
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            assert leaf.dtype == jnp.float32, leaf.dtype
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        ws.models.create("mlp", 3, dtype="float8")

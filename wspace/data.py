@@ -16,13 +16,13 @@ multi-host runs.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
+
+from wspace.io import atomic_open  # noqa: F401 -- re-exported: data.atomic_open
 
 EMBEDDED = ("mnist1d", "digits")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -146,25 +146,6 @@ def standardize(ds: Dataset) -> Dataset:
 def _cache_dir(cache_dir: str | None) -> str:
     default = os.environ.get("WSPACE_CACHE", os.path.join(os.path.expanduser("~"), ".cache"))
     return cache_dir or os.path.join(default, "wspace")
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w"):
-    """Opens a temp file beside ``path`` and renames it onto ``path`` on success.
-
-    Readers never see half a file, and a killed process leaves ``path`` as it
-    was. Every results, metrics and cache file of wspace is written this way.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
 
 
 def _load_mnist1d(cache_dir: str | None) -> Dataset:

@@ -2,34 +2,72 @@
 
 Late in training (step ``T0``) a small subset of the weights -- BatchNorm
 scale/shift and the classifier ``head`` in the paper -- is replicated into K
-members; the rest stays shared. Each step all K members run at once under
-`jax.vmap` over a leading *member axis*, member k on slice k of the
-minibatch; the shared weights receive the members' gradients combined by
-``combine`` (mean or sum). At the end the members are averaged in weight
-space into one ordinary network (`average`).
+*members*; the rest stays shared. At the end the members are averaged in
+weight space into one ordinary network (`LatePhase.average`).
+
+Bind the configuration once and call its methods::
+
+    late = LatePhase(num_members=10, select="bn_head")      # schedule="cycle"
+    state = late.expand_state(state, tx)                     # at T0
+    step = late.make_train_step(loss_fn, tx, mode="jit")     # or "sharded" / "pmap"
+    params, model_state = late.average(state.params, state.model_state)
+
+or `fit` (plain training to ``t0``, then late-phase training).
+
+Schedules (who trains on a minibatch):
+
+* ``"cycle"`` (default, the paper's Algorithm 1 and official CIFAR code):
+  member ``k = t mod K`` (t counts late-phase steps) takes the *whole*
+  minibatch; only its late-phase weights, BatchNorm statistics and optimizer
+  state change (the other members are untouched, bit for bit); BatchNorm
+  normalises over the whole minibatch.
+* ``"random"``: as ``"cycle"`` with ``k`` drawn uniformly per step from the
+  state's key (the official code's ``inner_training=False`` path).
+* ``"parallel"``: a different algorithm, not the paper's: all K members run at
+  once under `jax.vmap`, member k on slice k of the minibatch (B/K examples),
+  so BatchNorm normalises over B/K examples ("ghost BatchNorm") and every
+  member takes a step on every minibatch (K times as many member steps).
+
+``combine`` (how the shared weights ``theta`` use the members' gradients):
+
+* ``"sum"`` (default of ``"cycle"``; the official CIFAR code, Algorithm 1 with
+  ``gamma_theta = 1``): the shared gradients of K *consecutive minibatches*
+  (one per member) are summed and ``theta`` takes one optimizer step per K
+  minibatches with the sum: ``theta <- U(theta, sum_k grad_theta L(M_k))``.
+* ``"mean"``: the same with the mean (``gamma_theta = 1/K``; the official
+  ImageNet script's learning rate / K). Under ``"parallel"``: the mean of the
+  K slices' gradients, i.e. the plain gradient of the whole minibatch, every step.
+* ``"every"`` (default of ``"random"``, as the official random path): ``theta``
+  takes an optimizer step on every minibatch with that minibatch's gradient.
+* Under ``"parallel"``, ``"sum"`` is the sum of the K slices' shared gradients
+  of one minibatch, every step (for plain SGD: ``"mean"`` with a K-times
+  larger learning rate on ``theta``).
+
+Optimizer state (as the official code, which keeps one optimizer for the shared
+weights and one per member): one ``tx`` state over the late-phase params, in
+which the member rows of every params-shaped part (momenta, Adam moments) move
+only when that member is active, and the shared part moves only when
+``theta`` steps. Scalar parts (step counts, hence learning-rate schedules)
+advance every minibatch, like the code's per-epoch schedules. Not reproduced:
+the code's quirk that all member optimizers step when member 0 is active.
 
 Representation: a *late-phase params* tree is the plain params tree in which
-the chosen leaves carry a leading member axis of size K (``copy`` selections),
-or, for ``rank1`` selections, every chosen kernel ``W`` (shape ``(..., in,
-out)``) stays shared and gains two sibling leaves ``<name>_rank1_in`` (K, in)
-and ``<name>_rank1_out`` (K, out): member k uses ``W * (r_k s_k^T)``
-(BatchEnsemble, Wen et al. 2020, arXiv 2002.06715). The rank-1 factors are
-applied by transforming the params before calling the *unchanged* loss/apply
-function (``W_eff = W * r s^T`` per member), so any flax model works without
-changes to its code. ``model_state`` (BatchNorm ``batch_stats``) gets a member
-axis on every leaf: batch statistics are per member.
+the chosen leaves carry a leading member axis of size K (copies), or, for
+``rank1`` selections, every chosen kernel ``W`` (shape ``(..., in, out)``)
+stays shared and gains sibling leaves ``<name>_rank1_in`` (K, in) and
+``<name>_rank1_out`` (K, out): member k uses ``W * (r_k s_k^T)``
+(BatchEnsemble, Wen et al. 2020, arXiv 2002.06715). ``model_state``
+(BatchNorm ``batch_stats``) gets a member axis on every leaf. Any flax model
+works unchanged: members are formed by transforming params before ``apply``.
 
-Gradient combination (one backward pass, any model): the wrapped loss is the
-mean of the member losses ``L = 1/K sum_k L_k``; its gradient is rescaled
-in the backward pass so that member weights get ``dL_k/dphi_k`` (what SGD on
-member k alone would get) and shared weights get ``1/K sum_k dL_k/dtheta``
-(``combine="mean"``: the plain gradient of the whole minibatch) or ``sum_k
-dL_k/dtheta`` (``combine="sum"``, the paper's CIFAR code; for plain SGD this
-equals ``"mean"`` with a K-times larger learning rate on the shared weights).
+Pruning: `LatePhase.expand_masks` lays a mask tree out like the late-phase
+params (every member gets the mask); `expand_state` carries masks held in a
+``keep_masked`` state over the same way, so a pruned weight is exactly zero in
+all K members through expansion, training and averaging.
 
 Reference: von Oswald, Kobayashi, Meulemans, Henning, Grewe, Sacramento,
-"Neural networks with late-phase weights", ICLR 2021, arXiv 2007.12927.
-SWA: Izmailov et al. 2018, arXiv 1803.05407.
+"Neural networks with late-phase weights", ICLR 2021, arXiv 2007.12927
+(code: github.com/seijin-kobayashi/late-phase-weights).
 """
 
 from __future__ import annotations
@@ -38,18 +76,23 @@ import dataclasses
 import functools
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from wspace import training
+from wspace import averaging, training
 
 PyTree = Any
 PRESETS = ("bn_head", "batchnorm", "head", "rank1")
-COMBINE = ("mean", "sum")
+SCHEDULES = ("cycle", "random", "parallel")
+COMBINE = ("sum", "mean", "every")
+DEFAULT_COMBINE = {"cycle": "sum", "random": "every", "parallel": "mean"}
 _R_IN, _R_OUT = "_rank1_in", "_rank1_out"
 
 
@@ -116,7 +159,8 @@ def selection(select: str | Callable | Selection, *, rank1: bool = False) -> Sel
     )
 
 
-_path = training.key_names
+def _path(keypath) -> tuple[str, ...]:
+    return tuple(jax.tree_util.keystr(keypath, simple=True, separator="/").split("/"))
 
 
 def _paths(tree) -> list[tuple[str, ...]]:
@@ -130,12 +174,9 @@ def _is_member_path(path: tuple[str, ...], sel: Selection) -> bool:
     return bool(sel.predicate(path))
 
 
-def member_axes(late_params: PyTree, select="bn_head") -> PyTree:
-    """The vmap ``in_axes`` of a late-phase params tree: 0 on member leaves, None on shared ones."""
-    sel = selection(select)
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: 0 if _is_member_path(_path(kp), sel) else None, late_params
-    )
+def _member_flags(tree, sel: Selection) -> list[bool]:
+    """Per leaf of a late-phase-shaped tree: does it carry the member axis?"""
+    return [_is_member_path(p, sel) for p in _paths(tree)]
 
 
 def _check_k(num_members) -> int:
@@ -154,43 +195,579 @@ def _no_selection_error(tree, sel: Selection) -> ValueError:
     )
 
 
-# ----------------------------------------------------------------------------- expand
+# ----------------------------------------------------------------------------- the config
 
 
-@functools.partial(jax.jit, static_argnames=("select", "num_members", "noise"))
-def expand(
-    params: PyTree,
-    select: str | Callable | Selection,
-    num_members: int,
-    *,
-    key: jax.Array | None = None,
-    noise: float = 0.0,
-) -> PyTree:
-    """Gives the chosen weights a leading member axis of size K; the rest stays shared.
+class LatePhaseState(NamedTuple):
+    """Optimizer state of `LatePhase.optimizer`.
 
-    Copies: ``phi_k = phi + noise * eps_k``, ``eps_k ~ N(0, 1)``. Rank-1:
-    ``r_k = 1 + noise * eps``, ``s_k = 1 + noise * eps'`` (so with
-    ``noise=0`` every member equals the plain network exactly).
-
-    Args:
-      params: the plain params tree (nested dicts for ``rank1``).
-      select: preset name, path predicate or `Selection` (see `selection`).
-      num_members: K >= 1.
-      key: PRNG key, required when ``noise > 0``.
-      noise: standard deviation of the members' initial perturbation.
-
-    Returns:
-      The late-phase params tree.
-
-    Reference: von Oswald et al. 2021, arXiv 2007.12927 (Sec. 2).
+    Attributes:
+      count: late-phase steps taken (int32); the cycle schedule's member is ``count mod K``.
+      inner: the wrapped ``tx``'s state over the late-phase params.
+      accum: running sum of the shared weights' gradients in the current cycle
+        (``combine`` ``"sum"``/``"mean"`` under cycle/random; ``()`` otherwise).
     """
-    sel = selection(select)
-    k_members = _check_k(num_members)
-    if not noise >= 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
-    if noise > 0 and key is None:
-        raise ValueError(f"noise={noise} > 0 needs a PRNG key; got key=None")
-    key = jax.random.PRNGKey(0) if key is None else key
+
+    count: jax.Array
+    inner: PyTree
+    accum: PyTree
+
+
+@dataclasses.dataclass(frozen=True)
+class LatePhase:
+    """Late-phase weights, configured once: which weights, how many members, which schedule.
+
+    Attributes:
+      num_members: K >= 1.
+      select: preset name (``bn_head``: the paper's BatchNorm affine + head),
+        predicate on param paths, or a `Selection` (see `selection`).
+      schedule: ``"cycle"`` (default), ``"random"`` or ``"parallel"`` (see module docstring).
+      combine: ``"sum"``, ``"mean"`` or ``"every"``; None: the schedule's
+        official pairing (`DEFAULT_COMBINE`: cycle -> sum, random -> every,
+        parallel -> mean).
+      noise: std of the members' perturbation at expansion (0 in every official config).
+      bn_eps: BatchNorm epsilon used by `average` (flax's default 1e-5).
+
+    Reference: von Oswald et al. 2021, arXiv 2007.12927 (Algorithm 1).
+    """
+
+    num_members: int = 10
+    select: Any = "bn_head"
+    schedule: str = "cycle"
+    combine: str | None = None
+    noise: float = 0.0
+    bn_eps: float = 1e-5
+
+    def __post_init__(self):
+        _check_k(self.num_members)
+        object.__setattr__(self, "select", selection(self.select))
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        combine = DEFAULT_COMBINE[self.schedule] if self.combine is None else self.combine
+        allowed = ("sum", "mean") if self.schedule == "parallel" else COMBINE
+        if combine not in allowed:
+            raise ValueError(
+                f"combine must be one of {allowed} for schedule {self.schedule!r}, got {combine!r}"
+            )
+        object.__setattr__(self, "combine", combine)
+        if not self.noise >= 0:
+            raise ValueError(f"noise must be >= 0, got {self.noise}")
+
+    @property
+    def accumulates(self) -> bool:
+        """Do the shared weights step once per K minibatches (cycle/random with sum/mean)?"""
+        return self.schedule != "parallel" and self.combine != "every"
+
+    # ------------------------------------------------------------------ expansion
+
+    def expand(self, params: PyTree, *, key: jax.Array | None = None) -> PyTree:
+        """Gives the chosen weights a leading member axis of size K; the rest stays shared.
+
+        Copies: ``phi_k = phi + noise * eps_k``, ``eps_k ~ N(0, 1)``. Rank-1:
+        ``r_k = 1 + noise * eps``, ``s_k = 1 + noise * eps'`` (with ``noise=0``
+        every member equals the plain network exactly).
+
+        Args:
+          params: the plain params tree (nested dicts for ``rank1``).
+          key: PRNG key, required when ``noise > 0``.
+
+        Returns:
+          The late-phase params tree.
+        """
+        if self.noise > 0 and key is None:
+            raise ValueError(f"noise={self.noise} > 0 needs a PRNG key; got key=None")
+        return _expand(params, jax.random.PRNGKey(0) if key is None else key, cfg=self)
+
+    def expand_model_state(self, model_state: PyTree) -> PyTree:
+        """Per-member copies of the non-param collections (``batch_stats``): axis 0 = K."""
+        k = self.num_members
+        return jax.tree.map(
+            lambda x: jnp.broadcast_to(jnp.asarray(x), (k,) + jnp.shape(x)), model_state
+        )
+
+    def expand_masks(self, masks: PyTree) -> PyTree:
+        """A mask tree of the plain params laid out like the late-phase params.
+
+        Member leaves get the same mask in all K members; rank-1 factors are
+        never pruned (all True): ``W * r s^T`` keeps W's zeros.
+        """
+        return _expand(masks, jax.random.PRNGKey(0), cfg=dataclasses.replace(self, noise=0.0))
+
+    def expand_opt_state(
+        self, tx: optax.GradientTransformation, opt_state: PyTree, params: PyTree, late_params
+    ) -> PyTree:
+        """Carries ``tx``'s state of the plain params over to the late-phase params.
+
+        Every part of ``opt_state`` shaped like ``params`` (momenta, Adam
+        moments, SWA means, ``keep_masked`` masks) is laid out like
+        ``late_params``: member leaves get K copies of the plain leaf's state,
+        shared leaves keep theirs, new rank-1 factors get ``tx.init``'s fresh
+        state. Everything else (step counts, schedules' counters, injected
+        hyperparameters) is kept, so learning-rate schedules continue.
+
+        Returns:
+          The state of ``tx`` for ``late_params`` (not wrapped; see `expand_state`).
+
+        Raises:
+          ValueError: when the parts cannot be lined up (then start from ``tx.init``).
+        """
+        pdef = jax.tree.structure(params)
+        is_p = lambda x: x is not None and jax.tree.structure(x) == pdef
+        old, odef = jax.tree.flatten(opt_state, is_leaf=is_p)
+        fresh = []
+        if self.select.rank1:  # new factor leaves need tx's own initial state
+            ldef = jax.tree.structure(late_params)
+            is_l = lambda x: x is not None and jax.tree.structure(x) == ldef
+            fresh = [x for x in jax.tree.flatten(tx.init(late_params), is_leaf=is_l)[0] if is_l(x)]
+            if len(fresh) != sum(map(is_p, old)):
+                raise ValueError(
+                    f"cannot line up {sum(map(is_p, old))} params-shaped parts of the optimizer "
+                    f"state with {len(fresh)} of a fresh late-phase state; use tx.init"
+                )
+        fresh_iter = iter(fresh)
+        out = [self._expand_part(o, next(fresh_iter, None)) if is_p(o) else o for o in old]
+        return jax.tree.unflatten(odef, out)
+
+    def _expand_part(self, plain_tree, fresh_late):
+        if fresh_late is None:
+            return self.expand_masks(plain_tree)  # a broadcast of the member leaves
+        by_path = dict(zip(_paths(plain_tree), jax.tree.leaves(plain_tree), strict=True))
+
+        def one(kp, fresh):
+            p = _path(kp)
+            if p not in by_path:  # a new rank-1 factor
+                return fresh
+            return by_path[p]
+
+        return jax.tree_util.tree_map_with_path(one, fresh_late)
+
+    def expand_state(
+        self,
+        state: training.TrainState,
+        tx: optax.GradientTransformation,
+        *,
+        key: jax.Array | None = None,
+        reset_opt_state: bool = False,
+    ) -> training.TrainState:
+        """The plain `TrainState` at T0 as a late-phase state for `make_train_step`.
+
+        Params by `expand`, model state by `expand_model_state`, and the
+        optimizer state of ``optimizer(tx)`` around ``tx``'s state carried over
+        by `expand_opt_state` (``reset_opt_state``: a fresh ``tx.init``).
+        """
+        late = self.expand(state.params, key=key)
+        if reset_opt_state:
+            inner = tx.init(late)
+        else:
+            inner = self.expand_opt_state(tx, state.opt_state, state.params, late)
+        opt_state = LatePhaseState(jnp.zeros((), jnp.int32), inner, self._zero_accum(late))
+        return state.replace(
+            params=late, model_state=self.expand_model_state(state.model_state), opt_state=opt_state
+        )
+
+    # ------------------------------------------------------------------ members
+
+    def member_axes(self, late_params: PyTree) -> PyTree:
+        """The vmap ``in_axes`` of a late-phase params tree: 0 on member leaves, None on shared."""
+        flags = iter(_member_flags(late_params, self.select))
+        return jax.tree.map(lambda _: 0 if next(flags) else None, late_params)
+
+    def member(self, params: PyTree, model_state: PyTree, k) -> tuple[PyTree, PyTree]:
+        """Member k (an int or a traced index) as a plain network ``(params_k, model_state_k)``."""
+        flags = iter(_member_flags(params, self.select))
+        p = jax.tree.map(lambda x: x[k] if next(flags) else x, params)
+        return _effective(p, self.select), jax.tree.map(lambda x: x[k], model_state)
+
+    def num_late_phase_params(self, late_params: PyTree) -> int:
+        """Scalars in the member leaves (all K members): the ensemble's extra memory."""
+        flags = _member_flags(late_params, self.select)
+        leaves = jax.tree.leaves(late_params)
+        return sum(math.prod(x.shape) for x, f in zip(leaves, flags, strict=True) if f)
+
+    def member_index(self, count: jax.Array, key: jax.Array) -> jax.Array | None:
+        """The active member of a step: ``count mod K`` (cycle), uniform from ``key`` (random).
+
+        None under ``"parallel"`` (every member is active).
+        """
+        if self.schedule == "cycle":
+            return jnp.mod(count, self.num_members).astype(jnp.int32)
+        if self.schedule == "random":
+            return jax.random.randint(jax.random.fold_in(key, 0x1A7E), (), 0, self.num_members)
+        return None
+
+    # ------------------------------------------------------------------ losses
+
+    def member_loss(self, loss_fn: Callable) -> Callable:
+        """``fn(params, model_state, batch, key, member)``: ``loss_fn`` of member k on the batch.
+
+        The whole minibatch goes through member ``k``; its new model state
+        (BatchNorm statistics) is written into row k only. Under backprop the
+        gradient of every other member's rows is exactly zero.
+        """
+
+        def wrapped(params, model_state, batch, key, member):
+            pk, sk = self.member(params, model_state, member)
+            loss, (new_sk, metrics) = loss_fn(pk, sk, batch, key)
+            new_state = jax.tree.map(lambda full, x: full.at[member].set(x), model_state, new_sk)
+            return loss, (new_state, metrics)
+
+        return wrapped
+
+    def parallel_loss(self, loss_fn: Callable) -> Callable:
+        """``fn(params, model_state, batch, key)``: all K members at once on slices of the batch.
+
+        The batch (size B, divisible by K) is split into K contiguous slices;
+        ``jax.vmap`` over the member axis runs ``loss_fn`` of member k on slice
+        k. The returned loss is ``1/K sum_k L_k``; gradients are
+        ``dL_k/dphi_k`` for member k's weights and ``1/K sum_k dL_k/dtheta``
+        (``combine="mean"``) or ``sum_k dL_k/dtheta`` (``"sum"``) for the
+        shared weights. New model state is per member; metrics are averaged.
+        """
+        sel, k_members = self.select, self.num_members
+        shared_scale = 1.0 if self.combine == "mean" else float(k_members)
+
+        def wrapped(params, model_state, batch, key):
+            axes = self.member_axes(params)
+            if not any(a == 0 for a in jax.tree.leaves(axes, is_leaf=lambda x: x is None)):
+                raise _no_selection_error(params, sel)
+            sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch)}
+            if len(sizes) != 1 or next(iter(sizes)) % k_members:
+                raise ValueError(
+                    f"batch leading sizes {sorted(sizes)} must be one size divisible by "
+                    f"K={k_members}"
+                )
+            sliced = jax.tree.map(lambda x: x.reshape((k_members, -1) + x.shape[1:]), batch)
+            keys = None if key is None else jax.random.split(key, k_members)
+            scaled = jax.tree.map(
+                lambda x, a: _scale_grad(x, shared_scale if a is None else float(k_members)),
+                params,
+                axes,
+                is_leaf=lambda x: x is None,
+            )
+
+            def one(p, ms, b, k):
+                return loss_fn(_effective(p, sel), ms, b, k)
+
+            losses, (new_state, metrics) = jax.vmap(
+                one, in_axes=(axes, 0, 0, None if keys is None else 0)
+            )(scaled, model_state, sliced, keys)
+            loss = jnp.mean(losses) if losses.ndim == 1 else losses.reshape(-1)
+            return loss, (new_state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
+
+        return wrapped
+
+    # ------------------------------------------------------------------ optimizer
+
+    def _zero_accum(self, late_params):
+        if not self.accumulates:
+            return ()
+        flags = iter(_member_flags(late_params, self.select))
+        return jax.tree.map(
+            lambda x: jnp.zeros((), x.dtype) if next(flags) else jnp.zeros_like(x), late_params
+        )
+
+    def _keep(self, new, old, flags, member, take_shared):
+        """Rows of the active member (all rows if member is None) and, if take_shared, shared leaves
+        from ``new``; everything else from ``old`` (bit for bit)."""
+        k_members = self.num_members
+
+        def one(n, o, is_member):
+            if not is_member:
+                return n if take_shared is True else jnp.where(take_shared, n, o)
+            if member is None:
+                return n
+            rows = (jnp.arange(k_members) == member).reshape((k_members,) + (1,) * (n.ndim - 1))
+            return jnp.where(rows, n, o)
+
+        leaves = [
+            one(n, o, f)
+            for n, o, f in zip(jax.tree.leaves(new), jax.tree.leaves(old), flags, strict=True)
+        ]
+        return jax.tree.unflatten(jax.tree.structure(new), leaves)
+
+    def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+        """Wraps ``tx``: a step moves only the active member and, when due, the shared weights.
+
+        ``update(grads, state, params, *, member=None, **extra_args)``: ``member``
+        (required under cycle/random) is the active member. Member rows other
+        than ``member`` keep their params (zero update) and their ``tx`` state
+        bit for bit. Shared weights: with ``accumulates`` their gradients are
+        summed in the state and ``tx`` steps on them once per K updates with the
+        sum (``combine="sum"``) or mean (``"mean"``), their update and state
+        being held in between; otherwise they step every update. Other
+        arguments go to ``tx.update``.
+
+        Returns:
+          An ``optax.GradientTransformationExtraArgs`` with state `LatePhaseState`.
+        """
+        scale = 1.0 if self.combine == "sum" else 1.0 / self.num_members
+        sel = self.select
+
+        def init_fn(late_params):
+            return LatePhaseState(
+                jnp.zeros((), jnp.int32), tx.init(late_params), self._zero_accum(late_params)
+            )
+
+        def update_fn(grads, state, params=None, *, member=None, **extra_args):
+            if member is None and self.schedule != "parallel":
+                raise ValueError(f"schedule {self.schedule!r} needs update(..., member=k)")
+            flags = _member_flags(grads, sel)
+            is_m = jax.tree.unflatten(jax.tree.structure(grads), flags)
+            boundary, accum, g_in = True, state.accum, grads
+            if self.accumulates:
+                boundary = jnp.mod(state.count + 1, self.num_members) == 0
+                accum = jax.tree.map(lambda a, g, m: a if m else a + g, state.accum, grads, is_m)
+                g_in = jax.tree.map(lambda g, a, m: g if m else a * scale, grads, accum, is_m)
+                accum = jax.tree.map(
+                    lambda a, m: a if m else jnp.where(boundary, jnp.zeros_like(a), a), accum, is_m
+                )
+            updates, inner = tx.update(g_in, state.inner, params, **extra_args)
+            zeros = jax.tree.map(jnp.zeros_like, updates)
+            updates = self._keep(updates, zeros, flags, member, boundary)
+            inner = self._select_state(inner, state.inner, grads, member, boundary)
+            return updates, LatePhaseState(optax.safe_int32_increment(state.count), inner, accum)
+
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+    def _select_state(self, new, old, like, member, take_shared):
+        """`_keep` on every part of a ``tx`` state shaped like the params; the rest from ``new``."""
+        ldef = jax.tree.structure(like)
+        flags = _member_flags(like, self.select)
+        is_l = lambda x: x is not None and jax.tree.structure(x) == ldef
+        new_parts, ndef = jax.tree.flatten(new, is_leaf=is_l)
+        old_parts = jax.tree.flatten(old, is_leaf=is_l)[0]
+        out = [
+            self._keep(n, o, flags, member, take_shared) if is_l(n) else n
+            for n, o in zip(new_parts, old_parts, strict=True)
+        ]
+        return jax.tree.unflatten(ndef, out)
+
+    # ------------------------------------------------------------------ training
+
+    def make_train_step(
+        self,
+        loss_fn: Callable,
+        tx: optax.GradientTransformation,
+        *,
+        estimator: Callable = jax.value_and_grad,
+        mode: str = "jit",
+        mesh: jax.sharding.Mesh | None = None,
+        donate: bool = True,
+    ) -> Callable:
+        """A compiled late-phase step ``step(state, batch, tx_args=None) -> (state, metrics)``.
+
+        The step of `wspace.training.make_train_step` with the member chosen
+        first: ``key, sub = split(state.key)``, ``k = member_index(count,
+        sub)``, gradients of `member_loss` (or `parallel_loss`) by
+        ``estimator``, ``optimizer(tx).update(..., member=k)``. Rows of members
+        other than k (params, model state, optimizer state) are carried over
+        bit for bit. The state comes from `expand_state` (its ``opt_state`` is a
+        `LatePhaseState`).
+
+        Args:
+          loss_fn: the plain loss, ``loss_fn(params, model_state, batch, key) ->
+            (loss, (model_state, metrics))``.
+          tx: the optax transformation (the same as in the plain phase).
+          estimator: gradient estimator with the shape of `jax.value_and_grad`.
+          mode: ``jit``, ``sharded`` (batch split over ``mesh``'s ``data`` axis,
+            state replicated; BatchNorm still normalises over the whole
+            minibatch) or ``pmap`` (per-device BatchNorm statistics, gradients
+            ``pmean``-ed; the member is the same on every device).
+          mesh: the mesh for ``sharded`` mode (default `wspace.training.default_mesh`).
+          donate: donate the input state's buffers.
+        """
+        if mode not in training.MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
+        opt = self.optimizer(tx)
+        parallel = self.schedule == "parallel"
+        loss = self.parallel_loss(loss_fn) if parallel else self.member_loss(loss_fn)
+
+        def step(state, batch, tx_args, axis_name=None):
+            key, sub = jax.random.split(state.key)
+            member = self.member_index(state.opt_state.count, sub)
+            if axis_name is not None:  # different noise per device, the same member
+                sub = jax.random.fold_in(sub, jax.lax.axis_index(axis_name))
+            fn = loss if parallel else functools.partial(_with_member, loss, member)
+            grad_fn = estimator(fn, has_aux=True)
+            (value, (model_state, metrics)), grads = grad_fn(
+                state.params, state.model_state, batch, sub
+            )
+            metrics = {**metrics, "loss": jnp.mean(value)}
+            if axis_name is not None:
+                grads, model_state, metrics = jax.lax.pmean(
+                    (grads, model_state, metrics), axis_name
+                )
+            if not parallel:  # rows of the other members bit for bit (also after a pmean)
+                all_rows = [True] * len(jax.tree.leaves(model_state))
+                model_state = self._keep(model_state, state.model_state, all_rows, member, True)
+            updates, opt_state = opt.update(
+                grads, state.opt_state, state.params, member=member, **(tx_args or {})
+            )
+            params = optax.apply_updates(state.params, updates)
+            flags = _member_flags(params, self.select)
+            params = self._keep(params, state.params, flags, member, True)
+            new_state = state.replace(
+                step=state.step + 1,
+                params=params,
+                model_state=model_state,
+                opt_state=opt_state,
+                key=key,
+            )
+            return new_state, metrics
+
+        return _compile(step, mode, mesh, donate)
+
+    def fit(
+        self,
+        state: training.TrainState,
+        loss_fn: Callable,
+        tx: optax.GradientTransformation,
+        data,
+        *,
+        apply_fn: Callable,
+        t0: int,
+        num_steps: int,
+        batch_size: int,
+        key: jax.Array | None = None,
+        seed: int = 0,
+        mode: str = "jit",
+        mesh: jax.sharding.Mesh | None = None,
+        eval_every: int = 100,
+        workdir: str | None = None,
+        progress: bool = True,
+    ) -> tuple[training.TrainState, list[dict]]:
+        """Plain training up to step ``t0``, then late-phase training to ``num_steps``.
+
+        Both phases run through `wspace.training.fit` (same data stream,
+        continued; the plain step from `wspace.training.make_train_step`, the
+        late one from `make_train_step`, both in ``mode``), switched once at
+        ``t0`` by `expand_state`. Late-phase evaluations use the averaged
+        network. With a workdir the phases write into ``workdir/plain`` and
+        ``workdir/late`` and a rerun resumes.
+
+        Args:
+          state: plain `TrainState` at step 0 (or resumed).
+          loss_fn: the plain loss; tx: the optax transformation (its state is carried over at t0).
+          data, apply_fn, batch_size, seed, eval_every, progress, mode, mesh:
+            as `wspace.training.fit`.
+          t0: the late-phase start, ``0 <= t0 <= num_steps``.
+          num_steps: total steps.
+          key: PRNG key of the members' initial noise (needed when ``noise > 0``).
+
+        Returns:
+          ``(late-phase state at num_steps, evaluation records of both phases)``;
+          collapse the state with `average`.
+        """
+        if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 <= num_steps:
+            raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")
+        if self.schedule == "parallel" and batch_size % self.num_members:
+            raise ValueError(
+                f"batch_size {batch_size} must be divisible by K={self.num_members} "
+                "under schedule='parallel'"
+            )
+        if mode not in training.MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
+        sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
+        kw = dict(
+            batch_size=batch_size,
+            seed=seed,
+            mode=mode,
+            mesh=mesh,
+            eval_every=eval_every,
+            progress=progress,
+        )
+        history = []
+        if t0 > 0:
+            plain_step = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
+            state, hist = training.fit(
+                state, plain_step, data, apply_fn=apply_fn, num_steps=t0, workdir=sub("plain"), **kw
+            )
+            history += [{**r, "phase": "plain"} for r in hist]
+        late_state = self.expand_state(state, tx, key=key)
+        late_state, hist = training.fit(
+            late_state,
+            self.make_train_step(loss_fn, tx, mode=mode, mesh=mesh),
+            data,
+            apply_fn=self.averaged_apply(apply_fn),
+            num_steps=num_steps,
+            workdir=sub("late"),
+            **kw,
+        )
+        history += [{**r, "phase": "late"} for r in hist]
+        return late_state, history
+
+    # ------------------------------------------------------------------ averaging
+
+    def average(self, params: PyTree, model_state: PyTree) -> tuple[PyTree, PyTree]:
+        """Collapses the members into one plain network by averaging in weight space.
+
+        Member leaves: ``phi = 1/K sum_k phi_k``; rank-1 kernels: ``W * 1/K
+        sum_k r_k s_k^T``. BatchNorm layers (any node of ``model_state``
+        holding ``mean`` and ``var``, with ``scale`` and ``bias`` at the same
+        path in ``params``) average their effective affine maps ``y = a_k x +
+        b_k``, ``a_k = scale_k / sqrt(var_k + eps)``, ``b_k = bias_k - a_k
+        mean_k``: the result keeps ``m* = mean_k mean_k``, ``v* = mean_k
+        var_k`` as running stats and sets ``scale*``, ``bias*`` so that ``a* =
+        mean_k a_k`` and ``b* = mean_k b_k`` -- the mean of the members'
+        outputs, as the official code's ``set_average_specialists``. Other
+        ``model_state`` leaves are averaged over members. With K identical
+        members the result is the original network exactly (on CPU).
+
+        Returns:
+          ``(params, model_state)`` of one plain network for the unchanged ``apply``.
+        """
+        return _average(params, model_state, sel=self.select, eps=self.bn_eps)
+
+    def averaged_apply(self, apply_fn: Callable) -> Callable:
+        """``apply(variables, x, **kw)`` of the averaged network, for late-phase ``variables``."""
+
+        def apply(variables, x, **kwargs):
+            params = variables["params"]
+            state = {k: v for k, v in dict(variables).items() if k != "params"}
+            p, s = self.average(params, state)
+            return apply_fn({"params": p, **s}, x, **kwargs)
+
+        return apply
+
+
+def _with_member(loss, member, params, model_state, batch, key):
+    return loss(params, model_state, batch, key, member)
+
+
+def _compile(step, mode: str, mesh, donate: bool) -> Callable:
+    """Compiles ``step(state, batch, tx_args, axis_name=None)`` as `training.make_train_step` does."""
+    donate_argnums = (0,) if donate else ()
+    if mode == "jit":
+        compiled = jax.jit(step, donate_argnums=donate_argnums)
+    elif mode == "sharded":
+        mesh = mesh or training.default_mesh()
+        repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        compiled = jax.jit(
+            step,
+            in_shardings=(repl, split, repl),
+            out_shardings=(repl, repl),
+            donate_argnums=donate_argnums,
+        )
+    else:
+        compiled = jax.pmap(
+            lambda s, b, a: step(s, b, a, axis_name="batch"),
+            axis_name="batch",
+            in_axes=(0, 0, None),
+            donate_argnums=donate_argnums,
+        )
+
+    def train_step(state, batch, tx_args=None):
+        return compiled(state, batch, tx_args)
+
+    return train_step
+
+
+# ----------------------------------------------------------------------------- internals
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _expand(params: PyTree, key: jax.Array, *, cfg: LatePhase) -> PyTree:
+    sel, k_members = cfg.select, cfg.num_members
     if sel.rank1:
         chosen = [
             p
@@ -199,8 +776,7 @@ def expand(
         ]
         if not chosen:
             raise _no_selection_error(params, sel)
-        return _add_noise(_add_rank1(params, (), sel, k_members), sel, key, noise)
-
+        return _add_noise(_add_rank1(params, (), sel, k_members), sel, key, cfg.noise)
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     if not any(sel.predicate(_path(kp)) for kp, _ in flat):
         raise _no_selection_error(params, sel)
@@ -208,7 +784,7 @@ def expand(
         jnp.broadcast_to(x, (k_members,) + jnp.shape(x)) if sel.predicate(_path(kp)) else x
         for kp, x in flat
     ]
-    return _add_noise(jax.tree.unflatten(jax.tree.structure(params), leaves), sel, key, noise)
+    return _add_noise(jax.tree.unflatten(jax.tree.structure(params), leaves), sel, key, cfg.noise)
 
 
 def _add_noise(late, sel: Selection, key, noise: float):
@@ -247,114 +823,6 @@ def _add_rank1(tree, path, sel, k_members):
     return out
 
 
-def expand_model_state(model_state: PyTree, num_members: int) -> PyTree:
-    """Per-member copies of the non-param collections (BatchNorm ``batch_stats``): axis 0 = K."""
-    k_members = _check_k(num_members)
-    return jax.tree.map(
-        lambda x: jnp.broadcast_to(jnp.asarray(x), (k_members,) + jnp.shape(x)), model_state
-    )
-
-
-def expand_opt_state(
-    tx: optax.GradientTransformation,
-    opt_state: PyTree,
-    params: PyTree,
-    late_params: PyTree,
-    select="bn_head",
-    *,
-    reset: bool = False,
-) -> PyTree:
-    """Carries an optimizer state of the plain params over to the late-phase params.
-
-    Every sub-tree of ``opt_state`` shaped like ``params`` (momenta, Adam
-    moments, SWA means...) becomes a late-phase tree: member leaves get K
-    copies of the plain leaf's state, shared leaves keep theirs, new rank-1
-    factors get ``tx.init``'s fresh state. Everything else (step counts,
-    schedules' counters, injected hyperparameters) is kept as it is, so
-    learning-rate schedules continue from where they were.
-
-    Args:
-      tx: the optax transformation that made ``opt_state``.
-      opt_state: its state for ``params``.
-      params: the plain params.
-      late_params: ``expand(params, select, K, ...)``.
-      select: the same selection as for `expand`.
-      reset: ignore ``opt_state`` and return ``tx.init(late_params)``.
-
-    Returns:
-      An optimizer state for ``late_params``.
-
-    Raises:
-      ValueError: when the two states do not line up (then use ``reset=True``).
-    """
-    sel = selection(select)
-    fresh = tx.init(late_params)
-    if reset:
-        return fresh
-    pdef, ldef = jax.tree.structure(params), jax.tree.structure(late_params)
-    is_p = lambda x: jax.tree.structure(x) == pdef
-    is_l = lambda x: jax.tree.structure(x) == ldef
-    old, _ = jax.tree.flatten(opt_state, is_leaf=is_p)
-    new, new_def = jax.tree.flatten(fresh, is_leaf=is_l)
-    if len(old) != len(new):
-        raise ValueError(
-            f"cannot line up the optimizer state of the plain params ({len(old)} parts) with a "
-            f"fresh one for the late-phase params ({len(new)} parts); pass reset=True"
-        )
-    out = []
-    for o, n in zip(old, new, strict=True):
-        if is_p(o) and is_l(n):
-            out.append(_expand_like(o, n, sel))
-        elif not is_p(o) and not is_l(n) and jnp.shape(o) == jnp.shape(n):
-            out.append(o)
-        else:
-            raise ValueError(
-                f"optimizer state parts differ: {jax.tree.structure(o)} vs "
-                f"{jax.tree.structure(n)}; pass reset=True"
-            )
-    return jax.tree.unflatten(new_def, out)
-
-
-def _expand_like(plain_tree, fresh_late, sel: Selection):
-    """A plain-shaped tree (e.g. a momentum) laid out like ``fresh_late``."""
-    by_path = dict(zip(_paths(plain_tree), jax.tree.leaves(plain_tree), strict=True))
-
-    def one(kp, fresh):
-        p = _path(kp)
-        if p not in by_path:  # a new rank-1 factor
-            return fresh
-        x = by_path[p]
-        if _is_member_path(p, sel):
-            return jnp.broadcast_to(x, jnp.shape(fresh)).astype(jnp.result_type(fresh))
-        return x
-
-    return jax.tree_util.tree_map_with_path(one, fresh_late)
-
-
-def expand_state(
-    state: training.TrainState,
-    tx: optax.GradientTransformation,
-    select,
-    num_members: int,
-    *,
-    key: jax.Array | None = None,
-    noise: float = 0.0,
-    reset_opt_state: bool = False,
-) -> training.TrainState:
-    """`expand` params, `expand_model_state` and `expand_opt_state` of a `TrainState` at T0."""
-    late = expand(state.params, select, num_members, key=key, noise=noise)
-    return state.replace(
-        params=late,
-        model_state=expand_model_state(state.model_state, num_members),
-        opt_state=expand_opt_state(
-            tx, state.opt_state, state.params, late, select, reset=reset_opt_state
-        ),
-    )
-
-
-# ----------------------------------------------------------------------------- members
-
-
 def _effective(params, sel: Selection):
     """One member's plain params: rank-1 factors multiplied into their kernels and dropped."""
     if not sel.rank1:
@@ -384,16 +852,6 @@ def _apply_rank1(tree):
     return _fold_rank1(tree, lambda r, s: r[:, None] * s[None, :])
 
 
-def member(params: PyTree, model_state: PyTree, k: int, select="bn_head"):
-    """Member k as a plain network: ``(params_k, model_state_k)`` for the unchanged ``apply``."""
-    sel = selection(select)
-    axes = member_axes(params, sel)
-    p = jax.tree.map(
-        lambda x, a: x if a is None else x[k], params, axes, is_leaf=lambda x: x is None
-    )
-    return _effective(p, sel), jax.tree.map(lambda x: x[k], model_state)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _scale_grad(x, c):
     return x
@@ -410,135 +868,24 @@ def _scale_grad_bwd(c, _, g):
 _scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
 
 
-def late_phase_loss(
-    loss_fn: Callable, num_members: int, select="bn_head", *, combine: str = "mean"
-) -> Callable:
-    """Wraps a library loss so that K members train at once on slices of the minibatch.
-
-    The batch (size B, divisible by K) is split into K contiguous slices;
-    ``jax.vmap`` over the member axis runs ``loss_fn`` of member k on slice
-    k. The returned loss is ``1/K sum_k L_k``; gradients (by backprop) are
-    ``dL_k/dphi_k`` for member k's weights and ``1/K sum_k dL_k/dtheta``
-    (``combine="mean"``) or ``sum_k dL_k/dtheta`` (``"sum"``) for shared
-    weights ``theta``. For plain SGD, ``"sum"`` equals ``"mean"`` with the
-    shared weights' learning rate times K. New ``model_state`` is per member;
-    metrics are averaged over members.
-
-    Plug it into the foundation unchanged:
-    ``ws.training.make_train_step(late_phase_loss(loss_fn, K), tx)``, with
-    the state from `expand_state`.
-
-    Args:
-      loss_fn: ``loss_fn(params, model_state, batch, key) -> (loss, (model_state, metrics))``.
-      num_members: K >= 1.
-      select: preset name, predicate or `Selection` (as used for `expand`).
-      combine: ``"mean"`` or ``"sum"``: how shared weights combine member gradients.
-
-    Returns:
-      A loss in the same signature over late-phase params and per-member model_state.
-
-    Reference: von Oswald et al. 2021, arXiv 2007.12927.
-    """
-    sel = selection(select)
-    k_members = _check_k(num_members)
-    if combine not in COMBINE:
-        raise ValueError(f"combine must be one of {COMBINE}, got {combine!r}")
-    shared_scale = 1.0 if combine == "mean" else float(k_members)
-
-    def wrapped(params, model_state, batch, key):
-        axes = member_axes(params, sel)
-        if not any(a == 0 for a in jax.tree.leaves(axes, is_leaf=lambda x: x is None)):
-            raise _no_selection_error(params, sel)
-        sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch)}
-        if len(sizes) != 1 or next(iter(sizes)) % k_members:
-            raise ValueError(
-                f"batch leading sizes {sorted(sizes)} must be one size divisible by K={k_members}"
-            )
-        sliced = jax.tree.map(lambda x: x.reshape((k_members, -1) + x.shape[1:]), batch)
-        keys = None if key is None else jax.random.split(key, k_members)
-        scaled = jax.tree.map(
-            lambda x, a: _scale_grad(x, shared_scale if a is None else float(k_members)),
-            params,
-            axes,
-            is_leaf=lambda x: x is None,
-        )
-
-        def one(p, ms, b, k):
-            return loss_fn(_effective(p, sel), ms, b, k)
-
-        losses, (new_state, metrics) = jax.vmap(
-            one, in_axes=(axes, 0, 0, None if keys is None else 0)
-        )(scaled, model_state, sliced, keys)
-        loss = jnp.mean(losses) if losses.ndim == 1 else losses.reshape(-1)
-        return loss, (new_state, jax.tree.map(lambda m: jnp.mean(m, axis=0), metrics))
-
-    return wrapped
-
-
-# ----------------------------------------------------------------------------- average
-
-
 def _mean0(x):
     """Mean over the member axis, computed as ``x_0 + mean(x - x_0)`` (exact for equal members)."""
     return x[0] + jnp.mean(x - x[0], axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("select", "eps"))
-def average(
-    params: PyTree, model_state: PyTree, select="bn_head", *, eps: float = 1e-5
-) -> tuple[PyTree, PyTree]:
-    """Collapses the members into one plain network by averaging in weight space.
-
-    Member leaves: ``phi = 1/K sum_k phi_k``; rank-1 kernels: ``W * 1/K sum_k
-    r_k s_k^T``. BatchNorm layers (any node of ``model_state`` holding
-    ``mean`` and ``var``, with ``scale`` and ``bias`` at the same path in
-    ``params``) average their effective affine maps ``y = a_k x + b_k``,
-    ``a_k = scale_k / sqrt(var_k + eps)``, ``b_k = bias_k - a_k mean_k``: the
-    result keeps the members' mean statistics ``m* = mean_k mean_k``, ``v* =
-    mean_k var_k`` as running stats and sets ``scale* = mean_k scale_k
-    sqrt(v* + eps) / sqrt(var_k + eps)``, ``bias* = mean_k (bias_k + a_k (m* -
-    mean_k))``, so ``a* = mean_k a_k`` and ``b* = mean_k b_k``: the averaged
-    layer is the mean of the members' affine maps (equal to the plain
-    average of scale/bias when the members' statistics agree, and exactly the
-    original network when all members are equal). Other ``model_state``
-    leaves are averaged over members.
-
-    Args:
-      params: late-phase params (from `expand` and training).
-      model_state: per-member model state (from `expand_model_state`).
-      select: the selection used for `expand`.
-      eps: the BatchNorm epsilon (flax's default 1e-5).
-
-    Returns:
-      ``(params, model_state)`` of one plain network for the unchanged ``apply``.
-
-    Reference: von Oswald et al. 2021, arXiv 2007.12927 (weight-space averaging).
-    """
-    sel = selection(select)
-    axes = member_axes(params, sel)
+@functools.partial(jax.jit, static_argnames=("sel", "eps"))
+def _average(params, model_state, *, sel: Selection, eps: float):
+    flags = _member_flags(params, sel)
     if sel.rank1:
-        avg = _average_rank1(params)
+        avg = _fold_rank1(params, lambda r, s: _mean0(r[:, :, None] * s[:, None, :]))
     else:
-        avg = jax.tree.map(
-            lambda x, a: x if a is None else _mean0(x), params, axes, is_leaf=lambda x: x is None
-        )
-    is_member = {
-        p: a == 0
-        for p, a in zip(
-            _paths(params), jax.tree.leaves(axes, is_leaf=lambda x: x is None), strict=True
-        )
-    }
+        it = iter(flags)
+        avg = jax.tree.map(lambda x: _mean0(x) if next(it) else x, params)
+    is_member = dict(zip(_paths(params), flags, strict=True))
     bn = {}  # path of a BN module -> (scale*, bias*, mean*, var*)
     for path, node in _stat_nodes(model_state):
         bn[path[1:]] = _average_bn(params, path[1:], node, is_member, eps)
-    new_state = _replace_stats(model_state, bn)
-    avg = _replace_affine(avg, (), bn)
-    return avg, new_state
-
-
-def _average_rank1(tree):
-    """The members' mean kernel: ``mean_k W * (r_k s_k^T) = W * mean_k(r_k s_k^T)``."""
-    return _fold_rank1(tree, lambda r, s: _mean0(r[:, :, None] * s[:, None, :]))
+    return _replace_affine(avg, (), bn), _replace_stats(model_state, bn)
 
 
 def _stat_nodes(tree, path=()) -> Iterable:
@@ -603,210 +950,90 @@ def _replace_affine(tree, path, bn):
     return {k: _replace_affine(v, path + (str(k),), bn) for k, v in tree.items()}
 
 
-def averaged_apply(apply_fn: Callable, select="bn_head", *, eps: float = 1e-5) -> Callable:
-    """``apply(variables, x, **kw)`` of the averaged network, for late-phase ``variables``.
-
-    Lets the foundation's `wspace.training.evaluate` / `fit` evaluate a
-    late-phase state: ``variables = {"params": late_params, **model_state}``.
-    """
-
-    def apply(variables, x, **kwargs):
-        params = variables["params"]
-        state = {k: v for k, v in dict(variables).items() if k != "params"}
-        p, s = average(params, state, select, eps=eps)
-        return apply_fn({"params": p, **s}, x, **kwargs)
-
-    return apply
-
-
-# ----------------------------------------------------------------------------- SWA
-
-
-class SWAState(NamedTuple):
-    """State of `swa`: steps seen, number of averaged iterates, their running mean."""
-
-    count: jax.Array
-    n: jax.Array
-    mean: PyTree
-
-
-def swa(start: int = 0, every: int = 1) -> optax.GradientTransformationExtraArgs:
-    """Stochastic weight averaging as an optax transformation that keeps the average in its state.
-
-    Passes updates through unchanged and averages the new iterates
-    ``theta_t = params + updates`` for ``t >= start`` with ``(t - start) %
-    every == 0`` (t counts updates from 1): ``mean <- mean + (theta_t -
-    mean) / n``. Put it last in an ``optax.chain``; read the average with
-    `swa_params`. Before the first averaged step the mean is the initial
-    params. Works on late-phase params too (the mean has their member axes).
-
-    Args:
-      start: first step to average (numeric; may be injected).
-      every: averaging period in steps (numeric; may be injected).
-
-    Returns:
-      An ``optax.GradientTransformationExtraArgs``; needs ``params`` in ``update``.
-
-    Reference: Izmailov, Podoprikhin, Garipov, Vetrov, Wilson 2018, arXiv 1803.05407.
-    """
-
-    def init_fn(params):
-        return SWAState(
-            count=jnp.zeros((), jnp.int32),
-            n=jnp.zeros((), jnp.int32),
-            mean=jax.tree.map(lambda x: jnp.array(x, copy=True), params),
-        )
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        if params is None:
-            raise ValueError("swa needs params: call tx.update(updates, state, params)")
-        count = state.count + 1
-        take = (count >= start) & (jnp.mod(count - start, every) == 0)
-        n = state.n + take.astype(jnp.int32)
-        weight = jnp.where(take, 1.0 / jnp.maximum(n, 1), 0.0)
-        new_params = optax.apply_updates(params, updates)
-        mean = jax.tree.map(
-            lambda m, p: (m + weight.astype(m.dtype) * (p - m)).astype(m.dtype),
-            state.mean,
-            new_params,
-        )
-        return updates, SWAState(count=count, n=n, mean=mean)
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def swa_params(opt_state: PyTree) -> PyTree:
-    """The running average kept by the (single) `swa` inside an optimizer state."""
-    found = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, SWAState))
-        if isinstance(s, SWAState)
-    ]
-    if len(found) != 1:
-        raise ValueError(
-            f"expected exactly one SWAState in the optimizer state, found {len(found)}"
-        )
-    return found[0].mean
-
-
-def recompute_batch_stats(
-    loss_fn: Callable, params: PyTree, model_state: PyTree, batches: Iterable[dict], *, key=None
-) -> PyTree:
-    """Re-estimates BatchNorm running statistics for given params (needed after SWA).
-
-    Runs ``loss_fn`` (train mode: BatchNorm updates its running averages with
-    its own momentum) over ``batches`` and returns the final ``model_state``;
-    with momentum m the old statistics keep weight ``m ** len(batches)``.
-    Works with a plain loss or a `late_phase_loss` (per-member statistics).
-    """
-    if not jax.tree.leaves(model_state):
-        return model_state
-    key = jax.random.PRNGKey(0) if key is None else key
-    step = jax.jit(lambda p, s, b, k: loss_fn(p, s, b, k)[1][0])
-    for i, batch in enumerate(batches):
-        model_state = step(params, model_state, batch, jax.random.fold_in(key, i))
-    return model_state
-
-
-# ----------------------------------------------------------------------------- fit
+# ----------------------------------------------------------------------------- module API
 
 
 def fit(
     state: training.TrainState,
     loss_fn: Callable,
     tx: optax.GradientTransformation,
-    dataset,
+    data,
     *,
-    apply_fn: Callable,
     num_members: int,
     t0: int,
-    num_steps: int,
-    batch_size: int,
     select="bn_head",
-    combine: str = "mean",
+    schedule: str = "cycle",
+    combine: str | None = None,
     noise: float = 0.0,
-    key: jax.Array | None = None,
-    seed: int = 0,
-    eval_every: int = 100,
-    workdir: str | None = None,
-    progress: bool = True,
+    **kwargs,
 ) -> tuple[training.TrainState, list[dict]]:
-    """One run: plain training up to step ``t0``, then late-phase training to ``num_steps``.
-
-    Two compiled steps (plain and late-phase, both `wspace.training.make_train_step`),
-    switched once at ``t0`` with `expand_state` (optimizer state carried over
-    by `expand_opt_state`). Both phases run through `wspace.training.fit` (same
-    data stream, continued); late-phase evaluations use the averaged network.
-    With a workdir, the phases write into ``workdir/plain`` and ``workdir/late``
-    and a rerun resumes.
-
-    Args:
-      state: plain `TrainState` (``init_state``) at step 0 (or resumed).
-      loss_fn: the plain loss (library signature).
-      tx: optax transformation (its state is expanded at t0).
-      dataset, apply_fn, batch_size, seed, eval_every, progress: as `wspace.training.fit`.
-      num_members: K >= 1.
-      t0: the late-phase start, ``0 <= t0 <= num_steps``.
-      num_steps: total steps.
-      select, combine: see `late_phase_loss`.
-      noise, key: the members' initial perturbation (see `expand`).
-
-    Returns:
-      ``(late-phase state at num_steps, evaluation records of both phases)``;
-      collapse it with `average`.
+    """``LatePhase(num_members, select, schedule, combine, noise).fit(state, loss_fn, tx, data,
+    t0=t0, **kwargs)``: plain training to ``t0``, then late-phase training (see `LatePhase.fit`).
     """
-    k_members = _check_k(num_members)
-    if not isinstance(t0, int) or not 0 <= t0 <= num_steps:
-        raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")
-    if batch_size % k_members:
-        raise ValueError(f"batch_size {batch_size} must be divisible by K={k_members}")
-    sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
-    history = []
-    if t0 > 0:
-        plain_step = training.make_train_step(loss_fn, tx)
-        state, hist = training.fit(
-            state,
-            plain_step,
-            dataset,
-            apply_fn=apply_fn,
-            num_steps=t0,
-            batch_size=batch_size,
-            seed=seed,
-            eval_every=eval_every,
-            workdir=sub("plain"),
-            progress=progress,
-        )
-        history += [{**r, "phase": "plain"} for r in hist]
-    late_state = expand_state(state, tx, select, k_members, key=key, noise=noise)
-    late_step = training.make_train_step(
-        late_phase_loss(loss_fn, k_members, select, combine=combine), tx
-    )
-    late_state, hist = training.fit(
-        late_state,
-        late_step,
-        dataset,
-        apply_fn=averaged_apply(apply_fn, select),
-        num_steps=num_steps,
-        batch_size=batch_size,
-        seed=seed,
-        eval_every=eval_every,
-        workdir=sub("late"),
-        progress=progress,
-    )
-    history += [{**r, "phase": "late"} for r in hist]
-    return late_state, history
+    late = LatePhase(num_members, select, schedule, combine, noise)
+    return late.fit(state, loss_fn, tx, data, t0=t0, **kwargs)
 
 
-def num_late_phase_params(late_params: PyTree, select="bn_head") -> int:
-    """Scalars in the member leaves (all K members): the ensemble's extra memory is this."""
-    axes = member_axes(late_params, select)
-    return sum(
-        math.prod(x.shape)
-        for x, a in zip(
-            jax.tree.leaves(late_params),
-            jax.tree.leaves(axes, is_leaf=lambda x: x is None),
-            strict=True,
-        )
-        if a == 0
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"wspace.late_phase.{old} is deprecated and will be removed in the next release; use {new}",
+        DeprecationWarning,
+        stacklevel=3,
     )
+
+
+def _par(select="bn_head", num_members=1, combine="mean", noise=0.0, eps=1e-5) -> LatePhase:
+    return LatePhase(num_members, select, "parallel", combine, noise, eps)
+
+
+def _old_expand_state(
+    state, tx, select, num_members, *, key=None, noise=0.0, reset_opt_state=False
+):
+    late = _par(select, num_members, noise=noise)  # returns tx's state unwrapped (parallel)
+    p = late.expand(state.params, key=key)
+    opt = (
+        tx.init(p)
+        if reset_opt_state
+        else late.expand_opt_state(tx, state.opt_state, state.params, p)
+    )
+    return state.replace(
+        params=p, model_state=late.expand_model_state(state.model_state), opt_state=opt
+    )
+
+
+# Old names (one release): the functions of the first API, each with ``select=`` in its signature,
+# and the parallel schedule of `late_phase_loss` as the only one.
+_OLD = {
+    "member_axes": lambda t, select="bn_head": _par(select).member_axes(t),
+    "expand": lambda p, select, k, *, key=None, noise=0.0: _par(select, k, noise=noise).expand(
+        p, key=key
+    ),
+    "expand_model_state": lambda s, k: LatePhase(k).expand_model_state(s),
+    "expand_opt_state": lambda tx, o, p, lp_, select="bn_head", *, reset=False: (
+        tx.init(lp_) if reset else _par(select).expand_opt_state(tx, o, p, lp_)
+    ),
+    "expand_state": _old_expand_state,
+    "member": lambda p, s, k, select="bn_head": _par(select).member(p, s, k),
+    "late_phase_loss": lambda f, k, select="bn_head", *, combine="mean": _par(
+        select, k, combine
+    ).parallel_loss(f),
+    "average": lambda p, s, select="bn_head", *, eps=1e-5: _par(select, eps=eps).average(p, s),
+    "averaged_apply": lambda f, select="bn_head", *, eps=1e-5: _par(select, eps=eps).averaged_apply(
+        f
+    ),
+    "num_late_phase_params": lambda t, select="bn_head": _par(select).num_late_phase_params(t),
+}
+_MOVED = ("swa", "swa_params", "recompute_batch_stats", "SWAState")  # to wspace.averaging
+
+
+def __getattr__(name):
+    if name in _OLD:
+        _deprecated(
+            name,
+            f"LatePhase(num_members, select, ...).{name.replace('late_phase_loss', 'make_train_step')}",
+        )
+        return _OLD[name]
+    if name in _MOVED:
+        _deprecated(name, f"wspace.averaging.{name}")
+        return getattr(averaging, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

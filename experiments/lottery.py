@@ -56,6 +56,7 @@ GEOMETRY = (
     ("instability_error", "instability: test-error barrier, two data orders"),
     ("barrier_prev_error", "test-error barrier to the previous level"),
 )
+COLORS = {arm: f"C{i}" for i, arm in enumerate(ALL_ARMS)}  # one colour per arm in every panel
 LABELS = {
     "ticket": "IMP ticket (rewind to k, fresh optimizer)",
     "ticket_restore": "IMP ticket (rewind to k, restored optimizer)",
@@ -321,9 +322,11 @@ def _results(config, workdir, per_arm) -> dict:
     for arm in arms:
         metrics = [g for g, _ in GEOMETRY if g in per_arm[arm][0]]
         if metrics:
-            tables[f"Geometry per level: {arm}"] = _level_table(per_arm[arm], metrics)
+            tables[f"Geometry per level: {arm}"] = _level_table(
+                {g: (per_arm[arm], g) for g in metrics}
+            )
     tables["Test accuracy per level"] = _level_table(
-        None, [], accuracy={a: per_arm[a] for a in arms}
+        {a: (per_arm[a], "test_accuracy") for a in arms}
     )
     figures = [_plot_accuracy(per_arm, workdir, config), _plot_geometry(per_arm, workdir, config)]
     notes = [
@@ -351,43 +354,33 @@ def _results(config, workdir, per_arm) -> dict:
     )
 
 
-def _level_table(results, metrics, accuracy=None) -> dict:
-    """Rows = levels; cells = [mean, 95% half-width] over seeds."""
-    from scipy import stats
-
-    def cell(values):
-        v = np.asarray(values, np.float64)
-        v = v[np.isfinite(v)]
-        if len(v) == 0:
-            return "–"
-        if len(v) < 2:
-            return float(v[0])
-        return [
-            float(v.mean()),
-            float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / len(v) ** 0.5),
-        ]
-
-    source = results if accuracy is None else next(iter(accuracy.values()))
-    levels = len(source[0]["density"])
-    rows = []
-    for level in range(levels):
-        row = [level, 100 * float(np.mean([r["density"][level] for r in source]))]
-        if accuracy is None:
-            row += [cell([r[m][level] for r in results]) for m in metrics]
-        else:
-            row += [cell([r["test_accuracy"][level] for r in res]) for res in accuracy.values()]
-        rows.append(row)
-    columns = ["level", "weights left (%)"] + (metrics if accuracy is None else list(accuracy))
-    return {"columns": columns, "rows": rows}
+def _by_level(results, metric, with_levels=False):
+    """Per level: weights left (%), mean and 95% half-width over seeds (`common.summarize`);
+    levels where ``metric`` was not measured (null) are dropped (``with_levels``: also the
+    kept level indices, first)."""
+    levels = range(len(results[0]["density"]))
+    kept = [lv for lv in levels if all(r[metric][lv] is not None for r in results)]
+    per_level = {str(lv): [{"m": r[metric][lv]} for r in results] for lv in kept}
+    rows = common.summarize(per_level, ["m"])["rows"] if kept else []
+    density = 100 * np.mean([[r["density"][lv] for lv in kept] for r in results], axis=0)
+    mean = np.array([row[1][0] for row in rows])
+    half = np.nan_to_num(np.array([row[1][1] for row in rows]))  # one seed: no interval
+    return (kept, density, mean, half) if with_levels else (density, mean, half)
 
 
-def _mean_ci(values):
-    from scipy import stats
-
-    v = np.asarray(values, np.float64)
-    if len(v) < 2:
-        return v.mean(axis=0), np.zeros(v.shape[1])
-    return v.mean(axis=0), stats.t.ppf(0.975, len(v) - 1) * v.std(axis=0, ddof=1) / np.sqrt(len(v))
+def _level_table(columns: dict) -> dict:
+    """Rows = levels; one column per ``name -> (results, metric)``; cells [mean, half-width]."""
+    first_results = next(iter(columns.values()))[0]
+    n = len(first_results[0]["density"])
+    rows = [
+        [lv, 100 * float(np.mean([r["density"][lv] for r in first_results]))] for lv in range(n)
+    ]
+    for results, metric in columns.values():
+        kept, _, mean, half = _by_level(results, metric, with_levels=True)
+        cells = {lv: [float(m), float(h)] for lv, m, h in zip(kept, mean, half, strict=True)}
+        for row in rows:
+            row.append(cells.get(row[0], "–"))
+    return {"columns": ["level", "weights left (%)", *columns], "rows": rows}
 
 
 def _density_axis(ax, density) -> None:
@@ -404,10 +397,9 @@ def _plot_accuracy(per_arm, workdir, config) -> str:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for arm, results in per_arm.items():
-        d = 100 * np.mean([r["density"] for r in results], axis=0)
-        acc, half = _mean_ci([r["test_accuracy"] for r in results])
-        ax.plot(d, acc, marker="o", ms=3, label=LABELS[arm])
-        ax.fill_between(d, acc - half, acc + half, alpha=0.2)
+        d, acc, half = _by_level(results, "test_accuracy")
+        ax.plot(d, acc, marker="o", ms=3, color=COLORS[arm], label=LABELS[arm])
+        ax.fill_between(d, acc - half, acc + half, color=COLORS[arm], alpha=0.2)
     dense = np.mean([r["test_accuracy"][0] for r in per_arm["ticket"]])
     ax.axhline(dense - config.match_margin, color="gray", ls="--", lw=0.8, label="dense - margin")
     _density_axis(ax, d)
@@ -425,19 +417,15 @@ def _plot_geometry(per_arm, workdir, config) -> str:
         for arm, results in per_arm.items():
             if g not in results[0]:
                 continue
-            d = 100 * np.mean([r["density"] for r in results], axis=0)
-            vals = np.asarray([r[g] for r in results], np.float64)
-            keep = np.isfinite(vals).all(axis=0)
-            mean, half = _mean_ci(vals[:, keep])
-            ax.plot(d[keep], mean, marker="o", ms=3, label=arm)
-            ax.fill_between(d[keep], mean - half, mean + half, alpha=0.2)
+            d, mean, half = _by_level(results, g)
+            ax.plot(d, mean, marker="o", ms=3, color=COLORS[arm], label=arm)
+            ax.fill_between(d, mean - half, mean + half, color=COLORS[arm], alpha=0.2)
         _density_axis(ax, d)
         ax.set_title(label, fontsize=10)
     for arm, results in per_arm.items():
-        d = 100 * np.mean([r["density"] for r in results], axis=0)
-        acc, half = _mean_ci([r["test_accuracy"] for r in results])
-        axes[0, 0].plot(d, acc, marker="o", ms=3, label=arm)
-        axes[0, 0].fill_between(d, acc - half, acc + half, alpha=0.2)
+        d, acc, half = _by_level(results, "test_accuracy")
+        axes[0, 0].plot(d, acc, marker="o", ms=3, color=COLORS[arm], label=arm)
+        axes[0, 0].fill_between(d, acc - half, acc + half, color=COLORS[arm], alpha=0.2)
     _density_axis(axes[0, 0], d)
     axes[0, 0].set_title("test accuracy", fontsize=10)
     axes[0, 0].legend(fontsize=7)

@@ -425,7 +425,7 @@ def _plot_continual(per_arm, workdir, config) -> str:
             ax.plot(np.full(len(v), pos[i] + 0.27 * (j - 1)), v, "k.", ms=3)
     ax.set_xticks(pos, arms, rotation=30, ha="right")
     ax.set(ylabel="test accuracy", ylim=(0, 1), title=f"Continual learning, {config.dataset}")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return common.savefig(fig, workdir, "continual.png", config)
 
 
@@ -441,11 +441,16 @@ def _plot_sparsity(per_arm, workdir, config) -> str:
         ("path", "ft_accuracy", "s--", "FIP path + fine-tune"),
     ]
     for kind, key, style, label in series:
-        means = [np.mean([r[key] for r in per_arm[f"{kind}@{s:g}"]]) for s in levels]
-        ax.plot(levels, means, style, label=label)
+        values = [np.array([r[key] for r in per_arm[f"{kind}@{s:g}"]]) for s in levels]
+        spread = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
+        ax.errorbar(levels, [v.mean() for v in values], spread, fmt=style, capsize=3, label=label)
     dense = np.mean([r["dense_accuracy"] for r in per_arm[f"oneshot@{levels[0]:g}"]])
     ax.axhline(dense, color="k", ls=":", label="dense")
-    ax.set(xlabel="sparsity", ylabel="test accuracy", title=f"Sparsification, {config.dataset}")
+    ax.set(
+        xlabel="sparsity",
+        ylabel="test accuracy (mean ± std over seeds)",
+        title=f"Sparsification, {config.dataset}",
+    )
     ax.legend(fontsize=7)
     return common.savefig(fig, workdir, "sparsity.png", config)
 

@@ -159,6 +159,11 @@ def test_default_solve_reaches_its_tolerance_and_unconverged_solve_warns():
         _, state = update(short, grads, short.init(params), params, anchors)
         jax.effects_barrier()
     assert float(state.residual) > 1e-2 and int(state.num_unconverged) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per transformation; counted always
+        _, state = update(short, grads, state, params, anchors)
+        jax.effects_barrier()
+    assert int(state.num_unconverged) == 2
 
 
 def test_metric_products_run_at_highest_precision():

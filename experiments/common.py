@@ -448,9 +448,7 @@ def main(run_fn: Callable, name: str) -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         cfg = flags.FLAGS.config
         if flags.FLAGS.distributed:
-            import jax
-
-            jax.distributed.initialize()
+            _initialize_distributed()
         results = run_fn(cfg, flags.FLAGS.workdir)
         print(f"\n{name} ({cfg.size} size, {len(results['seeds'])} seeds)")
         if results["smoke"]:
@@ -460,6 +458,20 @@ def main(run_fn: Callable, name: str) -> None:
         print(f"results: {os.path.join(flags.FLAGS.workdir, 'results.json')}")
 
     app.run(_main)
+
+
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize`, from the cluster (Slurm, TPU pod) or the environment.
+
+    Outside a cluster JAX detects, set ``JAX_COORDINATOR_ADDRESS`` (read by JAX),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here) for every process.
+    """
+    import jax
+
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    jax.distributed.initialize(
+        **{k: int(os.environ[v]) for k, v in names.items() if v in os.environ}
+    )
 
 
 # ------------------------------------------------------------------ legacy (transitional)

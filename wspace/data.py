@@ -288,7 +288,8 @@ def _prepare_hint(name: str, data_dir: str) -> str:
     return (
         f"run `wspace.data.load({name!r}, download=True, data_dir={data_dir!r})` once on a "
         f"machine with internet and TensorFlow ({PREPARE_EXTRA}), or "
-        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record`"
+        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (the tfds "
+        f"command line also needs apache-beam)"
     )
 
 

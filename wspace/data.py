@@ -415,7 +415,8 @@ def _to_int32(y: np.ndarray) -> np.ndarray:
 def _all_finite(x: np.ndarray) -> bool:
     if not np.issubdtype(x.dtype, np.inexact):
         return True
-    # A float64 sum is finite iff every float32 entry is (no overflow below 1e300 in total).
+    # Fast path: a float64 sum is finite iff no entry is NaN or inf, unless the sum overflows
+    # (only float64 inputs near 1e308 can), and then the entries are checked one by one.
     return bool(np.isfinite(x.sum(dtype=np.float64))) or bool(np.isfinite(x).all())
 
 

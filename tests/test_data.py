@@ -318,13 +318,14 @@ def test_tfds_builder_prepared_offline_and_trained_on(tmp_path, monkeypatch):
     assert all(jax.tree.leaves(moved))
 
     # Reading needs no TensorFlow: a fresh process where `import tensorflow` fails, and
-    # where the builder's code is not even defined (TFDS reads the prepared files).
+    # where the builder's code is not even defined (TFDS reads the prepared files);
+    # download=True on a prepared set prepares nothing, so it needs none either.
     code = (
         "import sys\n"
         "from tests.test_data import _meta_path_without_tensorflow\n"
         "sys.meta_path = _meta_path_without_tensorflow()\n"
         "import wspace as ws\n"
-        f"ds = ws.data.load('wspace_tiny_digits', data_dir={str(tmp_path)!r})\n"
+        f"ds = ws.data.load('wspace_tiny_digits', data_dir={str(tmp_path)!r}, download=True)\n"
         "print(ds.x_train.shape, ds.num_classes, float(ds.x_train.max()))"
     )
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}

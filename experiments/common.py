@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -102,9 +103,11 @@ def start(config, workdir) -> None:
     """Validates the common fields, then creates ``workdir`` and records ``config.json``.
 
     Call it after the experiment's own validation, before any work: a workdir
-    holding another config is refused with the fields that differ, so results
-    of two configs are never mixed, and the workdir is locked for the rest of
-    this process (`wspace.io.workdir_lock`): a second run fails at once.
+    holding results of another config is refused with the fields that differ,
+    so results of two configs are never mixed (the config of a run that stored
+    no result yet, e.g. one stopped by a typo, is replaced with a warning), and
+    the workdir is locked for the rest of this process (`wspace.io.workdir_lock`):
+    a second run fails at once.
     """
     from absl import logging
 
@@ -113,6 +116,8 @@ def start(config, workdir) -> None:
     validate_common(config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     new = json.loads(config.to_json_best_effort())
+    if not _is_writer():
+        return
     _lock_for_this_process(workdir)
     path = os.path.join(workdir, "config.json")
     old = read_json(path) if os.path.exists(path) else None
@@ -123,8 +128,11 @@ def start(config, workdir) -> None:
             for k in sorted(set(old) | set(new))
             if k not in ignored and old.get(k) != new.get(k)
         }
-        if diff:
-            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        if diff and not _has_results(workdir):  # e.g. a typo that failed before any result
+            msg = f"{workdir}: replacing the config of a run that stored no result ({lines})"
+            warnings.warn(msg, stacklevel=2)
+        elif diff:
             raise ValueError(
                 f"{workdir} holds a run with another config ({lines}); "
                 "use a new --workdir or delete this one"
@@ -132,7 +140,21 @@ def start(config, workdir) -> None:
     write_json(path, new)
 
 
+def _has_results(workdir: str) -> bool:
+    """Whether a run in ``workdir`` stored any result (an arm's seed, or results.json)."""
+    arms = os.path.join(workdir, "arms")
+    stored = any(files for _, _, files in os.walk(arms)) if os.path.isdir(arms) else False
+    return stored or os.path.exists(os.path.join(workdir, "results.json"))
+
+
 _LOCKS: dict[str, Any] = {}
+
+
+def _is_writer() -> bool:
+    """In a multi-process run every process computes and process 0 alone writes files."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _lock_for_this_process(workdir: str) -> None:
@@ -158,7 +180,9 @@ def run_arms(
 
     Returns:
       ``{arm: [result for each seed, in seed order]}``; each result is stored in
-      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun.
+      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun. In a
+      multi-process run every process reads the stored results (a shared
+      workdir) and runs the same missing ones; process 0 alone writes.
     """
     results: dict[str, list[dict]] = {}
     for arm, fn in arm_fns.items():
@@ -172,8 +196,8 @@ def run_arms(
                     print(f"[{arm} seed {seed}]", file=sys.stderr, flush=True)
                 result = dict(fn(seed))
                 _check_finite_metrics(result, f"arm {arm!r} seed {seed}")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                write_json(path, result)
+                if _is_writer():
+                    write_json(path, result)
             results[arm].append(result)
     return results
 
@@ -333,7 +357,8 @@ def save_results(
         "notes": list(notes),
         **dict(extra or {}),
     }
-    write_json(os.path.join(workdir, "results.json"), results)
+    if _is_writer():
+        write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 
@@ -350,8 +375,9 @@ def savefig(fig, workdir: str, name: str, config=None) -> str:
             alpha=0.35, rotation=20, transform=fig.transFigure,
         )  # fmt: skip
     path = os.path.join(workdir, name)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    if _is_writer():
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -435,9 +461,7 @@ def main(run_fn: Callable, name: str) -> None:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         cfg = flags.FLAGS.config
         if flags.FLAGS.distributed:
-            import jax
-
-            jax.distributed.initialize()
+            _initialize_distributed()
         results = run_fn(cfg, flags.FLAGS.workdir)
         print(f"\n{name} ({cfg.size} size, {len(results['seeds'])} seeds)")
         if results["smoke"]:
@@ -447,6 +471,20 @@ def main(run_fn: Callable, name: str) -> None:
         print(f"results: {os.path.join(flags.FLAGS.workdir, 'results.json')}")
 
     app.run(_main)
+
+
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize`, from the cluster (Slurm, TPU pod) or the environment.
+
+    Outside a cluster JAX detects, set ``JAX_COORDINATOR_ADDRESS`` (read by JAX),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here) for every process.
+    """
+    import jax
+
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    jax.distributed.initialize(
+        **{k: int(os.environ[v]) for k, v in names.items() if v in os.environ}
+    )
 
 
 # ------------------------------------------------------------------ legacy (transitional)

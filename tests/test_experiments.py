@@ -83,9 +83,19 @@ def test_run_arms_rejects_nan_metrics(tmp_path):
 
 def test_start_refuses_another_config_and_names_the_field(tmp_path):
     common.start(_config(), str(tmp_path))
+    common.run_arms(str(tmp_path), _config(num_seeds=1), {"a": lambda s: {"v": 1.0}})
     common.start(_config(progress=True), str(tmp_path))  # display-only fields may change
     with pytest.raises(ValueError, match="seed: 0 -> 3"):
         common.start(_config(seed=3), str(tmp_path))
+
+
+def test_typo_then_fix_in_one_workdir(tmp_path):
+    """A run that failed before storing any result leaves a workdir the fixed rerun can use."""
+    with pytest.raises(ValueError, match="no such file"):
+        run_experiment("train", tmp_path, dataset="npz:/no/such.npz")
+    common.start(_config(dataset="digitz"), str(tmp_path))  # a typo found after start
+    with pytest.warns(UserWarning, match="replacing the config of a run that stored no result"):
+        common.start(_config(dataset="digits"), str(tmp_path))
 
 
 def test_start_validates_before_writing(tmp_path):
@@ -189,3 +199,40 @@ def test_second_run_in_a_locked_workdir_fails_at_once(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_two_process_run_matches_one_process(tmp_path):
+    """``--distributed`` with two local processes (gloo) gives the single-process numbers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "--config=experiments/configs/train.py:quick", "--config.dataset=digits",
+        "--config.model=mlp", "--config.mode=sharded", "--config.steps=6",
+    ]  # fmt: skip
+    single = _cli(f"--workdir={tmp_path / 'one'}", *args)
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")  # fmt: skip
+    cmd = [sys.executable, "-m", "experiments.train", "--distributed",
+           f"--workdir={tmp_path / 'two'}", *args]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    one = common.read_json(str(tmp_path / "one" / "results.json"))
+    two = common.read_json(str(tmp_path / "two" / "results.json"))
+    (row_one,), (row_two,) = (r["tables"]["mlp on digits"]["rows"] for r in (one, two))
+    np.testing.assert_allclose(
+        [c[0] for c in row_two[1:]], [c[0] for c in row_one[1:]], rtol=1e-4, atol=1e-5
+    )

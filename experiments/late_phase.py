@@ -408,7 +408,7 @@ def run(config, workdir: str) -> dict:
 def _plot_classify(per_arm, workdir, config) -> str:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, rs in per_arm.items():
         steps = [r["step"] for r in rs[0]["curve"]]
         accs = np.array([[r["test_accuracy"] for r in x["curve"]] for x in rs])
@@ -417,9 +417,22 @@ def _plot_classify(per_arm, workdir, config) -> str:
     ax.set(
         xlabel="step",
         ylabel="test accuracy (late arms: averaged network)",
-        title=f"late-phase weights, mean and range over {config.num_seeds} seeds",
+        title=f"mean and range over {config.num_seeds} seeds",
     )
     ax.legend()
+    base = np.array([r["test_accuracy"] for r in per_arm["sgd"]])
+    others = [a for a in per_arm if a != "sgd"]
+    for i, arm in enumerate(others):  # paired by seed: one dot per seed, mean and 95% CI
+        d = 100 * (np.array([r["test_accuracy"] for r in per_arm[arm]]) - base)
+        color = f"C{list(per_arm).index(arm)}"  # the arm's colour on the left
+        ax_d.plot(np.full(len(d), i), d, "o", alpha=0.5, color=color)
+        if len(d) > 1:
+            mean, lo, hi = common.paired_interval(d, np.zeros_like(d))
+            ax_d.errorbar(i + 0.15, mean, yerr=[[mean - lo], [hi - mean]], fmt="ks", capsize=4)
+    ax_d.axhline(0, color="gray", lw=1)
+    ax_d.set_xticks(range(len(others)), others, rotation=20)
+    ax_d.set(ylabel="final test accuracy - SGD (points), per seed", title="paired by seed")
+    fig.suptitle(f"late-phase weights: {config.model} on {config.dataset}")
     return common.savefig(fig, workdir, "accuracy.png", config)
 
 

@@ -485,8 +485,11 @@ def _plot_sbn(sbn_arms, workdir, config) -> str:
         ax_cos.plot(f, cos, marker="o", label=arm[4:])
         t = results[0]["train_forward_evaluations"]
         ax_train.plot(t, np.mean([r["train_exact_loss"] for r in results], 0), label=arm[4:])
+    budgets = list(config.sbn_budgets)
+    ax_cos.set_xscale("log", base=2)
+    ax_cos.set_xticks(budgets, [str(b) for b in budgets])
+    ax_cos.minorticks_off()
     ax_cos.set(
-        xscale="log",
         xlabel="forward evaluations per example",
         ylabel="cosine to exact gradient",
         title=f"SBN {list(config.sbn_hidden)} at init",

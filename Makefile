@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean notebooks
+.PHONY: setup demo test lint bench clean notebooks accel-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,15 @@ BENCHMARKS := train_step pruning late_phase likelihood_ratio straight_through in
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	for b in $(BENCHMARKS); do $(PY) -m benchmarks.$$b || exit 1; done
+
+# On a machine with an accelerator: the test suite on JAX's default backend (not forced to
+# CPU), the train-step benchmark against PyTorch on the same device, and one full-size run.
+accel-check: $(STAMP)
+	$(PY) -c "import jax; print('backend:', jax.default_backend(), jax.devices())"
+	JAX_PLATFORMS= $(PY) -m pytest -q -n 0 tests
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m benchmarks.train_step
+	$(PY) -m experiments.train --workdir=runs/accel/train --config=experiments/configs/train.py:paper
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

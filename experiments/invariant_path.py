@@ -1,601 +1,463 @@
 r"""Functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334) at small scale.
 
   python -m experiments.invariant_path --workdir=runs/invariant_path
-  python -m experiments.invariant_path --workdir=/tmp/fip_quick --quick
+  python -m experiments.invariant_path --config=experiments/configs/invariant_path.py:quick \
+      --workdir=/tmp/fip_quick
+  python -m experiments.invariant_path --config.dataset=mnist1d --config.parts=continual
 
-Three parts, all on an MLP (inputs standardised):
+Two parts, each seed with its own initialisation, data order and buffer (MLP, inputs
+standardised, ``config.dataset``):
 
-(a) ``continual``: class-incremental learning, classes 0-4 then 5-9 with one
-    10-way head, on each of ``--datasets``. After task 1, the arms train on
-    task 2 for the same number of steps: naive fine-tuning, FIP (the metric
-    step: new-task gradient through `invariant_path` with the replay buffer's
-    inputs as anchors, then SGD at each of ``--fip_lrs``), the penalty method
-    (new-task CE + Bhattacharyya to the task-1 network on the buffer inputs,
-    each of ``--penalty_weights``), replay (new-task CE + CE on the same buffer
-    with its labels) and EWC (Kirkpatrick et al. 2017, exact diagonal Fisher on
-    the task-1 training set, each of ``--ewc_weights``). Reported: accuracy on
-    each task's test examples (10-way argmax), on all test examples, and
-    task-aware accuracy (argmax within the task's classes).
-(b) ``sparsity``: a network trained on all classes is sparsified to each of
-    ``--sparsities`` (global magnitude pruning of the kernels): one-shot
-    pruning, one-shot + masked fine-tuning, the FIP path (secondary objective
-    = distance to the magnitude projection, anchors = training inputs; run
-    level after level, then projected) with and without the same fine-tuning,
-    and the penalty path of the official code.
-(c) ``robustness``: the same network moved towards PGD robustness: PGD
-    adversarial fine-tuning, the FIP path with the PGD loss as secondary
-    objective (anchors = the clean batch), and the penalty path.
+(a) ``continual``: class-incremental learning, the first half of the classes then
+    the second half, one head over all classes. After task 1 (Adam) every arm trains
+    ``task2_steps`` steps on task 2:
+    ``naive`` (fine-tuning, Adam), ``replay`` (task-2 CE + CE on a buffer of
+    ``buffer_size`` stored task-1 examples with their labels), ``fip`` (the paper's
+    metric step: the task-2 gradient through `scale_by_invariant_metric` with the
+    buffer's inputs as anchors, softmax-Fisher metric = the Bhattacharyya metric of the
+    official code up to a factor 8), ``fip_jacobian`` (the same with the Euclidean
+    ``J^T J`` metric on the logits), ``penalty`` (what the official code runs: task-2
+    CE + the Bhattacharyya distance to the task-1 network on the buffer inputs, summed
+    over the buffer, Adam) and, at ``paper`` size, ``ewc`` (Kirkpatrick et al. 2017).
+    Reported: test accuracy on each task's classes and on all classes (argmax over all
+    classes), and the solve's residual and unconverged-step count for the FIP arms.
+(b) ``sparsity``: a network trained on all classes is pruned to each of
+    ``sparsities`` (global magnitude pruning of the kernels). ``oneshot``: prune, then
+    masked fine-tuning for ``ft_steps`` and, step-matched, for ``path_steps +
+    ft_steps``. ``path``: ``path_steps`` FIP steps towards the magnitude projection
+    (secondary objective `sparsity_loss`, anchors = the training batch), then prune,
+    then the same ``ft_steps`` of masked fine-tuning.
 
-Writes config.json, per-arm JSON files (a rerun skips finished arms),
-results.json and continual.png, sparsity.png, robustness.png into --workdir.
+Claims (paired by seed, 95% t-intervals): FIP beats naive fine-tuning and replay with
+the same buffer in all-class accuracy; so does the official penalty form; the Fisher
+metric beats the Euclidean one; the FIP path beats one-shot pruning at
+``claim_sparsity`` without fine-tuning and after step-matched fine-tuning.
 """
 
 from __future__ import annotations
 
-import os
-import time
-
-import flax.serialization
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
+import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
+import wspace as ws
+from experiments import common
+from wspace import invariant_path as ip
 
-import wspace as ws  # noqa: E402
-from experiments import common  # noqa: E402
-from wspace import invariant_path as ip  # noqa: E402
-
-common.define_common_flags("runs/invariant_path")
-flags.DEFINE_list("parts", ["continual", "sparsity", "robustness"], "Parts to run.")
-flags.DEFINE_list("datasets", ["mnist1d", "digits"], "Datasets of the continual part.")
-flags.DEFINE_list("hidden", ["128", "128"], "MLP hidden widths.")
-flags.DEFINE_float("lr", 1e-3, "Adam learning rate (base training and baselines).")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_integer("base_steps", 1500, "Steps of task-1 / dense training.")
-flags.DEFINE_integer("task2_steps", 500, "Steps on task 2 for every continual arm.")
-flags.DEFINE_integer("buffer_size", 100, "Replay buffer of task-1 training examples.")
-flags.DEFINE_list("fip_lrs", ["0.03", "0.1"], "Continual part: SGD rates after the path step.")
-flags.DEFINE_list("penalty_weights", ["10", "100"], "Continual part: Bhattacharyya weights.")
-flags.DEFINE_list("ewc_weights", ["100", "1e6"], "Continual part: EWC strengths.")
-flags.DEFINE_float("path_lr", 0.2, "Sparsity part: SGD rate after the path step.")
-flags.DEFINE_float("robust_path_lr", 0.5, "Robustness part: SGD rate after the path step.")
-flags.DEFINE_float("max_norm", 1.0, "Norm bound of the path direction (step = path_lr * this).")
-flags.DEFINE_float("damping", 1e-3, "lambda in (g + lambda I) d = grad.")
-flags.DEFINE_integer("cg_iters", 10, "CG iterations per path step.")
-flags.DEFINE_enum("metric", "jacobian", list(ip.METRICS), "Metric of the path step.")
-flags.DEFINE_float("penalty_weight", 10.0, "Sparsity/robustness parts: penalty weight.")
-flags.DEFINE_list("sparsities", ["0.5", "0.8", "0.9", "0.95"], "Sparsity levels.")
-flags.DEFINE_integer("path_steps", 200, "Path steps per sparsity level.")
-flags.DEFINE_integer("ft_steps", 200, "Masked fine-tuning steps per sparsity level.")
-flags.DEFINE_integer("anchor_batch", 128, "Anchor inputs per step in the sparsity part.")
-flags.DEFINE_float("eps", 0.1, "L-inf radius of the attacks (standardised input units).")
-flags.DEFINE_integer("attack_steps", 5, "PGD steps in adversarial training.")
-flags.DEFINE_integer("eval_attack_steps", 20, "PGD steps in the robustness evaluation.")
-flags.DEFINE_integer("robust_steps", 300, "Steps of each robustness arm.")
-FLAGS = flags.FLAGS
-
-_KEYS = (
-    "dataset",
-    "seed",
-    "quick",
-    "parts",
-    "datasets",
-    "hidden",
-    "lr",
-    "batch_size",
-    "base_steps",
-    "task2_steps",
-    "buffer_size",
-    "path_lr",
-    "robust_path_lr",
-    "max_norm",
-    "damping",
-    "cg_iters",
-    "metric",
-    "fip_lrs",
-    "penalty_weights",
-    "ewc_weights",
-    "penalty_weight",
-    "sparsities",
-    "path_steps",
-    "ft_steps",
-    "anchor_batch",
-    "eps",
-    "attack_steps",
-    "eval_attack_steps",
-    "robust_steps",
-)
-SPARSITY_ARMS = ("oneshot", "path", "penalty")
-ROBUST_ARMS = ("base", "adv_ft", "fip", "penalty")
+PARTS = ("continual", "sparsity")
+CONTINUAL_ARMS = ("naive", "replay", "fip", "fip_jacobian", "penalty", "ewc")
 
 
-def get_config() -> dict:
-    """The run's settings from flags, shrunk by --quick."""
-    cfg = {k: getattr(FLAGS, k) for k in _KEYS}
-    cfg["hidden"] = [int(h) for h in cfg["hidden"]]
-    for key in ("sparsities", "fip_lrs", "penalty_weights", "ewc_weights"):
-        cfg[key] = [float(v) for v in cfg[key]]
-    if cfg["quick"]:
-        cfg.update(
-            datasets=["digits"],
-            dataset="digits",
-            hidden=[32],
-            base_steps=40,
-            task2_steps=8,
-            buffer_size=20,
-            path_steps=4,
-            ft_steps=4,
-            robust_steps=4,
-            sparsities=[0.5, 0.9],
-            attack_steps=2,
-            eval_attack_steps=3,
-            anchor_batch=32,
-            batch_size=32,
-            cg_iters=3,
-            fip_lrs=[0.1],
-            penalty_weights=[10.0],
-            ewc_weights=[100.0],
+def validate(config) -> None:
+    """Rejects bad fields before any work or file write."""
+    for part in config.parts:
+        if part not in PARTS:
+            raise ValueError(f"config.parts has {part!r}; use a subset of {PARTS}")
+    for arm in config.continual_arms:
+        if arm not in CONTINUAL_ARMS:
+            raise ValueError(f"config.continual_arms has {arm!r}; use a subset of {CONTINUAL_ARMS}")
+    for field in ("base_steps", "task2_steps", "buffer_size", "batch_size", "maxiter"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    for field in ("path_steps", "ft_steps"):
+        if config[field] < 0:
+            raise ValueError(f"config.{field}={config[field]}; must be >= 0")
+    for field in ("lr", "fip_lr", "path_lr", "max_norm"):
+        if not 0 < config[field] < float("inf"):
+            raise ValueError(f"config.{field}={config[field]}; must be finite and > 0")
+    for field in ("damping", "jacobian_damping", "tol", "penalty_weight", "ewc_weight"):
+        if not 0 <= config[field] < float("inf"):
+            raise ValueError(f"config.{field}={config[field]}; must be finite and >= 0")
+    if not config.hidden or min(config.hidden) < 1:
+        raise ValueError(f"config.hidden={config.hidden}; give positive layer widths")
+    for s in config.sparsities:
+        if not 0 <= s < 1:
+            raise ValueError(f"config.sparsities has {s}; levels must be in [0, 1)")
+    if "sparsity" in config.parts and config.claim_sparsity not in config.sparsities:
+        raise ValueError(
+            f"config.claim_sparsity={config.claim_sparsity} is not in config.sparsities="
+            f"{tuple(config.sparsities)}"
         )
-    return cfg
 
 
 # ----------------------------------------------------------------------------- plumbing
 
 
 class _Net:
-    """The MLP, its ``(params, x) -> logits`` closure and jitted evaluation."""
+    """The MLP, its ``(params, x) -> logits`` closure, jitted logits and a cache of steps."""
 
-    def __init__(self, hidden, input_shape, seed):
-        self.model = ws.models.MLP(features=tuple(hidden), num_classes=10)
-        self.init = self.model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *input_shape)))[
-            "params"
-        ]
-        self.f = lambda p, x: self.model.apply({"params": p}, x)
+    def __init__(self, config, ds):
+        self.config, self.ds = config, ds
+        self.model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
         self.ce = ws.training.classification_loss(self.model.apply)
         self.logits = jax.jit(self.f)
+        self._steps = {}
 
-    def accuracy(self, params, x, y, classes=None) -> float:
-        logits = np.asarray(self.logits(params, x))
-        if classes is not None:
-            logits = logits[:, classes]
-            y = np.searchsorted(np.asarray(classes), y)
-        return float(np.mean(logits.argmax(-1) == y))
+    def f(self, params, x):
+        return self.model.apply({"params": params}, x)
 
+    def init(self, seed):
+        x = jnp.zeros((1, *self.ds.input_shape))
+        return self.model.init(jax.random.PRNGKey(seed), x)["params"]
 
-class _Trainer:
-    """One compiled `ws.training.make_train_step`, reused for every run of an arm."""
+    def accuracy(self, params, x, y) -> float:
+        return float(np.mean(np.asarray(self.logits(params, x)).argmax(-1) == y))
 
-    def __init__(self, loss_fn, tx):
-        self.tx = tx
-        self.step = ws.training.make_train_step(loss_fn, tx)
-
-    def __call__(self, params, stream, steps, seed, tx_args_fn=None, progress=False, desc=""):
-        """``steps`` steps from ``params`` on batches of ``stream``; returns the final params."""
-        from tqdm.auto import tqdm
-
+    def train(self, name, loss, tx, params, batches, steps, seed, tx_args=None):
+        """``steps`` steps of a train step built once per ``name`` (compiled once for all
+        seeds); returns the final state."""
+        if name not in self._steps:
+            self._steps[name] = (ws.training.make_train_step(loss, tx, mode=self.config.mode), tx)
+        step, tx = self._steps[name]
         state = ws.training.TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             model_state={},
-            opt_state=self.tx.init(params),
+            opt_state=tx.init(params),
             key=jax.random.PRNGKey(seed),
         )
-        state = jax.tree.map(jnp.copy, state)  # the step donates its input
-        metrics = {"loss": jnp.nan}
-        for _ in tqdm(range(steps), disable=not progress, desc=desc, leave=False):
-            batch = next(stream)
-            state, metrics = self.step(state, batch, tx_args_fn(batch) if tx_args_fn else None)
-        loss = float(metrics["loss"])
-        if steps and not np.isfinite(loss):
-            raise FloatingPointError(f"{desc}: non-finite loss {loss}")
-        return state.params
+        state, _ = ws.training.fit(
+            state,
+            step,
+            batches,
+            num_steps=steps,
+            eval_fn=lambda s: {},
+            eval_every=max(steps, 1),
+            tx_args=tx_args,
+            mode=self.config.mode,
+            progress=False,
+        )
+        return state
 
 
-def _path_tx(cfg, f):
-    """The FIP step: `invariant_path` on the anchors, then plain SGD."""
-    return optax.chain(
-        ip.invariant_path(
-            f,
-            damping=cfg["damping"],
-            cg_iters=cfg["cg_iters"],
-            max_norm=cfg["max_norm"],
-            metric=cfg["metric"],
-        ),
-        optax.sgd(cfg["path_lr"]),
-    )
-
-
-def _cached_params(path, like, make):
-    """Loads params from ``path`` (msgpack) or makes and saves them."""
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            return flax.serialization.from_bytes(like, f.read())
-    params = make()
-    with ws.data.atomic_open(path, "wb") as f:
-        f.write(flax.serialization.to_bytes(params))
-    return params
-
-
-def _stream(x, y, bs, seed, **extra):
-    for batch in ws.data.batches(x, y, min(bs, len(x)), seed=seed, epochs=None):
+def _stream(x, y, batch_size, seed, **extra):
+    """Endless shuffled batches of ``(x, y)`` with constant ``extra`` entries."""
+    for batch in ws.data.batches(x, y, min(batch_size, len(x)), seed=seed, epochs=None):
         yield {**batch, **extra}
 
 
-def _arm(path, run):
-    """Runs an arm unless its results file exists (resume); returns its results."""
-    done = common.load_json(path)
-    if done is not None:
-        return done
-    t0 = time.time()
-    result = run()
-    result["seconds"] = round(time.time() - t0, 2)
-    ws.training.write_json(path, result)
-    return result
+def _fip_tx(config, f, lr, metric):
+    damping = config.damping if metric == "fisher" else config.jacobian_damping
+    return ip.invariant_path(
+        lr,
+        f,
+        metric=metric,
+        damping=damping,
+        tol=config.tol,
+        maxiter=config.maxiter,
+        max_norm=config.max_norm,
+    )
+
+
+def _solve_stats(state) -> dict:
+    pre = state.opt_state[0]
+    return {
+        "final_residual": float(pre.residual),
+        "unconverged_steps": int(pre.num_unconverged),
+    }
 
 
 # ----------------------------------------------------------------------------- (a) continual
 
 
-def run_continual(workdir, cfg, name, progress):
-    ds = ws.data.standardize(ws.data.load(name))
-    net = _Net(cfg["hidden"], ds.input_shape, cfg["seed"])
-    old_tr, new_tr = ds.y_train < 5, ds.y_train >= 5
-    old_te, new_te = ds.y_test < 5, ds.y_test >= 5
+def continual_arms(config, ds, net: _Net) -> dict:
+    """Arm name -> ``fn(seed) -> metrics`` for the continual part."""
+    half = ds.num_classes // 2
+    old_tr, old_te = ds.y_train < half, ds.y_test < half
     x1, y1 = ds.x_train[old_tr], ds.y_train[old_tr]
-    x2, y2 = ds.x_train[new_tr], ds.y_train[new_tr]
-    rng = np.random.default_rng(cfg["seed"])
-    buf = rng.choice(len(x1), min(cfg["buffer_size"], len(x1)), replace=False)
-    buf_x, buf_y = x1[buf], y1[buf]
-    bs, seed, lr = cfg["batch_size"], cfg["seed"], cfg["lr"]
-    out = os.path.join(workdir, "continual", name)
+    x2, y2 = ds.x_train[~old_tr], ds.y_train[~old_tr]
+    bs, lr = config.batch_size, config.lr
+    task1 = {}  # seed -> (task-1 params, buffer x, buffer y): shared by the arms of a seed
 
-    p1 = _cached_params(
-        os.path.join(out, "task1.msgpack"),
-        net.init,
-        lambda: _Trainer(net.ce, optax.adam(lr))(
-            net.init,
-            _stream(x1, y1, bs, seed),
-            cfg["base_steps"],
-            seed,
-            progress=progress,
-            desc=f"{name} task 1",
-        ),
-    )
+    def setup(seed):
+        if seed not in task1:
+            p1 = net.train(
+                "base", net.ce, optax.adam(lr), net.init(seed), _stream(x1, y1, bs, seed),
+                config.base_steps, seed,
+            ).params  # fmt: skip
+            rng = np.random.default_rng(seed)
+            buf = rng.choice(len(x1), min(config.buffer_size, len(x1)), replace=False)
+            task1[seed] = (p1, jnp.asarray(x1[buf]), jnp.asarray(y1[buf]))
+        return task1[seed]
 
-    def evaluate(params):
-        xt1, yt1 = ds.x_test[old_te], ds.y_test[old_te]
-        xt2, yt2 = ds.x_test[new_te], ds.y_test[new_te]
+    def evaluate(params, p1, buf_x):
         return {
-            "task1_accuracy": net.accuracy(params, xt1, yt1),
-            "task2_accuracy": net.accuracy(params, xt2, yt2),
+            "task1_accuracy": net.accuracy(params, ds.x_test[old_te], ds.y_test[old_te]),
+            "task2_accuracy": net.accuracy(params, ds.x_test[~old_te], ds.y_test[~old_te]),
             "all_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
-            "task1_aware_accuracy": net.accuracy(params, xt1, yt1, classes=list(range(5))),
-            "task2_aware_accuracy": net.accuracy(params, xt2, yt2, classes=list(range(5, 10))),
             "buffer_distance": float(ip.output_distance(net.f(params, buf_x), net.f(p1, buf_x))),
         }
 
     def replay_loss(params, model_state, batch, key):
-        new, (_, m) = net.ce(params, model_state, batch, key)
+        new, (_, metrics) = net.ce(params, model_state, batch, key)
         old, _ = net.ce(params, model_state, {"x": batch["buf_x"], "y": batch["buf_y"]}, key)
-        return new + old, (model_state, m)
+        return new + old, (model_state, metrics)
 
-    fisher = []  # computed once, by the first EWC arm
+    def penalty_loss(params, model_state, batch, key):
+        # ip.penalty_loss with the anchor logits carried in the batch (one compile, all seeds)
+        new, (_, metrics) = net.ce(params, model_state, batch, key)
+        dist = ip.output_distance(net.f(params, batch["buf_x"]), batch["anchor_logits"])
+        return new + config.penalty_weight * dist, (model_state, metrics)
 
-    def arm(kind, value):
-        stream = _stream(x2, y2, bs, seed + 1)
-        tx, loss, tx_args = optax.adam(lr), net.ce, None
-        if kind == "fip":
-            tx = _path_tx({**cfg, "path_lr": value}, net.f)
-            tx_args = lambda b: {"anchors": buf_x}  # noqa: E731
-        elif kind == "penalty":
-            loss = ip.penalty_loss(net.ce, net.f, p1, weight=value)
-            stream = _stream(x2, y2, bs, seed + 1, anchors=buf_x)
-        elif kind == "replay":
-            loss = replay_loss
-            stream = _stream(x2, y2, bs, seed + 1, buf_x=buf_x, buf_y=buf_y)
-        elif kind == "ewc":
-            if not fisher:
-                fisher.append(ip.diagonal_fisher(net.f, p1, x1))
-            loss = ip.ewc_loss(net.ce, p1, fisher[0], weight=value)
-        params = _Trainer(loss, tx)(
-            p1,
-            stream,
-            cfg["task2_steps"],
-            seed + 2,
-            tx_args,
-            progress=progress,
-            desc=f"{name} {kind}",
-        )
-        return {"arm": kind, "value": value, **evaluate(params)}
+    def arm(kind):
+        def fn(seed):
+            p1, buf_x, buf_y = setup(seed)
+            stream = _stream(x2, y2, bs, seed + 1)
+            tx_args, loss, tx = None, net.ce, optax.adam(lr)
+            if kind in ("fip", "fip_jacobian"):
+                metric = "fisher" if kind == "fip" else "jacobian"
+                tx, tx_args = _fip_tx(config, net.f, config.fip_lr, metric), {"anchors": buf_x}
+            elif kind == "replay":
+                loss, stream = replay_loss, _stream(x2, y2, bs, seed + 1, buf_x=buf_x, buf_y=buf_y)
+            elif kind == "penalty":
+                target = net.logits(p1, buf_x)
+                stream = _stream(x2, y2, bs, seed + 1, buf_x=buf_x, anchor_logits=target)
+                loss = penalty_loss
+            elif kind == "ewc":
+                fisher = ip.diagonal_fisher(net.f, p1, jnp.asarray(x1))
+                loss = ip.ewc_loss(net.ce, p1, fisher, weight=config.ewc_weight)
+            name = f"ewc{seed}" if kind == "ewc" else kind  # EWC closes over w0: per seed
+            state = net.train(name, loss, tx, p1, stream, config.task2_steps, seed + 2, tx_args)
+            out = evaluate(state.params, p1, buf_x)
+            if kind.startswith("fip"):
+                out.update(_solve_stats(state))
+            return out
 
-    results = {
-        "after_task1": _arm(
-            os.path.join(out, "after_task1.json"), lambda: {"arm": "after_task1", **evaluate(p1)}
-        )
-    }
-    for label, kind, value in continual_arms(cfg):
-        results[label] = _arm(os.path.join(out, f"{label}.json"), lambda k=kind, v=value: arm(k, v))
-    return results
+        return fn
 
+    def after_task1(seed):
+        p1, buf_x, _ = setup(seed)
+        return evaluate(p1, p1, buf_x)
 
-def continual_arms(cfg) -> list[tuple[str, str, float | None]]:
-    """Continual arms ``(label, kind, value)``, e.g. ``("fip_lr0.1", "fip", 0.1)``."""
-    arms = [("naive", "naive", None), ("replay", "replay", None)]
-    for kind, key, tag in (
-        ("fip", "fip_lrs", "lr"),
-        ("penalty", "penalty_weights", "w"),
-        ("ewc", "ewc_weights", "w"),
-    ):
-        arms += [(f"{kind}_{tag}{v:g}", kind, v) for v in cfg[key]]
-    return arms
+    return {"after_task1": after_task1, **{k: arm(k) for k in config.continual_arms}}
 
 
 # ----------------------------------------------------------------------------- (b) sparsity
 
 
-def _dense(workdir, cfg, ds, net, progress):
-    return _cached_params(
-        os.path.join(workdir, "dense.msgpack"),
-        net.init,
-        lambda: _Trainer(net.ce, optax.adam(cfg["lr"]))(
-            net.init,
-            _stream(ds.x_train, ds.y_train, cfg["batch_size"], cfg["seed"]),
-            cfg["base_steps"],
-            cfg["seed"],
-            progress=progress,
-            desc="dense",
-        ),
-    )
+def sparsity_arms(config, ds, net: _Net) -> dict:
+    """Arm name -> ``fn(seed) -> metrics`` for the sparsity part (``<kind>@<level>``)."""
+    bs, lr = config.batch_size, config.lr
+    dense = {}
+    finetune_tx = optax.chain(optax.adam(lr), ws.pruning.keep_masked())
 
+    def dense_params(seed):
+        if seed not in dense:
+            dense[seed] = net.train(
+                "dense", net.ce, optax.adam(lr), net.init(seed),
+                _stream(ds.x_train, ds.y_train, bs, seed), config.base_steps, seed,
+            ).params  # fmt: skip
+        return dense[seed]
 
-def run_sparsity(workdir, cfg, progress):
-    ds = ws.data.standardize(ws.data.load(cfg["dataset"]))
-    net = _Net(cfg["hidden"], ds.input_shape, cfg["seed"])
-    dense = _dense(workdir, cfg, ds, net, progress)
-    levels, seed = cfg["sparsities"], cfg["seed"]
-    out = os.path.join(workdir, "sparsity")
+    def finetune(params, masks, seed, steps):
+        if steps == 0:
+            return params
+        stream = _stream(ds.x_train, ds.y_train, bs, seed + 20)
+        state = net.train(
+            "finetune", net.ce, finetune_tx, params, stream, steps, seed, {"masks": masks}
+        )
+        return state.params
+
+    def prune(params, level):
+        masks = ws.pruning.magnitude_masks(params, level)
+        return ws.pruning.apply_masks(params, masks), masks
 
     def level_loss(params, model_state, batch, key):  # the level is data: one compile
         return ip.sparsity_loss(batch["sparsity"])(params, model_state, batch, key)
 
-    trainers = {
-        "finetune": _Trainer(net.ce, optax.chain(optax.adam(cfg["lr"]), ws.pruning.keep_masked())),
-        "path": _Trainer(level_loss, _path_tx(cfg, net.f)),
-        "penalty": _Trainer(
-            ip.penalty_loss(level_loss, net.f, dense, weight=cfg["penalty_weight"]),
-            optax.adam(cfg["lr"]),
-        ),
-    }
-
-    def inputs(k, level):
-        for b in _stream(ds.x_train, ds.y_train, cfg["anchor_batch"], seed + 10 + k):
-            yield {"anchors": b["x"], "sparsity": np.float32(level)}
-
-    def finetune(params, masks, k, steps):
-        stream = _stream(ds.x_train, ds.y_train, cfg["batch_size"], seed + 20 + k)
-        params = trainers["finetune"](
-            params, stream, steps, seed, lambda b: {"masks": masks}, progress, "finetune"
-        )
+    def acc(params):
         return net.accuracy(params, ds.x_test, ds.y_test)
 
-    def record(params, level):
-        masks = ws.pruning.magnitude_masks(params, level)
-        pruned = ws.pruning.apply_masks(params, masks)
-        rec = {
-            "sparsity": ws.pruning.sparsity(masks)["overall"],
-            "test_accuracy": net.accuracy(pruned, ds.x_test, ds.y_test),
-            "distance_before_projection": float(ip.projection_distance(params, level)),
-        }
-        return rec, pruned, masks
+    def oneshot(level):
+        def fn(seed):
+            p0 = dense_params(seed)
+            pruned, masks = prune(p0, level)
+            matched = config.path_steps + config.ft_steps
+            out = {
+                "dense_accuracy": acc(p0),
+                "sparsity": ws.pruning.sparsity(masks)["overall"],
+                "pruned_accuracy": acc(pruned),
+                "ft_accuracy": acc(finetune(pruned, masks, seed, config.ft_steps)),
+                "ft_matched_accuracy": acc(finetune(pruned, masks, seed, matched)),
+            }
+            out["equal_budget_accuracy"] = out["ft_matched_accuracy"]
+            return out
 
-    def arm(kind):
-        rows, params = [], dense
-        for k, level in enumerate(levels):
-            if kind != "oneshot":  # move along the path (from the previous level's end point)
-                tx_args = None if kind == "penalty" else (lambda b: {"anchors": b["anchors"]})
-                params = trainers[kind](
-                    params,
-                    inputs(k, level),
-                    cfg["path_steps"],
-                    seed + k,
-                    tx_args,
-                    progress,
-                    f"{kind} {level}",
-                )
-            rec, pruned, masks = record(params, level)
-            rec["unpruned_test_accuracy"] = net.accuracy(params, ds.x_test, ds.y_test)
-            rec["ft_test_accuracy"] = finetune(pruned, masks, k, cfg["ft_steps"])
-            if kind == "oneshot":  # as many steps as the path took to get here, plus its FT
-                steps = (k + 1) * cfg["path_steps"] + cfg["ft_steps"]
-                rec["ft_matched_steps"] = steps
-                rec["ft_matched_test_accuracy"] = finetune(pruned, masks, k, steps)
-            rows.append({"target": level, **rec})
-        return {"arm": kind, "levels": rows}
+        return fn
 
-    results = {"dense_test_accuracy": net.accuracy(dense, ds.x_test, ds.y_test)}
-    for kind in SPARSITY_ARMS:
-        results[kind] = _arm(os.path.join(out, f"{kind}.json"), lambda k=kind: arm(k))
-    return results
+    def path(level):
+        def fn(seed):
+            p0 = dense_params(seed)
+            stream = (
+                {"x": b["x"], "sparsity": np.float32(level)}
+                for b in _stream(ds.x_train, ds.y_train, config.anchor_batch, seed + 10)
+            )
+            tx = _fip_tx(config, net.f, config.path_lr, "fisher")
+            state = net.train(
+                "path", level_loss, tx, p0, stream, config.path_steps, seed,
+                lambda b: {"anchors": b["x"]},
+            )  # fmt: skip
+            moved = state.params
+            pruned, masks = prune(moved, level)
+            out = {
+                "dense_accuracy": acc(p0),
+                "sparsity": ws.pruning.sparsity(masks)["overall"],
+                "unpruned_accuracy": acc(moved),
+                "distance_before": float(ip.projection_distance(p0, level)),
+                "distance_after": float(ip.projection_distance(moved, level)),
+                "pruned_accuracy": acc(pruned),
+                "ft_accuracy": acc(finetune(pruned, masks, seed, config.ft_steps)),
+                **_solve_stats(state),
+            }
+            out["equal_budget_accuracy"] = out["ft_accuracy"]  # path_steps + ft_steps steps
+            return out
+
+        return fn
+
+    arms = {}
+    for level in config.sparsities:
+        arms[f"oneshot@{level:g}"] = oneshot(level)
+        arms[f"path@{level:g}"] = path(level)
+    return arms
 
 
-# ----------------------------------------------------------------------------- (c) robustness
+# ----------------------------------------------------------------------------- run
 
 
-def run_robustness(workdir, cfg, progress):
-    ds = ws.data.standardize(ws.data.load(cfg["dataset"]))
-    net = _Net(cfg["hidden"], ds.input_shape, cfg["seed"])
-    dense = _dense(workdir, cfg, ds, net, progress)
-    seed, out = cfg["seed"], os.path.join(workdir, "robustness")
-    adv = ip.adversarial_loss(net.ce, eps=cfg["eps"], method="pgd", steps=cfg["attack_steps"])
-
-    @jax.jit
-    def attack(params, x, y, key):
-        def loss_of_x(z):
-            return optax.softmax_cross_entropy_with_integer_labels(net.f(params, z), y).mean()
-
-        return ip.pgd(loss_of_x, x, key, eps=cfg["eps"], steps=cfg["eval_attack_steps"])
-
-    def evaluate(params):
-        x_adv = attack(
-            params, jnp.asarray(ds.x_test), jnp.asarray(ds.y_test), jax.random.PRNGKey(seed + 99)
+def run(config, workdir: str) -> dict:
+    """Runs the parts of ``config.parts``; writes results.json and figures into ``workdir``."""
+    validate(config)
+    common.start(config, workdir)
+    ds = common.load_dataset(config)
+    net = _Net(config, ds)
+    claims, tables, figures, notes = [], {}, [], []
+    if "continual" in config.parts:
+        per_arm = common.run_arms(workdir, config, continual_arms(config, ds, net))
+        claims += _continual_claims(config, per_arm)
+        metrics = ["task1_accuracy", "task2_accuracy", "all_accuracy", "buffer_distance"]
+        tables["Continual: test accuracy by arm"] = common.summarize(per_arm, metrics)
+        fip = {k: v for k, v in per_arm.items() if k.startswith("fip")}
+        if fip:
+            tables["Continual: FIP solve"] = common.summarize(
+                fip, ["final_residual", "unconverged_steps"]
+            )
+            notes.append(_unconverged_note(config, fip, config.task2_steps))
+        figures.append(_plot_continual(per_arm, workdir, config))
+    if "sparsity" in config.parts:
+        per_arm = common.run_arms(workdir, config, sparsity_arms(config, ds, net))
+        claims += _sparsity_claims(config, per_arm)
+        tables["Sparsity: test accuracy by arm"] = common.summarize(
+            per_arm, ["pruned_accuracy", "ft_accuracy", "equal_budget_accuracy"]
         )
-        return {
-            "clean_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
-            "robust_accuracy": net.accuracy(params, x_adv, ds.y_test),
-            "train_distance": float(
-                ip.output_distance(net.f(params, ds.x_train), net.f(dense, ds.x_train))
-            ),
-        }
-
-    def arm(kind):
-        if kind == "base":
-            return {"arm": kind, **evaluate(dense)}
-        stream = _stream(ds.x_train, ds.y_train, cfg["batch_size"], seed + 30)
-        tx, loss, tx_args = optax.adam(cfg["lr"]), adv, None
-        if kind == "fip":
-            tx = _path_tx({**cfg, "path_lr": cfg["robust_path_lr"]}, net.f)
-            tx_args = lambda b: {"anchors": b["x"]}  # noqa: E731
-        elif kind == "penalty":
-            loss = ip.penalty_loss(adv, net.f, dense, weight=cfg["penalty_weight"])
-            stream = ({**b, "anchors": b["x"]} for b in stream)
-        params = _Trainer(loss, tx)(
-            dense,
-            stream,
-            cfg["robust_steps"],
-            seed + 3,
-            tx_args,
-            progress=progress,
-            desc=f"robust {kind}",
-        )
-        return {"arm": kind, **evaluate(params)}
-
-    return {
-        kind: _arm(os.path.join(out, f"{kind}.json"), lambda k=kind: arm(k)) for kind in ROBUST_ARMS
-    }
+        path = {k: v for k, v in per_arm.items() if k.startswith("path")}
+        notes.append(_unconverged_note(config, path, config.path_steps))
+        figures.append(_plot_sparsity(per_arm, workdir, config))
+    notes += [
+        "fip = the paper's metric step with the softmax-Fisher metric (the official code's "
+        "Bhattacharyya distance, whose Hessian is Fisher/8); fip_jacobian = Euclidean J^T J on "
+        "the logits; penalty = what the official code runs (CE + Bhattacharyya distillation "
+        "on the buffer, summed as there).",
+        f"{config.dataset}, MLP {tuple(config.hidden)}; continual: {config.task2_steps} task-2 "
+        f"steps per arm, buffer {config.buffer_size}; sparsity: {config.path_steps} path "
+        f"steps, {config.ft_steps} fine-tuning steps.",
+    ]
+    return common.save_results(
+        workdir, config, "invariant_path", claims=claims, tables=tables, figures=figures,
+        notes=notes,
+    )  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- plots, main
-
-
-def _plot_continual(results, workdir):
-    names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        arms = list(results[name])
-        pos = np.arange(len(arms))
-        for j, (key, label) in enumerate(
-            (("task1_accuracy", "task 1 (0-4)"), ("task2_accuracy", "task 2 (5-9)"))
-        ):
-            ax.bar(pos + 0.4 * j - 0.2, [results[name][a][key] for a in arms], 0.4, label=label)
-        ax.set_xticks(pos, arms, rotation=45, ha="right")
-        ax.set(ylabel="test accuracy (10-way)", title=name, ylim=(0, 1))
-        ax.legend(fontsize=8, loc="lower left")
-    common.savefig(fig, workdir, "continual.png")
-
-
-def _plot_sparsity(results, workdir):
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for j, kind in enumerate(SPARSITY_ARMS):
-        rows, color = results[kind]["levels"], f"C{j}"
-        levels = [r["target"] for r in rows]
-        ax.plot(levels, [r["test_accuracy"] for r in rows], "o-", color=color, label=kind)
-        ax.plot(
-            levels,
-            [r["ft_test_accuracy"] for r in rows],
-            "s--",
-            color=color,
-            label=f"{kind} + fine-tune",
-        )
-    rows = results["oneshot"]["levels"]
-    ax.plot(
-        [r["target"] for r in rows],
-        [r["ft_matched_test_accuracy"] for r in rows],
-        "^:",
-        color="C0",
-        label="oneshot + step-matched fine-tune",
+def _unconverged_note(config, per_arm, steps) -> str:
+    counts = ", ".join(f"{k} {sum(r['unconverged_steps'] for r in v)}" for k, v in per_arm.items())
+    return (
+        f"FIP solves that ended above tol={config.tol:g} (of {steps * config.num_seeds} steps "
+        f"per arm): {counts}"
     )
-    ax.axhline(results["dense_test_accuracy"], color="k", ls=":", label="dense")
-    ax.set(xlabel="sparsity", ylabel="test accuracy")
-    ax.legend(fontsize=8)
-    common.savefig(fig, workdir, "sparsity.png")
 
 
-def _plot_robustness(results, workdir):
+def _continual_claims(config, per_arm) -> list[dict]:
+    claims = []
+    pairs = [
+        ("fip", "naive", "FIP (metric step) forgets less than naive fine-tuning"),
+        ("fip", "replay", "FIP (metric step) beats replay of the same buffer"),
+        ("penalty", "naive", "The official FIP code's penalty form beats naive fine-tuning"),
+        ("penalty", "replay", "The official FIP code's penalty form beats replay"),
+        ("fip", "fip_jacobian", "The Fisher (Bhattacharyya) metric beats the Euclidean one"),
+    ]
+    for arm, base, text in pairs:
+        if arm in per_arm and base in per_arm:
+            claims.append(
+                common.compare(
+                    f"{text} (all-class test accuracy)", "all_accuracy", arm, base, per_arm
+                )  # fmt: skip
+            )
+    return claims
+
+
+def _sparsity_claims(config, per_arm) -> list[dict]:
+    level = f"{config.claim_sparsity:g}"
+    path, oneshot = f"path@{level}", f"oneshot@{level}"
+    return [
+        common.compare(
+            f"The FIP path keeps more accuracy than one-shot pruning at {level} sparsity "
+            "(no fine-tuning)",
+            "pruned_accuracy", path, oneshot, per_arm,
+        ),
+        common.compare(
+            f"The FIP path + fine-tuning beats one-shot pruning fine-tuned for as many steps "
+            f"({config.path_steps + config.ft_steps}) at {level} sparsity",
+            "equal_budget_accuracy", path, oneshot, per_arm,
+        ),
+    ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plot_continual(per_arm, workdir, config) -> str:
+    import matplotlib.pyplot as plt
+
+    arms = list(per_arm)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    pos = np.arange(len(arms))
+    keys = (("task1_accuracy", "task 1"), ("task2_accuracy", "task 2"), ("all_accuracy", "all"))
+    for j, (key, label) in enumerate(keys):
+        values = [np.array([r[key] for r in per_arm[a]]) for a in arms]
+        ax.bar(pos + 0.27 * (j - 1), [v.mean() for v in values], 0.27, label=label)
+        for i, v in enumerate(values):
+            ax.plot(np.full(len(v), pos[i] + 0.27 * (j - 1)), v, "k.", ms=3)
+    ax.set_xticks(pos, arms, rotation=30, ha="right")
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title=f"Continual learning, {config.dataset}")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return common.savefig(fig, workdir, "continual.png", config)
+
+
+def _plot_sparsity(per_arm, workdir, config) -> str:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    pos = np.arange(len(ROBUST_ARMS))
-    for j, key in enumerate(("clean_accuracy", "robust_accuracy")):
-        ax.bar(pos + 0.4 * j - 0.2, [results[a][key] for a in ROBUST_ARMS], 0.4, label=key)
-    ax.set_xticks(pos, ROBUST_ARMS)
-    ax.set(ylabel="test accuracy", ylim=(0, 1))
-    ax.legend(fontsize=8)
-    common.savefig(fig, workdir, "robustness.png")
-
-
-def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
-    """Runs the requested parts; writes the workdir files; returns results."""
-    common.start(workdir, cfg)
-    results = {}
-    if "continual" in cfg["parts"]:
-        results["continual"] = {
-            n: run_continual(workdir, cfg, n, progress) for n in cfg["datasets"]
-        }
-        _plot_continual(results["continual"], workdir)
-    if "sparsity" in cfg["parts"]:
-        results["sparsity"] = run_sparsity(workdir, cfg, progress)
-        _plot_sparsity(results["sparsity"], workdir)
-    if "robustness" in cfg["parts"]:
-        results["robustness"] = run_robustness(workdir, cfg, progress)
-        _plot_robustness(results["robustness"], workdir)
-    common.save_results(workdir, results)
-    return results
-
-
-def _summary(results: dict) -> str:
-    lines = []
-    for name, res in results.get("continual", {}).items():
-        lines.append(f"continual {name}: arm  task1  task2  all  (task-aware t1 t2)")
-        for arm, r in res.items():
-            lines.append(
-                f"  {arm:12s} {r['task1_accuracy']:.3f} {r['task2_accuracy']:.3f} "
-                f"{r['all_accuracy']:.3f}  ({r['task1_aware_accuracy']:.3f} "
-                f"{r['task2_aware_accuracy']:.3f})"
-            )
-    if "sparsity" in results:
-        res = results["sparsity"]
-        lines.append(f"sparsity (dense {res['dense_test_accuracy']:.3f}): arm  acc per level")
-        for kind in SPARSITY_ARMS:
-            accs = " ".join(
-                f"{r['target']}:{r['test_accuracy']:.3f}/{r['ft_test_accuracy']:.3f}"
-                for r in res[kind]["levels"]
-            )
-            lines.append(f"  {kind:12s} {accs}   (projected / + fine-tune)")
-        accs = " ".join(
-            f"{r['target']}:{r['ft_matched_test_accuracy']:.3f}" for r in res["oneshot"]["levels"]
-        )
-        lines.append(f"  oneshot + fine-tune with as many steps as path + FT: {accs}")
-    if "robustness" in results:
-        lines.append("robustness: arm  clean  robust")
-        for kind, r in results["robustness"].items():
-            lines.append(f"  {kind:12s} {r['clean_accuracy']:.3f} {r['robust_accuracy']:.3f}")
-    return "\n".join(lines)
-
-
-def main(argv):
-    del argv
-    if FLAGS.quick and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-        # Tiny runs are all compilation: skip XLA's backend optimisations (read when the
-        # backend starts, which is after this point: nothing has touched a device yet).
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-        ).strip()
-    results = run(FLAGS.workdir, get_config(), progress=FLAGS.progress)
-    print(_summary(results))
+    levels = list(config.sparsities)
+    series = [
+        ("oneshot", "pruned_accuracy", "o-", "one-shot"),
+        ("oneshot", "ft_matched_accuracy", "o--", "one-shot + step-matched fine-tune"),
+        ("path", "pruned_accuracy", "s-", "FIP path"),
+        ("path", "ft_accuracy", "s--", "FIP path + fine-tune"),
+    ]
+    for kind, key, style, label in series:
+        values = [np.array([r[key] for r in per_arm[f"{kind}@{s:g}"]]) for s in levels]
+        spread = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
+        ax.errorbar(levels, [v.mean() for v in values], spread, fmt=style, capsize=3, label=label)
+    dense = np.mean([r["dense_accuracy"] for r in per_arm[f"oneshot@{levels[0]:g}"]])
+    ax.axhline(dense, color="k", ls=":", label="dense")
+    ax.set(
+        xlabel="sparsity",
+        ylabel="test accuracy (mean ± std over seeds)",
+        title=f"Sparsification, {config.dataset}",
+    )
+    ax.legend(fontsize=7)
+    return common.savefig(fig, workdir, "sparsity.png", config)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main(run, "invariant_path")

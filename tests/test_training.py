@@ -139,3 +139,184 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(digits, tmp_path):
 def test_bad_mode():
     with pytest.raises(ValueError, match="unknown mode 'gpu'"):
         ws.training.make_train_step(lambda *a: None, optax.sgd(0.1), mode="gpu")
+
+
+# --------------------------------------------------------------------------- generic fit
+
+
+def _quadratic(dim=3, lr=0.1, offset_scale=0.0):
+    """``L(w) = 1/2 |w - b|^2`` on batches ``b``; SGD then adds ``offset`` from tx_args."""
+
+    def loss_fn(params, model_state, batch, key):
+        loss = 0.5 * jnp.sum((params["w"] - batch["b"]) ** 2)
+        return loss, (model_state, {"loss": loss})
+
+    def add_offset():
+        def update(updates, state, params=None, *, offset, **extra):
+            return jax.tree.map(lambda u: u + offset, updates), state
+
+        return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+    tx = optax.chain(optax.sgd(lr), add_offset())
+    params = {"w": jnp.zeros(dim, jnp.float32)}
+    state = ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(0),
+    )
+    rng = np.random.default_rng(0)
+    targets = rng.normal(size=(40, dim)).astype(np.float32)
+    return state, ws.training.make_train_step(loss_fn, tx), targets
+
+
+def test_fit_on_an_iterable_with_tx_args_callable_matches_closed_form(tmp_path):
+    lr, c = 0.1, 0.05
+    state, step, targets = _quadratic(lr=lr)
+    records = []
+
+    class ListWriter(ws.io.MetricWriter):
+        def write_scalars(self, s, scalars):
+            records.append({"step": s, **scalars})
+
+    final, history = ws.training.fit(
+        state,
+        step,
+        ({"b": b} for b in targets),
+        num_steps=30,
+        eval_every=10,
+        tx_args=lambda batch: {"offset": c * batch["b"]},
+        eval_fn=lambda s: {"w0": s.params["w"][0]},
+        writer=ListWriter(),
+        progress=False,
+    )
+    w, losses = np.zeros(3), []
+    for b in targets[:30]:  # w <- w - lr (w - b) + c b
+        losses.append(0.5 * np.sum((w - b) ** 2))
+        w = w - lr * (w - b) + c * b
+    np.testing.assert_allclose(np.asarray(final.params["w"]), w, rtol=1e-5)
+    assert [r["step"] for r in history] == [10, 20, 30] and records == history
+    np.testing.assert_allclose(history[-1]["w0"], w[0], rtol=1e-5)
+    np.testing.assert_allclose(history[0]["batch_loss"], np.mean(losses[:10]), rtol=1e-5)
+
+
+def test_fit_on_an_iterable_resumes_bit_identically(tmp_path):
+    state, step, targets = _quadratic()
+    kw = dict(num_steps=20, eval_every=5, tx_args={"offset": 0.0}, progress=False)
+    reference, ref_history = ws.training.fit(state, step, ({"b": b} for b in targets), **kw)
+    workdir = str(tmp_path / "q")
+
+    def dies_after(n):
+        for i, b in enumerate(targets):
+            if i == n:
+                raise _Interrupt
+            yield {"b": b}
+
+    with pytest.raises(_Interrupt):
+        ws.training.fit(state, step, dies_after(13), workdir=workdir, **kw)
+    resumed, history = ws.training.fit(
+        state, step, ({"b": b} for b in targets), workdir=workdir, **kw
+    )
+    np.testing.assert_array_equal(np.asarray(reference.params["w"]), resumed.params["w"])
+    assert [r["batch_loss"] for r in history] == [r["batch_loss"] for r in ref_history]
+    assert [r["step"] for r in ws.io.read_jsonl(os.path.join(workdir, "metrics.jsonl"))] == [
+        5,
+        10,
+        15,
+        20,
+    ]
+
+
+def test_evaluate_sharded_matches_jit(digits):
+    model, _, state, _ = _setup(digits)
+    x, y = digits.x_test[:203], digits.y_test[:203]  # not a multiple of 8: padding counts 0
+    ref = ws.training.evaluate(model.apply, state.variables, x, y, batch_size=64)
+    placed = ws.training.place_state(state, "sharded")
+    got = ws.training.evaluate(model.apply, placed.variables, x, y, batch_size=64, mode="sharded")
+    logits = model.apply(state.variables, x, train=False)
+    exact = float(jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)))
+    np.testing.assert_allclose(ref["loss"], exact, rtol=1e-5)
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5)
+    assert got["accuracy"] == ref["accuracy"] == np.mean(np.argmax(np.asarray(logits), -1) == y)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_steps=0), "num_steps must be an int >= 1, got 0"),
+        (dict(eval_every=0), "eval_every must be an int >= 1, got 0"),
+        (dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+        (dict(checkpoint_every=0), "checkpoint_every must be an int >= 1, got 0"),
+        (dict(batch_size=None), "needs batch_size"),
+        (dict(apply_fn=None), "needs apply_fn"),
+        (dict(train_eval_examples=-1), "train_eval_examples must be"),
+        (dict(tx_args=[1]), "tx_args must be a dict, a callable"),
+        (dict(writer=object()), "writer must have write_scalars"),
+        (dict(seed=0.5), "seed must be an int, got 0.5"),
+        (dict(eval_fn="acc"), "eval_fn must be callable"),
+    ],
+)
+def test_fit_rejects_bad_arguments_before_writing(digits, tmp_path, kwargs, match):
+    model, tx, state, loss_fn = _setup(digits)
+    step = lambda s, b, a=None: (s, {})  # never called
+    kw = dict(apply_fn=model.apply, num_steps=5, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match=match):
+        ws.training.fit(state, step, digits, workdir=str(tmp_path / "w"), **{**kw, **kwargs})
+    assert not (tmp_path / "w").exists()
+
+
+def test_fit_refuses_a_workdir_of_another_run(tmp_path):
+    state, step, targets = _quadratic()
+    kw = dict(eval_every=5, tx_args={"offset": 0.0}, progress=False, workdir=str(tmp_path))
+    ws.training.fit(state, step, ({"b": b} for b in targets), num_steps=10, **kw)
+    with pytest.raises(ValueError, match="num_steps: stored 10, given 20"):
+        ws.training.fit(state, step, ({"b": b} for b in targets), num_steps=20, **kw)
+    with pytest.raises(ValueError, match=r"seed: stored 0, given 1"):
+        ws.training.fit(state, step, ({"b": b} for b in targets), num_steps=10, seed=1, **kw)
+    other, step2, _ = _quadratic(dim=4)
+    with pytest.raises(ValueError, match=r"\['w'\]: stored float32\[3\], given float32\[4\]"):
+        ws.training.fit(other, step2, ({"b": b} for b in targets), num_steps=10, **kw)
+
+
+def test_tensorboard_writer_writes_readable_events(tmp_path):
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto import event_pb2
+
+    with ws.io.TensorBoardWriter(str(tmp_path)) as w:
+        w.write_scalars(3, {"loss": 0.5, "acc": np.float32(0.25), "note": "skipped"})
+    (path,) = [p for p in tmp_path.iterdir() if "tfevents" in p.name]
+    data, got = path.read_bytes(), {}
+    while data:  # TFRecord: u64 length, u32 crc, payload, u32 crc
+        n = int.from_bytes(data[:8], "little")
+        event = event_pb2.Event.FromString(data[12 : 12 + n])
+        data = data[16 + n :]
+        for v in event.summary.value:
+            got[v.tag] = (event.step, v.simple_value)
+    assert got == {"loss": (3, 0.5), "acc": (3, 0.25)}
+
+
+@pytest.mark.parametrize("mode", ["sharded", "pmap"])
+def test_resume_in_multi_device_modes_is_bit_identical(digits, tmp_path, mode):
+    model = ws.models.MLP(features=(16,))
+    tx = optax.sgd(0.05, momentum=0.9)
+    state = ws.training.init_state(model, tx, digits.x_train[:1], jax.random.PRNGKey(0))
+    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx, mode=mode)
+    kw = dict(apply_fn=model.apply, num_steps=12, batch_size=64, eval_every=4, mode=mode)
+    kw.update(progress=False, train_eval_examples=256)
+    reference, ref_history = ws.training.fit(state, step, digits, **kw)
+    calls = {"n": 0}
+
+    def dies_at_10(s, batch, tx_args=None):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise _Interrupt
+        return step(s, batch, tx_args)
+
+    workdir = str(tmp_path / mode)
+    with pytest.raises(_Interrupt):
+        ws.training.fit(state, dies_at_10, digits, workdir=workdir, **kw)
+    resumed, history = ws.training.fit(state, step, digits, workdir=workdir, **kw)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["test_loss"] for r in history] == [r["test_loss"] for r in ref_history]

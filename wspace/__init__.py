@@ -2,15 +2,17 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `landscape`, `estimators`. Methods (one module
-each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
-`lottery`, `invariant_path`.
+Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`,
+`averaging`. Methods (one module each): `late_phase`, `likelihood_ratio`,
+`straight_through`, `pruning` and `lottery`, `invariant_path`.
 """
 
 from wspace import (
+    averaging,
     data,
     estimators,
     invariant_path,
+    io,
     landscape,
     late_phase,
     likelihood_ratio,
@@ -25,8 +27,10 @@ __all__ = [
     "data",
     "models",
     "training",
-    "estimators",
+    "io",
     "landscape",
+    "estimators",
+    "averaging",
     "pruning",
     "lottery",
     "late_phase",

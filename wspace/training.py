@@ -1,4 +1,4 @@
-"""Train state, train/eval steps (jit | sharded | pmap), the fit loop, checkpoints.
+"""Train state, train/eval steps (jit | sharded | pmap) and the generic `fit` loop.
 
 The two kinds of pure functions meet here (see DESIGN.md):
 
@@ -20,17 +20,30 @@ replicated with a leading device axis, gradients ``pmean``-ed). In ``pmap``
 mode, BatchNorm normalises with per-device batch statistics (flax's default
 without ``axis_name``; the running averages are then ``pmean``-ed) and random
 keys are folded with the device index.
+
+`fit` drives any train step over a `wspace.data.Dataset` or any iterable of batches,
+evaluates with any ``eval_fn(state) -> dict`` (classification by default), writes
+metrics through `wspace.io` writers, and checkpoints, verifies and resumes through
+`wspace.io.Checkpointer` (all file handling lives in `wspace.io`).
+
+Many hosts: start the same script once per host and call
+``jax.distributed.initialize()`` before anything else (it reads Slurm's or a TPU pod's
+environment; elsewhere pass ``coordinator_address``, ``num_processes``, ``process_id``),
+then use ``mode="sharded"``: `fit` gives each process its slice of every global batch,
+only process 0 writes the files written once, and orbax coordinates the checkpoints.
+tests/test_multihost.py runs two such processes on one machine (gloo CPU collectives).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
-import json
 import math
 import os
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
@@ -42,6 +55,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wspace import data as data_lib
+from wspace import io
 
 MODES = ("jit", "sharded", "pmap")
 PyTree = Any
@@ -243,200 +257,408 @@ def place_batch(batch: dict, mode: str, mesh=None) -> dict:
 
 
 def evaluate(
-    apply_fn: Callable, variables: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 1000
+    apply_fn: Callable,
+    variables: dict,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 1000,
+    *,
+    mode: str = "jit",
+    mesh=None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of a classifier in eval mode over ``(x, y)``."""
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(x), batch_size):
-        s, c = _eval_batch(
-            apply_fn, variables, x[start : start + batch_size], y[start : start + batch_size]
+    """Mean cross-entropy and accuracy of a classifier in eval mode over ``(x, y)``.
+
+    ``loss = 1/N sum_n CE(f(x_n), y_n)``, ``accuracy = 1/N sum_n [argmax f(x_n) = y_n]``,
+    summed on the device by one jitted function over padded chunks of ``batch_size``
+    (padding rows carry weight 0), so the host fetches two scalars at the end. In
+    ``sharded`` mode, ``variables`` are the replicated (global) state and each chunk is
+    split along ``data`` over the mesh, every process passing its slice (multi-host);
+    ``jit`` and ``pmap`` evaluate one host copy on one device.
+
+    Args:
+      apply_fn: ``model.apply``.
+      variables: ``{"params": ..., **model_state}``.
+      x, y: inputs and integer labels (every process passes the whole set).
+      batch_size: examples per chunk.
+      mode: ``jit``, ``sharded`` or ``pmap`` (as the train step).
+      mesh: the mesh for ``sharded`` mode (default: `default_mesh`).
+    """
+    _check_mode(mode)
+    n = len(x)
+    if n == 0 or len(y) != n:
+        raise ValueError(
+            f"evaluate needs a non-empty set with one label per row, got {n} and {len(y)}"
         )
-        loss_sum, correct = loss_sum + float(s), correct + int(c)
-    return {"loss": loss_sum / len(x), "accuracy": correct / len(x)}
+    split = 1
+    if mode == "sharded":
+        mesh = mesh or default_mesh()
+        split = math.lcm(mesh.size, jax.process_count())
+    chunk = -(-min(batch_size, n) // split) * split
+    pad = -n % chunk
+    xp = np.concatenate([np.asarray(x), np.zeros((pad, *np.shape(x)[1:]), np.asarray(x).dtype)])
+    yp = np.concatenate([np.asarray(y), np.zeros(pad, np.asarray(y).dtype)])
+    wp = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
+    local = chunk // jax.process_count()
+    lo = jax.process_index() * local
+    total = np.zeros(2, np.float32)
+    for start in range(0, n + pad, chunk):
+        batch = {"x": xp[start : start + chunk], "y": yp[start : start + chunk]}
+        batch["w"] = wp[start : start + chunk]
+        if mode == "sharded":
+            batch = place_batch({k: a[lo : lo + local] for k, a in batch.items()}, mode, mesh)
+        total = _eval_sums(apply_fn, variables, batch, total)
+    loss_sum, correct = np.asarray(jax.device_get(total), np.float64)
+    return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _eval_batch(apply_fn, variables, x, y):
-    logits = apply_fn(variables, x, train=False)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-    return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
+def _eval_sums(apply_fn, variables, batch, total):
+    logits = apply_fn(variables, batch["x"], train=False)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
+    hits = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+    return total + jnp.stack([jnp.sum(losses * batch["w"]), jnp.sum(hits * batch["w"])])
+
+
+def classification_eval(
+    apply_fn: Callable,
+    dataset: data_lib.Dataset,
+    *,
+    train_eval_examples: int | None = 1000,
+    mode: str = "jit",
+    mesh=None,
+) -> Callable[[TrainState], dict[str, float]]:
+    """The default ``eval_fn`` of `fit`: `evaluate` on the test split and part of train.
+
+    Returns ``eval_fn(state) -> {"train_loss", "train_accuracy", "test_loss",
+    "test_accuracy"}`` over the first ``train_eval_examples`` training examples (all of
+    them for None; no ``train_*`` entries for 0) and the whole test split.
+    """
+    n_train = len(dataset.x_train) if train_eval_examples is None else train_eval_examples
+    n_train = min(n_train, len(dataset.x_train))
+    splits = [("test", dataset.x_test, dataset.y_test)]
+    if n_train > 0:
+        splits.insert(0, ("train", dataset.x_train[:n_train], dataset.y_train[:n_train]))
+
+    def eval_fn(state):
+        record = {}
+        for split, x, y in splits:
+            for k, v in evaluate(apply_fn, state.variables, x, y, mode=mode, mesh=mesh).items():
+                record[f"{split}_{k}"] = v
+        return record
+
+    return eval_fn
 
 
 def fit(
     state: TrainState,
     train_step: Callable,
-    dataset: data_lib.Dataset,
+    data: data_lib.Dataset | Iterable[dict],
     *,
-    apply_fn: Callable,
     num_steps: int,
-    batch_size: int,
+    batch_size: int | None = None,
+    eval_fn: Callable[[TrainState], dict] | None = None,
+    apply_fn: Callable | None = None,
+    eval_every: int = 100,
     seed: int = 0,
     mode: str = "jit",
     mesh=None,
-    eval_every: int = 100,
     workdir: str | None = None,
     checkpoint_every: int | None = None,
-    tx_args: dict | None = None,
+    tx_args: dict | Callable[[dict], dict] | None = None,
+    writer: io.MetricWriter | None = None,
+    train_eval_examples: int | None = 1000,
     progress: bool = True,
 ) -> tuple[TrainState, list[dict]]:
-    """Trains for ``num_steps`` steps with periodic evaluation and checkpoints.
+    """Trains from ``state.step`` to ``num_steps`` with periodic evaluation and checkpoints.
 
-    With a ``workdir``, each evaluation appends a line to ``metrics.jsonl``
-    and an orbax checkpoint is written every ``checkpoint_every`` steps and at
-    the end; a rerun with the same workdir resumes from the latest checkpoint
-    (same data order, same keys: bit-identical to an uninterrupted run on CPU).
-    A non-finite loss stops the run with `FloatingPointError` naming the step;
-    checkpoints are only written from finite states.
+    Every ``eval_every`` steps (and at the end) a record ``{"step", "time", "batch_<m>"
+    (mean of each train-step metric since the last record), **eval_fn(state)}`` is added
+    to the history and sent to the metric writers.
+
+    With a ``workdir``: the workdir is locked (`wspace.io.workdir_lock`); its ``fit.json``
+    holds the run's identity (num_steps, seed, batch_size, parameter shapes/dtypes) and a
+    rerun with another identity is refused with the difference; ``metrics.jsonl`` gets
+    every record; a verified orbax checkpoint (`wspace.io.Checkpointer`) is written every
+    ``checkpoint_every`` steps and at the end, only of a state whose every parameter,
+    model-state and optimizer leaf is finite. A rerun resumes from the newest valid
+    checkpoint (a damaged one falls back with a warning), truncates ``metrics.jsonl`` to
+    it and skips the batches already consumed: bit-identical to an uninterrupted run on
+    CPU. A non-finite loss or state stops the run with `FloatingPointError` naming the
+    step and the last checkpoint verified finite. In a multi-process run every process
+    calls `fit`; only process 0 locks, writes ``fit.json``/``metrics.jsonl`` and calls
+    ``writer`` (orbax coordinates the checkpoint writes itself).
 
     Args:
       state: a host `TrainState` (from `init_state`).
       train_step: from `make_train_step` with the same ``mode``/``mesh``.
-      dataset: a `wspace.data.Dataset`.
-      apply_fn: ``model.apply``, for evaluation.
+      data: a `wspace.data.Dataset` (batches of ``batch_size`` drawn by
+        `wspace.data.batches` with ``seed``, this process's slice in multi-host runs), or
+        any iterable of batch dicts (this process's slice); resuming at step k skips the
+        first k batches.
       num_steps: total steps (counted from step 0, also when resuming).
-      batch_size: global batch size.
+      batch_size: global batch size (needed for a Dataset).
+      eval_fn: ``eval_fn(state) -> dict[str, float]`` on the unplaced state; default for a
+        Dataset: `classification_eval` (needs ``apply_fn``); none for other data.
+      apply_fn: ``model.apply``, for the default evaluation.
+      eval_every: record period in steps.
       seed: data-order seed.
-      eval_every: evaluate on train and test sets every this many steps.
-      workdir: where metrics and checkpoints go (None: nothing written).
+      mode, mesh: as `make_train_step`.
+      workdir: where the lock, identity, metrics and checkpoints go (None: nothing written).
       checkpoint_every: checkpoint period in steps (default: ``eval_every``).
-      tx_args: extra arguments for ``tx.update`` (see `make_train_step`).
+      tx_args: extra arguments for ``tx.update``: a dict, or ``tx_args(batch) -> dict``
+        called with each host batch (in multi-host runs it must return the same values on
+        every process).
+      writer: a metric writer (`wspace.io`) that also gets every record (process 0 only;
+        steps redone after a resume are written to it again).
+      train_eval_examples: training examples the default evaluation uses (None: all).
       progress: show a tqdm progress bar.
 
     Returns:
-      ``(final host state, list of evaluation records)``.
+      ``(final state, list of records)``; on resume the records of the earlier run(s)
+      are read back from ``metrics.jsonl``.
     """
-    from tqdm.auto import tqdm
-
-    if num_steps < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    checkpoint_every = checkpoint_every or eval_every
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints")) if workdir else None
-    if ckpt is not None and ckpt.latest_step() is not None:
-        state = ckpt.restore(state)
-    start = int(state.step)
-    history = _read_metrics(workdir, upto=start)
-    stream = data_lib.batches(
-        dataset.x_train,
-        dataset.y_train,
-        batch_size,
-        seed=seed,
-        epochs=None,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    _validate_fit(
+        state, data, num_steps, batch_size, eval_every, checkpoint_every, train_eval_examples
     )
-    stream = itertools.islice(stream, start, None)  # resume: skip the batches already seen
-    placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh)  # steps donate their input
-    pending: list[tuple[int, jax.Array]] = []  # losses not yet checked for finiteness
-    last_good = start
-    bar = tqdm(total=num_steps, initial=start, disable=not progress, desc="train")
-    t0 = time.time()
-    try:
+    _check_callables(train_step=train_step, eval_fn=eval_fn, apply_fn=apply_fn)
+    if not (tx_args is None or isinstance(tx_args, dict) or callable(tx_args)):
+        raise ValueError(f"tx_args must be a dict, a callable(batch) or None, got {tx_args!r}")
+    if writer is not None and not callable(getattr(writer, "write_scalars", None)):
+        raise ValueError(f"writer must have write_scalars(step, scalars), got {writer!r}")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    _check_mode(mode)
+    if mode == "sharded":
+        mesh = mesh or default_mesh()
+    is_dataset = isinstance(data, data_lib.Dataset)
+    if eval_fn is None and is_dataset:
+        if apply_fn is None:
+            raise ValueError("fit on a Dataset needs apply_fn (default evaluation) or eval_fn")
+        eval_fn = classification_eval(
+            apply_fn, data, train_eval_examples=train_eval_examples, mode=mode, mesh=mesh
+        )
+    primary = jax.process_index() == 0
+    with contextlib.ExitStack() as stack:
+        if workdir and primary:
+            stack.enter_context(io.workdir_lock(workdir))
+        ckpt = last_good = None
+        sums = {}  # running sums of the step metrics since the last record (saved with it)
+        if workdir:
+            _check_identity(workdir, state, num_steps, seed, batch_size, primary)
+            ckpt = io.Checkpointer(os.path.join(workdir, "checkpoints"))
+            stack.callback(ckpt.close)
+            if ckpt.all_steps():
+                sharding = NamedSharding(mesh, P()) if mode == "sharded" else None
+                last_good, state, meta = ckpt.restore_with_step(state, sharding=sharding)
+                sums = {k: tuple(v) for k, v in (meta or {}).get("window", {}).items()}
+        start = int(state.step)
+        history = _resume_metrics(workdir, start, primary)
+        writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
+        writers = writers + ([writer] if writer is not None else []) if primary else []
+        stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])
+        if is_dataset:
+            stream = data_lib.batches(
+                data.x_train,
+                data.y_train,
+                batch_size,
+                seed=seed,
+                epochs=None,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+            )
+        else:
+            stream = iter(data)
+        stream = itertools.islice(stream, start, None)  # resume: skip the batches already seen
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=start, disable=not (progress and primary), desc="train")
+        stack.callback(bar.close)
+        placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh)  # steps donate inputs
+        pending = []  # step metrics not yet checked for finiteness
+        t0 = time.time()
         for step in range(start + 1, num_steps + 1):
-            placed, metrics = train_step(placed, place_batch(next(stream), mode, mesh), tx_args)
-            pending.append((step, metrics["loss"]))
+            batch = next(stream, None)
+            if batch is None:
+                raise ValueError(f"data ran out after {step - 1} batches; num_steps={num_steps}")
+            args = tx_args(batch) if callable(tx_args) else tx_args
+            placed, metrics = train_step(placed, place_batch(batch, mode, mesh), args)
+            pending.append((step, metrics))
             bar.update(1)
             is_eval = step % eval_every == 0 or step == num_steps
-            is_ckpt = ckpt is not None and (step % checkpoint_every == 0 or step == num_steps)
+            is_ckpt = ckpt is not None and (step % (checkpoint_every or eval_every) == 0)
+            is_ckpt = is_ckpt or (ckpt is not None and step == num_steps)
             if is_eval or is_ckpt or len(pending) >= 50:
-                _check_finite(pending, last_good, ckpt)
+                _check_finite(pending, sums, last_good, ckpt)
                 pending = []
+            if is_ckpt and not bool(_all_finite(placed)):
+                raise FloatingPointError(
+                    f"non-finite parameters or optimizer state after step {step}; not "
+                    f"checkpointed, stopped ({_last_good_text(last_good, ckpt)}). "
+                    "Lower the learning rate or check the inputs."
+                )
             if is_eval:
                 record = {"step": step, "time": round(time.time() - t0, 3)}
-                record.update(_evaluate_splits(apply_fn, unplace_state(placed, mode), dataset))
+                record.update({f"batch_{k}": s / c for k, (s, c) in sums.items()})
+                sums = {}
+                if eval_fn is not None:
+                    evals = eval_fn(unplace_state(placed, mode))
+                    record.update({k: _to_float(v) for k, v in evals.items()})
                 history.append(record)
-                if workdir:
-                    _append_jsonl(os.path.join(workdir, "metrics.jsonl"), record)
-                bar.set_postfix(test_acc=f"{record['test_accuracy']:.3f}")
+                for w in writers:
+                    w.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+                if "test_accuracy" in record:
+                    bar.set_postfix(test_acc=f"{record['test_accuracy']:.3f}")
             if is_ckpt:
-                ckpt.save(step, unplace_state(placed, mode))
+                ckpt.save(step, unplace_state(placed, mode), meta={"window": sums})
                 last_good = step
-    finally:  # also on errors: the last good checkpoint is complete on disk
-        bar.close()
-        if ckpt is not None:
-            ckpt.close()
     return unplace_state(placed, mode), history
 
 
-def _evaluate_splits(apply_fn, state: TrainState, dataset: data_lib.Dataset) -> dict:
-    """``{train,test}_{loss,accuracy}`` of ``state`` on both splits."""
-    record = {}
-    for split in ("train", "test"):
-        x, y = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
-        for k, v in evaluate(apply_fn, state.variables, x, y).items():
-            record[f"{split}_{k}"] = v
-    return record
+def _validate_fit(state, data, num_steps, batch_size, eval_every, ckpt_every, train_eval) -> None:
+    """Bad arguments of `fit` -> ValueError before any work or file write."""
 
+    def is_int(v):
+        return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
-def _check_finite(pending, last_good: int, ckpt) -> None:
-    losses = np.asarray(jax.device_get([loss for _, loss in pending]), dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(losses.reshape(len(pending), -1)).all(axis=1))
-    if bad.size:
-        step, loss = pending[bad[0]][0], losses[bad[0]]
-        where = f"the last good checkpoint is step {last_good}" if ckpt else "no checkpoints"
-        raise FloatingPointError(
-            f"non-finite loss {loss} at step {step}; stopped ({where}). "
-            "Lower the learning rate or check the inputs."
+    for name, value, optional in (
+        ("num_steps", num_steps, False),
+        ("eval_every", eval_every, False),
+        ("checkpoint_every", ckpt_every, True),
+        ("batch_size", batch_size, True),
+    ):
+        if not (optional and value is None) and not (is_int(value) and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if train_eval is not None and not (is_int(train_eval) and train_eval >= 0):
+        raise ValueError(f"train_eval_examples must be an int >= 0 or None, got {train_eval!r}")
+    if isinstance(data, data_lib.Dataset):
+        if batch_size is None:
+            raise ValueError("fit on a Dataset needs batch_size")
+    elif not isinstance(data, Iterable):
+        raise ValueError(
+            f"data must be a wspace.data.Dataset or an iterable of batches, got {type(data)}"
         )
+    if int(state.step) > num_steps:
+        raise ValueError(f"state is at step {int(state.step)}, beyond num_steps={num_steps}")
 
 
-class Checkpointer:
-    """Orbax checkpoints of a pytree in ``directory``, keeping the newest ``max_to_keep``."""
+def _check_callables(**fns) -> None:
+    for name, fn in fns.items():
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be callable, got {fn!r}")
+    if fns["train_step"] is None:
+        raise ValueError("train_step must be callable (from make_train_step), got None")
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
-        import orbax.checkpoint as ocp
 
-        self._ocp = ocp
-        self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> None:
+    """Stores the run's identity in ``workdir/fit.json``, or refuses a different one.
+
+    A workdir without checkpoints holds nothing to resume (e.g. a run that failed at its
+    first step): its identity is replaced with a warning, so a fixed rerun just works.
+    """
+    path = os.path.join(workdir, "fit.json")
+    identity = {
+        "num_steps": int(num_steps),
+        "seed": int(seed),
+        "batch_size": None if batch_size is None else int(batch_size),
+        "params": io.tree_signature(state.params),
+    }
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resumable = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+    if os.path.exists(path):
+        try:
+            stored = io.read_json(path, recover=f"delete {workdir} to start over")
+        except ValueError:
+            if resumable:
+                raise
+            stored = {}
+        if stored == identity:
+            return
+        diffs = _dict_diff(stored, identity)
+        text = "; ".join(diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+        if resumable:
+            raise ValueError(
+                f"workdir {workdir} holds another run ({text}); use another workdir, or "
+                "delete it to start over"
+            )
+        warnings.warn(
+            f"workdir {workdir} held another run with no checkpoint ({text}); starting over",
+            stacklevel=3,
         )
-
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
-    def save(self, step: int, tree: PyTree) -> None:
-        self._manager.save(step, args=self._ocp.args.StandardSave(tree))
-
-    def restore(self, like: PyTree, step: int | None = None) -> PyTree:
-        """Restores ``step`` (default: latest) with the structure and dtypes of ``like``."""
-        step = self.latest_step() if step is None else step
-        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
-        return self._manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+    if primary:
+        io.write_json(path, identity)
 
 
-def write_json(path: str, obj: Any) -> None:
-    """Writes JSON atomically (temp file + rename): readers never see half a file."""
-    with data_lib.atomic_open(path) as f:
-        json.dump(obj, f, indent=2, default=_json_default)
+def _dict_diff(stored: dict, given: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(stored) | set(given), key=str):
+        a, b = stored.get(k, "absent"), given.get(k, "absent")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _dict_diff(a, b, f"{prefix}{k}")
+        elif a != b:
+            out.append(f"{prefix}{k}: stored {a}, given {b}")
+    return out
 
 
-def _json_default(x):
-    if isinstance(x, np.generic | np.ndarray | jax.Array):
-        return np.asarray(x).tolist()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
-
-
-def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=_json_default) + "\n")
-
-
-def _read_metrics(workdir: str | None, upto: int) -> list[dict]:
-    """Records of a resumed run up to its checkpoint; later ones are dropped and redone."""
-    path = os.path.join(workdir, "metrics.jsonl") if workdir else None
-    if not path or not os.path.exists(path):
+def _resume_metrics(workdir, start: int, primary: bool) -> list[dict]:
+    """Records up to the resumed step (one per step); process 0 rewrites the file so."""
+    if not workdir:
         return []
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    kept = [r for r in records if r["step"] <= upto]
-    if len(kept) != len(records):
-        with data_lib.atomic_open(path) as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        if start > 0:
+            warnings.warn(
+                f"{path} is missing; the history holds only steps after {start}", stacklevel=3
+            )
+        return []
+    by_step = {}
+    for r in io.read_jsonl(path, recover="delete it (the history then restarts) and rerun"):
+        if not isinstance(r, dict) or "step" not in r:
+            raise ValueError(f"{path} holds a record without 'step': {str(r)[:80]}")
+        if r["step"] <= start:
+            by_step[r["step"]] = r
+    kept = [by_step[s] for s in sorted(by_step)]
+    if primary:
+        io.write_jsonl(path, kept)
     return kept
+
+
+def _check_finite(pending, sums: dict, last_good, ckpt) -> None:
+    """Raises on the first non-finite loss in ``pending``; adds the metrics to ``sums``."""
+    host = jax.device_get([m for _, m in pending])
+    for (step, _), metrics in zip(pending, host, strict=True):
+        loss = np.asarray(metrics["loss"], np.float64)
+        if not np.isfinite(loss).all():
+            raise FloatingPointError(
+                f"non-finite loss {loss.ravel()[0]} at step {step}; stopped "
+                f"({_last_good_text(last_good, ckpt)}). Lower the learning rate or check "
+                "the inputs."
+            )
+        for k, v in metrics.items():
+            s, c = sums.get(k, (0.0, 0))
+            sums[k] = (s + float(np.mean(v)), c + 1)
+
+
+def _last_good_text(last_good, ckpt) -> str:
+    if ckpt is None:
+        return "no workdir, so no checkpoints"
+    if last_good is None:
+        return "there is no good checkpoint"
+    return f"the last good checkpoint is step {last_good}"
+
+
+@jax.jit
+def _all_finite(state: TrainState) -> jax.Array:
+    leaves = jax.tree.leaves((state.params, state.model_state, state.opt_state))
+    checks = [jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def _to_float(v):
+    return float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
+
+
+Checkpointer = io.Checkpointer  # its home is wspace.io; kept here for existing callers
+write_json = io.write_json
 
 
 def _check_mode(mode: str) -> None:

@@ -159,7 +159,7 @@ class SBN:
         self.families = {
             "reinforce": {m: reinforce_estimator(slf, m) for m in budgets},
             "ulr": {
-                m: ws.likelihood_ratio.likelihood_ratio(
+                m: ws.likelihood_ratio.ulr(
                     num_copies=m,
                     noise="logistic",  # scale 1 on BinaryDense outputs: the SBN's own noise
                     sigma=sigma,

@@ -191,7 +191,7 @@ def test_ulr_on_binary_mlp_unbiased_for_sbn():
     def loss_fn(p, ms, batch, key):
         return sq(sign_model.apply({"params": p}, batch["x"], train=True), batch["y"]), (ms, {})
 
-    ulr = ws.likelihood_ratio.likelihood_ratio(
+    ulr = ws.likelihood_ratio.ulr(
         num_copies=32,
         noise="logistic",
         sigma={"BinaryDense_0": 1.0, "head": 0.5},

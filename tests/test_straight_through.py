@@ -388,5 +388,23 @@ def test_experiment_quick(tmp_path):
     assert not os.path.exists(tmp_path / "bad")  # refused before any file write
 
 
+def test_experiment_arms_change_one_thing_each():
+    from experiments import straight_through as exp
+    from experiments.configs.straight_through import get_config as exp_config
+
+    for arm, parent in exp.ARM_PARENTS.items():
+        a, b = exp.ARM_SPECS[arm], exp.ARM_SPECS[parent]
+        changed = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+        assert len(changed) == 1, (arm, parent, changed)
+    assert set(exp.ARM_SPECS) == set(exp.ARM_PARENTS) | {"act_st", "bin_st"}
+    config = exp_config("quick")
+    for arm in exp.TRAIN_ARMS:  # every arm builds (shapes only: no compile)
+        model, tx = exp.build_arm(arm, config, 3)
+        v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 5)))
+        jax.eval_shape(tx.init, v["params"])
+        has_latent = "latent" in jax.tree.leaves(st.latent_labels(v["params"]))
+        assert has_latent == arm.startswith("bin_"), arm
+
+
 def test_notebook():
     run_notebook("straight_through")

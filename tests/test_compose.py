@@ -28,6 +28,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import wspace as ws
+from tests.helpers import run_experiment, run_notebook
 from wspace import invariant_path as ip
 from wspace import likelihood_ratio as lr
 from wspace.late_phase import LatePhase
@@ -284,3 +285,33 @@ def test_metric_of_the_averaged_network_moves_members_but_not_its_anchor_outputs
 
     assert avg_change(fip) < 0.05 * avg_change(plain), (avg_change(fip), avg_change(plain))
     assert member_change(fip) > 0.5 * member_change(plain)  # the members themselves moved
+
+
+# ----------------------------------------------------------------------------- experiment, notebook
+
+
+def test_experiment_quick_runs_and_keeps_masks(tmp_path):
+    results = run_experiment("compose", tmp_path / "run", steps=10)
+    assert results["smoke"] and len(results["claims"]) == 4
+    for claim in results["claims"]:
+        assert claim["verdict"] in ("holds", "does not hold", "inconclusive")
+        assert claim["n"] == 2
+    table = results["tables"]["Test accuracy by arm"]
+    col = table["columns"].index("pruned_nonzero")
+    assert {row[0] for row in table["rows"]} == {
+        "dense",
+        "ticket",
+        "ticket_late",
+        "ticket_ulr",
+        "random_ulr",
+        "dense_ulr",
+    }
+    assert all(row[col][0] == 0.0 for row in table["rows"])  # pruned weights exactly zero
+    assert (tmp_path / "run" / "compose.png").exists()
+    with pytest.raises(ValueError, match="late_start"):
+        run_experiment("compose", tmp_path / "bad", late_start=1.5)
+    assert not (tmp_path / "bad").exists()  # refused before any file write
+
+
+def test_notebook_executes():
+    run_notebook("compose")

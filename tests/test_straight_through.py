@@ -369,13 +369,23 @@ def test_layer_in_a_user_model():
 
 
 def test_experiment_quick(tmp_path):
-    run_experiment("straight_through", tmp_path)
-    for name in ("config.json", "results.json", "toy_estimators.png", "training.png"):
-        assert os.path.exists(tmp_path / name), name
-    with open(tmp_path / "results.json") as f:
-        res = json.load(f)
-    assert "st" in res["toy"]["init"] and "reinforce" in res["toy"]["init"]
-    assert res["training"]
+    from experiments import common
+
+    res = run_experiment("straight_through", tmp_path / "run")
+    for name in ("config.json", "results.json", "sbn_estimators.png", "training.png"):
+        assert os.path.exists(tmp_path / "run" / name), name
+    assert res["smoke"] and res["method"] == "straight_through"
+    assert len(res["claims"]) == 7
+    assert all(c["verdict"] in common.VERDICTS and c["n"] == 2 for c in res["claims"])
+    with open(tmp_path / "run" / "arms" / "sbn_ulr" / "seed_0.json") as f:
+        ulr = json.load(f)
+    assert ulr["forward_evaluations"] == [2] and len(ulr["train_exact_loss"]) == 2
+    with open(tmp_path / "run" / "arms" / "bin_st" / "seed_0.json") as f:
+        arm = json.load(f)
+    assert 0 <= arm["test_accuracy"] <= 1 and 0 <= arm["sampled_test_accuracy"] <= 1
+    with pytest.raises(ValueError, match="gumbel"):
+        run_experiment("straight_through", tmp_path / "bad", sbn_estimators=["gumbel"])
+    assert not os.path.exists(tmp_path / "bad")  # refused before any file write
 
 
 def test_notebook():

@@ -85,16 +85,13 @@ def _late(config) -> lp.LatePhase:
     )
 
 
-def _ulr(config):
-    options = dict(
+def _ulr(config) -> lr.ULR:
+    return lr.ulr(
         num_copies=config.ulr_copies,
         sigma=config.ulr_sigma,
         baseline=config.ulr_baseline,
         antithetic=config.ulr_antithetic,
     )
-    if hasattr(lr, "ULR"):  # the ulr(...) factory of the newer API
-        return lr.ulr(**options)
-    return lr.likelihood_ratio(**options)
 
 
 def _pruned_nonzero(params, masks) -> float:
@@ -169,7 +166,7 @@ class _Setup:
             params = state.params
         else:  # ticket_late
             state, _ = self.backprop(start, masks, self.t0, seed=seed)
-            late_state = self.late.expand_state(state, self.tx)
+            late_state = self.late.expand_state(state, self.tx, masks=masks)
             late_masks = self.late.expand_masks(masks)
             late_state, history = ws.training.fit(
                 late_state,

@@ -12,6 +12,8 @@
 * FIP x late-phase: the metric step on late-phase params, with the metric of the *averaged*
   network, moves the members while the averaged network's anchor outputs stay put.
 
+Also: the experiment at quick size (`experiments/compose.py`) and the notebook execute.
+
 ULR x stochastic binary networks (ULR on a `BinaryMLP(activation="sign")` is unbiased for
 the SBN's exact gradient by enumeration) is tested in
 ``tests/test_straight_through.py::test_ulr_on_binary_mlp_unbiased_for_sbn``.
@@ -34,13 +36,6 @@ from wspace import likelihood_ratio as lr
 from wspace.late_phase import LatePhase
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _ulr(**options):
-    """The ULR estimator factory (``ulr(...)`` in the new API, ``likelihood_ratio`` before)."""
-    if hasattr(lr, "ULR"):
-        return lr.ulr(**options)
-    return lr.likelihood_ratio(**options)
 
 
 def _problem(features=(16,), classes=3, n=32, d=6, seed=0, activation=nn.tanh):
@@ -91,9 +86,10 @@ def test_late_phase_members_keep_pruned_weights_zero_through_training_and_averag
     )
     k = 4
     late = LatePhase(k, select=select, schedule=schedule, noise=0.2)
-    s = late.expand_state(state, tx, key=jax.random.PRNGKey(2))
+    s = late.expand_state(state, tx, key=jax.random.PRNGKey(2), masks=masks)  # no noise on zeros
     late_masks = late.expand_masks(masks)
     ws.pruning.check_masks(s.params, late_masks)
+    assert _pruned_zero(s.params, late_masks)
     step = late.make_train_step(loss, tx, donate=False)
     start = s.params
     for _ in range(2 * k):
@@ -154,7 +150,7 @@ def test_ulr_through_mask_gradients_is_unbiased_for_the_pruned_network():
     masks = ws.pruning.magnitude_masks(params, 0.5)
     pruned = ws.pruning.apply_masks(params, masks)
     loss = ws.training.classification_loss(model.apply, per_example=True)
-    est = _ulr(num_copies=16, sigma=0.05, antithetic=True, baseline="mean")
+    est = lr.ulr(num_copies=16, sigma=0.05, antithetic=True, baseline="mean")
     r = 400
     samples = ws.estimators.sample_gradients(
         est, loss, pruned, {}, batch, jax.random.PRNGKey(3), repeats=r
@@ -181,7 +177,7 @@ def test_forward_only_training_of_a_pruned_network_keeps_masks_and_lowers_the_lo
     params = ws.pruning.apply_masks(params, masks)
     loss = ws.training.classification_loss(model.apply, per_example=True)
     tx = optax.chain(ws.pruning.mask_gradients(), optax.adam(0.1), ws.pruning.keep_masked())
-    est = _ulr(num_copies=32, sigma=0.1, antithetic=True, baseline="mean")
+    est = lr.ulr(num_copies=32, sigma=0.1, antithetic=True, baseline="mean")
     state = ws.training.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

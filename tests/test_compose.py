@@ -288,7 +288,7 @@ def test_metric_of_the_averaged_network_moves_members_but_not_its_anchor_outputs
 
 def test_experiment_quick_runs_and_keeps_masks(tmp_path):
     results = run_experiment("compose", tmp_path / "run", steps=10)
-    assert results["smoke"] and len(results["claims"]) == 4
+    assert results["smoke"] and len(results["claims"]) == 5
     for claim in results["claims"]:
         assert claim["verdict"] in ("holds", "does not hold", "inconclusive")
         assert claim["n"] == 2
@@ -298,6 +298,7 @@ def test_experiment_quick_runs_and_keeps_masks(tmp_path):
         "dense",
         "ticket",
         "ticket_late",
+        "ticket_late_every",
         "ticket_ulr",
         "random_ulr",
         "dense_ulr",

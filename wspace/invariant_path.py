@@ -172,6 +172,10 @@ def scale_by_invariant_metric(
     converge in 100 iterations; at ``lambda = 1e-3`` and 10 iterations (the earlier
     default) its residual was 0.6-30, i.e. the step was not the metric step.
 
+    In ``make_train_step``'s ``sharded`` and ``pmap`` modes the gradient is all-reduced
+    first and every device solves the same system on the (replicated) anchors; with
+    ``tol > 0`` rounding differences may stop CG an iteration apart from a ``jit`` run.
+
     Args:
       apply_fn: ``apply_fn(params, x) -> outputs`` (a closure; for BatchNorm models
         close over ``model_state`` in eval mode, see the module docstring).

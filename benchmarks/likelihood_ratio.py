@@ -1,6 +1,6 @@
 r"""ULR vs backprop (time, peak memory) and ULR vs ES vs evosax (cosine per forward evaluation).
 
-  PYTHONPATH=. python benchmarks/likelihood_ratio.py [--depths 4,8,16] [--width 256]
+  PYTHONPATH=. python benchmarks/likelihood_ratio.py [--depths 4,8,16] [--width 256] [--rng]
 
 Part 1, side by side in one process, on deep ReLU MLPs at equal batch:
 time of one gradient (median of repeats, after compilation) and peak memory
@@ -8,6 +8,10 @@ as XLA reports it for the compiled gradient function
 (``compiled.memory_analysis().temp_size_in_bytes``: the scratch buffers the
 program needs, activations included; parameters and outputs excluded).
 Baseline: ``jax.value_and_grad``. ULR one-pass and ULR ``recompute=True``.
+
+Part 3 (``--rng``): compile (CPU seconds) and run time of the whole ULR
+estimator with its noise drawn by each `jax.random` implementation:
+threefry2x32 (the library's), rbg and unsafe_rbg (XLA RngBitGenerator).
 
 Part 2: mean cosine to the exact gradient per forward evaluation on an
 8-layer MLP: ULR (leave-one-out mean baseline; layer-wise + clean baseline with N-1
@@ -68,8 +72,8 @@ def part1(depths, width, batch, copies, repeats):
         key = jax.random.PRNGKey(1)
         estimators = {
             "backprop": jax.value_and_grad(mean_loss, has_aux=True),
-            "ulr": lr.ulr(per_ex, num_copies=copies, antithetic=True),
-            "ulr recompute": lr.ulr(per_ex, num_copies=copies, antithetic=True, recompute=True),
+            "ulr": lr.ulr(num_copies=copies, antithetic=True)(per_ex),
+            "ulr recompute": lr.ulr(num_copies=copies, antithetic=True, recompute=True)(per_ex),
         }
         methods = {name: (lambda p, b, k, f=f: f(p, {}, b, k)[1]) for name, f in estimators.items()}
         base = None
@@ -126,15 +130,15 @@ def part2(depth, width, batch, copies_list, repeats):
     for n in copies_list:
         fns = {
             "ulr (mean baseline)": lambda k, n=n: flat(
-                lr.ulr(per_ex, num_copies=n, sigma=0.1, baseline="mean")(params, {}, batch_, k)[1]
+                lr.ulr(num_copies=n, sigma=0.1, baseline="mean")(per_ex)(params, {}, batch_, k)[1]
             ),
             "ulr (layerwise+clean)": lambda k, n=n: flat(
-                lr.ulr(per_ex, num_copies=n - 1, sigma=0.1, layerwise=True, baseline="clean")(
+                lr.ulr(num_copies=n - 1, sigma=0.1, layerwise=True, baseline="clean")(per_ex)(
                     params, {}, batch_, k
                 )[1]
             ),
             "es (antithetic)": lambda k, n=n: flat(
-                lr.es(mean_loss, num_copies=n, sigma=0.01)(params, {}, batch_, k)[1]
+                lr.es(num_copies=n, sigma=0.01)(mean_loss)(params, {}, batch_, k)[1]
             ),
         }
         evosax = _evosax_grad_fn(lambda p: mean_loss(p, {}, batch_, None)[0], params, n)
@@ -156,6 +160,48 @@ def part2(depth, width, batch, copies_list, repeats):
     return rows
 
 
+def part3_rng(depths, width, batch, copies, repeats):
+    """Whole-estimator compile and run time per noise RNG implementation."""
+    print(f"\n== noise RNG: ULR N={copies} (antithetic), MLP width {width}, batch {batch} ==")
+    print(f"{'depth':>5} {'impl':>11} {'mode':>9} {'compile cpu-s':>13} {'run ms':>8}")
+    threefry_key = lr._noise_key
+
+    def impl_key(impl):
+        if impl == "threefry2x32":
+            return threefry_key
+        return lambda key: jax.random.wrap_key_data(
+            jnp.tile(jax.random.key_data(threefry_key(key)), 2), impl=impl
+        )
+
+    rows = []
+    try:
+        for depth in depths:
+            model, params, batch_ = _setup(depth, width, batch)
+            per_ex = ws.training.classification_loss(model.apply, per_example=True)
+            for recompute in (False, True):
+                for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+                    lr._noise_key = impl_key(impl)
+                    est = lr.ulr(num_copies=copies, antithetic=True, recompute=recompute)(per_ex)
+                    fn = jax.jit(lambda p, b, k, est=est: est(p, {}, b, k)[1])
+                    args = (params, batch_, jax.random.PRNGKey(1))
+                    t0 = time.process_time()
+                    compiled = fn.lower(*args).compile()
+                    tc = time.process_time() - t0
+                    jax.block_until_ready(compiled(*args))
+                    times = []
+                    for _ in range(repeats):
+                        t = time.perf_counter()
+                        jax.block_until_ready(compiled(*args))
+                        times.append(time.perf_counter() - t)
+                    mode = "recompute" if recompute else "one-pass"
+                    t_run = 1e3 * statistics.median(times)
+                    print(f"{depth:>5} {impl:>11} {mode:>9} {tc:>13.2f} {t_run:>8.2f}")
+                    rows.append((depth, impl, mode, tc, t_run))
+    finally:
+        lr._noise_key = threefry_key
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depths", default="4,8,16")
@@ -163,8 +209,13 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--copies", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rng", action="store_true", help="only part 3 (noise RNG timings)")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
+    if args.rng:
+        depths = [int(d) for d in args.depths.split(",")]
+        part3_rng(depths, args.width, args.batch, args.copies, args.repeats)
+        return
     part1(
         [int(d) for d in args.depths.split(",")], args.width, args.batch, args.copies, args.repeats
     )

@@ -51,7 +51,7 @@ def compare_steps(name, input_shape, num_classes=10):
     loss = ws.training.classification_loss(model.apply)
     key = jax.random.PRNGKey(0)
     base = optax.sgd(0.01, momentum=0.9)
-    masked_tx = optax.chain(base, pruning.keep_masked())
+    masked_tx = optax.chain(pruning.mask_gradients(), base, pruning.keep_masked())
     dense_state = ws.training.init_state(model, base, batch["x"][:1], key)
     masked_state = ws.training.init_state(model, masked_tx, batch["x"][:1], key)
     masks = pruning.magnitude_masks(masked_state.params, 0.8, layer_sparsity={"head": 0.2})
@@ -73,7 +73,7 @@ def compare_steps(name, input_shape, num_classes=10):
     )
     d, m = np.median(times["dense"]), np.median(times["masked"])
     best = np.min(times["masked"]) / np.min(times["dense"])
-    n = ws.training.num_params(dense_state.params)
+    n = optax.tree.size(dense_state.params)
     print(
         f"{name:26s} {n:>8d} {d * 1e3:10.3f} {m * 1e3:10.3f} {m / d:7.3f} {best:9.3f}"
         f"   pruned==0: {zero}"
@@ -86,12 +86,14 @@ def time_imp(levels, steps):
     ds = ws.data.standardize(ws.data.load("mnist1d"))
     model = ws.models.lenet_300_100(ds.num_classes)
     tx = optax.chain(
-        optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9), pruning.keep_masked()
+        pruning.mask_gradients(),
+        optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9),
+        pruning.keep_masked(),
     )
     t0 = time.perf_counter()
     state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(0))
-    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
-    train = lottery.make_trainer(step, ds, apply_fn=model.apply, batch_size=128)
+    loss = ws.training.classification_loss(model.apply)
+    train = lottery.Trainer(loss, tx, ds, apply_fn=model.apply, batch_size=128)
     dense = lottery.train_dense(state, train, num_steps=steps)
     t1 = time.perf_counter()
     out = lottery.run_arm("rewind", dense, train, levels=levels, layer_rates={"head": 0.1})

@@ -29,8 +29,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from wspace.data import atomic_open
-from wspace.training import write_json
+from wspace.io import atomic_open, read_json, workdir_lock, write_json
 
 SIZES = ("quick", "small", "paper")
 NUM_SEEDS = {"quick": 2, "small": 5, "paper": 10}
@@ -104,7 +103,8 @@ def start(config, workdir) -> None:
 
     Call it after the experiment's own validation, before any work: a workdir
     holding another config is refused with the fields that differ, so results
-    of two configs are never mixed.
+    of two configs are never mixed, and the workdir is locked for the rest of
+    this process (`wspace.io.workdir_lock`): a second run fails at once.
     """
     from absl import logging
 
@@ -113,6 +113,9 @@ def start(config, workdir) -> None:
     validate_common(config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     new = json.loads(config.to_json_best_effort())
+    if not _is_writer():
+        return
+    _lock_for_this_process(workdir)
     path = os.path.join(workdir, "config.json")
     old = read_json(path) if os.path.exists(path) else None
     ignored = {"progress"}  # display-only fields may change between reruns
@@ -128,17 +131,28 @@ def start(config, workdir) -> None:
                 f"{workdir} holds a run with another config ({lines}); "
                 "use a new --workdir or delete this one"
             )
-    os.makedirs(workdir, exist_ok=True)
     write_json(path, new)
 
 
-def read_json(path: str) -> Any:
-    """The parsed JSON file; a damaged file is named in a one-line error."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is damaged ({e}); delete it and rerun") from None
+_LOCKS: dict[str, Any] = {}
+
+
+def _is_writer() -> bool:
+    """In a multi-process run every process computes and process 0 alone writes files."""
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _lock_for_this_process(workdir: str) -> None:
+    """Holds ``workdir_lock(workdir)`` until the process exits (once per workdir)."""
+    import atexit
+
+    real = os.path.realpath(workdir)
+    if real not in _LOCKS:
+        _LOCKS[real] = lock = workdir_lock(workdir)
+        lock.__enter__()
+        atexit.register(lock.__exit__, None, None, None)
 
 
 def run_arms(
@@ -153,7 +167,9 @@ def run_arms(
 
     Returns:
       ``{arm: [result for each seed, in seed order]}``; each result is stored in
-      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun.
+      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun. In a
+      multi-process run every process reads the stored results (a shared
+      workdir) and runs the same missing ones; process 0 alone writes.
     """
     results: dict[str, list[dict]] = {}
     for arm, fn in arm_fns.items():
@@ -167,8 +183,8 @@ def run_arms(
                     print(f"[{arm} seed {seed}]", file=sys.stderr, flush=True)
                 result = dict(fn(seed))
                 _check_finite_metrics(result, f"arm {arm!r} seed {seed}")
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                write_json(path, result)
+                if _is_writer():
+                    write_json(path, result)
             results[arm].append(result)
     return results
 
@@ -328,7 +344,8 @@ def save_results(
         "notes": list(notes),
         **dict(extra or {}),
     }
-    write_json(os.path.join(workdir, "results.json"), results)
+    if _is_writer():
+        write_json(os.path.join(workdir, "results.json"), results)
     return results
 
 
@@ -345,8 +362,9 @@ def savefig(fig, workdir: str, name: str, config=None) -> str:
             alpha=0.35, rotation=20, transform=fig.transFigure,
         )  # fmt: skip
     path = os.path.join(workdir, name)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+    if _is_writer():
+        with atomic_open(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -408,12 +426,17 @@ def main(run_fn: Callable, name: str) -> None:
     Flags: ``--workdir`` (default ``runs/<name>``) and ``--config`` (default
     ``experiments/configs/<name>.py:small``) with ``--config.field=value``
     overrides; the config is locked, so a misspelt field is an error naming it.
+    ``--distributed`` calls `jax.distributed.initialize()` first (one process per
+    host under Slurm, on a TPU pod slice, or with the ``JAX_COORDINATOR_ADDRESS``,
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` variables); use it with
+    ``--config.mode=sharded`` so each process feeds its slice of every batch.
     Prints the claims table when the run ends.
     """
     from absl import app, flags
     from ml_collections import config_flags
 
     flags.DEFINE_string("workdir", f"runs/{name}", "Output directory (resumes if it exists).")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first.")
     config_flags.DEFINE_config_file(
         "config",
         os.path.join(os.path.dirname(__file__), "configs", f"{name}.py:small"),
@@ -424,6 +447,8 @@ def main(run_fn: Callable, name: str) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
         cfg = flags.FLAGS.config
+        if flags.FLAGS.distributed:
+            _initialize_distributed()
         results = run_fn(cfg, flags.FLAGS.workdir)
         print(f"\n{name} ({cfg.size} size, {len(results['seeds'])} seeds)")
         if results["smoke"]:
@@ -433,6 +458,20 @@ def main(run_fn: Callable, name: str) -> None:
         print(f"results: {os.path.join(flags.FLAGS.workdir, 'results.json')}")
 
     app.run(_main)
+
+
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize`, from the cluster (Slurm, TPU pod) or the environment.
+
+    Outside a cluster JAX detects, set ``JAX_COORDINATOR_ADDRESS`` (read by JAX),
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here) for every process.
+    """
+    import jax
+
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    jax.distributed.initialize(
+        **{k: int(os.environ[v]) for k, v in names.items() if v in os.environ}
+    )
 
 
 # ------------------------------------------------------------------ legacy (transitional)

@@ -97,7 +97,7 @@ def test_start_validates_before_writing(tmp_path):
 def test_damaged_json_is_named(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"seed": 0,')
-    with pytest.raises(ValueError, match="config.json is damaged"):
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
         common.start(_config(), str(tmp_path))
 
 
@@ -170,3 +170,59 @@ def test_readme_results_are_generated_from_published_results():
     )
     for name in published:
         assert f"<!-- results:{name} -->" in text, f"README has no block for {name}"
+
+
+def test_second_run_in_a_locked_workdir_fails_at_once(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from experiments import common; "
+         f"common.start(common.base_config('quick'), {str(tmp_path)!r}); "
+         "print('locked', flush=True); time.sleep(60)"],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = _cli(f"--workdir={tmp_path}", "--config=experiments/configs/train.py:quick")
+        assert second.returncode != 0
+        assert f"workdir {os.path.realpath(tmp_path)} is in use by process" in second.stderr
+        assert not (tmp_path / "arms").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_two_process_run_matches_one_process(tmp_path):
+    """``--distributed`` with two local processes (gloo) gives the single-process numbers."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [
+        "--config=experiments/configs/train.py:quick", "--config.dataset=digits",
+        "--config.model=mlp", "--config.mode=sharded", "--config.steps=6",
+    ]  # fmt: skip
+    single = _cli(f"--workdir={tmp_path / 'one'}", *args)
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")  # fmt: skip
+    cmd = [sys.executable, "-m", "experiments.train", "--distributed",
+           f"--workdir={tmp_path / 'two'}", *args]  # fmt: skip
+    procs = [
+        subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    one = common.read_json(str(tmp_path / "one" / "results.json"))
+    two = common.read_json(str(tmp_path / "two" / "results.json"))
+    (row_one,), (row_two,) = (r["tables"]["mlp on digits"]["rows"] for r in (one, two))
+    np.testing.assert_allclose(
+        [c[0] for c in row_two[1:]], [c[0] for c in row_one[1:]], rtol=1e-4, atol=1e-5
+    )

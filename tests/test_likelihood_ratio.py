@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import os
+import warnings
 
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
@@ -43,19 +48,33 @@ def _problem(model, n=8, d=6, seed=0):
     return params, {"x": x, "y": y}
 
 
+class _BatchNormNet(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.Dense(12)(x)
+        x = nn.tanh(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+        return nn.Dense(3, name="head")(x)
+
+
+_HIGHEST = functools.partial(jax.default_matmul_precision, "highest")
+
+
 def _flat(tree):
-    return jnp.concatenate([a.ravel() for a in jax.tree.leaves(tree)])
+    return jax.flatten_util.ravel_pytree(tree)[0]
 
 
 def _estimates(est, params, batch, num, seed=1):
     """``num`` flattened gradient estimates from independent keys (one compile)."""
     keys = jax.random.split(jax.random.PRNGKey(seed), num)
-    return np.asarray(jax.jit(jax.vmap(lambda k: _flat(est(params, {}, batch, k)[1])))(keys))
+    with _HIGHEST():
+        return np.asarray(jax.jit(jax.vmap(lambda k: _flat(est(params, {}, batch, k)[1])))(keys))
 
 
 def _exact(model, params, batch):
+    """Ground truth: jax.grad of the mean loss at HIGHEST matmul precision (no TF32)."""
     loss = ws.training.classification_loss(model.apply)
-    return np.asarray(_flat(jax.grad(lambda p: loss(p, {}, batch, None)[0])(params)))
+    with _HIGHEST():
+        return np.asarray(_flat(jax.grad(lambda p: loss(p, {}, batch, None)[0])(params)))
 
 
 def _unbiased(samples, exact, z=4.5, slack=0.02):
@@ -91,7 +110,7 @@ def _mean_cosine(samples, exact):
 def test_ulr_mean_matches_jax_grad(model, per_example, options):
     params, batch = _problem(model)
     loss = ws.training.classification_loss(model.apply, per_example=per_example)
-    est = lr.ulr(loss, num_copies=16, sigma=0.02, **options)
+    est = lr.ulr(num_copies=16, sigma=0.02, **options)(loss)
     samples = _estimates(est, params, batch, 400)
     exact = _exact(model, params, batch)
     assert np.all(np.isfinite(samples))
@@ -104,7 +123,7 @@ def test_ulr_mean_matches_jax_grad(model, per_example, options):
 def test_es_mean_matches_jax_grad():
     params, batch = _problem(_SMOOTH)
     loss = ws.training.classification_loss(_SMOOTH.apply)
-    samples = _estimates(lr.es(loss, num_copies=16, sigma=0.01), params, batch, 400)
+    samples = _estimates(lr.es(num_copies=16, sigma=0.01)(loss), params, batch, 400)
     exact = _exact(_SMOOTH, params, batch)
     assert _unbiased(samples, exact).all()
     assert not _unbiased(1.5 * samples, exact).all()
@@ -119,7 +138,7 @@ def test_cosine_rises_with_copies_and_variance_reduction():
     exact = _exact(_SMOOTH, params, batch)
 
     def cosine(num_copies, **options):
-        est = lr.ulr(loss, num_copies=num_copies, sigma=0.3, **options)
+        est = lr.ulr(num_copies=num_copies, sigma=0.3, **options)(loss)
         return _mean_cosine(_estimates(est, params, batch, 32, seed=7), exact)
 
     plain4, plain64 = cosine(4), cosine(64)
@@ -161,7 +180,7 @@ def test_trains_step_function_network_where_backprop_is_blind():
     loss = ws.training.classification_loss(model.apply, per_example=True)
     backprop = jax.grad(lambda p: jnp.mean(loss(p, {}, batch, None)[0]))(params)
     assert float(jnp.abs(backprop["Dense_0"]["kernel"]).max()) == 0.0  # zero gradients
-    est = lr.likelihood_ratio(num_copies=16, sigma=0.5, antithetic=True)
+    est = lr.ulr(num_copies=16, sigma=0.5, antithetic=True)
     trained, losses = _train(est, loss, params, batch, steps=60)
     acc = lambda p: float(
         jnp.mean(jnp.argmax(model.apply({"params": p}, batch["x"]), -1) == batch["y"])
@@ -180,7 +199,7 @@ def test_non_differentiable_zero_one_loss_decreases():
         wrong = (jnp.argmax(model.apply({"params": p}, b["x"]), -1) != b["y"]).astype(jnp.float32)
         return wrong, (model_state, {})
 
-    est = lr.likelihood_ratio(num_copies=16, sigma=0.5, antithetic=True)
+    est = lr.ulr(num_copies=16, sigma=0.5, antithetic=True)
     trained, losses = _train(est, zero_one, params, batch, steps=60)
     err = lambda p: float(jnp.mean(zero_one(p, {}, batch, None)[0]))
     assert err(trained) < err(params) - 0.2, (err(params), err(trained))
@@ -205,25 +224,197 @@ def test_score_functions_match_log_density_gradients():
 def test_same_key_same_gradient_signature_and_recompute():
     params, batch = _problem(_SMOOTH)
     loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
-    est = jax.jit(lr.ulr(loss, num_copies=4, baseline="mean"))
-    (l1, (state, metrics)), g1 = est(params, {}, batch, jax.random.PRNGKey(3))
-    (l2, _), g2 = est(params, {}, batch, jax.random.PRNGKey(3))
-    (_, _), g3 = est(params, {}, batch, jax.random.PRNGKey(4))
+    est = jax.jit(lr.ulr(num_copies=4, baseline="mean")(loss))
+    with _HIGHEST():
+        (l1, (state, metrics)), g1 = est(params, {}, batch, jax.random.PRNGKey(3))
+        (l2, _), g2 = est(params, {}, batch, jax.random.PRNGKey(3))
+        (_, _), g3 = est(params, {}, batch, jax.random.key(3))  # typed keys work too
+        (_, _), g4 = est(params, {}, batch, jax.random.PRNGKey(4))
+        no_aux = lambda p, s, b, k: loss(p, s, b, k)[0]
+        rec = lr.ulr(num_copies=4, baseline="mean", recompute=True)
+        l5, g5 = jax.jit(rec(no_aux, has_aux=False))(params, {}, batch, jax.random.PRNGKey(3))
     assert jax.tree.structure(g1) == jax.tree.structure(params)
     assert l1.shape == () and state == {} and set(metrics) == {"loss", "accuracy"}
     np.testing.assert_array_equal(_flat(g1), _flat(g2))
-    assert not np.allclose(_flat(g1), _flat(g3))
-    no_aux = lambda p, s, b, k: loss(p, s, b, k)[0]
-    l4, g4 = jax.jit(lr.ulr(no_aux, has_aux=False, num_copies=4, baseline="mean", recompute=True))(
-        params, {}, batch, jax.random.PRNGKey(3)
-    )  # low-memory two-pass mode: same gradient
-    np.testing.assert_allclose(_flat(g4), _flat(g1), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(l4, l1, rtol=1e-6)
+    np.testing.assert_array_equal(_flat(g1), _flat(g3))  # same key bits, same noise
+    assert not np.allclose(_flat(g1), _flat(g4))
+    # low-memory two-pass mode: the same gradient (same noise)
+    np.testing.assert_allclose(_flat(g5), _flat(g1), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(l5, l1, rtol=1e-6)
     assert [name for name, _ in lr.perturbed_layers(loss, params, {}, batch)] == [
         "Dense_0",
         "Dense_1",
         "head",
     ]
+
+
+def test_recompute_with_batchnorm_equals_one_pass():
+    """BatchNorm normalises each copy over its own examples in both passes."""
+    model = _BatchNormNet()
+    x = jax.random.normal(jax.random.PRNGKey(1), (8, 6))
+    batch = {"x": x, "y": jnp.arange(8) % 3}
+    variables = model.init(jax.random.PRNGKey(0), x)
+    params, model_state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    loss = ws.training.classification_loss(model.apply, per_example=True)
+    key = jax.random.PRNGKey(5)
+    with _HIGHEST():
+        grads = {
+            recompute: jax.jit(
+                lr.ulr(num_copies=4, sigma=0.3, baseline="mean", recompute=recompute)(loss)
+            )(params, model_state, batch, key)[1]
+            for recompute in (False, True)
+        }
+    one_pass, two_pass = _flat(grads[False]), _flat(grads[True])
+    assert np.abs(one_pass).max() > 0
+    np.testing.assert_allclose(two_pass, one_pass, rtol=1e-5, atol=1e-6 * np.abs(one_pass).max())
+
+
+def _eqns(jaxpr):
+    """All equations of a jaxpr, sub-jaxprs (pjit, custom_jvp, vmap bodies) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, list | tuple) else [value]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    yield from _eqns(sub)
+
+
+def _trace(est, params, batch):
+    loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
+    return jax.make_jaxpr(lambda p, k: est(loss)(p, {}, batch, k))(
+        params, jax.random.PRNGKey(0)
+    ).jaxpr
+
+
+def test_forward_evaluations_counted_exactly():
+    """Rows through the second layer's matmul / B == est.forward_evaluations.
+
+    (The first layer's ``x @ W`` does not depend on the noise and runs once.)
+    """
+    params, batch = _problem(_SMOOTH, n=8)
+
+    def rows(est):
+        total = 0
+        for eqn in _eqns(_trace(est, params, batch)):
+            if eqn.primitive.name == "dot_general" and eqn.invars[1].aval.shape == (12, 12):
+                total += math.prod(eqn.outvars[0].aval.shape[:-1])
+        return total // 8
+
+    for options, expected in [
+        (dict(num_copies=4), 4),
+        (dict(num_copies=4, baseline="clean"), 5),
+        (dict(num_copies=4, baseline="mean"), 4),
+        (dict(num_copies=4, recompute=True), 8),
+        (dict(num_copies=4, recompute=True, baseline="clean"), 9),
+    ]:
+        est = lr.ulr(**options)
+        assert est.forward_evaluations == expected == rows(est), options
+    assert lr.es(num_copies=6, baseline="clean").forward_evaluations == 7
+
+
+def test_after_barrier_only_on_cpu_or_recompute(monkeypatch):
+    """`_after` (``x != x`` on one element) appears on CPU or with recompute, not on GPU."""
+    params, batch = _problem(_SMOOTH)
+
+    def barriers(**options):
+        jaxpr = _trace(lr.ulr(num_copies=2, **options), params, batch)
+        return sum(e.primitive.name == "ne" and e.invars[0] is e.invars[1] for e in _eqns(jaxpr))
+
+    assert barriers() == 3  # one per perturbed layer on CPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert barriers() == 0
+    assert barriers(recompute=True) > 0
+
+
+def test_noise_distribution_independence_and_antithetic_pairs():
+    key = lr._noise_key(jax.random.PRNGKey(0))
+    n = 20_000
+    cdf = {"gaussian": "norm", "laplace": "laplace", "logistic": "logistic"}
+    draw = jax.jit(
+        lambda site, copy, noise, qmc: lr.unit_noise(
+            key, site, copy, (n,), noise=noise, num_copies=4, antithetic=True, qmc=qmc
+        ),
+        static_argnums=(2, 3),
+    )
+    for noise, name in cdf.items():
+        for qmc in (False, True):
+            e = np.asarray(draw(0, 1, noise, qmc))
+            assert scipy.stats.kstest(e, name).pvalue > 1e-4, (noise, qmc)
+            # the test has power: the wrong family is rejected
+            wrong = "laplace" if name == "norm" else "norm"
+            assert scipy.stats.kstest(e / e.std(), wrong).pvalue < 1e-4, (noise, qmc)
+            np.testing.assert_array_equal(draw(0, 3, noise, qmc), -e)  # antithetic partner
+    a, b, c = (np.asarray(draw(s, k, "gaussian", False)) for s, k in [(0, 0), (0, 1), (1, 0)])
+    bound = 4.5 / np.sqrt(n)  # independent streams: correlation within 4.5 standard errors
+    assert abs(np.corrcoef(a, b)[0, 1]) < bound and abs(np.corrcoef(a, c)[0, 1]) < bound
+
+
+def test_ulr_trains_a_pruned_network_and_keeps_masks():
+    """Sparse training by forward passes only: masked weights stay exactly zero, loss falls."""
+    model = ws.models.MLP(features=(32,), num_classes=10)
+    batch = _digits_batch()
+    state = ws.training.init_state(model, optax.sgd(0.0), batch["x"][:1], jax.random.PRNGKey(0))
+    masks = ws.pruning.magnitude_masks(state.params, 0.7)
+    params = ws.pruning.apply_masks(state.params, masks)
+    keep = ws.pruning.keep_masked(masks)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(0.03), keep)
+    state = state.replace(params=params, opt_state=tx.init(params))
+    loss = ws.training.classification_loss(model.apply, per_example=True)
+    est = lr.ulr(num_copies=16, sigma=0.5, antithetic=True, baseline="mean")
+    step = ws.training.make_train_step(loss, tx, estimator=est, donate=False)
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+        pruned = jax.tree.map(lambda p, m: jnp.where(m, 0.0, p), state.params, masks)
+        assert max(float(jnp.abs(a).max()) for a in jax.tree.leaves(pruned)) == 0.0
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    moved = jax.tree.map(lambda a, b, m: jnp.abs(a - b) * m, state.params, params, masks)
+    assert float(moved["Dense_0"]["kernel"].max()) > 0  # surviving weights trained
+
+
+def test_noisy_loss_is_ulrs_noisy_pass_and_trains_by_backprop():
+    """The noise-injection control sees exactly the noise of ULR's copy 0 (same key)."""
+    params, batch = _problem(_SMOOTH)
+    loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
+    key = jax.random.PRNGKey(7)
+    for noise, sigma in [("gaussian", 0.1), ("laplace", 1.0)]:
+        noisy = lr.noisy_loss(loss, sigma=sigma, noise=noise)
+        value = jnp.mean(noisy(params, {}, batch, key)[0])
+        (ulr_value, _), _ = lr.ulr(num_copies=1, sigma=sigma, noise=noise)(loss)(
+            params, {}, batch, key
+        )
+        np.testing.assert_allclose(value, ulr_value, rtol=1e-6)
+        clean = jnp.mean(loss(params, {}, batch, key)[0])
+        assert abs(float(value - clean)) > 1e-4  # the noise is there
+    with pytest.raises(ValueError, match="sigma"):
+        lr.noisy_loss(loss, sigma=0.0)
+
+
+def test_deprecated_names_warn_and_agree():
+    params, batch = _problem(_SMOOTH)
+    loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
+    key = jax.random.PRNGKey(2)
+    grad = lambda fn: jax.jit(fn)(params, {}, batch, key)[1]
+    new_ulr = grad(lr.ulr(num_copies=4, baseline="mean")(loss))
+    new_es = grad(lr.es(num_copies=4)(loss))
+    with pytest.warns(DeprecationWarning, match="ulr"):
+        old = grad(lr.likelihood_ratio(num_copies=4, baseline="mean")(loss))
+    np.testing.assert_array_equal(_flat(old), _flat(new_ulr))
+    with pytest.warns(DeprecationWarning, match="ulr"):
+        old = grad(lr.ulr(loss, num_copies=4, baseline="mean"))
+    np.testing.assert_array_equal(_flat(old), _flat(new_ulr))
+    with pytest.warns(DeprecationWarning, match="es"):
+        old = grad(lr.evolution_strategies(num_copies=4)(loss))
+    np.testing.assert_array_equal(_flat(old), _flat(new_es))
+    with pytest.warns(DeprecationWarning, match="es"):
+        old = grad(lr.es(loss, num_copies=4))
+    np.testing.assert_array_equal(_flat(old), _flat(new_es))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new names do not warn
+        lr.ulr(num_copies=4)
+        lr.es(num_copies=4)
 
 
 def test_bad_input_raises_value_error():
@@ -232,8 +423,13 @@ def test_bad_input_raises_value_error():
     key = jax.random.PRNGKey(0)
     for kwargs, match in [
         (dict(num_copies=0), "num_copies"),
-        (dict(sigma=0.0), "sigma"),
-        (dict(sigma=-1.0), "sigma"),
+        (dict(num_copies=2.0), "num_copies"),
+        (dict(sigma=0.0), "sigma.*0.0"),
+        (dict(sigma=-1.0), "sigma.*-1.0"),
+        (dict(sigma=float("nan")), "sigma.*nan"),
+        (dict(sigma=float("inf")), "sigma.*inf"),
+        (dict(sigma="big"), "sigma.*big"),
+        (dict(sigma={"Dense_0": 0.0}), "sigma.*0.0"),
         (dict(num_copies=5, antithetic=True), "even"),
         (dict(noise="uniform"), "noise"),
         (dict(baseline="median"), "baseline"),
@@ -241,22 +437,25 @@ def test_bad_input_raises_value_error():
         (dict(qmc=True, baseline="mean"), "qmc"),
     ]:
         with pytest.raises(ValueError, match=match):
-            lr.likelihood_ratio(**kwargs)
-        with pytest.raises(ValueError, match=match):
-            lr.ulr(loss, **kwargs)
+            lr.ulr(**kwargs)
     with pytest.raises(ValueError, match="even"):
-        lr.evolution_strategies(num_copies=3, antithetic=True)
-    with pytest.raises(ValueError, match="sigma"):
-        lr.es(loss, sigma=0.0)
+        lr.es(num_copies=3, antithetic=True)
+    for sigma in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="sigma"):
+            lr.es(sigma=sigma)
+    with pytest.raises(ValueError, match="keyword options"):
+        lr.ulr(16)
     bare = _NoLayers()
     bare_params = bare.init(key, batch["x"])["params"]
     bare_loss = ws.training.classification_loss(bare.apply, per_example=True)
     with pytest.raises(ValueError, match="no layer of type"):
-        lr.ulr(bare_loss)(bare_params, {}, batch, key)
+        lr.ulr()(bare_loss)(bare_params, {}, batch, key)
     with pytest.raises(ValueError, match="one pair per perturbed layer"):
-        lr.ulr(loss, num_copies=4, antithetic=True, layerwise=True)(params, {}, batch, key)
+        lr.ulr(num_copies=4, antithetic=True, layerwise=True)(loss)(params, {}, batch, key)
     with pytest.raises(ValueError, match="lacks the perturbed layers"):
-        lr.ulr(loss, sigma={"Dense_0": 0.1})(params, {}, batch, key)
+        lr.ulr(sigma={"Dense_0": 0.1})(loss)(params, {}, batch, key)
+    with pytest.raises(ValueError, match="PRNG key"):
+        lr.ulr()(loss)(params, {}, batch, None)
 
 
 # ----------------------------------------------------------------------------- experiment

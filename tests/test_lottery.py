@@ -38,16 +38,25 @@ def _state(seed=0):
 
 
 class FakeTrainer:
-    """Deterministic 'training': params move by a fixed field; records every start state."""
+    """Deterministic 'training': params move by a fixed field (shifted by the data-order seed);
+    records every start state. ``tx`` is stateless (its state is ``()``)."""
+
+    tx = optax.GradientTransformation(lambda p: (), lambda u, s, p=None: (u, s))
 
     def __init__(self, keep_zero=True):
-        self.starts, self.keep_zero = [], keep_zero
+        self.starts, self.seeds, self.keep_zero = [], [], keep_zero
 
-    def __call__(self, state, masks, num_steps):
+    def __call__(self, state, masks, num_steps, seed=None):
         self.starts.append((state, masks))
+        self.seeds.append(seed)
         steps = num_steps - int(state.step)
+        wiggle = 0.1 * (seed or 0)  # another data order: another end point
         params = jax.tree.map(
-            lambda p, m: np.where(m | (not self.keep_zero), p + 0.1 * steps * np.sign(p + 0.05), 0),
+            lambda p, m: np.where(
+                m | (not self.keep_zero),
+                p + 0.1 * steps * np.sign(p + 0.05) + wiggle * np.cos(5 * p),
+                0,
+            ),
             _np(state.params),
             _np(masks),
         )
@@ -172,7 +181,7 @@ def _mlp_apply(variables, x, train=False, rngs=None):
     return h @ p["head"]["kernel"] + p["head"]["bias"]
 
 
-def test_masked_training_keeps_pruned_weights_exactly_zero():
+def _digits_setup(rewind_step=3):
     ds = ws.data.load("digits")
     rng = np.random.default_rng(0)
     params = {
@@ -185,8 +194,14 @@ def test_masked_training_keeps_pruned_weights_exactly_zero():
             "bias": jnp.zeros(10),
         },
     }
-    inner = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9))
-    tx = optax.chain(inner, pruning.keep_masked())
+    schedule = optax.cosine_decay_schedule(0.1, 12)
+    tx = optax.chain(
+        pruning.mask_gradients(),
+        optax.clip_by_global_norm(1.0),
+        optax.add_decayed_weights(1e-2),
+        optax.sgd(schedule, momentum=0.9),
+        pruning.keep_masked(),
+    )
     state = ws.training.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -194,8 +209,17 @@ def test_masked_training_keeps_pruned_weights_exactly_zero():
         opt_state=tx.init(params),
         key=jax.random.PRNGKey(0),
     )
-    step = ws.training.make_train_step(ws.training.classification_loss(_mlp_apply), tx)
-    train = lottery.make_trainer(step, ds, apply_fn=_mlp_apply, batch_size=64)
+    return ds, tx, state
+
+
+def _trainer(ds, tx, **kw):
+    loss = ws.training.classification_loss(_mlp_apply)
+    return lottery.Trainer(loss, tx, ds, apply_fn=_mlp_apply, batch_size=64, **kw)
+
+
+def test_masked_training_keeps_pruned_weights_exactly_zero_and_sharded_agrees():
+    ds, tx, state = _digits_setup()
+    train = _trainer(ds, tx)
     dense = lottery.train_dense(state, train, num_steps=12, rewind_step=3)
     levels = lottery.run_arm("rewind", dense, train, levels=2, rate=0.5)
     for lv in levels[1:]:
@@ -210,6 +234,90 @@ def test_masked_training_keeps_pruned_weights_exactly_zero():
             assert (p[m] != np.asarray(p0)[m]).mean() > 0.9  # survivors did train
         assert lv.metrics["test_accuracy"] > 0.2
     assert levels[2].metrics["density"] == pytest.approx(0.25, abs=0.01)
+    # the same IMP on 8 simulated CPU devices, batch split along "data"
+    mesh = jax.sharding.Mesh(np.array(jax.devices("cpu")[:8]), ("data",))
+    sharded = _trainer(ds, tx, mode="sharded", mesh=mesh)
+    dense_s = lottery.train_dense(state, sharded, num_steps=12, rewind_step=3)
+    levels_s = lottery.run_arm("rewind", dense_s, sharded, levels=2, rate=0.5)
+    for a, b in zip(levels, levels_s, strict=True):
+        assert _tree_equal(a.masks, b.masks)
+        for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+        assert a.metrics["test_accuracy"] == pytest.approx(b.metrics["test_accuracy"], abs=0.01)
+
+
+def test_fresh_rewind_resets_moments_and_fast_forwards_the_schedule():
+    """Closed forms for the first step after rewinding to k: fresh SGD-momentum steps by
+    -lr(k) g (empty momentum), restore by -lr(k) (0.9 trace_k + g); fresh Adam steps by
+    -lr(k) g / (|g| + eps) (bias correction restarts)."""
+    _, _, state = _digits_setup()
+    params = state.params
+    masks = pruning.magnitude_masks(params, 0.5)
+    schedule = optax.linear_schedule(0.2, 0.02, 10)
+    k = 4
+    grads = [jax.tree.map(lambda x, i=i: jnp.cos(x * (i + 1)), params) for i in range(k + 1)]
+    gm = jax.tree.map(lambda x, m: np.where(m, x, 0.0), grads[k], masks)
+    for name, inner in [
+        ("sgd", optax.sgd(schedule, momentum=0.9)),
+        ("adam", optax.adam(schedule)),
+        ("inject_adam", optax.inject_hyperparams(optax.adam)(learning_rate=schedule)),
+    ]:
+        tx = optax.chain(pruning.mask_gradients(), inner, pruning.keep_masked())
+        p, s = params, tx.init(params)
+        for g in grads[:k]:
+            u, s = tx.update(g, s, p, masks=lottery.all_true(params))
+            p = optax.apply_updates(p, u)
+        at_k = state.replace(step=jnp.asarray(k, jnp.int32), params=p, opt_state=s)
+        fresh = lottery.start_state(at_k, masks, tx=tx)
+        restored = lottery.start_state(at_k, masks, rewind="restore")
+        assert _tree_equal(fresh.params, pruning.apply_masks(p, masks))
+        u, _ = tx.update(grads[k], fresh.opt_state, fresh.params, masks=masks)
+        lr = float(schedule(k))
+        if name == "sgd":
+            expect = jax.tree.map(lambda x, lr=lr: -lr * x, gm)
+            v, _ = tx.update(grads[k], restored.opt_state, restored.params, masks=masks)
+            trace = s[1][0].trace
+            expect_r = jax.tree.map(lambda t, x, lr=lr: -lr * (0.9 * np.asarray(t) + x), trace, gm)
+            for a, b, m in zip(
+                jax.tree.leaves(v), jax.tree.leaves(expect_r), jax.tree.leaves(masks), strict=True
+            ):
+                np.testing.assert_allclose(np.asarray(a)[m], b[m], rtol=1e-5, atol=1e-7)
+        else:
+            expect = jax.tree.map(lambda x, lr=lr: -lr * x / (np.abs(x) + 1e-8), gm)
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(expect), strict=True):
+            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="rewind='fresh' at step 4 needs the optax chain"):
+        lottery.start_state(at_k, masks)
+    with pytest.raises(ValueError, match="unknown rewind 'late'"):
+        lottery.start_state(at_k, masks, rewind="late")
+
+
+def test_instability_per_level_is_the_barrier_between_two_data_orders():
+    fake = FakeTrainer()
+    dense = lottery.train_dense(_state(), fake, num_steps=T, rewind_step=K)
+
+    def g(p):  # concave: the barrier is at least |θ1 - θ2|² / 4 (the midpoint's excess)
+        return {"loss": -sum(jnp.sum(x**2) for x in jax.tree.leaves(p))}
+
+    levels = lottery.run_arm(
+        "rewind", dense, fake, levels=2, rate=0.5, instability_eval=g, instability_seed=1
+    )
+    assert fake.seeds == [None, None, 1, None, 1, None, 1]  # dense to k and T, then levels
+    starts = list(fake.starts)
+    for lv in levels:
+        start, masks = starts[2 + 2 * lv.level]  # the second copy's start
+        assert int(start.step) == K
+        copy, _ = fake(start, masks, T, seed=1)
+        expect = ws.landscape.linear_barrier(g, lv.params, copy.params)["barrier"]["loss"]
+        assert lv.metrics["instability_loss"] == pytest.approx(float(expect), rel=1e-6)
+        quarter = 0.25 * float(ws.landscape.l2_distance(lv.params, copy.params)) ** 2
+        assert lv.metrics["instability_loss"] >= quarter * (1 - 1e-5) and quarter > 1e-3
+    with pytest.raises(ValueError, match="instability_seed"):
+        lottery.run_arm("rewind", dense, fake, levels=1, instability_eval=g)
+    no_tx = FakeTrainer()
+    no_tx.tx = None
+    with pytest.raises(ValueError, match="rewind='fresh' after step 0 needs train.tx"):
+        lottery.run_arm("rewind", dense, no_tx, levels=1)
 
 
 def test_training_that_moves_pruned_weights_is_refused():
@@ -220,15 +328,33 @@ def test_training_that_moves_pruned_weights_is_refused():
 
 
 def test_experiment_quick(tmp_path):
-    run_experiment("lottery", tmp_path, "--arms=reinit")  # runs the rewind_init ticket too
+    results = run_experiment("lottery", tmp_path, steps=12, rewind_step=3)
     for name in ("config.json", "results.json", "lth.png", "geometry.png"):
         assert (tmp_path / name).exists(), name
-    with open(tmp_path / "results.json") as f:
-        results = json.load(f)
-    arms = {r["arm"] for r in results["table"]}
-    assert arms == {"reinit"}
-    assert all("sharpness" in r for r in results["table"])
-    assert (tmp_path / "seed_0" / "rewind_init" / "level_02" / "metrics.json").exists()
+    assert results["smoke"] and results["method"] == "lottery" and len(results["seeds"]) == 2
+    claims = {c["arm"] + " vs " + c["baseline"]: c for c in results["claims"]}
+    assert set(claims) == {"ticket vs dense", "ticket vs reinit", "ticket vs random"}
+    assert claims["ticket vs dense"]["margin"] == 0.01
+    for c in claims.values():
+        assert c["verdict"] in ("holds", "does not hold", "inconclusive") and c["n"] == 2
+    with open(tmp_path / "arms" / "ticket" / "seed_0.json") as f:
+        ticket = json.load(f)
+    assert len(ticket["density"]) == 3 and ticket["density"][0] == 1.0
+    for key in ("sharpness", "trace", "trace_per_weight", "instability_error"):
+        assert all(np.isfinite(ticket[key])), key
+    # trace / trace per weight = the number of surviving weights (biases included)
+    surviving = np.asarray(ticket["trace"]) / np.asarray(ticket["trace_per_weight"])
+    prunable = 40 * 300 + 300 * 100 + 100 * 10
+    expect = 400 + 10 + prunable * np.asarray(ticket["density"])
+    np.testing.assert_allclose(surviving, expect, rtol=1e-4)
+    assert (tmp_path / "lottery" / "seed_1" / "ticket" / "level_02" / "metrics.json").exists()
+    with pytest.raises(ValueError, match="rewind_step=20"):
+        run_experiment("lottery", tmp_path / "bad", steps=12, rewind_step=20)
+    with pytest.raises(ValueError, match="must include 'ticket'"):
+        run_experiment(
+            "lottery", tmp_path / "bad", arms="reinit", geometry_arms="", instability_arms=""
+        )
+    assert not (tmp_path / "bad").exists()
 
 
 def test_notebook():

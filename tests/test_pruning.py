@@ -255,3 +255,93 @@ def test_gradual_pruning_in_jit_and_inject_hyperparams():
     ]
     np.testing.assert_allclose(seen, [np.floor(e * 30 + 0.5) / 30 for e in expect])
     assert seen[-1] == 21 / 30 and seen[1] == 0.0
+
+
+def _grads(i):
+    return jax.tree.map(lambda x: 2.0 * x + 0.5 * i, _params(20 + i))
+
+
+@pytest.mark.parametrize("inner", ["clip_sgd", "clip_adam"])
+def test_mask_gradients_equals_the_chain_on_a_zeroed_gradient(inner):
+    """Bit-exact: the chain with mask_gradients runs the same ops on the same inputs as the
+    reference chain fed where(m, g, 0); a chain without it differs (clipping sees pruned g)."""
+    params = _params()
+    masks = pruning.magnitude_masks(params, 0.7)
+    if inner == "clip_adam":
+        core = [optax.clip_by_global_norm(1.0), optax.adam(0.05)]
+    else:
+        core = [optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)]
+    tx = optax.chain(pruning.mask_gradients(), *core, pruning.keep_masked())
+    ref = optax.chain(*core, pruning.keep_masked())
+    leaky = optax.chain(*core, pruning.keep_masked())  # masks only the final update
+
+    @jax.jit
+    def steps(p, s, q, r, z, t, g):
+        u, s = tx.update(g, s, p, masks=masks)
+        zeroed = jax.tree.map(lambda x, m: jnp.where(m, x, 0.0), g, masks)
+        v, r = ref.update(zeroed, r, q, masks=masks)
+        w, t = leaky.update(g, t, z, masks=masks)
+        return u, s, v, r, w, t
+
+    start = pruning.apply_masks(params, masks)
+    p = q = z = start
+    s, r, t = tx.init(start), ref.init(start), leaky.init(start)
+    for i in range(4):
+        u, s, v, r, w, t = steps(p, s, q, r, z, t, _grads(i))
+        for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(v), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        if i == 0 and inner == "clip_sgd":  # closed form: -lr * g_s * min(1, c / ||g_s||)
+            gs = jax.tree.map(lambda x, m: np.where(m, x, 0.0), _grads(0), masks)
+            norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(gs)))
+            scale = -0.1 * min(1.0, 1.0 / norm)
+            expect = jax.tree.map(lambda x, c=scale: c * x, gs)
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(expect), strict=True):
+                np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)
+        if inner == "clip_sgd":  # without it, clipping shrinks the survivors' update
+            keep = np.asarray(masks["Dense_0"]["kernel"])
+            kernel_u, kernel_w = (np.asarray(x["Dense_0"]["kernel"])[keep] for x in (u, w))
+            assert np.abs(kernel_w).max() < 0.9 * np.abs(kernel_u).max()
+        p, q, z = (optax.apply_updates(a, b) for a, b in ((p, u), (q, v), (z, w)))
+    for a, m in zip(jax.tree.leaves(p), jax.tree.leaves(masks), strict=True):
+        assert (np.asarray(a)[~np.asarray(m)] == 0).all()
+    assert int(s[0].count) == 4 and s[0].masks is None
+
+
+def test_mask_gradients_under_inject_hyperparams_and_changing_masks():
+    params = _params(3)
+
+    def make(learning_rate, max_norm):
+        return optax.chain(
+            pruning.mask_gradients(),
+            optax.clip_by_global_norm(max_norm),
+            optax.sgd(learning_rate),
+            pruning.keep_masked(),
+        )
+
+    tx = optax.inject_hyperparams(make)(learning_rate=0.1, max_norm=0.5)
+    traces = []
+
+    @jax.jit
+    def step(p, s, masks, g):
+        traces.append(1)
+        u, s = tx.update(g, s, p, masks=masks)
+        return optax.apply_updates(p, u), s
+
+    p, s = params, tx.init(params)
+    for i, sp in enumerate((0.3, 0.6)):
+        masks = pruning.magnitude_masks(params, sp)
+        before = pruning.apply_masks(p, masks)
+        p, s = step(before, s, masks, _grads(i))
+        gs = jax.tree.map(lambda x, m: np.where(m, x, 0.0), _grads(i), masks)
+        norm = np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(gs)))
+        for a, b, g in zip(
+            jax.tree.leaves(p), jax.tree.leaves(before), jax.tree.leaves(gs), strict=True
+        ):
+            expect = np.asarray(b) - 0.1 * g * min(1.0, 0.5 / norm)
+            np.testing.assert_allclose(np.asarray(a), expect, rtol=1e-6, atol=1e-7)
+    assert len(traces) == 1
+    with pytest.raises(ValueError, match="masks="):
+        pruning.mask_gradients().update(params, pruning.mask_gradients().init(params))
+    with pytest.raises(ValueError, match="has shape"):
+        bad = jax.tree.map(lambda x: jnp.ones((2,), bool), params)
+        pruning.mask_gradients(bad).init(params)

@@ -2,13 +2,15 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `io`, `landscape`. Methods (one module
-each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
-`lottery`, `invariant_path`.
+Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`,
+`averaging`. Methods (one module each): `late_phase`, `likelihood_ratio`,
+`straight_through`, `pruning` and `lottery`, `invariant_path`.
 """
 
 from wspace import (
+    averaging,
     data,
+    estimators,
     invariant_path,
     io,
     landscape,
@@ -27,6 +29,8 @@ __all__ = [
     "training",
     "io",
     "landscape",
+    "estimators",
+    "averaging",
     "pruning",
     "lottery",
     "late_phase",

@@ -47,6 +47,7 @@ PyTree = Any
 EIGEN_METHODS = ("lanczos", "power")
 PATH_MODES = ("auto", "map", "vmap", "loop")
 METRICS = ("loss", "error", "all")
+_HIGHEST = jax.lax.Precision.HIGHEST  # ground truths stay exact under TF32 defaults
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -136,7 +137,8 @@ def hvp(f: Callable, params: PyTree, v: PyTree) -> PyTree:
 
     ``H v = d/dε ∇f(params + ε v)|_{ε=0}``, computed as ``jax.jvp(jax.grad(f), (params,),
     (v,))``: one gradient's cost times a small constant, never forming ``H``
-    (Pearlmutter 1994, "Fast exact multiplication by the Hessian").
+    (Pearlmutter 1994, "Fast exact multiplication by the Hessian"). Traced at matmul
+    precision ``"highest"``: a ground truth must not change with a backend's TF32 default.
 
     Args:
       f: ``f(params) -> scalar``, twice differentiable.
@@ -148,7 +150,8 @@ def hvp(f: Callable, params: PyTree, v: PyTree) -> PyTree:
       ``jax.jit(lambda p, v: hvp(f, p, v))``.
     """
     _check_same_tree(params, v, "params", "v")
-    return jax.jvp(jax.grad(f), (params,), (v,))[1]
+    with jax.default_matmul_precision("highest"):
+        return jax.jvp(jax.grad(f), (params,), (v,))[1]
 
 
 def top_hessian_eigenvalues(
@@ -220,12 +223,18 @@ def hessian_trace(
     num_samples: int = 100,
     key,
     return_stderr: bool = False,
+    mask: PyTree | None = None,
+    per_weight: bool = False,
 ):
     """Hutchinson's estimate of ``tr ∇²f(params)`` with Rademacher probes.
 
     ``tr H ≈ 1/S Σ_s z_sᵀ H z_s`` with ``z_s`` i.i.d. uniform on ``{-1, +1}^dim``
     (unbiased; its variance is ``2 Σ_{i≠j} H_ij²``, so it is exact for diagonal ``H``)
     (Hutchinson 1989; Avron & Toledo 2011; PyHessian, Yao et al. 2020, arXiv 1912.07145).
+    With a ``mask`` the probes are ``m ⊙ z`` and the estimate is ``Σ_{i: m_i} H_ii``,
+    the trace over the surviving weights of a pruned network; ``per_weight`` divides
+    by their number ``n = Σ m_i`` (the mean Hessian diagonal, comparable across
+    sparsities: a sum over 26× fewer weights is not 26× flatter).
 
     Args:
       f: ``f(params) -> scalar``.
@@ -233,12 +242,17 @@ def hessian_trace(
       num_samples: number of probes ``S`` (``>= 1``; ``>= 2`` for a standard error).
       key: PRNG key for the probes.
       return_stderr: also return the standard error ``std(z_sᵀ H z_s) / sqrt(S)``.
+      mask: optional boolean pytree shaped like ``params``; ``None``: all coordinates.
+      per_weight: return ``trace / n`` (and its standard error ``/ n``).
 
     Returns:
       the estimate (a scalar array), or ``(estimate, stderr)``.
     """
     _check_int(num_samples, "num_samples", 2 if return_stderr else 1)
-    samples = _hutchinson_samples(_ById(f), params, key, num_samples=num_samples)
+    keep = ravel_pytree(_check_mask(mask, params))[0]
+    samples = _hutchinson_samples(_ById(f), params, key, keep, num_samples=num_samples)
+    if per_weight:
+        samples = samples / jnp.maximum(jnp.sum(keep), 1)
     mean = jnp.mean(samples)
     if return_stderr:
         return mean, jnp.std(samples, ddof=1) / np.sqrt(num_samples)
@@ -275,7 +289,7 @@ def _lanczos_top(f, params, start, *, k: int, m: int):
     tri = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
     evals, evecs = jnp.linalg.eigh(tri)
     evals, evecs = evals[::-1][:k], evecs[:, ::-1][:, :k]
-    return evals, (basis.T @ evecs).T
+    return evals, jnp.matmul(basis.T, evecs, precision=_HIGHEST).T
 
 
 @functools.partial(jax.jit, static_argnames=("f", "num_iters"))
@@ -286,13 +300,13 @@ def _power_top(f, params, starts, *, num_iters: int):
 
 
 @functools.partial(jax.jit, static_argnames=("f", "num_samples"))
-def _hutchinson_samples(f, params, key, *, num_samples: int):
+def _hutchinson_samples(f, params, key, keep, *, num_samples: int):
     flat, unravel = ravel_pytree(params)
     matvec = _flat_hvp(f, unravel)
 
     def one(k):
-        z = jax.random.rademacher(k, flat.shape, flat.dtype)
-        return jnp.vdot(z, matvec(flat, z))
+        z = jnp.where(keep, jax.random.rademacher(k, flat.shape, flat.dtype), 0)
+        return jnp.vdot(z, matvec(flat, z), precision=_HIGHEST)
 
     return jax.lax.map(one, jax.random.split(key, num_samples))
 
@@ -302,15 +316,17 @@ def _flat_hvp(f: Callable, unravel: Callable) -> Callable:
 
     def matvec(flat, v):
         p, t = unravel(flat), unravel(v.astype(flat.dtype))
-        return ravel_pytree(jax.jvp(jax.grad(f), (p,), (t,))[1])[0]
+        with jax.default_matmul_precision("highest"):
+            return ravel_pytree(jax.jvp(jax.grad(f), (p,), (t,))[1])[0]
 
     return matvec
 
 
 def _orthogonalise(w, basis):
     """Removes the span of ``basis``'s rows from ``w`` (classical Gram-Schmidt, twice)."""
-    w = w - basis.T @ (basis @ w)
-    return w - basis.T @ (basis @ w)
+    for _ in range(2):
+        w = w - jnp.matmul(basis.T, jnp.matmul(basis, w, precision=_HIGHEST), precision=_HIGHEST)
+    return w
 
 
 def _lanczos(matvec: Callable, v0, m: int):
@@ -326,7 +342,7 @@ def _lanczos(matvec: Callable, v0, m: int):
         v = basis[j]
         w = matvec(v)
         scale = jnp.linalg.norm(w)
-        alpha = jnp.vdot(v, w)
+        alpha = jnp.vdot(v, w, precision=_HIGHEST)
         w = _orthogonalise(w, basis)  # rows > j are still zero
         beta = jnp.linalg.norm(w)
         broke = beta <= tol * scale + tiny
@@ -370,7 +386,7 @@ def _power(matvec: Callable, starts, num_iters: int):
                 return w / jnp.maximum(jnp.linalg.norm(w), tiny)
 
             v = jax.lax.fori_loop(0, num_iters, step, v0)
-            lam = jnp.vdot(v, op(v))
+            lam = jnp.vdot(v, op(v), precision=_HIGHEST)
             negative = (stage == 0) & (lam < 0)
             return jnp.where(negative, 1, 2), v, lam, jnp.where(negative, lam, shift)
 

@@ -18,18 +18,28 @@ model that ``loss_fn`` applies, through `flax.linen.intercept_methods`: the
 user does not change the model. The N copies of each example run in one wide
 forward pass (`jax.vmap` over copies, which XLA fuses into one batch of N*B).
 
-Estimators have the library's shape (that of `jax.value_and_grad`)::
+`ulr` and `es` build estimators with the shape of `jax.value_and_grad`::
 
-    est = ws.likelihood_ratio.likelihood_ratio(num_copies=16, sigma=0.1, antithetic=True)
+    est = ws.likelihood_ratio.ulr(num_copies=16, sigma=0.1, baseline="mean")
     loss_fn = ws.training.classification_loss(model.apply, per_example=True)
     (loss, aux), grads = est(loss_fn)(params, model_state, batch, key)
     step = ws.training.make_train_step(loss_fn, tx, estimator=est)
+    est.forward_evaluations  # 16 per example (17 with baseline="clean")
 
-``loss_fn`` should return per-example losses (shape ``(B,)``; build it with
-``classification_loss(apply_fn, per_example=True)``): each example's loss then
-weights only its own noise. A scalar (batch-mean) loss also works: each copy's
-batch loss weights all noise of that copy (unbiased, higher variance). The
-reported loss is the mean over copies and examples.
+Differences from ``jax.value_and_grad(loss_fn, has_aux)``: ``loss_fn`` may
+return per-example losses (shape ``(B,)``; preferred: each example's loss
+then weights only its own noise; build it with
+``classification_loss(apply_fn, per_example=True)``) as well as a scalar;
+the returned value is the mean loss over copies and examples (the clean loss
+with ``baseline="clean"``); ``aux`` is the average over copies of each copy's
+aux (float leaves; integer leaves from the first copy), or the clean pass's
+aux with ``baseline="clean"``. With ``has_aux=False`` the estimator returns
+``(loss, grads)`` exactly like ``jax.value_and_grad``. The fourth argument
+is a PRNG key (raw ``uint32[2]`` or typed); it is required.
+
+Noise: `jax.random` (threefry, the default implementation, chosen by
+measurement: see `_draw`), one key per perturbed site and copy by
+``fold_in``; independent of the key that ``loss_fn`` receives (for dropout).
 
 Limitations: parameters outside Dense/Conv layers (BatchNorm scale and bias,
 embeddings) get zero gradient; layers inside flax lifted transforms
@@ -40,6 +50,7 @@ approximately unbiased.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -57,6 +68,7 @@ NOISES = ("gaussian", "laplace", "logistic")
 BASELINES = ("none", "clean", "mean")
 LAYER_TYPES = (nn.Dense, nn.Conv)
 _QMC_MAX_DIMS = 4096  # columns of the Sobol table; noise coordinates reuse columns cyclically
+_NOISE_STREAM = 0x554C52  # fold_in word separating the noise keys from loss_fn's key
 
 
 # ----------------------------------------------------------------------------- noise
@@ -85,47 +97,31 @@ def score(noise: str, e: jax.Array, sigma) -> jax.Array:
     return jnp.tanh(e / 2) / sigma
 
 
-def _mix32(h: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finaliser: a bijective avalanche mix of uint32 words."""
-    h = h ^ (h >> 16)
-    h = h * jnp.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * jnp.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
+def _noise_key(key) -> jax.Array:
+    """The typed key all noise derives from: ``fold_in(key, _NOISE_STREAM)``.
 
-
-def _seed(key) -> jax.Array:
-    """One uint32 word from a PRNG key (raw ``uint32[2]`` or typed), for `_uniform`."""
-    if jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    words = jnp.asarray(key).astype(jnp.uint32).ravel()
-    h = jnp.uint32(0x2545F491)
-    for i in range(words.shape[0]):
-        h = _mix32(h ^ words[i] + jnp.uint32(0x9E3779B9 * (i + 1) % 2**32))
-    return h
-
-
-def _uniform(seed, stream, shape) -> jax.Array:
-    """Counter-based uniforms in (0, 1): ``mix(mix(i + s) ^ s')`` with 23-bit resolution.
-
-    A hash of (seed, stream, coordinate) instead of `jax.random`: threefry
-    takes ~10 s to compile per call site on a busy CPU, this takes well under
-    one; both are exactly reproducible. ``stream`` may be traced (copy index).
+    A raw key (``uint32[2]`` from ``jax.random.PRNGKey``) is wrapped with the
+    default implementation; a typed key keeps its own.
     """
-    s = _mix32(seed ^ _mix32(jnp.asarray(stream).astype(jnp.uint32) + jnp.uint32(0x632BE5AB)))
-    i = jnp.arange(math.prod(shape), dtype=jnp.uint32)
-    h = _mix32(_mix32(i * jnp.uint32(0x9E3779B1) + s) ^ (s * jnp.uint32(0x27D4EB2F)))
-    # 23 bits: the largest value, 1 - 2^-24, is a float32 below 1 (with 24 bits it rounds to 1).
-    u = ((h >> 9).astype(jnp.float32) + 0.5) * (1.0 / 2**23)
-    return u.reshape(shape)
+    if key is None:
+        raise ValueError("ULR/ES estimators need a PRNG key as fourth argument, got None")
+    if not jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
+    return jax.random.fold_in(key, _NOISE_STREAM)
 
 
-def _stream(*words: int | jax.Array) -> jax.Array:
-    """Combines small integers (layer, copy, leaf) into one stream id."""
-    h = jnp.uint32(0x165667B1)
-    for w in words:
-        h = _mix32(h ^ jnp.asarray(w).astype(jnp.uint32)) + jnp.uint32(0x9E3779B9)
-    return h
+def _draw(noise: str, key, shape) -> jax.Array:
+    """Unit-scale iid noise of one family (float32) from `jax.random`.
+
+    threefry2x32 (JAX's default) was chosen by measurement over ``rbg`` /
+    ``unsafe_rbg`` (XLA's RngBitGenerator, Philox on CPU/GPU) and over the
+    former counter hash: see benchmarks/likelihood_ratio.py ``--rng``.
+    """
+    if noise == "gaussian":
+        return jax.random.normal(key, shape)
+    if noise == "laplace":
+        return jax.random.laplace(key, shape)
+    return jax.random.logistic(key, shape)
 
 
 def _inverse_cdf(noise: str, u: jax.Array) -> jax.Array:
@@ -147,31 +143,76 @@ def _sobol_table(n: int, dims: int) -> np.ndarray:
         return qmc.Sobol(d=dims, scramble=True, seed=0).random(n).astype(np.float32)
 
 
-def _unit_noise(opts: dict, seed, site: int, copy, shape, dtype) -> jax.Array:
-    """Unit noise of one layer (or parameter leaf) for copy ``copy`` (traced under vmap).
+def unit_noise(
+    key,
+    site,
+    copy,
+    shape: tuple[int, ...],
+    *,
+    noise: str = "gaussian",
+    num_copies: int = 1,
+    antithetic: bool = False,
+    qmc: bool = False,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """Unit noise of one perturbed site (layer output or parameter leaf) for one copy.
 
-    Plain: iid draws (inverse CDF of counter-based uniforms). Antithetic:
+    Plain: iid draws from ``fold_in(fold_in(key, site), copy)``. Antithetic:
     copies ``n`` and ``n + N/2`` share draws with opposite signs. QMC: a fixed
     scrambled Sobol table of N (or N/2) points, one column per noise
     coordinate (cyclically), shifted by a fresh uniform per coordinate
-    (Cranley-Patterson rotation) and mapped through the inverse CDF: each copy
-    is exactly iid noise, and the copies are stratified against one another.
+    (Cranley-Patterson rotation, from ``fold_in(key, site)``) and mapped
+    through the inverse CDF: each copy is exactly iid noise, and the copies
+    are stratified against one another.
+
+    Args:
+      key: a typed PRNG key (the estimator passes ``_noise_key(key)``).
+      site: integer id of the site (may be traced).
+      copy: copy index in ``[0, num_copies)`` (traced under `jax.vmap`).
+      shape: the noise's shape.
+      noise: ``gaussian``, ``laplace`` or ``logistic``.
+      num_copies, antithetic, qmc: as in `ulr`.
+      dtype: dtype of the result (drawn in float32).
+
+    Returns:
+      An array of ``shape`` with unit-scale noise.
     """
-    n_base = opts["num_copies"] // 2 if opts["antithetic"] else opts["num_copies"]
+    n_base = num_copies // 2 if antithetic else num_copies
     pair = copy % n_base
-    if opts["qmc"]:
+    k_site = jax.random.fold_in(key, site)
+    if qmc:
         size = math.prod(shape)
         dims = min(size, _QMC_MAX_DIMS)
         table = jnp.asarray(_sobol_table(n_base, dims))
-        shift = _uniform(seed, _stream(site, -1), (size,))  # shared by all copies
+        shift = jax.random.uniform(k_site, (size,))  # shared by all copies
         u = jnp.mod(table[pair][jnp.arange(size) % dims] + shift, 1.0)
-        u = jnp.clip(u, 1e-7, 1 - 1e-7).reshape(shape)
+        e = _inverse_cdf(noise, jnp.clip(u, 1e-7, 1 - 1e-7).reshape(shape))
     else:
-        u = _uniform(seed, _stream(site, pair), shape)
-    e = _inverse_cdf(opts["noise"], u).astype(dtype)
-    if opts["antithetic"]:
+        e = _draw(noise, jax.random.fold_in(k_site, pair), shape)
+    if antithetic:
         e = jnp.where(copy < n_base, e, -e)
-    return e
+    return e.astype(dtype)
+
+
+def _after(value, x):
+    """``value``, made data-dependent on ``x`` so XLA cannot compute with it early.
+
+    ``x != x`` is false except for NaN, and XLA may not fold it away; the
+    value is unchanged for finite inputs. Needed on XLA:CPU (an optimisation
+    barrier does not survive its pipeline; without this all layers' noise is
+    materialised at the start and memory grows with depth) and in
+    ``recompute`` mode; see `_needs_after`.
+    """
+    probe = jnp.ravel(x)[0]
+    value = jnp.asarray(value)
+    if jnp.issubdtype(value.dtype, jnp.floating):
+        return jnp.where(probe != probe, jnp.nan, value)
+    return value + (probe != probe).astype(value.dtype)
+
+
+def _needs_after(recompute: bool) -> bool:
+    """`_after` only where it is needed: the XLA:CPU pipeline, or ``recompute`` mode."""
+    return recompute or jax.default_backend() == "cpu"
 
 
 # ----------------------------------------------------------------------------- validation
@@ -187,14 +228,21 @@ def _check_sigma(sigma) -> None:
     for s in values:
         if isinstance(s, jax.core.Tracer):
             continue
-        if not np.all(np.asarray(s) > 0):
+        try:
+            a = np.asarray(s, dtype=np.float64)
+        except (TypeError, ValueError):
+            a = np.array(np.nan)
+        if a.ndim or not (np.isfinite(a) and a > 0):
             raise ValueError(
-                f"sigma must be > 0 (a float or a mapping of layer paths), got {sigma!r}"
+                f"sigma must be a finite float > 0 (or a mapping of layer paths to such "
+                f"floats), got {s!r}"
             )
 
 
 def _validate(num_copies, sigma, noise, antithetic, baseline, qmc=False) -> None:
-    if not isinstance(num_copies, int | np.integer) or num_copies < 1:
+    if isinstance(num_copies, bool) or not isinstance(num_copies, int | np.integer):
+        raise ValueError(f"num_copies must be an integer >= 1, got {num_copies!r}")
+    if num_copies < 1:
         raise ValueError(f"num_copies must be an integer >= 1, got {num_copies!r}")
     _check_sigma(sigma)
     _check_noise(noise)
@@ -241,6 +289,15 @@ def _sigma_of(sigma, name: str):
     return sigma[name] if isinstance(sigma, Mapping) else sigma
 
 
+def forward_evaluations(*, num_copies: int, baseline: str = "none", recompute: bool = False) -> int:
+    """Forward evaluations per example of one ULR/ES gradient: ``N (x2 recompute) (+1 clean)``.
+
+    A clean baseline runs one extra noise-free pass (N + 1); ``recompute``
+    (ULR only) runs the N noisy passes twice.
+    """
+    return num_copies * (2 if recompute else 1) + (baseline == "clean")
+
+
 def perturbed_layers(
     loss_fn: Callable,
     params: PyTree,
@@ -282,10 +339,49 @@ def perturbed_layers(
 # ----------------------------------------------------------------------------- ULR
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ULR:
+    """A configured ULR estimator (build it with `ulr`; fields documented there)."""
+
+    num_copies: int = 16
+    sigma: float | Mapping[str, float] = 0.1
+    noise: str = "gaussian"
+    antithetic: bool = False
+    baseline: str = "none"
+    layerwise: bool = False
+    qmc: bool = False
+    recompute: bool = False
+    layer_types: tuple = LAYER_TYPES
+
+    def __post_init__(self):
+        _validate(self.num_copies, self.sigma, self.noise, self.antithetic, self.baseline, self.qmc)
+
+    @property
+    def forward_evaluations(self) -> int:
+        """Forward evaluations per example of one gradient (see `forward_evaluations`)."""
+        return forward_evaluations(
+            num_copies=self.num_copies, baseline=self.baseline, recompute=self.recompute
+        )
+
+    def __call__(self, loss_fn: Callable, has_aux: bool = True) -> Callable:
+        """``fn(params, model_state, batch, key) -> ((loss, aux), grads)`` (see `ulr`)."""
+        return functools.partial(_ulr_gradient, self, loss_fn, has_aux)
+
+
+def _ulr_call(*args, **kwargs) -> ULR | Callable:
+    """`ulr`'s deprecated form ``ulr(loss_fn, has_aux=True, **options)``."""
+    warnings.warn(
+        "ulr(loss_fn, ...) is deprecated; use ulr(...options)(loss_fn, has_aux)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    loss_fn, *rest = args
+    has_aux = rest[0] if rest else kwargs.pop("has_aux", True)
+    return ULR(**kwargs)(loss_fn, has_aux)
+
+
 def ulr(
-    loss_fn: Callable,
-    has_aux: bool = True,
-    *,
+    *args,
     num_copies: int = 16,
     sigma: float | Mapping[str, float] = 0.1,
     noise: str = "gaussian",
@@ -295,8 +391,8 @@ def ulr(
     qmc: bool = False,
     recompute: bool = False,
     layer_types: tuple = LAYER_TYPES,
-) -> Callable:
-    """Likelihood-ratio gradient of ``loss_fn`` from noise-injected forward passes alone.
+) -> ULR:
+    """A ULR gradient estimator: noise-injected forward passes alone, no backward pass.
 
     For every Dense/Conv output ``o_l`` the model computes ``o_l + sigma_l e_l``
     (N copies per example, one wide pass); the output cotangent is estimated
@@ -305,20 +401,18 @@ def ulr(
     ``g_l = J_{theta_l}(o_l)^T c_l`` (``x_l^T c_l`` for a Dense layer).
 
     Args:
-      loss_fn: ``loss_fn(params, model_state, batch, key) -> (loss, aux)`` (or
-        ``loss`` when ``has_aux=False``), loss of shape ``(B,)`` (per example,
-        preferred) or a scalar.
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       num_copies: N, noisy copies of each example (forward evaluations per example).
-      sigma: noise scale (Gaussian std, Laplace/logistic scale), or a mapping
-        from layer path (``"Dense_0"``, ``"Block_0/Conv_1"``, ``"head"``) to scale.
+      sigma: noise scale (Gaussian std, Laplace/logistic scale), finite and > 0,
+        or a mapping from layer path (``"Dense_0"``, ``"Block_0/Conv_1"``,
+        ``"head"``) to scale.
       noise: ``gaussian``, ``laplace`` or ``logistic``.
       antithetic: copies ``n`` and ``n + N/2`` get ``+e`` and ``-e`` (N even).
       baseline: ``none``; ``clean`` (the loss of one extra noise-free pass,
-        whose ``aux`` is then returned); ``mean`` (leave-one-out mean over the
-        other copies, or other pairs with ``antithetic``; unbiased). Antithetic
-        pairs alone cancel the ``L * psi`` term only where both members see the
-        same layer input (the first layer); deeper layers need a baseline too.
+        whose ``aux`` is then returned; N + 1 forward evaluations); ``mean``
+        (leave-one-out mean over the other copies, or other pairs with
+        ``antithetic``; unbiased, no extra pass). Antithetic pairs alone
+        cancel the ``L * psi`` term only where both members see the same
+        layer input (the first layer); deeper layers need a baseline too.
       layerwise: each copy perturbs one layer only (copies assigned round-robin
         over the perturbed layers; needs N (pairs) >= number of layers); the
         total cost stays N forward evaluations.
@@ -327,190 +421,181 @@ def ulr(
       recompute: low-memory mode: a first pass computes the losses, a second
         noisy pass (same noise) forms each layer's gradient as soon as its
         output exists, so layer inputs are not kept for the whole pass
-        (2x forward compute, activation memory independent of depth).
+        (2N forward evaluations, activation memory independent of depth).
+        BatchNorm in the second pass normalises each copy over its own
+        examples, as in the first pass, so the gradient equals the one-pass
+        gradient; other layers that mix the examples of a batch would see
+        all N copies at once there and are not supported.
       layer_types: flax module classes that receive noise.
 
     Returns:
-      ``fn(params, model_state, batch, key) -> ((loss, aux), grads)`` (or
-      ``(loss, grads)`` when ``has_aux=False``); ``loss`` is the mean loss over
-      copies and examples (the clean loss with ``baseline='clean'``), ``aux``
-      the loss_fn's aux averaged over copies; ``grads`` matches ``params``
-      (zeros outside perturbed layers).
+      A `ULR` estimator ``est`` with the shape of `jax.value_and_grad`:
+      ``est(loss_fn, has_aux=True)(params, model_state, batch, key) ->
+      ((loss, aux), grads)`` (``(loss, grads)`` with ``has_aux=False``);
+      ``loss_fn(params, model_state, batch, key)`` returns a loss of shape
+      ``(B,)`` (per example, preferred) or a scalar; ``grads`` matches
+      ``params`` (zeros outside perturbed layers); see the module docstring
+      for how ``loss`` and ``aux`` differ from `jax.value_and_grad`'s.
+      ``est.forward_evaluations`` is the cost per example.
+
+    Raises:
+      ValueError: for an invalid option (before any work).
 
     Reference: Jiang, Zhang, Xu, Yu, Peng, ICLR 2024, arXiv 2305.08960.
     """
-    _validate(num_copies, sigma, noise, antithetic, baseline, qmc)
-    opts = dict(
-        num_copies=int(num_copies),
+    options = dict(
+        num_copies=num_copies,
         sigma=sigma,
         noise=noise,
-        antithetic=bool(antithetic),
+        antithetic=antithetic,
         baseline=baseline,
-        layerwise=bool(layerwise),
-        qmc=bool(qmc),
+        layerwise=layerwise,
+        qmc=qmc,
+        recompute=recompute,
+        layer_types=tuple(layer_types),
     )
-    layer_types = tuple(layer_types)
+    if args:
+        if not callable(args[0]):
+            raise ValueError(f"ulr takes keyword options only, got positional {args!r}")
+        return _ulr_call(*args, **options)
+    return ULR(**options)
 
-    def fn(params, model_state, batch, key):
-        n_copies = opts["num_copies"]
-        key_noise, key_loss = _seed(key), key  # noise from a hash of the key (see _uniform)
-        sites = perturbed_layers(
-            loss_fn,
-            params,
-            model_state,
-            batch,
-            key_loss,
-            has_aux=has_aux,
-            layer_types=layer_types,
+
+def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):
+    """The ULR estimate (see `ulr`)."""
+    n_copies = cfg.num_copies
+    key_noise, key_loss = _noise_key(key), key
+    sites = perturbed_layers(
+        loss_fn, params, model_state, batch, key_loss, has_aux=has_aux, layer_types=cfg.layer_types
+    )
+    _check_sites(sites, cfg)
+    num_sites = len(sites)
+    per_layer = _copies_per_site(cfg, num_sites)
+    copies = jnp.arange(n_copies)
+    delay = _needs_after(cfg.recompute)
+    noise_opts = dict(noise=cfg.noise, num_copies=n_copies, antithetic=cfg.antithetic, qmc=cfg.qmc)
+
+    def noisy(p, copy, collect):
+        """One copy's noisy pass; ``collect`` records (layer output, unit noise)."""
+        counter, records = [0], []
+
+        def intercept(next_fun, args, kwargs, context):
+            if not _is_site(context, cfg.layer_types):
+                return next_fun(*args, **kwargs)
+            i = counter[0]
+            counter[0] += 1
+            x = jax.lax.stop_gradient(args[0])  # local VJP only: no path through x
+            site = _after(jnp.uint32(i), x) if delay else i
+            out = next_fun(x, *args[1:], **kwargs)
+            e = unit_noise(key_noise, site, copy, out.shape, dtype=out.dtype, **noise_opts)
+            if cfg.layerwise:
+                e = e * (_assigned_site(cfg, copy, num_sites) == i).astype(e.dtype)
+            s = _sigma_of(cfg.sigma, _layer_name(context.module))
+            if collect:
+                records.append((out, e))
+            return out + s * e
+
+        with nn.intercept_methods(intercept):
+            loss, aux = _split_loss(loss_fn(p, model_state, batch, key_loss), has_aux)
+        return loss, aux, records
+
+    # Pass 1 (the only one unless recompute): losses, and layer outputs for the VJP.
+    def wide(p):
+        loss, aux, recs = jax.vmap(lambda c: noisy(p, c, not cfg.recompute))(copies)
+        return [o for o, _ in recs], (loss, aux, [e for _, e in recs])
+
+    if cfg.recompute:
+        _, (losses, aux, _) = wide(params)
+    else:
+        outs, vjp_fn, (losses, aux, noises) = jax.vjp(wide, params, has_aux=True)
+    losses = _check_losses(losses, sites)
+    clean_loss, clean_aux = None, None
+    if cfg.baseline == "clean":
+        clean_loss, clean_aux = _split_loss(loss_fn(params, model_state, batch, key_loss), has_aux)
+    weights = _weights(losses, clean_loss, cfg)  # (N,) or (N, B): scale of psi per copy
+
+    if cfg.recompute:
+        # Pass 2 starts only once the weights exist (else XLA runs its forward early
+        # and keeps every layer input waiting for them).
+        batch_b = jax.tree.map(lambda a: _after(a, weights), batch)
+        grads = _second_pass(
+            cfg, loss_fn, params, model_state, batch_b, key_noise, key_loss, weights, per_layer
         )
-        _check_sites(sites, opts, layer_types)
-        num_sites = len(sites)
-        per_layer = _copies_per_site(opts, num_sites)
-        copies = jnp.arange(n_copies)
+    else:
+        cots = []
+        for i, (out, e) in enumerate(zip(outs, noises, strict=True)):
+            w = weights.reshape(weights.shape + (1,) * (out.ndim - weights.ndim))
+            s = _sigma_of(cfg.sigma, sites[i][0])
+            cots.append(w * score(cfg.noise, e, s) / per_layer[i])
+        (grads,) = vjp_fn(cots)
 
-        def noisy(p, b, k_noise, copy, collect):
-            """One copy's noisy pass; collect 'outs' records (layer output, unit noise)."""
-            counter, records = [0], []
-
-            def intercept(next_fun, args, kwargs, context):
-                if not _is_site(context, layer_types):
-                    return next_fun(*args, **kwargs)
-                i = counter[0]
-                counter[0] += 1
-                x = jax.lax.stop_gradient(args[0])  # local VJP only: no path through x
-                k_i = _after(k_noise, x)
-                out = next_fun(x, *args[1:], **kwargs)
-                e = _unit_noise(opts, k_i, i, copy, out.shape, out.dtype)
-                if opts["layerwise"]:
-                    e = e * (_assigned_site(opts, copy, num_sites) == i).astype(e.dtype)
-                s = _sigma_of(opts["sigma"], _layer_name(context.module))
-                if collect == "outs":
-                    records.append((out, e))
-                return out + s * e
-
-            with nn.intercept_methods(intercept):
-                loss, aux = _split_loss(loss_fn(p, model_state, b, key_loss), has_aux)
-            return loss, aux, records
-
-        # Pass 1 (the only one unless recompute): losses, and layer outputs for the VJP.
-        collect = "none" if recompute else "outs"
-
-        def wide(p):
-            loss, aux, recs = jax.vmap(lambda c: noisy(p, batch, key_noise, c, collect))(copies)
-            outs = [o for o, _ in recs]
-            return outs, (loss, aux, [e for _, e in recs])
-
-        if recompute:
-            _, (losses, aux, _) = wide(params)
-            vjp_fn = None
-        else:
-            outs, vjp_fn, (losses, aux, noises) = jax.vjp(wide, params, has_aux=True)
-        losses = _check_losses(losses, sites)
-        clean_loss, clean_aux = None, None
-        if opts["baseline"] == "clean":
-            clean_loss, clean_aux = _split_loss(
-                loss_fn(params, model_state, batch, key_loss), has_aux
-            )
-        weights = _weights(losses, clean_loss, opts)  # (N,) or (N, B): scale of psi per copy
-
-        if recompute:
-            # Pass 2 starts only once the weights exist (else XLA runs its forward early
-            # and keeps every layer input waiting for them).
-            weights_b = weights
-            key_b = _after(key_noise, weights)
-            batch_b = jax.tree.map(lambda a: _after(a, weights), batch)
-
-            grads = _second_pass(
-                loss_fn,
-                opts,
-                params,
-                model_state,
-                batch_b,
-                key_b,
-                key_loss,
-                weights_b,
-                per_layer,
-                num_sites,
-                layer_types,
-            )
-        else:
-            cots = []
-            for i, (out, e) in enumerate(zip(outs, noises, strict=True)):
-                w = weights.reshape(weights.shape + (1,) * (out.ndim - weights.ndim))
-                s = _sigma_of(opts["sigma"], sites[i][0])
-                cots.append(w * score(opts["noise"], e, s) / per_layer[i])
-            (grads,) = vjp_fn(cots)
-
-        loss = jnp.mean(losses) if clean_loss is None else jnp.mean(clean_loss)
-        aux = _reduce_copies(aux) if clean_loss is None else clean_aux
-        return ((loss, aux) if has_aux else loss), grads
-
-    return fn
+    loss = jnp.mean(losses) if clean_loss is None else jnp.mean(clean_loss)
+    aux = _reduce_copies(aux) if clean_loss is None else clean_aux
+    return ((loss, aux) if has_aux else loss), grads
 
 
-def _after(seed, x):
-    """``seed`` (or any array), made data-dependent on ``x`` so XLA cannot compute with it early.
+def _per_copy_batchnorm(context, args, kwargs, n):
+    """A BatchNorm call on the copy-major tiled batch, normalised per copy (vmapped apply)."""
+    x = args[0]
+    layer = context.module.clone(parent=None)
+    variables = dict(context.module.variables)
 
-    ``x != x`` is false except for NaN, and XLA may not fold it away; the
-    seed is unchanged for finite inputs. (An optimisation barrier does not
-    survive XLA:CPU's pipeline; without this, all layers' noise is
-    materialised at the start and memory grows with depth.)
-    """
-    probe = jnp.ravel(x)[0]
-    if jnp.issubdtype(seed.dtype, jnp.floating):
-        return jnp.where(probe != probe, jnp.nan, seed)
-    return seed + (probe != probe).astype(seed.dtype)
+    def one(xi):
+        out, _ = layer.apply(variables, xi, *args[1:], **kwargs, mutable=["batch_stats"])
+        return out
+
+    return jax.vmap(one)(x.reshape((n, -1) + x.shape[1:])).reshape(x.shape)
 
 
-def _second_pass(
-    loss_fn,
-    opts,
-    params,
-    model_state,
-    batch,
-    key_noise,
-    key_loss,
-    weights,
-    per_layer,
-    num_sites,
-    layer_types,
-):
+def _second_pass(cfg, loss_fn, params, model_state, batch, key_noise, key_loss, weights, per_layer):
     """Recompute mode: one tiled noisy pass that forms each layer's gradient on the spot.
 
     The batch is tiled N times (copy-major, the order of the vmapped first
-    pass, so the noise and layer inputs are identical); at each perturbed
-    layer the cotangent ``c = w psi(e) / M_l`` is known already and the layer's
-    local VJP runs at once; an optimisation barrier makes the next layer wait
-    for it, so each layer input dies before the next layer runs.
+    pass, so the noise and layer inputs are identical; BatchNorm normalises
+    each copy's block separately, as the vmapped pass does); at each
+    perturbed layer the cotangent ``c = w psi(e) / M_l`` is known already
+    and the layer's local VJP runs at once; an optimisation barrier makes
+    the next layer wait for it, so each layer input dies before the next
+    layer runs.
     """
-    n = opts["num_copies"]
+    n = cfg.num_copies
     copies = jnp.arange(n)
+    num_sites = len(per_layer)
+    noise_opts = dict(noise=cfg.noise, num_copies=n, antithetic=cfg.antithetic, qmc=cfg.qmc)
     tiled = jax.tree.map(lambda a: jnp.concatenate([a] * n, 0), batch)
     counter, inside, acc = [0], [False], {}
 
     def intercept(next_fun, args, kwargs, context):
-        if inside[0] or not _is_site(context, layer_types):
+        if inside[0]:
+            return next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.BatchNorm) and context.method_name == "__call__":
+            inside[0] = True
+            out = _per_copy_batchnorm(context, args, kwargs, n)
+            inside[0] = False
+            return out
+        if not _is_site(context, cfg.layer_types):
             return next_fun(*args, **kwargs)
         i = counter[0]
         counter[0] += 1
         x = args[0]
-        key_i = _after(key_noise, x)
-        out = next_fun(*args, **kwargs)
-        per_copy = (out.shape[0] // n,) + out.shape[1:]
-        e = jax.vmap(lambda c: _unit_noise(opts, key_i, i, c, per_copy, out.dtype))(copies)
-        if opts["layerwise"]:
-            mask = (_assigned_site(opts, copies, num_sites) == i).astype(e.dtype)
-            e = e * mask.reshape((n,) + (1,) * (e.ndim - 1))
-        sigma = _sigma_of(opts["sigma"], _layer_name(context.module))
-        w = weights.reshape(weights.shape + (1,) * (e.ndim - weights.ndim))
-        cot = (w * score(opts["noise"], e, sigma) / per_layer[i]).reshape(out.shape)
+        site = _after(jnp.uint32(i), x)
         layer = context.module.clone(parent=None)
         inside[0] = True
-        _, vjp = jax.vjp(
+        out, vjp = jax.vjp(  # the layer's forward and its local VJP (parameters only)
             lambda p: layer.apply({"params": p}, x, *args[1:], **kwargs),
             context.module.variables["params"],
         )
         inside[0] = False
+        per_copy = (out.shape[0] // n,) + out.shape[1:]
+        e = jax.vmap(
+            lambda c: unit_noise(key_noise, site, c, per_copy, dtype=out.dtype, **noise_opts)
+        )(copies)
+        if cfg.layerwise:
+            mask = (_assigned_site(cfg, copies, num_sites) == i).astype(e.dtype)
+            e = e * mask.reshape((n,) + (1,) * (e.ndim - 1))
+        sigma = _sigma_of(cfg.sigma, _layer_name(context.module))
+        w = weights.reshape(weights.shape + (1,) * (e.ndim - weights.ndim))
+        cot = (w * score(cfg.noise, e, sigma) / per_layer[i]).reshape(out.shape)
         (g,) = vjp(cot)
         g, noisy = jax.lax.optimization_barrier((g, out + sigma * e.reshape(out.shape)))
         path = tuple(context.module.path)
@@ -534,61 +619,37 @@ def _second_pass(
     return grads
 
 
-def likelihood_ratio(**options) -> Callable:
-    """A ULR estimator factory: ``likelihood_ratio(num_copies=..., ...)(loss_fn, has_aux)``.
-
-    Validates ``options`` (see `ulr`) at once and returns an estimator with
-    the shape of `jax.value_and_grad`, to pass as ``estimator=`` to
-    `wspace.training.make_train_step`.
-
-    Reference: Jiang, Zhang, Xu, Yu, Peng, ICLR 2024, arXiv 2305.08960.
-    """
-    _validate(
-        options.get("num_copies", 16),
-        options.get("sigma", 0.1),
-        options.get("noise", "gaussian"),
-        options.get("antithetic", False),
-        options.get("baseline", "none"),
-        options.get("qmc", False),
-    )
-    return functools.partial(_ulr_estimator, options=options)
-
-
-def _ulr_estimator(loss_fn, has_aux=True, *, options):
-    return ulr(loss_fn, has_aux, **options)
-
-
-def _check_sites(sites, opts, layer_types) -> None:
+def _check_sites(sites, cfg: ULR) -> None:
     if not sites:
-        names = ", ".join(t.__name__ for t in layer_types)
+        names = ", ".join(t.__name__ for t in cfg.layer_types)
         raise ValueError(
             f"loss_fn's model has no layer of type ({names}) to perturb; ULR injects noise "
             "at Dense/Conv outputs (pass layer_types= for other flax modules)"
         )
-    if isinstance(opts["sigma"], Mapping):
-        missing = sorted({name for name, _ in sites} - set(opts["sigma"]))
+    if isinstance(cfg.sigma, Mapping):
+        missing = sorted({name for name, _ in sites} - set(cfg.sigma))
         if missing:
             raise ValueError(
-                f"sigma mapping {dict(opts['sigma'])} lacks the perturbed layers {missing}"
+                f"sigma mapping {dict(cfg.sigma)} lacks the perturbed layers {missing}"
             )
-    if opts["layerwise"]:
-        groups = opts["num_copies"] // 2 if opts["antithetic"] else opts["num_copies"]
+    if cfg.layerwise:
+        groups = cfg.num_copies // 2 if cfg.antithetic else cfg.num_copies
         if groups < len(sites):
             raise ValueError(
-                f"layerwise needs at least one {'pair' if opts['antithetic'] else 'copy'} per "
-                f"perturbed layer: num_copies={opts['num_copies']} for {len(sites)} layers"
+                f"layerwise needs at least one {'pair' if cfg.antithetic else 'copy'} per "
+                f"perturbed layer: num_copies={cfg.num_copies} for {len(sites)} layers"
             )
 
 
-def _assigned_site(opts, copy, num_sites):
-    groups = opts["num_copies"] // 2 if opts["antithetic"] else opts["num_copies"]
+def _assigned_site(cfg, copy, num_sites):
+    groups = cfg.num_copies // 2 if cfg.antithetic else cfg.num_copies
     return (copy % groups) % num_sites
 
 
-def _copies_per_site(opts, num_sites) -> list[int]:
-    if not opts["layerwise"]:
-        return [opts["num_copies"]] * num_sites
-    assigned = [_assigned_site(opts, c, num_sites) for c in range(opts["num_copies"])]
+def _copies_per_site(cfg, num_sites) -> list[int]:
+    if not cfg.layerwise:
+        return [cfg.num_copies] * num_sites
+    assigned = [_assigned_site(cfg, c, num_sites) for c in range(cfg.num_copies)]
     return [assigned.count(i) for i in range(num_sites)]
 
 
@@ -603,14 +664,14 @@ def _check_losses(losses, sites) -> jax.Array:
     )
 
 
-def _weights(losses, clean_loss, opts) -> jax.Array:
+def _weights(losses, clean_loss, cfg) -> jax.Array:
     """``(L_n - b_n) / B`` per copy (and example): the factor of psi(e) in each cotangent."""
-    n = opts["num_copies"]
-    if opts["baseline"] == "clean":
+    n = cfg.num_copies
+    if cfg.baseline == "clean":
         b = jnp.broadcast_to(clean_loss, losses.shape[1:])
         centred = losses - b
-    elif opts["baseline"] == "mean":
-        if opts["antithetic"]:  # leave out the whole pair: the partner shares the noise
+    elif cfg.baseline == "mean":
+        if cfg.antithetic:  # leave out the whole pair: the partner shares the noise
             half = n // 2
             pair_sum = losses[:half] + losses[half:]
             loo = (jnp.sum(pair_sum, 0) - pair_sum) / (2 * (half - 1))
@@ -625,102 +686,163 @@ def _weights(losses, clean_loss, opts) -> jax.Array:
     return jax.lax.stop_gradient(centred)
 
 
+def noisy_loss(
+    loss_fn: Callable,
+    *,
+    sigma: float | Mapping[str, float] = 0.1,
+    noise: str = "gaussian",
+    layer_types: tuple = LAYER_TYPES,
+) -> Callable:
+    """``loss_fn`` with ULR's noise injected: ``o_l + sigma e_l`` at every Dense/Conv output.
+
+    The control arm that separates ULR's estimator from its noise: trained by
+    backprop (`jax.value_and_grad`), the model sees the noise ULR injects,
+    drawn exactly as copy 0 of `ulr` draws it from the same key (the noisy
+    pass of ``ulr(num_copies=1)``).
+
+    Args:
+      loss_fn: the library's loss signature.
+      sigma: noise scale (finite, > 0), or a mapping from layer path to scale.
+      noise: ``gaussian``, ``laplace`` or ``logistic``.
+      layer_types: flax module classes that receive noise.
+
+    Returns:
+      ``noisy(params, model_state, batch, key)`` with ``loss_fn``'s outputs; ``key``
+      (required) draws the noise and is passed on to ``loss_fn``.
+    """
+    _validate(1, sigma, noise, False, "none")
+
+    def noisy(params, model_state, batch, key):
+        key_noise, counter = _noise_key(key), [0]
+
+        def intercept(next_fun, args, kwargs, context):
+            if not _is_site(context, layer_types):
+                return next_fun(*args, **kwargs)
+            i = counter[0]
+            counter[0] += 1
+            out = next_fun(*args, **kwargs)
+            e = unit_noise(key_noise, i, 0, out.shape, noise=noise, dtype=out.dtype)
+            return out + _sigma_of(sigma, _layer_name(context.module)) * e
+
+        with nn.intercept_methods(intercept):
+            return loss_fn(params, model_state, batch, key)
+
+    return noisy
+
+
 # ----------------------------------------------------------------------------- ES baseline
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class ES:
+    """A configured evolution-strategies estimator (build it with `es`)."""
+
+    num_copies: int = 16
+    sigma: float = 0.01
+    antithetic: bool = True
+    baseline: str = "none"
+
+    def __post_init__(self):
+        _validate(self.num_copies, self.sigma, "gaussian", self.antithetic, self.baseline)
+
+    @property
+    def forward_evaluations(self) -> int:
+        """Forward evaluations per example of one gradient: N (+1 with a clean baseline)."""
+        return forward_evaluations(num_copies=self.num_copies, baseline=self.baseline)
+
+    def __call__(self, loss_fn: Callable, has_aux: bool = True) -> Callable:
+        """``fn(params, model_state, batch, key) -> ((loss, aux), grads)`` (see `es`)."""
+        return functools.partial(_es_gradient, self, loss_fn, has_aux)
+
+
 def es(
-    loss_fn: Callable,
-    has_aux: bool = True,
-    *,
+    *args,
     num_copies: int = 16,
     sigma: float = 0.01,
     antithetic: bool = True,
     baseline: str = "none",
-) -> Callable:
+) -> ES:
     """Weight-perturbation (evolution strategies) gradient: the baseline ULR must beat.
 
     ``g = 1/(N sigma) sum_n (L(theta + sigma eps_n) - b) eps_n`` with
     ``eps_n ~ N(0, I)`` over all parameters (OpenAI-ES with antithetic pairs).
 
     Args:
-      loss_fn: the library's loss signature (per-example losses are averaged).
-      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       num_copies: N, perturbed parameter vectors (forward evaluations per example).
-      sigma: perturbation scale (> 0).
+      sigma: perturbation scale, finite and > 0.
       antithetic: pairs ``theta +- sigma eps`` (N even).
-      baseline: ``none``, ``clean`` (one extra unperturbed pass) or ``mean``
-        (leave-one-out over copies, or over pairs with ``antithetic``).
+      baseline: ``none``, ``clean`` (one extra unperturbed pass: N + 1
+        forward evaluations) or ``mean`` (leave-one-out over copies, or over
+        pairs with ``antithetic``).
 
     Returns:
-      ``fn(params, model_state, batch, key) -> ((loss, aux), grads)``.
+      An `ES` estimator with the shape of `jax.value_and_grad`:
+      ``est(loss_fn, has_aux=True)(params, model_state, batch, key) ->
+      ((loss, aux), grads)``; per-example losses are averaged; ``loss`` is
+      the mean over copies (the clean loss with ``baseline="clean"``).
+
+    Raises:
+      ValueError: for an invalid option (before any work).
 
     Reference: Salimans, Ho, Chen, Sidor, Sutskever, 2017, arXiv 1703.03864.
     """
-    _validate(num_copies, sigma, "gaussian", antithetic, baseline)
-    opts = dict(
-        num_copies=int(num_copies),
-        noise="gaussian",
-        antithetic=bool(antithetic),
-        baseline=baseline,
-        qmc=False,
-    )
+    options = dict(num_copies=num_copies, sigma=sigma, antithetic=antithetic, baseline=baseline)
+    if args:
+        if not callable(args[0]):
+            raise ValueError(f"es takes keyword options only, got positional {args!r}")
+        warnings.warn(
+            "es(loss_fn, ...) is deprecated; use es(...options)(loss_fn, has_aux)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ES(**options)(*args)
+    return ES(**options)
 
-    def fn(params, model_state, batch, key):
-        key_noise, key_loss = _seed(key), key
-        leaves, treedef = jax.tree.flatten(params)
 
-        def eps_of(copy):
-            es_ = [
-                _unit_noise(opts, key_noise, i, copy, x.shape, x.dtype)
+def _es_gradient(cfg: ES, loss_fn, has_aux, params, model_state, batch, key):
+    """The ES estimate (see `es`)."""
+    key_noise, key_loss = _noise_key(key), key
+    leaves, treedef = jax.tree.flatten(params)
+    noise_opts = dict(num_copies=cfg.num_copies, antithetic=cfg.antithetic)
+
+    def one(copy):
+        eps = jax.tree.unflatten(
+            treedef,
+            [
+                unit_noise(key_noise, i, copy, x.shape, dtype=x.dtype, **noise_opts)
                 for i, x in enumerate(leaves)
-            ]
-            return jax.tree.unflatten(treedef, es_)
+            ],
+        )
+        p = jax.tree.map(lambda x, e: x + cfg.sigma * e, params, eps)
+        loss, aux = _split_loss(loss_fn(p, model_state, batch, key_loss), has_aux)
+        return jnp.mean(loss), aux, eps
 
-        def one(copy):
-            eps = eps_of(copy)
-            p = jax.tree.map(lambda x, e: x + sigma * e, params, eps)
-            loss, aux = _split_loss(loss_fn(p, model_state, batch, key_loss), has_aux)
-            return jnp.mean(loss), aux, eps
-
-        copies = jnp.arange(opts["num_copies"])
-        losses, aux, eps = jax.vmap(one)(copies)  # the N perturbed models exist anyway
-        clean_loss, clean_aux = None, None
-        if baseline == "clean":
-            clean_loss, clean_aux = _split_loss(
-                loss_fn(params, model_state, batch, key_loss), has_aux
-            )
-            clean_loss = jnp.mean(clean_loss)
-        weights = _weights(losses, clean_loss, opts) / (opts["num_copies"] * sigma)
-        grads = jax.tree.map(lambda e: jnp.tensordot(weights, e, axes=1), eps)
-        loss = jnp.mean(losses) if clean_loss is None else clean_loss
-        aux = _reduce_copies(aux) if clean_loss is None else clean_aux
-        return ((loss, aux) if has_aux else loss), grads
-
-    return fn
+    losses, aux, eps = jax.vmap(one)(jnp.arange(cfg.num_copies))  # the N models exist anyway
+    clean_loss, clean_aux = None, None
+    if cfg.baseline == "clean":
+        clean_loss, clean_aux = _split_loss(loss_fn(params, model_state, batch, key_loss), has_aux)
+        clean_loss = jnp.mean(clean_loss)
+    weights = _weights(losses, clean_loss, cfg) / (cfg.num_copies * cfg.sigma)
+    grads = jax.tree.map(lambda e: jnp.tensordot(weights, e, axes=1), eps)
+    loss = jnp.mean(losses) if clean_loss is None else clean_loss
+    aux = _reduce_copies(aux) if clean_loss is None else clean_aux
+    return ((loss, aux) if has_aux else loss), grads
 
 
-def evolution_strategies(**options) -> Callable:
-    """An ES estimator factory: ``evolution_strategies(num_copies=..., sigma=...)(loss_fn)``.
+# ----------------------------------------------------------------------------- deprecated
 
-    See `es`. Reference: Salimans et al. 2017, arXiv 1703.03864.
-    """
-    _validate(
-        options.get("num_copies", 16),
-        options.get("sigma", 0.01),
-        "gaussian",
-        options.get("antithetic", True),
-        options.get("baseline", "none"),
+
+def likelihood_ratio(**options) -> ULR:
+    """Deprecated alias of `ulr` (kept for one release)."""
+    warnings.warn(
+        "likelihood_ratio(...) is deprecated; use ulr(...)", DeprecationWarning, stacklevel=2
     )
-    return functools.partial(_es_estimator, options=options)
+    return ulr(**options)
 
 
-def _es_estimator(loss_fn, has_aux=True, *, options):
-    return es(loss_fn, has_aux, **options)
-
-
-def forward_evaluations(*, num_copies: int, baseline: str = "none", recompute: bool = False) -> int:
-    """Forward evaluations per example of one ULR/ES gradient: N, +1 for a clean baseline.
-
-    With ``recompute`` (ULR only) the N noisy passes run twice.
-    """
-    return num_copies * (2 if recompute else 1) + (baseline == "clean")
+def evolution_strategies(**options) -> ES:
+    """Deprecated alias of `es` (kept for one release)."""
+    warnings.warn(
+        "evolution_strategies(...) is deprecated; use es(...)", DeprecationWarning, stacklevel=2
+    )
+    return es(**options)

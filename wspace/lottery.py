@@ -8,10 +8,19 @@ surviving weights by magnitude (``layer_rates`` per layer, e.g. ``{"head":
 original initialisation) and retrain to step ``T``. After ``l`` levels the
 density of a layer pruned at rate ``r`` is ``(1 - r)**l``.
 
-Rewinding restores the **whole training state at step k** (params, optimizer
-state including the learning-rate schedule position, step, PRNG key) with the
-new mask applied, so a rewound run retrains for ``T - k`` steps on the same
-data order as the dense run from step ``k`` on.
+Rewinding (`REWINDS`) puts the survivors back at their step-``k`` values and
+continues from step ``k`` (same data order as the dense run from ``k`` on):
+
+* ``"fresh"`` (default, as open_lth): a **new optimizer state**
+  (``tx.init``: zero momentum, Adam moments and bias-correction count at 0),
+  with the learning-rate schedule fast-forwarded to step ``k`` (every schedule
+  counter copied from the step-``k`` state; `fresh_opt_state`). open_lth trains
+  each level by ``train(..., start_step=k)``, which builds a new optimizer and
+  steps its LR scheduler to ``k``.
+* ``"restore"``: the whole training state at step ``k`` (momentum/Adam moments
+  of the dense run at ``k`` included), a named variant.
+
+With ``k = 0`` both are the initial state.
 
 Arms (`ARMS`):
 
@@ -24,18 +33,28 @@ Arms (`ARMS`):
 * ``oneshot``: the dense solution pruned in one shot to level ``l``'s sparsity,
   rewound, retrained.
 
-Training goes through a ``train(state, masks, num_steps) -> (state, metrics)``
-callable (`make_trainer` builds one on `wspace.training.fit`); its optax chain
-must end with `wspace.pruning.keep_masked`, which receives the masks as the
-extra argument ``masks`` so they change between levels without recompiling.
+Training goes through a ``train(state, masks, num_steps, seed=None) -> (state,
+metrics)`` callable: `Trainer` builds one on `wspace.training.make_train_step`
+and `wspace.training.fit` (``mode``/``mesh``: jit, sharded or pmap). Its optax
+chain should start with `wspace.pruning.mask_gradients` and must end with
+`wspace.pruning.keep_masked`; both receive the masks as the extra argument
+``masks`` so they change between levels without recompiling.
+
+Per level, `run_arm` can also measure **instability** (Frankle et al. 2020,
+Algorithm 1 with two copies): a second copy is trained from the level's start
+state with another data order, and the barrier of ``instability_eval`` (e.g.
+the test error) on the line between the two copies is recorded.
+
 Every level's params, masks and metrics are saved under ``workdir`` (orbax +
 atomic JSON, the JSON last); a rerun resumes at the first unfinished level.
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import dataclasses
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -43,12 +62,19 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
-from wspace import pruning
+from wspace import io, landscape, pruning
 from wspace import training as training_lib
 
 PyTree = Any
 ARMS = ("rewind", "reinit", "random", "oneshot")
+REWINDS = ("fresh", "restore")
+_SCHEDULE_STATES = (
+    optax.ScaleByScheduleState,
+    optax.InjectHyperparamsState,
+    optax.InjectStatefulHyperparamsState,
+)
 
 
 class DenseRun(NamedTuple):
@@ -95,53 +121,181 @@ def level_rate(rate: float, level: int) -> float:
     return 1.0 - (1.0 - rate) ** level
 
 
-def make_trainer(
-    train_step: Callable,
-    dataset,
-    *,
-    apply_fn: Callable,
-    batch_size: int,
-    seed: int = 0,
-    mode: str = "jit",
-) -> Callable:
-    """``train(state, masks, num_steps) -> (state, metrics)`` on `wspace.training.fit`.
+@dataclasses.dataclass(frozen=True, eq=False)
+class Trainer:
+    """``train(state, masks, num_steps, seed=None) -> (state, metrics)`` on `wspace.training.fit`.
 
-    Trains from ``state.step`` to ``num_steps`` (the data order continues where
+    Binds the loss, the optax chain, the data and the devices once. A call
+    trains from ``state.step`` to ``num_steps`` (the data order continues where
     ``state.step`` is, so a state rewound to step ``k`` sees the batches the
-    dense run saw after ``k``), passing ``tx_args={"masks": masks}`` to every
-    step, and evaluates once at the end (``train_/test_ loss/accuracy``).
+    dense run saw after ``k``; ``seed`` replaces the data-order seed, e.g. for
+    the second copy of an instability measurement), passing
+    ``tx_args={"masks": masks}`` to every step, and evaluates once at the end
+    (``train_/test_ loss/accuracy``).
 
     Args:
-      train_step: from `wspace.training.make_train_step`; its ``tx`` must end
-        with `wspace.pruning.keep_masked`.
+      loss_fn: the library's loss signature (`wspace.training.classification_loss`).
+      tx: the optax chain; start it with `wspace.pruning.mask_gradients` and end it
+        with `wspace.pruning.keep_masked` (both take ``masks=`` per step).
       dataset: a `wspace.data.Dataset`.
       apply_fn: ``model.apply``, for evaluation.
-      batch_size: batch size.
+      batch_size: global batch size.
       seed: data-order seed.
-      mode: the train step's mode.
+      mode, mesh: ``jit`` | ``sharded`` | ``pmap`` and the mesh (`wspace.training.MODES`).
+      estimator: gradient estimator with the shape of `jax.value_and_grad`.
     """
 
-    def train(state, masks, num_steps):
-        steps = int(num_steps) - int(state.step)
-        if steps <= 0:
+    loss_fn: Callable
+    tx: optax.GradientTransformation
+    dataset: Any
+    apply_fn: Callable
+    batch_size: int
+    seed: int = 0
+    mode: str = "jit"
+    mesh: Any = None
+    estimator: Callable = jax.value_and_grad
+
+    def __post_init__(self):
+        if self.mode not in training_lib.MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; use one of {training_lib.MODES}")
+        if not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        step = training_lib.make_train_step(
+            self.loss_fn, self.tx, estimator=self.estimator, mode=self.mode, mesh=self.mesh
+        )
+        object.__setattr__(self, "train_step", step)
+
+    def with_seed(self, seed: int) -> Trainer:
+        """This trainer with another data-order seed, sharing the compiled step."""
+        new = copy.copy(self)
+        object.__setattr__(new, "seed", seed)
+        return new
+
+    def __call__(self, state, masks, num_steps, *, seed: int | None = None):
+        if int(num_steps) <= int(state.step):
             raise ValueError(f"state is at step {int(state.step)}; cannot train to {num_steps}")
         state, history = training_lib.fit(
             state,
-            train_step,
-            dataset,
-            apply_fn=apply_fn,
+            self.train_step,
+            self.dataset,
+            apply_fn=self.apply_fn,
             num_steps=int(num_steps),
-            batch_size=batch_size,
-            seed=seed,
-            mode=mode,
+            batch_size=self.batch_size,
+            seed=self.seed if seed is None else seed,
+            mode=self.mode,
+            mesh=self.mesh,
             eval_every=int(num_steps),
             tx_args={"masks": masks},
             progress=False,
         )
-        metrics = {k: v for k, v in history[-1].items() if k not in ("step", "time")}
+        skip = ("step", "time")
+        metrics = {k: v for k, v in history[-1].items() if k not in skip and "batch_" not in k}
         return state, metrics
 
-    return train
+
+def fresh_opt_state(tx: optax.GradientTransformation, params: PyTree, rewound: PyTree) -> PyTree:
+    """A new optimizer state for ``params`` with its learning-rate schedule at ``rewound``'s step.
+
+    ``tx.init(params)`` (zero momentum and Adam moments, Adam's bias-correction
+    count at 0, as a new PyTorch optimizer), except that every schedule counter
+    (``ScaleByScheduleState``, ``inject_hyperparams`` count and hyperparameters)
+    is copied from ``rewound``, the optimizer state at the rewind step ``k``:
+    open_lth's rewinding, ``train(..., start_step=k)`` with a new optimizer
+    whose LR scheduler is stepped to ``k`` (Frankle et al. 2020, arXiv 1912.05671).
+
+    Args:
+      tx: the optax transformation.
+      params: the (masked, rewound) params.
+      rewound: ``tx``'s state at step ``k`` (same structure as ``tx.init(params)``).
+
+    Returns:
+      the fresh optimizer state.
+    """
+    fresh = tx.init(params)
+    if jax.tree.structure(fresh) != jax.tree.structure(rewound):
+        raise ValueError("the rewound optimizer state does not have tx.init's structure")
+    return _copy_schedules(fresh, rewound)
+
+
+def _copy_schedules(fresh, rewound):
+    def pick(f, r):
+        if not isinstance(f, _SCHEDULE_STATES):
+            return f
+        f = f._replace(count=r.count)
+        if hasattr(f, "hyperparams"):
+            f = f._replace(
+                hyperparams=r.hyperparams, inner_state=_copy_schedules(f.inner_state, r.inner_state)
+            )
+        if hasattr(f, "hyperparams_states"):
+            f = f._replace(hyperparams_states=r.hyperparams_states)
+        return f
+
+    return jax.tree.map(pick, fresh, rewound, is_leaf=lambda x: isinstance(x, _SCHEDULE_STATES))
+
+
+def start_state(
+    state: training_lib.TrainState,
+    masks: PyTree,
+    *,
+    rewind: str = "fresh",
+    tx: optax.GradientTransformation | None = None,
+    params: PyTree | None = None,
+) -> training_lib.TrainState:
+    """The state a level trains from: ``state`` (at the rewind step) with masked weights.
+
+    ``params`` (default ``state.params``) are masked, ``m ⊙ θ``. ``rewind="fresh"``
+    replaces the optimizer state by `fresh_opt_state` (needs ``tx``; at step 0 the
+    state's own optimizer state is already fresh and ``tx`` may be None);
+    ``"restore"`` keeps it.
+
+    Raises:
+      ValueError: unknown ``rewind``, or ``"fresh"`` after step 0 without ``tx``.
+    """
+    if rewind not in REWINDS:
+        raise ValueError(f"unknown rewind {rewind!r}; use one of {REWINDS}")
+    masked = pruning.apply_masks(state.params if params is None else params, masks)
+    out = state.replace(params=masked)
+    if rewind == "restore":
+        return out
+    if tx is None:
+        if int(state.step) == 0:
+            return out
+        raise ValueError(
+            f"rewind='fresh' at step {int(state.step)} needs the optax chain (train.tx, e.g. "
+            "a lottery.Trainer) to build a new optimizer state; or use rewind='restore'"
+        )
+    return out.replace(opt_state=fresh_opt_state(tx, masked, state.opt_state))
+
+
+def instability(
+    train: Callable,
+    start: training_lib.TrainState,
+    masks: PyTree,
+    trained: PyTree,
+    *,
+    num_steps: int,
+    seed: int,
+    eval_fn: Callable,
+    num_points: int = 11,
+) -> dict:
+    """Instability of a (sparse) network to SGD noise, with ``trained`` as the first copy.
+
+    Trains a second copy ``θ₂ = train(start, masks, num_steps, seed=seed)`` and returns
+    the barrier ``max_α E(α θ₁ + (1-α) θ₂) - (E(θ₁) + E(θ₂)) / 2`` of every metric of
+    ``eval_fn`` on ``num_points`` points (Frankle et al. 2020, arXiv 1912.05671: two
+    copies from the rewind point, data orders differing; they use the test error and
+    30 points). ``trained`` (``θ₁``) must come from the same ``start`` with another seed.
+
+    Returns:
+      ``{"instability_<metric>": float}`` (``instability_loss``, ``instability_error``
+      for `wspace.landscape.classification_objective` with ``metric="all"``).
+    """
+    copy, _ = train(start, masks, num_steps, seed=seed)
+    barrier = landscape.linear_barrier(eval_fn, trained, copy.params, num_points=num_points)
+    barrier = barrier["barrier"]
+    if not isinstance(barrier, dict):
+        barrier = {"value": barrier}
+    return {f"instability_{k}": float(v) for k, v in barrier.items()}
 
 
 def train_dense(
@@ -156,7 +310,7 @@ def train_dense(
 
     Args:
       state: the initial `TrainState` (step 0).
-      train: ``train(state, masks, num_steps) -> (state, metrics)`` (`make_trainer`).
+      train: ``train(state, masks, num_steps) -> (state, metrics)`` (a `Trainer`).
       num_steps: training length ``T`` of every level.
       rewind_step: ``k`` in ``[0, T)``.
       workdir: where the three states and the metrics are saved (a rerun loads them).
@@ -186,7 +340,7 @@ def train_dense(
     metrics = {**metrics, "train_time": time.time() - t0}
     if workdir:
         _save(os.path.join(workdir, "states"), {"init": state, "rewind": rewind, "final": final})
-        training_lib.write_json(
+        io.write_json(
             os.path.join(workdir, "metrics.json"),
             {"metrics": metrics, "rewind_step": rewind_step, "num_steps": num_steps},
         )
@@ -273,7 +427,11 @@ def run_arm(
     reference: list | None = None,
     key: jax.Array | None = None,
     init_fn: Callable | None = None,
+    rewind: str = "fresh",
     measure: Callable | None = None,
+    instability_eval: Callable | None = None,
+    instability_seed: int | None = None,
+    instability_points: int = 11,
     workdir: str | None = None,
     callback: Callable | None = None,
 ) -> list[Level]:
@@ -296,8 +454,18 @@ def run_arm(
       reference: the ticket's list of `Level` (``reinit`` needs it; ``random`` uses it).
       key: PRNG key (``random`` masks; ``reinit`` weights).
       init_fn: ``init_fn(key) -> params`` for ``reinit``.
+      rewind: ``"fresh"`` (default, open_lth: new optimizer state, schedule at
+        step ``k``; needs ``train.tx`` when ``k > 0``) or ``"restore"`` (the
+        whole step-``k`` state); see the module docstring. ``reinit`` starts
+        from step 0 with ``tx.init`` of its fresh weights (when ``train.tx``).
       measure: ``measure(level, previous, dense) -> dict`` of extra metrics (e.g.
         geometry), called once per newly computed level (``previous`` is None at 0).
+      instability_eval: ``g(params) -> scalar | dict`` (e.g. the test loss and
+        error); with it, every newly computed level (level 0: the dense run from
+        its rewind point) also trains a second copy from the same start with data
+        order ``instability_seed`` and records `instability` (``instability_*``).
+      instability_seed: the second copy's data-order seed (differs from the trainer's).
+      instability_points: points on the line between the copies.
       workdir: per-level files go to ``workdir/level_XX/`` (resumable).
       callback: ``callback(level)`` after each level (e.g. a progress print).
 
@@ -318,6 +486,16 @@ def run_arm(
         raise ValueError("the reinit arm needs init_fn(key) -> params")
     if arm in ("reinit", "random") and key is None:
         raise ValueError(f"the {arm} arm needs a key")
+    if rewind not in REWINDS:
+        raise ValueError(f"unknown rewind {rewind!r}; use one of {REWINDS}")
+    if instability_eval is not None and instability_seed is None:
+        raise ValueError("instability_eval needs instability_seed (the second copy's data order)")
+    tx = getattr(train, "tx", None)
+    if rewind == "fresh" and tx is None and dense.rewind_step > 0 and arm != "reinit":
+        raise ValueError(
+            "rewind='fresh' after step 0 needs train.tx (use a lottery.Trainer) to build a "
+            "new optimizer state; or pass rewind='restore'"
+        )
     _check_steps(dense.num_steps, dense.rewind_step)
     out: list[Level] = []
     like = {
@@ -338,6 +516,7 @@ def run_arm(
         if level == 0:
             params, model_state = dense.final.params, dense.final.model_state
             masks, metrics = all_true(params), dict(dense.metrics)
+            start = dense.rewind
         else:
             masks = masks_for_level(
                 arm,
@@ -353,9 +532,9 @@ def run_arm(
             )
             if arm == "reinit":
                 fresh = init_fn(jax.random.fold_in(key, level))
-                start = dense.init.replace(params=pruning.apply_masks(fresh, masks))
+                start = start_state(dense.init, masks, rewind=rewind, tx=tx, params=fresh)
             else:
-                start = dense.rewind.replace(params=pruning.apply_masks(dense.rewind.params, masks))
+                start = start_state(dense.rewind, masks, rewind=rewind, tx=tx)
             state, metrics = train(start, masks, dense.num_steps)
             _check_pruned_zero(state.params, masks, arm, level)
             params, model_state = state.params, state.model_state
@@ -372,13 +551,26 @@ def run_arm(
         }
         if measure is not None:
             metrics.update(measure(result, out[-1] if out else None, dense))
+        if instability_eval is not None:
+            metrics.update(
+                instability(
+                    train,
+                    start,
+                    masks,
+                    params,
+                    num_steps=dense.num_steps,
+                    seed=instability_seed,
+                    eval_fn=instability_eval,
+                    num_points=instability_points,
+                )
+            )
         result = result._replace(metrics=metrics)
         if where:
             _save(
                 os.path.join(where, "state"),
                 {"params": params, "model_state": model_state, "masks": masks},
             )
-            training_lib.write_json(os.path.join(where, "metrics.json"), metrics)
+            io.write_json(os.path.join(where, "metrics.json"), metrics)
         out.append(result)
         if callback:
             callback(result)
@@ -411,18 +603,19 @@ def _load_json(where, name):
     path = os.path.join(where, name) if where else None
     if not path or not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return io.read_json(path)
 
 
 def _save(directory: str, tree) -> None:
-    ckpt = training_lib.Checkpointer(directory, max_to_keep=1)
+    if os.path.isdir(directory):  # left by a run killed before its metrics.json: stale
+        shutil.rmtree(directory)
+    ckpt = io.Checkpointer(directory, max_to_keep=1)
     ckpt.save(0, tree)
     ckpt.close()
 
 
 def _restore(directory: str, like):
-    ckpt = training_lib.Checkpointer(directory, max_to_keep=1)
+    ckpt = io.Checkpointer(directory, max_to_keep=1)
     try:
         return ckpt.restore(like)
     finally:

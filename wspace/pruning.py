@@ -12,9 +12,19 @@ weight, ``False`` prunes it. Leaves are named by their path, e.g.
   ``layer_sparsity={"head": 0.1}``). `shuffle_masks` draws a random mask with
   exactly the per-layer counts of a given one.
 * `apply_masks`, `sparsity`, `check_masks`.
-* `keep_masked`: an optax transformation that keeps pruned weights exactly
-  zero inside any chain (momentum, weight decay, Adam) by emitting
-  ``m * u - (1 - m) * params``; put it last in the chain.
+* `mask_gradients` and `keep_masked`: optax transformations for training a
+  pruned network. `mask_gradients` (first in a chain) zeroes the pruned
+  entries of the gradient, so no transformation after it (global-norm
+  clipping, Adam's moments) ever sees them; `keep_masked` (last) keeps pruned
+  weights exactly zero by emitting ``m * u - (1 - m) * params``::
+
+      optax.chain(mask_gradients(), optax.clip_by_global_norm(1.0),
+                  optax.sgd(0.1, momentum=0.9), keep_masked())
+
+  updates the surviving weights exactly as the same chain updates them from a
+  gradient whose pruned entries are zero. Both take the masks at
+  construction or as the extra argument ``masks=`` of ``update`` (which
+  ``optax.chain`` hands to every member).
 * `gradual_pruning`: the polynomial schedule of Zhu & Gupta (2017, arXiv
   1710.01878) as a transformation whose mask lives in its state and is
   updated inside jit.
@@ -34,8 +44,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wspace import training
-
 PyTree = Any
 Exclude = Callable[[str, Any], bool]
 LayerSparsity = Mapping[str, float] | Callable[[str, Any], float | None] | None
@@ -48,7 +56,7 @@ SCOPES = ("global", "layerwise")
 
 def leaf_name(path) -> str:
     """The ``"/"``-joined name of a pytree path, e.g. ``"Dense_0/kernel"``."""
-    return "/".join(training.key_names(path))
+    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def default_exclude(name: str, leaf) -> bool:
@@ -381,10 +389,77 @@ class KeepMaskedState(NamedTuple):
     masks: PyTree
 
 
+class MaskGradientsState(NamedTuple):
+    """State of `mask_gradients`: step ``count`` and the construction-time ``masks`` (or None)."""
+
+    count: jax.Array
+    masks: PyTree
+
+
+def _init_masks(params, masks):
+    if masks is None:
+        return None
+    check_masks(params, masks)
+    return jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
+
+
+def _current_masks(updates, state_masks, masks, who: str):
+    """The call's ``masks=`` (checked against ``updates``) or else the state's."""
+    if masks is None:
+        if state_masks is None:
+            raise ValueError(f"{who}() was built without masks: pass update(..., masks=)")
+        return state_masks
+    check_masks(updates, masks)
+    return jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
+
+
 def _masked_updates(updates, params, masks):
     if params is None:
         raise ValueError("keep_masked/gradual_pruning need params: call tx.update(g, s, params)")
     return jax.tree.map(lambda u, p, m: jnp.where(m, u, -p).astype(u.dtype), updates, params, masks)
+
+
+def mask_gradients(masks: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
+    """Zeroes the pruned entries of the incoming gradient: ``g' = m * g``.
+
+    Put it **first** in the chain: every later transformation then sees the
+    gradient of the pruned network, ``where(m, g, 0)``, and nothing else, so
+    global-norm clipping measures only surviving entries and Adam/momentum keep
+    zero moments for pruned ones. With `keep_masked` last, the surviving weights
+    get exactly (bit for bit: the chain runs the same operations on the same
+    inputs) the update that the chain without this transformation gives the
+    zeroed gradient. Without it, ``clip_by_global_norm`` would scale the
+    surviving entries by the norm of the pruned ones too. ``m * g`` is the
+    gradient of ``w -> L(m * w)``, the loss of the pruned network.
+
+    Masks given here live in the state; the extra argument ``masks=`` of
+    ``update`` overrides them for that call (``optax.chain`` passes it to every
+    member, so one ``masks=`` serves `mask_gradients` and `keep_masked`).
+
+    Args:
+      masks: boolean pytree shaped like the params, or None (then pass ``masks=``
+        to every ``update``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with state `MaskGradientsState`;
+      ``update(updates, state, params=None, *, masks=None, **extra_args)``.
+
+    Raises:
+      ValueError: no masks at all, or masks not shaped like the updates.
+
+    Reference: Frankle & Carbin 2019, arXiv 1803.03635 (training a pruned network).
+    """
+
+    def init_fn(params):
+        return MaskGradientsState(count=jnp.zeros((), jnp.int32), masks=_init_masks(params, masks))
+
+    def update_fn(updates, state, params=None, *, masks=None, **extra_args):
+        del params, extra_args
+        m = _current_masks(updates, state.masks, masks, "mask_gradients")
+        new = jax.tree.map(lambda u, k: jnp.where(k, u, jnp.zeros_like(u)), updates, m)
+        return new, state._replace(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtraArgs:
@@ -393,11 +468,12 @@ def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtr
     After ``params + u'`` a pruned weight is ``p - p = 0`` exactly, whatever the
     earlier transformations did (momentum, weight decay, Adam); surviving
     weights get the inner update unchanged. Put it **last** in the chain, after
-    the learning rate. Masks given here live in the state (arrays, not
-    compile-time constants); the extra argument ``masks=`` of ``update``
-    overrides them for that call, so masks can change between calls (e.g. IMP
-    levels) without recompiling. Without construction-time masks the state
-    holds ``masks=None`` and every ``update`` needs ``masks=``.
+    the learning rate, and `mask_gradients` first if any transformation in
+    between mixes entries (global-norm clipping). Masks given here live in the
+    state (arrays, not compile-time constants); the extra argument ``masks=`` of
+    ``update`` overrides them for that call, so masks can change between calls
+    (e.g. IMP levels) without recompiling. Without construction-time masks the
+    state holds ``masks=None`` and every ``update`` needs ``masks=``.
 
     Args:
       masks: boolean pytree shaped like the params, or None (then pass ``masks=``
@@ -412,25 +488,13 @@ def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtr
     """
 
     def init_fn(params):
-        m = None
-        if masks is not None:
-            check_masks(params, masks)
-            m = jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
-        return KeepMaskedState(count=jnp.zeros((), jnp.int32), masks=m)
+        return KeepMaskedState(count=jnp.zeros((), jnp.int32), masks=_init_masks(params, masks))
 
     def update_fn(updates, state, params=None, *, masks=None, **extra_args):
         del extra_args
-        if masks is None:
-            masks = state.masks
-            if masks is None:
-                raise ValueError("keep_masked() was built without masks: pass update(..., masks=)")
-        else:
-            check_masks(updates, masks)
-        m = jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
+        m = _current_masks(updates, state.masks, masks, "keep_masked")
         new = _masked_updates(updates, params, m)
-        return new, KeepMaskedState(
-            count=optax.safe_int32_increment(state.count), masks=state.masks
-        )
+        return new, state._replace(count=optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -28,20 +28,23 @@ Pieces:
   ``rng_collection`` (default ``"dropout"``, the stream that
   `wspace.training.classification_loss` feeds). ``train=False`` uses the most
   probable state (``sign(a)``, ``sign(eta)``), no rng needed.
-* `mirror_descent`: the optax transformation for latent weights (plain and
-  clipped-latent variants); `latent_labels` for ``optax.multi_transform``.
+* `mirror_descent`: the optax update of latent weights (``optax.sgd``, plus
+  `clip_latents` for the clipped-latent variant); `latent_labels` for
+  ``optax.multi_transform``.
 * Ground truth and baselines: `states_loss` turns a model built from these
   layers into a function of its binary states, `exact_value_and_grad`
   enumerates all ``2^n`` states of one example, `expected_estimate` gives the
   exact mean of an ST estimator, `reinforce` the unbiased score-function
-  estimator, `gradient_metrics` / `metrics_vs_samples` the bias, variance,
-  RMSE and cosine of any estimator against the exact gradient.
+  estimator. Enumeration computes at ``Precision.HIGHEST``. Judging an
+  estimator against the exact gradient (bias, variance, cosine vs samples)
+  is `wspace.estimators`; the old names here are deprecated aliases.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -50,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from wspace import estimators
 
 NOISES = ("logistic", "uniform", "gaussian")
 ESTIMATORS = ("st", "identity", "hardtanh", "tanh")
@@ -392,7 +397,15 @@ class BinaryMLP(nn.Module):
       features: hidden widths (each a layer of stochastic binary units).
       num_classes: outputs of the real-valued ``head``.
       activation, noise, binary_weights, weight_estimator, weight_noise,
-      rng_collection: passed to every hidden `BinaryDense`.
+      rng_collection: passed to every hidden `BinaryDense`. ``activation="sign"``
+        (for forward-only estimators): each hidden `BinaryDense` outputs its
+        pre-activation ``a`` and the MLP applies a hard ``sign`` with no noise of
+        its own and no gradient. A forward-only estimator that adds noise ``z`` to
+        every `BinaryDense` output then runs the SBN ``sign(a + z)``: ULR with
+        logistic noise of scale 1 samples exactly the SBN with ``noise="logistic"``
+        (``P(x = +1) = sigmoid(a)``), Gaussian noise of scale 1 the ``"gaussian"``
+        SBN. The parameter tree is the same as with ``activation="st"``, so
+        `exact_value_and_grad` of the ``"st"`` model is its ground truth.
 
     Reference: Shekhovtsov & Yanush 2021, arXiv 2006.06880 (the [2, 5, 5, 5] toy
     is ``BinaryMLP((5, 5, 5), num_classes=2, binary_weights=False)``).
@@ -409,17 +422,21 @@ class BinaryMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        _check(self.activation, LAYER_ESTIMATORS + ("sign",), "activation estimator")
         x = x.reshape((x.shape[0], -1))
+        external = self.activation == "sign"
         for width in self.features:
             x = BinaryDense(
                 width,
                 binary_weights=self.binary_weights,
-                activation=self.activation,
+                activation=None if external else self.activation,
                 noise=self.noise,
                 weight_estimator=self.weight_estimator,
                 weight_noise=self.weight_noise,
                 rng_collection=self.rng_collection,
             )(x, train)
+            if external:  # noise added to the BinaryDense output from outside (e.g. by ULR)
+                x = jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
         return nn.Dense(self.num_classes, name="head")(x)
 
 
@@ -440,53 +457,64 @@ def latent_labels(params: PyTree) -> PyTree:
 # ------------------------------------------------------------------------- optax
 
 
-class MirrorDescentState(NamedTuple):
-    """State of `mirror_descent`: the step ``count``."""
+def clip_latents(bound: float) -> optax.GradientTransformationExtraArgs:
+    """Projects the next latent weights into ``[-bound, bound]``: ``u <- clip(p + u) - p``.
 
-    count: jax.Array
+    The projection step of clipped-latent mirror descent (BinaryConnect's
+    clipping); put it last in a chain. Needs ``params`` in ``update``.
+
+    Args:
+      bound: ``c > 0``; the new latents are ``clip(params + updates, -c, c)``.
+
+    Returns:
+      An optax ``GradientTransformationExtraArgs``.
+
+    Reference: Courbariaux et al. 2015, arXiv 1511.00363; Shekhovtsov & Yanush
+    2021, arXiv 2006.06880, Sec. 4 (the clipping as a mirror-descent projection).
+    """
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args
+        if params is None:
+            raise ValueError("clip_latents (mirror_descent(clip=...)) needs params in update()")
+        new = jax.tree.map(lambda u, p: jnp.clip(p + u, -bound, bound) - p, updates, params)
+        return new, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def mirror_descent(
     learning_rate: float | Callable, *, clip: float | None = None
-) -> optax.GradientTransformationExtraArgs:
+) -> optax.GradientTransformation:
     """Mirror descent on Bernoulli weight probabilities, as a step on the latent weights.
 
     With ``mu = E[w] = 2F(eta) - 1`` and the mirror map ``grad Phi(mu) =
     F^{-1}((mu + 1)/2) = eta``, mirror descent is ``eta <- eta - lr * g`` with
     ``g`` the (ST) gradient with respect to ``mu``, which is what the
     ``identity`` weight estimator delivers as the gradient of ``eta``
-    (`bernoulli_weights`). For logistic noise this is the exponentiated-gradient
-    update of ``P(w = +1)``. ``clip=c`` gives the clipped-latent variant
-    ``eta <- clip(eta - lr g, -c, c)``: with uniform noise on [-1, 1] and
-    ``c = 1`` the mirror map is the identity on [-1, 1] and this is exactly
+    (`bernoulli_weights`). So without ``clip`` this *is* ``optax.sgd(lr)``
+    applied to the latents (and returns it). For logistic noise it is the
+    exponentiated-gradient update of ``P(w = +1)``. ``clip=c`` chains
+    `clip_latents`: ``eta <- clip(eta - lr g, -c, c)``; with uniform noise on
+    [-1, 1] and ``c = 1`` the mirror map is the identity on [-1, 1] and this is
     projected gradient descent on ``mu`` (the latent clipping of BinaryConnect).
 
     Args:
       learning_rate: a number or an optax schedule ``count -> lr``.
-      clip: optional bound on ``|eta|`` (needs ``params`` in ``update``).
+      clip: optional bound on ``|eta|`` (then ``update`` needs ``params``).
 
     Returns:
-      An optax ``GradientTransformationExtraArgs`` with state `MirrorDescentState`.
+      ``optax.sgd(learning_rate)``, or that chained with ``clip_latents(clip)``.
 
     Reference: Shekhovtsov & Yanush 2021, arXiv 2006.06880, Sec. 4.
     """
-
-    def init_fn(params):
-        del params
-        return MirrorDescentState(count=jnp.zeros([], jnp.int32))
-
-    def update_fn(updates, state, params=None, **extra_args):
-        del extra_args
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        if clip is None:
-            new = jax.tree.map(lambda g: -lr * g, updates)
-        else:
-            if params is None:
-                raise ValueError("mirror_descent(clip=...) needs params in update(); got None")
-            new = jax.tree.map(lambda g, p: jnp.clip(p - lr * g, -clip, clip) - p, updates, params)
-        return new, MirrorDescentState(count=optax.safe_int32_increment(state.count))
-
-    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    if clip is None:
+        return optax.sgd(learning_rate)
+    return optax.chain(optax.sgd(learning_rate), clip_latents(clip))
 
 
 # ------------------------------------------------------------ exact enumeration
@@ -614,6 +642,10 @@ def _enumerate(slf: StatesLoss, *, differentiate_probs: bool, max_units: int, ch
     chunk_vg = jax.value_and_grad(chunk_value)
 
     def value_and_grad(params, x, y):
+        with jax.default_matmul_precision("highest"):  # ground truth: no TF32 on GPU
+            return _scan_examples(params, x, y)
+
+    def _scan_examples(params, x, y):
         zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
 
         def per_example(acc, xy):
@@ -713,60 +745,21 @@ def reinforce(slf: StatesLoss, num_samples: int) -> Callable:
     return jax.jit(fn)
 
 
-# ----------------------------------------------------------------------- metrics
-
-
-def _flat(tree: PyTree, lead: int = 0) -> np.ndarray:
-    """Concatenates a pytree's leaves into one float64 numpy vector (or rows, with ``lead``)."""
-    leaves = [np.asarray(v, np.float64) for v in jax.tree.leaves(tree)]
-    if lead:
-        return np.concatenate([v.reshape(v.shape[0], -1) for v in leaves], axis=1)
-    return np.concatenate([v.ravel() for v in leaves])
+# ------------------------------------------------- deprecated (moved to estimators)
 
 
 def gradient_metrics(estimates: PyTree, exact: PyTree) -> dict[str, float]:
-    """Bias, variance, RMSE and cosine of repeated gradient estimates against the exact gradient.
-
-    With ``R`` estimates ``g_r`` (a leading axis on every leaf) and exact ``G``:
-    ``bias = ||mean g - G||``, ``variance = 1/(R-1) sum ||g_r - mean g||^2``,
-    ``rmse = sqrt(1/R sum ||g_r - G||^2)``, ``cosine = 1/R sum cos(g_r, G)``;
-    ``norm = ||G||`` for relative values. Computed on the host in float64.
-
-    Args:
-      estimates: pytree like ``exact`` with a leading axis of ``R >= 2`` repeats.
-      exact: the exact gradient.
-
-    Returns:
-      dict of floats ``bias, variance, rmse, cosine, norm``.
-    """
-    g = _flat(estimates, lead=1)
-    e = _flat(exact)
-    if g.shape[0] < 2 or g.shape[1] != e.shape[0]:
-        raise ValueError(
-            f"estimates need a leading axis of >= 2 repeats matching exact "
-            f"({e.shape[0]} entries); got shape {tuple(g.shape)}"
-        )
-    mean = g.mean(0)
-    enorm = np.linalg.norm(e)
-    cos = (g @ e) / (np.linalg.norm(g, axis=1) * enorm + 1e-30)
-    return {
-        "bias": float(np.linalg.norm(mean - e)),
-        "variance": float(np.sum((g - mean) ** 2) / (g.shape[0] - 1)),
-        "rmse": float(np.sqrt(np.mean(np.sum((g - e) ** 2, 1)))),
-        "cosine": float(np.mean(cos)),
-        "norm": float(enorm),
-    }
+    """Deprecated: use `wspace.estimators.gradient_metrics` (same values, more keys)."""
+    warnings.warn(_MOVED.format("gradient_metrics"), DeprecationWarning, stacklevel=2)
+    return estimators.gradient_metrics(estimates, exact)
 
 
 def average_estimator(single: Callable) -> Callable:
-    """An ``m``-sample estimator from a single-sample one: ``g_m = 1/m sum_i single(k_i)``.
+    """Deprecated: ``fn(key, m)`` averaging ``m`` calls of ``single(key) -> grads``.
 
-    Args:
-      single: ``single(key) -> grads``.
-
-    Returns:
-      ``fn(key, m) -> grads`` averaging ``m`` independent calls.
+    Use `wspace.estimators.average_estimator`, which averages a library-signature estimator.
     """
+    warnings.warn(_MOVED.format("average_estimator"), DeprecationWarning, stacklevel=2)
 
     def fn(key, m):
         return jax.tree.map(lambda v: jnp.mean(v, 0), jax.vmap(single)(jax.random.split(key, m)))
@@ -782,32 +775,22 @@ def metrics_vs_samples(
     num_samples: Sequence[int] = (1, 2, 4, 8, 16, 32),
     repeats: int = 32,
 ) -> dict[str, list]:
-    """`gradient_metrics` of an estimator as a function of its number of samples.
+    """Deprecated: metrics of ``estimate_fn(key, m)`` against ``exact`` for each ``m``.
 
-    Args:
-      estimate_fn: ``estimate_fn(key, m) -> grads``, an ``m``-sample estimate
-        (`average_estimator` builds one; `reinforce` has its own baseline).
-      exact: the exact gradient.
-      key: PRNG key.
-      num_samples: the ``m`` values.
-      repeats: independent estimates per ``m``.
-
-    Returns:
-      ``{"num_samples": [...], "bias": [...], "variance": [...], "rmse": [...],
-      "cosine": [...], "norm": float}``.
+    Use `wspace.estimators.metrics_vs_samples` (any library-signature estimator).
     """
-    if repeats < 2 or not num_samples or min(num_samples) < 1:
-        raise ValueError(
-            f"need repeats >= 2 and num_samples >= 1; got repeats={repeats}, "
-            f"num_samples={tuple(num_samples)}"
-        )
+    warnings.warn(_MOVED.format("metrics_vs_samples"), DeprecationWarning, stacklevel=2)
     out: dict[str, Any] = {k: [] for k in ("num_samples", "bias", "variance", "rmse", "cosine")}
     for i, m in enumerate(num_samples):
         keys = jax.random.split(jax.random.fold_in(key, i), repeats)
-        run = jax.jit(jax.vmap(lambda k, m=int(m): estimate_fn(k, m)))
-        met = gradient_metrics(run(keys), exact)
+        met = estimators.gradient_metrics(
+            jax.jit(jax.vmap(lambda k, m=int(m): estimate_fn(k, m)))(keys), exact
+        )
         out["num_samples"].append(int(m))
         for k in ("bias", "variance", "rmse", "cosine"):
             out[k].append(met[k])
         out["norm"] = met["norm"]
     return out
+
+
+_MOVED = "wspace.straight_through.{0} moved to wspace.estimators.{0} (old name: one more release)"

@@ -501,7 +501,7 @@ def test_experiment_quick(tmp_path):
 
 
 def test_experiment_rejects_bad_config_before_writing(tmp_path):
-    for field, value in (("parts", ("continual", "robustness")), ("damping", -1.0)):
+    for field, value in (("parts", ("continual", "adversarial")), ("damping", -1.0)):
         with pytest.raises(ValueError, match=field):
             run_experiment("invariant_path", tmp_path / field, **{field: value})
         assert not os.path.exists(tmp_path / field)

@@ -79,6 +79,14 @@ def validate(config) -> None:
     ):  # fmt: skip
         if not 0 <= config[field] < float("inf"):
             raise ValueError(f"config.{field}={config[field]}; must be finite and >= 0")
+    if config.mode != "jit":  # batch entries (buffers included) are split over the devices
+        n = jax.device_count()
+        for field in ("batch_size", "buffer_size", "anchor_batch"):
+            if config[field] % n:
+                raise ValueError(
+                    f"config.{field}={config[field]} must be a multiple of the {n} devices "
+                    f"in mode={config.mode!r}"
+                )
     if not config.hidden or min(config.hidden) < 1:
         raise ValueError(f"config.hidden={config.hidden}; give positive layer widths")
     for s in config.sparsities:
@@ -198,7 +206,7 @@ def continual_arms(config, ds, net: _Net) -> dict:
             ).params  # fmt: skip
             rng = np.random.default_rng(seed)
             buf = rng.choice(len(x1), min(config.buffer_size, len(x1)), replace=False)
-            task1[seed] = (p1, jnp.asarray(x1[buf]), jnp.asarray(y1[buf]))
+            task1[seed] = (p1, x1[buf], y1[buf])  # numpy: batch entries are host arrays
         return task1[seed]
 
     def evaluate(params, p1, buf_x):
@@ -231,7 +239,7 @@ def continual_arms(config, ds, net: _Net) -> dict:
             elif kind == "replay":
                 loss, stream = replay_loss, _stream(x2, y2, bs, seed + 1, buf_x=buf_x, buf_y=buf_y)
             elif kind == "penalty":
-                target = net.logits(p1, buf_x)
+                target = np.asarray(net.logits(p1, buf_x))
                 stream = _stream(x2, y2, bs, seed + 1, buf_x=buf_x, anchor_logits=target)
                 loss = penalty_loss
             elif kind == "ewc":
@@ -275,8 +283,10 @@ def sparsity_arms(config, ds, net: _Net) -> dict:
         masks = ws.pruning.magnitude_masks(params, level)
         return ws.pruning.apply_masks(params, masks), masks
 
-    def level_loss(params, model_state, batch, key):  # the level is data: one compile
-        return ip.sparsity_loss(batch["sparsity"])(params, model_state, batch, key)
+    def level_loss(params, model_state, batch, key):
+        # The level is data (one compile for all levels), one copy per example so that the
+        # batch can be split over devices.
+        return ip.sparsity_loss(batch["sparsity"][0])(params, model_state, batch, key)
 
     def acc(params):
         return net.accuracy(params, ds.x_test, ds.y_test)
@@ -302,7 +312,7 @@ def sparsity_arms(config, ds, net: _Net) -> dict:
         def fn(seed):
             p0 = dense_params(seed)
             stream = (
-                {"x": b["x"], "sparsity": np.float32(level)}
+                {"x": b["x"], "sparsity": np.full(len(b["x"]), level, np.float32)}
                 for b in _stream(ds.x_train, ds.y_train, config.anchor_batch, seed + 10)
             )
             tx = _fip_tx(config, net.f, config.path_lr, "fisher")
@@ -374,7 +384,9 @@ def robustness_arms(config, ds, net: _Net) -> dict:
                 tx_args = lambda b: {"anchors": b["x"]}  # noqa: E731
             elif kind == "penalty":
                 loss = penalty_loss
-                stream = ({**b, "anchor_logits": net.logits(p0, b["x"])} for b in stream)
+                stream = (
+                    {**b, "anchor_logits": np.asarray(net.logits(p0, b["x"]))} for b in stream
+                )
             name = f"robust_{kind}"
             state = net.train(name, loss, tx, p0, stream, config.robust_steps, seed + 3, tx_args)
             out = evaluate(state.params, p0, seed)

@@ -28,7 +28,8 @@ another data order, the test-error barrier between the two.
 
 Claims (paired by seed, 95% t-intervals, at the deepest level):
 the ticket matches dense within ``match_margin``; it beats random
-re-initialisation and random pruning; it is flatter per weight than random
+re-initialisation and random pruning; it is stable to SGD noise (instability
+below 2 points); it is flatter per weight than random
 re-initialisation (Paul et al. 2023, arXiv 2210.03044; Saleem et al. 2024,
 arXiv 2403.15022); restoring the optimizer instead of a fresh one changes
 accuracy by less than the margin. Levels resume from ``workdir/lottery/seed_S``
@@ -49,6 +50,7 @@ from wspace import landscape, lottery, pruning
 
 ALL_ARMS = ("ticket", "ticket_restore", "ticket_init", "reinit", "random", "oneshot")
 OPTIMIZERS = ("sgd", "adam")
+STABLE = 0.02  # Frankle et al. 2020: "stable" = error barrier below 2%
 GEOMETRY = (
     ("sharpness", "top Hessian eigenvalue (surviving weights)"),
     ("trace", "Hessian trace, summed over surviving weights"),
@@ -289,6 +291,20 @@ def _results(config, workdir, per_arm) -> dict:
                     last,
                 )
             )
+    if "ticket" in _names(config.instability_arms):
+        # a one-sample interval: the paired "baseline" is Frankle et al.'s threshold itself
+        threshold = {"threshold": [{"instability_error": STABLE} for _ in last["ticket"]]}
+        claims.append(
+            common.compare(
+                f"The IMP ticket at {at} is stable to SGD noise (test-error barrier between "
+                f"two data orders below {100 * STABLE:g} points; Frankle et al. 2020)",
+                "instability_error",
+                "ticket",
+                "threshold",
+                {**last, **threshold},
+                higher_is_better=False,
+            )
+        )
     if "reinit" in _names(config.geometry_arms):
         claims.append(
             common.compare(

@@ -290,15 +290,22 @@ def _check_tiny(ds, name):
         assert [label_of[p.tobytes()] for p in pixels] == y.tolist()  # labels stay paired
 
 
-def test_tfds_builder_prepared_offline_and_trained_on(tmp_path):
+def test_tfds_builder_prepared_offline_and_trained_on(tmp_path, monkeypatch):
     pytest.importorskip("tensorflow")  # preparing encodes with TF: the `prepare` extra, in `dev`
     _tiny_builders()
+    monkeypatch.setattr(ws.data, "_READ_CHUNK", 3)  # several chunks (the last one short)...
+    monkeypatch.setattr(ws.data, "_READ_THREADS", 2)  # ...read by two threads, kept in order
     ds = ws.data.load("wspace_tiny_digits", data_dir=str(tmp_path), download=True)
     _check_tiny(ds, "wspace_tiny_digits")  # keys from supervised_keys: pixels / digit
     written = os.listdir(tmp_path / "wspace_tiny_digits" / "1.0.0")
     assert any(".array_record-" in f for f in written), written
     again = ws.data.load("wspace_tiny_digits", data_dir=str(tmp_path))  # prepared: just read
     np.testing.assert_array_equal(again.x_train, ds.x_train)
+    import tensorflow_datasets as tfds
+
+    source = tfds.data_source("wspace_tiny_digits", split="train", data_dir=str(tmp_path))
+    one_by_one = np.stack([source[i]["pixels"] for i in range(len(source))])  # stored order
+    np.testing.assert_array_equal(np.round(ds.x_train * 255).astype(np.uint8), one_by_one)
 
     model = ws.models.ConvNet(channels=(4,), num_classes=ds.num_classes)
     tx = optax.sgd(0.1)
@@ -311,13 +318,14 @@ def test_tfds_builder_prepared_offline_and_trained_on(tmp_path):
     assert all(jax.tree.leaves(moved))
 
     # Reading needs no TensorFlow: a fresh process where `import tensorflow` fails, and
-    # where the builder's code is not even defined (TFDS reads the prepared files).
+    # where the builder's code is not even defined (TFDS reads the prepared files);
+    # download=True on a prepared set prepares nothing, so it needs none either.
     code = (
         "import sys\n"
         "from tests.test_data import _meta_path_without_tensorflow\n"
         "sys.meta_path = _meta_path_without_tensorflow()\n"
         "import wspace as ws\n"
-        f"ds = ws.data.load('wspace_tiny_digits', data_dir={str(tmp_path)!r})\n"
+        f"ds = ws.data.load('wspace_tiny_digits', data_dir={str(tmp_path)!r}, download=True)\n"
         "print(ds.x_train.shape, ds.num_classes, float(ds.x_train.max()))"
     )
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}

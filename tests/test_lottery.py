@@ -333,7 +333,12 @@ def test_experiment_quick(tmp_path):
         assert (tmp_path / name).exists(), name
     assert results["smoke"] and results["method"] == "lottery" and len(results["seeds"]) == 2
     claims = {c["arm"] + " vs " + c["baseline"]: c for c in results["claims"]}
-    assert set(claims) == {"ticket vs dense", "ticket vs reinit", "ticket vs random"}
+    assert set(claims) == {
+        "ticket vs dense",
+        "ticket vs reinit",
+        "ticket vs random",
+        "ticket vs threshold",
+    }
     assert claims["ticket vs dense"]["margin"] == 0.01
     for c in claims.values():
         assert c["verdict"] in ("holds", "does not hold", "inconclusive") and c["n"] == 2

@@ -156,8 +156,6 @@ class Trainer:
     estimator: Callable = jax.value_and_grad
 
     def __post_init__(self):
-        if self.mode not in training_lib.MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; use one of {training_lib.MODES}")
         if not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         step = training_lib.make_train_step(

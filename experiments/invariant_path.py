@@ -27,11 +27,18 @@ standardised, ``config.dataset``):
     ft_steps``. ``path``: ``path_steps`` FIP steps towards the magnitude projection
     (secondary objective `sparsity_loss`, anchors = the training batch), then prune,
     then the same ``ft_steps`` of masked fine-tuning.
+(c) ``robustness`` (``paper`` size): the same dense network moved towards PGD
+    robustness for ``robust_steps``: PGD adversarial fine-tuning (``robust_adv_ft``),
+    the FIP path with the PGD loss as secondary objective and the clean batch as
+    anchors (``robust_fip``), and the penalty form (``robust_penalty``); evaluated on
+    clean and PGD test inputs (``eval_attack_steps``, radius ``eps``).
 
 Claims (paired by seed, 95% t-intervals): FIP beats naive fine-tuning and replay with
 the same buffer in all-class accuracy; so does the official penalty form; the Fisher
 metric beats the Euclidean one; the FIP path beats one-shot pruning at
-``claim_sparsity`` without fine-tuning and after step-matched fine-tuning.
+``claim_sparsity`` without fine-tuning and after step-matched fine-tuning; (c) the FIP
+raises robust accuracy over the base network and keeps more clean accuracy than
+adversarial fine-tuning.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ import wspace as ws
 from experiments import common
 from wspace import invariant_path as ip
 
-PARTS = ("continual", "sparsity")
+PARTS = ("continual", "sparsity", "robustness")
 CONTINUAL_ARMS = ("naive", "replay", "fip", "fip_jacobian", "penalty", "ewc")
 
 
@@ -60,15 +67,26 @@ def validate(config) -> None:
     for field in ("base_steps", "task2_steps", "buffer_size", "batch_size", "maxiter"):
         if config[field] < 1:
             raise ValueError(f"config.{field}={config[field]}; must be >= 1")
-    for field in ("path_steps", "ft_steps"):
+    for field in ("path_steps", "ft_steps", "robust_steps", "attack_steps", "eval_attack_steps"):
         if config[field] < 0:
             raise ValueError(f"config.{field}={config[field]}; must be >= 0")
-    for field in ("lr", "fip_lr", "path_lr", "max_norm"):
+    for field in ("lr", "fip_lr", "path_lr", "robust_path_lr", "max_norm", "eps"):
         if not 0 < config[field] < float("inf"):
             raise ValueError(f"config.{field}={config[field]}; must be finite and > 0")
-    for field in ("damping", "jacobian_damping", "tol", "penalty_weight", "ewc_weight"):
+    for field in (
+        "damping", "jacobian_damping", "tol", "penalty_weight", "ewc_weight",
+        "robust_penalty_weight",
+    ):  # fmt: skip
         if not 0 <= config[field] < float("inf"):
             raise ValueError(f"config.{field}={config[field]}; must be finite and >= 0")
+    if config.mode != "jit":  # batch entries (buffers included) are split over the devices
+        n = jax.device_count()
+        for field in ("batch_size", "buffer_size", "anchor_batch"):
+            if config[field] % n:
+                raise ValueError(
+                    f"config.{field}={config[field]} must be a multiple of the {n} devices "
+                    f"in mode={config.mode!r}"
+                )
     if not config.hidden or min(config.hidden) < 1:
         raise ValueError(f"config.hidden={config.hidden}; give positive layer widths")
     for s in config.sparsities:
@@ -92,7 +110,7 @@ class _Net:
         self.model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
         self.ce = ws.training.classification_loss(self.model.apply)
         self.logits = jax.jit(self.f)
-        self._steps = {}
+        self._steps, self._dense = {}, {}
 
     def f(self, params, x):
         return self.model.apply({"params": params}, x)
@@ -100,6 +118,16 @@ class _Net:
     def init(self, seed):
         x = jnp.zeros((1, *self.ds.input_shape))
         return self.model.init(jax.random.PRNGKey(seed), x)["params"]
+
+    def dense(self, seed):
+        """The network trained on all classes for ``base_steps`` (cached per seed)."""
+        if seed not in self._dense:
+            c, ds = self.config, self.ds
+            self._dense[seed] = self.train(
+                "dense", self.ce, optax.adam(c.lr), self.init(seed),
+                _stream(ds.x_train, ds.y_train, c.batch_size, seed), c.base_steps, seed,
+            ).params  # fmt: skip
+        return self._dense[seed]
 
     def accuracy(self, params, x, y) -> float:
         return float(np.mean(np.asarray(self.logits(params, x)).argmax(-1) == y))
@@ -178,7 +206,7 @@ def continual_arms(config, ds, net: _Net) -> dict:
             ).params  # fmt: skip
             rng = np.random.default_rng(seed)
             buf = rng.choice(len(x1), min(config.buffer_size, len(x1)), replace=False)
-            task1[seed] = (p1, jnp.asarray(x1[buf]), jnp.asarray(y1[buf]))
+            task1[seed] = (p1, x1[buf], y1[buf])  # numpy: batch entries are host arrays
         return task1[seed]
 
     def evaluate(params, p1, buf_x):
@@ -211,7 +239,7 @@ def continual_arms(config, ds, net: _Net) -> dict:
             elif kind == "replay":
                 loss, stream = replay_loss, _stream(x2, y2, bs, seed + 1, buf_x=buf_x, buf_y=buf_y)
             elif kind == "penalty":
-                target = net.logits(p1, buf_x)
+                target = np.asarray(net.logits(p1, buf_x))
                 stream = _stream(x2, y2, bs, seed + 1, buf_x=buf_x, anchor_logits=target)
                 loss = penalty_loss
             elif kind == "ewc":
@@ -239,16 +267,8 @@ def continual_arms(config, ds, net: _Net) -> dict:
 def sparsity_arms(config, ds, net: _Net) -> dict:
     """Arm name -> ``fn(seed) -> metrics`` for the sparsity part (``<kind>@<level>``)."""
     bs, lr = config.batch_size, config.lr
-    dense = {}
     finetune_tx = optax.chain(optax.adam(lr), ws.pruning.keep_masked())
-
-    def dense_params(seed):
-        if seed not in dense:
-            dense[seed] = net.train(
-                "dense", net.ce, optax.adam(lr), net.init(seed),
-                _stream(ds.x_train, ds.y_train, bs, seed), config.base_steps, seed,
-            ).params  # fmt: skip
-        return dense[seed]
+    dense_params = net.dense
 
     def finetune(params, masks, seed, steps):
         if steps == 0:
@@ -263,8 +283,10 @@ def sparsity_arms(config, ds, net: _Net) -> dict:
         masks = ws.pruning.magnitude_masks(params, level)
         return ws.pruning.apply_masks(params, masks), masks
 
-    def level_loss(params, model_state, batch, key):  # the level is data: one compile
-        return ip.sparsity_loss(batch["sparsity"])(params, model_state, batch, key)
+    def level_loss(params, model_state, batch, key):
+        # The level is data (one compile for all levels), one copy per example so that the
+        # batch can be split over devices.
+        return ip.sparsity_loss(batch["sparsity"][0])(params, model_state, batch, key)
 
     def acc(params):
         return net.accuracy(params, ds.x_test, ds.y_test)
@@ -290,7 +312,7 @@ def sparsity_arms(config, ds, net: _Net) -> dict:
         def fn(seed):
             p0 = dense_params(seed)
             stream = (
-                {"x": b["x"], "sparsity": np.float32(level)}
+                {"x": b["x"], "sparsity": np.full(len(b["x"]), level, np.float32)}
                 for b in _stream(ds.x_train, ds.y_train, config.anchor_batch, seed + 10)
             )
             tx = _fip_tx(config, net.f, config.path_lr, "fisher")
@@ -320,6 +342,61 @@ def sparsity_arms(config, ds, net: _Net) -> dict:
         arms[f"oneshot@{level:g}"] = oneshot(level)
         arms[f"path@{level:g}"] = path(level)
     return arms
+
+
+# ----------------------------------------------------------------------------- (c) robustness
+
+
+def robustness_arms(config, ds, net: _Net) -> dict:
+    """Arm name -> ``fn(seed) -> metrics``: the dense network moved towards PGD robustness."""
+    adv = ip.adversarial_loss(net.ce, eps=config.eps, method="pgd", steps=config.attack_steps)
+
+    @jax.jit
+    def attack(params, x, y, key):
+        def loss_of_x(z):
+            return optax.softmax_cross_entropy_with_integer_labels(net.f(params, z), y).mean()
+
+        return ip.pgd(loss_of_x, x, key, eps=config.eps, steps=config.eval_attack_steps)
+
+    def evaluate(params, p0, seed):
+        x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+        x_adv = attack(params, x, y, jax.random.PRNGKey(seed + 99))
+        return {
+            "clean_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
+            "robust_accuracy": net.accuracy(params, x_adv, ds.y_test),
+            "output_distance": float(ip.output_distance(net.f(params, x), net.f(p0, x))),
+        }
+
+    def penalty_loss(params, model_state, batch, key):
+        value, (_, metrics) = adv(params, model_state, batch, key)
+        dist = ip.output_distance(net.f(params, batch["x"]), batch["anchor_logits"])
+        return value + config.robust_penalty_weight * dist, (model_state, metrics)
+
+    def arm(kind):
+        def fn(seed):
+            p0 = net.dense(seed)
+            if kind == "base":
+                return evaluate(p0, p0, seed)
+            stream = _stream(ds.x_train, ds.y_train, config.batch_size, seed + 30)
+            tx, loss, tx_args = optax.adam(config.lr), adv, None
+            if kind == "fip":
+                tx = _fip_tx(config, net.f, config.robust_path_lr, "fisher")
+                tx_args = lambda b: {"anchors": b["x"]}  # noqa: E731
+            elif kind == "penalty":
+                loss = penalty_loss
+                stream = (
+                    {**b, "anchor_logits": np.asarray(net.logits(p0, b["x"]))} for b in stream
+                )
+            name = f"robust_{kind}"
+            state = net.train(name, loss, tx, p0, stream, config.robust_steps, seed + 3, tx_args)
+            out = evaluate(state.params, p0, seed)
+            if kind == "fip":
+                out.update(_solve_stats(state))
+            return out
+
+        return fn
+
+    return {f"robust_{k}": arm(k) for k in ("base", "adv_ft", "fip", "penalty")}
 
 
 # ----------------------------------------------------------------------------- run
@@ -353,6 +430,23 @@ def run(config, workdir: str) -> dict:
         path = {k: v for k, v in per_arm.items() if k.startswith("path")}
         notes.append(_unconverged_note(config, path, config.path_steps))
         figures.append(_plot_sparsity(per_arm, workdir, config))
+    if "robustness" in config.parts:
+        per_arm = common.run_arms(workdir, config, robustness_arms(config, ds, net))
+        claims += [
+            common.compare(
+                "Moving along the FIP towards PGD robustness raises robust accuracy",
+                "robust_accuracy", "robust_fip", "robust_base", per_arm,
+            ),
+            common.compare(
+                "The FIP keeps more clean accuracy than adversarial fine-tuning",
+                "clean_accuracy", "robust_fip", "robust_adv_ft", per_arm,
+            ),
+        ]  # fmt: skip
+        tables["Robustness: test accuracy by arm"] = common.summarize(
+            per_arm, ["clean_accuracy", "robust_accuracy", "output_distance"]
+        )
+        notes.append(_unconverged_note(config, {"robust_fip": per_arm["robust_fip"]},
+                                       config.robust_steps))  # fmt: skip
     notes += [
         "fip = the paper's metric step with the softmax-Fisher metric (the official code's "
         "Bhattacharyya distance, whose Hessian is Fisher/8); fip_jacobian = Euclidean J^T J on "

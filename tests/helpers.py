@@ -53,12 +53,19 @@ def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
 
     path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
     nb = nbformat.read(path, as_version=4)
-    os.environ.update(_env())  # the kernel inherits this process's environment
-    with tempfile.TemporaryDirectory() as cwd:
-        client = NotebookClient(
-            nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": cwd}}
-        )
-        client.execute()
+    saved = dict(os.environ)
+    os.environ.update(_env())  # the kernel inherits this process's environment...
+    # ...but draws with the notebook backend, so that figures are stored as outputs
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+    try:
+        with tempfile.TemporaryDirectory() as cwd:
+            client = NotebookClient(
+                nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": cwd}}
+            )
+            client.execute()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     if save:
         nbformat.write(nb, path)
 

@@ -12,6 +12,8 @@
 * FIP x late-phase: the metric step on late-phase params, with the metric of the *averaged*
   network, moves the members while the averaged network's anchor outputs stay put.
 
+Also: the experiment at quick size (`experiments/compose.py`) and the notebook execute.
+
 ULR x stochastic binary networks (ULR on a `BinaryMLP(activation="sign")` is unbiased for
 the SBN's exact gradient by enumeration) is tested in
 ``tests/test_straight_through.py::test_ulr_on_binary_mlp_unbiased_for_sbn``.
@@ -28,18 +30,12 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import wspace as ws
+from tests.helpers import run_experiment, run_notebook
 from wspace import invariant_path as ip
 from wspace import likelihood_ratio as lr
 from wspace.late_phase import LatePhase
 
 HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def _ulr(**options):
-    """The ULR estimator factory (``ulr(...)`` in the new API, ``likelihood_ratio`` before)."""
-    if hasattr(lr, "ULR"):
-        return lr.ulr(**options)
-    return lr.likelihood_ratio(**options)
 
 
 def _problem(features=(16,), classes=3, n=32, d=6, seed=0, activation=nn.tanh):
@@ -90,9 +86,10 @@ def test_late_phase_members_keep_pruned_weights_zero_through_training_and_averag
     )
     k = 4
     late = LatePhase(k, select=select, schedule=schedule, noise=0.2)
-    s = late.expand_state(state, tx, key=jax.random.PRNGKey(2))
+    s = late.expand_state(state, tx, key=jax.random.PRNGKey(2), masks=masks)  # no noise on zeros
     late_masks = late.expand_masks(masks)
     ws.pruning.check_masks(s.params, late_masks)
+    assert _pruned_zero(s.params, late_masks)
     step = late.make_train_step(loss, tx, donate=False)
     start = s.params
     for _ in range(2 * k):
@@ -153,7 +150,7 @@ def test_ulr_through_mask_gradients_is_unbiased_for_the_pruned_network():
     masks = ws.pruning.magnitude_masks(params, 0.5)
     pruned = ws.pruning.apply_masks(params, masks)
     loss = ws.training.classification_loss(model.apply, per_example=True)
-    est = _ulr(num_copies=16, sigma=0.05, antithetic=True, baseline="mean")
+    est = lr.ulr(num_copies=16, sigma=0.05, antithetic=True, baseline="mean")
     r = 400
     samples = ws.estimators.sample_gradients(
         est, loss, pruned, {}, batch, jax.random.PRNGKey(3), repeats=r
@@ -180,7 +177,7 @@ def test_forward_only_training_of_a_pruned_network_keeps_masks_and_lowers_the_lo
     params = ws.pruning.apply_masks(params, masks)
     loss = ws.training.classification_loss(model.apply, per_example=True)
     tx = optax.chain(ws.pruning.mask_gradients(), optax.adam(0.1), ws.pruning.keep_masked())
-    est = _ulr(num_copies=32, sigma=0.1, antithetic=True, baseline="mean")
+    est = lr.ulr(num_copies=32, sigma=0.1, antithetic=True, baseline="mean")
     state = ws.training.TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -284,3 +281,34 @@ def test_metric_of_the_averaged_network_moves_members_but_not_its_anchor_outputs
 
     assert avg_change(fip) < 0.05 * avg_change(plain), (avg_change(fip), avg_change(plain))
     assert member_change(fip) > 0.5 * member_change(plain)  # the members themselves moved
+
+
+# ----------------------------------------------------------------------------- experiment, notebook
+
+
+def test_experiment_quick_runs_and_keeps_masks(tmp_path):
+    results = run_experiment("compose", tmp_path / "run", steps=10)
+    assert results["smoke"] and len(results["claims"]) == 5
+    for claim in results["claims"]:
+        assert claim["verdict"] in ("holds", "does not hold", "inconclusive")
+        assert claim["n"] == 2
+    table = results["tables"]["Test accuracy by arm"]
+    col = table["columns"].index("pruned_nonzero")
+    assert {row[0] for row in table["rows"]} == {
+        "dense",
+        "ticket",
+        "ticket_late",
+        "ticket_late_every",
+        "ticket_ulr",
+        "random_ulr",
+        "dense_ulr",
+    }
+    assert all(row[col][0] == 0.0 for row in table["rows"])  # pruned weights exactly zero
+    assert (tmp_path / "run" / "compose.png").exists()
+    with pytest.raises(ValueError, match="late_start"):
+        run_experiment("compose", tmp_path / "bad", late_start=1.5)
+    assert not (tmp_path / "bad").exists()  # refused before any file write
+
+
+def test_notebook_executes():
+    run_notebook("compose")

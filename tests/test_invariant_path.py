@@ -297,6 +297,39 @@ def test_train_step_with_anchors_keeps_old_outputs():
     assert int(state.opt_state[0].count) == 20
 
 
+def test_path_steps_agree_in_jit_sharded_and_pmap_modes():
+    model, params, x_old, f = _mlp(num_in=6, hidden=(16,), classes=3, n=8)
+    x = jax.random.normal(jax.random.PRNGKey(5), (16, 6)) + 2.0
+    batches = [{"x": x, "y": jnp.arange(16) % 3}] * 3  # 16 = 2 examples on each of 8 devices
+    # A fixed number of iterations: with a tolerance, rounding differences of the all-reduced
+    # gradient could stop CG one iteration apart in two modes.
+    tx = ip.invariant_path(0.05, f, damping=0.1, tol=0.0, maxiter=30, max_norm=1.0, warn=False)
+    loss = ws.training.classification_loss(model.apply)
+    state = ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=tx.init(params),
+        key=jax.random.PRNGKey(0),
+    )
+    finals = {}
+    for mode in ws.training.MODES:
+        step = ws.training.make_train_step(loss, tx, mode=mode)
+        finals[mode], _ = ws.training.fit(
+            state, step, batches, num_steps=3, eval_fn=lambda s: {}, eval_every=3,
+            tx_args={"anchors": x_old}, mode=mode, progress=False,
+        )  # fmt: skip
+    jit = finals["jit"]
+    assert np.abs(ravel_pytree(jit.params)[0] - ravel_pytree(params)[0]).max() > 1e-3
+    for mode in ("sharded", "pmap"):
+        np.testing.assert_allclose(
+            ravel_pytree(finals[mode].params)[0], ravel_pytree(jit.params)[0], atol=1e-5
+        )
+        got, want = finals[mode].opt_state[0], jit.opt_state[0]
+        assert int(got.count) == 3 and int(got.num_unconverged) == int(want.num_unconverged)
+        np.testing.assert_allclose(got.residual, want.residual, rtol=1e-3, atol=1e-6)
+
+
 def test_bad_input_raises_value_error():
     _, params, x, f = _mlp()
     with pytest.raises(ValueError, match="damping.*-0.5"):
@@ -468,7 +501,7 @@ def test_experiment_quick(tmp_path):
 
 
 def test_experiment_rejects_bad_config_before_writing(tmp_path):
-    for field, value in (("parts", ("continual", "robustness")), ("damping", -1.0)):
+    for field, value in (("parts", ("continual", "adversarial")), ("damping", -1.0)):
         with pytest.raises(ValueError, match=field):
             run_experiment("invariant_path", tmp_path / field, **{field: value})
         assert not os.path.exists(tmp_path / field)

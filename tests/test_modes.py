@@ -42,13 +42,6 @@ def _mesh() -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
-def _ulr(**options):
-    """The ULR estimator factory (``ulr(...)`` in the new API, ``likelihood_ratio`` before)."""
-    if hasattr(lr, "ULR"):
-        return lr.ulr(**options)
-    return lr.likelihood_ratio(**options)
-
-
 def _data(mesh, d=6, classes=3, per_device=4, seed=0):
     n = per_device * mesh.devices.size
     kx, kw = jax.random.split(jax.random.PRNGKey(seed))
@@ -85,7 +78,7 @@ def test_ulr_sharded_matches_jit():
     model = ws.models.MLP(features=(16,), num_classes=3, activation=nn.tanh)
     batch = _data(mesh)
     loss = ws.training.classification_loss(model.apply, per_example=True)
-    est = _ulr(num_copies=8, sigma=0.1, antithetic=True, baseline="mean")
+    est = lr.ulr(num_copies=8, sigma=0.1, antithetic=True, baseline="mean")
     out = _run_both(model, loss, optax.sgd(0.5), batch, mesh, estimator=est)
     np.testing.assert_allclose(out["sharded"][0], out["jit"][0], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(out["sharded"][1], out["jit"][1], rtol=1e-5)

@@ -191,7 +191,7 @@ def test_ulr_on_binary_mlp_unbiased_for_sbn():
     def loss_fn(p, ms, batch, key):
         return sq(sign_model.apply({"params": p}, batch["x"], train=True), batch["y"]), (ms, {})
 
-    ulr = ws.likelihood_ratio.likelihood_ratio(
+    ulr = ws.likelihood_ratio.ulr(
         num_copies=32,
         noise="logistic",
         sigma={"BinaryDense_0": 1.0, "head": 0.5},
@@ -386,6 +386,24 @@ def test_experiment_quick(tmp_path):
     with pytest.raises(ValueError, match="gumbel"):
         run_experiment("straight_through", tmp_path / "bad", sbn_estimators=["gumbel"])
     assert not os.path.exists(tmp_path / "bad")  # refused before any file write
+
+
+def test_experiment_arms_change_one_thing_each():
+    from experiments import straight_through as exp
+    from experiments.configs.straight_through import get_config as exp_config
+
+    for arm, parent in exp.ARM_PARENTS.items():
+        a, b = exp.ARM_SPECS[arm], exp.ARM_SPECS[parent]
+        changed = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+        assert len(changed) == 1, (arm, parent, changed)
+    assert set(exp.ARM_SPECS) == set(exp.ARM_PARENTS) | {"act_st", "bin_st"}
+    config = exp_config("quick")
+    for arm in exp.TRAIN_ARMS:  # every arm builds (shapes only: no compile)
+        model, tx = exp.build_arm(arm, config, 3)
+        v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 5)))
+        jax.eval_shape(tx.init, v["params"])
+        has_latent = "latent" in jax.tree.leaves(st.latent_labels(v["params"]))
+        assert has_latent == arm.startswith("bin_"), arm
 
 
 def test_notebook():

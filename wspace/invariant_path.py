@@ -172,13 +172,19 @@ def scale_by_invariant_metric(
     converge in 100 iterations; at ``lambda = 1e-3`` and 10 iterations (the earlier
     default) its residual was 0.6-30, i.e. the step was not the metric step.
 
+    In ``make_train_step``'s ``sharded`` and ``pmap`` modes the gradient is all-reduced
+    first and every device solves the same system on the (replicated) anchors; with
+    ``tol > 0`` rounding differences may stop CG an iteration apart from a ``jit`` run.
+
     Args:
       apply_fn: ``apply_fn(params, x) -> outputs`` (a closure; for BatchNorm models
         close over ``model_state`` in eval mode, see the module docstring).
       metric: ``"fisher"`` (softmax Fisher, the official code's Bhattacharyya metric
         up to a factor 8 absorbed by ``damping``) or ``"jacobian"`` (``J^T J / N``).
       damping: ``lambda >= 0`` (with 0 the system may be singular: use ``max_norm``).
-      tol: relative residual ``|b - A d| / |b|`` at which CG stops, ``>= 0``.
+      tol: relative residual ``|b - A d| / |b|`` at which CG stops, ``>= 0`` (0: always
+        run ``maxiter`` iterations; every step then counts as unconverged, so pass
+        ``warn=False``).
       maxiter: maximum CG iterations, ``>= 1``.
       max_norm: bound on the global norm of the step (None: no bound).
       input_shape: shape of one anchor input, checked when given.
@@ -276,7 +282,9 @@ def invariant_path(
         warnings.warn(
             "invariant_path(apply_fn, ...) as the preconditioner is deprecated: use "
             "scale_by_invariant_metric(apply_fn, ...) (cg_iters= is now maxiter=), or "
-            "invariant_path(learning_rate, apply_fn, ...) for the whole step",
+            "invariant_path(learning_rate, apply_fn, ...) for the whole step. The defaults "
+            "changed to metric='fisher', damping=1e-2, tol=1e-2, maxiter=100 (the old ones, "
+            "'jacobian', 1e-3, 10 iterations, did not converge).",
             DeprecationWarning,
             stacklevel=2,
         )

@@ -8,7 +8,9 @@ def get_config(arg: str = "small"):
     c = common.base_config(arg)
     size = c.size
     c.dataset = "digits" if size != "paper" else "mnist1d"
-    c.parts = ("continual", "sparsity")
+    c.parts = (
+        ("continual", "sparsity", "robustness") if size == "paper" else ("continual", "sparsity")
+    )
     c.hidden = {"quick": (32,), "small": (64, 64), "paper": (128, 128)}[size]
     c.lr = 1e-3  # Adam: base training, fine-tuning and the CE baselines
     c.batch_size = 64
@@ -42,4 +44,12 @@ def get_config(arg: str = "small"):
     c.path_lr = 0.2
     c.anchor_batch = 64  # anchors per path step: a training batch
     c.ft_steps = {"quick": 4, "small": 100, "paper": 300}[size]
+
+    # (c) robustness (paper size): the dense network moved towards PGD robustness.
+    c.robust_steps = {"quick": 4, "small": 100, "paper": 300}[size]
+    c.robust_path_lr = 0.5
+    c.robust_penalty_weight = 10.0
+    c.eps = 0.1  # L-inf radius in standardised input units
+    c.attack_steps = {"quick": 2, "small": 5, "paper": 5}[size]
+    c.eval_attack_steps = {"quick": 3, "small": 20, "paper": 20}[size]
     return c

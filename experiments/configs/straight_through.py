@@ -48,7 +48,6 @@ def get_config(arg: str = "small"):
     c.lr = 3e-3  # Adam on the real parameters (gains, biases, head)
     # mirror descent (optax.sgd) on the latent weights; 100 was the best of {10, 30, 100, 300}
     # for bin_st on digits, seed 0 (one-seed check; identity ST got the same value)
-    c.latent_lr = 100.0
-    c.sgd_latent_lr = 200.0  # plain SGD on the latents: the 2F' factor is <= 1/2, so 2x
+    c.latent_lr = 100.0  # also the step of bin_st_sgd_latent (it changes only the 2F' factor)
     c.eval_samples = {"quick": 2, "small": 16, "paper": 32}[size]  # S of the mean-of-samples net
     return c

@@ -400,6 +400,20 @@ def run(config, workdir: str) -> dict:
     notes.append(
         "Runs are on CPU; seeds pair the arms (same initialisation and data order per seed)."
     )
+    if "classify" in config.parts:
+        t0, k = int(config.t0_frac * config.steps), config.members
+        notes.append(
+            f"ConvNet: {config.steps} steps of batch {config.batch_size}, T0 = {t0}: the late "
+            f"phase covers {config.steps - t0} minibatches, {(config.steps - t0) // k} per "
+            f"member and {(config.steps - t0) // k} shared-weight steps (cycle + sum); from "
+            f"T0 = 0 the shared weights take {config.steps // k} steps in all."
+        )
+    if "nqp" in config.parts:
+        notes.append(
+            f"NQP: d = {config.nqp_dim}, batch {config.nqp_batch_size}, lr {config.nqp_lr}, "
+            f"{config.nqp_steps} steps, T0 = {config.t0_frac:.0%}; cycle + sum steps theta "
+            "with K x the mean gradient, so it diverges where K lr h_max > 2 (e.g. lr 0.5)."
+        )
     return common.save_results(
         workdir, config, "late_phase", claims=claims, tables=tables, figures=figures, notes=notes
     )

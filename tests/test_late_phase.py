@@ -402,7 +402,8 @@ def test_k1_fit_reproduces_plain_training_in_every_schedule():
 
 
 def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
-    """lp.fit in sharded/pmap mode (batch split over 8 simulated CPU devices) equals jit."""
+    """lp.fit in sharded/pmap mode (batch split over 8 simulated CPU devices, members too)
+    equals jit."""
     devices = jax.devices("cpu")
     assert len(devices) == 8, "tests/conftest.py simulates 8 CPU devices"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -420,6 +421,18 @@ def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
         b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, **kw)
     _assert_tree_close(jax.device_get(b.params), a.params, rtol=1e-4, atol=1e-5)
     _assert_tree_close(jax.device_get(b.model_state), a.model_state, rtol=1e-4, atol=1e-5)
+    # members on devices: K=8 rows split over the 8 devices, shared weights replicated
+    cfg = LatePhase(8)
+    with jax.default_matmul_precision("highest"):
+        a, _ = cfg.fit(copy(state), loss, tx, ds, **kw)
+        b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, shard_members=True,
+                       **kw)  # fmt: skip
+    _assert_tree_close(jax.device_get(b), a, rtol=1e-4, atol=1e-5)
+    assert b.params["head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("data")
+    assert b.opt_state.inner[0].trace["BatchNorm_1"]["scale"].sharding.spec[0] == "data"
+    assert b.params["Conv_0"]["kernel"].sharding.is_fully_replicated
+    with pytest.raises(ValueError, match="K=2 members do not split over the 8 devices"):
+        LatePhase(2).make_train_step(loss, tx, mode="sharded", mesh=mesh, shard_members=True)
     # pmap (per-device BatchNorm statistics, so a model without BatchNorm): the same run
     mlp = _init("mlp")[0]
     loss, kw["apply_fn"] = ws.training.classification_loss(mlp.apply), mlp.apply

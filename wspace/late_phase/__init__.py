@@ -12,7 +12,9 @@ Bind the configuration once and call its methods::
     step = late.make_train_step(loss_fn, tx, mode="jit")     # or "sharded" / "pmap"
     params, model_state = late.average(state.params, state.model_state)
 
-or `fit` (plain training to ``t0``, then late-phase training).
+or `fit` (plain training to ``t0``, then late-phase training). Both run in ``mode``
+``jit``, ``sharded`` (``shard_members=True`` also splits the member axis over the
+mesh) or ``pmap``, like `wspace.training.make_train_step`.
 
 Schedules (who trains on a minibatch):
 
@@ -486,6 +488,7 @@ class LatePhase:
         mode: str = "jit",
         mesh: jax.sharding.Mesh | None = None,
         donate: bool = True,
+        shard_members: bool = False,
     ) -> Callable:
         """A compiled late-phase step ``step(state, batch, tx_args=None) -> (state, metrics)``.
 
@@ -508,6 +511,10 @@ class LatePhase:
             ``pmean``-ed; the member is the same on every device).
           mesh: the mesh for ``sharded`` mode (default `wspace.training.default_mesh`).
           donate: donate the input state's buffers.
+          shard_members: ``sharded`` mode only: the member axis of params, model
+            state and optimizer state is split over the mesh's ``data`` axis (K
+            divisible by its size; shared weights replicated). The step moves a
+            replicated state there on its first call.
         """
         if mode not in training.MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
@@ -548,7 +555,60 @@ class LatePhase:
             )
             return new_state, metrics
 
+        if shard_members:
+            if mode != "sharded":
+                raise ValueError(f"shard_members=True needs mode='sharded', got {mode!r}")
+            mesh = mesh or training.default_mesh()
+            if self.num_members % mesh.shape["data"]:
+                raise ValueError(
+                    f"shard_members=True: K={self.num_members} members do not split over the "
+                    f"{mesh.shape['data']} devices of the mesh's 'data' axis"
+                )
+            return self._compile_member_sharded(step, mesh, donate)
         return _compile(step, mode, mesh, donate)
+
+    def _compile_member_sharded(self, step, mesh, donate: bool) -> Callable:
+        """``step`` jitted with member leaves split over ``data`` (rows) and the rest replicated."""
+        repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        compiled = {}
+
+        def shardings(state):
+            flags = _member_flags(state.params, self.select)
+            by_flags = lambda t: jax.tree.unflatten(
+                jax.tree.structure(t), [rows if f else repl for f in flags]
+            )
+            ldef = jax.tree.structure(state.params)
+            is_l = lambda x: x is not None and jax.tree.structure(x) == ldef
+            inner = jax.tree.map(
+                lambda x: by_flags(x) if is_l(x) else jax.tree.map(lambda _: repl, x),
+                state.opt_state.inner,
+                is_leaf=is_l,
+            )
+            return state.replace(
+                step=repl,
+                params=by_flags(state.params),
+                model_state=jax.tree.map(lambda _: rows, state.model_state),
+                opt_state=LatePhaseState(
+                    repl, inner, jax.tree.map(lambda _: repl, state.opt_state.accum)
+                ),
+                key=repl,
+            )
+
+        def train_step(state, batch, tx_args=None):
+            key = jax.tree.structure(state)
+            if key not in compiled:
+                sh = shardings(state)
+                fn = jax.jit(
+                    step,
+                    in_shardings=(sh, NamedSharding(mesh, P("data")), repl),
+                    out_shardings=(sh, repl),
+                    donate_argnums=(0,) if donate else (),
+                )
+                compiled[key] = (sh, fn)
+            sh, fn = compiled[key]
+            return fn(jax.device_put(state, sh), batch, tx_args)
+
+        return train_step
 
     def fit(
         self,
@@ -564,6 +624,7 @@ class LatePhase:
         key: jax.Array | None = None,
         masks: PyTree | None = None,
         workdir: str | None = None,
+        shard_members: bool = False,
         **fit_kwargs,
     ) -> tuple[training.TrainState, list[dict]]:
         """Plain training up to step ``t0``, then late-phase training to ``num_steps``.
@@ -589,6 +650,7 @@ class LatePhase:
           masks: pruning masks of the plain params (see `expand`); keep them in
             ``tx`` too (``wspace.pruning.keep_masked``).
           workdir: as `wspace.training.fit` (None: nothing written).
+          shard_members: split the member axis over the mesh (see `make_train_step`).
           **fit_kwargs: the other arguments of `wspace.training.fit` (``batch_size``,
             ``seed``, ``mode``, ``mesh``, ``eval_every``, ``tx_args``, ``writer``,
             ``train_eval_examples``, ``checkpoint_every``, ``progress``).
@@ -625,7 +687,7 @@ class LatePhase:
             build = _steps
         except TypeError:
             build = _steps.__wrapped__
-        plain_step, late_step = build(self, loss_fn, tx, mode, mesh)
+        plain_step, late_step = build(self, loss_fn, tx, mode, mesh, shard_members)
         if t0 > 0:
             state, hist = training.fit(
                 state,
@@ -719,11 +781,11 @@ def _swa_of(new, old, new_params):
 
 
 @functools.lru_cache(maxsize=16)
-def _steps(cfg: LatePhase, loss_fn, tx, mode: str, mesh) -> tuple[Callable, Callable]:
+def _steps(cfg: LatePhase, loss_fn, tx, mode: str, mesh, shard: bool) -> tuple[Callable, ...]:
     """The plain and late-phase steps of `LatePhase.fit`, built once per (config, loss, tx):
     repeated runs (seeds, arms) reuse the compiled steps."""
     plain = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
-    return plain, cfg.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
+    return plain, cfg.make_train_step(loss_fn, tx, mode=mode, mesh=mesh, shard_members=shard)
 
 
 def _with_member(loss, member, params, model_state, batch, key):

@@ -125,15 +125,26 @@ def _setup(arm: str, num_classes: int, model_name: str, members: int, steps: int
            lr: float, swa_lr: float, swa_every: int, mode: str):  # fmt: skip
     """Model, loss, optimizer and plain step of one arm, built once and shared by its seeds."""
     model = _model(model_name, num_classes)
-    loss = ws.training.classification_loss(model.apply)
-    if arm in ("swa", "late_swa"):  # cosine to swa_lr at T0, then constant, averaging from T0
-        decay = optax.cosine_decay_schedule(lr, max(t0, 1), alpha=swa_lr / lr)
-        schedule = optax.join_schedules([decay, optax.constant_schedule(swa_lr)], [t0])
-        tx = optax.chain(optax.sgd(schedule, momentum=0.9), swa(start=t0, every=swa_every))
-    else:
-        tx = optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9)
+    loss = _loss(model)
+    tx = _optimizer(arm in ("swa", "late_swa"), steps, t0, lr, swa_lr, swa_every)
     train_loss = _ghost_bn_loss(loss, members) if arm == "sgd_ghost_bn" else loss
     return model, loss, tx, ws.training.make_train_step(train_loss, tx, mode=mode)
+
+
+@functools.cache
+def _loss(model):
+    return ws.training.classification_loss(model.apply)
+
+
+@functools.cache
+def _optimizer(uses_swa: bool, steps: int, t0: int, lr: float, swa_lr: float, swa_every: int):
+    """SGD + momentum 0.9 on a cosine schedule, or (SWA arms) cosine to swa_lr at T0, then
+    constant, averaging from T0; one object per setting, so arms share compiled steps."""
+    if not uses_swa:
+        return optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9)
+    decay = optax.cosine_decay_schedule(lr, max(t0, 1), alpha=swa_lr / lr)
+    schedule = optax.join_schedules([decay, optax.constant_schedule(swa_lr)], [t0])
+    return optax.chain(optax.sgd(schedule, momentum=0.9), swa(start=t0, every=swa_every))
 
 
 def _ghost_bn_loss(loss_fn, num_slices: int):

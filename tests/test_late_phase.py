@@ -387,7 +387,8 @@ def test_k1_fit_reproduces_plain_training_in_every_schedule():
     state = _state("convnet", tx)[2]
     ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
     loss = ws.training.classification_loss(model.apply)
-    kw = dict(apply_fn=model.apply, num_steps=9, batch_size=8, eval_every=9, progress=False)
+    no_eval = lambda state: {}  # records without evaluation: fewer compiles
+    kw = dict(eval_fn=no_eval, num_steps=9, batch_size=8, eval_every=9, progress=False)
     copy = lambda s: jax.tree.map(jnp.copy, s)
     plain, _ = ws.training.fit(copy(state), ws.training.make_train_step(loss, tx), ds, **kw)
     for schedule in lp.SCHEDULES:
@@ -413,7 +414,7 @@ def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
     x, y = _data(n=32)
     ds = ws.data.Dataset("toy", x, y, x, y, 3)
     loss = ws.training.classification_loss(model.apply)
-    kw = dict(apply_fn=model.apply, num_steps=7, t0=3, batch_size=16, eval_every=7, progress=False)
+    kw = dict(eval_fn=lambda s: {}, num_steps=7, t0=3, batch_size=16, eval_every=7, progress=False)
     copy = lambda s: jax.tree.map(jnp.copy, s)
     cfg = LatePhase(2, schedule="cycle")
     with jax.default_matmul_precision("highest"):
@@ -435,7 +436,7 @@ def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
         LatePhase(2).make_train_step(loss, tx, mode="sharded", mesh=mesh, shard_members=True)
     # pmap (per-device BatchNorm statistics, so a model without BatchNorm): the same run
     mlp = _init("mlp")[0]
-    loss, kw["apply_fn"] = ws.training.classification_loss(mlp.apply), mlp.apply
+    loss = ws.training.classification_loss(mlp.apply)
     cfg, state = LatePhase(2, "head", schedule="random"), _state("mlp", tx)[2]
     with jax.default_matmul_precision("highest"):
         a, _ = cfg.fit(copy(state), loss, tx, ds, **kw)

@@ -89,8 +89,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from wspace import averaging, io, pruning, training
 from wspace import data as ws_data
+from wspace import io, pruning, training
 from wspace.late_phase._layout import (  # noqa: F401  (selection API re-exported)
     PRESETS,
     Selection,
@@ -105,6 +105,7 @@ from wspace.late_phase._layout import (  # noqa: F401  (selection API re-exporte
     _scale_grad,
     selection,
 )
+from wspace.late_phase._steps import _compile, _steps, _swa_of, _with_member
 
 PyTree = Any
 SCHEDULES = ("cycle", "random", "parallel")
@@ -682,12 +683,7 @@ class LatePhase:
             )
         sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
         history = []
-        try:  # compiled steps are shared by runs with the same config, loss and tx
-            hash((self, loss_fn, tx, mesh))
-            build = _steps
-        except TypeError:
-            build = _steps.__wrapped__
-        plain_step, late_step = build(self, loss_fn, tx, mode, mesh, shard_members)
+        plain_step, late_step = _steps(self, loss_fn, tx, mode, mesh, shard_members)
         if t0 > 0:
             state, hist = training.fit(
                 state,
@@ -757,67 +753,6 @@ class LatePhase:
             return apply_fn({"params": p, **s}, x, **kwargs)
 
         return apply
-
-
-def _swa_of(new, old, new_params):
-    """Redoes every `wspace.averaging.swa` mean in ``new`` on the params actually reached.
-
-    Inside ``tx``, SWA saw ``params + updates`` before the inactive members' rows and the
-    held shared weights were reset; its ``n`` (iterates averaged) is right, so the mean
-    is ``old.mean + [n grew] (new_params - old.mean) / n``.
-    """
-    is_swa = lambda x: isinstance(x, averaging.SWAState)
-
-    def fix(n, o):
-        if not is_swa(n):
-            return n
-        w = jnp.where(n.n > o.n, 1.0 / jnp.maximum(n.n, 1), 0.0)
-        mean = jax.tree.map(
-            lambda m, p: (m + w.astype(m.dtype) * (p - m)).astype(m.dtype), o.mean, new_params
-        )
-        return n._replace(mean=mean)
-
-    return jax.tree.map(fix, new, old, is_leaf=is_swa)
-
-
-@functools.lru_cache(maxsize=16)
-def _steps(cfg: LatePhase, loss_fn, tx, mode: str, mesh, shard: bool) -> tuple[Callable, ...]:
-    """The plain and late-phase steps of `LatePhase.fit`, built once per (config, loss, tx):
-    repeated runs (seeds, arms) reuse the compiled steps."""
-    plain = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
-    return plain, cfg.make_train_step(loss_fn, tx, mode=mode, mesh=mesh, shard_members=shard)
-
-
-def _with_member(loss, member, params, model_state, batch, key):
-    return loss(params, model_state, batch, key, member)
-
-
-def _compile(step, mode: str, mesh, donate: bool) -> Callable:
-    """Compiles ``step(state, batch, tx_args, axis_name=None)`` as `training.make_train_step`."""
-    donate_argnums = (0,) if donate else ()
-    if mode == "jit":
-        compiled = jax.jit(step, donate_argnums=donate_argnums)
-    elif mode == "sharded":
-        mesh = mesh or training.default_mesh()
-        repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        compiled = jax.jit(
-            step,
-            in_shardings=(repl, split, repl),
-            out_shardings=(repl, repl),
-            donate_argnums=donate_argnums,
-        )
-    else:
-        compiled = jax.pmap(
-            lambda s, b, a: step(s, b, a, axis_name="batch"),
-            axis_name="batch",
-            in_axes=(0, 0, None),
-            donate_argnums=donate_argnums,
-        )
-
-    def train_step(state, batch, tx_args=None):
-        return compiled(state, batch, tx_args)
-
-    return train_step
 
 
 # ----------------------------------------------------------------------------- module API

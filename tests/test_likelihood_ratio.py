@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import warnings
@@ -462,13 +463,22 @@ def test_bad_input_raises_value_error():
 
 
 def test_experiment_quick(tmp_path):
-    run_experiment("likelihood_ratio", tmp_path)
-    for name in ("config.json", "results.json", "gradient_quality.png", "training.png"):
+    results = run_experiment("likelihood_ratio", tmp_path, steps=10, eval_every=5)
+    for name in ("config.json", "results.json", *results["figures"]):
         assert os.path.exists(tmp_path / name), name
-    import json
-
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert {"gradient_quality", "training", "robustness"} <= set(results)
+    assert {"gradient_quality.png", "training.png", "robustness.png"} <= set(results["figures"])
+    arms = {"backprop", "es", "ulr_laplace1", "noisy_bp_laplace1"}
+    assert arms == {p.name for p in (tmp_path / "arms").iterdir()}
+    assert results["smoke"] and len(results["claims"]) == 6
+    for claim in results["claims"]:
+        assert claim["verdict"] in ("holds", "does not hold", "inconclusive")
+        assert claim["n"] == 2 and claim["ci95"][0] <= claim["diff_mean"] <= claim["ci95"][1]
+    seed0 = json.loads((tmp_path / "arms" / "ulr_laplace1" / "seed_0.json").read_text())
+    assert seed0["forward_evaluations"] == 4 and set(seed0["whitebox"]) == {"0.3"}
+    assert 0.0 <= seed0["transfer"]["0.3"] <= 1.0
+    with pytest.raises(ValueError, match="noise_settings"):
+        run_experiment("likelihood_ratio", tmp_path / "bad", noise_settings=("uniform:1",))
+    assert not os.path.exists(tmp_path / "bad")  # rejected before any file write
 
 
 def test_notebook_runs():

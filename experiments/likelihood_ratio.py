@@ -360,6 +360,8 @@ def run(config, workdir: str) -> dict:
         f"{config.source_seed_offset}",
         "noisy_bp arms: backprop through the same injected noise as the ULR arm "
         "(likelihood_ratio.noisy_loss), the control for the noise's own effect",
+        "transfer accuracy also rises as a model grows less similar to the source (ES, the "
+        "least accurate arm, keeps the most under transfer): read it next to white-box",
         "gradient quality: one batch at initialisation; relative bias includes Monte Carlo "
         f"error (~sqrt(variance/R), R={config.quality_repeats})",
     ]

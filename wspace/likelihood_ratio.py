@@ -27,19 +27,16 @@ forward pass (`jax.vmap` over copies, which XLA fuses into one batch of N*B).
     est.forward_evaluations  # 16 per example (17 with baseline="clean")
 
 Differences from ``jax.value_and_grad(loss_fn, has_aux)``: ``loss_fn`` may
-return per-example losses (shape ``(B,)``; preferred: each example's loss
-then weights only its own noise; build it with
-``classification_loss(apply_fn, per_example=True)``) as well as a scalar;
-the returned value is the mean loss over copies and examples (the clean loss
-with ``baseline="clean"``); ``aux`` is the average over copies of each copy's
-aux (float leaves; integer leaves from the first copy), or the clean pass's
-aux with ``baseline="clean"``. With ``has_aux=False`` the estimator returns
-``(loss, grads)`` exactly like ``jax.value_and_grad``. The fourth argument
-is a PRNG key (raw ``uint32[2]`` or typed); it is required.
-
-Noise: `jax.random` (threefry, the default implementation, chosen by
-measurement: see `_draw`), one key per perturbed site and copy by
-``fold_in``; independent of the key that ``loss_fn`` receives (for dropout).
+return per-example losses of shape ``(B,)`` (preferred: each example's loss
+then weights only its own noise) as well as a scalar; the value returned is
+the mean loss over copies and examples (the clean loss with
+``baseline="clean"``); ``aux`` is the mean over copies of each copy's aux
+(integer leaves: the first copy's), or the clean pass's aux with
+``baseline="clean"``; ``has_aux=False`` returns ``(loss, grads)`` as
+``jax.value_and_grad`` does. The PRNG key (raw ``uint32[2]`` or typed) is
+required. Noise comes from `jax.random` (threefry, chosen by measurement:
+see `_draw`), ``fold_in`` per perturbed site and copy, independent of the
+key ``loss_fn`` receives (for dropout).
 
 Limitations: parameters outside Dense/Conv layers (BatchNorm scale and bias,
 embeddings) get zero gradient; layers inside flax lifted transforms
@@ -368,18 +365,6 @@ class ULR:
         return functools.partial(_ulr_gradient, self, loss_fn, has_aux)
 
 
-def _ulr_call(*args, **kwargs) -> ULR | Callable:
-    """`ulr`'s deprecated form ``ulr(loss_fn, has_aux=True, **options)``."""
-    warnings.warn(
-        "ulr(loss_fn, ...) is deprecated; use ulr(...options)(loss_fn, has_aux)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    loss_fn, *rest = args
-    has_aux = rest[0] if rest else kwargs.pop("has_aux", True)
-    return ULR(**kwargs)(loss_fn, has_aux)
-
-
 def ulr(
     *args,
     num_copies: int = 16,
@@ -454,11 +439,16 @@ def ulr(
         recompute=recompute,
         layer_types=tuple(layer_types),
     )
-    if args:
-        if not callable(args[0]):
-            raise ValueError(f"ulr takes keyword options only, got positional {args!r}")
-        return _ulr_call(*args, **options)
-    return ULR(**options)
+    if not args:
+        return ULR(**options)
+    if not callable(args[0]) or len(args) > 2:
+        raise ValueError(f"ulr takes keyword options only, got positional {args!r}")
+    warnings.warn(  # the form of the previous release: ulr(loss_fn, has_aux, **options)
+        "ulr(loss_fn, ...) is deprecated; use ulr(...options)(loss_fn, has_aux)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return ULR(**options)(*args)
 
 
 def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):

@@ -1,11 +1,13 @@
-r"""Speed of a late-phase step (K members under vmap) against the plain step and naive ensembles.
+r"""Speed of a late-phase step against the plain step and naive ensembles.
 
   python -m benchmarks.late_phase [--model=convnet] [--members=10] [--batch_size=100]
 
 Side by side in one process, same model, same global batch B:
   plain      one train step of the plain model on B examples (the baseline);
-  late       the late-phase step: K members (BatchNorm affine + head) under
-             jax.vmap, member k on slice k (B/K examples), shared weights once;
+  late       the paper's late-phase step (schedule "cycle"): member t mod K (BatchNorm
+             affine + head) takes the whole batch; only its rows and optimizer state move;
+  parallel   the "parallel" schedule: K members under jax.vmap, member k on slice k
+             (B/K examples), shared weights once;
   naive-vmap K full copies of the model under vmap (every weight a member);
   naive-loop K separate full models, K compiled plain steps on B/K examples each.
 Prints ms/step and the ratios to the plain step: wall-clock median and minimum over
@@ -64,11 +66,15 @@ def main(argv):
     copy = lambda s: jax.tree.map(lambda x: x.copy(), s)
 
     plain = ws.training.make_train_step(loss, tx)
-    late = ws.training.make_train_step(ws.late_phase.late_phase_loss(loss, k, "bn_head"), tx)
-    everything = ws.late_phase.selection(lambda path: True)
-    naive_v = ws.training.make_train_step(ws.late_phase.late_phase_loss(loss, k, everything), tx)
-    late_state = ws.late_phase.expand_state(copy(state), tx, "bn_head", k)
-    naive_state = ws.late_phase.expand_state(copy(state), tx, everything, k)
+    cycle = ws.late_phase.LatePhase(k, "bn_head")
+    parallel = ws.late_phase.LatePhase(k, "bn_head", schedule="parallel")
+    naive = ws.late_phase.LatePhase(k, lambda path: True, schedule="parallel")
+    late = cycle.make_train_step(loss, tx)
+    par = parallel.make_train_step(loss, tx)
+    naive_v = naive.make_train_step(loss, tx)
+    late_state = cycle.expand_state(copy(state), tx)
+    par_state = parallel.expand_state(copy(state), tx)
+    naive_state = naive.expand_state(copy(state), tx)
     loop_states = [copy(state) for _ in range(k)]
 
     def naive_loop(states, b):
@@ -81,6 +87,7 @@ def main(argv):
     runs = {
         "plain": _timer(plain, copy(state), batch, FLAGS.steps),
         "late": _timer(late, late_state, batch, FLAGS.steps),
+        "parallel": _timer(par, par_state, batch, FLAGS.steps),
         "naive-vmap": _timer(naive_v, naive_state, batch, FLAGS.steps),
         "naive-loop": _timer(naive_loop, loop_states, small, FLAGS.steps),
     }
@@ -108,6 +115,7 @@ def main(argv):
     for label, t in (("wall median", wall_med), ("wall min", wall_min), ("cpu median", cpu_med)):
         print(
             f"{label}: late / plain = {t['late'] / t['plain']:.3f} (target <= 1.15); "
+            f"parallel / plain = {t['parallel'] / t['plain']:.3f}; "
             f"naive-vmap / late = {t['naive-vmap'] / t['late']:.2f}; "
             f"naive-loop / late = {t['naive-loop'] / t['late']:.2f}"
         )

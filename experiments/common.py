@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -102,9 +103,11 @@ def start(config, workdir) -> None:
     """Validates the common fields, then creates ``workdir`` and records ``config.json``.
 
     Call it after the experiment's own validation, before any work: a workdir
-    holding another config is refused with the fields that differ, so results
-    of two configs are never mixed, and the workdir is locked for the rest of
-    this process (`wspace.io.workdir_lock`): a second run fails at once.
+    holding results of another config is refused with the fields that differ,
+    so results of two configs are never mixed (the config of a run that stored
+    no result yet, e.g. one stopped by a typo, is replaced with a warning), and
+    the workdir is locked for the rest of this process (`wspace.io.workdir_lock`):
+    a second run fails at once.
     """
     from absl import logging
 
@@ -125,13 +128,23 @@ def start(config, workdir) -> None:
             for k in sorted(set(old) | set(new))
             if k not in ignored and old.get(k) != new.get(k)
         }
-        if diff:
-            lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        lines = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        if diff and not _has_results(workdir):  # e.g. a typo that failed before any result
+            msg = f"{workdir}: replacing the config of a run that stored no result ({lines})"
+            warnings.warn(msg, stacklevel=2)
+        elif diff:
             raise ValueError(
                 f"{workdir} holds a run with another config ({lines}); "
                 "use a new --workdir or delete this one"
             )
     write_json(path, new)
+
+
+def _has_results(workdir: str) -> bool:
+    """Whether a run in ``workdir`` stored any result (an arm's seed, or results.json)."""
+    arms = os.path.join(workdir, "arms")
+    stored = any(files for _, _, files in os.walk(arms)) if os.path.isdir(arms) else False
+    return stored or os.path.exists(os.path.join(workdir, "results.json"))
 
 
 _LOCKS: dict[str, Any] = {}

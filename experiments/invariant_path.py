@@ -342,20 +342,16 @@ def run(config, workdir: str) -> dict:
             tables["Continual: FIP solve"] = common.summarize(
                 fip, ["final_residual", "unconverged_steps"]
             )
-            bad = {k: sum(r["unconverged_steps"] for r in v) for k, v in fip.items()}
-            total = config.task2_steps * config.num_seeds
-            notes.append(
-                "Unconverged FIP solves (residual > tol="
-                f"{config.tol:g}) out of {total} steps per arm: "
-                + ", ".join(f"{k} {n}" for k, n in bad.items())
-            )
+            notes.append(_unconverged_note(config, fip, config.task2_steps))
         figures.append(_plot_continual(per_arm, workdir, config))
     if "sparsity" in config.parts:
         per_arm = common.run_arms(workdir, config, sparsity_arms(config, ds, net))
         claims += _sparsity_claims(config, per_arm)
         tables["Sparsity: test accuracy by arm"] = common.summarize(
-            per_arm, ["pruned_accuracy", "ft_accuracy"]
+            per_arm, ["pruned_accuracy", "ft_accuracy", "equal_budget_accuracy"]
         )
+        path = {k: v for k, v in per_arm.items() if k.startswith("path")}
+        notes.append(_unconverged_note(config, path, config.path_steps))
         figures.append(_plot_sparsity(per_arm, workdir, config))
     notes += [
         "fip = the paper's metric step with the softmax-Fisher metric (the official code's "
@@ -370,6 +366,14 @@ def run(config, workdir: str) -> dict:
         workdir, config, "invariant_path", claims=claims, tables=tables, figures=figures,
         notes=notes,
     )  # fmt: skip
+
+
+def _unconverged_note(config, per_arm, steps) -> str:
+    counts = ", ".join(f"{k} {sum(r['unconverged_steps'] for r in v)}" for k, v in per_arm.items())
+    return (
+        f"FIP solves that ended above tol={config.tol:g} (of {steps * config.num_seeds} steps "
+        f"per arm): {counts}"
+    )
 
 
 def _continual_claims(config, per_arm) -> list[dict]:
@@ -402,7 +406,7 @@ def _sparsity_claims(config, per_arm) -> list[dict]:
         ),
         common.compare(
             f"The FIP path + fine-tuning beats one-shot pruning fine-tuned for as many steps "
-            f"at {level} sparsity",
+            f"({config.path_steps + config.ft_steps}) at {level} sparsity",
             "equal_budget_accuracy", path, oneshot, per_arm,
         ),
     ]  # fmt: skip
@@ -425,7 +429,7 @@ def _plot_continual(per_arm, workdir, config) -> str:
             ax.plot(np.full(len(v), pos[i] + 0.27 * (j - 1)), v, "k.", ms=3)
     ax.set_xticks(pos, arms, rotation=30, ha="right")
     ax.set(ylabel="test accuracy", ylim=(0, 1), title=f"Continual learning, {config.dataset}")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return common.savefig(fig, workdir, "continual.png", config)
 
 
@@ -441,11 +445,16 @@ def _plot_sparsity(per_arm, workdir, config) -> str:
         ("path", "ft_accuracy", "s--", "FIP path + fine-tune"),
     ]
     for kind, key, style, label in series:
-        means = [np.mean([r[key] for r in per_arm[f"{kind}@{s:g}"]]) for s in levels]
-        ax.plot(levels, means, style, label=label)
+        values = [np.array([r[key] for r in per_arm[f"{kind}@{s:g}"]]) for s in levels]
+        spread = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
+        ax.errorbar(levels, [v.mean() for v in values], spread, fmt=style, capsize=3, label=label)
     dense = np.mean([r["dense_accuracy"] for r in per_arm[f"oneshot@{levels[0]:g}"]])
     ax.axhline(dense, color="k", ls=":", label="dense")
-    ax.set(xlabel="sparsity", ylabel="test accuracy", title=f"Sparsification, {config.dataset}")
+    ax.set(
+        xlabel="sparsity",
+        ylabel="test accuracy (mean ± std over seeds)",
+        title=f"Sparsification, {config.dataset}",
+    )
     ax.legend(fontsize=7)
     return common.savefig(fig, workdir, "sparsity.png", config)
 

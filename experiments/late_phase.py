@@ -1,197 +1,137 @@
-r"""Late-phase weights vs SGD and SWA: a BatchNorm ConvNet on mnist1d, and the noisy quadratic.
+r"""Late-phase weights vs SGD: a BatchNorm ConvNet on mnist1d, and the noisy quadratic problem.
 
-  python -m experiments.late_phase --workdir=runs/late_phase            # ConvNet, 5 arms x 3 seeds
-  python -m experiments.late_phase --workdir=runs/lp_nqp --problem=nqp  # noisy quadratic problem
-  python -m experiments.late_phase --workdir=/tmp/lp --quick
+  python -m experiments.late_phase --workdir=runs/late_phase        # small: the demo size
+  python -m experiments.late_phase --config=experiments/configs/late_phase.py:quick
+  python -m experiments.late_phase --config=experiments/configs/late_phase.py:paper
 
-Classification arms (same steps, batch, cosine learning-rate schedule, SGD + momentum 0.9):
-  sgd          plain training;
-  late         late-phase BatchNorm affine + head, K members from T0 = 60% of the steps;
-  late_t0_0    the same from step 0;
-  swa          SWA: cosine decay to swa_lr at 60%, then constant, average every swa_every
-               steps, BatchNorm statistics recomputed for the average;
-  late_swa     late-phase from 60% on the SWA schedule, SWA average of the late-phase
-               params, per-member statistics recomputed, then members averaged;
-  sgd_ghost_bn control: plain SGD whose BatchNorm batch statistics are computed per slice
-               of B/K examples, as the late-phase members' are, but with no members
-               ("ghost batch norm"): separates the effect of the members from that of the
-               smaller normalisation batches.
-Each arm/seed writes arms/<arm>_seed<s>.json (skipped on rerun); results.json holds the
-mean and std over seeds of test accuracy and NLL; accuracy.png the test-accuracy curves.
+Late-phase arms train plainly up to T0 and then as `wspace.late_phase.LatePhase` (K members
+of the BatchNorm affine + head weights, averaged in weight space at the end). Every arm has
+the same steps, batch and learning-rate schedule.
 
-NQP (--problem=nqp): loss l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2 with a fresh noisy
-minimum c ~ N(mu, diag(h)) per sample, h_i = 1/i, mu = 1. The model is w = theta * gain
-(elementwise), the analogue of a layer followed by a BatchNorm scale: every arm trains
-both vectors; the late-phase arms replicate ``gain`` into K members (w_k = theta * gain_k).
-Arms at matched steps and batch: SGD at lr, SGD at lr/K, late-phase (from the middle of
-the run), SWA (from the middle), late-phase + SWA. Reports the steady-state excess loss
-E[l] - min E[l] of each arm's final network (mean over the last quarter of the run).
+Classification arms (SGD + momentum 0.9, cosine learning rate; ``config.classify_arms``):
+  sgd            plain training (the baseline);
+  late           the paper's algorithm: schedule "cycle" (member t mod K takes the whole
+                 minibatch), shared weights step once per K minibatches with the sum of
+                 their gradients (official CIFAR code), T0 = 60% of the steps;
+  late_t0_0      the same from step 0 (the paper's ablation: no gain expected);
+  late_random    a member drawn per step, shared weights every step (the code's other path);
+  late_parallel  a different algorithm: all K members per step on slices of B/K examples;
+  sgd_ghost_bn   control for late_parallel: plain SGD with BatchNorm statistics per slice
+                 of B/K examples ("ghost BatchNorm"), no members;
+  swa            SWA: cosine decay to swa_lr at T0, then constant, average every swa_every
+                 steps, BatchNorm statistics recomputed for the average;
+  late_swa       late-phase on the SWA schedule, SWA of the late-phase params, per-member
+                 statistics recomputed, then members averaged.
 
-Reference: von Oswald et al., "Neural networks with late-phase weights", ICLR 2021,
-arXiv 2007.12927; Izmailov et al. 2018 (SWA), arXiv 1803.05407.
+NQP arms (plain SGD, ``config.nqp_arms``): l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2 with a fresh
+minimum c ~ N(1, diag(h)) per example, h_i = 1/i; the model is w = theta * gain (elementwise,
+the analogue of a layer followed by a BatchNorm scale): every arm trains both vectors; the
+late-phase arms replicate ``gain`` into K members. Arms: sgd, late (cycle + sum), late_random
+(random + every), late_mean (cycle, mean: the ImageNet script's lr / K), late_parallel,
+sgd_lr_over_K (plain SGD with lr / K from T0: the learning-rate confound). Metric: the excess
+loss E_c l(w) - min_w E_c l(w) of each arm's output network, averaged over the last quarter
+of the run.
+
+Claims (paired by seed, 95% t-interval of the difference, verdict): late beats sgd in test
+accuracy and NLL; T0 = 60% beats T0 = 0; on the NQP, late and late_random reach a lower
+excess loss than sgd.
+
+Reference: von Oswald, Kobayashi, Meulemans, Henning, Grewe, Sacramento, "Neural networks with
+late-phase weights", ICLR 2021, arXiv 2007.12927; Izmailov et al. 2018 (SWA), arXiv 1803.05407.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import numpy as np
+import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
+import wspace as ws
+from experiments import common
+from wspace.averaging import recompute_batch_stats, swa, swa_params
+from wspace.late_phase import LatePhase
 
-import wspace as ws  # noqa: E402
-from experiments import common  # noqa: E402
-from wspace import late_phase as lp  # noqa: E402
-
-common.define_common_flags("runs/late_phase")
-flags.DEFINE_enum("problem", "classify", ["classify", "nqp"], "classify (ConvNet) or nqp.")
-flags.DEFINE_string("model", "convnet", f"One of {sorted(ws.models.MODELS)}.")
-flags.DEFINE_string("select", "bn_head", f"Late-phase preset, one of {lp.PRESETS}.")
-flags.DEFINE_integer("members", 10, "K, the number of late-phase members.")
-flags.DEFINE_float("t0_frac", 0.6, "Late phase (and SWA) start as a fraction of the steps.")
-flags.DEFINE_integer("steps", 1200, "Training steps per run.")
-flags.DEFINE_integer("batch_size", 100, "Global batch size (divisible by --members).")
-flags.DEFINE_float("lr", 0.05, "Peak learning rate.")
-flags.DEFINE_float("swa_lr", 0.01, "Constant learning rate of the SWA phase.")
-flags.DEFINE_integer("swa_every", 10, "SWA averaging period in steps.")
-flags.DEFINE_enum("combine", "mean", list(lp.COMBINE), "How shared weights combine gradients.")
-flags.DEFINE_float("noise", 0.0, "Std of the members' perturbation at T0.")
-flags.DEFINE_integer("seeds", 3, "Number of seeds (seed, seed+1, ...).")
-flags.DEFINE_integer("eval_every", 200, "Evaluate every N steps.")
-flags.DEFINE_integer("nqp_dim", 50, "NQP dimension.")
-FLAGS = flags.FLAGS
-
-ARMS = ("sgd", "late", "late_t0_0", "swa", "late_swa", "sgd_ghost_bn")
-QUICK_ARMS = ("sgd", "late", "late_swa", "sgd_ghost_bn")  # --quick: every code path once
-NQP_ARMS = ("sgd", "sgd_lr_over_K", "late", "swa", "late_swa")
-_KEYS = (
-    "problem",
-    "dataset",
-    "data_dir",
-    "seed",
-    "quick",
-    "model",
-    "select",
-    "members",
-    "t0_frac",
-    "steps",
-    "batch_size",
-    "lr",
-    "swa_lr",
-    "swa_every",
-    "combine",
-    "noise",
-    "seeds",
-    "eval_every",
-    "nqp_dim",
+CLASSIFY_ARMS = (
+    "sgd",
+    "late",
+    "late_t0_0",
+    "late_random",
+    "late_parallel",
+    "sgd_ghost_bn",
+    "swa",
+    "late_swa",
 )
+NQP_ARMS = ("sgd", "late", "late_random", "late_mean", "late_parallel", "sgd_lr_over_K")
+PARTS = ("classify", "nqp")
+# arm -> (schedule, combine) of its LatePhase (None: a plain arm)
+_LATE = {
+    "late": ("cycle", None),
+    "late_t0_0": ("cycle", None),
+    "late_random": ("random", None),
+    "late_mean": ("cycle", "mean"),
+    "late_parallel": ("parallel", None),
+    "late_swa": ("cycle", None),
+}
 
 
-def get_config() -> dict:
-    """Flags, shrunk by --quick."""
-    cfg = {k: getattr(FLAGS, k) for k in _KEYS}
-    if cfg["quick"]:
-        if cfg["problem"] == "nqp":
-            cfg.update(steps=200, eval_every=20, seeds=1, nqp_dim=10)
-        else:
-            cfg.update(
-                model="mlp", steps=12, eval_every=12, batch_size=8, members=2, seeds=1, swa_every=2
+def validate(config) -> None:
+    """Rejects bad fields before any work or file write."""
+    bad = [p for p in config.parts if p not in PARTS]
+    if bad or not config.parts:
+        raise ValueError(f"config.parts={config.parts!r}; use a non-empty subset of {PARTS}")
+    for field, allowed in (("classify_arms", CLASSIFY_ARMS), ("nqp_arms", NQP_ARMS)):
+        bad = [a for a in config[field] if a not in allowed]
+        if bad or "sgd" not in config[field]:
+            raise ValueError(
+                f"config.{field}={config[field]!r}; arms from {allowed}, including 'sgd'"
             )
-    elif cfg["problem"] == "nqp" and FLAGS["steps"].using_default_value:
-        cfg.update(steps=4000, eval_every=50, lr=0.5)
-    return cfg
+    if config.model not in ws.models.MODELS:
+        raise ValueError(f"config.model={config.model!r}; use one of {sorted(ws.models.MODELS)}")
+    for field in ("members", "steps", "batch_size", "eval_every", "swa_every", "nqp_dim"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    for field in ("nqp_steps", "nqp_batch_size", "nqp_eval_every"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    if not 0 < config.t0_frac < 1:
+        raise ValueError(f"config.t0_frac={config.t0_frac}; must be in (0, 1)")
+    for field in ("lr", "nqp_lr", "swa_lr"):
+        if not 0 < config[field] < float("inf"):
+            raise ValueError(f"config.{field}={config[field]}; must be finite and > 0")
+    if config.batch_size % config.members or config.nqp_batch_size % config.members:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} and nqp_batch_size={config.nqp_batch_size} "
+            f"must be divisible by members={config.members} (parallel arms and ghost BatchNorm)"
+        )
+    LatePhase(config.members, config.select, noise=config.noise)  # raises on a bad select/noise
 
 
 # ----------------------------------------------------------------------------- classification
 
 
-def _schedules(cfg):
-    steps, t_swa = cfg["steps"], int(cfg["t0_frac"] * cfg["steps"])
-    cosine = optax.cosine_decay_schedule(cfg["lr"], max(steps, 1))
-    to_swa = optax.join_schedules(
-        [
-            optax.cosine_decay_schedule(cfg["lr"], max(t_swa, 1), alpha=cfg["swa_lr"] / cfg["lr"]),
-            optax.constant_schedule(cfg["swa_lr"]),
-        ],
-        [t_swa],
-    )
-    return cosine, to_swa, t_swa
-
-
-def run_arm(arm: str, seed: int, cfg: dict, ds, progress: bool) -> dict:
-    """Trains one arm with one seed; returns final test metrics and the evaluation history."""
-    model = _model(cfg["model"], ds.num_classes)
-    loss = ws.training.classification_loss(model.apply)
-    cosine, to_swa, t_swa = _schedules(cfg)
-    uses_swa = arm in ("swa", "late_swa")
-    opt = optax.sgd(to_swa if uses_swa else cosine, momentum=0.9)
-    tx = optax.chain(opt, lp.swa(start=t_swa, every=cfg["swa_every"])) if uses_swa else opt
-    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
-    common_kw = dict(
-        apply_fn=model.apply,
-        num_steps=cfg["steps"],
-        batch_size=cfg["batch_size"],
-        seed=seed,
-        eval_every=cfg["eval_every"],
-        progress=progress,
-    )
-    k, sel = cfg["members"], cfg["select"]
-    if arm in ("sgd", "swa", "sgd_ghost_bn"):
-        train_loss = _ghost_bn_loss(loss, k) if arm == "sgd_ghost_bn" else loss
-        state, hist = ws.training.fit(
-            state, ws.training.make_train_step(train_loss, tx), ds, **common_kw
-        )
-        params, model_state = state.params, state.model_state
-        if arm == "swa":
-            params = lp.swa_params(state.opt_state)
-            model_state = lp.recompute_batch_stats(loss, params, model_state, _epoch(ds, cfg))
-    else:
-        t0 = 0 if arm == "late_t0_0" else t_swa
-        state, hist = lp.fit(
-            state,
-            loss,
-            tx,
-            ds,
-            num_members=k,
-            t0=t0,
-            select=sel,
-            combine=cfg["combine"],
-            noise=cfg["noise"],
-            key=jax.random.PRNGKey(10_000 + seed),
-            **common_kw,
-        )
-        params, model_state = state.params, state.model_state
-        if arm == "late_swa":
-            params = lp.swa_params(state.opt_state)
-            late_loss = lp.late_phase_loss(loss, k, sel, combine=cfg["combine"])
-            model_state = lp.recompute_batch_stats(late_loss, params, model_state, _epoch(ds, cfg))
-        params, model_state = lp.average(params, model_state, sel)
-    final = ws.training.evaluate(
-        model.apply, {"params": params, **model_state}, ds.x_test, ds.y_test
-    )
-    return {
-        "arm": arm,
-        "seed": seed,
-        "test_accuracy": final["accuracy"],
-        "test_nll": final["loss"],
-        "curve": [
-            {"step": r["step"], "test_accuracy": r["test_accuracy"], "test_loss": r["test_loss"]}
-            for r in hist
-        ],
-    }
+@functools.cache
+def _model(name: str, num_classes: int):
+    """One model object per process: compiled steps and evaluations are reused across seeds."""
+    return ws.models.create(name, num_classes)
 
 
 @functools.cache
-def _model(name: str, num_classes: int):
-    """One model object per run, so compiled evaluation functions are reused across arms."""
-    return ws.models.create(name, num_classes)
+def _setup(arm: str, num_classes: int, model_name: str, members: int, steps: int, t0: int,
+           lr: float, swa_lr: float, swa_every: int, mode: str):  # fmt: skip
+    """Model, loss, optimizer and plain step of one arm, built once and shared by its seeds."""
+    model = _model(model_name, num_classes)
+    loss = ws.training.classification_loss(model.apply)
+    if arm in ("swa", "late_swa"):  # cosine to swa_lr at T0, then constant, averaging from T0
+        decay = optax.cosine_decay_schedule(lr, max(t0, 1), alpha=swa_lr / lr)
+        schedule = optax.join_schedules([decay, optax.constant_schedule(swa_lr)], [t0])
+        tx = optax.chain(optax.sgd(schedule, momentum=0.9), swa(start=t0, every=swa_every))
+    else:
+        tx = optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9)
+    train_loss = _ghost_bn_loss(loss, members) if arm == "sgd_ghost_bn" else loss
+    return model, loss, tx, ws.training.make_train_step(train_loss, tx, mode=mode)
 
 
 def _ghost_bn_loss(loss_fn, num_slices: int):
@@ -208,101 +148,118 @@ def _ghost_bn_loss(loss_fn, num_slices: int):
     return wrapped
 
 
-def _epoch(ds, cfg, num_batches: int = 80):
-    """Training batches for recomputing BatchNorm statistics (momentum 0.9: 0.9^80 ~ 2e-4)."""
-    stream = ws.data.batches(ds.x_train, ds.y_train, cfg["batch_size"], seed=12345, epochs=None)
+def _late(config, arm: str) -> LatePhase:
+    schedule, combine = _LATE[arm]
+    return LatePhase(config.members, config.select, schedule, combine, config.noise)
+
+
+def _recalibration_batches(ds, config, num_batches: int = 50):
+    """Training batches for recomputing BatchNorm statistics (momentum 0.9: 0.9^50 ~ 5e-3)."""
+    stream = ws.data.batches(ds.x_train, ds.y_train, config.batch_size, seed=12345, epochs=None)
     return [next(stream) for _ in range(num_batches)]
 
 
-def run_classification(workdir: str, cfg: dict, progress: bool) -> dict:
-    """All arms x seeds (resumable per arm/seed), the summary table and the plot."""
-    ds = ws.data.standardize(ws.data.load(cfg["dataset"], data_dir=cfg["data_dir"]))
-    runs = {}
-    arms = QUICK_ARMS if cfg["quick"] else ARMS
-    for seed in range(cfg["seed"], cfg["seed"] + cfg["seeds"]):
-        for arm in arms:
-            path = os.path.join(workdir, "arms", f"{arm}_seed{seed}.json")
-            res = common.load_json(path)
-            if res is None:
-                res = run_arm(arm, seed, cfg, ds, progress)
-                ws.training.write_json(path, res)
-            runs.setdefault(arm, []).append(res)
-    table = {}
-    base = np.array([r["test_accuracy"] for r in runs["sgd"]])
-    for arm, rs in runs.items():
-        acc = np.array([r["test_accuracy"] for r in rs])
-        nll = np.array([r["test_nll"] for r in rs])
-        table[arm] = {
-            "test_accuracy_mean": acc.mean(),
-            "test_accuracy_std": acc.std(ddof=1) if len(acc) > 1 else 0.0,
-            "test_nll_mean": nll.mean(),
-            "test_nll_std": nll.std(ddof=1) if len(nll) > 1 else 0.0,
-            "delta_accuracy_vs_sgd_mean": float((acc - base).mean()),
-            "per_seed_accuracy": acc.tolist(),
-        }
-    results = {
-        "problem": "classify",
-        "dataset": cfg["dataset"],
-        "model": cfg["model"],
-        "select": cfg["select"],
-        "members": cfg["members"],
-        "steps": cfg["steps"],
-        "seeds": cfg["seeds"],
-        "arms": table,
-    }
-    common.save_results(workdir, results)
-    _plot_curves(runs, workdir)
-    return results
-
-
-def _plot_curves(runs, workdir):
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, rs in runs.items():
-        steps = [r["step"] for r in rs[0]["curve"]]
-        accs = np.array([[r["test_accuracy"] for r in x["curve"]] for x in rs])
-        ax.plot(steps, accs.mean(0), label=arm, marker=".")
-        ax.fill_between(steps, accs.min(0), accs.max(0), alpha=0.15)
-    ax.set(
-        xlabel="step",
-        ylabel="test accuracy (late arms: averaged net; SWA: iterate)",
-        title="late-phase weights, mean and range over seeds",
+def classify_arm(config, ds, arm: str, seed: int) -> dict:
+    """Trains one arm with one seed; returns the final test metrics and the test curve."""
+    t0 = int(config.t0_frac * config.steps)
+    model, loss, tx, step = _setup(
+        arm, ds.num_classes, config.model, config.members, config.steps, t0, config.lr,
+        config.swa_lr, config.swa_every, config.mode,
+    )  # fmt: skip
+    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
+    kw = dict(
+        num_steps=config.steps,
+        batch_size=config.batch_size,
+        seed=seed,
+        mode=config.mode,
+        eval_every=config.eval_every,
+        train_eval_examples=0,
+        progress=config.progress,
     )
-    ax.legend()
-    common.savefig(fig, workdir, "accuracy.png")
+    if arm in _LATE:
+        late = _late(config, arm)
+        t0 = 0 if arm == "late_t0_0" else t0
+        state, hist = late.fit(state, loss, tx, ds, apply_fn=model.apply, t0=t0, **kw)
+        params, model_state = state.params, state.model_state
+        if arm == "late_swa":
+            params = swa_params(state.opt_state)
+            model_state = _recalibrate_members(late, loss, params, model_state, ds, config)
+        params, model_state = late.average(params, model_state)
+    else:
+        state, hist = ws.training.fit(state, step, ds, apply_fn=model.apply, **kw)
+        params, model_state = state.params, state.model_state
+        if arm == "swa":
+            params = swa_params(state.opt_state)
+            batches = _recalibration_batches(ds, config)
+            model_state = recompute_batch_stats(loss, params, model_state, batches)
+    final = ws.training.evaluate(
+        model.apply, {"params": params, **model_state}, ds.x_test, ds.y_test
+    )
+    return {
+        "test_accuracy": final["accuracy"],
+        "test_nll": final["loss"],
+        "curve": [{"step": r["step"], "test_accuracy": r["test_accuracy"]} for r in hist],
+    }
+
+
+def _recalibrate_members(late, loss, params, model_state, ds, config):
+    """Per-member BatchNorm statistics for SWA-averaged late-phase params (official bn_update:
+    a pass over training data for each member)."""
+    batches = _recalibration_batches(ds, config)
+    for k in range(late.num_members):
+        fn = functools.partial(_member_k, late.member_loss(loss), k)
+        model_state = recompute_batch_stats(fn, params, model_state, batches)
+    return model_state
+
+
+def _member_k(member_loss, k, params, model_state, batch, key):
+    return member_loss(params, model_state, batch, key, k)
 
 
 # ----------------------------------------------------------------------------- NQP
 
 
-_NQP_SELECT = lp.selection(lambda path: path[-1] == "gain")
+class _NQPStream:
+    """Batches ``{"x": c}`` with ``c ~ N(1, diag(h))``; every ``iter()`` restarts the stream."""
+
+    def __init__(self, h: np.ndarray, batch_size: int, seed: int):
+        self.h, self.batch_size, self.seed = h, batch_size, seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            noise = rng.normal(size=(self.batch_size, len(self.h)))
+            yield {"x": (1.0 + np.sqrt(self.h) * noise).astype(np.float32)}
 
 
-def _nqp_problem(dim: int):
-    h = 1.0 / np.arange(1, dim + 1, dtype=np.float32)
-    mu = np.ones(dim, np.float32)
+@functools.cache
+def _nqp_setup(dim: int, lr: float, t0: int, lr_divisor: int):
+    """Loss, excess-loss function, SGD and its plain step (lr / lr_divisor from T0 on)."""
+    h = (1.0 / np.arange(1, dim + 1)).astype(np.float32)
 
     def loss_fn(params, model_state, batch, key):
         w = params["theta"] * params["gain"]
         value = 0.5 * jnp.mean(jnp.sum(h * (w - batch["x"]) ** 2, axis=-1))
-        return value, (model_state, {"loss": value})
+        return value, (model_state, {})
 
-    def excess(params):  # E_c l(w; c) - min_w E_c l(w; c)
+    @jax.jit
+    def excess(params):  # E_c l(w; c) - min_w E_c l(w; c) = 1/2 sum_i h_i (w_i - 1)^2
         w = params["theta"] * params["gain"]
-        return 0.5 * jnp.sum(h * (w - mu) ** 2)
+        return 0.5 * jnp.sum(h * (w - 1.0) ** 2)
 
-    return h, mu, loss_fn, jax.jit(excess)
+    lr_t = optax.join_schedules(
+        [optax.constant_schedule(lr), optax.constant_schedule(lr / lr_divisor)], [t0]
+    )
+    tx = optax.sgd(lr_t)
+    return h, loss_fn, excess, tx, ws.training.make_train_step(loss_fn, tx)
 
 
-def run_nqp_arm(arm: str, seed: int, cfg: dict) -> dict:
-    """One NQP arm: returns the excess loss of its output network over the run."""
-    dim, k, steps, bsz = cfg["nqp_dim"], cfg["members"], cfg["steps"], cfg["batch_size"]
-    h, mu, loss_fn, excess = _nqp_problem(dim)
-    t0 = int(cfg["t0_frac"] * steps) if cfg["t0_frac"] < 1 else steps // 2
-    lr = cfg["lr"] / k if arm == "sgd_lr_over_K" else cfg["lr"]
-    uses_swa = arm in ("swa", "late_swa")
-    tx = optax.sgd(lr)
-    if uses_swa:
-        tx = optax.chain(tx, lp.swa(start=t0, every=1))
+def nqp_arm(config, arm: str, seed: int) -> dict:
+    """One NQP arm: the excess loss of its output network over the run."""
+    steps, t0 = config.nqp_steps, int(config.t0_frac * config.nqp_steps)
+    divisor = config.members if arm == "sgd_lr_over_K" else 1
+    h, loss_fn, excess, tx, step = _nqp_setup(config.nqp_dim, config.nqp_lr, t0, divisor)
+    dim = config.nqp_dim
     params = {"theta": jnp.zeros(dim), "gain": jnp.ones(dim)}
     state = ws.training.TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -311,109 +268,160 @@ def run_nqp_arm(arm: str, seed: int, cfg: dict) -> dict:
         opt_state=tx.init(params),
         key=jax.random.PRNGKey(seed),
     )
-    plain_step = ws.training.make_train_step(loss_fn, tx)
-    late_step = ws.training.make_train_step(
-        lp.late_phase_loss(loss_fn, k, _NQP_SELECT, combine=cfg["combine"]), tx
-    )
-    is_late = arm in ("late", "late_swa")
-    rng = np.random.default_rng(seed)
-    out = (
-        jax.jit(lambda p, o: lp.average(swa_or(p, o), {}, _NQP_SELECT)[0])
-        if is_late
-        else jax.jit(lambda p, o: swa_or(p, o))
-    )
-
-    def swa_or(p, o):
-        return lp.swa_params(o) if uses_swa else p
-
-    curve = []
-    for t in range(1, steps + 1):
-        if is_late and t == t0 + 1:
-            state = lp.expand_state(
-                state, tx, _NQP_SELECT, k, key=jax.random.PRNGKey(seed), noise=cfg["noise"]
-            )
-        batch = {
-            "x": (mu + np.sqrt(h) * rng.normal(size=(bsz, dim))).astype(np.float32),
-            "y": np.zeros(bsz, np.int32),
-        }
-        step = late_step if is_late and t > t0 else plain_step
-        state, _ = step(state, batch)
-        if t % cfg["eval_every"] == 0 or t == steps:
-            net = (
-                out(state.params, state.opt_state)
-                if t > t0 and (is_late or uses_swa)
-                else state.params
-            )  # before t0 every arm's output is its plain iterate
-            curve.append({"step": t, "excess_loss": float(excess(net))})
+    data = _NQPStream(h, config.nqp_batch_size, seed)
+    eval_fn = lambda s: {"excess_loss": excess(s.params)}
+    kw = dict(num_steps=steps, eval_fn=eval_fn, eval_every=config.nqp_eval_every, progress=False)
+    if arm in _LATE:
+        late = LatePhase(config.members, _NQP_SELECT, *_LATE[arm])
+        state, hist = late.fit(state, loss_fn, tx, data, t0=t0, **kw)
+    else:
+        state, hist = ws.training.fit(state, step, data, **kw)
+    curve = [{"step": r["step"], "excess_loss": r["excess_loss"]} for r in hist]
     tail = [r["excess_loss"] for r in curve if r["step"] > 0.75 * steps]
-    return {
-        "arm": arm,
-        "seed": seed,
-        "steady_state_excess_loss": float(np.mean(tail)),
-        "final_excess_loss": curve[-1]["excess_loss"],
-        "curve": curve,
-    }
+    return {"excess_loss": float(np.mean(tail)), "curve": curve}
 
 
-def run_nqp(workdir: str, cfg: dict) -> dict:
-    """All NQP arms x seeds, the table, the winner (by the numbers) and the plot."""
-    runs = {}
-    for seed in range(cfg["seed"], cfg["seed"] + cfg["seeds"]):
-        for arm in NQP_ARMS:
-            path = os.path.join(workdir, "arms", f"nqp_{arm}_seed{seed}.json")
-            res = common.load_json(path)
-            if res is None:
-                res = run_nqp_arm(arm, seed, cfg)
-                ws.training.write_json(path, res)
-            runs.setdefault(arm, []).append(res)
-    table = {}
-    for arm, rs in runs.items():
-        ss = np.array([r["steady_state_excess_loss"] for r in rs])
-        table[arm] = {
-            "steady_state_excess_loss_mean": ss.mean(),
-            "steady_state_excess_loss_std": ss.std(ddof=1) if len(ss) > 1 else 0.0,
-        }
-    winner = min(table, key=lambda a: table[a]["steady_state_excess_loss_mean"])
-    results = {
-        "problem": "nqp",
-        "dim": cfg["nqp_dim"],
-        "members": cfg["members"],
-        "steps": cfg["steps"],
-        "batch_size": cfg["batch_size"],
-        "lr": cfg["lr"],
-        "seeds": cfg["seeds"],
-        "arms": table,
-        "winner": winner,
-    }
-    common.save_results(workdir, results)
+_NQP_SELECT = ws.late_phase.selection(lambda path: path[-1] == "gain")
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(config, workdir: str) -> dict:
+    """Runs the configured parts and arms over seeds; writes results.json and figures."""
+    validate(config)
+    common.start(config, workdir)
+    claims, tables, figures, notes = [], {}, [], []
+    if "classify" in config.parts:
+        ds = common.load_dataset(config)
+        arms = {a: functools.partial(classify_arm, config, ds, a) for a in config.classify_arms}
+        per_arm = common.run_arms(workdir, config, arms)
+        k = config.members
+        if "late" in per_arm:
+            claims.append(
+                common.compare(
+                    f"Late-phase weights (K={k}, cycle, T0={config.t0_frac:.0%}) beat SGD in "
+                    "test accuracy",
+                    "test_accuracy",
+                    "late",
+                    "sgd",
+                    per_arm,
+                )
+            )
+            claims.append(
+                common.compare(
+                    f"Late-phase weights (K={k}) have lower test NLL than SGD",
+                    "test_nll",
+                    "late",
+                    "sgd",
+                    per_arm,
+                    higher_is_better=False,
+                )
+            )
+        if "late" in per_arm and "late_t0_0" in per_arm:
+            claims.append(
+                common.compare(
+                    f"Starting the late phase at T0={config.t0_frac:.0%} beats T0=0 (the "
+                    "paper's ablation) in test accuracy",
+                    "test_accuracy",
+                    "late",
+                    "late_t0_0",
+                    per_arm,
+                )
+            )
+        for arm, base in (("late_swa", "swa"), ("late_parallel", "sgd_ghost_bn")):
+            if arm in per_arm and base in per_arm:
+                claims.append(
+                    common.compare(
+                        f"{arm} beats {base} in test accuracy", "test_accuracy", arm, base, per_arm
+                    )
+                )
+        tables["ConvNet on mnist1d: final test metrics by arm"] = common.summarize(
+            per_arm, ["test_accuracy", "test_nll"]
+        )
+        figures.append(_plot_classify(per_arm, workdir, config))
+    if "nqp" in config.parts:
+        arms = {a: functools.partial(nqp_arm, config, a) for a in config.nqp_arms}
+        nqp = common.run_arms(workdir, config, {f"nqp_{a}": fn for a, fn in arms.items()})
+        for arm, what in (
+            ("late", "Late-phase (cycle, shared step per K minibatches with the sum)"),
+            ("late_random", "Late-phase (random member, shared step every minibatch)"),
+            ("late_mean", "Late-phase (cycle, shared step per K minibatches with the mean)"),
+        ):
+            if f"nqp_{arm}" in nqp:
+                claims.append(
+                    common.compare(
+                        f"NQP: {what} reaches a lower excess loss than SGD",
+                        "excess_loss",
+                        f"nqp_{arm}",
+                        "nqp_sgd",
+                        nqp,
+                        higher_is_better=False,
+                    )
+                )
+        if "nqp_late_mean" in nqp and "nqp_sgd_lr_over_K" in nqp:
+            claims.append(
+                common.compare(
+                    "NQP: Late-phase (cycle, mean) beats SGD whose learning rate drops to lr/K "
+                    "at T0 (the learning-rate confound)",
+                    "excess_loss",
+                    "nqp_late_mean",
+                    "nqp_sgd_lr_over_K",
+                    nqp,
+                    higher_is_better=False,
+                )
+            )
+        tables["Noisy quadratic problem: steady-state excess loss by arm"] = common.summarize(
+            nqp, ["excess_loss"]
+        )
+        figures.append(_plot_nqp(nqp, workdir, config))
+    notes.append(
+        "late = the paper's algorithm (schedule 'cycle': one member per minibatch, the whole "
+        "minibatch; shared weights step once per K minibatches with the summed gradient)."
+    )
+    notes.append(
+        "Runs are on CPU; seeds pair the arms (same initialisation and data order per seed)."
+    )
+    return common.save_results(
+        workdir, config, "late_phase", claims=claims, tables=tables, figures=figures, notes=notes
+    )
+
+
+def _plot_classify(per_arm, workdir, config) -> str:
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, rs in runs.items():
+    for arm, rs in per_arm.items():
+        steps = [r["step"] for r in rs[0]["curve"]]
+        accs = np.array([[r["test_accuracy"] for r in x["curve"]] for x in rs])
+        ax.plot(steps, accs.mean(0), label=arm, marker=".")
+        ax.fill_between(steps, accs.min(0), accs.max(0), alpha=0.15)
+    ax.set(
+        xlabel="step",
+        ylabel="test accuracy (late arms: averaged network)",
+        title=f"late-phase weights, mean and range over {config.num_seeds} seeds",
+    )
+    ax.legend()
+    return common.savefig(fig, workdir, "accuracy.png", config)
+
+
+def _plot_nqp(per_arm, workdir, config) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, rs in per_arm.items():
         steps = [r["step"] for r in rs[0]["curve"]]
         ax.plot(steps, np.mean([[r["excess_loss"] for r in x["curve"]] for x in rs], 0), label=arm)
+    ax.axvline(int(config.t0_frac * config.nqp_steps), color="gray", ls=":", label="T0")
     ax.set(
         xlabel="step",
         ylabel="excess loss of the output network",
         yscale="log",
-        title="noisy quadratic problem",
+        title="noisy quadratic problem (mean over seeds)",
     )
     ax.legend()
-    common.savefig(fig, workdir, "nqp.png")
-    return results
-
-
-def main(argv):
-    del argv
-    cfg = get_config()
-    common.start(FLAGS.workdir, cfg)
-    if cfg["problem"] == "nqp":
-        results = run_nqp(FLAGS.workdir, cfg)
-    else:
-        results = run_classification(FLAGS.workdir, cfg, FLAGS.progress)
-    for arm, row in results["arms"].items():
-        print(arm, {k: np.round(v, 4) for k, v in row.items() if not isinstance(v, list)})
-    if "winner" in results:
-        print("lowest steady-state excess loss:", results["winner"])
+    return common.savefig(fig, workdir, "nqp.png", config)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main(run, "late_phase")

@@ -1,416 +1,454 @@
 r"""Lottery tickets by iterative magnitude pruning, its controls, and the geometry of each level.
 
-  python -m experiments.lottery --workdir=runs/lottery                 # LeNet-300-100, mnist1d
-  python -m experiments.lottery --workdir=runs/lottery --num_seeds=3
-  python -m experiments.lottery --workdir=runs/quick --quick
-  python -m experiments.lottery --workdir=runs/cnn --model=convnet --scope=global
+  python -m experiments.lottery --workdir=runs/lottery                     # small (the demo)
+  python -m experiments.lottery --workdir=/tmp/q --config=experiments/configs/lottery.py:quick
+  python -m experiments.lottery --workdir=runs/lottery_paper \
+      --config=experiments/configs/lottery.py:paper --config.mode=sharded
 
-Arms (each ``--levels`` levels after the shared dense level 0, 20% of the
-surviving weights pruned per level, 10% for ``head``):
+An MLP (LeNet-300-100) on standardized mnist1d, SGD with momentum 0.9 on a
+cosine schedule, ``steps`` per level. Each level prunes ``rate`` (20%) of the
+surviving weights of every layer (``head_rate`` = 10% for the output layer) by
+magnitude and retrains. Arms (``config.arms``), all sharing one dense run per seed:
 
-* ``rewind_init``: IMP, survivors rewound to the initialisation (Frankle & Carbin 2019).
-* ``rewind_k``: IMP, survivors rewound to step ``--rewind_step`` (Frankle et al. 2020).
-* ``reinit``: the ``rewind_init`` ticket's masks with fresh random weights.
-* ``random``: random masks with the ticket's per-layer counts, original init.
-* ``oneshot``: the dense solution pruned in one shot to each level's sparsity, original init.
+* ``ticket``: IMP, survivors rewound to step ``k = rewind_step`` with a fresh
+  optimizer state and the schedule at ``k`` (open_lth; Frankle et al. 2020).
+* ``ticket_restore``: the same with the whole step-``k`` state restored
+  (momentum buffers included), the variant the library used to run.
+* ``ticket_init``: IMP rewound to the initialisation (Frankle & Carbin 2019).
+* ``reinit``: the ticket's masks, fresh random weights, trained from step 0.
+* ``random``: random masks with the ticket's per-layer counts, rewound weights.
+* ``oneshot``: the dense solution pruned in one shot to each level's sparsity.
 
-Per level: test accuracy, sparsity, and geometry (``--geometry``) of the
-sparse network's training loss restricted to its surviving weights: top
-Hessian eigenvalue (sharpness), Hessian trace (Hutchinson), loss and error
-barrier on the line to the previous level's solution, L2 distance and cosine
-to the previous level and to the initialisation, Jaccard overlap of the masks.
-Writes config.json, per-level files under seed_S/ARM/level_XX/, results.json
-(the table and a summary) and lth.png, geometry.png; a rerun resumes at the
-first unfinished level.
+Per level and arm: test accuracy and density; for ``geometry_arms``, on 1,000
+training examples and the surviving weights only: the top Hessian eigenvalue
+(sharpness), the Hessian trace summed and **per surviving weight**; the test
+error barrier to the previous level; and for ``instability_arms`` the
+instability (Frankle et al. 2020): a second copy from the level's start with
+another data order, the test-error barrier between the two.
+
+Claims (paired by seed, 95% t-intervals, at the deepest level):
+the ticket matches dense within ``match_margin``; it beats random
+re-initialisation and random pruning; it is stable to SGD noise (instability
+below 2 points); it is flatter per weight than random
+re-initialisation (Paul et al. 2023, arXiv 2210.03044; Saleem et al. 2024,
+arXiv 2403.15022); restoring the optimizer instead of a fresh one changes
+accuracy by less than the margin. Levels resume from ``workdir/lottery/seed_S``
+(``wspace.lottery``); finished arms and seeds from ``workdir/arms``.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import jax
-import matplotlib
+import numpy as np
+import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
+import wspace as ws
+from experiments import common
+from wspace import landscape, lottery, pruning
 
-import wspace as ws  # noqa: E402
-from experiments import common  # noqa: E402
-from wspace import landscape, lottery, pruning  # noqa: E402
-
-ALL_ARMS = ("rewind_init", "rewind_k", "reinit", "random", "oneshot")
-
-common.define_common_flags("runs/lottery")
-flags.DEFINE_string("model", "lenet_300_100", f"One of {sorted(ws.models.MODELS)}.")
-flags.DEFINE_bool("standardize", True, "Standardise inputs with the train mean/std.")
-flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "sgd (momentum 0.9) or adam.")
-flags.DEFINE_float("lr", 0.05, "Peak learning rate (cosine decay over --steps).")
-flags.DEFINE_integer("steps", 1000, "Training steps per level (T).")
-flags.DEFINE_integer("batch_size", 128, "Batch size.")
-flags.DEFINE_integer("levels", 15, "Pruning levels after the dense level 0.")
-flags.DEFINE_float("rate", 0.2, "Fraction of surviving weights pruned per level.")
-flags.DEFINE_float("head_rate", 0.1, "Per-level rate of the output layer `head`.")
-flags.DEFINE_enum("scope", "layerwise", list(pruning.SCOPES), "Magnitude ranking scope.")
-flags.DEFINE_integer("rewind_step", 100, "k of the rewind_k arm, in [0, steps).")
-flags.DEFINE_list("arms", list(ALL_ARMS), f"Subset of {ALL_ARMS}.")
-flags.DEFINE_integer("num_seeds", 1, "Seeds seed, seed+1, ...; the table reports mean and std.")
-flags.DEFINE_bool("geometry", True, "Measure sharpness, trace, barriers and distances per level.")
-flags.DEFINE_integer("geometry_examples", 1000, "Train examples for the Hessian measures.")
-flags.DEFINE_integer("lanczos_iters", 20, "Lanczos steps for the top Hessian eigenvalue.")
-flags.DEFINE_integer("trace_samples", 20, "Hutchinson probes for the Hessian trace.")
-flags.DEFINE_integer("path_points", 11, "Points on the line to the previous level.")
-FLAGS = flags.FLAGS
-
-_KEYS = (
-    "dataset",
-    "data_dir",
-    "seed",
-    "quick",
-    "model",
-    "standardize",
-    "optimizer",
-    "lr",
-    "steps",
-    "batch_size",
-    "levels",
-    "rate",
-    "head_rate",
-    "scope",
-    "rewind_step",
-    "arms",
-    "num_seeds",
-    "geometry",
-    "geometry_examples",
-    "lanczos_iters",
-    "trace_samples",
-    "path_points",
-)
+ALL_ARMS = ("ticket", "ticket_restore", "ticket_init", "reinit", "random", "oneshot")
+OPTIMIZERS = ("sgd", "adam")
+STABLE = 0.02  # Frankle et al. 2020: "stable" = error barrier below 2%
 GEOMETRY = (
-    ("sharpness", "top Hessian eigenvalue"),
-    ("hessian_trace", "Hessian trace"),
-    ("barrier_loss", "loss barrier to prev. level"),
-    ("barrier_error", "test-error barrier to prev. level"),
-    ("dist_prev", "L2 distance to prev. level"),
-    ("cos_prev", "cosine to prev. level"),
-    ("dist_init", "L2 distance to init"),
-    ("cos_init", "cosine to init"),
-    ("mask_overlap_prev", "mask Jaccard to prev. level"),
+    ("sharpness", "top Hessian eigenvalue (surviving weights)"),
+    ("trace", "Hessian trace, summed over surviving weights"),
+    ("trace_per_weight", "Hessian trace per surviving weight"),
+    ("instability_error", "instability: test-error barrier, two data orders"),
+    ("barrier_prev_error", "test-error barrier to the previous level"),
 )
+COLORS = {arm: f"C{i}" for i, arm in enumerate(ALL_ARMS)}  # one colour per arm in every panel
+LABELS = {
+    "ticket": "IMP ticket (rewind to k, fresh optimizer)",
+    "ticket_restore": "IMP ticket (rewind to k, restored optimizer)",
+    "ticket_init": "IMP ticket (rewind to init)",
+    "reinit": "random re-init (ticket masks)",
+    "random": "random pruning (ticket's layer counts)",
+    "oneshot": "one-shot magnitude pruning",
+}
 
 
-def get_config() -> dict:
-    """The run's settings from the flags, shrunk by --quick."""
-    cfg = {k: getattr(FLAGS, k) for k in _KEYS}
-    cfg["arms"] = list(cfg["arms"])
-    bad = [a for a in cfg["arms"] if a not in ALL_ARMS]
-    if bad:
-        raise ValueError(f"unknown arms {bad}; use a subset of {ALL_ARMS}")
-    if cfg["quick"]:
-        cfg.update(
-            steps=20,
-            rewind_step=5,
-            levels=2,
-            batch_size=32,
-            geometry_examples=64,
-            lanczos_iters=3,
-            trace_samples=2,
-            path_points=3,
+def _names(text: str) -> list[str]:
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def validate(config) -> None:
+    """Rejects bad fields before any work or file write."""
+    arms = _names(config.arms)
+    for field, names in (
+        ("arms", arms),
+        ("geometry_arms", _names(config.geometry_arms)),
+        ("instability_arms", _names(config.instability_arms)),
+    ):
+        bad = [a for a in names if a not in ALL_ARMS]
+        if bad:
+            raise ValueError(f"config.{field} has unknown arms {bad}; use a subset of {ALL_ARMS}")
+        if field != "arms" and any(a not in arms for a in names):
+            raise ValueError(f"config.{field}={names} must be a subset of config.arms={arms}")
+    if "ticket" not in arms:
+        raise ValueError(f"config.arms={arms} must include 'ticket' (the controls use its masks)")
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer={config.optimizer!r}; use one of {OPTIMIZERS}")
+    if config.rewind not in lottery.REWINDS:
+        raise ValueError(f"config.rewind={config.rewind!r}; use one of {lottery.REWINDS}")
+    if config.scope not in pruning.SCOPES:
+        raise ValueError(f"config.scope={config.scope!r}; use one of {pruning.SCOPES}")
+    if not config.hidden or any(int(w) < 1 for w in config.hidden):
+        raise ValueError(f"config.hidden={config.hidden!r}; give positive layer widths")
+    for field, least in (
+        ("steps", 1),
+        ("batch_size", 1),
+        ("levels", 1),
+        ("geometry_examples", 1),
+        ("lanczos_iters", 1),
+        ("trace_samples", 1),
+        ("path_points", 2),
+    ):
+        if config[field] < least:
+            raise ValueError(f"config.{field}={config[field]}; must be >= {least}")
+    if not 0 <= config.rewind_step < config.steps:
+        raise ValueError(
+            f"config.rewind_step={config.rewind_step}; must be in [0, steps={config.steps})"
         )
-    return cfg
+    for field in ("rate", "head_rate"):
+        if not 0.0 <= config[field] < 1.0:
+            raise ValueError(f"config.{field}={config[field]}; must be in [0, 1)")
+    if not config.lr > 0 or config.lr == float("inf"):
+        raise ValueError(f"config.lr={config.lr}; must be finite and > 0")
+    if not 0.0 <= config.match_margin < 1.0:
+        raise ValueError(f"config.match_margin={config.match_margin}; must be in [0, 1)")
 
 
-def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
-    """Runs every seed and arm (resuming), writes results.json and the plots; returns results."""
-    common.start(workdir, cfg)
-    ds = ws.data.load(cfg["dataset"], data_dir=cfg["data_dir"])
-    if cfg["standardize"]:
-        ds = ws.data.standardize(ds)
-    model = ws.models.create(cfg["model"], ds.num_classes)
-    schedule = optax.cosine_decay_schedule(cfg["lr"], cfg["steps"])
-    base = optax.sgd(schedule, momentum=0.9) if cfg["optimizer"] == "sgd" else optax.adam(schedule)
-    tx = optax.chain(base, pruning.keep_masked())
-    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
-    rows, timing = [], {}
-    for s in range(cfg["num_seeds"]):
-        seed = cfg["seed"] + s
-        levels, seconds = _run_seed(
-            os.path.join(workdir, f"seed_{seed}"), cfg, ds, model, tx, step, seed, progress
+def run(config, workdir: str) -> dict:
+    """Runs every arm for every seed (resuming), writes results.json and the figures."""
+    validate(config)
+    common.start(config, workdir)
+    ds = common.load_dataset(config)
+    exp = _Experiment(config, ds, workdir)
+    per_arm = common.run_arms(workdir, config, {a: exp.arm_fn(a) for a in _names(config.arms)})
+    return _results(config, workdir, per_arm)
+
+
+class _Experiment:
+    """Everything compiled once per run: the model, the trainer, the geometry functions."""
+
+    def __init__(self, config, ds, workdir):
+        self.config, self.ds, self.workdir = config, ds, workdir
+        self.model = ws.models.create("mlp", ds.num_classes, features=tuple(config.hidden))
+        schedule = optax.cosine_decay_schedule(config.lr, config.steps)
+        base = (
+            optax.sgd(schedule, momentum=0.9) if config.optimizer == "sgd" else optax.adam(schedule)
         )
-        timing[seed] = seconds
-        rows += [
-            {**lv.metrics, "method": lv.metrics["arm"], "arm": arm, "seed": seed}
-            for arm in levels
-            for lv in levels[arm]
-        ]
-    results = _summarise(rows, cfg, timing)
-    common.save_results(workdir, results)
-    _plot(results, workdir)
-    return results
-
-
-def _run_seed(where, cfg, ds, model, tx, step, seed, progress):
-    train = lottery.Trainer(
-        ws.training.classification_loss(model.apply),
-        tx,
-        ds,
-        apply_fn=model.apply,
-        batch_size=cfg["batch_size"],
-        seed=seed,
-    )
-    key = jax.random.PRNGKey(seed)
-    # one compiled init instead of many eager ops (bit-identical values on CPU)
-    state = jax.jit(lambda k: ws.training.init_state(model, tx, ds.x_train[:1], k))(key)
-    t0 = time.time()
-    dense = lottery.train_dense(
-        state,
-        train,
-        num_steps=cfg["steps"],
-        rewind_step=cfg["rewind_step"],
-        workdir=os.path.join(where, "dense"),
-    )
-    dense_time = time.time() - t0
-    measure = _make_measure(cfg, ds, model, seed) if cfg["geometry"] else None
-    init_fn = jax.jit(lambda k: model.init(k, ds.x_train[:1], train=False)["params"])
-    common_kw = dict(
-        levels=cfg["levels"],
-        rate=cfg["rate"],
-        layer_rates={"head": cfg["head_rate"]},
-        scope=cfg["scope"],
-        measure=measure,
-    )
-    plan = [
-        ("rewind_init", "rewind", dense.rewound_to(0)),
-        ("rewind_k", "rewind", dense),
-        ("reinit", "reinit", dense.rewound_to(0)),
-        ("random", "random", dense.rewound_to(0)),
-        ("oneshot", "oneshot", dense.rewound_to(0)),
-    ]
-    if cfg["rewind_step"] == 0:
-        plan = [p for p in plan if p[0] != "rewind_k"]
-    out, seconds = {}, {"dense": dense_time}
-    for name, arm, run_from in plan:
-        needs_ticket = name in ("reinit", "random")
-        if name not in cfg["arms"] and not (
-            name == "rewind_init" and any(a in cfg["arms"] for a in ("reinit", "random"))
-        ):
-            continue
-        t0 = time.time()
-        report = _reporter(name, seed) if progress else None
-        out[name] = lottery.run_arm(
-            arm,
-            run_from,
-            train,
-            **common_kw,
-            workdir=os.path.join(where, name),
-            reference=out.get("rewind_init") if needs_ticket else None,
-            key=jax.random.fold_in(key, 1000 + ALL_ARMS.index(name)),
-            init_fn=init_fn,
-            callback=report,
+        self.tx = optax.chain(pruning.mask_gradients(), base, pruning.keep_masked())
+        loss = ws.training.classification_loss(self.model.apply)
+        self.trainer = lottery.Trainer(
+            loss,
+            self.tx,
+            ds,
+            apply_fn=self.model.apply,
+            batch_size=config.batch_size,
+            mode=config.mode,
         )
-        seconds[name] = time.time() - t0
-    return {k: v for k, v in out.items() if k in cfg["arms"]}, seconds
-
-
-def _reporter(name, seed):
-    def report(level):
-        m = level.metrics
-        print(
-            f"seed {seed} {name:12s} level {level.level:2d} density {m['density']:.3f} "
-            f"test acc {m['test_accuracy']:.3f}",
-            flush=True,
+        self.init_fn = jax.jit(lambda k: self.model.init(k, ds.x_train[:1])["params"])
+        self.measure = _make_measure(config, ds, self.model)
+        self.test_objective = landscape.classification_objective(
+            self.model.apply, {}, ds.x_test, ds.y_test, metric="all"
         )
+        self._dense, self._tickets = {}, {}
 
-    return report
+    def dense(self, seed):
+        if seed not in self._dense:
+            state = ws.training.init_state(
+                self.model, self.tx, self.ds.x_train[:1], jax.random.PRNGKey(seed)
+            )
+            self._dense[seed] = lottery.train_dense(
+                state,
+                self.trainer.with_seed(seed),
+                num_steps=self.config.steps,
+                rewind_step=self.config.rewind_step,
+                workdir=os.path.join(self.workdir, "lottery", f"seed_{seed}", "dense"),
+            )
+        return self._dense[seed]
+
+    def levels(self, arm, seed):
+        """One arm's IMP levels for one seed (resumable under workdir/lottery)."""
+        if arm == "ticket" and seed in self._tickets:
+            return self._tickets[seed]
+        c = self.config
+        dense = self.dense(seed)
+        if arm in ("ticket_init", "reinit", "random", "oneshot"):
+            dense = dense.rewound_to(0) if arm in ("ticket_init", "reinit") else dense
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + ALL_ARMS.index(arm))
+        kind = {"reinit": "reinit", "random": "random", "oneshot": "oneshot"}.get(arm, "rewind")
+        geometry = arm in _names(c.geometry_arms)
+        stable = arm in _names(c.instability_arms)
+        out = lottery.run_arm(
+            kind,
+            dense,
+            self.trainer.with_seed(seed),
+            levels=c.levels,
+            rate=c.rate,
+            layer_rates={"head": c.head_rate},
+            scope=c.scope,
+            reference=self.levels("ticket", seed) if kind in ("reinit", "random") else None,
+            key=key,
+            init_fn=self.init_fn,
+            rewind="restore" if arm == "ticket_restore" else c.rewind,
+            measure=self.measure if geometry else None,
+            instability_eval=self.test_objective if stable else None,
+            instability_seed=seed + 10_000 if stable else None,
+            instability_points=c.path_points,
+            workdir=os.path.join(self.workdir, "lottery", f"seed_{seed}", arm),
+        )
+        if arm == "ticket":
+            self._tickets[seed] = out
+        return out
+
+    def arm_fn(self, arm):
+        def fn(seed):
+            levels = self.levels(arm, seed)
+            keys = ["density", "test_accuracy", "train_accuracy", "test_loss"]
+            keys += [g for g, _ in GEOMETRY if g in levels[-1].metrics]
+            return {k: [_float(lv.metrics.get(k)) for lv in levels] for k in keys}
+
+        return fn
 
 
-def _make_measure(cfg, ds, model, seed):
-    """Geometry of each level, on fixed train/test subsets.
+def _float(x):
+    return None if x is None else float(x)  # JSON null: not measured (e.g. level 0 has no previous)
 
-    The `wspace.landscape` calls run inside two functions jitted here, so each
-    is compiled once per run rather than once per level.
-    """
-    n = min(cfg["geometry_examples"], len(ds.x_train))
+
+def _make_measure(config, ds, model):
+    """Geometry of each level on fixed subsets, compiled once per run (see module docstring)."""
+    n = min(config.geometry_examples, len(ds.x_train))
     x, y = ds.x_train[:n], ds.y_train[:n]
-    key = jax.random.PRNGKey(10_000 + seed)
 
     @jax.jit
-    def curvature(params, masks, model_state, init, key, x, y):
-        f = landscape.classification_objective(model.apply, model_state, x, y)
+    def curvature(params, masks, key):
+        f = landscape.classification_objective(model.apply, {}, x, y)
         f_masked = lambda p: f(jax.tree.map(lambda a, m: a * m, p, masks))
         k1, k2 = jax.random.split(key)
-        return {
-            "sharpness": landscape.top_hessian_eigenvalues(
-                f_masked, params, k=1, num_iters=cfg["lanczos_iters"], key=k1
-            )[0],
-            "hessian_trace": landscape.hessian_trace(
-                f_masked, params, num_samples=cfg["trace_samples"], key=k2
-            ),
-            "dist_init": landscape.l2_distance(params, init),
-            "cos_init": landscape.cosine_similarity(params, init),
-        }
+        top = landscape.top_hessian_eigenvalues(
+            f_masked, params, k=1, num_iters=config.lanczos_iters, key=k1
+        )[0]
+        per_weight = landscape.hessian_trace(
+            f, params, num_samples=config.trace_samples, key=k2, mask=masks, per_weight=True
+        )
+        surviving = sum(m.sum() for m in jax.tree.leaves(masks))
+        return {"sharpness": top, "trace": per_weight * surviving, "trace_per_weight": per_weight}
 
     @jax.jit
-    def path(params, masks, previous, previous_masks, model_state, x, y):
-        g = landscape.classification_objective(model.apply, model_state, x, y, metric="all")
-        barrier = landscape.linear_barrier(g, previous, params, num_points=cfg["path_points"])[
-            "barrier"
-        ]
-        return {
-            "barrier_loss": barrier["loss"],
-            "barrier_error": barrier["error"],
-            "dist_prev": landscape.l2_distance(params, previous),
-            "cos_prev": landscape.cosine_similarity(params, previous),
-            "mask_overlap_prev": landscape.mask_overlap(masks, previous_masks),
-        }
-
-    cache = {}
+    def path(params, previous):
+        g = landscape.classification_objective(model.apply, {}, ds.x_test, ds.y_test, metric="all")
+        barrier = landscape.linear_barrier(g, previous, params, num_points=config.path_points)
+        return {"barrier_prev_error": barrier["barrier"]["error"]}
 
     def measure(level, previous, dense):
-        if level.level == 0 and "dense" in cache:  # level 0 is the same dense net in every arm
-            return cache["dense"]
-        out = curvature(
-            level.params,
-            level.masks,
-            level.model_state,
-            dense.init.params,
-            jax.random.fold_in(key, level.level),
-            x,
-            y,
-        )
+        key = jax.random.fold_in(dense.init.key, level.level)  # per seed and level
+        out = curvature(level.params, level.masks, key)
         if previous is not None:
-            out.update(
-                path(
-                    level.params,
-                    level.masks,
-                    previous.params,
-                    previous.masks,
-                    level.model_state,
-                    ds.x_test,
-                    ds.y_test,
-                )
-            )
-        out = {k: float(v) for k, v in out.items()}
-        if level.level == 0:
-            cache["dense"] = out
-        return out
+            out.update(path(level.params, previous.params))
+        return {k: float(v) for k, v in out.items()}
 
     return measure
 
 
-def _summarise(rows, cfg, timing) -> dict:
-    """Mean/std over seeds per (arm, level) and the headline numbers."""
-    table = []
-    names = [a for a in ALL_ARMS if a in cfg["arms"]]
-    by = {}
-    for r in rows:
-        by.setdefault((r["arm"], r["level"]), []).append(r)
-    measures = ["test_accuracy", "train_accuracy", "test_loss", "density", "train_time"]
-    measures += [g for g, _ in GEOMETRY]
-    for name in names:
-        for level in range(cfg["levels"] + 1):
-            group = by.get((name, level), [])
-            if not group:
-                continue
-            row = {"arm": name, "level": level, "seeds": len(group)}
-            for m in measures:
-                vals = [g[m] for g in group if g.get(m) is not None]
-                if vals:
-                    row[m] = float(np.mean(vals))
-                    row[m + "_std"] = float(np.std(vals))
-            table.append(row)
-    return {"table": table, "summary": _headline(table, cfg, timing), "timing_s": timing}
+def _at(per_arm, level: int) -> dict:
+    """``{arm: [{metric: value at level} per seed]}`` for `common.compare`."""
+    return {
+        arm: [{k: v[level] for k, v in r.items()} for r in results]
+        for arm, results in per_arm.items()
+    }
 
 
-def _headline(table, cfg, timing) -> dict:
-    get = {(r["arm"], r["level"]): r for r in table}
-    dense = get.get((cfg["arms"][0], 0), {}).get("test_accuracy")
-    summary = {"dense_test_accuracy": dense}
-    for name in ("rewind_init", "rewind_k", "oneshot", "random", "reinit"):
-        levels = [get[(name, lv)] for lv in range(cfg["levels"] + 1) if (name, lv) in get]
-        if not levels or dense is None:
-            continue
-        within = None
-        for r in levels:  # lowest density with this and all denser levels within 1 point
-            if r["test_accuracy"] < dense - 0.01:
-                break
-            within = r["density"]
-        summary[f"{name}_within_1pt_min_density"] = within
-        summary[f"{name}_final_density"] = levels[-1]["density"]
-        summary[f"{name}_final_test_accuracy"] = levels[-1]["test_accuracy"]
-        for g in ("sharpness", "barrier_error"):
-            if g in levels[-1]:
-                first = levels[0].get(g, levels[1].get(g) if len(levels) > 1 else None)
-                summary[f"{name}_{g}_first_last"] = [first, levels[-1][g]]
-    for ticket in ("rewind_init", "rewind_k"):
-        for control in ("reinit", "random"):
-            beats = [
-                get[(ticket, lv)]["density"]
-                for lv in range(1, cfg["levels"] + 1)
-                if (ticket, lv) in get
-                and (control, lv) in get
-                and get[(ticket, lv)]["test_accuracy"] > get[(control, lv)]["test_accuracy"]
-            ]
-            if (ticket, 1) in get and (control, 1) in get:
-                summary[f"{ticket}_beats_{control}_at_densities"] = beats
-    seeds = list(timing.values())
-    if seeds and "rewind_init" in seeds[0]:  # wall time incl. geometry and saving; 0 if resumed
-        summary["imp_seconds_with_geometry"] = float(
-            np.mean([t["dense"] + t["rewind_init"] for t in seeds])
+def _results(config, workdir, per_arm) -> dict:
+    arms = list(per_arm)
+    last = _at(per_arm, config.levels)
+    last["dense"] = _at(per_arm, 0)["ticket"]
+    density = float(np.mean([r["density"] for r in last["ticket"]]))
+    at = f"{100 * density:.1f}% of the weights"
+    margin = config.match_margin
+    claims = [
+        common.compare(
+            f"A rewound IMP ticket at {at} matches the dense network "
+            f"(within {100 * margin:g} point of test accuracy)",
+            "test_accuracy",
+            "ticket",
+            "dense",
+            last,
+            margin=margin,
         )
-        summary["imp_train_seconds"] = float(
-            sum(
-                get[("rewind_init", lv)].get("train_time", 0.0)
-                for lv in range(cfg["levels"] + 1)
-                if ("rewind_init", lv) in get
+    ]
+    for control, what in (("reinit", "random re-initialisation"), ("random", "random pruning")):
+        if control in per_arm:
+            claims.append(
+                common.compare(
+                    f"The IMP ticket beats {what} at {at}",
+                    "test_accuracy",
+                    "ticket",
+                    control,
+                    last,
+                )
+            )
+    if "ticket" in _names(config.instability_arms):
+        # a one-sample interval: the paired "baseline" is Frankle et al.'s threshold itself
+        threshold = {"threshold": [{"instability_error": STABLE} for _ in last["ticket"]]}
+        claims.append(
+            common.compare(
+                f"The IMP ticket at {at} is stable to SGD noise (test-error barrier between "
+                f"two data orders below {100 * STABLE:g} points; Frankle et al. 2020)",
+                "instability_error",
+                "ticket",
+                "threshold",
+                {**last, **threshold},
+                higher_is_better=False,
             )
         )
-    return summary
+    if "reinit" in _names(config.geometry_arms):
+        claims.append(
+            common.compare(
+                f"The IMP ticket is flatter than random re-initialisation at {at} "
+                "(Hessian trace per surviving weight)",
+                "trace_per_weight",
+                "ticket",
+                "reinit",
+                last,
+                higher_is_better=False,
+            )
+        )
+    if "ticket_restore" in per_arm:
+        claims.append(
+            common.compare(
+                "Restoring the step-k optimizer state instead of a fresh one (open_lth) "
+                f"costs no more than {100 * margin:g} point at {at}",
+                "test_accuracy",
+                "ticket_restore",
+                "ticket",
+                last,
+                margin=margin,
+            )
+        )
+    tables = {
+        f"Test accuracy by arm at {at} (level {config.levels})": common.summarize(
+            {"dense": last["dense"], **{a: last[a] for a in arms}},
+            ["test_accuracy", "train_accuracy"],
+        )
+    }
+    for arm in arms:
+        metrics = [g for g, _ in GEOMETRY if g in per_arm[arm][0]]
+        if metrics:
+            tables[f"Geometry per level: {arm}"] = _level_table(
+                {g: (per_arm[arm], g) for g in metrics}
+            )
+    tables["Test accuracy per level"] = _level_table(
+        {a: (per_arm[a], "test_accuracy") for a in arms}
+    )
+    figures = [_plot_accuracy(per_arm, workdir, config), _plot_geometry(per_arm, workdir, config)]
+    notes = [
+        f"MLP {tuple(config.hidden)} on {config.dataset}, {config.optimizer} lr {config.lr} "
+        f"(cosine), {config.steps} steps per level, batch {config.batch_size}; "
+        f"{100 * config.rate:g}% of the surviving weights pruned per level "
+        f"({100 * config.head_rate:g}% for head), {config.scope}; rewind to step "
+        f"{config.rewind_step} with a {config.rewind} optimizer state.",
+        "Trace per weight divides the Hutchinson trace over the surviving weights by their "
+        "number: the summed trace shrinks with the number of weights even at constant "
+        "curvature (the previous README's 222 -> 51 was mostly that).",
+        "Instability: the level's own run and a second copy from the same start with another "
+        "data order; test-error barrier on "
+        f"{config.path_points} points (Frankle et al. 2020 use 30).",
+    ]
+    return common.save_results(
+        workdir,
+        config,
+        "lottery",
+        claims=claims,
+        tables=tables,
+        figures=figures,
+        notes=notes,
+        extra={"density_per_level": per_arm["ticket"][0]["density"]},
+    )
 
 
-def _plot(results, workdir) -> None:
-    table = results["table"]
-    names = [a for a in ALL_ARMS if any(r["arm"] == a for r in table)]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in names:
-        rows = [r for r in table if r["arm"] == name]
-        d = np.array([r["density"] for r in rows]) * 100
-        acc = np.array([r["test_accuracy"] for r in rows])
-        std = np.array([r.get("test_accuracy_std", 0.0) for r in rows])
-        ax.plot(d, acc, marker="o", ms=3, label=name)
-        ax.fill_between(d, acc - std, acc + std, alpha=0.2)
-    dense = results["summary"].get("dense_test_accuracy")
-    if dense is not None:
-        ax.axhline(dense - 0.01, color="gray", ls="--", lw=0.8, label="dense - 1 point")
+def _by_level(results, metric, with_levels=False):
+    """Per level: weights left (%), mean and 95% half-width over seeds (`common.summarize`);
+    levels where ``metric`` was not measured (null) are dropped (``with_levels``: also the
+    kept level indices, first)."""
+    levels = range(len(results[0]["density"]))
+    kept = [lv for lv in levels if all(r[metric][lv] is not None for r in results)]
+    per_level = {str(lv): [{"m": r[metric][lv]} for r in results] for lv in kept}
+    rows = common.summarize(per_level, ["m"])["rows"] if kept else []
+    density = 100 * np.mean([[r["density"][lv] for lv in kept] for r in results], axis=0)
+    mean = np.array([row[1][0] for row in rows])
+    half = np.nan_to_num(np.array([row[1][1] for row in rows]))  # one seed: no interval
+    return (kept, density, mean, half) if with_levels else (density, mean, half)
+
+
+def _level_table(columns: dict) -> dict:
+    """Rows = levels; one column per ``name -> (results, metric)``; cells [mean, half-width]."""
+    first_results = next(iter(columns.values()))[0]
+    n = len(first_results[0]["density"])
+    rows = [
+        [lv, 100 * float(np.mean([r["density"][lv] for r in first_results]))] for lv in range(n)
+    ]
+    for results, metric in columns.values():
+        kept, _, mean, half = _by_level(results, metric, with_levels=True)
+        cells = {lv: [float(m), float(h)] for lv, m, h in zip(kept, mean, half, strict=True)}
+        for row in rows:
+            row.append(cells.get(row[0], "–"))
+    return {"columns": ["level", "weights left (%)", *columns], "rows": rows}
+
+
+def _density_axis(ax, density) -> None:
     ax.set_xscale("log")
-    lowest = min(r["density"] for r in table) * 100
-    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5) if t >= 0.9 * lowest]
+    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1) if t >= 0.9 * np.min(density)]
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.minorticks_off()
-    ax.invert_xaxis()
-    ax.set(xlabel="weights remaining (%)", ylabel="test accuracy", title="lottery tickets")
-    ax.legend()
-    common.savefig(fig, workdir, "lth.png")
+    ax.set_xlim(110, 0.9 * np.min(density))
+    ax.set_xlabel("weights remaining (%)")
 
-    fig, axes = plt.subplots(3, 3, figsize=(12, 9))
-    for ax, (g, label) in zip(axes.ravel(), GEOMETRY, strict=True):
-        for name in names:
-            rows = [r for r in table if r["arm"] == name and g in r]
-            ax.plot([r["level"] for r in rows], [r[g] for r in rows], marker="o", ms=3, label=name)
-        ax.set(xlabel="level", title=label)
+
+def _plot_accuracy(per_arm, workdir, config) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for arm, results in per_arm.items():
+        d, acc, half = _by_level(results, "test_accuracy")
+        ax.plot(d, acc, marker="o", ms=3, color=COLORS[arm], label=LABELS[arm])
+        ax.fill_between(d, acc - half, acc + half, color=COLORS[arm], alpha=0.2)
+    dense = np.mean([r["test_accuracy"][0] for r in per_arm["ticket"]])
+    ax.axhline(dense - config.match_margin, color="gray", ls="--", lw=0.8, label="dense - margin")
+    _density_axis(ax, d)
+    ax.set(ylabel="test accuracy (mean, 95% CI)")
+    ax.set_title(f"lottery tickets, {len(per_arm['ticket'])} seeds")
+    ax.legend(fontsize=7)
+    return common.savefig(fig, workdir, "lth.png", config)
+
+
+def _plot_geometry(per_arm, workdir, config) -> str:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for ax, (g, label) in zip(axes.ravel()[1:], GEOMETRY, strict=True):
+        for arm, results in per_arm.items():
+            if g not in results[0]:
+                continue
+            d, mean, half = _by_level(results, g)
+            ax.plot(d, mean, marker="o", ms=3, color=COLORS[arm], label=arm)
+            ax.fill_between(d, mean - half, mean + half, color=COLORS[arm], alpha=0.2)
+        _density_axis(ax, d)
+        ax.set_title(label, fontsize=10)
+    for arm, results in per_arm.items():
+        d, acc, half = _by_level(results, "test_accuracy")
+        axes[0, 0].plot(d, acc, marker="o", ms=3, color=COLORS[arm], label=arm)
+        axes[0, 0].fill_between(d, acc - half, acc + half, color=COLORS[arm], alpha=0.2)
+    _density_axis(axes[0, 0], d)
+    axes[0, 0].set_title("test accuracy", fontsize=10)
     axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"geometry per IMP level (mean and 95% CI over {len(per_arm['ticket'])} seeds)")
     fig.tight_layout()
-    common.savefig(fig, workdir, "geometry.png")
-
-
-def main(argv):
-    del argv
-    results = run(FLAGS.workdir, get_config(), progress=FLAGS.progress)
-    print({k: v for k, v in results["summary"].items()})
+    return common.savefig(fig, workdir, "geometry.png", config)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main(run, "lottery")

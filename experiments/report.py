@@ -62,6 +62,12 @@ METHODS = {
         "second goal learns a new task with less forgetting, or sparsifies a network with "
         "less loss of accuracy, than naive fine-tuning or one-shot pruning.",
     ),
+    "compose": (
+        "Composing methods",
+        "combinations no single paper made",
+        "Late-phase members help a lottery ticket retrain, and forward-only ULR can retrain "
+        "a pruned network, keeping pruned weights exactly zero throughout.",
+    ),
     "train": (
         "Baseline training",
         "—",

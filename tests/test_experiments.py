@@ -83,9 +83,19 @@ def test_run_arms_rejects_nan_metrics(tmp_path):
 
 def test_start_refuses_another_config_and_names_the_field(tmp_path):
     common.start(_config(), str(tmp_path))
+    common.run_arms(str(tmp_path), _config(num_seeds=1), {"a": lambda s: {"v": 1.0}})
     common.start(_config(progress=True), str(tmp_path))  # display-only fields may change
     with pytest.raises(ValueError, match="seed: 0 -> 3"):
         common.start(_config(seed=3), str(tmp_path))
+
+
+def test_typo_then_fix_in_one_workdir(tmp_path):
+    """A run that failed before storing any result leaves a workdir the fixed rerun can use."""
+    with pytest.raises(ValueError, match="no such file"):
+        run_experiment("train", tmp_path, dataset="npz:/no/such.npz")
+    common.start(_config(dataset="digitz"), str(tmp_path))  # a typo found after start
+    with pytest.warns(UserWarning, match="replacing the config of a run that stored no result"):
+        common.start(_config(dataset="digits"), str(tmp_path))
 
 
 def test_start_validates_before_writing(tmp_path):

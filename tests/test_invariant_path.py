@@ -159,6 +159,11 @@ def test_default_solve_reaches_its_tolerance_and_unconverged_solve_warns():
         _, state = update(short, grads, short.init(params), params, anchors)
         jax.effects_barrier()
     assert float(state.residual) > 1e-2 and int(state.num_unconverged) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per transformation; counted always
+        _, state = update(short, grads, state, params, anchors)
+        jax.effects_barrier()
+    assert int(state.num_unconverged) == 2
 
 
 def test_metric_products_run_at_highest_precision():
@@ -446,12 +451,27 @@ def test_diagonal_fisher_matches_enumeration_and_ewc_gradient():
 
 
 def test_experiment_quick(tmp_path):
-    run_experiment("invariant_path", tmp_path)
-    for name in ("config.json", "results.json", "continual.png", "sparsity.png", "robustness.png"):
+    results = run_experiment("invariant_path", tmp_path)
+    assert results["smoke"] and len(results["seeds"]) == 2
+    for name in ("config.json", "results.json", "continual.png", "sparsity.png"):
         assert os.path.exists(tmp_path / name), name
     with open(tmp_path / "results.json") as f:
-        results = json.load(f)
-    assert {"continual", "sparsity", "robustness"} <= set(results)
+        assert json.load(f)["claims"] == results["claims"]
+    pairs = {(c["arm"], c["baseline"]) for c in results["claims"]}
+    assert {("fip", "naive"), ("fip", "replay"), ("fip", "fip_jacobian")} <= pairs
+    assert ("path@0.9", "oneshot@0.9") in pairs
+    for c in results["claims"]:
+        assert c["n"] == 2 and c["verdict"] in ("holds", "does not hold", "inconclusive")
+    with open(tmp_path / "arms" / "fip" / "seed_0.json") as f:
+        fip = json.load(f)
+    assert {"final_residual", "unconverged_steps", "task1_accuracy"} <= set(fip)
+
+
+def test_experiment_rejects_bad_config_before_writing(tmp_path):
+    for field, value in (("parts", ("continual", "robustness")), ("damping", -1.0)):
+        with pytest.raises(ValueError, match=field):
+            run_experiment("invariant_path", tmp_path / field, **{field: value})
+        assert not os.path.exists(tmp_path / field)
 
 
 def test_notebook_runs():

@@ -1,9 +1,11 @@
-"""Tests of wspace.late_phase against ground truth: per-member jax.grad, exact averaging, SWA."""
+"""Tests of wspace.late_phase against ground truth: per-member jax.grad, Algorithm 1 by hand,
+bit-exact untouched members, exact averaging, masks, K = 1 and sharded-vs-jit agreement."""
 
 from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import flax.linen as nn
 import jax
@@ -15,8 +17,10 @@ import pytest
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
 from wspace import late_phase as lp
+from wspace.late_phase import LatePhase
 
 K = 4
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _data(n=24, length=12, classes=3, seed=0):
@@ -54,14 +58,6 @@ def _state(name, tx=None):
     return model, tx, state, batch
 
 
-def _convnet_state(tx=None):
-    return _state("convnet", tx)
-
-
-def _mlp_state(tx=None):
-    return _state("mlp", tx)
-
-
 def _perturb(tree, key, scale=0.3):
     leaves, treedef = jax.tree.flatten(tree)
     keys = jax.random.split(key, len(leaves))
@@ -81,195 +77,369 @@ def _assert_tree_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-# ----------------------------------------------------------------------------- selection / expand
+def _exact_or_close(a, b):
+    """Bit-exact on CPU; a float32 tolerance on accelerators (fused kernels may reorder)."""
+    if jax.default_backend() == "cpu":
+        _assert_tree_equal(a, b)
+    else:
+        _assert_tree_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _member_rows(tree, flags, k):
+    return [x[k] for x, f in zip(jax.tree.leaves(tree), flags, strict=True) if f]
+
+
+# ----------------------------------------------------------------------------- config, expand
 
 
 def test_presets_choose_bn_affine_and_head_or_rank1_factors():
-    _, _, state, _ = _convnet_state()
-    late = lp.expand(state.params, "bn_head", K)
-    axes = lp.member_axes(late, "bn_head")
+    _, _, state, _ = _state("convnet")
+    late = LatePhase(K)
+    params = late.expand(state.params)
     chosen = {
         "/".join(p)
-        for p, a in zip(
-            lp._paths(late), jax.tree.leaves(axes, is_leaf=lambda x: x is None), strict=True
-        )
-        if a == 0
+        for p, f in zip(lp._paths(params), lp._member_flags(params, late.select), strict=True)
+        if f
     }
     assert chosen == {
-        "BatchNorm_0/scale",
-        "BatchNorm_0/bias",
-        "BatchNorm_1/scale",
-        "BatchNorm_1/bias",
-        "head/kernel",
-        "head/bias",
-    }
-    assert late["Conv_0"]["kernel"].shape == state.params["Conv_0"]["kernel"].shape
-    assert late["head"]["kernel"].shape == (K,) + state.params["head"]["kernel"].shape
+        f"{m}/{n}" for m in ("BatchNorm_0", "BatchNorm_1") for n in ("scale", "bias")
+    } | {"head/kernel", "head/bias"}
+    assert params["Conv_0"]["kernel"].shape == state.params["Conv_0"]["kernel"].shape
+    assert params["head"]["kernel"].shape == (K,) + state.params["head"]["kernel"].shape
+    assert late.member_axes(params)["head"]["kernel"] == 0
+    assert late.member_axes(params)["Conv_0"]["kernel"] is None
 
-    _, _, mstate, _ = _mlp_state()
-    r1 = lp.expand(mstate.params, "rank1", K)
+    _, _, mstate, _ = _state("mlp")
+    r1cfg = LatePhase(K, "rank1")
+    r1 = r1cfg.expand(mstate.params)
     assert r1["Dense_0"]["kernel_rank1_in"].shape == (K, 12)
     assert r1["Dense_0"]["kernel_rank1_out"].shape == (K, 7)
-    assert r1["head"]["kernel_rank1_out"].shape == (K, 3)
     assert "bias_rank1_in" not in r1["head"]
-    assert lp.num_late_phase_params(r1, "rank1") == K * (12 + 7 + 7 + 3)
+    assert r1cfg.num_late_phase_params(r1) == K * (12 + 7 + 7 + 3)
 
 
 def test_expand_copies_noise_and_model_state():
-    _, _, state, _ = _convnet_state()
-    exact = lp.expand(state.params, "bn_head", K)
+    _, _, state, _ = _state("convnet")
+    exact = LatePhase(K).expand(state.params)
     for k in range(K):
         np.testing.assert_array_equal(exact["head"]["kernel"][k], state.params["head"]["kernel"])
-    noisy = lp.expand(state.params, "bn_head", K, key=jax.random.PRNGKey(3), noise=0.1)
-    again = lp.expand(state.params, "bn_head", K, key=jax.random.PRNGKey(3), noise=0.1)
-    _assert_tree_equal(noisy, again)
+    noisy_cfg = LatePhase(K, noise=0.1)
+    noisy = noisy_cfg.expand(state.params, key=jax.random.PRNGKey(3))
+    _assert_tree_equal(noisy, noisy_cfg.expand(state.params, key=jax.random.PRNGKey(3)))
     diff = noisy["BatchNorm_0"]["scale"] - state.params["BatchNorm_0"]["scale"]
     assert 0.02 < float(jnp.std(diff)) < 0.3
     assert not np.allclose(noisy["head"]["bias"][0], noisy["head"]["bias"][1])
     np.testing.assert_array_equal(noisy["Conv_1"]["kernel"], state.params["Conv_1"]["kernel"])
-    ms = lp.expand_model_state(state.model_state, K)
+    ms = LatePhase(K).expand_model_state(state.model_state)
     assert ms["batch_stats"]["BatchNorm_1"]["var"].shape == (K, 6)
 
 
 def test_bad_inputs_raise_value_error_naming_what_is_allowed():
-    model, tx, state, batch = _convnet_state()
+    model, tx, state, batch = _state("convnet")
     loss = ws.training.classification_loss(model.apply)
     with pytest.raises(ValueError, match="K must be an int >= 1, got 0"):
-        lp.expand(state.params, "bn_head", 0)
+        LatePhase(0)
     with pytest.raises(ValueError, match="K must be an int >= 1"):
-        lp.late_phase_loss(loss, 2.5)
-    with pytest.raises(ValueError, match="selects no leaves.*BatchNorm_0/bias"):
-        lp.expand(state.params, lambda path: "nothing" in path, K)
-    with pytest.raises(ValueError, match="selects no kernels"):
-        lp.expand(state.params, lp.selection(lambda path: path[-1] == "bias", rank1=True), K)
-    with pytest.raises(ValueError, match="unknown late-phase preset 'bn'.*bn_head"):
-        lp.expand(state.params, "bn", K)
-    with pytest.raises(ValueError, match="noise=0.1 > 0 needs a PRNG key"):
-        lp.expand(state.params, "bn_head", K, noise=0.1)
+        LatePhase(2.5)
+    with pytest.raises(ValueError, match="schedule must be one of.*'cycle'.*got 'cyclic'"):
+        LatePhase(K, schedule="cyclic")
+    with pytest.raises(ValueError, match=r"combine must be one of \('sum', 'mean'\) for sch"):
+        LatePhase(K, schedule="parallel", combine="every")
     with pytest.raises(ValueError, match="combine must be one of"):
-        lp.late_phase_loss(loss, K, combine="max")
-    late_state = lp.expand_state(state, tx, "bn_head", K)
-    wrapped = lp.late_phase_loss(loss, 5)
+        LatePhase(K, combine="max")
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        LatePhase(K, noise=-1.0)
+    with pytest.raises(ValueError, match="selects no leaves.*BatchNorm_0/bias"):
+        LatePhase(K, lambda path: "nothing" in path).expand(state.params)
+    with pytest.raises(ValueError, match="selects no kernels"):
+        LatePhase(K, lp.selection(lambda path: path[-1] == "bias", rank1=True)).expand(state.params)
+    with pytest.raises(ValueError, match="unknown late-phase preset 'bn'.*bn_head"):
+        LatePhase(K, "bn")
+    with pytest.raises(ValueError, match="noise=0.1 > 0 needs a PRNG key"):
+        LatePhase(K, noise=0.1).expand(state.params)
+    with pytest.raises(ValueError, match="unknown mode 'gpu'"):
+        LatePhase(K).make_train_step(loss, tx, mode="gpu")
+    par = LatePhase(5, schedule="parallel")
+    late_state = par.expand_state(state, tx)
     with pytest.raises(ValueError, match="divisible by K=5"):
-        wrapped(late_state.params, late_state.model_state, batch, jax.random.PRNGKey(0))
-    nothing = lp.late_phase_loss(loss, K, lambda path: False)
-    with pytest.raises(ValueError, match="selects no leaves"):
-        nothing(late_state.params, late_state.model_state, batch, jax.random.PRNGKey(0))
+        par.parallel_loss(loss)(late_state.params, late_state.model_state, batch, None)
+    with pytest.raises(ValueError, match="schedule 'cycle' needs update"):
+        cyc = LatePhase(K)
+        opt = cyc.optimizer(tx)
+        p = cyc.expand(state.params)
+        opt.update(p, opt.init(p), p)
     ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
     with pytest.raises(ValueError, match=r"t0 must be an int in \[0, num_steps=5\], got 9"):
-        lp.fit(
-            state,
-            loss,
-            tx,
-            ds,
-            apply_fn=model.apply,
-            num_members=K,
-            t0=9,
-            num_steps=5,
-            batch_size=8,
-            progress=False,
-        )
+        lp.fit(state, loss, tx, ds, apply_fn=model.apply, num_members=K, t0=9, num_steps=5,
+               batch_size=8, progress=False)  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- gradients
+# ----------------------------------------------------------------------------- schedules
 
 
-def test_late_phase_gradients_equal_per_member_grads():
-    """Member k's weights get dL_k/dphi_k; shared weights the mean (or sum) over members."""
-    model, tx, state, batch = _convnet_state()
+def _adam_late_state(cfg, name="convnet"):
+    """A late-phase state whose members differ and whose Adam moments are non-zero everywhere."""
+    model, _, _, batch = _init(name)
+    tx = optax.adam(0.05)
+    _, _, state, _ = _state(name, tx)
     loss = ws.training.classification_loss(model.apply)
-    late = lp.expand_state(state, tx, "bn_head", K, key=jax.random.PRNGKey(2), noise=0.2)
-    member_vg = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    plain = ws.training.make_train_step(loss, tx, donate=False)
+    for _ in range(2):
+        state, _ = plain(state, batch)
+    return model, tx, cfg.expand_state(state, tx, key=jax.random.PRNGKey(4)), batch, loss
 
+
+@pytest.mark.parametrize("schedule", ["cycle", "random"])
+def test_one_step_touches_exactly_one_member_bit_exact(schedule):
+    """Cycle/random: only member k's rows (params, BN statistics, Adam moments) change."""
+    cfg = LatePhase(K, schedule=schedule, noise=0.1)
+    model, tx, s, batch, loss = _adam_late_state(cfg)
+    step = cfg.make_train_step(loss, tx, donate=False)
+    flags = lp._member_flags(s.params, cfg.select)
+    seen = []
+    for t in range(2 * K):
+        new, _ = step(s, batch)
+        changed = [
+            k
+            for k in range(K)
+            if any(
+                not np.array_equal(a, b)
+                for a, b in zip(
+                    _member_rows(new.params, flags, k),
+                    _member_rows(s.params, flags, k),
+                    strict=True,
+                )
+            )
+        ]
+        assert len(changed) == 1, changed
+        k = changed[0]
+        if schedule == "cycle":
+            assert k == t % K
+        seen.append(k)
+        for j in set(range(K)) - {k}:  # every other member: bit for bit the same
+            _assert_tree_equal(_member_rows(new.params, flags, j), _member_rows(s.params, flags, j))
+            _assert_tree_equal(
+                jax.tree.map(lambda x, j=j: x[j], new.model_state),
+                jax.tree.map(lambda x, j=j: x[j], s.model_state),
+            )
+            for part in ("mu", "nu"):
+                _assert_tree_equal(
+                    _member_rows(getattr(new.opt_state.inner[0], part), flags, j),
+                    _member_rows(getattr(s.opt_state.inner[0], part), flags, j),
+                )
+        bn_k = new.model_state["batch_stats"]["BatchNorm_0"]["mean"][k]
+        assert not np.array_equal(bn_k, s.model_state["batch_stats"]["BatchNorm_0"]["mean"][k])
+        conv_moved = not np.array_equal(
+            new.params["Conv_0"]["kernel"], s.params["Conv_0"]["kernel"]
+        )
+        # cycle + sum: the shared weights step once per K minibatches; random + every: every step
+        assert conv_moved == (schedule == "random" or t % K == K - 1)
+        s = new
+    assert len(set(seen)) > 1
+
+
+def _member_grads(loss, cfg, params, model_state, batch, k):
+    """Plain-network gradient of member k (jax.grad at HIGHEST precision) and its new BN stats."""
+    pk, sk = cfg.member(params, model_state, k)
+    with jax.default_matmul_precision("highest"):
+        (_, (new_sk, _)), g = jax.value_and_grad(loss, has_aux=True)(pk, sk, batch, None)
+    return g, new_sk
+
+
+def test_cycle_sum_is_algorithm_1_and_random_every_is_plain_sgd_on_the_active_member():
+    """One cycle of K different minibatches by hand: phi_k <- phi_k - lr g_phi_k(M_k) as soon as
+    member k is active; theta <- theta - lr sum_k g_theta(M_k) once, after the K-th minibatch;
+    BatchNorm over the whole minibatch with member k's own statistics."""
+    model, params, model_state, _ = _init("convnet")
+    lr, n = 0.1, 10
+    loss = ws.training.classification_loss(model.apply)
+    tx = optax.sgd(lr)
+    cfg = LatePhase(K, noise=0.2)  # cycle, combine="sum"
+    _, _, state, _ = _state("convnet", tx)
+    s = cfg.expand_state(state, tx, key=jax.random.PRNGKey(2))
+    flags = lp._member_flags(s.params, cfg.select)
+    batches = [dict(zip(("x", "y"), _data(n, seed=10 + k), strict=True)) for k in range(K)]
+    p, ms = s.params, s.model_state
+    want_p, want_ms, shared_sum = p, ms, None
+    for k, b in enumerate(batches):
+        g, new_sk = _member_grads(loss, cfg, p, ms, b, k)
+        gl = jax.tree.leaves(g)
+        shared_sum = (
+            gl if shared_sum is None else [a + x for a, x in zip(shared_sum, gl, strict=True)]
+        )
+        leaves = [
+            x.at[k].add(-lr * gi) if f else x
+            for x, gi, f in zip(jax.tree.leaves(want_p), gl, flags, strict=True)
+        ]
+        want_p = jax.tree.unflatten(jax.tree.structure(p), leaves)
+        want_ms = jax.tree.map(lambda full, x, k=k: full.at[k].set(x), want_ms, new_sk)
+    leaves = [
+        x if f else x - lr * g
+        for x, g, f in zip(jax.tree.leaves(want_p), shared_sum, flags, strict=True)
+    ]
+    want_p = jax.tree.unflatten(jax.tree.structure(p), leaves)
+    step = cfg.make_train_step(loss, tx, donate=False)
+    with jax.default_matmul_precision("highest"):
+        for b in batches:
+            s, _ = step(s, b)
+    _assert_tree_close(s.params, want_p, rtol=1e-5, atol=1e-6)
+    _assert_tree_close(s.model_state, want_ms, rtol=1e-5, atol=1e-6)
+    assert int(s.opt_state.count) == K
+
+    # random + every: theta steps with each minibatch's own gradient, phi_k for the drawn k only
+    rnd = LatePhase(K, schedule="random", noise=0.2)
+    s = rnd.expand_state(state, tx, key=jax.random.PRNGKey(2))
+    key, sub = jax.random.split(s.key)
+    k = int(rnd.member_index(s.opt_state.count, sub))
+    g, _ = _member_grads(loss, rnd, s.params, s.model_state, batches[0], k)
+    leaves = [
+        x.at[k].add(-lr * gi) if f else x - lr * gi
+        for x, gi, f in zip(jax.tree.leaves(s.params), jax.tree.leaves(g), flags, strict=True)
+    ]
+    with jax.default_matmul_precision("highest"):
+        s, _ = rnd.make_train_step(loss, tx, donate=False)(s, batches[0])
+    _assert_tree_close(
+        s.params, jax.tree.unflatten(jax.tree.structure(s.params), leaves), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_parallel_gradients_equal_per_member_grads_on_slices():
+    """Parallel schedule: member k's weights get dL_k/dphi_k on slice k; shared weights the mean."""
+    model, tx, state, batch = _state("convnet")
+    loss = ws.training.classification_loss(model.apply)
+    cfg = LatePhase(K, schedule="parallel", noise=0.2)
+    late = cfg.expand_state(state, tx, key=jax.random.PRNGKey(2))
     b = len(batch["x"]) // K
-    axes = lp.member_axes(late.params, "bn_head")
     losses, member_grads, member_states = [], [], []
     for k in range(K):
-        pk, sk = lp.member(late.params, late.model_state, k)
         sl = jax.tree.map(lambda x, k=k: x[k * b : (k + 1) * b], batch)
-        (lk, (msk, _)), gk = member_vg(pk, sk, sl, None)
-        losses.append(lk)
-        member_grads.append(gk)
+        g, msk = _member_grads(loss, cfg, late.params, late.model_state, sl, k)
+        pk, sk = cfg.member(late.params, late.model_state, k)
+        losses.append(loss(pk, sk, sl, None)[0])
+        member_grads.append(g)
         member_states.append(msk)
-    for combine, factor in (("mean", 1.0),):  # "sum" is checked on the MLP below
-        wrapped = lp.late_phase_loss(loss, K, "bn_head", combine=combine)
-        (value, (new_ms, _)), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(
-            late.params, late.model_state, batch, jax.random.PRNGKey(0)
+    with jax.default_matmul_precision("highest"):
+        (value, (new_ms, _)), grads = jax.value_and_grad(cfg.parallel_loss(loss), has_aux=True)(
+            late.params, late.model_state, batch, None
         )
-        np.testing.assert_allclose(value, np.mean(losses), rtol=1e-5)
-        for k in range(K):
-            _assert_tree_close(
-                jax.tree.map(lambda x, k=k: x[k], new_ms), member_states[k], rtol=1e-5, atol=1e-6
-            )
-
-        def expected(a, *gs, factor=factor):
-            if a == 0:
-                return jnp.stack(gs)
-            return factor * jnp.mean(jnp.stack(gs), axis=0)
-
-        want = jax.tree.map(expected, axes, *member_grads, is_leaf=lambda x: x is None)
-        _assert_tree_close(grads, want, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(value, np.mean(losses), rtol=1e-5)
+    for k in range(K):
+        _assert_tree_close(
+            jax.tree.map(lambda x, k=k: x[k], new_ms), member_states[k], rtol=1e-5, atol=1e-6
+        )
+    want = jax.tree.map(
+        lambda a, *gs: jnp.stack(gs) if a == 0 else jnp.mean(jnp.stack(gs), axis=0),
+        cfg.member_axes(late.params),
+        *member_grads,
+        is_leaf=lambda x: x is None,
+    )
+    _assert_tree_close(grads, want, rtol=2e-4, atol=1e-6)
 
 
 def test_rank1_gradients_with_sum_combine_on_mlp():
-    model, tx, state, batch = _mlp_state()
+    model, tx, state, batch = _state("mlp")
     loss = ws.training.classification_loss(model.apply)
-    late = lp.expand(state.params, "rank1", K, key=jax.random.PRNGKey(5), noise=0.3)
-    wrapped = lp.late_phase_loss(loss, K, "rank1", combine="sum")
-    (value, _), grads = jax.jit(jax.value_and_grad(wrapped, has_aux=True))(late, {}, batch, None)
+    cfg = LatePhase(K, "rank1", schedule="parallel", combine="sum", noise=0.3)
+    late = cfg.expand(state.params, key=jax.random.PRNGKey(5))
+    with jax.default_matmul_precision("highest"):
+        (value, _), grads = jax.value_and_grad(cfg.parallel_loss(loss), has_aux=True)(
+            late, {}, batch, None
+        )
     b = len(batch["x"]) // K
 
     def member_loss(w, r, s, k):  # Dense_0 of member k: W * r s^T, computed by hand
         p = {
             "Dense_0": {"kernel": w * jnp.outer(r, s), "bias": late["Dense_0"]["bias"]},
-            "head": lp.member(late, {}, k, "rank1")[0]["head"],
+            "head": cfg.member(late, {}, k)[0]["head"],
         }
         sl = jax.tree.map(lambda x: x[k * b : (k + 1) * b], batch)
         return loss(p, {}, sl, None)[0]
 
     w = late["Dense_0"]["kernel"]
     rs, ss = late["Dense_0"]["kernel_rank1_in"], late["Dense_0"]["kernel_rank1_out"]
-    vg = jax.jit(jax.value_and_grad(member_loss, argnums=(0, 1, 2)), static_argnums=3)
-    vals, per = zip(*[vg(w, rs[k], ss[k], k) for k in range(K)], strict=True)
+    with jax.default_matmul_precision("highest"):
+        vg = jax.jit(jax.value_and_grad(member_loss, argnums=(0, 1, 2)), static_argnums=3)
+        vals, per = zip(*[vg(w, rs[k], ss[k], k) for k in range(K)], strict=True)
     np.testing.assert_allclose(value, np.mean(vals), rtol=1e-5)
-    # combine="sum": the shared kernel gets the sum of the members' gradients
-    np.testing.assert_allclose(
+    np.testing.assert_allclose(  # combine="sum": the shared kernel gets the members' sum
         grads["Dense_0"]["kernel"], np.sum([g[0] for g in per], 0), rtol=1e-4, atol=1e-6
     )
     np.testing.assert_allclose(
         grads["Dense_0"]["kernel_rank1_in"], np.stack([g[1] for g in per]), rtol=1e-4, atol=1e-6
     )
-    np.testing.assert_allclose(
-        grads["Dense_0"]["kernel_rank1_out"], np.stack([g[2] for g in per]), rtol=1e-4, atol=1e-6
-    )
+
+
+# ----------------------------------------------------------------------------- K = 1, fit
+
+
+def test_k1_fit_reproduces_plain_training_in_every_schedule():
+    """K=1: plain to T0 then late == plain throughout, in every schedule (Adam moments carried)."""
+    model, _, _, batch = _init("convnet")
+    tx = optax.adam(optax.cosine_decay_schedule(0.05, 12))
+    state = _state("convnet", tx)[2]
+    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
+    loss = ws.training.classification_loss(model.apply)
+    kw = dict(apply_fn=model.apply, num_steps=9, batch_size=8, eval_every=9, progress=False)
+    copy = lambda s: jax.tree.map(jnp.copy, s)
+    plain, _ = ws.training.fit(copy(state), ws.training.make_train_step(loss, tx), ds, **kw)
+    for schedule in lp.SCHEDULES:
+        cfg = LatePhase(1, schedule=schedule)
+        late, hist = cfg.fit(copy(state), loss, tx, ds, t0=4, **kw)
+        assert [(r["phase"], r["step"]) for r in hist] == [("plain", 4), ("late", 9)]
+        p, s = cfg.average(late.params, late.model_state)
+        _assert_tree_close(p, plain.params, rtol=1e-5, atol=1e-6)
+        _assert_tree_close(s, plain.model_state, rtol=1e-5, atol=1e-6)
+    reset = LatePhase(1).expand_state(copy(state), tx, reset_opt_state=True)
+    assert int(reset.opt_state.inner[0].count) == 0
+
+
+def test_sharded_fit_matches_jit_on_8_cpu_devices(tmp_path):
+    """lp.fit in sharded mode (batch split over 8 simulated CPU devices) equals the jit run."""
+    devices = jax.devices("cpu")
+    assert len(devices) == 8, "tests/conftest.py simulates 8 CPU devices"
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    model, _, _, batch = _init("convnet")
+    tx = optax.sgd(0.05, momentum=0.9)
+    state = _state("convnet", tx)[2]
+    x, y = _data(n=32)
+    ds = ws.data.Dataset("toy", x, y, x, y, 3)
+    loss = ws.training.classification_loss(model.apply)
+    kw = dict(apply_fn=model.apply, num_steps=7, t0=3, batch_size=16, eval_every=7, progress=False)
+    copy = lambda s: jax.tree.map(jnp.copy, s)
+    cfg = LatePhase(2, schedule="cycle")
+    with jax.default_matmul_precision("highest"):
+        a, _ = cfg.fit(copy(state), loss, tx, ds, **kw)
+        b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, **kw)
+    _assert_tree_close(jax.device_get(b.params), a.params, rtol=1e-4, atol=1e-5)
+    _assert_tree_close(jax.device_get(b.model_state), a.model_state, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- averaging
 
 
-def test_average_of_identical_members_is_the_original_network_exactly():
-    model, tx, state, batch = _convnet_state()
-    state = state.replace(model_state=_perturb(state.model_state, jax.random.PRNGKey(1), 0.1))
-    state = state.replace(model_state=jax.tree.map(jnp.abs, state.model_state))
-    for select in ("bn_head", "batchnorm", "head", "rank1"):
-        p, s = lp.average(
-            lp.expand(state.params, select, K), lp.expand_model_state(state.model_state, K), select
-        )
-        _assert_tree_equal(p, state.params)
-        _assert_tree_equal(s, state.model_state)
-    _, _, mstate, _ = _mlp_state()
-    p, s = lp.average(lp.expand(mstate.params, "rank1", K), {}, "rank1")
-    _assert_tree_equal(p, mstate.params)
+def test_average_of_identical_members_is_the_original_network():
+    _, _, state, _ = _state("convnet")
+    stats = jax.tree.map(jnp.abs, _perturb(state.model_state, jax.random.PRNGKey(1), 0.1))
+    for select in lp.PRESETS:
+        cfg = LatePhase(K, select)
+        p, s = cfg.average(cfg.expand(state.params), cfg.expand_model_state(stats))
+        _exact_or_close(p, state.params)
+        _exact_or_close(s, stats)
+    _, _, mstate, _ = _state("mlp")
+    cfg = LatePhase(K, "rank1")
+    _exact_or_close(cfg.average(cfg.expand(mstate.params), {})[0], mstate.params)
 
 
 def test_average_head_only_gives_mean_of_member_logits():
-    model, _, state, batch = _mlp_state()
-    late = lp.expand(state.params, "head", K, key=jax.random.PRNGKey(7), noise=0.5)
-    p, _ = lp.average(late, {}, "head")
-    avg_logits = model.apply({"params": p}, batch["x"])
-    member_logits = [
-        model.apply({"params": lp.member(late, {}, k, "head")[0]}, batch["x"]) for k in range(K)
-    ]
+    model, _, state, batch = _state("mlp")
+    cfg = LatePhase(K, "head", noise=0.5)
+    late = cfg.expand(state.params, key=jax.random.PRNGKey(7))
+    p, _ = cfg.average(late, {})
+    with jax.default_matmul_precision("highest"):
+        avg_logits = model.apply({"params": p}, batch["x"])
+        member_logits = [
+            model.apply({"params": cfg.member(late, {}, k)[0]}, batch["x"]) for k in range(K)
+        ]
     assert float(jnp.std(jnp.stack(member_logits), 0).mean()) > 0.1  # members really differ
     np.testing.assert_allclose(avg_logits, np.mean(member_logits, 0), rtol=1e-5, atol=1e-5)
 
@@ -277,7 +447,7 @@ def test_average_head_only_gives_mean_of_member_logits():
 class _DenseBN(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
-        x = nn.Dense(5)(x)
+        x = nn.Dense(5, precision=HIGHEST)(x)
         return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
 
 
@@ -287,76 +457,38 @@ def test_average_bn_is_mean_of_member_affine_maps():
     x, _ = _data()
     variables = model.init(jax.random.PRNGKey(0), x[:2])
     params, ms = variables["params"], {"batch_stats": variables["batch_stats"]}
-    late = lp.expand(params, "batchnorm", K, key=jax.random.PRNGKey(1), noise=0.5)
-    lms = lp.expand_model_state(ms, K)
-    lms = jax.tree.map(
-        lambda t, k: t + jnp.abs(jax.random.normal(k, t.shape)),
-        lms,
-        {
-            "batch_stats": {
-                "BatchNorm_0": {"mean": jax.random.PRNGKey(2), "var": jax.random.PRNGKey(3)}
-            }
-        },
-    )
-    p, s = lp.average(late, lms, "batchnorm")
+    cfg = LatePhase(K, "batchnorm", noise=0.5)
+    late = cfg.expand(params, key=jax.random.PRNGKey(1))
+    lms = jax.tree.map(lambda t: t + jnp.abs(jax.random.normal(jax.random.PRNGKey(2), t.shape)),
+                       cfg.expand_model_state(ms))  # fmt: skip
+    p, s = cfg.average(late, lms)
     avg = model.apply({"params": p, **s}, x)
     outs = [
         model.apply({"params": pk, **sk}, x)
-        for pk, sk in (lp.member(late, lms, k, "batchnorm") for k in range(K))
+        for pk, sk in (cfg.member(late, lms, k) for k in range(K))
     ]
     assert float(jnp.std(jnp.stack(outs), 0).mean()) > 0.1
     np.testing.assert_allclose(avg, np.mean(outs, 0), rtol=1e-5, atol=1e-5)
     naive = {
-        "params": jax.tree.map(lambda t: t.mean(0), late, is_leaf=None),
+        "params": {**jax.tree.map(lambda t: t.mean(0), late), "Dense_0": late["Dense_0"]},
         "batch_stats": jax.tree.map(lambda t: t.mean(0), lms["batch_stats"]),
     }
-    naive["params"]["Dense_0"] = late["Dense_0"]
     assert not np.allclose(model.apply(naive, x), np.mean(outs, 0), atol=1e-3)
 
 
-# ----------------------------------------------------------------------------- training
-
-
-def test_k1_late_phase_fit_reproduces_plain_training_through_the_switch():
-    """With K=1 the late-phase step is the plain step: plain to T0 then late == plain throughout.
-
-    Also checks the Adam moments are carried over (a reset would change the trajectory).
-    """
-    model, _, _, batch = _convnet_state()
-    tx = optax.adam(optax.cosine_decay_schedule(0.05, 12))
-    state = _convnet_state(tx)[2]
-    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
-    loss = ws.training.classification_loss(model.apply)
-    kw = dict(apply_fn=model.apply, num_steps=12, batch_size=8, eval_every=12, progress=False)
-    copy = lambda s: jax.tree.map(jnp.copy, s)
-    plain, _ = ws.training.fit(copy(state), ws.training.make_train_step(loss, tx), ds, **kw)
-    late, hist = lp.fit(copy(state), loss, tx, ds, num_members=1, t0=5, **kw)
-    assert [(r["phase"], r["step"]) for r in hist] == [("plain", 5), ("late", 12)]
-    p, s = lp.average(late.params, late.model_state)
-    _assert_tree_close(p, plain.params, rtol=1e-4, atol=1e-5)
-    _assert_tree_close(s, plain.model_state, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(
-        hist[-1]["test_loss"],
-        ws.training.evaluate(model.apply, plain.variables, batch["x"], batch["y"])["loss"],
-        rtol=1e-4,
-    )
-    reset = lp.expand_state(copy(state), tx, "bn_head", 1, reset_opt_state=True)
-    assert int(reset.opt_state[0].count) == 0
-
-
 def test_expand_opt_state_copies_moments_and_keeps_counts():
-    _, _, _, batch = _convnet_state()
     tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.01)
-    state = _convnet_state(tx)[2]
+    _, _, state, _ = _state("convnet", tx)
     update = jax.jit(tx.update)
     opt_state = state.opt_state
     for i in range(3):  # a non-trivial Adam state: three updates with random gradients
         grads = _perturb(jax.tree.map(jnp.zeros_like, state.params), jax.random.PRNGKey(i), 1.0)
         _, opt_state = update(grads, opt_state, state.params)
     state = state.replace(opt_state=opt_state)
-    late = lp.expand_state(state, tx, "bn_head", K)
-    inner, old = late.opt_state.inner_state[0], state.opt_state.inner_state[0]
-    assert int(inner.count) == 3 and int(late.opt_state.count) == 3
+    late = LatePhase(K).expand_state(state, tx)
+    assert int(late.opt_state.count) == 0
+    inner, old = late.opt_state.inner.inner_state[0], state.opt_state.inner_state[0]
+    assert int(inner.count) == 3 and int(late.opt_state.inner.count) == 3
     assert float(jnp.abs(old.mu["head"]["kernel"]).min()) > 0
     for k in range(K):
         np.testing.assert_array_equal(inner.mu["head"]["kernel"][k], old.mu["head"]["kernel"])
@@ -364,70 +496,103 @@ def test_expand_opt_state_copies_moments_and_keeps_counts():
             inner.nu["BatchNorm_1"]["bias"][k], old.nu["BatchNorm_1"]["bias"]
         )
     np.testing.assert_array_equal(inner.nu["Conv_0"]["kernel"], old.nu["Conv_0"]["kernel"])
-    r1 = lp.expand_state(state, tx, "rank1", K)
-    inner = r1.opt_state.inner_state[0]
-    np.testing.assert_array_equal(inner.mu["Conv_1"]["kernel_rank1_in"], 0.0)
-    np.testing.assert_array_equal(inner.mu["Conv_1"]["kernel"], old.mu["Conv_1"]["kernel"])
-    assert int(inner.count) == 3
+    r1 = LatePhase(K, "rank1").expand_state(state, tx).opt_state.inner.inner_state[0]
+    np.testing.assert_array_equal(r1.mu["Conv_1"]["kernel_rank1_in"], 0.0)
+    np.testing.assert_array_equal(r1.mu["Conv_1"]["kernel"], old.mu["Conv_1"]["kernel"])
 
 
-# ----------------------------------------------------------------------------- SWA
+def test_swa_inside_tx_averages_the_late_phase_iterates_actually_reached():
+    model, _, _, batch = _init("mlp")
+    start = 2
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), ws.averaging.swa(start=start))
+    cfg = LatePhase(K, "head")
+    s = cfg.expand_state(_state("mlp", tx)[2], tx)
+    step = cfg.make_train_step(ws.training.classification_loss(model.apply), tx, donate=False)
+    iterates = []
+    for t in range(1, K + 3):
+        s, _ = step(s, batch)
+        if t >= start:
+            iterates.append(s.params)
+    want = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *iterates)
+    _assert_tree_close(ws.averaging.swa_params(s.opt_state), want, rtol=1e-5, atol=1e-6)
 
 
-def test_swa_keeps_the_running_mean_of_iterates_also_injected_and_late_phase():
-    model, _, state, batch = _mlp_state()
+# ----------------------------------------------------------------------------- x pruning
+
+
+def test_pruned_weights_are_exactly_zero_in_every_member_through_expansion_training_averaging():
+    model, _, _, batch = _init("convnet")
+    params = _init("convnet")[1]
+    masks = ws.pruning.magnitude_masks(params, 0.5, exclude=lambda name, leaf: False)
+    params = ws.pruning.apply_masks(params, masks)
+    tx = optax.chain(optax.sgd(0.1, momentum=0.9), ws.pruning.keep_masked(masks))
     loss = ws.training.classification_loss(model.apply)
-    start, every, steps = 2, 2, 7
-    for tx in (
-        optax.chain(optax.sgd(0.1), lp.swa(start=start, every=every)),
-        optax.inject_hyperparams(
-            lambda start, every: optax.chain(optax.sgd(0.1), lp.swa(start=start, every=every))
-        )(start=start, every=every),
-    ):
-        s = lp.expand_state(_mlp_state(tx)[2], tx, "head", K)
-        step = ws.training.make_train_step(lp.late_phase_loss(loss, K, "head"), tx)
-        iterates = []
-        for t in range(1, steps + 1):
+    state = _state("convnet", tx)[2].replace(params=params)
+    state, _ = ws.training.make_train_step(loss, tx, donate=False)(state, batch)
+    for schedule in ("cycle", "random"):
+        cfg = LatePhase(K, schedule=schedule, noise=0.3)
+        late_masks = cfg.expand_masks(masks)
+        s = cfg.expand_state(state, tx, key=jax.random.PRNGKey(0), masks=masks)
+        assert s.params["head"]["kernel"].shape == late_masks["head"]["kernel"].shape
+        ws.pruning.check_masks(s.params, s.opt_state.inner[1].masks)  # carried over, expanded
+        step = cfg.make_train_step(loss, tx, donate=False)
+        for _ in range(K + 1):
+            for p, m in zip(jax.tree.leaves(s.params), jax.tree.leaves(late_masks), strict=True):
+                assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
             s, _ = step(s, batch)
-            if t >= start and (t - start) % every == 0:
-                iterates.append(jax.tree.map(jnp.copy, s.params))
-        want = jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), 0), *iterates)
-        _assert_tree_close(lp.swa_params(s.opt_state), want, rtol=1e-5, atol=1e-6)
-        assert lp.swa_params(s.opt_state)["head"]["kernel"].shape[0] == K
-    with pytest.raises(ValueError, match="exactly one SWAState"):
-        lp.swa_params(optax.sgd(0.1).init(state.params))
+        assert not np.allclose(s.params["head"]["kernel"][0], s.params["head"]["kernel"][1])
+        avg, _ = cfg.average(s.params, s.model_state)
+        for p, m in zip(jax.tree.leaves(avg), jax.tree.leaves(masks), strict=True):
+            assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+        alive = [
+            np.asarray(p)[np.asarray(m)]
+            for p, m in zip(jax.tree.leaves(avg), jax.tree.leaves(masks), strict=True)
+        ]
+        assert np.count_nonzero(np.concatenate(alive)) > 0.9 * np.concatenate(alive).size
 
 
-def test_recompute_batch_stats_follows_the_bn_running_average():
-    model = _DenseBN()
-    x, y = _data()
-    variables = model.init(jax.random.PRNGKey(0), x[:2])
-    params, ms = variables["params"], {"batch_stats": variables["batch_stats"]}
-    loss = lambda p, s, b, k: (
-        0.0,
-        (model.apply({"params": p, **s}, b["x"], train=True, mutable=["batch_stats"])[1], {}),
-    )
-    new = lp.recompute_batch_stats(loss, params, ms, [{"x": x, "y": y}] * 3)
-    h = x @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
-    m = 0.9**3
-    np.testing.assert_allclose(
-        new["batch_stats"]["BatchNorm_0"]["mean"], (1 - m) * h.mean(0), rtol=1e-4, atol=1e-6
-    )
-    np.testing.assert_allclose(
-        new["batch_stats"]["BatchNorm_0"]["var"], m + (1 - m) * h.var(0), rtol=1e-4, atol=1e-6
-    )
+# ----------------------------------------------------------------------------- old names
+
+
+def test_old_names_warn_and_keep_working():
+    model, tx, state, batch = _state("mlp")
+    with pytest.warns(DeprecationWarning, match="late_phase.expand is deprecated"):
+        late = lp.expand(state.params, "head", K)
+    with pytest.warns(DeprecationWarning, match="wspace.averaging.swa"):
+        assert lp.swa is ws.averaging.swa
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        p, _ = lp.average(late, {}, "head")
+        loss = lp.late_phase_loss(ws.training.classification_loss(model.apply), K, "head")
+        s = lp.expand_state(state, tx, "head", K)
+        value = loss(s.params, s.model_state, batch, None)[0]
+    _assert_tree_equal(p, state.params)
+    assert np.isfinite(float(value))
+    with pytest.raises(AttributeError):
+        lp.no_such_name  # noqa: B018
 
 
 # ----------------------------------------------------------------------------- experiment, notebook
 
 
 def test_experiment_quick_runs_and_writes_results(tmp_path):
-    run_experiment("late_phase", tmp_path)
-    for name in ("config.json", "results.json", "accuracy.png"):
+    from experiments import common
+    from experiments.configs.late_phase import get_config
+    from experiments.late_phase import run
+
+    results = run_experiment("late_phase", tmp_path)
+    assert results["smoke"] and results["seeds"] == [0, 1]
+    arms = {(c["arm"], c["baseline"]) for c in results["claims"]}
+    assert {("late", "sgd"), ("late", "late_t0_0"), ("nqp_late_random", "nqp_sgd")} <= arms
+    assert all(c["verdict"] in common.VERDICTS and c["n"] == 2 for c in results["claims"])
+    for name in ("config.json", "results.json", "accuracy.png", "nqp.png"):
         assert os.path.exists(tmp_path / name), name
-    run_experiment("late_phase", tmp_path / "nqp", "--problem=nqp")
-    for name in ("config.json", "results.json", "nqp.png"):
-        assert os.path.exists(tmp_path / "nqp" / name), name
+    assert os.path.exists(tmp_path / "arms" / "late" / "seed_1.json")
+    bad = get_config("quick")
+    bad.classify_arms = ("late", "ensemble")
+    with pytest.raises(ValueError, match="config.classify_arms=.*including 'sgd'"):
+        run(bad, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_notebook_executes():

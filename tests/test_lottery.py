@@ -328,15 +328,38 @@ def test_training_that_moves_pruned_weights_is_refused():
 
 
 def test_experiment_quick(tmp_path):
-    run_experiment("lottery", tmp_path, "--arms=reinit")  # runs the rewind_init ticket too
+    results = run_experiment("lottery", tmp_path, steps=12, rewind_step=3)
     for name in ("config.json", "results.json", "lth.png", "geometry.png"):
         assert (tmp_path / name).exists(), name
-    with open(tmp_path / "results.json") as f:
-        results = json.load(f)
-    arms = {r["arm"] for r in results["table"]}
-    assert arms == {"reinit"}
-    assert all("sharpness" in r for r in results["table"])
-    assert (tmp_path / "seed_0" / "rewind_init" / "level_02" / "metrics.json").exists()
+    assert results["smoke"] and results["method"] == "lottery" and len(results["seeds"]) == 2
+    claims = {c["arm"] + " vs " + c["baseline"]: c for c in results["claims"]}
+    assert set(claims) == {
+        "ticket vs dense",
+        "ticket vs reinit",
+        "ticket vs random",
+        "ticket vs threshold",
+    }
+    assert claims["ticket vs dense"]["margin"] == 0.01
+    for c in claims.values():
+        assert c["verdict"] in ("holds", "does not hold", "inconclusive") and c["n"] == 2
+    with open(tmp_path / "arms" / "ticket" / "seed_0.json") as f:
+        ticket = json.load(f)
+    assert len(ticket["density"]) == 3 and ticket["density"][0] == 1.0
+    for key in ("sharpness", "trace", "trace_per_weight", "instability_error"):
+        assert all(np.isfinite(ticket[key])), key
+    # trace / trace per weight = the number of surviving weights (biases included)
+    surviving = np.asarray(ticket["trace"]) / np.asarray(ticket["trace_per_weight"])
+    prunable = 40 * 300 + 300 * 100 + 100 * 10
+    expect = 400 + 10 + prunable * np.asarray(ticket["density"])
+    np.testing.assert_allclose(surviving, expect, rtol=1e-4)
+    assert (tmp_path / "lottery" / "seed_1" / "ticket" / "level_02" / "metrics.json").exists()
+    with pytest.raises(ValueError, match="rewind_step=20"):
+        run_experiment("lottery", tmp_path / "bad", steps=12, rewind_step=20)
+    with pytest.raises(ValueError, match="must include 'ticket'"):
+        run_experiment(
+            "lottery", tmp_path / "bad", arms="reinit", geometry_arms="", instability_arms=""
+        )
+    assert not (tmp_path / "bad").exists()
 
 
 def test_notebook():

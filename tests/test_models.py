@@ -47,6 +47,22 @@ def test_create_by_name():
         ws.models.create("vgg", 10)
 
 
+def test_convnet_refuses_images_without_a_channel_axis():
+    hint = r"shape \(4, 28, 28\).*add a channel axis.*\(4, 28, 28, 1\)"
+    with pytest.raises(ValueError, match=hint):
+        _init(ws.models.ConvNet(channels=(8,)), (4, 28, 28))
+    grey = _init(ws.models.ConvNet(channels=(8,)), (4, 28, 28, 1))  # the fix the message names
+    assert grey["params"]["Conv_0"]["kernel"].shape == (3, 3, 1, 8)  # 2-D convs, one channel
+    signal = _init(ws.models.ConvNet(channels=(8,), spatial_dims=1), (4, 40, 3))
+    assert signal["params"]["Conv_0"]["kernel"].shape == (3, 3, 8)  # 1-D convs, 3 channels
+    mnist1d = _init(ws.models.ConvNet(channels=(8,)), (4, 40))
+    assert mnist1d["params"]["Conv_0"]["kernel"].shape == (3, 1, 8)
+    with pytest.raises(ValueError, match="spatial_dims must be None, 1 or 2, got 3"):
+        _init(ws.models.ConvNet(channels=(8,), spatial_dims=3), (4, 40))
+    with pytest.raises(ValueError, match=r"got input of shape \(4, 40\) with spatial_dims=2"):
+        _init(ws.models.ConvNet(channels=(8,), spatial_dims=2), (4, 40))
+
+
 def test_bfloat16_compute_keeps_float32_state_and_trains():
     """Mixed precision: bf16 activations, float32 params/optimizer state; the loss falls."""
     import numpy as np

@@ -191,7 +191,7 @@ def test_ulr_on_binary_mlp_unbiased_for_sbn():
     def loss_fn(p, ms, batch, key):
         return sq(sign_model.apply({"params": p}, batch["x"], train=True), batch["y"]), (ms, {})
 
-    ulr = ws.likelihood_ratio.likelihood_ratio(
+    ulr = ws.likelihood_ratio.ulr(
         num_copies=32,
         noise="logistic",
         sigma={"BinaryDense_0": 1.0, "head": 0.5},
@@ -369,13 +369,41 @@ def test_layer_in_a_user_model():
 
 
 def test_experiment_quick(tmp_path):
-    run_experiment("straight_through", tmp_path)
-    for name in ("config.json", "results.json", "toy_estimators.png", "training.png"):
-        assert os.path.exists(tmp_path / name), name
-    with open(tmp_path / "results.json") as f:
-        res = json.load(f)
-    assert "st" in res["toy"]["init"] and "reinforce" in res["toy"]["init"]
-    assert res["training"]
+    from experiments import common
+
+    res = run_experiment("straight_through", tmp_path / "run")
+    for name in ("config.json", "results.json", "sbn_estimators.png", "training.png"):
+        assert os.path.exists(tmp_path / "run" / name), name
+    assert res["smoke"] and res["method"] == "straight_through"
+    assert len(res["claims"]) == 7
+    assert all(c["verdict"] in common.VERDICTS and c["n"] == 2 for c in res["claims"])
+    with open(tmp_path / "run" / "arms" / "sbn_ulr" / "seed_0.json") as f:
+        ulr = json.load(f)
+    assert ulr["forward_evaluations"] == [2] and len(ulr["train_exact_loss"]) == 2
+    with open(tmp_path / "run" / "arms" / "bin_st" / "seed_0.json") as f:
+        arm = json.load(f)
+    assert 0 <= arm["test_accuracy"] <= 1 and 0 <= arm["sampled_test_accuracy"] <= 1
+    with pytest.raises(ValueError, match="gumbel"):
+        run_experiment("straight_through", tmp_path / "bad", sbn_estimators=["gumbel"])
+    assert not os.path.exists(tmp_path / "bad")  # refused before any file write
+
+
+def test_experiment_arms_change_one_thing_each():
+    from experiments import straight_through as exp
+    from experiments.configs.straight_through import get_config as exp_config
+
+    for arm, parent in exp.ARM_PARENTS.items():
+        a, b = exp.ARM_SPECS[arm], exp.ARM_SPECS[parent]
+        changed = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
+        assert len(changed) == 1, (arm, parent, changed)
+    assert set(exp.ARM_SPECS) == set(exp.ARM_PARENTS) | {"act_st", "bin_st"}
+    config = exp_config("quick")
+    for arm in exp.TRAIN_ARMS:  # every arm builds (shapes only: no compile)
+        model, tx = exp.build_arm(arm, config, 3)
+        v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 5)))
+        jax.eval_shape(tx.init, v["params"])
+        has_latent = "latent" in jax.tree.leaves(st.latent_labels(v["params"]))
+        assert has_latent == arm.startswith("bin_"), arm
 
 
 def test_notebook():

@@ -251,13 +251,18 @@ def test_evaluate_sharded_matches_jit(digits):
         (dict(batch_size=None), "needs batch_size"),
         (dict(apply_fn=None), "needs apply_fn"),
         (dict(train_eval_examples=-1), "train_eval_examples must be"),
+        (dict(tx_args=[1]), "tx_args must be a dict, a callable"),
+        (dict(writer=object()), "writer must have write_scalars"),
+        (dict(seed=0.5), "seed must be an int, got 0.5"),
+        (dict(eval_fn="acc"), "eval_fn must be callable"),
     ],
 )
 def test_fit_rejects_bad_arguments_before_writing(digits, tmp_path, kwargs, match):
     model, tx, state, loss_fn = _setup(digits)
+    step = lambda s, b, a=None: (s, {})  # never called
     kw = dict(apply_fn=model.apply, num_steps=5, batch_size=8, progress=False)
     with pytest.raises(ValueError, match=match):
-        ws.training.fit(state, None, digits, workdir=str(tmp_path / "w"), **{**kw, **kwargs})
+        ws.training.fit(state, step, digits, workdir=str(tmp_path / "w"), **{**kw, **kwargs})
     assert not (tmp_path / "w").exists()
 
 
@@ -289,3 +294,29 @@ def test_tensorboard_writer_writes_readable_events(tmp_path):
         for v in event.summary.value:
             got[v.tag] = (event.step, v.simple_value)
     assert got == {"loss": (3, 0.5), "acc": (3, 0.25)}
+
+
+@pytest.mark.parametrize("mode", ["sharded", "pmap"])
+def test_resume_in_multi_device_modes_is_bit_identical(digits, tmp_path, mode):
+    model = ws.models.MLP(features=(16,))
+    tx = optax.sgd(0.05, momentum=0.9)
+    state = ws.training.init_state(model, tx, digits.x_train[:1], jax.random.PRNGKey(0))
+    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx, mode=mode)
+    kw = dict(apply_fn=model.apply, num_steps=12, batch_size=64, eval_every=4, mode=mode)
+    kw.update(progress=False, train_eval_examples=256)
+    reference, ref_history = ws.training.fit(state, step, digits, **kw)
+    calls = {"n": 0}
+
+    def dies_at_10(s, batch, tx_args=None):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise _Interrupt
+        return step(s, batch, tx_args)
+
+    workdir = str(tmp_path / mode)
+    with pytest.raises(_Interrupt):
+        ws.training.fit(state, dies_at_10, digits, workdir=workdir, **kw)
+    resumed, history = ws.training.fit(state, step, digits, workdir=workdir, **kw)
+    for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["test_loss"] for r in history] == [r["test_loss"] for r in ref_history]

@@ -2,9 +2,9 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`, `averaging`. Methods (one module
-each): `late_phase`, `likelihood_ratio`, `straight_through`, `pruning` and
-`lottery`, `invariant_path`.
+Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`,
+`averaging`. Methods (one module each): `late_phase`, `likelihood_ratio`,
+`straight_through`, `pruning` and `lottery`, `invariant_path`.
 """
 
 from wspace import (

@@ -4,20 +4,33 @@
 
 * ``mnist1d`` -- the embedded default, generated offline by the `mnist1d`
   package (Greydanus 2020) and cached as ``.npz``; inputs are (N, 40) signals.
+  A cache that cannot be read is regenerated with a warning.
 * ``digits`` -- scikit-learn's 8x8 handwritten digits, as (N, 8, 8, 1) images.
-* ``npz:PATH`` -- the user's own arrays (keys ``x_train, y_train, x_test, y_test``).
+* ``npz:PATH`` -- the user's own arrays (keys ``x_train, y_train, x_test, y_test``
+  and optionally ``num_classes``).
 * any tensorflow-datasets name (``mnist``, ``fashion_mnist``, ``cifar10``...),
-  read through ``tfds.data_source`` (no TensorFlow needed).
+  read through ``tfds.data_source`` from ``array_record`` files (no TensorFlow
+  needed). Preparing a set once (``download=True``) writes those files and
+  needs TensorFlow: ``pip install "wspace[prepare]"``.
 
-Inputs are float32, labels int32. `batches` yields ``{"x": ..., "y": ...}``
-dicts: seeded shuffles, a number of epochs, and per-process sharding for
-multi-host runs.
+Inputs are float32, labels int32. uint8 inputs (images, from TFDS or npz) are
+scaled to [0, 1] by 1/255; other inputs keep their values. Every `Dataset` is
+validated when built: integer labels in [0, num_classes), finite inputs, and
+non-empty train and test splits with the same example shape.
+
+`batches` yields ``{"x": ..., "y": ...}`` dicts: seeded shuffles, a number of
+epochs, and per-process sharding for multi-host runs.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import importlib.util
 import os
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,11 +39,19 @@ from wspace.io import atomic_open  # noqa: F401 -- re-exported: data.atomic_open
 
 EMBEDDED = ("mnist1d", "digits")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+PREPARE_EXTRA = 'pip install "wspace[prepare]"'
+_READ_CHUNK = 1024  # records per batched read from a TFDS data source
+_READ_THREADS = min(8, os.cpu_count() or 1)  # threads reading and decoding chunks
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train/test arrays and metadata. ``x`` is float32, ``y`` int32 class ids."""
+    """Train/test arrays and metadata. ``x`` is float32, ``y`` int32 class ids.
+
+    Validated on construction (`ValueError` naming the dataset, split and value):
+    integer labels in ``[0, num_classes)``, finite inputs, non-empty splits,
+    and test examples of the train examples' shape.
+    """
 
     name: str
     x_train: np.ndarray
@@ -38,6 +59,9 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+
+    def __post_init__(self):
+        _validate(self)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -57,15 +81,18 @@ def load(
     Args:
       name: ``mnist1d``, ``digits``, ``npz:PATH`` or a tensorflow-datasets name.
       data_dir: TFDS data directory (default: TFDS's own, ``~/tensorflow_datasets``).
-      download: let TFDS download and prepare the set if it is missing.
+      download: let TFDS download and prepare the set (as ``array_record``) if
+        it is not prepared yet; needs TensorFlow (``pip install "wspace[prepare]"``).
       cache_dir: where the generated mnist1d arrays are cached
         (default ``$WSPACE_CACHE`` or ``~/.cache/wspace``).
 
     Returns:
-      A `Dataset`.
+      A validated `Dataset`.
 
     Raises:
-      ValueError: unknown name, malformed npz, or a TFDS set that is not prepared.
+      ValueError: unknown name, malformed npz, invalid labels or inputs, a TFDS
+        set that is not prepared (or prepared in a format other than
+        ``array_record``), or ``download=True`` without TensorFlow.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
@@ -150,17 +177,28 @@ def _cache_dir(cache_dir: str | None) -> str:
 
 def _load_mnist1d(cache_dir: str | None) -> Dataset:
     path = os.path.join(_cache_dir(cache_dir), "mnist1d_v1.npz")
-    if not os.path.exists(path):
-        from mnist1d.data import get_dataset_args, make_dataset
-
-        raw = make_dataset(get_dataset_args())  # deterministic: the package seeds with 42
-        with atomic_open(path, "wb") as f:
-            np.savez(
-                f, x_train=raw["x"], y_train=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"]
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return _from_arrays("mnist1d", {k: f[k] for k in _NPZ_KEYS})
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+            warnings.warn(
+                f"mnist1d cache {path} is corrupt ({type(e).__name__}: {e}); regenerating it",
+                stacklevel=3,
             )
-    with np.load(path) as f:
-        arrays = {k: f[k] for k in _NPZ_KEYS}
+    arrays = _generate_mnist1d()
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return _from_arrays("mnist1d", arrays)
+
+
+def _generate_mnist1d() -> dict[str, np.ndarray]:
+    """The mnist1d package's default set (deterministic: the package seeds with 42)."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    raw = make_dataset(get_dataset_args())
+    x_train, y_train, x_test, y_test = raw["x"], raw["y"], raw["x_test"], raw["y_test"]
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
 
 
 def _load_digits() -> Dataset:
@@ -181,9 +219,9 @@ def _load_npz(path: str) -> Dataset:
         raise ValueError(f"npz file not found: {path!r}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in _NPZ_KEYS if k in f.files}
+            arrays = {k: f[k] for k in (*_NPZ_KEYS, "num_classes") if k in f.files}
             present = sorted(f.files)
-    except (OSError, EOFError, ValueError, AttributeError) as e:  # not an npz archive
+    except (OSError, EOFError, ValueError, AttributeError, zipfile.BadZipFile, zlib.error) as e:
         raise ValueError(f"cannot read {path!r} as an npz file: {e}") from e
     missing = [k for k in _NPZ_KEYS if k not in arrays]
     if missing:
@@ -197,51 +235,226 @@ def _load_npz(path: str) -> Dataset:
                 f"npz file {path!r}: x_{split} has {nx} rows but y_{split} has shape "
                 f"{arrays[f'y_{split}'].shape}; labels must be a vector of the same length"
             )
-    return _from_arrays(f"npz:{path}", arrays)
+    num_classes = arrays.pop("num_classes", None)
+    if num_classes is not None:
+        if num_classes.shape != () or not np.issubdtype(num_classes.dtype, np.integer):
+            raise ValueError(
+                f"npz file {path!r}: num_classes must be a scalar integer, got {num_classes!r}"
+            )
+        num_classes = int(num_classes)
+    return _from_arrays(f"npz:{path}", arrays, num_classes)
+
+
+def _import_tfds(name: str):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as e:
+        raise ValueError(
+            f"dataset {name!r} is not one of {list(EMBEDDED)} or 'npz:PATH'; other names are "
+            f"tensorflow-datasets sets, and tensorflow-datasets is not installed "
+            f"(pip install tensorflow-datasets)"
+        ) from e
+    return tfds
+
+
+def _require_tensorflow(name: str) -> None:
+    """Preparing a TFDS set encodes its features with TensorFlow; reading does not."""
+    try:
+        found = importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ValueError(
+            f"preparing tensorflow-datasets set {name!r} (download=True) needs TensorFlow, "
+            f"which is not installed: {PREPARE_EXTRA} (reading a prepared set does not need it)"
+        )
+
+
+def _tfds_keys(name: str, info) -> tuple[str, str]:
+    """Input and label feature names: the builder's ``supervised_keys``, else image/label."""
+    keys = info.supervised_keys
+    if keys is not None and len(keys) >= 2 and all(isinstance(k, str) for k in keys[:2]):
+        return keys[0], keys[1]
+    features = list(info.features.keys()) if info.features is not None else []
+    if "image" in features and "label" in features:
+        return "image", "label"
+    raise ValueError(
+        f"tensorflow-datasets set {name!r} has no (input, label) supervised_keys "
+        f"(got {keys!r}) and no 'image'/'label' features; its features are {features}"
+    )
+
+
+def _prepare_hint(name: str, data_dir: str) -> str:
+    return (
+        f"run `wspace.data.load({name!r}, download=True, data_dir={data_dir!r})` once on a "
+        f"machine with internet and TensorFlow ({PREPARE_EXTRA}), or "
+        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` (the tfds "
+        f"command line also needs apache-beam)"
+    )
 
 
 def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
-    import tensorflow_datasets as tfds
-
+    tfds = _import_tfds(name)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as e:  # tfds raises its own DatasetNotFoundError subclasses
+    except tfds.core.DatasetNotFoundError as e:
         raise ValueError(
             f"unknown dataset {name!r}: use one of {list(EMBEDDED)}, 'npz:PATH', "
             f"or a tensorflow-datasets name (e.g. 'mnist', 'fashion_mnist', 'cifar10')"
         ) from e
-    if download:
-        builder.download_and_prepare()
+    x_key, y_key = _tfds_keys(name, builder.info)
+    root = str(builder.data_dir_root)
+    if download and not builder.is_prepared():
+        _require_tensorflow(name)
+        builder.download_and_prepare(file_format="array_record")
+    if builder.is_prepared():
+        formats = {f.value for f in builder.info.available_file_formats()}
+        if not formats & {"array_record", "parquet"}:
+            raise ValueError(
+                f"tensorflow-datasets set {name!r} in {builder.data_dir} is prepared as "
+                f"{sorted(formats)}, which wspace cannot read (it reads random-access "
+                f"file_format=array_record, without TensorFlow). Re-prepare it as "
+                f"array_record: delete {builder.data_dir}, then " + _prepare_hint(name, root)
+            )
+        missing = [s for s in ("train", "test") if s not in builder.info.splits]
+        if missing:
+            raise ValueError(
+                f"tensorflow-datasets set {name!r} has no {missing} split; it has "
+                f"{sorted(builder.info.splits)}, wspace needs 'train' and 'test'"
+            )
     arrays = {}
     for split in ("train", "test"):
         try:
-            source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-        except Exception as e:
+            source = builder.as_data_source(split=split)
+        except Exception as e:  # tfds raises assorted errors for missing files
+            if builder.is_prepared():
+                raise
             raise ValueError(
-                f"tensorflow-datasets set {name!r} (split {split!r}) is not prepared in "
-                f"data_dir={data_dir or builder.data_dir!r}. On a machine with internet, run "
-                f"`wspace.data.load({name!r}, download=True, data_dir=...)` (or "
-                f"`tfds build {name} --data_dir=...`) once, then pass that data_dir."
+                f"tensorflow-datasets set {name!r} is not prepared in data_dir={root!r}: "
+                + _prepare_hint(name, root)
+                + ", then pass that data_dir."
             ) from e
-        records = [source[i] for i in range(len(source))]
-        arrays[f"x_{split}"] = np.stack([r["image"] for r in records])
-        arrays[f"y_{split}"] = np.array([r["label"] for r in records])
-    for split in ("train", "test"):
-        if arrays[f"x_{split}"].dtype == np.uint8:
-            arrays[f"x_{split}"] = arrays[f"x_{split}"] / 255.0
-    num_classes = builder.info.features["label"].num_classes
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = _read_source(source, x_key, y_key)
+    num_classes = getattr(builder.info.features[y_key], "num_classes", None)
     return _from_arrays(name, arrays, num_classes)
 
 
+def _read_source(source, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a whole random-access source in batched ``__getitems__`` calls.
+
+    Chunks of `_READ_CHUNK` records are read and decoded by up to `_READ_THREADS`
+    threads (image decoding releases the GIL) and copied in order into one array.
+    """
+    n = len(source)
+
+    def read(start):
+        records = source.__getitems__(range(start, min(start + _READ_CHUNK, n)))
+        return start, np.stack([r[x_key] for r in records]), np.asarray([r[y_key] for r in records])
+
+    starts = range(0, n, _READ_CHUNK)
+    x = y = None
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(_READ_THREADS, len(starts)))) as pool:
+        for start, xs, ys in pool.map(read, starts):
+            if x is None:
+                x = np.empty((n, *xs.shape[1:]), xs.dtype)
+                y = np.empty((n, *ys.shape[1:]), ys.dtype)
+            x[start : start + len(xs)] = xs
+            y[start : start + len(ys)] = ys
+    if x is None:  # an empty split; `Dataset` names it
+        return np.zeros((0,), np.float32), np.zeros((0,), np.int32)
+    return x, y
+
+
+def _to_float32(x: np.ndarray) -> np.ndarray:
+    """uint8 inputs (images) scaled to [0, 1] by 1/255; any other dtype keeps its values."""
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32)
+        x /= np.float32(255)  # in place: no float64 copy of a whole image set
+        return x
+    return x.astype(np.float32, copy=False)
+
+
 def _from_arrays(name: str, a: dict[str, np.ndarray], num_classes: int | None = None) -> Dataset:
-    y_train, y_test = a["y_train"].astype(np.int32), a["y_test"].astype(np.int32)
-    if num_classes is None:
-        num_classes = int(max(y_train.max(), y_test.max())) + 1
+    for split in ("train", "test"):
+        y = a[f"y_{split}"]
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"dataset {name!r}: y_{split} has dtype {y.dtype}; labels must be integer "
+                f"class ids (e.g. y.astype(int) if they are whole numbers)"
+            )
+    y_train, y_test = a["y_train"], a["y_test"]
+    labels = np.concatenate([y_train.ravel(), y_test.ravel()])
+    if num_classes is None and labels.size:  # else `_validate` names the empty split
+        lo, hi = int(labels.min()), int(labels.max())
+        num_classes = max(hi, 0) + 1  # a negative label is named by `_validate`
+        absent = np.setdiff1d(np.arange(num_classes), y_train)
+        if lo >= 0 and len(absent):
+            raise ValueError(
+                f"dataset {name!r}: labels run up to {hi}, so the class count would be "
+                f"{num_classes}, but {len(absent)} class ids never occur in y_train (e.g. "
+                f"{absent[:5].tolist()}); fix the stray label {hi} or state the class count "
+                f"(an npz file's `num_classes` key)"
+            )
     return Dataset(
         name=name,
-        x_train=a["x_train"].astype(np.float32),
-        y_train=y_train,
-        x_test=a["x_test"].astype(np.float32),
-        y_test=y_test,
-        num_classes=num_classes,
+        x_train=_to_float32(a["x_train"]),
+        y_train=_to_int32(y_train),
+        x_test=_to_float32(a["x_test"]),
+        y_test=_to_int32(y_test),
+        num_classes=num_classes if num_classes is not None else 1,
     )
+
+
+def _to_int32(y: np.ndarray) -> np.ndarray:
+    """Integer labels as int32; out-of-range ids are left for `_validate` to name."""
+    if y.size and (y.min() < np.iinfo(np.int32).min or y.max() > np.iinfo(np.int32).max):
+        return y.astype(np.int64)
+    return y.astype(np.int32, copy=False)
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    if not np.issubdtype(x.dtype, np.inexact):
+        return True
+    # Fast path: a float64 sum is finite iff no entry is NaN or inf, unless the sum overflows
+    # (only float64 inputs near 1e308 can), and then the entries are checked one by one.
+    return bool(np.isfinite(x.sum(dtype=np.float64))) or bool(np.isfinite(x).all())
+
+
+def _validate(ds: Dataset) -> None:
+    """Checks a `Dataset` at the boundary, before any training (see the class docstring)."""
+    where = f"dataset {ds.name!r}"
+    k = ds.num_classes
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"{where}: num_classes must be an integer >= 1, got {k!r}")
+    for split in ("train", "test"):
+        x, y = np.asarray(getattr(ds, f"x_{split}")), np.asarray(getattr(ds, f"y_{split}"))
+        if x.ndim < 1 or len(x) == 0:
+            raise ValueError(f"{where}: the {split} split is empty (x_{split} shape {x.shape})")
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(
+                f"{where}: y_{split} has shape {y.shape} for {len(x)} examples; labels must "
+                f"be a vector of the same length"
+            )
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(
+                f"{where}: y_{split} has dtype {y.dtype}; labels must be integer class ids"
+            )
+        bad = np.flatnonzero((y < 0) | (y >= k))
+        if len(bad):
+            raise ValueError(
+                f"{where}: y_{split}[{bad[0]}] = {y[bad[0]]} is not a class id in [0, {k}) "
+                f"({len(bad)} out of range)"
+            )
+        if not np.issubdtype(x.dtype, np.number):
+            raise ValueError(f"{where}: x_{split} has dtype {x.dtype}; inputs must be numeric")
+        if not _all_finite(x):
+            rows = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+            raise ValueError(
+                f"{where}: x_{split} has non-finite values (NaN or inf) in {len(rows)} "
+                f"examples, the first at index {rows[0]}; inputs must be finite"
+            )
+    if ds.x_test.shape[1:] != ds.x_train.shape[1:]:
+        raise ValueError(
+            f"{where}: test examples have shape {tuple(ds.x_test.shape[1:])} but train "
+            f"examples have {tuple(ds.x_train.shape[1:])}; they must match"
+        )

@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 PyTree = Any
@@ -181,7 +182,8 @@ def scale_by_invariant_metric(
       maxiter: maximum CG iterations, ``>= 1``.
       max_norm: bound on the global norm of the step (None: no bound).
       input_shape: shape of one anchor input, checked when given.
-      warn: warn (host-side, also under jit) when a solve ends above ``tol``.
+      warn: warn (host callback, also under jit) at the first solve that ends above
+        ``tol``; every such solve is counted in the state.
 
     Returns:
       An optax ``GradientTransformationExtraArgs`` whose ``update`` needs ``params``
@@ -197,6 +199,7 @@ def scale_by_invariant_metric(
     _check_number("tol", tol, lambda v: v >= 0, ">= 0")
     if max_norm is not None:
         _check_number("max_norm", max_norm, lambda v: v > 0, "> 0 or None")
+    warner = _unconverged_warner()
 
     def init_fn(params):
         del params
@@ -227,7 +230,7 @@ def scale_by_invariant_metric(
         # CG stops on its recursive residual; allow float32 drift of the true one.
         unconverged = residual > 1.01 * tol + 1e-6
         if warn:
-            jax.debug.callback(_warn_unconverged, residual, tol, state.count)
+            jax.debug.callback(warner, residual, tol, state.count)
         raw_norm = optax.tree.norm(d)
         if max_norm is not None:
             scale = jnp.minimum(1.0, max_norm / jnp.maximum(raw_norm, 1e-30))
@@ -650,15 +653,23 @@ def _precision_name(precision) -> str | None:
     return jax.lax.Precision(precision).name.lower()
 
 
-def _warn_unconverged(residual, tol, count) -> None:
-    residual, tol = float(residual), float(tol)
-    if residual > 1.01 * tol + 1e-6:
-        warnings.warn(
-            f"scale_by_invariant_metric: step {int(count)} ended unconverged (relative "
-            f"residual {residual:.3g} > tol {tol:.3g}); raise damping or maxiter",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+def _unconverged_warner() -> Callable:
+    """A host callback that warns on the first unconverged solve of one transformation."""
+    warned = []
+
+    def warn(residual, tol, count) -> None:
+        residual, tol = float(np.max(residual)), float(np.max(tol))  # max: also under vmap
+        if residual > 1.01 * tol + 1e-6 and not warned:
+            warned.append(True)
+            warnings.warn(
+                f"scale_by_invariant_metric: step {int(np.max(count))} ended unconverged "
+                f"(relative residual {residual:.3g} > tol {tol:.3g}); raise damping or maxiter. "
+                "Later unconverged steps are counted in state.num_unconverged, not warned.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    return warn
 
 
 _DEPRECATED = {"InvariantPathState": ("ScaleByInvariantMetricState", ScaleByInvariantMetricState)}

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -309,8 +310,14 @@ def workdir_lock(path: str):
     (its pid written, no ``flock`` held) is taken over with a warning naming that pid.
     Re-entrant within one process: nested ``workdir_lock(path)`` calls (e.g. an
     experiment's runner and the `wspace.training.fit` it calls) share the lock, which is
-    released when the outermost one exits. Creates ``path`` if needed.
+    released when the outermost one exits. In a multi-process JAX run (after
+    ``jax.distributed.initialize``) only process 0 takes the lock; on the other processes
+    this is a no-op, so every process of one run may call it on a shared workdir. Creates
+    ``path`` if needed.
     """
+    if jax.distributed.is_initialized() and jax.process_index() != 0:
+        yield
+        return
     os.makedirs(path, exist_ok=True)
     real = os.path.realpath(path)
     with _held_guard:
@@ -425,14 +432,20 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, tree: PyTree) -> None:
-        """Writes ``tree`` as ``step`` with its signature and SHA-256; raises with the path."""
+    def save(self, step: int, tree: PyTree, *, meta: Any = None) -> None:
+        """Writes ``tree`` as ``step`` (replacing one already there) with its signature and
+        SHA-256, and JSON-able ``meta`` (returned by `restore_with_step`); a failure raises
+        `CheckpointError` naming the directory."""
         integrity = {"signature": tree_signature(tree), "sha256": tree_sha256(tree)}
+        if meta is not None:
+            integrity["meta"] = meta
         args = self._ocp.args.Composite(
             state=self._ocp.args.StandardSave(tree),
             integrity=self._ocp.args.JsonSave(integrity),
         )
         try:
+            if int(step) in self._manager.all_steps():  # the caller's tree replaces it
+                self._manager.delete(int(step))
             self._manager.save(int(step), args=args, force=True)
             self._manager.wait_until_finished()
         except Exception as e:
@@ -455,7 +468,7 @@ class Checkpointer:
         return self.restore_with_step(like, step, sharding=sharding)[1]
 
     def restore_with_step(self, like: PyTree, step: int | None = None, *, sharding=None):
-        """`restore`, also returning the step restored: ``(step, tree)``."""
+        """`restore`, returning ``(step, tree, meta)``: the step restored and its ``meta``."""
         steps = self.all_steps() if step is None else [int(step)]
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
@@ -466,6 +479,10 @@ class Checkpointer:
             return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
 
         abstract = jax.tree.map(to_abstract, like)
+        with _quiet_asyncio():  # orbax's failed reads also log their tasks' tracebacks
+            return self._restore_newest(steps, want, abstract, fallback=step is None)
+
+    def _restore_newest(self, steps, want, abstract, *, fallback: bool):
         failures = []
         for s in reversed(steps):
             path = os.path.join(self.directory, str(s))
@@ -489,10 +506,10 @@ class Checkpointer:
             except Exception as e:
                 failures.append((s, path, _one_line(e)))
                 continue
-            if step is None:
+            if fallback:
                 for bad_step, bad_path, why in failures:
                     self._quarantine(bad_step, bad_path, why, fallback=s)
-            return s, tree
+            return s, tree, integrity.get("meta")
         detail = "; ".join(f"{p}: {why}" for _, p, why in failures)
         raise CheckpointError(
             f"no valid checkpoint in {self.directory} ({detail}); delete the directory to "
@@ -519,6 +536,17 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_asyncio():
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _signature_diff(path: str, have: dict, want: dict) -> str:

@@ -51,9 +51,10 @@ atomic JSON, the JSON last); a rerun resumes at the first unfinished level.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -63,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wspace import landscape, pruning
+from wspace import io, landscape, pruning
 from wspace import training as training_lib
 
 PyTree = Any
@@ -155,14 +156,18 @@ class Trainer:
     estimator: Callable = jax.value_and_grad
 
     def __post_init__(self):
-        if self.mode not in training_lib.MODES:
-            raise ValueError(f"unknown mode {self.mode!r}; use one of {training_lib.MODES}")
         if not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         step = training_lib.make_train_step(
             self.loss_fn, self.tx, estimator=self.estimator, mode=self.mode, mesh=self.mesh
         )
         object.__setattr__(self, "train_step", step)
+
+    def with_seed(self, seed: int) -> Trainer:
+        """This trainer with another data-order seed, sharing the compiled step."""
+        new = copy.copy(self)
+        object.__setattr__(new, "seed", seed)
+        return new
 
     def __call__(self, state, masks, num_steps, *, seed: int | None = None):
         if int(num_steps) <= int(state.step):
@@ -181,7 +186,8 @@ class Trainer:
             tx_args={"masks": masks},
             progress=False,
         )
-        metrics = {k: v for k, v in history[-1].items() if k not in ("step", "time")}
+        skip = ("step", "time")
+        metrics = {k: v for k, v in history[-1].items() if k not in skip and "batch_" not in k}
         return state, metrics
 
 
@@ -332,7 +338,7 @@ def train_dense(
     metrics = {**metrics, "train_time": time.time() - t0}
     if workdir:
         _save(os.path.join(workdir, "states"), {"init": state, "rewind": rewind, "final": final})
-        training_lib.write_json(
+        io.write_json(
             os.path.join(workdir, "metrics.json"),
             {"metrics": metrics, "rewind_step": rewind_step, "num_steps": num_steps},
         )
@@ -562,7 +568,7 @@ def run_arm(
                 os.path.join(where, "state"),
                 {"params": params, "model_state": model_state, "masks": masks},
             )
-            training_lib.write_json(os.path.join(where, "metrics.json"), metrics)
+            io.write_json(os.path.join(where, "metrics.json"), metrics)
         out.append(result)
         if callback:
             callback(result)
@@ -595,18 +601,19 @@ def _load_json(where, name):
     path = os.path.join(where, name) if where else None
     if not path or not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    return io.read_json(path)
 
 
 def _save(directory: str, tree) -> None:
-    ckpt = training_lib.Checkpointer(directory, max_to_keep=1)
+    if os.path.isdir(directory):  # left by a run killed before its metrics.json: stale
+        shutil.rmtree(directory)
+    ckpt = io.Checkpointer(directory, max_to_keep=1)
     ckpt.save(0, tree)
     ckpt.close()
 
 
 def _restore(directory: str, like):
-    ckpt = training_lib.Checkpointer(directory, max_to_keep=1)
+    ckpt = io.Checkpointer(directory, max_to_keep=1)
     try:
         return ckpt.restore(like)
     finally:

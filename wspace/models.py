@@ -6,8 +6,9 @@ training pass ``mutable=["batch_stats"]``. Layer names are stable (``Dense_0``,
 ``BatchNorm_1``, ``head``...) so method modules can select weights by path.
 
 * `MLP` / `lenet_300_100`: fully connected, any input shape (flattened).
-* `ConvNet`: conv + BatchNorm + ReLU blocks; 1-D convolutions on (N, L) or
-  (N, L, C) signals such as mnist1d, 2-D on (N, H, W, C) images.
+* `ConvNet`: conv + BatchNorm + ReLU blocks; 1-D convolutions on (N, L)
+  signals such as mnist1d (or (N, L, C) with ``spatial_dims=1``), 2-D on
+  (N, H, W, C) images. An (N, H, W) array is refused: add a channel axis.
 * `ResNet20`: the CIFAR ResNet of He et al. 2016 (3 stages x 3 basic blocks).
 
 Mixed precision: every model takes ``dtype``, the computation dtype (e.g.
@@ -48,18 +49,34 @@ def lenet_300_100(num_classes: int = 10, dtype: Any = jnp.float32) -> MLP:
 
 
 class ConvNet(nn.Module):
-    """Conv -> BatchNorm -> ReLU blocks with max-pooling, global average, linear ``head``."""
+    """Conv -> BatchNorm -> ReLU blocks with max-pooling, global average, linear ``head``.
+
+    Inputs: (N, L) signals (one channel, 1-D convolutions) or (N, H, W, C)
+    images (2-D). A rank-3 input is ambiguous -- (N, H, W) grey images or
+    (N, L, C) multichannel signals -- so it needs ``spatial_dims=1`` (signals);
+    grey images need an explicit channel axis, ``x[..., None]``, else a
+    `ValueError` says so (a 1-D net over 28 "channels" would train silently).
+
+    Attributes:
+      channels: output channels of each conv block.
+      num_classes: width of the ``head``.
+      kernel_size: conv window along each spatial axis.
+      dtype: computation dtype (parameters stay float32; see the module docstring).
+      spatial_dims: 1 or 2 convolution axes; None infers them from (N, L) or
+        (N, H, W, C) inputs.
+    """
 
     channels: Sequence[int] = (32, 64, 64)
     num_classes: int = 10
     kernel_size: int = 3
     dtype: Any = jnp.float32
+    spatial_dims: int | None = None
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        if x.ndim == 2:  # (N, L) signal -> one channel
+        spatial = _spatial_dims(x.shape, self.spatial_dims)
+        if x.ndim == spatial + 1:  # (N, L) signal -> one channel
             x = x[..., None]
-        spatial = x.ndim - 2
         window = (self.kernel_size,) * spatial
         for c in self.channels:
             x = nn.Conv(c, window, use_bias=False, dtype=self.dtype)(x)
@@ -69,6 +86,27 @@ class ConvNet(nn.Module):
                 x = nn.max_pool(x, (2,) * spatial, strides=(2,) * spatial)
         x = jnp.mean(x, axis=tuple(range(1, 1 + spatial)))
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+
+
+def _spatial_dims(shape: tuple[int, ...], spatial_dims: int | None) -> int:
+    """Number of convolution axes of a ConvNet input (see `ConvNet`); ValueError if unclear."""
+    if spatial_dims not in (None, 1, 2):
+        raise ValueError(f"ConvNet spatial_dims must be None, 1 or 2, got {spatial_dims!r}")
+    if spatial_dims == 1 and len(shape) in (2, 3):
+        return 1
+    if spatial_dims in (None, 2) and len(shape) == 4:
+        return 2
+    if spatial_dims is None and len(shape) == 2:
+        return 1
+    if len(shape) == 3 and spatial_dims != 1:
+        raise ValueError(
+            f"ConvNet got input of shape {tuple(shape)}: for (N, H, W) grey images add a channel "
+            f"axis, x[..., None] -> {(*shape, 1)}; for (N, L, C) signals pass spatial_dims=1"
+        )
+    raise ValueError(
+        f"ConvNet takes (N, L) or (N, L, C) signals (spatial_dims=1) or (N, H, W, C) images "
+        f"(spatial_dims=2); got input of shape {tuple(shape)} with spatial_dims={spatial_dims}"
+    )
 
 
 class _BasicBlock(nn.Module):

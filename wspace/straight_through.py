@@ -780,11 +780,6 @@ def metrics_vs_samples(
     Use `wspace.estimators.metrics_vs_samples` (any library-signature estimator).
     """
     warnings.warn(_MOVED.format("metrics_vs_samples"), DeprecationWarning, stacklevel=2)
-    if repeats < 2 or not num_samples or min(num_samples) < 1:
-        raise ValueError(
-            f"need repeats >= 2 and num_samples >= 1; got repeats={repeats}, "
-            f"num_samples={tuple(num_samples)}"
-        )
     out: dict[str, Any] = {k: [] for k in ("num_samples", "bias", "variance", "rmse", "cosine")}
     for i, m in enumerate(num_samples):
         keys = jax.random.split(jax.random.fold_in(key, i), repeats)

@@ -1,4 +1,4 @@
-"""Train state, train/eval steps (jit | sharded | pmap), the fit loop, checkpoints.
+"""Train state, train/eval steps (jit | sharded | pmap) and the generic `fit` loop.
 
 The two kinds of pure functions meet here (see DESIGN.md):
 
@@ -20,6 +20,18 @@ replicated with a leading device axis, gradients ``pmean``-ed). In ``pmap``
 mode, BatchNorm normalises with per-device batch statistics (flax's default
 without ``axis_name``; the running averages are then ``pmean``-ed) and random
 keys are folded with the device index.
+
+`fit` drives any train step over a `wspace.data.Dataset` or any iterable of batches,
+evaluates with any ``eval_fn(state) -> dict`` (classification by default), writes
+metrics through `wspace.io` writers, and checkpoints, verifies and resumes through
+`wspace.io.Checkpointer` (all file handling lives in `wspace.io`).
+
+Many hosts: start the same script once per host and call
+``jax.distributed.initialize()`` before anything else (it reads Slurm's or a TPU pod's
+environment; elsewhere pass ``coordinator_address``, ``num_processes``, ``process_id``),
+then use ``mode="sharded"``: `fit` gives each process its slice of every global batch,
+only process 0 writes the files written once, and orbax coordinates the checkpoints.
+tests/test_multihost.py runs two such processes on one machine (gloo CPU collectives).
 """
 
 from __future__ import annotations
@@ -396,7 +408,8 @@ def fit(
       tx_args: extra arguments for ``tx.update``: a dict, or ``tx_args(batch) -> dict``
         called with each host batch (in multi-host runs it must return the same values on
         every process).
-      writer: a metric writer (`wspace.io`) that also gets every record.
+      writer: a metric writer (`wspace.io`) that also gets every record (process 0 only;
+        steps redone after a resume are written to it again).
       train_eval_examples: training examples the default evaluation uses (None: all).
       progress: show a tqdm progress bar.
 
@@ -407,6 +420,13 @@ def fit(
     _validate_fit(
         state, data, num_steps, batch_size, eval_every, checkpoint_every, train_eval_examples
     )
+    _check_callables(train_step=train_step, eval_fn=eval_fn, apply_fn=apply_fn)
+    if not (tx_args is None or isinstance(tx_args, dict) or callable(tx_args)):
+        raise ValueError(f"tx_args must be a dict, a callable(batch) or None, got {tx_args!r}")
+    if writer is not None and not callable(getattr(writer, "write_scalars", None)):
+        raise ValueError(f"writer must have write_scalars(step, scalars), got {writer!r}")
+    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
+        raise ValueError(f"seed must be an int, got {seed!r}")
     _check_mode(mode)
     if mode == "sharded":
         mesh = mesh or default_mesh()
@@ -422,13 +442,15 @@ def fit(
         if workdir and primary:
             stack.enter_context(io.workdir_lock(workdir))
         ckpt = last_good = None
+        sums = {}  # running sums of the step metrics since the last record (saved with it)
         if workdir:
             _check_identity(workdir, state, num_steps, seed, batch_size, primary)
             ckpt = io.Checkpointer(os.path.join(workdir, "checkpoints"))
             stack.callback(ckpt.close)
             if ckpt.all_steps():
                 sharding = NamedSharding(mesh, P()) if mode == "sharded" else None
-                last_good, state = ckpt.restore_with_step(state, sharding=sharding)
+                last_good, state, meta = ckpt.restore_with_step(state, sharding=sharding)
+                sums = {k: tuple(v) for k, v in (meta or {}).get("window", {}).items()}
         start = int(state.step)
         history = _resume_metrics(workdir, start, primary)
         writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
@@ -452,7 +474,7 @@ def fit(
         bar = tqdm(total=num_steps, initial=start, disable=not (progress and primary), desc="train")
         stack.callback(bar.close)
         placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh)  # steps donate inputs
-        pending, sums = [], {}  # step metrics not yet checked; their running sums
+        pending = []  # step metrics not yet checked for finiteness
         t0 = time.time()
         for step in range(start + 1, num_steps + 1):
             batch = next(stream, None)
@@ -487,7 +509,7 @@ def fit(
                 if "test_accuracy" in record:
                     bar.set_postfix(test_acc=f"{record['test_accuracy']:.3f}")
             if is_ckpt:
-                ckpt.save(step, unplace_state(placed, mode))
+                ckpt.save(step, unplace_state(placed, mode), meta={"window": sums})
                 last_good = step
     return unplace_state(placed, mode), history
 
@@ -519,8 +541,20 @@ def _validate_fit(state, data, num_steps, batch_size, eval_every, ckpt_every, tr
         raise ValueError(f"state is at step {int(state.step)}, beyond num_steps={num_steps}")
 
 
+def _check_callables(**fns) -> None:
+    for name, fn in fns.items():
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{name} must be callable, got {fn!r}")
+    if fns["train_step"] is None:
+        raise ValueError("train_step must be callable (from make_train_step), got None")
+
+
 def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> None:
-    """Stores the run's identity in ``workdir/fit.json``, or refuses a different one."""
+    """Stores the run's identity in ``workdir/fit.json``, or refuses a different one.
+
+    A workdir without checkpoints holds nothing to resume (e.g. a run that failed at its
+    first step): its identity is replaced with a warning, so a fixed rerun just works.
+    """
     path = os.path.join(workdir, "fit.json")
     identity = {
         "num_steps": int(num_steps),
@@ -528,16 +562,29 @@ def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> Non
         "batch_size": None if batch_size is None else int(batch_size),
         "params": io.tree_signature(state.params),
     }
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    resumable = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if os.path.exists(path):
-        stored = io.read_json(path, recover=f"delete {workdir} to start over")
-        if stored != identity:
-            diffs = _dict_diff(stored, identity)
+        try:
+            stored = io.read_json(path, recover=f"delete {workdir} to start over")
+        except ValueError:
+            if resumable:
+                raise
+            stored = {}
+        if stored == identity:
+            return
+        diffs = _dict_diff(stored, identity)
+        text = "; ".join(diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+        if resumable:
             raise ValueError(
-                f"workdir {workdir} holds another run ({'; '.join(diffs[:4])}"
-                f"{f' (+{len(diffs) - 4} more)' if len(diffs) > 4 else ''}); "
-                "use another workdir, or delete it to start over"
+                f"workdir {workdir} holds another run ({text}); use another workdir, or "
+                "delete it to start over"
             )
-    elif primary:
+        warnings.warn(
+            f"workdir {workdir} held another run with no checkpoint ({text}); starting over",
+            stacklevel=3,
+        )
+    if primary:
         io.write_json(path, identity)
 
 

@@ -13,7 +13,10 @@ def get_config(arg: str = "small"):
         {
             "size": arg,
             # comma-separated experiment names, in report order
-            "methods": "late_phase,likelihood_ratio,straight_through,lottery,invariant_path",
+            "methods": ",".join(
+                ["late_phase", "likelihood_ratio", "straight_through", "lottery"]
+                + ["invariant_path", "compose"]
+            ),
             "progress": False,
         }
     )

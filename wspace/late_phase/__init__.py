@@ -48,8 +48,9 @@ weights and one per member): one ``tx`` state over the late-phase params, in
 which the member rows of every params-shaped part (momenta, Adam moments) move
 only when that member is active, and the shared part moves only when
 ``theta`` steps. Scalar parts (step counts, hence learning-rate schedules)
-advance every minibatch, like the code's per-epoch schedules. Not reproduced:
-the code's quirk that all member optimizers step when member 0 is active.
+advance every minibatch, like the code's per-epoch schedules. A `wspace.averaging.swa`
+inside ``tx`` averages the iterates actually reached (members' rows included).
+Not reproduced: the code's quirk that all member optimizers step when member 0 is active.
 
 Representation: a *late-phase params* tree is the plain params tree in which
 the chosen leaves carry a leading member axis of size K (copies), or, for
@@ -74,10 +75,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -86,113 +88,27 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from wspace import averaging, training
+from wspace import averaging, pruning, training
+from wspace import data as ws_data
+from wspace.late_phase._layout import (  # noqa: F401  (selection API re-exported)
+    PRESETS,
+    Selection,
+    _average,
+    _check_k,
+    _effective,
+    _expand,
+    _member_flags,
+    _no_selection_error,
+    _path,
+    _paths,
+    _scale_grad,
+    selection,
+)
 
 PyTree = Any
-PRESETS = ("bn_head", "batchnorm", "head", "rank1")
 SCHEDULES = ("cycle", "random", "parallel")
 COMBINE = ("sum", "mean", "every")
 DEFAULT_COMBINE = {"cycle": "sum", "random": "every", "parallel": "mean"}
-_R_IN, _R_OUT = "_rank1_in", "_rank1_out"
-
-
-# ----------------------------------------------------------------------------- selection
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """Which weights are late-phase, and how they are replicated.
-
-    Attributes:
-      predicate: ``predicate(path) -> bool`` on a param path, a tuple of
-        strings such as ``("BatchNorm_0", "scale")`` or ``("head", "kernel")``.
-      rank1: False: the chosen leaves themselves get a member axis (copies).
-        True: each chosen kernel (ndim >= 2) stays shared and gets per-member
-        rank-1 multiplicative factors ``W * (r s^T)``.
-      name: a label (the preset's name or ``"custom"``).
-    """
-
-    predicate: Callable[[tuple[str, ...]], bool]
-    rank1: bool = False
-    name: str = "custom"
-
-
-def _is_bn(path: tuple[str, ...]) -> bool:
-    return len(path) >= 2 and path[-2].startswith("BatchNorm") and path[-1] in ("scale", "bias")
-
-
-def _is_head(path: tuple[str, ...]) -> bool:
-    return "head" in path
-
-
-_PRESET_SELECTIONS = {
-    "bn_head": Selection(lambda p: _is_bn(p) or _is_head(p), False, "bn_head"),
-    "batchnorm": Selection(_is_bn, False, "batchnorm"),
-    "head": Selection(_is_head, False, "head"),
-    "rank1": Selection(lambda p: p[-1] == "kernel", True, "rank1"),
-}
-
-
-def selection(select: str | Callable | Selection, *, rank1: bool = False) -> Selection:
-    """Turns a preset name, a path predicate or a `Selection` into a `Selection`.
-
-    Presets: ``bn_head`` (every BatchNorm ``scale``/``bias`` and everything
-    under ``head``: the paper's default), ``batchnorm``, ``head``, and
-    ``rank1`` (rank-1 multiplicative factors on every ``kernel``, for models
-    without BatchNorm, e.g. an MLP).
-
-    Args:
-      select: preset name, ``predicate(path: tuple[str, ...]) -> bool``, or a `Selection`.
-      rank1: for a predicate: use rank-1 factors on the chosen kernels instead of copies.
-    """
-    if isinstance(select, Selection):
-        return select
-    if isinstance(select, str):
-        if select not in _PRESET_SELECTIONS:
-            raise ValueError(f"unknown late-phase preset {select!r}; use one of {PRESETS}")
-        return _PRESET_SELECTIONS[select]
-    if callable(select):
-        return Selection(select, bool(rank1))
-    raise ValueError(
-        f"select must be a preset name {PRESETS}, a predicate on param paths or a Selection, "
-        f"got {select!r}"
-    )
-
-
-def _path(keypath) -> tuple[str, ...]:
-    return tuple(jax.tree_util.keystr(keypath, simple=True, separator="/").split("/"))
-
-
-def _paths(tree) -> list[tuple[str, ...]]:
-    return [_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _is_member_path(path: tuple[str, ...], sel: Selection) -> bool:
-    """Does this leaf of a *late-phase* tree carry the member axis?"""
-    if sel.rank1:
-        return path[-1].endswith(_R_IN) or path[-1].endswith(_R_OUT)
-    return bool(sel.predicate(path))
-
-
-def _member_flags(tree, sel: Selection) -> list[bool]:
-    """Per leaf of a late-phase-shaped tree: does it carry the member axis?"""
-    return [_is_member_path(p, sel) for p in _paths(tree)]
-
-
-def _check_k(num_members) -> int:
-    if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
-        raise ValueError(f"num_members K must be an int >= 1, got {num_members!r}")
-    return num_members
-
-
-def _no_selection_error(tree, sel: Selection) -> ValueError:
-    paths = ["/".join(p) for p in _paths(tree)]
-    shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
-    what = "kernels (ndim >= 2)" if sel.rank1 else "leaves"
-    return ValueError(
-        f"late-phase selection {sel.name!r} selects no {what} of the params; "
-        f"allowed: a predicate true for at least one of: {shown}"
-    )
 
 
 # ----------------------------------------------------------------------------- the config
@@ -260,7 +176,9 @@ class LatePhase:
 
     # ------------------------------------------------------------------ expansion
 
-    def expand(self, params: PyTree, *, key: jax.Array | None = None) -> PyTree:
+    def expand(
+        self, params: PyTree, *, key: jax.Array | None = None, masks: PyTree | None = None
+    ) -> PyTree:
         """Gives the chosen weights a leading member axis of size K; the rest stays shared.
 
         Copies: ``phi_k = phi + noise * eps_k``, ``eps_k ~ N(0, 1)``. Rank-1:
@@ -270,13 +188,23 @@ class LatePhase:
         Args:
           params: the plain params tree (nested dicts for ``rank1``).
           key: PRNG key, required when ``noise > 0``.
+          masks: pruning masks of ``params`` (`wspace.pruning`): pruned weights
+            are exactly zero in every member (no noise lands on them).
 
         Returns:
           The late-phase params tree.
         """
         if self.noise > 0 and key is None:
             raise ValueError(f"noise={self.noise} > 0 needs a PRNG key; got key=None")
-        return _expand(params, jax.random.PRNGKey(0) if key is None else key, cfg=self)
+        late = _expand(
+            params, jax.random.PRNGKey(0) if key is None else key, sel=self.select,
+            k_members=self.num_members, noise=self.noise,
+        )  # fmt: skip
+        if masks is None:
+            return late
+        pruning.check_masks(params, masks)
+        zero = lambda x, m: jnp.where(jnp.asarray(m, bool), x, jnp.zeros_like(x))
+        return jax.tree.map(zero, late, self.expand_masks(masks))
 
     def expand_model_state(self, model_state: PyTree) -> PyTree:
         """Per-member copies of the non-param collections (``batch_stats``): axis 0 = K."""
@@ -291,7 +219,9 @@ class LatePhase:
         Member leaves get the same mask in all K members; rank-1 factors are
         never pruned (all True): ``W * r s^T`` keeps W's zeros.
         """
-        return _expand(masks, jax.random.PRNGKey(0), cfg=dataclasses.replace(self, noise=0.0))
+        return _expand(
+            masks, jax.random.PRNGKey(0), sel=self.select, k_members=self.num_members, noise=0.0
+        )
 
     def expand_opt_state(
         self, tx: optax.GradientTransformation, opt_state: PyTree, params: PyTree, late_params
@@ -347,15 +277,17 @@ class LatePhase:
         tx: optax.GradientTransformation,
         *,
         key: jax.Array | None = None,
+        masks: PyTree | None = None,
         reset_opt_state: bool = False,
     ) -> training.TrainState:
         """The plain `TrainState` at T0 as a late-phase state for `make_train_step`.
 
-        Params by `expand`, model state by `expand_model_state`, and the
-        optimizer state of ``optimizer(tx)`` around ``tx``'s state carried over
-        by `expand_opt_state` (``reset_opt_state``: a fresh ``tx.init``).
+        Params by `expand` (``key``, ``masks`` as there), model state by
+        `expand_model_state`, and the optimizer state of ``optimizer(tx)``
+        around ``tx``'s state carried over by `expand_opt_state`
+        (``reset_opt_state``: a fresh ``tx.init``).
         """
-        late = self.expand(state.params, key=key)
+        late = self.expand(state.params, key=key, masks=masks)
         if reset_opt_state:
             inner = tx.init(late)
         else:
@@ -525,6 +457,8 @@ class LatePhase:
             zeros = jax.tree.map(jnp.zeros_like, updates)
             updates = self._keep(updates, zeros, flags, member, boundary)
             inner = self._select_state(inner, state.inner, grads, member, boundary)
+            if params is not None:  # SWA means of the iterates really taken (rows held above)
+                inner = _swa_of(inner, state.inner, optax.apply_updates(params, updates))
             return updates, LatePhaseState(optax.safe_int32_increment(state.count), inner, accum)
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -624,74 +558,92 @@ class LatePhase:
         tx: optax.GradientTransformation,
         data,
         *,
-        apply_fn: Callable,
         t0: int,
         num_steps: int,
-        batch_size: int,
+        eval_fn: Callable | None = None,
+        apply_fn: Callable | None = None,
         key: jax.Array | None = None,
-        seed: int = 0,
-        mode: str = "jit",
-        mesh: jax.sharding.Mesh | None = None,
-        eval_every: int = 100,
+        masks: PyTree | None = None,
         workdir: str | None = None,
-        progress: bool = True,
+        **fit_kwargs,
     ) -> tuple[training.TrainState, list[dict]]:
         """Plain training up to step ``t0``, then late-phase training to ``num_steps``.
 
-        Both phases run through `wspace.training.fit` (same data stream,
+        Both phases run through `wspace.training.fit` (the same data stream,
         continued; the plain step from `wspace.training.make_train_step`, the
         late one from `make_train_step`, both in ``mode``), switched once at
-        ``t0`` by `expand_state`. Late-phase evaluations use the averaged
-        network. With a workdir the phases write into ``workdir/plain`` and
-        ``workdir/late`` and a rerun resumes.
+        ``t0`` by `expand_state`. Late-phase records evaluate the averaged
+        network: ``eval_fn`` receives `average_state` of the late state. With a
+        workdir the phases write into ``workdir/plain`` and ``workdir/late`` and
+        a rerun resumes.
 
         Args:
           state: plain `TrainState` at step 0 (or resumed).
           loss_fn: the plain loss; tx: the optax transformation (its state is carried over at t0).
-          data, apply_fn, batch_size, seed, eval_every, progress, mode, mesh:
-            as `wspace.training.fit`.
+          data: a `wspace.data.Dataset`, or an iterable of batch dicts that restarts
+            on every ``iter()`` (then the late phase skips the first ``t0``
+            batches); a one-shot iterator simply continues.
           t0: the late-phase start, ``0 <= t0 <= num_steps``.
           num_steps: total steps.
+          eval_fn, apply_fn: as `wspace.training.fit` (default evaluation: classification).
           key: PRNG key of the members' initial noise (needed when ``noise > 0``).
+          masks: pruning masks of the plain params (see `expand`); keep them in
+            ``tx`` too (``wspace.pruning.keep_masked``).
+          workdir: as `wspace.training.fit` (None: nothing written).
+          **fit_kwargs: the other arguments of `wspace.training.fit` (``batch_size``,
+            ``seed``, ``mode``, ``mesh``, ``eval_every``, ``tx_args``, ``writer``,
+            ``train_eval_examples``, ``checkpoint_every``, ``progress``).
 
         Returns:
-          ``(late-phase state at num_steps, evaluation records of both phases)``;
+          ``(late-phase state at num_steps, records of both phases with "phase")``;
           collapse the state with `average`.
         """
         if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 <= num_steps:
             raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")
-        if self.schedule == "parallel" and batch_size % self.num_members:
+        batch_size = fit_kwargs.get("batch_size")
+        if self.schedule == "parallel" and batch_size and batch_size % self.num_members:
             raise ValueError(
                 f"batch_size {batch_size} must be divisible by K={self.num_members} "
                 "under schedule='parallel'"
             )
+        mode, mesh = fit_kwargs.get("mode", "jit"), fit_kwargs.get("mesh")
         if mode not in training.MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
+        if eval_fn is None and isinstance(data, ws_data.Dataset):
+            if apply_fn is None:
+                raise ValueError("fit on a Dataset needs apply_fn (default evaluation) or eval_fn")
+            eval_fn = training.classification_eval(
+                apply_fn,
+                data,
+                train_eval_examples=fit_kwargs.get("train_eval_examples", 1000),
+                mode=mode,
+                mesh=mesh,
+            )
         sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
-        kw = dict(
-            batch_size=batch_size,
-            seed=seed,
-            mode=mode,
-            mesh=mesh,
-            eval_every=eval_every,
-            progress=progress,
-        )
         history = []
+        plain_step, late_step = _steps(self, loss_fn, tx, mode, mesh)
         if t0 > 0:
-            plain_step = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
             state, hist = training.fit(
-                state, plain_step, data, apply_fn=apply_fn, num_steps=t0, workdir=sub("plain"), **kw
+                state,
+                plain_step,
+                data,
+                num_steps=t0,
+                eval_fn=eval_fn,
+                workdir=sub("plain"),
+                **fit_kwargs,
             )
             history += [{**r, "phase": "plain"} for r in hist]
-        late_state = self.expand_state(state, tx, key=key)
+        late_state = self.expand_state(state, tx, key=key, masks=masks)
+        if not isinstance(data, ws_data.Dataset) and iter(data) is data:  # one-shot: continue
+            data = itertools.chain(itertools.repeat({}, int(state.step)), data)
         late_state, hist = training.fit(
             late_state,
-            self.make_train_step(loss_fn, tx, mode=mode, mesh=mesh),
+            late_step,
             data,
-            apply_fn=self.averaged_apply(apply_fn),
             num_steps=num_steps,
+            eval_fn=None if eval_fn is None else (lambda s: eval_fn(self.average_state(s))),
             workdir=sub("late"),
-            **kw,
+            **fit_kwargs,
         )
         history += [{**r, "phase": "late"} for r in hist]
         return late_state, history
@@ -711,12 +663,19 @@ class LatePhase:
         mean_k a_k`` and ``b* = mean_k b_k`` -- the mean of the members'
         outputs, as the official code's ``set_average_specialists``. Other
         ``model_state`` leaves are averaged over members. With K identical
-        members the result is the original network exactly (on CPU).
+        members the result is the original network exactly (on CPU). A BatchNorm
+        bias that is zero in every member (pruned) stays exactly zero: then ``m*
+        = -b*/a*`` carries the shift. Pruned weights stay zero (mean of zeros).
 
         Returns:
           ``(params, model_state)`` of one plain network for the unchanged ``apply``.
         """
         return _average(params, model_state, sel=self.select, eps=self.bn_eps)
+
+    def average_state(self, state: training.TrainState) -> training.TrainState:
+        """``state`` with `average`-d params and model state (one plain network; opt_state kept)."""
+        params, model_state = self.average(state.params, state.model_state)
+        return state.replace(params=params, model_state=model_state)
 
     def averaged_apply(self, apply_fn: Callable) -> Callable:
         """``apply(variables, x, **kw)`` of the averaged network, for late-phase ``variables``."""
@@ -730,12 +689,41 @@ class LatePhase:
         return apply
 
 
+def _swa_of(new, old, new_params):
+    """Redoes every `wspace.averaging.swa` mean in ``new`` on the params actually reached.
+
+    Inside ``tx``, SWA saw ``params + updates`` before the inactive members' rows and the
+    held shared weights were reset; its ``n`` (iterates averaged) is right, so the mean
+    is ``old.mean + [n grew] (new_params - old.mean) / n``.
+    """
+    is_swa = lambda x: isinstance(x, averaging.SWAState)
+
+    def fix(n, o):
+        if not is_swa(n):
+            return n
+        w = jnp.where(n.n > o.n, 1.0 / jnp.maximum(n.n, 1), 0.0)
+        mean = jax.tree.map(
+            lambda m, p: (m + w.astype(m.dtype) * (p - m)).astype(m.dtype), o.mean, new_params
+        )
+        return n._replace(mean=mean)
+
+    return jax.tree.map(fix, new, old, is_leaf=is_swa)
+
+
+@functools.lru_cache(maxsize=16)
+def _steps(cfg: LatePhase, loss_fn, tx, mode: str, mesh) -> tuple[Callable, Callable]:
+    """The plain and late-phase steps of `LatePhase.fit`, built once per (config, loss, tx):
+    repeated runs (seeds, arms) reuse the compiled steps."""
+    plain = training.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
+    return plain, cfg.make_train_step(loss_fn, tx, mode=mode, mesh=mesh)
+
+
 def _with_member(loss, member, params, model_state, batch, key):
     return loss(params, model_state, batch, key, member)
 
 
 def _compile(step, mode: str, mesh, donate: bool) -> Callable:
-    """Compiles ``step(state, batch, tx_args, axis_name=None)`` as `training.make_train_step` does."""
+    """Compiles ``step(state, batch, tx_args, axis_name=None)`` as `training.make_train_step`."""
     donate_argnums = (0,) if donate else ()
     if mode == "jit":
         compiled = jax.jit(step, donate_argnums=donate_argnums)
@@ -760,194 +748,6 @@ def _compile(step, mode: str, mesh, donate: bool) -> Callable:
         return compiled(state, batch, tx_args)
 
     return train_step
-
-
-# ----------------------------------------------------------------------------- internals
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _expand(params: PyTree, key: jax.Array, *, cfg: LatePhase) -> PyTree:
-    sel, k_members = cfg.select, cfg.num_members
-    if sel.rank1:
-        chosen = [
-            p
-            for p, x in zip(_paths(params), jax.tree.leaves(params), strict=True)
-            if sel.predicate(p) and jnp.ndim(x) >= 2
-        ]
-        if not chosen:
-            raise _no_selection_error(params, sel)
-        return _add_noise(_add_rank1(params, (), sel, k_members), sel, key, cfg.noise)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not any(sel.predicate(_path(kp)) for kp, _ in flat):
-        raise _no_selection_error(params, sel)
-    leaves = [
-        jnp.broadcast_to(x, (k_members,) + jnp.shape(x)) if sel.predicate(_path(kp)) else x
-        for kp, x in flat
-    ]
-    return _add_noise(jax.tree.unflatten(jax.tree.structure(params), leaves), sel, key, cfg.noise)
-
-
-def _add_noise(late, sel: Selection, key, noise: float):
-    """``x + noise * N(0, 1)`` on the member leaves: one draw for all of them, split by leaf."""
-    if noise == 0:
-        return late
-    paths, leaves = _paths(late), jax.tree.leaves(late)
-    idx = [i for i, p in enumerate(paths) if _is_member_path(p, sel)]
-    eps = jax.random.normal(key, (sum(leaves[i].size for i in idx),))
-    start = 0
-    for i in idx:
-        x = leaves[i]
-        leaves[i] = x + noise * eps[start : start + x.size].reshape(x.shape).astype(x.dtype)
-        start += x.size
-    return jax.tree.unflatten(jax.tree.structure(late), leaves)
-
-
-def _add_rank1(tree, path, sel, k_members):
-    if not isinstance(tree, Mapping):
-        raise ValueError(
-            f"rank-1 late-phase weights need params as nested dicts; at {path} "
-            f"found {type(tree).__name__}"
-        )
-    out = {}
-    for name, value in tree.items():
-        p = path + (str(name),)
-        if isinstance(value, Mapping):
-            out[name] = _add_rank1(value, p, sel, k_members)
-            continue
-        out[name] = value
-        if sel.predicate(p) and jnp.ndim(value) >= 2:
-            for suffix, size in ((_R_IN, value.shape[-2]), (_R_OUT, value.shape[-1])):
-                if name + suffix in tree:
-                    raise ValueError(f"params already hold {'/'.join(p)}{suffix}")
-                out[name + suffix] = jnp.ones((k_members, size), value.dtype)
-    return out
-
-
-def _effective(params, sel: Selection):
-    """One member's plain params: rank-1 factors multiplied into their kernels and dropped."""
-    if not sel.rank1:
-        return params
-    return _apply_rank1(params)
-
-
-def _fold_rank1(tree, factor):
-    """Multiplies each kernel by ``factor(r, s)`` of its rank-1 factors and drops the factors."""
-    if not isinstance(tree, Mapping):
-        return tree
-    out = {}
-    for name, value in tree.items():
-        if name.endswith(_R_IN) or name.endswith(_R_OUT):
-            continue
-        if isinstance(value, Mapping):
-            out[name] = _fold_rank1(value, factor)
-        elif name + _R_IN in tree:
-            out[name] = value * factor(tree[name + _R_IN], tree[name + _R_OUT])
-        else:
-            out[name] = value
-    return out
-
-
-def _apply_rank1(tree):
-    """One member: ``W * (r s^T)``."""
-    return _fold_rank1(tree, lambda r, s: r[:, None] * s[None, :])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _scale_grad(x, c):
-    return x
-
-
-def _scale_grad_fwd(x, c):
-    return x, None
-
-
-def _scale_grad_bwd(c, _, g):
-    return (g * jnp.asarray(c, g.dtype),)
-
-
-_scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
-
-
-def _mean0(x):
-    """Mean over the member axis, computed as ``x_0 + mean(x - x_0)`` (exact for equal members)."""
-    return x[0] + jnp.mean(x - x[0], axis=0)
-
-
-@functools.partial(jax.jit, static_argnames=("sel", "eps"))
-def _average(params, model_state, *, sel: Selection, eps: float):
-    flags = _member_flags(params, sel)
-    if sel.rank1:
-        avg = _fold_rank1(params, lambda r, s: _mean0(r[:, :, None] * s[:, None, :]))
-    else:
-        it = iter(flags)
-        avg = jax.tree.map(lambda x: _mean0(x) if next(it) else x, params)
-    is_member = dict(zip(_paths(params), flags, strict=True))
-    bn = {}  # path of a BN module -> (scale*, bias*, mean*, var*)
-    for path, node in _stat_nodes(model_state):
-        bn[path[1:]] = _average_bn(params, path[1:], node, is_member, eps)
-    return _replace_affine(avg, (), bn), _replace_stats(model_state, bn)
-
-
-def _stat_nodes(tree, path=()) -> Iterable:
-    if isinstance(tree, Mapping):
-        if "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
-            yield path, tree
-            return
-        for k, v in tree.items():
-            yield from _stat_nodes(v, path + (str(k),))
-
-
-def _get(tree, path):
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
-
-
-def _average_bn(params, path, stats, is_member, eps):
-    node = _get(params, path)
-    if node is None or "scale" not in node or "bias" not in node:
-        raise ValueError(
-            f"BatchNorm statistics at {'/'.join(path)} need 'scale' and 'bias' params at the same "
-            f"path to average the affine maps; found {None if node is None else sorted(node)}"
-        )
-    mean, var = stats["mean"], stats["var"]  # (K, C)
-    k_members = mean.shape[0]
-
-    def per_member(name):
-        x = node[name]
-        return (
-            x
-            if is_member.get(path + (name,), False)
-            else jnp.broadcast_to(x, (k_members,) + x.shape)
-        )
-
-    scale, bias = per_member("scale"), per_member("bias")
-    m_star, v_star = _mean0(mean), _mean0(var)
-    root = jnp.sqrt(var + eps)
-    a = scale / root
-    scale_star = _mean0(scale * (jnp.sqrt(v_star + eps) / root))
-    bias_star = _mean0(bias + a * (m_star - mean))
-    return scale_star, bias_star, m_star, v_star
-
-
-def _replace_stats(tree, bn, path=()):
-    if not isinstance(tree, Mapping):
-        return _mean0(tree)
-    if path[1:] in bn and "mean" in tree and "var" in tree:
-        _, _, m, v = bn[path[1:]]
-        return {**{k: _mean0(x) for k, x in tree.items()}, "mean": m, "var": v}
-    return {k: _replace_stats(v, bn, path + (str(k),)) for k, v in tree.items()}
-
-
-def _replace_affine(tree, path, bn):
-    if not isinstance(tree, Mapping):
-        return tree
-    if path in bn:
-        scale, bias, _, _ = bn[path]
-        return {**tree, "scale": scale, "bias": bias}
-    return {k: _replace_affine(v, path + (str(k),), bn) for k, v in tree.items()}
 
 
 # ----------------------------------------------------------------------------- module API
@@ -1028,10 +828,8 @@ _MOVED = ("swa", "swa_params", "recompute_batch_stats", "SWAState")  # to wspace
 
 def __getattr__(name):
     if name in _OLD:
-        _deprecated(
-            name,
-            f"LatePhase(num_members, select, ...).{name.replace('late_phase_loss', 'make_train_step')}",
-        )
+        new = "make_train_step" if name == "late_phase_loss" else name
+        _deprecated(name, f"LatePhase(num_members, select, ...).{new}")
         return _OLD[name]
     if name in _MOVED:
         _deprecated(name, f"wspace.averaging.{name}")

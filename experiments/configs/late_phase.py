@@ -1,0 +1,48 @@
+"""Config of `experiments.late_phase`: late-phase weights vs SGD on a BatchNorm ConvNet and on
+the noisy quadratic problem (NQP)."""
+
+from experiments import common
+
+
+def get_config(arg: str = "small"):
+    """quick: a smoke run in seconds; small: the demo (5 seeds, ~250 CPU-s); paper: every arm."""
+    c = common.base_config(arg)
+    size = c.size
+    c.parts = ("classify", "nqp")
+
+    # Classification: ConvNet (BatchNorm) on mnist1d, SGD + momentum 0.9 on a cosine schedule.
+    c.model = {"quick": "mlp", "small": "convnet", "paper": "convnet"}[size]
+    c.select = "bn_head"  # BatchNorm scale/shift + classifier: the paper's late-phase weights
+    c.members = {"quick": 2, "small": 10, "paper": 10}[size]  # K (10 in every official config)
+    c.t0_frac = 0.6  # T0 = 60% of the steps (official CIFAR configs: epoch 120 of 200)
+    c.noise = 0.0  # members start identical (noise_std_init = 0 in every official config)
+    c.steps = {"quick": 12, "small": 500, "paper": 2000}[size]
+    c.batch_size = {"quick": 8, "small": 100, "paper": 100}[size]
+    c.lr = 0.05
+    c.eval_every = {"quick": 6, "small": 100, "paper": 200}[size]
+    c.swa_lr = 0.01  # constant learning rate of the SWA phase
+    c.swa_every = {"quick": 2, "small": 10, "paper": 10}[size]
+    c.classify_arms = {
+        "quick": ("sgd", "late", "late_t0_0"),
+        "small": ("sgd", "late", "late_t0_0"),
+        "paper": (
+            "sgd",
+            "late",
+            "late_t0_0",
+            "late_random",
+            "late_parallel",
+            "sgd_ghost_bn",
+            "swa",
+            "late_swa",
+        ),
+    }[size]
+
+    # NQP: l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2, c ~ N(1, diag(h)), w = theta * gain.
+    c.nqp_dim = {"quick": 10, "small": 50, "paper": 50}[size]
+    c.nqp_steps = {"quick": 40, "small": 2000, "paper": 8000}[size]
+    c.nqp_batch_size = 10
+    c.nqp_lr = 0.2  # stable for every arm (cycle + sum steps theta with K x the gradient)
+    c.nqp_eval_every = {"quick": 10, "small": 50, "paper": 100}[size]
+    nqp_all = ("sgd", "late", "late_random", "late_mean", "sgd_lr_over_K", "late_parallel")
+    c.nqp_arms = {"quick": nqp_all[:3], "small": nqp_all[:5], "paper": nqp_all}[size]
+    return c

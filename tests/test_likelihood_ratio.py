@@ -376,32 +376,6 @@ def test_ulr_trains_a_pruned_network_and_keeps_masks():
     assert float(moved["Dense_0"]["kernel"].max()) > 0  # surviving weights trained
 
 
-def test_sharded_step_matches_jit_step():
-    """A ULR train step with the batch split over the CPU devices equals the jit step."""
-    devices = jax.devices("cpu")
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-    params, batch = _problem(_SMOOTH, n=2 * len(devices))
-    loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
-    tx = optax.sgd(0.5)
-    est = lr.ulr(num_copies=4, sigma=0.3, baseline="mean")
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(3),
-    )
-    out = {}
-    with _HIGHEST():
-        for mode in ("jit", "sharded"):
-            step = ws.training.make_train_step(loss, tx, estimator=est, mode=mode, mesh=mesh)
-            placed = ws.training.place_state(jax.tree.map(jnp.copy, state), mode, mesh)
-            new, _ = step(placed, ws.training.place_batch(batch, mode, mesh))
-            out[mode] = _flat(jax.device_get(new.params))
-    assert np.abs(out["jit"] - _flat(params)).max() > 1e-3  # it moved
-    np.testing.assert_allclose(out["sharded"], out["jit"], rtol=1e-5, atol=1e-6)
-
-
 def test_noisy_loss_is_ulrs_noisy_pass():
     """The noise-injection control sees exactly the noise of ULR's copy 0 (same key)."""
     params, batch = _problem(_SMOOTH)

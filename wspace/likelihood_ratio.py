@@ -110,9 +110,12 @@ def _noise_key(key) -> jax.Array:
 def _draw(noise: str, key, shape) -> jax.Array:
     """Unit-scale iid noise of one family (float32) from `jax.random`.
 
-    threefry2x32 (JAX's default) was chosen by measurement over ``rbg`` /
-    ``unsafe_rbg`` (XLA's RngBitGenerator, Philox on CPU/GPU) and over the
-    former counter hash: see benchmarks/likelihood_ratio.py ``--rng``.
+    threefry2x32 (JAX's default) was chosen by measurement (benchmarks/
+    likelihood_ratio.py ``--rng``; 2-core CPU, whole estimator, depth 4):
+    run time within noise of the former counter hash and of ``rbg`` /
+    ``unsafe_rbg`` (XLA's RngBitGenerator), compile ~3.3 CPU-s against
+    0.6 (hash) and ~1.0-1.4 (rbg); but rbg keys are not reproducible
+    across backends and run 8-15x slower unoptimised (the tests' level).
     """
     if noise == "gaussian":
         return jax.random.normal(key, shape)

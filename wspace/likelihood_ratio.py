@@ -167,12 +167,10 @@ def unit_noise(
 
     Args:
       key: a typed PRNG key (the estimator passes ``_noise_key(key)``).
-      site: integer id of the site (may be traced).
-      copy: copy index in ``[0, num_copies)`` (traced under `jax.vmap`).
-      shape: the noise's shape.
-      noise: ``gaussian``, ``laplace`` or ``logistic``.
-      num_copies, antithetic, qmc: as in `ulr`.
-      dtype: dtype of the result (drawn in float32).
+      site, copy: integer ids of the site and of the copy in ``[0, num_copies)``
+        (may be traced: the copy is, under `jax.vmap`).
+      shape, dtype: of the result (drawn in float32).
+      noise, num_copies, antithetic, qmc: as in `ulr`.
 
     Returns:
       An array of ``shape`` with unit-scale noise.
@@ -228,11 +226,8 @@ def _check_sigma(sigma) -> None:
     for s in values:
         if isinstance(s, jax.core.Tracer):
             continue
-        try:
-            a = np.asarray(s, dtype=np.float64)
-        except (TypeError, ValueError):
-            a = np.array(np.nan)
-        if a.ndim or not (np.isfinite(a) and a > 0):
+        ok = isinstance(s, int | float | np.number) or (hasattr(s, "ndim") and s.ndim == 0)
+        if not ok or not (np.isfinite(float(s)) and float(s) > 0):
             raise ValueError(
                 f"sigma must be a finite float > 0 (or a mapping of layer paths to such "
                 f"floats), got {s!r}"
@@ -240,9 +235,8 @@ def _check_sigma(sigma) -> None:
 
 
 def _validate(num_copies, sigma, noise, antithetic, baseline, qmc=False) -> None:
-    if isinstance(num_copies, bool) or not isinstance(num_copies, int | np.integer):
-        raise ValueError(f"num_copies must be an integer >= 1, got {num_copies!r}")
-    if num_copies < 1:
+    is_int = isinstance(num_copies, int | np.integer) and not isinstance(num_copies, bool)
+    if not is_int or num_copies < 1:
         raise ValueError(f"num_copies must be an integer >= 1, got {num_copies!r}")
     _check_sigma(sigma)
     _check_noise(noise)

@@ -394,6 +394,10 @@ def _plot_quality(config, quality, workdir):
         xscale="log", yscale="log", xlabel="forward evaluations per example",
         ylabel="relative bias (incl. MC error)",
     )  # fmt: skip
+    ticks = sorted({n for q in quality.values() for n in q["forward_evaluations"]})
+    for ax in axes:
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.minorticks_off()
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{config.dataset}, MLP {tuple(config.hidden)}, sigma={config.quality_sigma:g}")
     return common.savefig(fig, workdir, "gradient_quality.png", config)

@@ -358,6 +358,7 @@ def test_masks_held_in_the_state_survive_a_donating_step():
     masks = ws.pruning.magnitude_masks(params, 0.5)
     tx = optax.chain(optax.sgd(0.1), ws.pruning.keep_masked(masks))
     state = ws.training.init_state(model, tx, x[:1], jax.random.PRNGKey(0))
+    state = state.replace(opt_state=tx.init(state.params))  # eager init, as users write it
     step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
     state, _ = step(state, {"x": x, "y": y})
     assert pruning.sparsity(masks)["overall"] == pytest.approx(0.5, abs=0.05)  # not deleted

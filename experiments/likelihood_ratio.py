@@ -1,26 +1,38 @@
-r"""Likelihood-ratio (ULR) gradients: gradient quality, training, FGSM robustness.
+r"""Likelihood-ratio (ULR) gradients: gradient quality, training, adversarial robustness.
 
   python -m experiments.likelihood_ratio --workdir=runs/likelihood_ratio
-  python -m experiments.likelihood_ratio --workdir=runs/lr_quick --quick
+  python -m experiments.likelihood_ratio --config=experiments/configs/likelihood_ratio.py:quick
+  python -m experiments.likelihood_ratio --config.dataset=mnist1d --workdir=runs/lr_mnist1d
 
-(a) Gradient quality: mean cosine between ULR estimates and the exact gradient
-    of an MLP against forward evaluations per example, for each variance
-    reduction, with the ES (weight perturbation) baseline -> gradient_quality.png.
-(b) Training an MLP on mnist1d and digits with backprop, ULR, ES and (when
-    `evosax` is importable) evosax's OpenES, the forward-only methods at the
-    same number of forward evaluations per step -> training.png, table.
-(c) FGSM: test accuracy of the backprop- and ULR-trained models under
-    ``x + eps sign(grad_x L)`` -> robustness.png.
+(a) Gradient quality: cosine and relative bias of ULR estimates (several
+    variance reductions) and of ES (weight perturbation) against the exact
+    gradient (jax.grad at HIGHEST precision), as functions of the forward
+    evaluations per example (`wspace.estimators.metrics_vs_samples`; a clean
+    baseline counts N + 1) -> gradient_quality.png.
+(b) Training an MLP, arms per seed (all Adam, same steps and batches):
+    ``backprop``; ``es`` (N copies); for each noise setting "family:sigma":
+    ``ulr_<family><sigma>`` (N copies, leave-one-out mean baseline) and
+    ``noisy_bp_<family><sigma>``, backprop through the same injected noise
+    (`likelihood_ratio.noisy_loss`): the control that separates the
+    estimator's effect from the noise's -> training.png.
+(c) FGSM (``x + eps sign(grad_x CE)``, on standardized inputs, models
+    evaluated without noise): white-box, and transfer from a separately trained
+    backprop model (seed + ``source_seed_offset``) -> robustness.png.
 
-Every arm writes its own JSON (and checkpoints) under --workdir, so a rerun
-skips finished work. results.json holds the headline tables.
-Paper: Jiang et al., ICLR 2024, arXiv 2305.08960.
+Claims (paired by seed, 95% t-intervals): for each noise setting, ULR is more
+robust than backprop and than the noise-injected backprop control under
+white-box and transfer FGSM at each of ``claim_eps``; ULR beats ES in test accuracy at
+equal forward evaluations (N per example and step); ULR is within 2 points of
+backprop's test accuracy at equal steps (backprop: 1 forward + 1 backward).
+
+Papers: Jiang et al., ICLR 2024, arXiv 2305.08960 (ULR); the robustness
+protocol (Laplace noise, sigma = 1, FGSM) is the predecessor's, Peng et al.,
+LR_Experiment (INFORMS JoC); ES: Salimans et al. 2017, arXiv 1703.03864.
 """
 
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -30,370 +42,392 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from absl import app, flags  # noqa: E402
 
 import wspace as ws  # noqa: E402
 from experiments import common  # noqa: E402
 from wspace import likelihood_ratio as lr  # noqa: E402
 
-common.define_common_flags("runs/likelihood_ratio")
-flags.DEFINE_list("datasets", ["mnist1d", "digits"], "Datasets for the training part (b).")
-flags.DEFINE_list("hidden", ["128", "128"], "MLP hidden widths.")
-flags.DEFINE_integer("steps", 1500, "Training steps per arm.")
-flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_float("lr", 2e-3, "Adam learning rate (all arms).")
-flags.DEFINE_integer("copies", 16, "Copies N of the forward-only methods in training.")
-flags.DEFINE_float("sigma", 0.1, "ULR noise scale (pre-activations).")
-flags.DEFINE_float("es_sigma", 0.01, "ES / OpenES weight-perturbation scale.")
-flags.DEFINE_list("quality_copies", ["4", "16", "64"], "N values for the gradient-quality part.")
-flags.DEFINE_integer("quality_repeats", 8, "Estimates per (method, N) in part (a).")
-flags.DEFINE_list("fgsm_eps", ["0", "0.05", "0.1", "0.2", "0.3"], "FGSM budgets (std. inputs).")
-FLAGS = flags.FLAGS
-
-_KEYS = (
-    "dataset",
-    "seed",
-    "quick",
-    "datasets",
-    "hidden",
-    "steps",
-    "batch_size",
-    "lr",
-    "copies",
-    "sigma",
-    "es_sigma",
-    "quality_copies",
-    "quality_repeats",
-    "fgsm_eps",
-)
-
-# Part (a): each variance reduction alone (and layer-wise with a clean baseline), plus ES.
-QUALITY = {
-    "ulr": dict(),
-    "ulr+antithetic": dict(antithetic=True),
-    "ulr+clean baseline": dict(baseline="clean"),
-    "ulr+mean baseline": dict(baseline="mean"),
-    "ulr+layerwise": dict(layerwise=True),
-    "ulr+layerwise+clean": dict(layerwise=True, baseline="clean"),
-    "ulr+qmc": dict(qmc=True),
-    "ulr+antithetic+qmc": dict(antithetic=True, qmc=True),
-    "ulr+antithetic+mean": dict(antithetic=True, baseline="mean"),
-    "ulr+antithetic+clean": dict(antithetic=True, baseline="clean"),
-    "es (antithetic)": "es",
+QUALITY_VARIANTS = {
+    "none": dict(),
+    "mean": dict(baseline="mean"),
+    "clean": dict(baseline="clean"),
+    "antithetic+mean": dict(antithetic=True, baseline="mean"),
+    "layerwise+clean": dict(layerwise=True, baseline="clean"),
+    "qmc": dict(qmc=True),
+    "es": None,
 }
-QUICK_QUALITY = ("ulr+mean baseline", "es (antithetic)")
-# Part (b): the ULR arm uses the leave-one-out mean baseline: no extra forward pass, so exactly
-# N forward evaluations like ES; among the best of part (a).
-ULR_TRAIN = dict(baseline="mean")
+ACCURACY_MARGIN = 0.02  # "within 2 points of backprop"
 
 
-def get_config() -> dict:
-    cfg = {k: getattr(FLAGS, k) for k in _KEYS}
-    if cfg["quick"]:
-        cfg.update(
-            datasets=["digits"],
-            hidden=["32"],
-            steps=30,
-            batch_size=32,
-            copies=8,
-            quality_copies=["4"],
-            quality_repeats=2,
-            fgsm_eps=["0.1"],
+def parse_setting(setting: str) -> tuple[str, float]:
+    """``"laplace:1.0"`` -> ``("laplace", 1.0)``; ValueError for a bad family or sigma."""
+    family, sep, sigma = str(setting).partition(":")
+    try:
+        value = float(sigma)
+    except ValueError:
+        value = float("nan")
+    if not sep or family not in lr.NOISES or not np.isfinite(value) or value <= 0:
+        raise ValueError(
+            f"config.noise_settings entry {setting!r}: use 'family:sigma' with family in "
+            f"{lr.NOISES} and a finite sigma > 0, e.g. 'laplace:1.0'"
         )
-    return cfg
+    return family, value
 
 
-def _model(cfg, ds):
-    return ws.models.MLP(features=tuple(int(h) for h in cfg["hidden"]), num_classes=ds.num_classes)
+def setting_name(setting: str) -> str:
+    family, sigma = parse_setting(setting)
+    return f"{family}{sigma:g}"
 
 
-def _flat(tree):
-    return jnp.concatenate([a.ravel() for a in jax.tree.leaves(tree)])
+def validate(config) -> None:
+    """Rejects bad fields before any work or file write."""
+    for field in ("steps", "batch_size", "eval_every", "copies", "quality_repeats"):
+        if int(config[field]) < 1:
+            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    if config.quality_repeats < 2:
+        raise ValueError(f"config.quality_repeats={config.quality_repeats}; need >= 2")
+    if not (np.isfinite(config.lr) and config.lr > 0):
+        raise ValueError(f"config.lr={config.lr}; must be finite and > 0")
+    if not config.noise_settings:
+        raise ValueError("config.noise_settings is empty; give at least one 'family:sigma'")
+    for s in config.noise_settings:
+        parse_setting(s)
+    lr.ulr(num_copies=config.copies, baseline=config.baseline)  # raises on bad N / baseline
+    lr.es(num_copies=config.copies, sigma=config.es_sigma)
+    if any(not (np.isfinite(e) and e >= 0) for e in config.fgsm_eps):
+        raise ValueError(f"config.fgsm_eps={tuple(config.fgsm_eps)}; need finite eps >= 0")
+    if not config.claim_eps or not set(config.claim_eps) <= set(config.fgsm_eps):
+        raise ValueError(
+            f"config.claim_eps={tuple(config.claim_eps)} must be a non-empty subset of "
+            f"config.fgsm_eps={tuple(config.fgsm_eps)}"
+        )
+    unknown = set(config.quality_variants) - set(QUALITY_VARIANTS)
+    if unknown:
+        raise ValueError(
+            f"config.quality_variants has {sorted(unknown)}; use {sorted(QUALITY_VARIANTS)}"
+        )
+    if not config.quality_copies or min(config.quality_copies) < 2:
+        raise ValueError(f"config.quality_copies={tuple(config.quality_copies)}; need N >= 2")
 
 
 # ----------------------------------------------------------------------------- (a)
 
 
-def gradient_quality(workdir: str, cfg: dict) -> dict:
-    """Mean cosine to the exact gradient per (method, N); one JSON per method."""
-    ds = ws.data.standardize(ws.data.load(cfg["datasets"][0]))
-    model = _model(cfg, ds)
-    key = jax.random.PRNGKey(cfg["seed"])
+def gradient_quality(config, ds, model, workdir: str) -> dict:
+    """Cosine and relative bias vs forward evaluations per variant (cached in quality.json)."""
+    path = os.path.join(workdir, "quality.json")
+    if os.path.exists(path):
+        return ws.io.read_json(path)
+    key = jax.random.PRNGKey(config.seed)
     params = model.init(key, ds.x_train[:1])["params"]
     batch = {
-        "x": jnp.asarray(ds.x_train[: cfg["batch_size"]]),
-        "y": jnp.asarray(ds.y_train[: cfg["batch_size"]]),
+        "x": jnp.asarray(ds.x_train[: config.batch_size]),
+        "y": jnp.asarray(ds.y_train[: config.batch_size]),
     }
     per_ex = ws.training.classification_loss(model.apply, per_example=True)
     mean_loss = ws.training.classification_loss(model.apply)
-    exact = _flat(jax.grad(lambda p: mean_loss(p, {}, batch, None)[0])(params))
+    with jax.default_matmul_precision("highest"):
+        exact = jax.grad(lambda p: mean_loss(p, {}, batch, None)[0])(params)
     out = {}
-    for name, options in QUALITY.items():
-        if cfg["quick"] and name not in QUICK_QUALITY:
-            continue
-        path = os.path.join(workdir, "quality", f"{name.replace(' ', '_')}.json")
-        done = common.load_json(path)
-        if done is not None:
-            out[name] = done
-            continue
-        rows = []
-        for n in (int(c) for c in cfg["quality_copies"]):
-            if options == "es":
-                est = lr.es(mean_loss, num_copies=n, sigma=cfg["es_sigma"])
-                evals = n
-            else:
-                est = lr.ulr(per_ex, num_copies=n, sigma=cfg["sigma"], **options)
-                evals = lr.forward_evaluations(
-                    num_copies=n, baseline=options.get("baseline", "none")
-                )
-            fn = jax.jit(lambda k, est=est: _flat(est(params, {}, batch, k)[1]))
-            cos = []
-            for r in range(cfg["quality_repeats"]):
-                g = fn(jax.random.PRNGKey(1000 + r))
-                cos.append(float(g @ exact / (jnp.linalg.norm(g) * jnp.linalg.norm(exact))))
-            rows.append(
-                {
-                    "copies": n,
-                    "forward_evals": evals,
-                    "cosine": float(np.mean(cos)),
-                    "cosine_se": float(np.std(cos) / np.sqrt(len(cos))),
-                }
+    for name in config.quality_variants:
+        options = QUALITY_VARIANTS[name]
+        if options is None:
+            family = lambda m: lr.es(num_copies=m, sigma=config.es_sigma)  # noqa: E731
+            loss = mean_loss
+        else:
+            family = lambda m, o=options: lr.ulr(  # noqa: E731
+                num_copies=m - 1 if o.get("baseline") == "clean" else m,
+                sigma=config.quality_sigma,
+                **o,
             )
-        ws.training.write_json(path, rows)
-        out[name] = rows
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, rows in out.items():
-        ax.errorbar(
-            [r["forward_evals"] for r in rows],
-            [r["cosine"] for r in rows],
-            yerr=[r["cosine_se"] for r in rows],
-            marker="o",
-            capsize=2,
-            label=name,
-            linestyle="--" if name.startswith("es") else "-",
+            loss = per_ex
+        copies = [int(n) for n in config.quality_copies]
+        m = ws.estimators.metrics_vs_samples(
+            family,
+            loss,
+            params,
+            {},
+            batch,
+            exact,
+            jax.random.fold_in(key, 1),
+            num_samples=copies,
+            repeats=int(config.quality_repeats),
+            family=True,
         )
-    ax.set(
-        xscale="log",
-        xlabel="forward evaluations per example",
-        ylabel="cosine to exact gradient",
-        title=f"{cfg['datasets'][0]}, MLP {'x'.join(cfg['hidden'])}, batch {cfg['batch_size']}",
-    )
-    ax.legend(fontsize=7)
-    common.savefig(fig, workdir, "gradient_quality.png")
+        out[name] = {
+            "forward_evaluations": [family(n).forward_evaluations for n in copies],
+            "cosine": m["cosine"],
+            "cosine_se": m["cosine_se"],
+            "relative_bias": m["relative_bias"],
+            "relative_rmse": m["relative_rmse"],
+        }
+    ws.io.write_json(path, out)
     return out
 
 
-# ----------------------------------------------------------------------------- (b)
+# ----------------------------------------------------------------------------- (b), (c)
 
 
-def _estimator(method: str, cfg: dict):
-    if method == "backprop":
-        return jax.value_and_grad
-    if method == "ulr":
-        return lr.likelihood_ratio(num_copies=cfg["copies"], sigma=cfg["sigma"], **ULR_TRAIN)
-    return lr.evolution_strategies(num_copies=cfg["copies"], sigma=cfg["es_sigma"])
+def _arm_specs(config) -> dict:
+    """arm -> (loss kind, estimator, forward evaluations per example and step)."""
+    specs = {"backprop": ("clean", jax.value_and_grad, "1 fwd + 1 bwd")}
+    for s in config.noise_settings:
+        family, sigma = parse_setting(s)
+        est = lr.ulr(num_copies=config.copies, sigma=sigma, noise=family, baseline=config.baseline)
+        specs[f"ulr_{setting_name(s)}"] = ("per_example", est, est.forward_evaluations)
+        specs[f"noisy_bp_{setting_name(s)}"] = (s, jax.value_and_grad, "1 fwd + 1 bwd")
+    es = lr.es(num_copies=config.copies, sigma=config.es_sigma)
+    specs["es"] = ("clean", es, es.forward_evaluations)
+    return specs
 
 
-def train_arm(workdir: str, cfg: dict, dataset: str, method: str, progress: bool):
-    """Trains one arm with ws.training.fit (resumable); returns (results, params)."""
-    ds = ws.data.standardize(ws.data.load(dataset))
-    model = _model(cfg, ds)
-    tx = optax.adam(cfg["lr"])
-    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(cfg["seed"]))
-    loss_fn = ws.training.classification_loss(model.apply, per_example=(method == "ulr"))
-    step = ws.training.make_train_step(loss_fn, tx, estimator=_estimator(method, cfg))
-    arm_dir = os.path.join(workdir, "train", f"{dataset}_{method}")
-    t0 = time.time()
-    state, history = ws.training.fit(
-        state,
-        step,
-        ds,
-        apply_fn=model.apply,
-        num_steps=cfg["steps"],
-        batch_size=cfg["batch_size"],
-        seed=cfg["seed"],
-        eval_every=max(cfg["steps"] // 6, 1),
-        workdir=arm_dir,
-        checkpoint_every=cfg["steps"],
-        progress=progress,
-    )
-    path = os.path.join(arm_dir, "result.json")
-    result = common.load_json(path)
-    if result is None:
-        evals = {"backprop": "1 fwd + 1 bwd"}.get(method, cfg["copies"])
-        result = {
-            "dataset": dataset,
-            "method": method,
-            "forward_evals_per_step": evals,
-            "test_accuracy": history[-1]["test_accuracy"],
-            "train_accuracy": history[-1]["train_accuracy"],
-            "test_loss": history[-1]["test_loss"],
-            "seconds": round(time.time() - t0, 1),
-            "history": history,
-        }
-        ws.training.write_json(path, result)
-    return result, state.params, model
+class _Runner:
+    """Builds each arm's jitted step once (reused across seeds) and evaluates attacks."""
 
-
-def train_openes(workdir: str, cfg: dict, dataset: str):
-    """evosax's OpenES (antithetic, Adam, centred ranks) on the same batches, if importable."""
-    path = os.path.join(workdir, "train", f"{dataset}_openes", "result.json")
-    done = common.load_json(path)
-    if done is not None:
-        return done
-    try:
-        from evosax.algorithms import Open_ES
-    except ImportError as e:  # evosax belongs to the bench extra only
-        return {"dataset": dataset, "method": "openes (evosax)", "skipped": f"{e}"}
-    from jax.flatten_util import ravel_pytree
-
-    ds = ws.data.standardize(ws.data.load(dataset))
-    model = _model(cfg, ds)
-    params = model.init(jax.random.PRNGKey(cfg["seed"]), ds.x_train[:1])["params"]
-    flat0, unravel = ravel_pytree(params)
-    strategy = Open_ES(
-        population_size=cfg["copies"],
-        solution=flat0,
-        optimizer=optax.adam(cfg["lr"]),
-        std_schedule=optax.constant_schedule(cfg["es_sigma"]),
-    )
-    es_params = strategy.default_params
-    state = strategy.init(jax.random.PRNGKey(cfg["seed"]), flat0, es_params)
-    loss = ws.training.classification_loss(model.apply)
-
-    @jax.jit
-    def step(state, batch, key):
-        k1, k2 = jax.random.split(key)
-        pop, state = strategy.ask(k1, state, es_params)
-        fit = jax.vmap(lambda f: loss(unravel(f), {}, batch, None)[0])(pop)
-        state, _ = strategy.tell(k2, pop, fit, state, es_params)
-        return state, jnp.mean(fit)
-
-    t0 = time.time()
-    stream = ws.data.batches(
-        ds.x_train, ds.y_train, cfg["batch_size"], seed=cfg["seed"], epochs=None
-    )
-    key = jax.random.PRNGKey(cfg["seed"] + 1)
-    for _ in range(cfg["steps"]):
-        key, sub = jax.random.split(key)
-        state, _ = step(state, next(stream), sub)
-    final = {"params": unravel(state.mean)}
-    test = ws.training.evaluate(model.apply, final, ds.x_test, ds.y_test)
-    train = ws.training.evaluate(model.apply, final, ds.x_train, ds.y_train)
-    result = {
-        "dataset": dataset,
-        "method": "openes (evosax)",
-        "forward_evals_per_step": cfg["copies"],
-        "test_accuracy": test["accuracy"],
-        "train_accuracy": train["accuracy"],
-        "test_loss": test["loss"],
-        "seconds": round(time.time() - t0, 1),
-    }
-    ws.training.write_json(path, result)
-    return result
-
-
-# ----------------------------------------------------------------------------- (c)
-
-
-def fgsm_accuracy(model, params, x, y, eps: float) -> float:
-    """Test accuracy under FGSM: ``x + eps * sign(grad_x CE)`` (Goodfellow et al. 2015)."""
-
-    @jax.jit
-    def acc(x, y):
-        def ce(xx):
-            logits = model.apply({"params": params}, xx)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).sum()
-
-        adv = x + eps * jnp.sign(jax.grad(ce)(x))
-        return jnp.sum(jnp.argmax(model.apply({"params": params}, adv), -1) == y)
-
-    return float(
-        sum(int(acc(x[i : i + 1000], y[i : i + 1000])) for i in range(0, len(x), 1000)) / len(x)
-    )
-
-
-def run(workdir: str, cfg: dict, progress: bool = True) -> dict:
-    common.start(workdir, cfg)
-    quality = gradient_quality(workdir, cfg)
-    training, robustness = [], {}
-    for dataset in cfg["datasets"]:
-        ds = ws.data.standardize(ws.data.load(dataset))
-        trained = {}
-        for method in ("backprop", "ulr") if cfg["quick"] else ("backprop", "ulr", "es"):
-            result, params, model = train_arm(workdir, cfg, dataset, method, progress)
-            training.append({k: v for k, v in result.items() if k != "history"})
-            trained[method] = (params, model, result["history"])
-        if not cfg["quick"]:  # the smoke test covers the library's arms only
-            training.append(train_openes(workdir, cfg, dataset))
-        path = os.path.join(workdir, f"robustness_{dataset}.json")
-        rob = common.load_json(path)
-        if rob is None:
-            rob = {
-                m: {
-                    e: fgsm_accuracy(mod, p, ds.x_test, ds.y_test, float(e))
-                    for e in cfg["fgsm_eps"]
-                }
-                for m, (p, mod, _) in trained.items()
-                if m in ("backprop", "ulr")
-            }
-            ws.training.write_json(path, rob)
-        robustness[dataset] = rob
-        _plot_training(workdir, cfg, dataset, trained)
-    _plot_robustness(workdir, robustness)
-    results = {
-        "gradient_quality": {
-            m: {str(r["forward_evals"]): round(r["cosine"], 4) for r in rows}
-            for m, rows in quality.items()
-        },
-        "training": training,
-        "robustness": robustness,
-    }
-    common.save_results(workdir, results)
-    return results
-
-
-def _plot_training(workdir, cfg, dataset, trained):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method, (_, _, history) in trained.items():
-        ax.plot(
-            [r["step"] for r in history],
-            [r["test_accuracy"] for r in history],
-            marker="o",
-            label=method,
+    def __init__(self, config, ds, model):
+        self.config, self.ds, self.model = config, ds, model
+        self.tx = optax.adam(config.lr)
+        self.steps = {}
+        self.sources = {}
+        apply = model.apply
+        ce = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            apply({"params": p}, x), y
+        ).sum()
+        self.fgsm = jax.jit(lambda p, x, y, eps: x + eps * jnp.sign(jax.grad(ce, 1)(p, x, y)))
+        self.correct = jax.jit(
+            lambda p, x, y: jnp.mean(jnp.argmax(apply({"params": p}, x), -1) == y)
         )
-    ax.set(xlabel="step", ylabel="test accuracy", title=f"{dataset}: N={cfg['copies']}")
-    ax.legend()
-    name = "training.png" if dataset == cfg["datasets"][0] else f"training_{dataset}.png"
-    common.savefig(fig, workdir, name)
 
-
-def _plot_robustness(workdir, robustness):
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for dataset, rob in robustness.items():
-        for method, accs in rob.items():
-            ax.plot(
-                [float(e) for e in accs],
-                list(accs.values()),
-                marker="o",
-                label=f"{dataset} {method}",
+    def step(self, arm, spec):
+        if arm not in self.steps:
+            kind, estimator, _ = spec
+            loss = ws.training.classification_loss(self.model.apply, per_example=kind != "clean")
+            if kind not in ("clean", "per_example"):
+                family, sigma = parse_setting(kind)
+                loss = lr.noisy_loss(
+                    ws.training.classification_loss(self.model.apply), sigma=sigma, noise=family
+                )
+            self.steps[arm] = ws.training.make_train_step(
+                loss, self.tx, estimator=estimator, mode=self.config.mode
             )
-    ax.set(xlabel="FGSM eps", ylabel="test accuracy")
-    ax.legend(fontsize=8)
-    common.savefig(fig, workdir, "robustness.png")
+        return self.steps[arm]
+
+    def train(self, arm, spec, seed):
+        c = self.config
+        state = ws.training.init_state(
+            self.model, self.tx, self.ds.x_train[:1], jax.random.PRNGKey(seed)
+        )
+        state, history = ws.training.fit(
+            state,
+            self.step(arm, spec),
+            self.ds,
+            apply_fn=self.model.apply,
+            num_steps=c.steps,
+            batch_size=c.batch_size,
+            seed=seed,
+            mode=c.mode,
+            eval_every=c.eval_every,
+            progress=False,
+        )
+        return state.params, history
+
+    def source(self, seed):
+        """The transfer-attack source: backprop trained with seed + offset (cached)."""
+        if seed not in self.sources:
+            s = seed + self.config.source_seed_offset
+            params, _ = self.train("backprop", _arm_specs(self.config)["backprop"], s)
+            self.sources[seed] = {
+                float(e): self.fgsm(params, self.ds.x_test, self.ds.y_test, float(e))
+                for e in self.config.fgsm_eps
+            }
+        return self.sources[seed]
+
+    def arm_fn(self, arm, spec):
+        def fn(seed):
+            params, history = self.train(arm, spec, seed)
+            x, y = self.ds.x_test, self.ds.y_test
+            white = {
+                f"{e:g}": float(self.correct(params, self.fgsm(params, x, y, float(e)), y))
+                for e in self.config.fgsm_eps
+            }
+            sources = self.source(seed).items()
+            transfer = {f"{e:g}": float(self.correct(params, adv, y)) for e, adv in sources}
+            last = history[-1]
+            return {
+                "test_accuracy": float(last["test_accuracy"]),
+                "test_loss": float(last["test_loss"]),
+                "train_accuracy": float(last["train_accuracy"]),
+                "forward_evaluations": spec[2],
+                "whitebox": white,
+                "transfer": transfer,
+                "curve": [[r["step"], r["test_accuracy"]] for r in history],
+            }
+
+        return fn
 
 
-def main(argv):
-    del argv
-    results = run(FLAGS.workdir, get_config(), progress=FLAGS.progress)
-    print("gradient quality (cosine by forward evaluations):")
-    for m, row in results["gradient_quality"].items():
-        print(f"  {m:24s} {row}")
-    print("training:")
-    for r in results["training"]:
-        print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
-    print("robustness:", results["robustness"])
+def _attack(kind, eps):
+    key = f"{eps:g}"
+    fn = lambda r: r[kind][key]  # noqa: E731
+    fn.__name__ = f"{kind} FGSM acc (eps={key})"
+    return fn
+
+
+def _claims(config, per_arm) -> list[dict]:
+    claims = []
+    for s in config.noise_settings:
+        ulr_arm, ctrl = f"ulr_{setting_name(s)}", f"noisy_bp_{setting_name(s)}"
+        family, sigma = parse_setting(s)
+        tag = f"ULR ({family}, sigma={sigma:g})"
+        attacks = [(k, e) for e in config.claim_eps for k in ("whitebox", "transfer")]
+        for kind, eps in attacks:
+            metric, label = _attack(kind, eps), kind.replace("whitebox", "white-box")
+            for base, name in (("backprop", "backprop"), (ctrl, "backprop + the same noise")):
+                claims.append(
+                    common.compare(
+                        f"{tag}-trained models are more robust than {name} under {label} "
+                        f"FGSM at eps={eps:g}",
+                        metric,
+                        ulr_arm,
+                        base,
+                        per_arm,
+                        metric_name=metric.__name__,
+                    )
+                )
+        claims.append(
+            common.compare(
+                f"{tag} beats ES in test accuracy at equal forward evaluations (N={config.copies})",
+                "test_accuracy",
+                ulr_arm,
+                "es",
+                per_arm,
+            )
+        )
+        claims.append(
+            common.compare(
+                f"{tag} is within {ACCURACY_MARGIN:g} of backprop's test accuracy (equal steps)",
+                "test_accuracy",
+                ulr_arm,
+                "backprop",
+                per_arm,
+                margin=ACCURACY_MARGIN,
+            )
+        )
+    return claims
+
+
+def run(config, workdir: str) -> dict:
+    """Runs parts (a)-(c); writes results.json and three figures."""
+    validate(config)
+    common.start(config, workdir)
+    ds = common.load_dataset(config)
+    model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
+    quality = gradient_quality(config, ds, model, workdir)
+    runner = _Runner(config, ds, model)
+    specs = _arm_specs(config)
+    per_arm = common.run_arms(
+        workdir, config, {arm: runner.arm_fn(arm, spec) for arm, spec in specs.items()}
+    )
+    attacks = [_attack(k, e) for k in ("whitebox", "transfer") for e in config.fgsm_eps]
+    tables = {
+        "Test accuracy and FGSM accuracy by arm": common.summarize(
+            per_arm, ["test_accuracy", *attacks]
+        ),
+        "Forward evaluations per example and step": {
+            "columns": ["arm", "forward evaluations"],
+            "rows": [[arm, str(spec[2])] for arm, spec in specs.items()],
+        },
+        "Gradient quality at initialisation (cosine to jax.grad by forward evaluations)": {
+            "columns": ["estimator", "forward evaluations", "cosine", "relative bias"],
+            "rows": [
+                [name, n, c, b]
+                for name, q in quality.items()
+                for n, c, b in zip(
+                    q["forward_evaluations"], q["cosine"], q["relative_bias"], strict=True
+                )
+            ],
+        },
+    }
+    figures = [
+        _plot_quality(config, quality, workdir),
+        _plot_training(config, per_arm, workdir),
+        _plot_robustness(config, per_arm, workdir),
+    ]
+    notes = [
+        f"{config.dataset}, MLP {tuple(config.hidden)}, Adam {config.lr:g}, {config.steps} steps "
+        f"of batch {config.batch_size}; ULR and ES with N={config.copies} copies",
+        "FGSM on standardized inputs; every model is attacked and evaluated without noise",
+        "transfer: adversarial examples crafted on a backprop model trained with seed + "
+        f"{config.source_seed_offset}",
+        "noisy_bp arms: backprop through the same injected noise as the ULR arm "
+        "(likelihood_ratio.noisy_loss), the control for the noise's own effect",
+        "transfer accuracy also rises as a model grows less similar to the source (ES, the "
+        "least accurate arm, keeps the most under transfer): read it next to white-box",
+        "gradient quality: one batch at initialisation; relative bias includes Monte Carlo "
+        f"error (~sqrt(variance/R), R={config.quality_repeats})",
+    ]
+    return common.save_results(
+        workdir,
+        config,
+        "likelihood_ratio",
+        claims=_claims(config, per_arm),
+        tables=tables,
+        figures=figures,
+        notes=notes,
+    )
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _plot_quality(config, quality, workdir):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, q in quality.items():
+        style = "--" if name == "es" else "-"
+        axes[0].errorbar(
+            q["forward_evaluations"], q["cosine"], yerr=q["cosine_se"], marker="o", capsize=2,
+            linestyle=style, label=name,
+        )  # fmt: skip
+        axes[1].plot(q["forward_evaluations"], q["relative_bias"], marker="o", linestyle=style)
+    axes[0].set(xscale="log", xlabel="forward evaluations per example", ylabel="cosine to jax.grad")
+    axes[1].set(
+        xscale="log", yscale="log", xlabel="forward evaluations per example",
+        ylabel="relative bias (incl. MC error)",
+    )  # fmt: skip
+    ticks = sorted({n for q in quality.values() for n in q["forward_evaluations"]})
+    for ax in axes:
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.minorticks_off()
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{config.dataset}, MLP {tuple(config.hidden)}, sigma={config.quality_sigma:g}")
+    return common.savefig(fig, workdir, "gradient_quality.png", config)
+
+
+def _plot_training(config, per_arm, workdir):
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    for arm, results in per_arm.items():
+        curves = np.asarray([r["curve"] for r in results])  # (seeds, points, 2)
+        ax.plot(curves[0, :, 0], curves[:, :, 1].mean(0), marker="o", label=arm)
+    ax.set(xlabel="step", ylabel=f"test accuracy (mean of {config.num_seeds} seeds)")
+    ax.legend(fontsize=7)
+    return common.savefig(fig, workdir, "training.png", config)
+
+
+def _plot_robustness(config, per_arm, workdir):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
+    eps = [0.0, *sorted(float(e) for e in config.fgsm_eps)]
+    for ax, kind in zip(axes, ("whitebox", "transfer"), strict=True):
+        for arm, results in per_arm.items():
+            accs = np.asarray(
+                [[r["test_accuracy"]] + [r[kind][f"{e:g}"] for e in eps[1:]] for r in results]
+            )
+            half = 1.96 * accs.std(0, ddof=1) / np.sqrt(len(accs)) if len(accs) > 1 else 0 * accs[0]
+            ax.errorbar(eps, accs.mean(0), yerr=half, marker="o", capsize=2, label=arm)
+        ax.set(xlabel="FGSM eps (standardized inputs)", title=f"{kind} FGSM")
+    axes[0].set_ylabel("test accuracy")
+    axes[0].legend(fontsize=7)
+    return common.savefig(fig, workdir, "robustness.png", config)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main(run, "likelihood_ratio")

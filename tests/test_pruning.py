@@ -345,3 +345,20 @@ def test_mask_gradients_under_inject_hyperparams_and_changing_masks():
     with pytest.raises(ValueError, match="has shape"):
         bad = jax.tree.map(lambda x: jnp.ones((2,), bool), params)
         pruning.mask_gradients(bad).init(params)
+
+
+def test_masks_held_in_the_state_survive_a_donating_step():
+    """A train step donates its state; the caller's mask arrays must stay usable."""
+    import wspace as ws
+
+    model = ws.models.MLP(features=(8,), num_classes=3)
+    x = np.random.default_rng(0).normal(size=(16, 5)).astype(np.float32)
+    y = np.arange(16, dtype=np.int32) % 3
+    params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+    masks = ws.pruning.magnitude_masks(params, 0.5)
+    tx = optax.chain(optax.sgd(0.1), ws.pruning.keep_masked(masks))
+    state = ws.training.init_state(model, tx, x[:1], jax.random.PRNGKey(0))
+    state = state.replace(opt_state=tx.init(state.params))  # eager init, as users write it
+    step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
+    state, _ = step(state, {"x": x, "y": y})
+    assert pruning.sparsity(masks)["overall"] == pytest.approx(0.5, abs=0.05)  # not deleted

@@ -27,19 +27,16 @@ forward pass (`jax.vmap` over copies, which XLA fuses into one batch of N*B).
     est.forward_evaluations  # 16 per example (17 with baseline="clean")
 
 Differences from ``jax.value_and_grad(loss_fn, has_aux)``: ``loss_fn`` may
-return per-example losses (shape ``(B,)``; preferred: each example's loss
-then weights only its own noise; build it with
-``classification_loss(apply_fn, per_example=True)``) as well as a scalar;
-the returned value is the mean loss over copies and examples (the clean loss
-with ``baseline="clean"``); ``aux`` is the average over copies of each copy's
-aux (float leaves; integer leaves from the first copy), or the clean pass's
-aux with ``baseline="clean"``. With ``has_aux=False`` the estimator returns
-``(loss, grads)`` exactly like ``jax.value_and_grad``. The fourth argument
-is a PRNG key (raw ``uint32[2]`` or typed); it is required.
-
-Noise: `jax.random` (threefry, the default implementation, chosen by
-measurement: see `_draw`), one key per perturbed site and copy by
-``fold_in``; independent of the key that ``loss_fn`` receives (for dropout).
+return per-example losses of shape ``(B,)`` (preferred: each example's loss
+then weights only its own noise) as well as a scalar; the value returned is
+the mean loss over copies and examples (the clean loss with
+``baseline="clean"``); ``aux`` is the mean over copies of each copy's aux
+(integer leaves: the first copy's), or the clean pass's aux with
+``baseline="clean"``; ``has_aux=False`` returns ``(loss, grads)`` as
+``jax.value_and_grad`` does. The PRNG key (raw ``uint32[2]`` or typed) is
+required. Noise comes from `jax.random` (threefry, chosen by measurement:
+see `_draw`), ``fold_in`` per perturbed site and copy, independent of the
+key ``loss_fn`` receives (for dropout).
 
 Limitations: parameters outside Dense/Conv layers (BatchNorm scale and bias,
 embeddings) get zero gradient; layers inside flax lifted transforms
@@ -113,9 +110,12 @@ def _noise_key(key) -> jax.Array:
 def _draw(noise: str, key, shape) -> jax.Array:
     """Unit-scale iid noise of one family (float32) from `jax.random`.
 
-    threefry2x32 (JAX's default) was chosen by measurement over ``rbg`` /
-    ``unsafe_rbg`` (XLA's RngBitGenerator, Philox on CPU/GPU) and over the
-    former counter hash: see benchmarks/likelihood_ratio.py ``--rng``.
+    threefry2x32 (JAX's default) was chosen by measurement (benchmarks/
+    likelihood_ratio.py ``--rng``; 2-core CPU, whole estimator, depth 4):
+    run time within noise of the former counter hash and of ``rbg`` /
+    ``unsafe_rbg`` (XLA's RngBitGenerator), compile ~3.3 CPU-s against
+    0.6 (hash) and ~1.0-1.4 (rbg); but rbg keys are not reproducible
+    across backends and run 8-15x slower unoptimised (the tests' level).
     """
     if noise == "gaussian":
         return jax.random.normal(key, shape)
@@ -167,12 +167,10 @@ def unit_noise(
 
     Args:
       key: a typed PRNG key (the estimator passes ``_noise_key(key)``).
-      site: integer id of the site (may be traced).
-      copy: copy index in ``[0, num_copies)`` (traced under `jax.vmap`).
-      shape: the noise's shape.
-      noise: ``gaussian``, ``laplace`` or ``logistic``.
-      num_copies, antithetic, qmc: as in `ulr`.
-      dtype: dtype of the result (drawn in float32).
+      site, copy: integer ids of the site and of the copy in ``[0, num_copies)``
+        (may be traced: the copy is, under `jax.vmap`).
+      shape, dtype: of the result (drawn in float32).
+      noise, num_copies, antithetic, qmc: as in `ulr`.
 
     Returns:
       An array of ``shape`` with unit-scale noise.
@@ -228,11 +226,8 @@ def _check_sigma(sigma) -> None:
     for s in values:
         if isinstance(s, jax.core.Tracer):
             continue
-        try:
-            a = np.asarray(s, dtype=np.float64)
-        except (TypeError, ValueError):
-            a = np.array(np.nan)
-        if a.ndim or not (np.isfinite(a) and a > 0):
+        ok = isinstance(s, int | float | np.number) or (hasattr(s, "ndim") and s.ndim == 0)
+        if not ok or not (np.isfinite(float(s)) and float(s) > 0):
             raise ValueError(
                 f"sigma must be a finite float > 0 (or a mapping of layer paths to such "
                 f"floats), got {s!r}"
@@ -240,9 +235,8 @@ def _check_sigma(sigma) -> None:
 
 
 def _validate(num_copies, sigma, noise, antithetic, baseline, qmc=False) -> None:
-    if isinstance(num_copies, bool) or not isinstance(num_copies, int | np.integer):
-        raise ValueError(f"num_copies must be an integer >= 1, got {num_copies!r}")
-    if num_copies < 1:
+    is_int = isinstance(num_copies, int | np.integer) and not isinstance(num_copies, bool)
+    if not is_int or num_copies < 1:
         raise ValueError(f"num_copies must be an integer >= 1, got {num_copies!r}")
     _check_sigma(sigma)
     _check_noise(noise)
@@ -368,18 +362,6 @@ class ULR:
         return functools.partial(_ulr_gradient, self, loss_fn, has_aux)
 
 
-def _ulr_call(*args, **kwargs) -> ULR | Callable:
-    """`ulr`'s deprecated form ``ulr(loss_fn, has_aux=True, **options)``."""
-    warnings.warn(
-        "ulr(loss_fn, ...) is deprecated; use ulr(...options)(loss_fn, has_aux)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    loss_fn, *rest = args
-    has_aux = rest[0] if rest else kwargs.pop("has_aux", True)
-    return ULR(**kwargs)(loss_fn, has_aux)
-
-
 def ulr(
     *args,
     num_copies: int = 16,
@@ -454,11 +436,16 @@ def ulr(
         recompute=recompute,
         layer_types=tuple(layer_types),
     )
-    if args:
-        if not callable(args[0]):
-            raise ValueError(f"ulr takes keyword options only, got positional {args!r}")
-        return _ulr_call(*args, **options)
-    return ULR(**options)
+    if not args:
+        return ULR(**options)
+    if not callable(args[0]) or len(args) > 2:
+        raise ValueError(f"ulr takes keyword options only, got positional {args!r}")
+    warnings.warn(  # the form of the previous release: ulr(loss_fn, has_aux, **options)
+        "ulr(loss_fn, ...) is deprecated; use ulr(...options)(loss_fn, has_aux)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return ULR(**options)(*args)
 
 
 def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):

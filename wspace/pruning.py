@@ -400,7 +400,8 @@ def _init_masks(params, masks):
     if masks is None:
         return None
     check_masks(params, masks)
-    return jax.tree.map(lambda x: jnp.asarray(x, bool), masks)
+    # a copy: train steps donate their state, which must not free the caller's masks
+    return jax.tree.map(lambda x: jnp.array(x, bool, copy=True), masks)
 
 
 def _current_masks(updates, state_masks, masks, who: str):

@@ -648,3 +648,22 @@ def test_experiment_quick_runs_and_writes_results(tmp_path):
 
 def test_notebook_executes():
     run_notebook("late_phase")
+
+
+def test_fit_lays_per_step_masks_out_on_the_member_axis():
+    """``tx_args={"masks": m}`` (the lottery convention) works through both phases of `fit`."""
+    ds = ws.data.load("digits")
+    model = ws.models.MLP(features=(8,))
+    tx = optax.chain(ws.pruning.mask_gradients(), optax.adam(1e-2), ws.pruning.keep_masked())
+    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(0))
+    masks = ws.pruning.magnitude_masks(state.params, 0.5)
+    state = state.replace(params=ws.pruning.apply_masks(state.params, masks))
+    cfg = LatePhase(2, select="head")
+    late, _ = cfg.fit(
+        state, ws.training.classification_loss(model.apply), tx, ds, t0=2, num_steps=4,
+        apply_fn=model.apply, masks=masks, batch_size=16, tx_args={"masks": masks},
+        progress=False, train_eval_examples=16,
+    )  # fmt: skip
+    late_masks = cfg.expand_masks(masks)
+    for p, m in zip(jax.tree.leaves(late.params), jax.tree.leaves(late_masks), strict=True):
+        assert not np.any(np.asarray(p)[~np.asarray(m)])

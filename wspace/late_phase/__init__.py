@@ -649,7 +649,8 @@ class LatePhase:
           eval_fn, apply_fn: as `wspace.training.fit` (default evaluation: classification).
           key: PRNG key of the members' initial noise (needed when ``noise > 0``).
           masks: pruning masks of the plain params (see `expand`); keep them in
-            ``tx`` too (``wspace.pruning.keep_masked``).
+            ``tx`` too (``wspace.pruning.keep_masked``), or pass them per step as
+            ``tx_args={"masks": masks}`` (laid out on the member axis for the late phase).
           workdir: as `wspace.training.fit` (None: nothing written).
           shard_members: split the member axis over the mesh (see `make_train_step`).
           **fit_kwargs: the other arguments of `wspace.training.fit` (``batch_size``,
@@ -709,10 +710,20 @@ class LatePhase:
             num_steps=num_steps,
             eval_fn=None if eval_fn is None else (lambda s: eval_fn(self.average_state(s))),
             workdir=sub("late"),
-            **fit_kwargs,
+            **{**fit_kwargs, "tx_args": self._late_tx_args(fit_kwargs.get("tx_args"))},
         )
         history += [{**r, "phase": "late"} for r in hist]
         return late_state, history
+
+    def _late_tx_args(self, tx_args):
+        """``tx_args`` of the late phase: per-step ``masks`` laid out on the member axis."""
+
+        def expand(args):
+            if args and "masks" in args:
+                return {**args, "masks": self.expand_masks(args["masks"])}
+            return args
+
+        return (lambda batch: expand(tx_args(batch))) if callable(tx_args) else expand(tx_args)
 
     # ------------------------------------------------------------------ averaging
 

@@ -389,11 +389,13 @@ def write_text(path: str, text: str) -> None:
 
 
 def format_number(x: float) -> str:
-    """Three significant digits, compact: 0.973, 5.1e-03, 12.3."""
+    """Compact: 0.973, 0.0051, 12.3, 5.1e-05."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–" if x is None else str(x)
-    if x != 0 and (abs(x) < 1e-2 or abs(x) >= 1e4):
+    if x != 0 and (abs(x) < 1e-4 or abs(x) >= 1e4):
         return f"{x:.2e}"
+    if abs(x) < 1e-2:
+        return f"{x:.4f}"
     return f"{x:.3g}" if abs(x) >= 1 else f"{x:.3f}"
 
 

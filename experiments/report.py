@@ -123,6 +123,25 @@ def verdict_table(all_results: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict_summary(all_results: dict) -> str:
+    """One row per method: how many of its claims hold, do not hold, are inconclusive."""
+    lines = [
+        "| method | claims | holds | does not hold | inconclusive | first claim: verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, results in all_results.items():
+        claims = results["claims"]
+        if not claims:
+            continue
+        count = {v: sum(c["verdict"] == v for c in claims) for v in common.VERDICTS}
+        first = f"{claims[0]['claim']}: **{claims[0]['verdict']}**"
+        lines.append(
+            f"| {METHODS[name][0]} | {len(claims)} | {count['holds']} "
+            f"| {count['does not hold']} | {count['inconclusive']} | {first} |"
+        )
+    return "\n".join(lines)
+
+
 def method_markdown(name: str, results: dict, figure_dir: str | None = None) -> str:
     """One method's section: the claim, the measured claims table, tables, notes, figures."""
     title, paper, claim = METHODS[name]
@@ -202,8 +221,14 @@ def _html_table(markdown: str) -> str:
 
 
 def readme_block(name: str, results: dict) -> str:
-    """The README's measured-results block of one method, generated from its results.json."""
-    return method_markdown(name, results)
+    """The README's block of one method, from its results.json: claims with intervals, notes.
+
+    The per-arm tables and the figures are in the report (`make demo`).
+    """
+    size = f"{results['size']} size, seeds {results['seeds']}, dataset {results['dataset']}"
+    parts = [f"*Measured at {size} (`make demo`).*", common.claims_markdown(results)]
+    parts += [f"- {n}" for n in results["notes"]]
+    return "\n\n".join(parts)
 
 
 def published_results() -> dict[str, dict]:
@@ -223,7 +248,7 @@ def render_readme(text: str, all_results: dict) -> str:
     def replace(match):
         name = match.group(1)
         if name == "verdicts":
-            body = verdict_table(all_results)
+            body = verdict_summary(all_results)
         elif name in all_results:
             body = readme_block(name, all_results[name])
         else:

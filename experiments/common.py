@@ -99,7 +99,7 @@ def load_dataset(config, standardize: bool = True):
 # ----------------------------------------------------------------------------- workdir
 
 
-def start(config, workdir) -> None:
+def start(config, workdir: str) -> None:
     """Validates the common fields, then creates ``workdir`` and records ``config.json``.
 
     Call it after the experiment's own validation, before any work: a workdir
@@ -111,8 +111,6 @@ def start(config, workdir) -> None:
     """
     from absl import logging
 
-    if isinstance(config, str):  # legacy call start(workdir, dict), until every experiment moves
-        return _legacy_start(config, workdir)
     validate_common(config)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint at INFO
     new = json.loads(config.to_json_best_effort())
@@ -327,7 +325,7 @@ def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
 def save_results(
     workdir: str,
     config,
-    name: str = "results.json",
+    name: str,
     *,
     claims: Sequence[dict] = (),
     tables: Mapping[str, dict] | None = None,
@@ -341,10 +339,6 @@ def save_results(
     ``smoke`` (quick size: not a result), ``seeds``, ``claims`` (from `compare`),
     ``tables`` (from `summarize`), ``figures`` (PNG names in the workdir), ``notes``.
     """
-    if isinstance(config, dict):  # legacy call save_results(workdir, results[, name])
-        path = os.path.join(workdir, name)
-        write_json(path, config)
-        return path
     results = {
         "method": name,
         "size": config.size,
@@ -487,35 +481,3 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize(
         **{k: int(os.environ[v]) for k, v in names.items() if v in os.environ}
     )
-
-
-# ------------------------------------------------------------------ legacy (transitional)
-
-
-def define_common_flags(default_workdir: str) -> None:
-    """Flags of the experiments not yet moved onto configs (removed when all have moved)."""
-    from absl import flags
-
-    flags.DEFINE_string("workdir", default_workdir, "Output directory (resumes if it exists).")
-    flags.DEFINE_string("dataset", "mnist1d", "mnist1d | digits | npz:PATH | a TFDS name.")
-    flags.DEFINE_string("data_dir", None, "TFDS data_dir, for TFDS datasets.")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
-    flags.DEFINE_bool("quick", False, "Tiny sizes that finish in seconds (smoke tests).")
-    flags.DEFINE_bool("progress", True, "Show progress bars.")
-
-
-def _legacy_start(workdir: str, config: dict) -> None:
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    old = load_json(path)
-    if old is not None and old != json.loads(json.dumps(config)):
-        raise ValueError(f"{workdir} holds a run with another config; use a new --workdir.")
-    write_json(path, config)
-
-
-def load_json(path: str):
-    """The parsed file, or None if it does not exist."""
-    return read_json(path) if os.path.exists(path) else None

@@ -3,40 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_experiment(name: str, workdir, *flags: str, **overrides) -> dict:
+def run_experiment(name: str, workdir, **overrides) -> dict:
     """Runs ``experiments.<name>`` in-process at its quick size; returns its results.
 
-    ``overrides`` replace config fields (``steps=10``). An experiment not yet
-    moved onto configs runs the legacy way, ``--quick`` in a subprocess.
+    ``overrides`` replace config fields (``steps=10``).
     """
-    if not os.path.exists(os.path.join(ROOT, "experiments", "configs", f"{name}.py")):
-        return run_experiment_cli(name, workdir, "--quick", *flags)
     import importlib
 
     config = importlib.import_module(f"experiments.configs.{name}").get_config("quick")
     config.update(overrides)
     return importlib.import_module(f"experiments.{name}").run(config, str(workdir))
-
-
-def run_experiment_cli(module: str, workdir, *flags: str, timeout: int = 300) -> None:
-    """Runs ``python -m experiments.<module> --workdir=... FLAGS`` and fails loudly on error."""
-    cmd = [
-        sys.executable,
-        "-m",
-        f"experiments.{module}",
-        f"--workdir={workdir}",
-        *flags,
-    ]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env()
-    )
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
 
 
 def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:

@@ -221,12 +221,16 @@ def _html_table(markdown: str) -> str:
 
 
 def readme_block(name: str, results: dict) -> str:
-    """The README's block of one method, from its results.json: claims with intervals, notes.
+    """The README's block of one method, from its results.json.
 
-    The per-arm tables and the figures are in the report (`make demo`).
+    Its claims with intervals and verdicts, its first (headline) table and its
+    notes; the other tables and the figures are in the report (`make demo`).
     """
     size = f"{results['size']} size, seeds {results['seeds']}, dataset {results['dataset']}"
     parts = [f"*Measured at {size} (`make demo`).*", common.claims_markdown(results)]
+    for caption, table in list(results["tables"].items())[:1]:
+        caption = f"*{caption}* (mean ± 95% half-width over seeds)"
+        parts.append(f"{caption}\n\n{common.table_markdown(table)}")
     parts += [f"- {n}" for n in results["notes"]]
     return "\n\n".join(parts)
 

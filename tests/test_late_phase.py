@@ -7,6 +7,7 @@ import functools
 import os
 import warnings
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,16 +66,8 @@ def _perturb(tree, key, scale=0.3):
     return jax.tree.unflatten(treedef, noisy)
 
 
-def _assert_tree_close(a, b, **kw):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw)
-
-
-def _assert_tree_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+_assert_tree_close = chex.assert_trees_all_close  # structure, shapes and values
+_assert_tree_equal = chex.assert_trees_all_equal
 
 
 def _exact_or_close(a, b):

@@ -191,6 +191,21 @@ def make_train_step(
         )
         return new_state, metrics
 
+    return compile_step(step, mode, mesh, donate=donate)
+
+
+def compile_step(step: Callable, mode: str, mesh=None, *, donate: bool = True) -> Callable:
+    """Compiles ``step(state, batch, tx_args, axis_name=None) -> (state, metrics)`` for ``mode``.
+
+    ``jit``: one device; ``sharded``: state and ``tx_args`` replicated, batch split
+    along ``data`` of ``mesh`` (default `default_mesh`); ``pmap``: over local
+    devices with ``axis_name="batch"`` (``step`` averages what it must). Method
+    modules with their own step body (e.g. `wspace.late_phase`) compile it here.
+
+    Returns:
+      ``train_step(state, batch, tx_args=None) -> (state, metrics)``.
+    """
+    _check_mode(mode)
     donate_argnums = (0,) if donate else ()
     if mode == "jit":
         compiled = jax.jit(step, donate_argnums=donate_argnums)

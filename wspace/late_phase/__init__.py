@@ -105,7 +105,7 @@ from wspace.late_phase._layout import (  # noqa: F401  (selection API re-exporte
     _scale_grad,
     selection,
 )
-from wspace.late_phase._steps import _compile, _steps, _swa_of, _with_member
+from wspace.late_phase._steps import _steps, _swa_of, _with_member
 
 PyTree = Any
 SCHEDULES = ("cycle", "random", "parallel")
@@ -566,7 +566,7 @@ class LatePhase:
                     f"{mesh.shape['data']} devices of the mesh's 'data' axis"
                 )
             return self._compile_member_sharded(step, mesh, donate)
-        return _compile(step, mode, mesh, donate)
+        return training.compile_step(step, mode, mesh, donate=donate)
 
     def _compile_member_sharded(self, step, mesh, donate: bool) -> Callable:
         """``step`` jitted with member leaves split over ``data`` (rows) and the rest replicated."""

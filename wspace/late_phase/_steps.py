@@ -8,8 +8,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from wspace import averaging, training
 
@@ -59,31 +57,3 @@ def _steps(cfg, loss_fn, tx, mode: str, mesh, shard: bool) -> tuple[Callable, ..
 
 def _with_member(loss, member, params, model_state, batch, key):
     return loss(params, model_state, batch, key, member)
-
-
-def _compile(step, mode: str, mesh, donate: bool) -> Callable:
-    """Compiles ``step(state, batch, tx_args, axis_name=None)`` as `training.make_train_step`."""
-    donate_argnums = (0,) if donate else ()
-    if mode == "jit":
-        compiled = jax.jit(step, donate_argnums=donate_argnums)
-    elif mode == "sharded":
-        mesh = mesh or training.default_mesh()
-        repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        compiled = jax.jit(
-            step,
-            in_shardings=(repl, split, repl),
-            out_shardings=(repl, repl),
-            donate_argnums=donate_argnums,
-        )
-    else:
-        compiled = jax.pmap(
-            lambda s, b, a: step(s, b, a, axis_name="batch"),
-            axis_name="batch",
-            in_axes=(0, 0, None),
-            donate_argnums=donate_argnums,
-        )
-
-    def train_step(state, batch, tx_args=None):
-        return compiled(state, batch, tx_args)
-
-    return train_step

@@ -239,11 +239,11 @@ def published_results() -> dict[str, dict]:
     """The results.json files committed under ``experiments/results/``."""
     if not os.path.isdir(RESULTS_DIR):
         return {}
-    out = {}
-    for f in sorted(os.listdir(RESULTS_DIR)):
-        if f.endswith(".json"):
-            out[f[:-5]] = common.read_json(os.path.join(RESULTS_DIR, f))
-    return out
+    names = [f[: -len(".json")] for f in os.listdir(RESULTS_DIR) if f.endswith(".json")]
+    order = list(METHODS) + sorted(set(names) - set(METHODS))  # the report's order
+    return {
+        n: common.read_json(os.path.join(RESULTS_DIR, f"{n}.json")) for n in order if n in names
+    }
 
 
 def render_readme(text: str, all_results: dict) -> str:

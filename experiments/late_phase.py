@@ -66,7 +66,7 @@ CLASSIFY_ARMS = (
     "swa",
     "late_swa",
 )
-NQP_ARMS = ("sgd", "late", "late_random", "late_mean", "late_parallel", "sgd_lr_over_K")
+NQP_ARMS = ("sgd", "late", "late_random", "late_mean", "sgd_lr_over_K", "late_parallel")
 PARTS = ("classify", "nqp")
 # arm -> (schedule, combine) of its LatePhase (None: a plain arm)
 _LATE = {

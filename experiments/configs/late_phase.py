@@ -2,6 +2,7 @@
 the noisy quadratic problem (NQP)."""
 
 from experiments import common
+from experiments.late_phase import CLASSIFY_ARMS, NQP_ARMS  # arm order: cheapest first
 
 
 def get_config(arg: str = "small"):
@@ -22,20 +23,10 @@ def get_config(arg: str = "small"):
     c.eval_every = {"quick": 6, "small": 100, "paper": 200}[size]
     c.swa_lr = 0.01  # constant learning rate of the SWA phase
     c.swa_every = {"quick": 2, "small": 10, "paper": 10}[size]
-    classify_all = (
-        "sgd",
-        "late",
-        "late_t0_0",
-        "late_random",
-        "late_parallel",
-        "sgd_ghost_bn",
-        "swa",
-        "late_swa",
-    )
     c.classify_arms = {
-        "quick": classify_all[:3],
-        "small": classify_all[:5],
-        "paper": classify_all,
+        "quick": CLASSIFY_ARMS[:3],
+        "small": CLASSIFY_ARMS[:5],
+        "paper": CLASSIFY_ARMS,
     }[size]
 
     # NQP: l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2, c ~ N(1, diag(h)), w = theta * gain.
@@ -44,6 +35,5 @@ def get_config(arg: str = "small"):
     c.nqp_batch_size = 10
     c.nqp_lr = 0.2  # stable for every arm (cycle + sum steps theta with K x the gradient)
     c.nqp_eval_every = {"quick": 10, "small": 50, "paper": 100}[size]
-    nqp_all = ("sgd", "late", "late_random", "late_mean", "sgd_lr_over_K", "late_parallel")
-    c.nqp_arms = {"quick": nqp_all[:3], "small": nqp_all[:5], "paper": nqp_all}[size]
+    c.nqp_arms = {"quick": NQP_ARMS[:3], "small": NQP_ARMS[:5], "paper": NQP_ARMS}[size]
     return c

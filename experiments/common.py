@@ -215,16 +215,23 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95)
 
     Returns ``(mean, lo, hi)``; with one pair the interval is unbounded.
     """
-    from scipy import stats
-
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError(f"need equally many paired values, got {len(a)} and {len(b)}")
-    mean = float(d.mean())
-    if len(d) < 2:
+    mean, half = float(d.mean()), _t_half_width(d, level)
+    if math.isnan(half):
         return mean, -math.inf, math.inf
-    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)))
     return mean, mean - half, mean + half
+
+
+def _t_half_width(values: np.ndarray, level: float = 0.95) -> float:
+    """Half-width of the two-sided t interval of the mean of ``values`` (NaN for fewer than 2)."""
+    from scipy import stats
+
+    n = len(values)
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
 
 
 def verdict(lo: float, hi: float, *, higher_is_better: bool = True, margin: float = 0.0) -> str:
@@ -301,20 +308,13 @@ def compare(
 
 def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
     """A table of mean ± 95% half-width per arm (rows) and metric (columns)."""
-    from scipy import stats
-
     names = [m if isinstance(m, str) else getattr(m, "__name__", "metric") for m in metrics]
     rows = []
     for arm, results in per_arm.items():
         row: list[Any] = [arm]
         for m in metrics:
-            v = np.asarray(_metric_values(results, m))
-            half = (
-                float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-                if len(v) > 1
-                else math.nan
-            )
-            row.append([float(v.mean()), half])
+            v = np.asarray(_metric_values(results, m), np.float64)
+            row.append([float(v.mean()), _t_half_width(v)])
         rows.append(row)
     return {"columns": ["arm", *names], "rows": rows}
 

@@ -170,7 +170,7 @@ def report_markdown(all_results: dict, seconds: dict | None = None) -> str:
         parts.append(f"**{stamp}**: quick-size runs check the code paths only.")
     parts += ["## Verdicts", verdict_table(all_results)]
     for name, results in all_results.items():
-        took = f" ({seconds[name]:.0f} s)" if seconds and name in seconds else ""
+        took = f" ({seconds[name]:.0f} s this run)" if seconds and name in seconds else ""
         parts += [f"## {METHODS[name][0]}{took}", method_markdown(name, results, name)]
     return "\n\n".join(parts) + "\n"
 
@@ -283,7 +283,7 @@ def main(argv):
     print("\n" + verdict_table(report["methods"]))
     total = sum(report["seconds"].values())
     print(
-        f"\nreport ({report['size']} size, {total / 60:.1f} min): "
+        f"\nreport ({report['size']} size, {total / 60:.1f} min; stored arms are reused): "
         f"{os.path.join(FLAGS.workdir, 'report.md')} and report.html"
     )
     if FLAGS.publish:

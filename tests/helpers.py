@@ -19,6 +19,18 @@ def run_experiment(name: str, workdir, **overrides) -> dict:
     return importlib.import_module(f"experiments.{name}").run(config, str(workdir))
 
 
+def fresh_state(params, tx, key):
+    """A step-0 `wspace.training.TrainState` of ``params`` (no model state) with ``tx.init``."""
+    import jax.numpy as jnp
+
+    import wspace as ws
+
+    return ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state={}, opt_state=tx.init(params),
+        key=key,
+    )  # fmt: skip
+
+
 def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
     """Executes ``notebooks/<name>.ipynb`` top to bottom in a fresh kernel; any error fails.
 

@@ -30,7 +30,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import wspace as ws
-from tests.helpers import run_experiment, run_notebook
+from tests.helpers import fresh_state, run_experiment, run_notebook
 from wspace import invariant_path as ip
 from wspace import likelihood_ratio as lr
 from wspace.late_phase import LatePhase
@@ -77,13 +77,7 @@ def test_late_phase_members_keep_pruned_weights_zero_through_training_and_averag
     params = ws.pruning.apply_masks(params, masks)
     tx = _lottery_chain()
     loss = ws.training.classification_loss(model.apply)
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(1),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(1))
     k = 4
     late = LatePhase(k, select=select, schedule=schedule, noise=0.2)
     s = late.expand_state(state, tx, key=jax.random.PRNGKey(2), masks=masks)  # no noise on zeros
@@ -122,13 +116,7 @@ def test_late_phase_with_one_member_is_the_plain_masked_run():
     params = ws.pruning.apply_masks(params, masks)
     tx = _lottery_chain()
     loss = ws.training.classification_loss(model.apply)
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(1),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(1))
     late = LatePhase(1, select="head")
     s = late.expand_state(state, tx)
     plain = ws.training.make_train_step(loss, tx, donate=False)
@@ -178,13 +166,7 @@ def test_forward_only_training_of_a_pruned_network_keeps_masks_and_lowers_the_lo
     loss = ws.training.classification_loss(model.apply, per_example=True)
     tx = optax.chain(ws.pruning.mask_gradients(), optax.adam(0.1), ws.pruning.keep_masked())
     est = lr.ulr(num_copies=32, sigma=0.1, antithetic=True, baseline="mean")
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(4),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(4))
     step = ws.training.make_train_step(loss, tx, estimator=est, donate=False)
     exact_loss = jax.jit(lambda p: jnp.mean(loss(p, {}, batch, None)[0]))
     before = float(exact_loss(params))
@@ -206,13 +188,7 @@ def test_sparsity_path_then_pruning_keeps_the_function_better_than_one_shot():
         0.05, f, metric="fisher", damping=1e-3, tol=1e-3, maxiter=100, max_norm=1.0, warn=False
     )
     step = ws.training.make_train_step(ip.sparsity_loss(level), tx, donate=False)
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(5),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(5))
     x = batch["x"]
     out0 = f(params, x)
     dist0 = float(ip.projection_distance(params, level))

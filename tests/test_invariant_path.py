@@ -15,7 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import wspace as ws
-from tests.helpers import run_experiment, run_notebook
+from tests.helpers import fresh_state, run_experiment, run_notebook
 from wspace import invariant_path as ip
 
 
@@ -277,13 +277,7 @@ def test_train_step_with_anchors_keeps_old_outputs():
     x_new = jax.random.normal(jax.random.PRNGKey(5), (16, 6)) + 2.0
     y_new = jnp.full((16,), 2)
     tx = ip.invariant_path(0.05, f, metric="jacobian", damping=1e-3, maxiter=30, max_norm=1.0)
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(0),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(0))
     step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
     before = f(params, x_old)
     batch = {"x": x_new, "y": y_new}
@@ -305,13 +299,7 @@ def test_path_steps_agree_in_jit_sharded_and_pmap_modes():
     # gradient could stop CG one iteration apart in two modes.
     tx = ip.invariant_path(0.05, f, damping=0.1, tol=0.0, maxiter=30, max_norm=1.0, warn=False)
     loss = ws.training.classification_loss(model.apply)
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(0),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(0))
     finals = {}
     for mode in ws.training.MODES:
         step = ws.training.make_train_step(loss, tx, mode=mode)

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import wspace as ws
-from tests.helpers import run_experiment, run_notebook
+from tests.helpers import fresh_state, run_experiment, run_notebook
 from wspace import lottery, pruning
 
 T, K = 10, 4
@@ -202,13 +202,7 @@ def _digits_setup(rewind_step=3):
         optax.sgd(schedule, momentum=0.9),
         pruning.keep_masked(),
     )
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(0),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(0))
     return ds, tx, state
 
 

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 import wspace as ws
+from tests.helpers import fresh_state
 
 DIM, STEPS = 4096, 20
 
@@ -29,13 +30,7 @@ def _loss(params, model_state, batch, key):
 
 def _state(tx):
     params = {"w": jnp.zeros(DIM, jnp.float32)}
-    return ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(0),
-    )
+    return fresh_state(params, tx, jax.random.PRNGKey(0))
 
 
 TARGETS = np.random.default_rng(0).normal(size=(STEPS, DIM)).astype(np.float32)

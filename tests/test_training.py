@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import wspace as ws
+from tests.helpers import fresh_state
 
 
 @pytest.fixture(scope="module")
@@ -159,13 +160,7 @@ def _quadratic(dim=3, lr=0.1, offset_scale=0.0):
 
     tx = optax.chain(optax.sgd(lr), add_offset())
     params = {"w": jnp.zeros(dim, jnp.float32)}
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(0),
-    )
+    state = fresh_state(params, tx, jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
     targets = rng.normal(size=(40, dim)).astype(np.float32)
     return state, ws.training.make_train_step(loss_fn, tx), targets

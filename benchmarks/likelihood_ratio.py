@@ -50,13 +50,18 @@ def _measure(fn, args, repeats):
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
     temp = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
+    return _median_run(compiled, args, repeats), temp
+
+
+def _median_run(compiled, args, repeats) -> float:
+    """Median wall seconds of ``compiled(*args)`` over ``repeats`` runs, after one warm-up."""
     jax.block_until_ready(compiled(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - t)
-    return statistics.median(times), temp
+    return statistics.median(times)
 
 
 def part1(depths, width, batch, copies, repeats):
@@ -187,14 +192,8 @@ def part3_rng(depths, width, batch, copies, repeats):
                     t0 = time.process_time()
                     compiled = fn.lower(*args).compile()
                     tc = time.process_time() - t0
-                    jax.block_until_ready(compiled(*args))
-                    times = []
-                    for _ in range(repeats):
-                        t = time.perf_counter()
-                        jax.block_until_ready(compiled(*args))
-                        times.append(time.perf_counter() - t)
                     mode = "recompute" if recompute else "one-pass"
-                    t_run = 1e3 * statistics.median(times)
+                    t_run = 1e3 * _median_run(compiled, args, repeats)
                     print(f"{depth:>5} {impl:>11} {mode:>9} {tc:>13.2f} {t_run:>8.2f}")
                     rows.append((depth, impl, mode, tc, t_run))
     finally:

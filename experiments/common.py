@@ -69,11 +69,17 @@ def validate_common(config) -> None:
 
     if config.size not in SIZES:
         raise ValueError(f"config.size={config.size!r}; use one of {SIZES}")
-    if config.num_seeds < 1:
-        raise ValueError(f"config.num_seeds={config.num_seeds}; need at least 1")
+    require_at_least_one(config, "num_seeds")
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r}; use one of {MODES}")
     _check_dataset_name(config.dataset)
+
+
+def require_at_least_one(config, *fields: str) -> None:
+    """Raises ValueError naming the first of ``fields`` whose value is below 1 (counts, sizes)."""
+    for field in fields:
+        if config[field] < 1:
+            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
 
 
 def _check_dataset_name(name: str) -> None:

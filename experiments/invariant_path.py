@@ -64,9 +64,9 @@ def validate(config) -> None:
     for arm in config.continual_arms:
         if arm not in CONTINUAL_ARMS:
             raise ValueError(f"config.continual_arms has {arm!r}; use a subset of {CONTINUAL_ARMS}")
-    for field in ("base_steps", "task2_steps", "buffer_size", "batch_size", "maxiter"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    common.require_at_least_one(
+        config, "base_steps", "task2_steps", "buffer_size", "batch_size", "maxiter"
+    )
     for field in ("path_steps", "ft_steps", "robust_steps", "attack_steps", "eval_attack_steps"):
         if config[field] < 0:
             raise ValueError(f"config.{field}={config[field]}; must be >= 0")

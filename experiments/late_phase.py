@@ -92,12 +92,10 @@ def validate(config) -> None:
             )
     if config.model not in ws.models.MODELS:
         raise ValueError(f"config.model={config.model!r}; use one of {sorted(ws.models.MODELS)}")
-    for field in ("members", "steps", "batch_size", "eval_every", "swa_every", "nqp_dim"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
-    for field in ("nqp_steps", "nqp_batch_size", "nqp_eval_every"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    common.require_at_least_one(
+        config, "members", "steps", "batch_size", "eval_every", "swa_every", "nqp_dim"
+    )
+    common.require_at_least_one(config, "nqp_steps", "nqp_batch_size", "nqp_eval_every")
     if not 0 < config.t0_frac < 1:
         raise ValueError(f"config.t0_frac={config.t0_frac}; must be in (0, 1)")
     for field in ("lr", "nqp_lr", "swa_lr"):

@@ -81,9 +81,9 @@ def setting_name(setting: str) -> str:
 
 def validate(config) -> None:
     """Rejects bad fields before any work or file write."""
-    for field in ("steps", "batch_size", "eval_every", "copies", "quality_repeats"):
-        if int(config[field]) < 1:
-            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    common.require_at_least_one(
+        config, "steps", "batch_size", "eval_every", "copies", "quality_repeats"
+    )
     if config.quality_repeats < 2:
         raise ValueError(f"config.quality_repeats={config.quality_repeats}; need >= 2")
     if not (np.isfinite(config.lr) and config.lr > 0):

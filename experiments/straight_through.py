@@ -92,9 +92,9 @@ def validate(config) -> None:
             f"config.sbn_hidden={config.sbn_hidden}: widths >= 1 and at most "
             f"{st.MAX_UNITS} binary units in all (2^units states are enumerated)"
         )
-    for field in ("sbn_points", "sbn_steps", "sbn_evals", "steps", "batch_size", "eval_samples"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    common.require_at_least_one(
+        config, "sbn_points", "sbn_steps", "sbn_evals", "steps", "batch_size", "eval_samples"
+    )
     if config.sbn_repeats < 2 or config.sbn_train_evals < 2:
         raise ValueError("config.sbn_repeats and config.sbn_train_evals must be >= 2")
     for field in ("sbn_lr", "ulr_head_sigma", "lr", "latent_lr"):

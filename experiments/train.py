@@ -32,9 +32,7 @@ def validate(config) -> None:
         raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(ws.models.DTYPES)}")
     if config.optimizer not in OPTIMIZERS:
         raise ValueError(f"config.optimizer={config.optimizer!r}; use one of {OPTIMIZERS}")
-    for field in ("steps", "batch_size", "eval_every"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    common.require_at_least_one(config, "steps", "batch_size", "eval_every")
     if not config.lr > 0 or config.lr == float("inf"):
         raise ValueError(f"config.lr={config.lr}; must be finite and > 0")
 

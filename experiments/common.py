@@ -173,37 +173,59 @@ def _lock_for_this_process(workdir: str) -> None:
 
 
 def run_arms(
-    workdir: str, config, arm_fns: Mapping[str, Callable[[int], dict]]
+    workdir: str, config, arm_fns: Mapping[str, Callable[[list[int]], list[dict]]]
 ) -> dict[str, list[dict]]:
-    """Runs every arm for every seed of ``config``, caching each result; resumable.
+    """Runs every arm for all seeds of ``config`` at once, caching each seed's result.
 
     Args:
       workdir: the experiment's workdir (after `start`).
       config: the run's config (its ``seed``, ``num_seeds`` and ``progress``).
-      arm_fns: arm name -> ``fn(seed) -> dict`` of JSON-able metrics.
+      arm_fns: arm name -> ``fn(seeds) -> [dict of JSON-able metrics, one per seed]``;
+        ``fn`` trains its seeds as one program (a seed axis, `wspace.training.init_states`).
+        Wrap a one-seed function with `per_seed` where an axis does not fit.
 
     Returns:
       ``{arm: [result for each seed, in seed order]}``; each result is stored in
-      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun. In a
-      multi-process run every process reads the stored results (a shared
-      workdir) and runs the same missing ones; process 0 alone writes.
+      ``workdir/arms/<arm>/seed_<s>.json`` and read back instead of rerun (only the
+      missing seeds are run). In a multi-process run every process reads the stored
+      results (a shared workdir) and runs the same missing ones; process 0 alone writes.
     """
     results: dict[str, list[dict]] = {}
     for arm, fn in arm_fns.items():
-        results[arm] = []
-        for seed in seeds(config):
-            path = os.path.join(workdir, "arms", arm, f"seed_{seed}.json")
-            if os.path.exists(path):
-                result = read_json(path)
-            else:
-                if config.progress:
-                    print(f"[{arm} seed {seed}]", file=sys.stderr, flush=True)
-                result = dict(fn(seed))
+        paths = {s: os.path.join(workdir, "arms", arm, f"seed_{s}.json") for s in seeds(config)}
+        missing = [s for s, path in paths.items() if not os.path.exists(path)]
+        if missing:
+            if config.progress:
+                print(f"[{arm}: seeds {_seed_text(missing)}]", file=sys.stderr, flush=True)
+            computed = [dict(r) for r in fn(missing)]
+            if len(computed) != len(missing):
+                raise ValueError(f"arm {arm!r} returned {len(computed)} results for {missing}")
+            for seed, result in zip(missing, computed, strict=True):
                 _check_finite_metrics(result, f"arm {arm!r} seed {seed}")
-                if _is_writer():
-                    write_json(path, result)
-            results[arm].append(result)
+            if _is_writer():
+                for seed, result in zip(missing, computed, strict=True):
+                    write_json(paths[seed], result)
+        done = dict(zip(missing, computed, strict=True)) if missing else {}
+        results[arm] = [done[s] if s in done else read_json(p) for s, p in paths.items()]
     return results
+
+
+def per_seed(fn: Callable[[int], dict]) -> Callable[[list[int]], list[dict]]:
+    """Adapts a one-seed ``fn(seed) -> dict`` to `run_arms` (a loop, for arms without an axis)."""
+    return lambda seeds_: [fn(s) for s in seeds_]
+
+
+def seeds_workdir(workdir: str, arm: str, seeds_: Sequence[int]) -> str:
+    """The one workdir (checkpoints, metrics) of ``arm`` trained for ``seeds_`` at once."""
+    return os.path.join(workdir, "train", arm, f"seeds_{_seed_text(seeds_)}")
+
+
+def _seed_text(seeds_: Sequence[int]) -> str:
+    """``3-7`` for a range, else ``1_4_9``."""
+    s = list(seeds_)
+    if len(s) > 1 and s == list(range(s[0], s[-1] + 1)):
+        return f"{s[0]}-{s[-1]}"
+    return "_".join(map(str, s))
 
 
 def _check_finite_metrics(result: dict, where: str) -> None:
@@ -464,6 +486,9 @@ def main(run_fn: Callable, name: str) -> None:
         cfg = flags.FLAGS.config
         if flags.FLAGS.distributed:
             _initialize_distributed()
+        from wspace.training import enable_compilation_cache
+
+        enable_compilation_cache()  # WSPACE_COMPILATION_CACHE=0 turns it off
         results = run_fn(cfg, flags.FLAGS.workdir)
         print(f"\n{name} ({cfg.size} size, {len(results['seeds'])} seeds)")
         if results["smoke"]:

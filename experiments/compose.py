@@ -211,7 +211,7 @@ def run(config, workdir: str) -> dict:
     ds = common.load_dataset(config)
     setup = _Setup(config, ds)
     per_arm = common.run_arms(
-        workdir, config, {name: functools.partial(setup.arm, name) for name in ARMS}
+        workdir, config, {n: common.per_seed(functools.partial(setup.arm, n)) for n in ARMS}
     )
     m = config.margin
     claims = [

@@ -410,7 +410,11 @@ def run(config, workdir: str) -> dict:
     net = _Net(config, ds)
     claims, tables, figures, notes = [], {}, [], []
     if "continual" in config.parts:
-        per_arm = common.run_arms(workdir, config, continual_arms(config, ds, net))
+        per_arm = common.run_arms(
+            workdir,
+            config,
+            {a: common.per_seed(fn) for a, fn in continual_arms(config, ds, net).items()},
+        )
         claims += _continual_claims(config, per_arm)
         metrics = ["task1_accuracy", "task2_accuracy", "all_accuracy", "buffer_distance"]
         tables["Continual: test accuracy by arm"] = common.summarize(per_arm, metrics)
@@ -422,7 +426,11 @@ def run(config, workdir: str) -> dict:
             notes.append(_unconverged_note(config, fip, config.task2_steps))
         figures.append(_plot_continual(per_arm, workdir, config))
     if "sparsity" in config.parts:
-        per_arm = common.run_arms(workdir, config, sparsity_arms(config, ds, net))
+        per_arm = common.run_arms(
+            workdir,
+            config,
+            {a: common.per_seed(fn) for a, fn in sparsity_arms(config, ds, net).items()},
+        )
         claims += _sparsity_claims(config, per_arm)
         tables["Sparsity: test accuracy by arm"] = common.summarize(
             per_arm, ["pruned_accuracy", "ft_accuracy", "equal_budget_accuracy"]
@@ -431,7 +439,11 @@ def run(config, workdir: str) -> dict:
         notes.append(_unconverged_note(config, path, config.path_steps))
         figures.append(_plot_sparsity(per_arm, workdir, config))
     if "robustness" in config.parts:
-        per_arm = common.run_arms(workdir, config, robustness_arms(config, ds, net))
+        per_arm = common.run_arms(
+            workdir,
+            config,
+            {a: common.per_seed(fn) for a, fn in robustness_arms(config, ds, net).items()},
+        )
         claims += [
             common.compare(
                 "Moving along the FIP towards PGD robustness raises robust accuracy",

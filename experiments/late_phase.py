@@ -306,7 +306,7 @@ def run(config, workdir: str) -> dict:
     if "classify" in config.parts:
         ds = common.load_dataset(config)
         arms = {a: functools.partial(classify_arm, config, ds, a) for a in config.classify_arms}
-        per_arm = common.run_arms(workdir, config, arms)
+        per_arm = common.run_arms(workdir, config, {a: common.per_seed(f) for a, f in arms.items()})
         k = config.members
         if "late" in per_arm:
             claims.append(
@@ -369,7 +369,9 @@ def run(config, workdir: str) -> dict:
         figures.append(_plot_classify(per_arm, workdir, config))
     if "nqp" in config.parts:
         arms = {a: functools.partial(nqp_arm, config, a) for a in config.nqp_arms}
-        nqp = common.run_arms(workdir, config, {f"nqp_{a}": fn for a, fn in arms.items()})
+        nqp = common.run_arms(
+            workdir, config, {f"nqp_{a}": common.per_seed(f) for a, f in arms.items()}
+        )
         for arm, what in (
             ("late", "Late-phase (cycle, shared step per K minibatches with the sum)"),
             ("late_random", "Late-phase (random member, shared step every minibatch)"),

@@ -326,7 +326,9 @@ def run(config, workdir: str) -> dict:
     runner = _Runner(config, ds, model)
     specs = _arm_specs(config)
     per_arm = common.run_arms(
-        workdir, config, {arm: runner.arm_fn(arm, spec) for arm, spec in specs.items()}
+        workdir,
+        config,
+        {arm: common.per_seed(runner.arm_fn(arm, spec)) for arm, spec in specs.items()},
     )
     attacks = [_attack(k, e) for k in ("whitebox", "transfer") for e in config.fgsm_eps]
     tables = {

@@ -126,7 +126,9 @@ def run(config, workdir: str) -> dict:
     common.start(config, workdir)
     ds = common.load_dataset(config)
     exp = _Experiment(config, ds, workdir)
-    per_arm = common.run_arms(workdir, config, {a: exp.arm_fn(a) for a in _names(config.arms)})
+    per_arm = common.run_arms(
+        workdir, config, {a: common.per_seed(exp.arm_fn(a)) for a in _names(config.arms)}
+    )
     return _results(config, workdir, per_arm)
 
 

@@ -370,7 +370,7 @@ def run(config, workdir: str) -> dict:
     sbn, trainer = SBN(config), Trainer(config, ds)
     arm_fns = {f"sbn_{e}": functools.partial(sbn.measure, e) for e in config.sbn_estimators}
     arm_fns.update({a: functools.partial(trainer, a) for a in config.train_arms})
-    per_arm = common.run_arms(workdir, config, arm_fns)
+    per_arm = common.run_arms(workdir, config, {a: common.per_seed(f) for a, f in arm_fns.items()})
     claims = _claims(config, per_arm)
     sbn_arms = {k: v for k, v in per_arm.items() if k.startswith("sbn_")}
     train_arms = {k: v for k, v in per_arm.items() if not k.startswith("sbn_")}

@@ -6,16 +6,13 @@ r"""Plain supervised training: the baseline every method is compared with.
   python -m experiments.train --config.dataset=cifar10 --config.data_dir=/data/tfds \
       --config.model=resnet20 --config.mode=sharded
 
-Each seed trains in ``workdir/seed_<s>`` (metrics.jsonl, orbax checkpoints; a
-rerun resumes from the latest checkpoint); ``results.json`` holds the final
-metrics per seed, ``curves.png`` the learning curves.
+All seeds train as one program (a seed axis) in ``workdir/train/<model>/seeds_<a>-<b>``
+(metrics.jsonl, orbax checkpoints; a rerun resumes from the latest checkpoint);
+``results.json`` holds the final metrics per seed, ``curves.png`` the learning curves.
 """
 
 from __future__ import annotations
 
-import os
-
-import jax
 import optax
 
 import wspace as ws
@@ -43,13 +40,16 @@ def make_optimizer(name: str, lr: float, steps: int) -> optax.GradientTransforma
     return optax.sgd(schedule, momentum=0.9) if name == "sgd" else optax.adam(schedule)
 
 
-def train_one(config, ds, seed: int, workdir: str | None) -> tuple[dict, list[dict]]:
-    """Trains one model with one seed; returns final metrics and the evaluation history."""
+def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]:
+    """Trains one model per seed as one program (a seed axis); returns each seed's result.
+
+    Each result holds the final metrics, ``num_params`` and the evaluation ``curve``.
+    """
     model = ws.models.create(config.model, ds.num_classes, dtype=config.dtype)
     tx = make_optimizer(config.optimizer, config.lr, config.steps)
-    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
+    state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
     step = ws.training.make_train_step(
-        ws.training.classification_loss(model.apply), tx, mode=config.mode
+        ws.training.classification_loss(model.apply), tx, mode=config.mode, seed_axis=True
     )
     state, history = ws.training.fit(
         state,
@@ -58,15 +58,24 @@ def train_one(config, ds, seed: int, workdir: str | None) -> tuple[dict, list[di
         apply_fn=model.apply,
         num_steps=config.steps,
         batch_size=config.batch_size,
-        seed=seed,
+        seed=seeds,
         mode=config.mode,
         eval_every=config.eval_every,
         workdir=workdir,
         progress=config.progress,
     )
-    final = {k: v for k, v in history[-1].items() if k != "time"}
-    final["num_params"] = ws.training.num_params(state.params)
-    return final, history
+    num_params = ws.training.num_params(ws.training.seed_slice(state.params, 0))
+    curves = [[_seed_record(r, i) for r in history] for i in range(len(seeds))]
+    return [
+        {**{k: v for k, v in curve[-1].items() if k != "time"}, "num_params": num_params,
+         "curve": curve}
+        for curve in curves
+    ]  # fmt: skip
+
+
+def _seed_record(record: dict, i: int) -> dict:
+    """Seed ``i``'s values of a `fit` record of a seed-axis run."""
+    return {k: v[i] if isinstance(v, list) else v for k, v in record.items()}
 
 
 def run(config, workdir: str) -> dict:
@@ -74,13 +83,11 @@ def run(config, workdir: str) -> dict:
     validate(config)
     common.start(config, workdir)
     ds = common.load_dataset(config)
-    histories = {}
 
-    def one_seed(seed):
-        final, histories[seed] = train_one(config, ds, seed, os.path.join(workdir, f"seed_{seed}"))
-        return {**final, "curve": histories[seed]}
+    def all_seeds(seeds):
+        return train_seeds(config, ds, seeds, common.seeds_workdir(workdir, config.model, seeds))
 
-    per_arm = common.run_arms(workdir, config, {config.model: one_seed})
+    per_arm = common.run_arms(workdir, config, {config.model: all_seeds})
     metrics = ["test_accuracy", "test_loss", "train_accuracy", "train_loss"]
     figure = _plot(per_arm[config.model], workdir, config)
     return common.save_results(

@@ -14,3 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Ground truths compare at full float32 precision on every backend (GPU matmuls default to TF32).
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import wspace  # noqa: E402  (after the flags above)
+
+# A second `make test` loads compiled programs from disk (WSPACE_COMPILATION_CACHE=0: off).
+wspace.training.enable_compilation_cache()

@@ -63,27 +63,27 @@ def test_compare_pairs_by_seed():
 def test_run_arms_caches_and_resumes(tmp_path):
     calls = []
 
-    def arm(seed):
-        calls.append(seed)
-        return {"value": float(seed)}
+    def arm(seeds):  # all seeds at once, as a seed axis trains them
+        calls.append(seeds)
+        return [{"value": float(s)} for s in seeds]
 
     config = _config(num_seeds=3, seed=4)
     first = common.run_arms(str(tmp_path), config, {"a": arm})
-    assert first == {"a": [{"value": 4.0}, {"value": 5.0}, {"value": 6.0}]} and calls == [4, 5, 6]
-    os.remove(tmp_path / "arms" / "a" / "seed_5.json")  # as if killed before seed 5 finished
-    again = common.run_arms(str(tmp_path), config, {"a": arm})
-    assert again == first and calls == [4, 5, 6, 5]
+    assert first == {"a": [{"value": 4.0}, {"value": 5.0}, {"value": 6.0}]} and calls == [[4, 5, 6]]
+    os.remove(tmp_path / "arms" / "a" / "seed_5.json")  # as if killed before seed 5 was stored
+    again = common.run_arms(str(tmp_path), config, {"a": common.per_seed(lambda s: arm([s])[0])})
+    assert again == first and calls == [[4, 5, 6], [5]]
 
 
 def test_run_arms_rejects_nan_metrics(tmp_path):
     with pytest.raises(FloatingPointError, match="arm 'a' seed 0: metric 'loss' is nan"):
-        common.run_arms(str(tmp_path), _config(num_seeds=1), {"a": lambda s: {"loss": np.nan}})
+        common.run_arms(str(tmp_path), _config(num_seeds=1), {"a": lambda s: [{"loss": np.nan}]})
     assert not (tmp_path / "arms" / "a" / "seed_0.json").exists()
 
 
 def test_start_refuses_another_config_and_names_the_field(tmp_path):
     common.start(_config(), str(tmp_path))
-    common.run_arms(str(tmp_path), _config(num_seeds=1), {"a": lambda s: {"v": 1.0}})
+    common.run_arms(str(tmp_path), _config(num_seeds=1), {"a": lambda s: [{"v": 1.0}]})
     common.start(_config(progress=True), str(tmp_path))  # display-only fields may change
     with pytest.raises(ValueError, match="seed: 0 -> 3"):
         common.start(_config(seed=3), str(tmp_path))
@@ -113,7 +113,7 @@ def test_damaged_json_is_named(tmp_path):
 
 def test_train_experiment_in_process(tmp_path):
     results = run_experiment("train", tmp_path, dataset="digits", model="mlp")
-    for name in ("config.json", "results.json", "curves.png", "seed_0/metrics.jsonl"):
+    for name in ("config.json", "results.json", "curves.png", "train/mlp/seeds_0/metrics.jsonl"):
         assert (tmp_path / name).exists(), name
     assert results["smoke"] and results["dataset"] == "digits" and results["seeds"] == [0]
     ((_, acc, *_),) = results["tables"]["mlp on digits"]["rows"]

@@ -1,6 +1,7 @@
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,3 +316,100 @@ def test_resume_in_multi_device_modes_is_bit_identical(digits, tmp_path, mode):
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [r["test_loss"] for r in history] == [r["test_loss"] for r in ref_history]
+
+
+# ----------------------------------------------------------------------------- seeds as an axis
+
+
+def _seed_fit(ds, seeds, **kw):
+    """The MLP on digits for ``seeds`` (a list: one seed-axis program; an int: alone)."""
+    model = ws.models.MLP(features=(32,))
+    tx = optax.sgd(0.05, momentum=0.9)
+    loss_fn = ws.training.classification_loss(model.apply)
+    many = isinstance(seeds, list)
+    if many:
+        state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
+    else:
+        state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seeds))
+    kw = dict(num_steps=40, batch_size=32, eval_every=20, progress=False) | kw
+    mode = kw.pop("mode", "jit")
+    step = ws.training.make_train_step(loss_fn, tx, mode=mode, seed_axis=many)
+    return ws.training.fit(state, step, ds, apply_fn=model.apply, seed=seeds, mode=mode, **kw)
+
+
+def test_step_rebuilt_from_the_same_loss_and_tx_is_the_same_compiled_step(digits):
+    _, tx, state, loss_fn = _setup(digits)
+    first = ws.training.make_train_step(loss_fn, tx)
+    assert ws.training.make_train_step(loss_fn, tx) is first
+    assert ws.training.make_train_step(loss_fn, tx, seed_axis=True) is not first
+    batch = {"x": digits.x_train[:8], "y": digits.y_train[:8]}
+    first(jax.tree.map(jnp.copy, state), batch)
+    again = ws.training.make_train_step(loss_fn, tx)
+    again(jax.tree.map(jnp.copy, state), batch)
+    assert first._one._cache_size() == 1  # the second build's call compiled nothing
+
+
+def test_init_states_slices_equal_init_state_per_seed(digits):
+    model, tx = ws.models.MLP(features=(8,)), optax.adam(1e-3)
+    stacked = ws.training.init_states(model, tx, digits.x_train[:1], [3, 7])
+    for i, seed in enumerate([3, 7]):
+        alone = ws.training.init_state(model, tx, digits.x_train[:1], jax.random.PRNGKey(seed))
+        chex.assert_trees_all_equal(ws.training.seed_slice(stacked, i), alone)
+
+
+def test_a_seed_among_several_matches_the_seed_alone(digits):
+    state, history = _seed_fit(digits, [0, 1, 2])
+    assert np.shape(state.step) == (3,) and len(history[-1]["test_loss"]) == 3
+    alone, alone_history = _seed_fit(digits, 1)
+    got, want = history[-1]["test_loss"][1], alone_history[-1]["test_loss"]
+    assert abs(got - want) <= 1e-4 * abs(want)
+    chex.assert_trees_all_close(
+        ws.training.seed_slice(state.params, 1), alone.params, rtol=1e-4, atol=1e-5
+    )
+    assert history[-1]["test_loss"][0] != history[-1]["test_loss"][2]  # own data, own init
+
+
+def test_fused_steps_are_bit_identical_to_the_step_loop(digits):
+    fused, fused_history = _seed_fit(digits, [0, 1])
+    loop, loop_history = _seed_fit(digits, [0, 1], steps_per_call=1)
+    chex.assert_trees_all_equal(fused, loop)
+    assert fused_history[-1]["batch_loss"] == loop_history[-1]["batch_loss"]
+
+
+def test_seed_axis_resumes_bit_identically(digits, tmp_path):
+    full, _ = _seed_fit(digits, [0, 1])
+    _seed_fit(digits, [0, 1], num_steps=20, workdir=str(tmp_path))
+    # the identity holds num_steps: a rerun to 40 steps needs its own fit.json
+    os.remove(tmp_path / "fit.json")
+    resumed, history = _seed_fit(digits, [0, 1], workdir=str(tmp_path))
+    chex.assert_trees_all_equal(resumed, full)
+    assert [r["step"] for r in history] == [20, 40]
+
+
+def test_seed_axis_splits_over_8_devices_in_sharded_mode(digits):
+    seeds = list(range(8))
+    sharded, history = _seed_fit(digits, seeds, mode="sharded", num_steps=20)
+    assert len(sharded.params["Dense_0"]["kernel"].sharding.device_set) == 8
+    single, single_history = _seed_fit(digits, seeds, num_steps=20)
+    chex.assert_trees_all_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(history[-1]["test_loss"], single_history[-1]["test_loss"], 1e-4)
+
+
+def test_fit_refuses_seeds_that_do_not_match_the_step_or_state(digits):
+    model, tx, state, loss_fn = _setup(digits)
+    plain = ws.training.make_train_step(loss_fn, tx)
+    with pytest.raises(ValueError, match="seed_axis=True"):
+        ws.training.fit(state, plain, digits, num_steps=2, batch_size=8, seed=[0, 1],
+                        apply_fn=model.apply)  # fmt: skip
+    axis = ws.training.make_train_step(loss_fn, tx, seed_axis=True)
+    with pytest.raises(ValueError, match="leading axis of 2 seeds"):
+        ws.training.fit(state, axis, digits, num_steps=2, batch_size=8, seed=[0, 1],
+                        apply_fn=model.apply)  # fmt: skip
+    with pytest.raises(ValueError, match="distinct"):
+        ws.training.init_states(model, tx, digits.x_train[:1], [1, 1])
+
+
+def test_seed_axis_with_fewer_seeds_than_devices_splits_the_batch(digits):
+    sharded, _ = _seed_fit(digits, [0, 1], mode="sharded", num_steps=20)
+    single, _ = _seed_fit(digits, [0, 1], num_steps=20)
+    chex.assert_trees_all_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)

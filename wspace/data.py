@@ -170,13 +170,17 @@ def standardize(ds: Dataset) -> Dataset:
     )
 
 
-def _cache_dir(cache_dir: str | None) -> str:
+def cache_root(path: str | None = None) -> str:
+    """The library's cache folder (generated data, compiled programs).
+
+    ``path`` if given, else ``$WSPACE_CACHE/wspace``, else ``~/.cache/wspace``.
+    """
     default = os.environ.get("WSPACE_CACHE", os.path.join(os.path.expanduser("~"), ".cache"))
-    return cache_dir or os.path.join(default, "wspace")
+    return path or os.path.join(default, "wspace")
 
 
 def _load_mnist1d(cache_dir: str | None) -> Dataset:
-    path = os.path.join(_cache_dir(cache_dir), "mnist1d_v1.npz")
+    path = os.path.join(cache_root(cache_dir), "mnist1d_v1.npz")
     if os.path.exists(path):
         try:
             with np.load(path, allow_pickle=False) as f:

@@ -43,7 +43,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import flax
@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -151,12 +152,18 @@ def make_train_step(
     mode: str = "jit",
     mesh: jax.sharding.Mesh | None = None,
     donate: bool = True,
-) -> Callable:
+    seed_axis: bool = False,
+) -> TrainStep:
     """Builds a compiled train step ``step(state, batch, tx_args=None) -> (state, metrics)``.
 
     One step: split the key, ``(loss, (model_state, metrics)), g =
     estimator(loss_fn, has_aux=True)(params, model_state, batch, key)``,
     ``u, opt_state = tx.update(g, opt_state, params, **tx_args)``, ``params += u``.
+
+    Compiled once: a step built again from the same ``loss_fn``, ``tx`` and ``estimator``
+    objects (and options) is the same `TrainStep`, so it does not trace or compile again
+    (as flax's ``TrainState`` keeps ``apply_fn``/``tx`` static). ``step.scan`` runs many
+    steps as one ``lax.scan`` call (what `fit` uses between evaluations).
 
     Args:
       loss_fn: the library's loss signature (see module docstring).
@@ -168,9 +175,23 @@ def make_train_step(
         mode the same functions replicate the state and split the batch.
       mesh: the mesh for ``sharded`` mode (default: `default_mesh`).
       donate: donate the input state's buffers to the output.
+      seed_axis: train S seeds as one program: the state (from `init_states`) and each
+        batch carry a leading seed axis, the step is ``vmap``-ed over it, ``tx_args`` are
+        shared by all seeds and metrics are per seed. In ``sharded`` mode the seed axis is
+        split over the mesh (seeds on different devices and hosts) when S divides by the
+        number of devices, else each batch is (see `place_state`); not in ``pmap`` mode.
     """
     _check_mode(mode)
+    if mode == "sharded":
+        mesh = mesh or default_mesh()
+    key = (loss_fn, tx, estimator, mode, mesh, donate, seed_axis)
+    try:
+        return _cached_train_step(*key)
+    except TypeError:  # an unhashable argument: build without the cache
+        return _build_train_step(*key)
 
+
+def _build_train_step(loss_fn, tx, estimator, mode, mesh, donate, seed_axis) -> TrainStep:
     def step(state: TrainState, batch, tx_args, axis_name=None):
         key, sub = jax.random.split(state.key)
         if axis_name is not None:  # different noise per device, same key stream
@@ -191,58 +212,148 @@ def make_train_step(
         )
         return new_state, metrics
 
-    return compile_step(step, mode, mesh, donate=donate)
+    return compile_step(step, mode, mesh, donate=donate, seed_axis=seed_axis)
 
 
-def compile_step(step: Callable, mode: str, mesh=None, *, donate: bool = True) -> Callable:
-    """Compiles ``step(state, batch, tx_args, axis_name=None) -> (state, metrics)`` for ``mode``.
+_cached_train_step = functools.lru_cache(maxsize=128)(_build_train_step)
 
-    ``jit``: one device; ``sharded``: state and ``tx_args`` replicated, batch split
-    along ``data`` of ``mesh`` (default `default_mesh`); ``pmap``: over local
-    devices with ``axis_name="batch"`` (``step`` averages what it must). Method
-    modules with their own step body (e.g. `wspace.late_phase`) compile it here.
 
-    Returns:
-      ``train_step(state, batch, tx_args=None) -> (state, metrics)``.
+class TrainStep:
+    """A compiled train step: ``step(state, batch, tx_args=None) -> (state, metrics)``.
+
+    ``step.scan(state, batches, tx_args=None)`` runs ``T`` steps as one ``lax.scan`` over
+    ``batches`` stacked on a leading step axis (and ``tx_args`` either shared, or stacked
+    per step with ``per_step_args=True``); it returns the metrics stacked the same way and
+    gives bit-for-bit the state of ``T`` single calls on CPU. Attributes ``mode``, ``mesh``
+    and ``seed_axis`` tell `fit` how to feed it.
     """
-    _check_mode(mode)
-    donate_argnums = (0,) if donate else ()
-    if mode == "jit":
-        compiled = jax.jit(step, donate_argnums=donate_argnums)
-    elif mode == "sharded":
-        mesh = mesh or default_mesh()
-        repl, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        compiled = jax.jit(
-            step,
-            in_shardings=(repl, split, repl),
+
+    def __init__(self, body: Callable, mode: str, mesh, *, donate: bool, seed_axis: bool):
+        self.mode, self.mesh, self.seed_axis = mode, mesh, seed_axis
+        donate_argnums = (0,) if donate else ()
+        if mode == "pmap":
+            if seed_axis:
+                raise ValueError("seed_axis needs mode 'jit' or 'sharded' (pmap is per device)")
+            self._one = jax.pmap(
+                lambda s, b, a: body(s, b, a, axis_name="batch"),
+                axis_name="batch",
+                in_axes=(0, 0, None),
+                donate_argnums=donate_argnums,
+            )
+            self._many = None
+            return
+        one = jax.vmap(body, in_axes=(0, 0, None)) if seed_axis else body
+
+        def many(state, batches, shared_args, step_args):
+            def scan_body(s, xs):
+                batch, args = xs
+                return one(s, batch, shared_args if args is None else args)
+
+            return jax.lax.scan(scan_body, state, (batches, step_args))
+
+        if mode == "jit":
+            self._one = jax.jit(one, donate_argnums=donate_argnums)
+            self._many = jax.jit(many, donate_argnums=donate_argnums)
+            return
+        if seed_axis:  # the layout follows the inputs (`place_state`, `place_batch`)
+            self._one = jax.jit(one, donate_argnums=donate_argnums)
+            self._many = jax.jit(many, donate_argnums=donate_argnums)
+            return
+        repl = NamedSharding(mesh, P())
+        self._one = jax.jit(
+            one,
+            in_shardings=(repl, NamedSharding(mesh, P("data")), repl),
             out_shardings=(repl, repl),
             donate_argnums=donate_argnums,
         )
-    else:
-        compiled = jax.pmap(
-            lambda s, b, a: step(s, b, a, axis_name="batch"),
-            axis_name="batch",
-            in_axes=(0, 0, None),
+        self._many = jax.jit(
+            many,
+            in_shardings=(repl, NamedSharding(mesh, P(None, "data")), repl, repl),
+            out_shardings=(repl, repl),
             donate_argnums=donate_argnums,
         )
 
-    def train_step(state, batch, tx_args=None):
-        return compiled(state, batch, tx_args)
+    @property
+    def can_scan(self) -> bool:
+        """Whether `scan` is available (every mode but ``pmap``)."""
+        return self._many is not None
 
-    return train_step
+    def __call__(self, state, batch, tx_args=None):
+        return self._one(state, batch, tx_args)
+
+    def scan(self, state, batches, tx_args=None, *, per_step_args: bool = False):
+        """``T`` steps in one call; ``batches`` (and per-step ``tx_args``) stacked on axis 0."""
+        if self._many is None:
+            raise ValueError("scan needs mode 'jit' or 'sharded'; call the step per batch")
+        if per_step_args:
+            return self._many(state, batches, None, tx_args)
+        return self._many(state, batches, tx_args, None)
 
 
-def place_state(state: TrainState, mode: str, mesh=None) -> TrainState:
-    """Puts a host state where a step of ``mode`` expects it (replicated for sharded/pmap)."""
+def compile_step(
+    step: Callable, mode: str, mesh=None, *, donate: bool = True, seed_axis: bool = False
+) -> TrainStep:
+    """Compiles ``step(state, batch, tx_args, axis_name=None) -> (state, metrics)`` for ``mode``.
+
+    ``jit``: one device; ``sharded``: ``tx_args`` replicated, and either the state
+    replicated with the batch split along ``data`` of ``mesh`` (default `default_mesh`),
+    or, with ``seed_axis``, state and batch split along their leading seed axis;
+    ``pmap``: over local devices with ``axis_name="batch"`` (``step`` averages what it
+    must). Method modules with their own step body (e.g. `wspace.late_phase`) compile it
+    here.
+
+    Returns:
+      a `TrainStep`.
+    """
     _check_mode(mode)
     if mode == "sharded":
-        return jax.device_put(state, NamedSharding(mesh or default_mesh(), P()))
+        mesh = mesh or default_mesh()
+    return TrainStep(step, mode, mesh, donate=donate, seed_axis=seed_axis)
+
+
+def init_states(model, tx: optax.GradientTransformation, sample_x, seeds) -> TrainState:
+    """`init_state` for every seed at once: a `TrainState` with a leading seed axis.
+
+    Slice ``i`` is ``init_state(model, tx, sample_x, jax.random.PRNGKey(seeds[i]))``
+    (its own initialisation and PRNG stream), ready for a step built with ``seed_axis``.
+    """
+    seeds = _check_seeds(seeds)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    return jax.vmap(lambda k: init_state(model, tx, sample_x, k))(keys)
+
+
+def seed_slice(tree: PyTree, index: int) -> PyTree:
+    """Slice ``index`` of a tree with a leading seed axis (a state, params, metrics)."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def place_state(state: TrainState, mode: str, mesh=None, *, seed_axis: bool = False) -> TrainState:
+    """Puts a host state where a step of ``mode`` expects it.
+
+    ``sharded``: replicated; with ``seed_axis``, split along the leading seed axis when
+    the number of seeds divides by the number of devices (else replicated, and batches
+    are split along their batch axis instead); ``pmap``: replicated with a leading device
+    axis; ``jit``: unchanged.
+    """
+    _check_mode(mode)
+    if mode == "sharded":
+        mesh = mesh or default_mesh()
+        sharding = _state_sharding(mode, mesh, seed_axis, state)
+        return _global_array(state, sharding) if seed_axis else jax.device_put(state, sharding)
     if mode == "pmap":
         devices = jax.local_devices()
         sharding = NamedSharding(jax.sharding.Mesh(devices, ("batch",)), P("batch"))
         stacked = jax.tree.map(lambda x: np.broadcast_to(x, (len(devices),) + x.shape), state)
         return jax.device_put(stacked, sharding)
     return state
+
+
+def _state_sharding(mode: str, mesh, seed_axis: bool, state: TrainState):
+    """Where `place_state` puts ``state`` (None outside ``sharded`` mode)."""
+    if mode != "sharded":
+        return None
+    split = seed_axis and len(state.step) % mesh.size == 0
+    return NamedSharding(mesh, P("data") if split else P())
 
 
 def unplace_state(state: TrainState, mode: str) -> TrainState:
@@ -252,23 +363,57 @@ def unplace_state(state: TrainState, mode: str) -> TrainState:
     return state
 
 
-def place_batch(batch: dict, mode: str, mesh=None) -> dict:
+def place_batch(
+    batch: dict, mode: str, mesh=None, *, seed_axis: bool = False, stacked: bool = False
+) -> dict:
     """Puts this process's batch where a step of ``mode`` expects it.
 
-    ``sharded``: a global array split along ``data`` (each process passes its
-    local slice, as `wspace.data.batches` yields with ``process_index``);
+    ``sharded``: a global array split along ``data``: along the batch axis (each process
+    passes its local slice, as `wspace.data.batches` yields with ``process_index``), or,
+    with ``seed_axis``, along the seed axis as `place_state` splits the state (every
+    process passes the whole batch of every seed); ``stacked``: batches for
+    `TrainStep.scan`, with a leading step axis.
     ``pmap``: reshaped to ``(local_devices, B / local_devices, ...)``.
     """
     _check_mode(mode)
     if mode == "sharded":
-        sharding = NamedSharding(mesh or default_mesh(), P("data"))
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+        mesh = mesh or default_mesh()
+        lead = (None,) if stacked else ()
+        if not seed_axis:
+            sharding = NamedSharding(mesh, P(*lead, "data"))
+            return jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(sharding, x), batch
+            )
+        num_seeds = np.shape(jax.tree.leaves(batch)[0])[len(lead)]
+        spec = (*lead, "data") if num_seeds % mesh.size == 0 else (*lead, None, "data")
+        return _global_array(batch, NamedSharding(mesh, P(*spec)))
     if mode == "pmap":
         n = jax.local_device_count()
         if len(batch["x"]) % n:
             raise ValueError(f"batch of {len(batch['x'])} does not split over {n} devices")
         return jax.tree.map(lambda x: x.reshape((n, -1) + x.shape[1:]), batch)
     return batch
+
+
+def _addressable(tree: PyTree) -> PyTree:
+    """``tree`` with arrays split over other hosts gathered, so every process can read them."""
+
+    def gather(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return x
+
+    return jax.tree.map(gather, tree)
+
+
+def _global_array(tree: PyTree, sharding) -> PyTree:
+    """A tree of global arrays from host values every process holds in full."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
 
 
 def evaluate(
@@ -280,7 +425,8 @@ def evaluate(
     *,
     mode: str = "jit",
     mesh=None,
-) -> dict[str, float]:
+    seed_axis: bool = False,
+) -> dict:
     """Mean cross-entropy and accuracy of a classifier in eval mode over ``(x, y)``.
 
     ``loss = 1/N sum_n CE(f(x_n), y_n)``, ``accuracy = 1/N sum_n [argmax f(x_n) = y_n]``,
@@ -288,7 +434,9 @@ def evaluate(
     (padding rows carry weight 0), so the host fetches two scalars at the end. In
     ``sharded`` mode, ``variables`` are the replicated (global) state and each chunk is
     split along ``data`` over the mesh, every process passing its slice (multi-host);
-    ``jit`` and ``pmap`` evaluate one host copy on one device.
+    ``jit`` and ``pmap`` evaluate one host copy on one device. With ``seed_axis``,
+    ``variables`` carry a leading seed axis (split over the mesh in ``sharded`` mode,
+    as `place_state` puts them) and each value is a list, one per seed.
 
     Args:
       apply_fn: ``model.apply``.
@@ -297,6 +445,7 @@ def evaluate(
       batch_size: examples per chunk.
       mode: ``jit``, ``sharded`` or ``pmap`` (as the train step).
       mesh: the mesh for ``sharded`` mode (default: `default_mesh`).
+      seed_axis: ``variables`` hold one network per seed.
     """
     _check_mode(mode)
     n = len(x)
@@ -305,7 +454,7 @@ def evaluate(
             f"evaluate needs a non-empty set with one label per row, got {n} and {len(y)}"
         )
     split = 1
-    if mode == "sharded":
+    if mode == "sharded" and not seed_axis:
         mesh = mesh or default_mesh()
         split = math.lcm(mesh.size, jax.process_count())
     chunk = -(-min(batch_size, n) // split) * split
@@ -315,23 +464,37 @@ def evaluate(
     wp = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     local = chunk // jax.process_count()
     lo = jax.process_index() * local
-    total = np.zeros(2, np.float32)
+    if seed_axis:
+        total = jnp.zeros((len(jax.tree.leaves(variables)[0]), 2), jnp.float32)
+    else:
+        total = np.zeros(2, np.float32)
+    sums = _eval_sums_seeds if seed_axis else _eval_sums
     for start in range(0, n + pad, chunk):
         batch = {"x": xp[start : start + chunk], "y": yp[start : start + chunk]}
         batch["w"] = wp[start : start + chunk]
-        if mode == "sharded":
+        if mode == "sharded" and not seed_axis:
             batch = place_batch({k: a[lo : lo + local] for k, a in batch.items()}, mode, mesh)
-        total = _eval_sums(apply_fn, variables, batch, total)
-    loss_sum, correct = np.asarray(jax.device_get(total), np.float64)
-    return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
+        total = sums(apply_fn, variables, batch, total)
+    sums_host = np.asarray(jax.device_get(_addressable(total)), np.float64)
+    if seed_axis:
+        return {"loss": list(sums_host[:, 0] / n), "accuracy": list(sums_host[:, 1] / n)}
+    return {"loss": float(sums_host[0]) / n, "accuracy": float(sums_host[1]) / n}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _eval_sums(apply_fn, variables, batch, total):
+def _eval_sums_one(apply_fn, variables, batch, total):
     logits = apply_fn(variables, batch["x"], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])
     hits = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
     return total + jnp.stack([jnp.sum(losses * batch["w"]), jnp.sum(hits * batch["w"])])
+
+
+_eval_sums = jax.jit(_eval_sums_one, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_sums_seeds(apply_fn, variables, batch, total):
+    one = functools.partial(_eval_sums_one, apply_fn)
+    return jax.vmap(one, in_axes=(0, None, 0))(variables, batch, total)
 
 
 def classification_eval(
@@ -341,12 +504,14 @@ def classification_eval(
     train_eval_examples: int | None = 1000,
     mode: str = "jit",
     mesh=None,
-) -> Callable[[TrainState], dict[str, float]]:
+    seed_axis: bool = False,
+) -> Callable[[TrainState], dict]:
     """The default ``eval_fn`` of `fit`: `evaluate` on the test split and part of train.
 
     Returns ``eval_fn(state) -> {"train_loss", "train_accuracy", "test_loss",
     "test_accuracy"}`` over the first ``train_eval_examples`` training examples (all of
-    them for None; no ``train_*`` entries for 0) and the whole test split.
+    them for None; no ``train_*`` entries for 0) and the whole test split; with
+    ``seed_axis`` each value is a list, one per seed.
     """
     n_train = len(dataset.x_train) if train_eval_examples is None else train_eval_examples
     n_train = min(n_train, len(dataset.x_train))
@@ -357,8 +522,10 @@ def classification_eval(
     def eval_fn(state):
         record = {}
         for split, x, y in splits:
-            for k, v in evaluate(apply_fn, state.variables, x, y, mode=mode, mesh=mesh).items():
-                record[f"{split}_{k}"] = v
+            values = evaluate(
+                apply_fn, state.variables, x, y, mode=mode, mesh=mesh, seed_axis=seed_axis
+            )
+            record.update({f"{split}_{k}": v for k, v in values.items()})
         return record
 
     return eval_fn
@@ -374,7 +541,7 @@ def fit(
     eval_fn: Callable[[TrainState], dict] | None = None,
     apply_fn: Callable | None = None,
     eval_every: int = 100,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     mode: str = "jit",
     mesh=None,
     workdir: str | None = None,
@@ -383,6 +550,7 @@ def fit(
     writer: io.MetricWriter | None = None,
     train_eval_examples: int | None = 1000,
     progress: bool = True,
+    steps_per_call: int | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Trains from ``state.step`` to ``num_steps`` with periodic evaluation and checkpoints.
 
@@ -390,9 +558,20 @@ def fit(
     (mean of each train-step metric since the last record), **eval_fn(state)}`` is added
     to the history and sent to the metric writers.
 
+    Seeds as an axis: with a step built with ``seed_axis=True`` and a state from
+    `init_states`, ``seed`` is the list of S seeds; each seed draws its own data order,
+    every record value is a list (one per seed), one checkpoint holds all seeds, and each
+    seed's result equals that seed trained alone (to floating-point tolerance).
+
+    Fused steps: the steps between two evaluations/checkpoints run as ``lax.scan`` calls
+    of ``steps_per_call`` steps (`TrainStep.scan`; default: the largest divisor of the
+    evaluation/checkpoint period whose stacked batches stay under 64 MiB; 1 for the
+    per-step loop), bit-for-bit the same state on CPU. The progress bar advances per call
+    and its rate starts after the first call, so its ETA does not count compilation.
+
     With a ``workdir``: the workdir is locked (`wspace.io.workdir_lock`); its ``fit.json``
-    holds the run's identity (num_steps, seed, batch_size, parameter shapes/dtypes) and a
-    rerun with another identity is refused with the difference; ``metrics.jsonl`` gets
+    holds the run's identity (num_steps, seed(s), batch_size, parameter shapes/dtypes) and
+    a rerun with another identity is refused with the difference; ``metrics.jsonl`` gets
     every record; a verified orbax checkpoint (`wspace.io.Checkpointer`) is written every
     ``checkpoint_every`` steps and at the end, only of a state whose every parameter,
     model-state and optimizer leaf is finite. A rerun resumes from the newest valid
@@ -404,29 +583,32 @@ def fit(
     ``writer`` (orbax coordinates the checkpoint writes itself).
 
     Args:
-      state: a host `TrainState` (from `init_state`).
-      train_step: from `make_train_step` with the same ``mode``/``mesh``.
+      state: a host `TrainState` (from `init_state`, or `init_states` for a seed axis).
+      train_step: from `make_train_step` with the same ``mode``/``mesh`` (any
+        ``step(state, batch, tx_args)`` callable also works, one call per step).
       data: a `wspace.data.Dataset` (batches of ``batch_size`` drawn by
         `wspace.data.batches` with ``seed``, this process's slice in multi-host runs), or
-        any iterable of batch dicts (this process's slice); resuming at step k skips the
-        first k batches.
+        any iterable of batch dicts (this process's slice; with a seed axis, batches of
+        every seed stacked on axis 0); resuming at step k skips the first k batches.
       num_steps: total steps (counted from step 0, also when resuming).
       batch_size: global batch size (needed for a Dataset).
-      eval_fn: ``eval_fn(state) -> dict[str, float]`` on the unplaced state; default for a
+      eval_fn: ``eval_fn(state) -> dict`` on the unplaced state; default for a
         Dataset: `classification_eval` (needs ``apply_fn``); none for other data.
       apply_fn: ``model.apply``, for the default evaluation.
       eval_every: record period in steps.
-      seed: data-order seed.
+      seed: data-order seed (a list of seeds for a step with a seed axis).
       mode, mesh: as `make_train_step`.
       workdir: where the lock, identity, metrics and checkpoints go (None: nothing written).
       checkpoint_every: checkpoint period in steps (default: ``eval_every``).
       tx_args: extra arguments for ``tx.update``: a dict, or ``tx_args(batch) -> dict``
         called with each host batch (in multi-host runs it must return the same values on
-        every process).
+        every process); shared by all seeds.
       writer: a metric writer (`wspace.io`) that also gets every record (process 0 only;
-        steps redone after a resume are written to it again).
+        steps redone after a resume are written to it again; per-seed values as
+        ``<name>/seed_<s>``).
       train_eval_examples: training examples the default evaluation uses (None: all).
       progress: show a tqdm progress bar.
+      steps_per_call: steps per compiled call (None: automatic; 1: one call per step).
 
     Returns:
       ``(final state, list of records)``; on resume the records of the earlier run(s)
@@ -440,8 +622,10 @@ def fit(
         raise ValueError(f"tx_args must be a dict, a callable(batch) or None, got {tx_args!r}")
     if writer is not None and not callable(getattr(writer, "write_scalars", None)):
         raise ValueError(f"writer must have write_scalars(step, scalars), got {writer!r}")
-    if not isinstance(seed, int | np.integer) or isinstance(seed, bool):
-        raise ValueError(f"seed must be an int, got {seed!r}")
+    seed_axis = bool(getattr(train_step, "seed_axis", False))
+    seed = _check_fit_seed(seed, seed_axis, state)
+    if steps_per_call is not None and not (_is_int(steps_per_call) and steps_per_call >= 1):
+        raise ValueError(f"steps_per_call must be an int >= 1 or None, got {steps_per_call!r}")
     _check_mode(mode)
     if mode == "sharded":
         mesh = mesh or default_mesh()
@@ -450,9 +634,11 @@ def fit(
         if apply_fn is None:
             raise ValueError("fit on a Dataset needs apply_fn (default evaluation) or eval_fn")
         eval_fn = classification_eval(
-            apply_fn, data, train_eval_examples=train_eval_examples, mode=mode, mesh=mesh
-        )
+            apply_fn, data, train_eval_examples=train_eval_examples, mode=mode, mesh=mesh,
+            seed_axis=seed_axis,
+        )  # fmt: skip
     primary = jax.process_index() == 0
+    period = math.gcd(eval_every, checkpoint_every or eval_every)
     with contextlib.ExitStack() as stack:
         if workdir and primary:
             stack.enter_context(io.workdir_lock(workdir))
@@ -463,47 +649,47 @@ def fit(
             ckpt = io.Checkpointer(os.path.join(workdir, "checkpoints"))
             stack.callback(ckpt.close)
             if ckpt.all_steps():
-                sharding = NamedSharding(mesh, P()) if mode == "sharded" else None
+                sharding = _state_sharding(mode, mesh, seed_axis, state)
                 last_good, state, meta = ckpt.restore_with_step(state, sharding=sharding)
-                sums = {k: tuple(v) for k, v in (meta or {}).get("window", {}).items()}
-        start = int(state.step)
+                sums = {
+                    k: (np.asarray(s), c) for k, (s, c) in (meta or {}).get("window", {}).items()
+                }
+        start = int(np.ravel(state.step)[0])
         history = _resume_metrics(workdir, start, primary)
         writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
         writers = writers + ([writer] if writer is not None else []) if primary else []
         stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])
-        if is_dataset:
-            stream = data_lib.batches(
-                data.x_train,
-                data.y_train,
-                batch_size,
-                seed=seed,
-                epochs=None,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-            )
-        else:
-            stream = iter(data)
+        stream = _batch_stream(data, batch_size, seed, seed_axis) if is_dataset else iter(data)
         stream = itertools.islice(stream, start, None)  # resume: skip the batches already seen
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=start, disable=not (progress and primary), desc="train")
         stack.callback(bar.close)
-        placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh)  # steps donate inputs
+        placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh, seed_axis=seed_axis)
         pending = []  # step metrics not yet checked for finiteness
         t0 = time.time()
-        for step in range(start + 1, num_steps + 1):
-            batch = next(stream, None)
-            if batch is None:
-                raise ValueError(f"data ran out after {step - 1} batches; num_steps={num_steps}")
-            args = tx_args(batch) if callable(tx_args) else tx_args
-            placed, metrics = train_step(placed, place_batch(batch, mode, mesh), args)
-            pending.append((step, metrics))
-            bar.update(1)
+        first = next(stream, None)
+        stream = itertools.chain([first] if first is not None else [], stream)
+        chunk = steps_per_call or (_auto_chunk(first, period, train_step) if first else 1)
+        step = start
+        while step < num_steps:
+            n = _chunk_len(step, num_steps, period, chunk)
+            batches = list(itertools.islice(stream, n))
+            if len(batches) < n:
+                raise ValueError(
+                    f"data ran out after {step + len(batches)} batches; num_steps={num_steps}"
+                )
+            placed, metrics = _run_steps(train_step, placed, batches, tx_args, mode, mesh)
+            pending.append((step + 1, n, metrics))
+            bar.update(n)
+            if step == start:  # the first call compiled: the rate counts from now
+                _restart_rate(bar)
+            step += n
             is_eval = step % eval_every == 0 or step == num_steps
             is_ckpt = ckpt is not None and (step % (checkpoint_every or eval_every) == 0)
             is_ckpt = is_ckpt or (ckpt is not None and step == num_steps)
             if is_eval or is_ckpt or len(pending) >= 50:
-                _check_finite(pending, sums, last_good, ckpt)
+                _check_finite(_host_metrics(pending), sums, last_good, ckpt, seed_axis)
                 pending = []
             if is_ckpt and not bool(_all_finite(placed)):
                 raise FloatingPointError(
@@ -513,37 +699,148 @@ def fit(
                 )
             if is_eval:
                 record = {"step": step, "time": round(time.time() - t0, 3)}
-                record.update({f"batch_{k}": s / c for k, (s, c) in sums.items()})
+                record.update({f"batch_{k}": _to_float(s / c) for k, (s, c) in sums.items()})
                 sums = {}
                 if eval_fn is not None:
                     evals = eval_fn(unplace_state(placed, mode))
                     record.update({k: _to_float(v) for k, v in evals.items()})
                 history.append(record)
                 for w in writers:
-                    w.write_scalars(step, {k: v for k, v in record.items() if k != "step"})
+                    w.write_scalars(step, _writer_scalars(record, seed, w is writer))
                 if "test_accuracy" in record:
-                    bar.set_postfix(test_acc=f"{record['test_accuracy']:.3f}")
+                    bar.set_postfix(test_acc=_short(record["test_accuracy"]))
             if is_ckpt:
-                ckpt.save(step, unplace_state(placed, mode), meta={"window": sums})
+                window = {k: (np.asarray(s).tolist(), c) for k, (s, c) in sums.items()}
+                ckpt.save(step, unplace_state(placed, mode), meta={"window": window})
                 last_good = step
     return unplace_state(placed, mode), history
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _check_seeds(seeds) -> list[int]:
+    """A non-empty sequence of distinct ints, as a list; ValueError otherwise."""
+    if isinstance(seeds, str) or not isinstance(seeds, Sequence | np.ndarray):
+        raise ValueError(f"seeds must be a sequence of ints, got {seeds!r}")
+    seeds = list(seeds)
+    if not seeds or not all(_is_int(s) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty sequence of distinct ints, got {seeds!r}")
+    return [int(s) for s in seeds]
+
+
+def _check_fit_seed(seed, seed_axis: bool, state: TrainState):
+    """``seed`` as fit uses it: an int, or (for a seed-axis step) the list of seeds."""
+    if not seed_axis:
+        if not _is_int(seed):
+            raise ValueError(f"seed must be an int, got {seed!r} (a list needs seed_axis=True)")
+        return int(seed)
+    seeds = _check_seeds(seed)
+    if np.ndim(state.step) != 1 or len(state.step) != len(seeds):
+        raise ValueError(
+            f"a seed-axis step needs a state with a leading axis of {len(seeds)} seeds "
+            f"(from init_states), got step of shape {np.shape(state.step)}"
+        )
+    if len(set(np.asarray(state.step).tolist())) != 1:
+        raise ValueError(f"the seeds' states are at different steps: {state.step}")
+    return seeds
+
+
+def _batch_stream(data: data_lib.Dataset, batch_size: int, seed, seed_axis: bool):
+    """Batches of a Dataset: this process's slice, or with a seed axis every seed's batch."""
+    if not seed_axis:
+        return data_lib.batches(
+            data.x_train, data.y_train, batch_size, seed=seed, epochs=None,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )  # fmt: skip
+    streams = [
+        data_lib.batches(data.x_train, data.y_train, batch_size, seed=s, epochs=None) for s in seed
+    ]
+    return (jax.tree.map(lambda *xs: np.stack(xs), *bs) for bs in zip(*streams, strict=True))
+
+
+def _chunk_len(step: int, num_steps: int, period: int, chunk: int) -> int:
+    """Steps in the next call: ``chunk``, never past an evaluation/checkpoint boundary."""
+    boundary = min(num_steps, (step // period + 1) * period)
+    return min(chunk, boundary - step)
+
+
+def _auto_chunk(batch: dict, period: int, train_step) -> int:
+    """The largest divisor of ``period`` whose stacked batches stay under 64 MiB."""
+    if not getattr(train_step, "can_scan", False):
+        return 1
+    nbytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(batch))
+    cap = max(1, min(period, (64 << 20) // max(nbytes, 1)))
+    return max(d for d in range(1, cap + 1) if period % d == 0)
+
+
+def _run_steps(train_step, placed, batches: list, tx_args, mode: str, mesh):
+    """Runs ``len(batches)`` steps: one `TrainStep.scan` call, or one call per step."""
+    seed_axis = getattr(train_step, "seed_axis", False)
+    per_step = callable(tx_args)
+    args = [tx_args(b) for b in batches] if per_step else [tx_args] * len(batches)
+    if len(batches) == 1 or not getattr(train_step, "can_scan", False):
+        metrics = []
+        for batch, a in zip(batches, args, strict=True):
+            placed, m = train_step(placed, place_batch(batch, mode, mesh, seed_axis=seed_axis), a)
+            metrics.append(m)
+        return placed, metrics
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+    stacked = place_batch(stacked, mode, mesh, seed_axis=seed_axis, stacked=True)
+    if per_step:
+        step_args = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *args)
+        return train_step.scan(placed, stacked, step_args, per_step_args=True)
+    return train_step.scan(placed, stacked, tx_args)
+
+
+def _host_metrics(pending: list) -> list[tuple[int, dict]]:
+    """``[(step, metrics on the host)]`` from calls of one step (a list) or many (stacked)."""
+    host = jax.device_get(_addressable([m for _, _, m in pending]))
+    out = []
+    for (first, n, _), metrics in zip(pending, host, strict=True):
+        if isinstance(metrics, list):
+            out += [(first + i, m) for i, m in enumerate(metrics)]
+        else:
+            out += [(first + i, {k: v[i] for k, v in metrics.items()}) for i in range(n)]
+    return out
+
+
+def _restart_rate(bar) -> None:
+    """Counts the bar's rate from now: its ETA leaves out the first call's compilation."""
+    if not bar.disable:
+        bar.start_t = bar.last_print_t = bar._time()
+        bar.initial = bar.last_print_n = bar.n
+
+
+def _writer_scalars(record: dict, seed, flatten: bool) -> dict:
+    """A record without its step; per-seed lists become ``<name>/seed_<s>`` for ``flatten``."""
+    out = {}
+    for k, v in record.items():
+        if k == "step":
+            continue
+        if flatten and isinstance(seed, list) and isinstance(v, list):
+            out.update({f"{k}/seed_{s}": x for s, x in zip(seed, v, strict=True)})
+        else:
+            out[k] = v
+    return out
+
+
+def _short(v) -> str:
+    return f"{np.mean(v):.3f}"
+
+
 def _validate_fit(state, data, num_steps, batch_size, eval_every, ckpt_every, train_eval) -> None:
     """Bad arguments of `fit` -> ValueError before any work or file write."""
-
-    def is_int(v):
-        return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
     for name, value, optional in (
         ("num_steps", num_steps, False),
         ("eval_every", eval_every, False),
         ("checkpoint_every", ckpt_every, True),
         ("batch_size", batch_size, True),
     ):
-        if not (optional and value is None) and not (is_int(value) and value >= 1):
+        if not (optional and value is None) and not (_is_int(value) and value >= 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    if train_eval is not None and not (is_int(train_eval) and train_eval >= 0):
+    if train_eval is not None and not (_is_int(train_eval) and train_eval >= 0):
         raise ValueError(f"train_eval_examples must be an int >= 0 or None, got {train_eval!r}")
     if isinstance(data, data_lib.Dataset):
         if batch_size is None:
@@ -552,8 +849,9 @@ def _validate_fit(state, data, num_steps, batch_size, eval_every, ckpt_every, tr
         raise ValueError(
             f"data must be a wspace.data.Dataset or an iterable of batches, got {type(data)}"
         )
-    if int(state.step) > num_steps:
-        raise ValueError(f"state is at step {int(state.step)}, beyond num_steps={num_steps}")
+    at = int(np.max(state.step))
+    if at > num_steps:
+        raise ValueError(f"state is at step {at}, beyond num_steps={num_steps}")
 
 
 def _check_callables(**fns) -> None:
@@ -573,7 +871,7 @@ def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> Non
     path = os.path.join(workdir, "fit.json")
     identity = {
         "num_steps": int(num_steps),
-        "seed": int(seed),
+        "seed": seed,
         "batch_size": None if batch_size is None else int(batch_size),
         "params": io.tree_signature(state.params),
     }
@@ -637,10 +935,13 @@ def _resume_metrics(workdir, start: int, primary: bool) -> list[dict]:
     return kept
 
 
-def _check_finite(pending, sums: dict, last_good, ckpt) -> None:
-    """Raises on the first non-finite loss in ``pending``; adds the metrics to ``sums``."""
-    host = jax.device_get([m for _, m in pending])
-    for (step, _), metrics in zip(pending, host, strict=True):
+def _check_finite(pending, sums: dict, last_good, ckpt, seed_axis: bool = False) -> None:
+    """Raises on the first non-finite loss in ``pending`` (host ``[(step, metrics)]``).
+
+    Adds the metrics to ``sums``: per seed with a seed axis, else averaged (pmap's
+    per-device copies are equal).
+    """
+    for step, metrics in pending:
         loss = np.asarray(metrics["loss"], np.float64)
         if not np.isfinite(loss).all():
             raise FloatingPointError(
@@ -650,7 +951,8 @@ def _check_finite(pending, sums: dict, last_good, ckpt) -> None:
             )
         for k, v in metrics.items():
             s, c = sums.get(k, (0.0, 0))
-            sums[k] = (s + float(np.mean(v)), c + 1)
+            v = np.asarray(v, np.float64) if seed_axis else float(np.mean(v))
+            sums[k] = (s + v, c + 1)
 
 
 def _last_good_text(last_good, ckpt) -> str:
@@ -674,6 +976,25 @@ def _to_float(v):
 
 Checkpointer = io.Checkpointer  # its home is wspace.io; kept here for existing callers
 write_json = io.write_json
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache; returns its folder (None: turned off).
+
+    A second process that compiles the same step loads it from disk instead of compiling
+    again. The folder is ``path``, else ``$WSPACE_COMPILATION_CACHE``, else ``jax`` under
+    the library's cache folder (``$WSPACE_CACHE/wspace`` or ``~/.cache/wspace``, where
+    the embedded data is cached too). ``WSPACE_COMPILATION_CACHE=0`` turns it off.
+    Experiments and the tests call it at start.
+    """
+    path = path or os.environ.get("WSPACE_COMPILATION_CACHE")
+    if path == "0":
+        return None
+    path = path or os.path.join(data_lib.cache_root(), "jax")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
 
 
 def _check_mode(mode: str) -> None:

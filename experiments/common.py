@@ -235,6 +235,23 @@ def _check_finite_metrics(result: dict, where: str) -> None:
             raise FloatingPointError(f"{where}: metric {k!r} is {v}")
 
 
+def pack_correct(correct) -> str:
+    """Per-example correctness (bools, one per test example) as compact hex for a result.
+
+    Stored per seed under ``test_correct`` so intervals can account for test-set sampling
+    and the number of examples two arms disagree on can be counted; `unpack_correct`
+    reverses it.
+    """
+    bits = np.asarray(correct, bool).ravel()
+    return f"{len(bits)}:" + np.packbits(bits).tobytes().hex()
+
+
+def unpack_correct(text: str) -> np.ndarray:
+    """The bool vector `pack_correct` stored."""
+    n, hexbits = text.split(":", 1)
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), np.uint8))[: int(n)].astype(bool)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

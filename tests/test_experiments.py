@@ -236,3 +236,10 @@ def test_two_process_run_matches_one_process(tmp_path):
     np.testing.assert_allclose(
         [c[0] for c in row_two[1:]], [c[0] for c in row_one[1:]], rtol=1e-4, atol=1e-5
     )
+
+
+def test_pack_correct_round_trips():
+    correct = np.random.default_rng(0).random(1001) < 0.7
+    text = common.pack_correct(correct)
+    np.testing.assert_array_equal(common.unpack_correct(text), correct)
+    assert len(text) < 300

@@ -413,3 +413,19 @@ def test_seed_axis_with_fewer_seeds_than_devices_splits_the_batch(digits):
     sharded, _ = _seed_fit(digits, [0, 1], mode="sharded", num_steps=20)
     single, _ = _seed_fit(digits, [0, 1], num_steps=20)
     chex.assert_trees_all_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)
+
+
+def test_correct_predictions_average_to_evaluate_accuracy(digits):
+    model, tx, _, _ = _setup(digits)
+    states = ws.training.init_states(model, tx, digits.x_train[:1], [0, 1])
+    x, y = digits.x_test, digits.y_test
+    correct = ws.training.correct_predictions(model.apply, states.variables, x, y, 100,
+                                              seed_axis=True)  # fmt: skip
+    assert correct.shape == (2, len(y)) and correct.dtype == bool
+    for i in range(2):
+        one = ws.training.seed_slice(states, i).variables
+        acc = ws.training.evaluate(model.apply, one, x, y)["accuracy"]
+        assert correct[i].mean() == pytest.approx(acc, abs=1e-6)
+        np.testing.assert_array_equal(
+            ws.training.correct_predictions(model.apply, one, x, y), correct[i]
+        )

@@ -497,6 +497,43 @@ def _eval_sums_seeds(apply_fn, variables, batch, total):
     return jax.vmap(one, in_axes=(0, None, 0))(variables, batch, total)
 
 
+def correct_predictions(
+    apply_fn: Callable,
+    variables: dict,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int = 1000,
+    *,
+    seed_axis: bool = False,
+) -> np.ndarray:
+    """Whether a classifier (eval mode) gets each example right: ``argmax f(x_n) == y_n``.
+
+    Returns a bool array of shape ``(N,)``, or ``(S, N)`` for ``variables`` with a leading
+    seed axis: what paired comparisons over a test set need (examples two arms disagree
+    on; intervals over test-set sampling). ``evaluate``'s accuracy is its mean.
+    """
+    if len(x) == 0 or len(y) != len(x):
+        raise ValueError(f"need a non-empty set with one label per row, got {len(x)}, {len(y)}")
+    predict = _predictions_seeds if seed_axis else _predictions
+    chunks = [
+        np.asarray(
+            jax.device_get(_addressable(predict(apply_fn, variables, x[i : i + batch_size])))
+        )
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(chunks, axis=-1) == np.asarray(y)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predictions(apply_fn, variables, x):
+    return jnp.argmax(apply_fn(variables, x, train=False), -1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _predictions_seeds(apply_fn, variables, x):
+    return jax.vmap(lambda v: jnp.argmax(apply_fn(v, x, train=False), -1))(variables)
+
+
 def classification_eval(
     apply_fn: Callable,
     dataset: data_lib.Dataset,

@@ -3,7 +3,9 @@
 Each process has one CPU device; they talk through gloo CPU collectives on 127.0.0.1.
 Each feeds its slice of the global batch to `wspace.training.fit` in ``sharded`` mode;
 the parameters after N steps must match a single-process run, and an interrupted run
-must resume from its (orbax, multi-process) checkpoint with metrics written once.
+must resume from its (orbax, multi-process) checkpoint with metrics written once. Then
+two seeds train on a seed axis split over the processes (one seed each), plain and
+interrupted + resumed, and must match a single-process seed-axis run.
 
 The workers are this file run as a script (`python tests/test_multihost.py ...`), each
 with a timeout, so a hang fails the test instead of hanging CI.
@@ -19,6 +21,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, BATCH, EVAL_EVERY, DIE_AT = 12, 32, 4, 9
+SEEDS = [0, 1]
 TIMEOUT_S = 240
 
 
@@ -80,7 +83,10 @@ def _worker(port: int, process_id: int, workdir: str, out: str) -> None:
 
     with ws.io.workdir_lock(workdir):  # process 0 holds it; on process 1 it is a no-op
         multihost_utils.sync_global_devices("both inside the lock")
+    seeded, seeded_resumed = _seed_axis_runs(ws, jax, ds, model, tx, loss_fn, mesh, kw, workdir)
     result = {
+        "seeded": seeded,
+        "seeded_resumed": seeded_resumed,
         "plain": ravel_pytree(jax.device_get(plain.params))[0].tolist(),
         "resumed": ravel_pytree(jax.device_get(resumed.params))[0].tolist(),
         "step": int(resumed.step),
@@ -89,6 +95,40 @@ def _worker(port: int, process_id: int, workdir: str, out: str) -> None:
     }
     with open(out, "w") as f:
         json.dump(result, f)
+
+
+def _seed_axis_runs(ws, jax, ds, model, tx, loss_fn, mesh, kw, workdir):
+    """Two seeds split over the two processes (one each): plain, then killed and resumed."""
+    from jax.experimental import multihost_utils
+    from jax.flatten_util import ravel_pytree
+
+    states = ws.training.init_states(model, tx, ds.x_train[:1], SEEDS)
+    step = ws.training.make_train_step(loss_fn, tx, mode="sharded", mesh=mesh, seed_axis=True)
+    kw = dict(kw, seed=SEEDS)
+    plain, _ = ws.training.fit(states, step, ds, **kw)
+    assert not plain.params["Dense_0"]["kernel"].is_fully_addressable  # one seed per process
+
+    class Dies:  # a seed-axis step that stops both processes at the same step
+        seed_axis, calls = True, 0
+
+        def __call__(self, s, batch, tx_args=None):
+            Dies.calls += 1
+            if Dies.calls == DIE_AT:
+                raise _Interrupt
+            return step(s, batch, tx_args)
+
+    try:
+        ws.training.fit(states, Dies(), ds, workdir=workdir + "_seeds", **kw)
+        raise AssertionError("the interrupted run did not stop")
+    except _Interrupt:
+        pass
+    resumed, _ = ws.training.fit(states, step, ds, workdir=workdir + "_seeds", **kw)
+
+    def flat(params):
+        full = multihost_utils.process_allgather(params, tiled=True)
+        return [ravel_pytree(ws.training.seed_slice(full, i))[0].tolist() for i in range(2)]
+
+    return flat(plain.params), flat(resumed.params)
 
 
 def _free_port() -> int:
@@ -172,6 +212,18 @@ def test_two_processes_match_one_and_resume(tmp_path):
     ckpt = ws.io.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.all_steps() == [8, 12]
     ckpt.close()
+
+    seeded = ws.training.init_states(model, tx, ds.x_train[:1], SEEDS)
+    seed_step = ws.training.make_train_step(loss_fn, tx, seed_axis=True)
+    seeded, _ = ws.training.fit(
+        seeded, seed_step, ds, apply_fn=model.apply, num_steps=NUM_STEPS, batch_size=BATCH,
+        eval_every=EVAL_EVERY, seed=SEEDS, progress=False,
+    )  # fmt: skip
+    for i in range(len(SEEDS)):
+        want = np.asarray(ravel_pytree(ws.training.seed_slice(seeded.params, i))[0])
+        for r in results:
+            np.testing.assert_allclose(r["seeded"][i], want, atol=1e-5)
+            np.testing.assert_allclose(r["seeded_resumed"][i], want, atol=1e-5)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 PyTree = Any
 _TMP_SUFFIX = ".wspace-tmp"
@@ -378,9 +379,15 @@ def tree_signature(tree: PyTree) -> dict[str, str]:
 
 
 def tree_sha256(tree: PyTree) -> str:
-    """SHA-256 over every leaf's dtype, shape and bytes, in tree order (host copy)."""
+    """SHA-256 over every leaf's dtype, shape and bytes, in tree order (host copy).
+
+    Arrays split over several processes (e.g. a seed axis over hosts) are gathered first,
+    so every process computes the same hash (a collective: every process must call it).
+    """
     h = hashlib.sha256()
     for x in jax.tree.leaves(tree):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
         a = np.ascontiguousarray(np.asarray(x))
         h.update(f"{a.dtype.str}{a.shape}".encode())
         h.update(a.tobytes())

@@ -410,6 +410,8 @@ def _global_array(tree: PyTree, sharding) -> PyTree:
     """A tree of global arrays from host values every process holds in full."""
 
     def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
+            return jax.device_put(x, sharding)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
@@ -691,7 +693,7 @@ def fit(
                 sums = {
                     k: (np.asarray(s), c) for k, (s, c) in (meta or {}).get("window", {}).items()
                 }
-        start = int(np.ravel(state.step)[0])
+        start = int(np.ravel(jax.device_get(_addressable(state.step)))[0])
         history = _resume_metrics(workdir, start, primary)
         writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
         writers = writers + ([writer] if writer is not None else []) if primary else []

@@ -315,7 +315,7 @@ def test_a_failed_first_attempt_does_not_lock_the_workdir_for_the_fix(tmp_path):
         ws.training.fit(
             small,
             STEP,
-            iter([{"b": TARGETS[0]}]),
+            iter([{"b": TARGETS[0]}] * STEPS),
             num_steps=STEPS,
             workdir=str(tmp_path),
             progress=False,

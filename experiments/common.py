@@ -33,7 +33,7 @@ import numpy as np
 from wspace.io import atomic_open, read_json, workdir_lock, write_json
 
 SIZES = ("quick", "small", "paper")
-NUM_SEEDS = {"quick": 2, "small": 5, "paper": 10}
+NUM_SEEDS = {"quick": 2, "small": 10, "paper": 10}
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SMOKE_STAMP = "smoke size, not a result"
 

@@ -1,0 +1,117 @@
+r"""Seeds as an axis: S seeds trained serially against S seeds as one program.
+
+  python -m benchmarks.seeds [--seeds=1,8,32] [--models=mlp,convnet,resnet20]
+  python -m benchmarks.seeds --models=resnet20 --batch_size=512 --dtype=bfloat16  # a GPU
+
+Side by side in one process, wall time including compilation (what a user waits for):
+  serial  S calls of `ws.training.fit`, one per seed, with one compiled step (the step
+          cache makes the rebuilt step free; before it, every seed also compiled);
+  axis    one `fit` of S seeds as one program (`init_states`, `seed_axis=True`, fused
+          steps between evaluations).
+Problems: the MLP on digits (the issue's command), the ConvNet on mnist1d, ResNet-20 on
+random 32x32x3 inputs. The persistent compilation cache is off here, so every row pays its
+compilation; the baseline of each ratio is the serial run with the same S. Prints seconds
+and the ratios axis / serial and axis(S) / axis(1).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags
+
+import wspace as ws
+
+flags.DEFINE_list("seeds", ["1", "8", "32"], "Seed counts S.")
+flags.DEFINE_list("models", ["mlp", "convnet", "resnet20"], "Problems (see the docstring).")
+flags.DEFINE_integer("batch_size", 0, "Batch size (0: each problem's own).")
+flags.DEFINE_string("dtype", "float32", "Computation dtype (float32 | bfloat16).")
+flags.DEFINE_bool("serial", True, "Also time the serial baseline.")
+FLAGS = flags.FLAGS
+
+# model -> (dataset, steps, eval_every, batch size)
+PROBLEMS = {
+    "mlp": ("digits", 300, 100, 32),
+    "convnet": ("mnist1d", 200, 100, 64),
+    "resnet20": ("random32", 20, 10, 32),
+}
+
+
+def _dataset(name: str) -> ws.data.Dataset:
+    if name != "random32":
+        return ws.data.standardize(ws.data.load(name))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2048, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 2048).astype(np.int32)
+    return ws.data.Dataset(name, x[:1536], y[:1536], x[1536:], y[1536:], num_classes=10)
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
+def run_problem(model_name: str, seeds: list[int]) -> dict[str, dict[int, float]]:
+    """Seconds for each S: ``{"serial": {S: s}, "axis": {S: s}}``."""
+    data_name, steps, eval_every, batch = PROBLEMS[model_name]
+    batch = FLAGS.batch_size or batch
+    ds = _dataset(data_name)
+    model = ws.models.create(model_name, ds.num_classes, dtype=FLAGS.dtype)
+    tx = optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9)
+    loss_fn = ws.training.classification_loss(model.apply)
+    kw = dict(apply_fn=model.apply, num_steps=steps, batch_size=batch, eval_every=eval_every,
+              progress=False)  # fmt: skip
+    out = {"serial": {}, "axis": {}}
+    for s in seeds:
+        jax.clear_caches()  # every row pays its compilation, as a fresh process would
+
+        def axis(s=s):
+            state = ws.training.init_states(model, tx, ds.x_train[:1], list(range(s)))
+            step = ws.training.make_train_step(loss_fn, tx, seed_axis=True)
+            return ws.training.fit(state, step, ds, seed=list(range(s)), **kw)[0].params
+
+        out["axis"][s] = _time(axis)
+        if not FLAGS.serial:
+            continue
+        jax.clear_caches()
+
+        def serial(s=s):
+            finals = []
+            for seed in range(s):
+                key = jax.random.PRNGKey(seed)
+                state = ws.training.init_state(model, tx, ds.x_train[:1], key)
+                step = ws.training.make_train_step(loss_fn, tx)
+                finals.append(ws.training.fit(state, step, ds, seed=seed, **kw)[0].params)
+            return finals
+
+        out["serial"][s] = _time(serial)
+    return out
+
+
+def main(argv):
+    del argv
+    seeds = [int(s) for s in FLAGS.seeds]
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), dtype {FLAGS.dtype}")
+    print("| problem | S | serial (s) | axis (s) | axis / serial | axis(S) / axis(1) |")
+    print("|---|---|---|---|---|---|")
+    for name in FLAGS.models:
+        times = run_problem(name, seeds)
+        base = times["axis"].get(1)
+        for s in seeds:
+            ser = times["serial"].get(s)
+            ax = times["axis"][s]
+            cells = [
+                f"{ser:.1f}" if ser else "–",
+                f"{ax:.1f}",
+                f"{ax / ser:.2f}" if ser else "–",
+                f"{ax / base:.2f}" if base else "–",
+            ]
+            print(f"| {name} ({PROBLEMS[name][0]}) | {s} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +31,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from experiments import claims as claims_lib
+from experiments.claims import Claim, judge, pack_correct  # noqa: F401  (the experiments' API)
 from wspace.io import atomic_open, read_json, workdir_lock, write_json
 
 SIZES = ("quick", "small", "paper")
@@ -189,21 +192,94 @@ def run_arms(
       workdir) and runs the same missing ones; process 0 alone writes.
     """
     results: dict[str, list[dict]] = {}
+    if PROGRESS is not None:
+        PROGRESS.expect(len(arm_fns) * config.num_seeds)
     for arm, fn in arm_fns.items():
         results[arm] = []
         for seed in seeds(config):
             path = os.path.join(workdir, "arms", arm, f"seed_{seed}.json")
-            if os.path.exists(path):
+            stored = os.path.exists(path)
+            if stored:
                 result = read_json(path)
             else:
-                if config.progress:
+                if config.progress and PROGRESS is None:
                     print(f"[{arm} seed {seed}]", file=sys.stderr, flush=True)
+                t0 = time.perf_counter()
                 result = dict(fn(seed))
                 _check_finite_metrics(result, f"arm {arm!r} seed {seed}")
                 if _is_writer():
                     write_json(path, result)
+                    _store_seconds(workdir, f"{arm}/seed_{seed}", time.perf_counter() - t0)
+            if PROGRESS is not None:
+                PROGRESS.done(computed=not stored)
             results[arm].append(result)
     return results
+
+
+def _store_seconds(workdir: str, unit: str, seconds: float) -> None:
+    """Records how long one arm's seed took in ``workdir/arms/seconds.json``."""
+    path = os.path.join(workdir, "arms", "seconds.json")
+    times = read_json(path) if os.path.exists(path) else {}
+    write_json(path, {**times, unit: round(seconds, 3)})
+
+
+def _stored_seconds(workdir: str) -> float | None:
+    """The summed stored times of the workdir's arms (None when none was recorded)."""
+    path = os.path.join(workdir, "arms", "seconds.json")
+    return round(sum(read_json(path).values()), 1) if os.path.exists(path) else None
+
+
+class UnitProgress:
+    """One tqdm bar over units (arm x seed) whose ETA starts after the first computed unit.
+
+    The first unit of a run compiles; counting it in the rate would inflate the ETA
+    (tqdm's own shows ``1/300 [00:27<2:17:06]``), so the ETA is the mean time of the
+    computed units after the first, times the units left. Stored units tick at once.
+    """
+
+    def __init__(self, total: int = 0, desc: str = "report", disable: bool | None = None):
+        from tqdm.auto import tqdm
+
+        fmt = "{desc}: {n}/{total} units |{bar}| {elapsed}{postfix}"
+        self.bar = tqdm(total=total, desc=desc, bar_format=fmt, disable=disable)
+        self.planned, self.finished, self.computed, self.since = 0, 0, 0, None
+
+    def plan(self, units: int) -> None:
+        """Announces units already counted in ``total`` (the next `expect` calls use them up)."""
+        self.planned = units
+
+    def expect(self, units: int) -> None:
+        """A runner is about to go through ``units``; grows ``total`` by those not planned."""
+        extra = max(0, units - self.planned)
+        self.planned = max(0, self.planned - units)
+        if extra:
+            self.bar.total += extra
+            self.bar.refresh()
+
+    def done(self, computed: bool) -> None:
+        """One unit finished (``computed``: run now, not read back)."""
+        now = time.perf_counter()
+        if computed:
+            self.computed += 1
+            if self.since is None:
+                self.since = now  # the first computed unit compiled: start timing here
+            elif self.computed > 1:
+                rate = (now - self.since) / (self.computed - 1)
+                left = max(0, self.bar.total - self.finished - 1)
+                self.bar.set_postfix_str(f"ETA {_clock(rate * left)}", refresh=False)
+        self.finished += 1
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+PROGRESS: UnitProgress | None = None  # set by experiments.report: one bar over the report
 
 
 def _check_finite_metrics(result: dict, where: str) -> None:
@@ -228,6 +304,31 @@ def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95)
     if math.isnan(half):
         return mean, -math.inf, math.inf
     return mean, mean - half, mean + half
+
+
+def mean_ci(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds (``axis``) and the half-width of its 95% t interval (NaN for one seed).
+
+    The one interval of every table and figure: ``mean ± t_{0.975, S-1} sd / sqrt(S)``.
+    """
+    v = np.moveaxis(np.asarray(values, np.float64), axis, 0)
+    return v.mean(0), np.apply_along_axis(_t_half_width, 0, v) if v.ndim > 1 else _t_half_width(v)
+
+
+def plot_mean_ci(ax, x, values, *, label=None, style="-", color=None, bars=False):
+    """Draws the mean over seeds of ``values`` (seeds x len(x)) with its 95% t interval.
+
+    A shaded band by default, error bars with ``bars=True`` (for few or categorical x);
+    one seed draws the line alone. Returns the mean.
+    """
+    mean, half = mean_ci(values)
+    half = np.nan_to_num(half)  # one seed: no interval
+    if bars:
+        ax.errorbar(x, mean, yerr=half, fmt=style, color=color, capsize=3, label=label)
+    else:
+        (line,) = ax.plot(x, mean, style, color=color, label=label)
+        ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
+    return mean
 
 
 def _t_half_width(values: np.ndarray, level: float = 0.95) -> float:
@@ -258,17 +359,6 @@ def verdict(lo: float, hi: float, *, higher_is_better: bool = True, margin: floa
     return "inconclusive"
 
 
-def _metric_values(results: list[dict], metric) -> list[float]:
-    if callable(metric):
-        return [float(metric(r)) for r in results]
-    values = []
-    for r in results:
-        for part in metric.split("."):
-            r = r[part]
-        values.append(float(r))
-    return values
-
-
 def compare(
     claim: str,
     metric,
@@ -280,36 +370,13 @@ def compare(
     margin: float = 0.0,
     metric_name: str | None = None,
 ) -> dict:
-    """One claim, "``arm`` beats ``baseline`` on ``metric``", judged over seeds.
+    """One claim judged alone: ``judge([Claim(claim, metric, arm, ...)], per_arm)[0]``.
 
-    Args:
-      claim: the claim in one sentence, as the paper makes it.
-      metric: a key (dotted path) into each seed's result, or ``fn(result) -> float``.
-      arm, baseline: arm names in ``per_arm`` (paired by seed).
-      per_arm: what `run_arms` returned.
-      higher_is_better: the direction of "better" for this metric.
-      margin: for "no worse than" claims, the tolerated shortfall.
-      metric_name: display name (default: ``metric`` when it is a string).
-
-    Returns:
-      a dict with the means, the paired difference and its 95% interval, and a verdict.
+    Kept for experiments not yet declaring `Claim` lists; `save_results` applies Holm
+    over all claims of the file either way.
     """
-    a, b = _metric_values(per_arm[arm], metric), _metric_values(per_arm[baseline], metric)
-    mean, lo, hi = paired_interval(a, b)
-    return {
-        "claim": claim,
-        "metric": metric_name or (metric if isinstance(metric, str) else "metric"),
-        "arm": arm,
-        "baseline": baseline,
-        "n": len(a),
-        "arm_mean": float(np.mean(a)),
-        "baseline_mean": float(np.mean(b)),
-        "diff_mean": mean,
-        "ci95": [lo, hi],
-        "higher_is_better": higher_is_better,
-        "margin": margin,
-        "verdict": verdict(lo, hi, higher_is_better=higher_is_better, margin=margin),
-    }
+    c = Claim(claim, metric, arm, baseline, higher_is_better, margin, metric_name)
+    return judge([c], per_arm)[0]
 
 
 def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
@@ -319,8 +386,8 @@ def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
     for arm, results in per_arm.items():
         row: list[Any] = [arm]
         for m in metrics:
-            v = np.asarray(_metric_values(results, m), np.float64)
-            row.append([float(v.mean()), _t_half_width(v)])
+            mean, half = mean_ci(claims_lib._values(results, m))
+            row.append([float(mean), float(half)])
         rows.append(row)
     return {"columns": ["arm", *names], "rows": rows}
 
@@ -342,8 +409,10 @@ def save_results(
     """Writes ``results.json`` atomically and returns it.
 
     The report and the README read these fields: ``method``, ``size``,
-    ``smoke`` (quick size: not a result), ``seeds``, ``claims`` (from `compare`),
-    ``tables`` (from `summarize`), ``figures`` (PNG names in the workdir), ``notes``.
+    ``smoke`` (quick size: not a result), ``seeds``, ``claims`` (from `judge`, with
+    Holm's adjustment redone over all of them), ``tables`` (from `summarize`),
+    ``figures`` (PNG names in the workdir), ``notes``, ``provenance`` and
+    ``compute_seconds`` (the arms' stored times: kept from the run that computed them).
     """
     results = {
         "method": name,
@@ -351,15 +420,66 @@ def save_results(
         "smoke": config.size == "quick",
         "dataset": config.dataset,
         "seeds": seeds(config),
-        "claims": list(claims),
+        "claims": claims_lib.adjust([dict(c) for c in claims]),
         "tables": dict(tables or {}),
         "figures": [os.path.basename(f) for f in figures],
         "notes": list(notes),
+        "provenance": provenance(),
+        "compute_seconds": _stored_seconds(workdir),
         **dict(extra or {}),
     }
     if _is_writer():
         write_json(os.path.join(workdir, "results.json"), results)
     return results
+
+
+def provenance() -> dict:
+    """Where a result came from: commit (and a dirty tree), versions, backend, machine, date."""
+    import datetime
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    import jax
+
+    def git(*args):
+        try:
+            cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except OSError:  # no git on this machine
+            return None
+
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    packages = ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "wspace")
+    versions = {}
+    for p in packages:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "versions": versions,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical cores)" if names else platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def savefig(fig, workdir: str, name: str, config=None) -> str:
@@ -400,17 +520,18 @@ def format_number(x: float) -> str:
 
 
 def claims_markdown(results: Mapping) -> str:
-    """The claims of one results.json as a markdown table."""
+    """The claims of one results.json as a markdown table (Holm-adjusted p and verdict)."""
     lines = [
-        "| claim | metric | arm | baseline | difference (95% CI) | n | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| claim | metric | arm | baseline | difference (95% CI) | n | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in results["claims"]:
         lo, hi = c["ci95"]
+        p = format_number(c["p_holm"]) if "p_holm" in c else "–"  # old files: no p-values
         lines.append(
             f"| {c['claim']} | {c['metric']} | {format_number(c['arm_mean'])} "
             f"| {format_number(c['baseline_mean'])} | {format_number(c['diff_mean'])} "
-            f"[{format_number(lo)}, {format_number(hi)}] | {c['n']} | **{c['verdict']}** |"
+            f"[{format_number(lo)}, {format_number(hi)}] | {c['n']} | {p} | **{c['verdict']}** |"
         )
     return "\n".join(lines)
 

@@ -115,7 +115,7 @@ def test_accuracy_claims_add_test_set_sampling_and_count_disagreements():
     assert acc["ci95"][1] == max(acc["ci95_t"][1], acc["ci95_bootstrap"][1])
     # the bootstrap's mean is the paired mean: wins - losses over N per seed
     ex = acc["examples"]
-    counted = [(len(w) - len(lo)) / ex["n"] for w, lo in zip(ex["wins"], ex["losses"])]
+    counted = [(len(w) - len(lo)) / ex["n"] for w, lo in zip(ex["wins"], ex["losses"], strict=True)]
     np.testing.assert_allclose(np.mean(counted), acc["diff_mean"], atol=1e-12)
     np.testing.assert_allclose(
         [c["p_holm"] for c in (acc, loss, margin)],

@@ -12,9 +12,35 @@ An experiment is a config and a function (flax ``examples/``, big_vision):
 
 A run writes into its workdir: ``config.json`` (a rerun with another config is
 refused with the difference), ``arms/<arm>/seed_<s>.json`` (one per arm and seed,
-skipped on rerun, so a killed run resumes), ``results.json`` (claims with paired
-95% intervals and verdicts, tables, figures) and PNG figures. The report
-(`experiments.report`) and the README are generated from ``results.json``.
+skipped on rerun, so a killed run resumes; ``arms/seconds.json`` keeps each one's
+compute time), ``results.json`` (claims, tables, figures, provenance) and PNG figures.
+The report (`experiments.report`) and the README are generated from ``results.json``.
+
+An experiment declares its arms and claims as data (`experiments.claims`)::
+
+    CLAIMS = [
+        Claim("Late-phase weights beat SGD in test accuracy", "test_accuracy", "late", "sgd",
+              per_example="test_correct"),
+        Claim("Late-phase weights have lower test NLL", "test_nll", "late", "sgd",
+              higher_is_better=False),
+        Claim("ULR is within 0.02 of backprop", "test_accuracy", "ulr", "bp", margin=0.02),
+    ]
+
+    def arm_names(config) -> list[str]:  # optional: the report's bar counts units up front
+        return list(config.arms)
+
+    def run(config, workdir):
+        start(config, workdir)
+        per_arm = run_arms(workdir, config, {a: partial(one_seed, config, a) for a in ...})
+        # one_seed returns {"test_accuracy": ..., "test_correct": pack_correct(pred == y)}
+        claims = judge(CLAIMS, per_arm, skip_missing=True)   # arms the config did not run
+        return save_results(workdir, config, "late_phase", claims=claims, tables=...,
+                            figures=[...])
+
+Figures draw every interval with `plot_mean_ci` (mean over seeds, 95% t interval), the
+interval of `summarize`'s tables. `save_results` applies Holm over all the claims it
+gets and adds ``provenance`` and ``compute_seconds``; ``python -m experiments.report
+--verify`` re-derives every claim field from the stored per-seed values.
 """
 
 from __future__ import annotations

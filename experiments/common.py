@@ -318,18 +318,13 @@ def _check_finite_metrics(result: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95):
-    """Mean of ``a - b`` (paired by index) and its two-sided t confidence interval.
-
-    Returns ``(mean, lo, hi)``; with one pair the interval is unbounded.
-    """
+def paired_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of ``a - b`` (paired by index) and its 95% t interval (`claims.paired_t`)."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError(f"need equally many paired values, got {len(a)} and {len(b)}")
-    mean, half = float(d.mean()), _t_half_width(d, level)
-    if math.isnan(half):
-        return mean, -math.inf, math.inf
-    return mean, mean - half, mean + half
+    (lo, hi), _ = claims_lib.paired_t(d, 0.0)
+    return float(d.mean()), lo, hi
 
 
 def mean_ci(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -365,24 +360,6 @@ def _t_half_width(values: np.ndarray, level: float = 0.95) -> float:
     if n < 2:
         return math.nan
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
-
-
-def verdict(lo: float, hi: float, *, higher_is_better: bool = True, margin: float = 0.0) -> str:
-    """The verdict word an interval of ``arm - baseline`` supports.
-
-    The claim is "arm is better than baseline" (``margin = 0``) or "arm is no
-    worse than baseline by more than ``margin``". It ``holds`` when the whole
-    interval lies on the claimed side of ``-margin`` (``+margin`` when lower is
-    better), ``does not hold`` when it lies wholly on the other side, and is
-    ``inconclusive`` otherwise.
-    """
-    if not higher_is_better:
-        lo, hi = -hi, -lo
-    if lo > -margin:
-        return "holds"
-    if hi < -margin:
-        return "does not hold"
-    return "inconclusive"
 
 
 def compare(

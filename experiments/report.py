@@ -37,7 +37,7 @@ README = os.path.join(ROOT, "README.md")
 # Which verdict every table shows, and why (the report and the README say it).
 VERDICT_RULE = (
     "Verdicts are Holm-adjusted within each method: a method makes several claims, and "
-    "testing each at 5% alone would make about one in twenty claims that are not true look "
+    "testing each at 5% alone would let about one in twenty claims without a real effect look "
     "decisive. A claim *holds* (or *does not hold*) when its Holm-adjusted p-value `p_holm` "
     "is below 0.05 and the mean paired difference is on the claimed (other) side, and is "
     "*inconclusive* otherwise; the unadjusted verdict is kept as `verdict_unadjusted`. "
@@ -360,6 +360,11 @@ def verify(results_dir: str = RESULTS_DIR, readme: str | None = README) -> list[
             text = f.read()
         if render_readme(text, all_results) != text:
             problems.append(f"{readme}: result blocks differ from {results_dir} (--publish)")
+        problems += [
+            f"{readme}: no block <!-- results:{n} -->"
+            for n in all_results
+            if f"<!-- results:{n} -->" not in text
+        ]
     return problems
 
 

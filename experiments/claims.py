@@ -102,6 +102,9 @@ def unpack_correct(packed: Mapping) -> np.ndarray:
 
 def _differences(arm: list[dict], base: list[dict], key: str, values) -> dict:
     """Sparse per-seed D: where the arm alone is right (wins) and the baseline alone (losses)."""
+    if any(key not in r for r in (*arm, *base)):
+        raise ValueError(f"per_example {key!r} is missing from some seeds' results (stored by "
+                         "an older run? delete those arms/ files and rerun)")  # fmt: skip
     a = np.stack([unpack_correct(r[key]) for r in arm])
     b = np.stack([unpack_correct(r[key]) for r in base])
     if a.shape != b.shape:

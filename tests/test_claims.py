@@ -129,6 +129,9 @@ def test_per_example_bits_must_match_the_metric():
     per_arm["new"][1]["acc"] += 0.05
     with pytest.raises(ValueError, match="per_example 'correct' of the arm is 0.05"):
         common.judge(CLAIMS[:1], per_arm)
+    del per_arm["old"][2]["correct"]
+    with pytest.raises(ValueError, match="per_example 'correct' is missing"):
+        common.judge(CLAIMS[:1], per_arm)
 
 
 def test_bad_claims_and_missing_arms_are_named():

@@ -12,9 +12,36 @@ An experiment is a config and a function (flax ``examples/``, big_vision):
 
 A run writes into its workdir: ``config.json`` (a rerun with another config is
 refused with the difference), ``arms/<arm>/seed_<s>.json`` (one per arm and seed,
-skipped on rerun, so a killed run resumes), ``results.json`` (claims with paired
-95% intervals and verdicts, tables, figures) and PNG figures. The report
-(`experiments.report`) and the README are generated from ``results.json``.
+skipped on rerun, so a killed run resumes; ``arms/seconds.json`` keeps each one's
+compute time), ``results.json`` (claims, tables, figures, provenance) and PNG figures.
+The report (`experiments.report`) and the README are generated from ``results.json``.
+
+An experiment declares its arms and claims as data (`experiments.claims`)::
+
+    CLAIMS = [
+        Claim("Late-phase weights beat SGD in test accuracy", "test_accuracy", "late", "sgd",
+              per_example="test_correct"),
+        Claim("Late-phase weights have lower test NLL", "test_nll", "late", "sgd",
+              higher_is_better=False),
+        Claim("ULR is within 0.02 of backprop", "test_accuracy", "ulr", "bp", margin=0.02),
+    ]
+
+    def arm_names(config) -> list[str]:  # optional: the report's bar counts units up front
+        return list(config.arms)
+
+    def run(config, workdir):
+        start(config, workdir)
+        per_arm = run_arms(workdir, config, {a: partial(all_seeds, config, a) for a in ...})
+        # all_seeds(seeds) trains the seeds as one program (a seed axis) and returns one
+        # {"test_accuracy": ..., "test_correct": pack_correct(pred == y)} per seed
+        claims = judge(CLAIMS, per_arm, skip_missing=True)   # arms the config did not run
+        return save_results(workdir, config, "late_phase", claims=claims, tables=...,
+                            figures=[...])
+
+Figures draw every interval with `plot_mean_ci` (mean over seeds, 95% t interval), the
+interval of `summarize`'s tables. `save_results` applies Holm over all the claims it
+gets and adds ``provenance`` and ``compute_seconds``; ``python -m experiments.report
+--verify`` re-derives every claim field from the stored per-seed values.
 """
 
 from __future__ import annotations
@@ -23,6 +50,7 @@ import json
 import math
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -30,6 +58,8 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from experiments import claims as claims_lib
+from experiments.claims import Claim, judge, pack_correct  # noqa: F401  (the experiments' API)
 from wspace.io import atomic_open, read_json, workdir_lock, write_json
 
 SIZES = ("quick", "small", "paper")
@@ -191,12 +221,15 @@ def run_arms(
       results (a shared workdir) and runs the same missing ones; process 0 alone writes.
     """
     results: dict[str, list[dict]] = {}
+    if PROGRESS is not None:
+        PROGRESS.expect(len(arm_fns) * config.num_seeds)
     for arm, fn in arm_fns.items():
         paths = {s: os.path.join(workdir, "arms", arm, f"seed_{s}.json") for s in seeds(config)}
         missing = [s for s, path in paths.items() if not os.path.exists(path)]
         if missing:
-            if config.progress:
+            if config.progress and PROGRESS is None:
                 print(f"[{arm}: seeds {_seed_text(missing)}]", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             computed = [dict(r) for r in fn(missing)]
             if len(computed) != len(missing):
                 raise ValueError(f"arm {arm!r} returned {len(computed)} results for {missing}")
@@ -205,6 +238,12 @@ def run_arms(
             if _is_writer():
                 for seed, result in zip(missing, computed, strict=True):
                     write_json(paths[seed], result)
+                _store_seconds(
+                    workdir, f"{arm}/seeds_{_seed_text(missing)}", time.perf_counter() - t0
+                )
+        if PROGRESS is not None:
+            PROGRESS.done(computed=False, units=len(paths) - len(missing))
+            PROGRESS.done(computed=True, units=len(missing))
         done = dict(zip(missing, computed, strict=True)) if missing else {}
         results[arm] = [done[s] if s in done else read_json(p) for s, p in paths.items()]
     return results
@@ -228,6 +267,74 @@ def _seed_text(seeds_: Sequence[int]) -> str:
     return "_".join(map(str, s))
 
 
+def _store_seconds(workdir: str, unit: str, seconds: float) -> None:
+    """Records how long one arm's seeds took in ``workdir/arms/seconds.json``."""
+    path = os.path.join(workdir, "arms", "seconds.json")
+    times = read_json(path) if os.path.exists(path) else {}
+    write_json(path, {**times, unit: round(seconds, 3)})
+
+
+def _stored_seconds(workdir: str) -> float | None:
+    """The summed stored times of the workdir's arms (None when none was recorded)."""
+    path = os.path.join(workdir, "arms", "seconds.json")
+    return round(sum(read_json(path).values()), 1) if os.path.exists(path) else None
+
+
+class UnitProgress:
+    """One tqdm bar over units (arm x seed) whose ETA starts after the first computed unit.
+
+    The first unit of a run compiles; counting it in the rate would inflate the ETA
+    (tqdm's own shows ``1/300 [00:27<2:17:06]``), so the ETA is the mean time of the
+    computed units after the first, times the units left. Stored units tick at once.
+    """
+
+    def __init__(self, total: int = 0, desc: str = "report", disable: bool | None = None):
+        from tqdm.auto import tqdm
+
+        fmt = "{desc}: {n}/{total} units |{bar}| {elapsed}{postfix}"
+        self.bar = tqdm(total=total, desc=desc, bar_format=fmt, disable=disable)
+        self.planned, self.finished, self.computed, self.since = 0, 0, 0, None
+
+    def plan(self, units: int) -> None:
+        """Announces units already counted in ``total`` (the next `expect` calls use them up)."""
+        self.planned = units
+
+    def expect(self, units: int) -> None:
+        """A runner is about to go through ``units``; grows ``total`` by those not planned."""
+        extra = max(0, units - self.planned)
+        self.planned = max(0, self.planned - units)
+        if extra:
+            self.bar.total += extra
+            self.bar.refresh()
+
+    def done(self, computed: bool, units: int = 1) -> None:
+        """``units`` finished together (``computed``: run now, not read back)."""
+        if units < 1:
+            return
+        now = time.perf_counter()
+        if computed:
+            if self.since is None:
+                self.since = now  # the first computed call compiled: start timing here
+            else:
+                self.computed += units
+                rate = (now - self.since) / self.computed
+                left = max(0, self.bar.total - self.finished - units)
+                self.bar.set_postfix_str(f"ETA {_clock(rate * left)}", refresh=False)
+        self.finished += units
+        self.bar.update(units)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+PROGRESS: UnitProgress | None = None  # set by experiments.report: one bar over the report
+
+
 def _check_finite_metrics(result: dict, where: str) -> None:
     """A run never reports NaN as a number: non-finite scalars are errors."""
     for k, v in result.items():
@@ -235,38 +342,41 @@ def _check_finite_metrics(result: dict, where: str) -> None:
             raise FloatingPointError(f"{where}: metric {k!r} is {v}")
 
 
-def pack_correct(correct) -> str:
-    """Per-example correctness (bools, one per test example) as compact hex for a result.
-
-    Stored per seed under ``test_correct`` so intervals can account for test-set sampling
-    and the number of examples two arms disagree on can be counted; `unpack_correct`
-    reverses it.
-    """
-    bits = np.asarray(correct, bool).ravel()
-    return f"{len(bits)}:" + np.packbits(bits).tobytes().hex()
-
-
-def unpack_correct(text: str) -> np.ndarray:
-    """The bool vector `pack_correct` stored."""
-    n, hexbits = text.split(":", 1)
-    return np.unpackbits(np.frombuffer(bytes.fromhex(hexbits), np.uint8))[: int(n)].astype(bool)
-
-
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95):
-    """Mean of ``a - b`` (paired by index) and its two-sided t confidence interval.
-
-    Returns ``(mean, lo, hi)``; with one pair the interval is unbounded.
-    """
+def paired_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of ``a - b`` (paired by index) and its 95% t interval (`claims.paired_t`)."""
     d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError(f"need equally many paired values, got {len(a)} and {len(b)}")
-    mean, half = float(d.mean()), _t_half_width(d, level)
-    if math.isnan(half):
-        return mean, -math.inf, math.inf
-    return mean, mean - half, mean + half
+    (lo, hi), _ = claims_lib.paired_t(d, 0.0)
+    return float(d.mean()), lo, hi
+
+
+def mean_ci(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over seeds (``axis``) and the half-width of its 95% t interval (NaN for one seed).
+
+    The one interval of every table and figure: ``mean ± t_{0.975, S-1} sd / sqrt(S)``.
+    """
+    v = np.moveaxis(np.asarray(values, np.float64), axis, 0)
+    return v.mean(0), np.apply_along_axis(_t_half_width, 0, v) if v.ndim > 1 else _t_half_width(v)
+
+
+def plot_mean_ci(ax, x, values, *, label=None, style="-", color=None, bars=False):
+    """Draws the mean over seeds of ``values`` (seeds x len(x)) with its 95% t interval.
+
+    A shaded band by default, error bars with ``bars=True`` (for few or categorical x);
+    one seed draws the line alone. Returns the mean.
+    """
+    mean, half = mean_ci(values)
+    half = np.nan_to_num(half)  # one seed: no interval
+    if bars:
+        ax.errorbar(x, mean, yerr=half, fmt=style, color=color, capsize=3, label=label)
+    else:
+        (line,) = ax.plot(x, mean, style, color=color, label=label)
+        ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
+    return mean
 
 
 def _t_half_width(values: np.ndarray, level: float = 0.95) -> float:
@@ -277,35 +387,6 @@ def _t_half_width(values: np.ndarray, level: float = 0.95) -> float:
     if n < 2:
         return math.nan
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
-
-
-def verdict(lo: float, hi: float, *, higher_is_better: bool = True, margin: float = 0.0) -> str:
-    """The verdict word an interval of ``arm - baseline`` supports.
-
-    The claim is "arm is better than baseline" (``margin = 0``) or "arm is no
-    worse than baseline by more than ``margin``". It ``holds`` when the whole
-    interval lies on the claimed side of ``-margin`` (``+margin`` when lower is
-    better), ``does not hold`` when it lies wholly on the other side, and is
-    ``inconclusive`` otherwise.
-    """
-    if not higher_is_better:
-        lo, hi = -hi, -lo
-    if lo > -margin:
-        return "holds"
-    if hi < -margin:
-        return "does not hold"
-    return "inconclusive"
-
-
-def _metric_values(results: list[dict], metric) -> list[float]:
-    if callable(metric):
-        return [float(metric(r)) for r in results]
-    values = []
-    for r in results:
-        for part in metric.split("."):
-            r = r[part]
-        values.append(float(r))
-    return values
 
 
 def compare(
@@ -319,36 +400,13 @@ def compare(
     margin: float = 0.0,
     metric_name: str | None = None,
 ) -> dict:
-    """One claim, "``arm`` beats ``baseline`` on ``metric``", judged over seeds.
+    """One claim judged alone: ``judge([Claim(claim, metric, arm, ...)], per_arm)[0]``.
 
-    Args:
-      claim: the claim in one sentence, as the paper makes it.
-      metric: a key (dotted path) into each seed's result, or ``fn(result) -> float``.
-      arm, baseline: arm names in ``per_arm`` (paired by seed).
-      per_arm: what `run_arms` returned.
-      higher_is_better: the direction of "better" for this metric.
-      margin: for "no worse than" claims, the tolerated shortfall.
-      metric_name: display name (default: ``metric`` when it is a string).
-
-    Returns:
-      a dict with the means, the paired difference and its 95% interval, and a verdict.
+    Kept for experiments not yet declaring `Claim` lists; `save_results` applies Holm
+    over all claims of the file either way.
     """
-    a, b = _metric_values(per_arm[arm], metric), _metric_values(per_arm[baseline], metric)
-    mean, lo, hi = paired_interval(a, b)
-    return {
-        "claim": claim,
-        "metric": metric_name or (metric if isinstance(metric, str) else "metric"),
-        "arm": arm,
-        "baseline": baseline,
-        "n": len(a),
-        "arm_mean": float(np.mean(a)),
-        "baseline_mean": float(np.mean(b)),
-        "diff_mean": mean,
-        "ci95": [lo, hi],
-        "higher_is_better": higher_is_better,
-        "margin": margin,
-        "verdict": verdict(lo, hi, higher_is_better=higher_is_better, margin=margin),
-    }
+    c = Claim(claim, metric, arm, baseline, higher_is_better, margin, metric_name)
+    return judge([c], per_arm)[0]
 
 
 def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
@@ -358,8 +416,8 @@ def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
     for arm, results in per_arm.items():
         row: list[Any] = [arm]
         for m in metrics:
-            v = np.asarray(_metric_values(results, m), np.float64)
-            row.append([float(v.mean()), _t_half_width(v)])
+            mean, half = mean_ci(claims_lib._values(results, m))
+            row.append([float(mean), float(half)])
         rows.append(row)
     return {"columns": ["arm", *names], "rows": rows}
 
@@ -381,8 +439,10 @@ def save_results(
     """Writes ``results.json`` atomically and returns it.
 
     The report and the README read these fields: ``method``, ``size``,
-    ``smoke`` (quick size: not a result), ``seeds``, ``claims`` (from `compare`),
-    ``tables`` (from `summarize`), ``figures`` (PNG names in the workdir), ``notes``.
+    ``smoke`` (quick size: not a result), ``seeds``, ``claims`` (from `judge`, with
+    Holm's adjustment redone over all of them), ``tables`` (from `summarize`),
+    ``figures`` (PNG names in the workdir), ``notes``, ``provenance`` and
+    ``compute_seconds`` (the arms' stored times: kept from the run that computed them).
     """
     results = {
         "method": name,
@@ -390,15 +450,66 @@ def save_results(
         "smoke": config.size == "quick",
         "dataset": config.dataset,
         "seeds": seeds(config),
-        "claims": list(claims),
+        "claims": claims_lib.adjust([dict(c) for c in claims]),
         "tables": dict(tables or {}),
         "figures": [os.path.basename(f) for f in figures],
         "notes": list(notes),
+        "provenance": provenance(),
+        "compute_seconds": _stored_seconds(workdir),
         **dict(extra or {}),
     }
     if _is_writer():
         write_json(os.path.join(workdir, "results.json"), results)
     return results
+
+
+def provenance() -> dict:
+    """Where a result came from: commit (and a dirty tree), versions, backend, machine, date."""
+    import datetime
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    import jax
+
+    def git(*args):
+        try:
+            cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except OSError:  # no git on this machine
+            return None
+
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    packages = ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "wspace")
+    versions = {}
+    for p in packages:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    return {
+        "commit": commit,
+        "dirty": None if status is None else bool(status),
+        "versions": versions,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical cores)" if names else platform.processor()
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def savefig(fig, workdir: str, name: str, config=None) -> str:
@@ -439,17 +550,18 @@ def format_number(x: float) -> str:
 
 
 def claims_markdown(results: Mapping) -> str:
-    """The claims of one results.json as a markdown table."""
+    """The claims of one results.json as a markdown table (Holm-adjusted p and verdict)."""
     lines = [
-        "| claim | metric | arm | baseline | difference (95% CI) | n | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| claim | metric | arm | baseline | difference (95% CI) | n | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in results["claims"]:
         lo, hi = c["ci95"]
+        p = format_number(c["p_holm"]) if "p_holm" in c else "–"  # old files: no p-values
         lines.append(
             f"| {c['claim']} | {c['metric']} | {format_number(c['arm_mean'])} "
             f"| {format_number(c['baseline_mean'])} | {format_number(c['diff_mean'])} "
-            f"[{format_number(lo)}, {format_number(hi)}] | {c['n']} | **{c['verdict']}** |"
+            f"[{format_number(lo)}, {format_number(hi)}] | {c['n']} | {p} | **{c['verdict']}** |"
         )
     return "\n".join(lines)
 

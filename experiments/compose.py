@@ -293,16 +293,10 @@ def _plot(per_arm, workdir, config) -> str:
         values = np.array([[r["test_accuracy"] for r in per_arm[a]] for a in arms])
         for seed_values in values.T:  # one line per seed: the comparison is paired
             ax.plot(range(len(arms)), seed_values, color="0.7", lw=1, marker="o", ms=3)
-        ax.errorbar(
-            range(len(arms)),
-            values.mean(1),
-            yerr=values.std(1, ddof=1) if values.shape[1] > 1 else None,
-            color="C3",
-            marker="s",
-            capsize=4,
-            lw=2,
-            label="mean ± sd over seeds",
-        )
+        common.plot_mean_ci(
+            ax, range(len(arms)), values.T, style="s-", color="C3", bars=True,
+            label="mean, 95% interval over seeds",
+        )  # fmt: skip
         ax.set_xticks(range(len(arms)), arms)
         ax.set_title(title)
         ax.set_ylabel("test accuracy")

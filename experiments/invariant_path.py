@@ -551,14 +551,13 @@ def _plot_sparsity(per_arm, workdir, config) -> str:
         ("path", "ft_accuracy", "s--", "FIP path + fine-tune"),
     ]
     for kind, key, style, label in series:
-        values = [np.array([r[key] for r in per_arm[f"{kind}@{s:g}"]]) for s in levels]
-        spread = [v.std(ddof=1) if len(v) > 1 else 0.0 for v in values]
-        ax.errorbar(levels, [v.mean() for v in values], spread, fmt=style, capsize=3, label=label)
+        values = np.array([[r[key] for r in per_arm[f"{kind}@{s:g}"]] for s in levels])
+        common.plot_mean_ci(ax, levels, values.T, style=style, label=label, bars=True)
     dense = np.mean([r["dense_accuracy"] for r in per_arm[f"oneshot@{levels[0]:g}"]])
     ax.axhline(dense, color="k", ls=":", label="dense")
     ax.set(
         xlabel="sparsity",
-        ylabel="test accuracy (mean ± std over seeds)",
+        ylabel="test accuracy (mean, 95% interval over seeds)",
         title=f"Sparsification, {config.dataset}",
     )
     ax.legend(fontsize=7)

@@ -437,12 +437,11 @@ def _plot_classify(per_arm, workdir, config) -> str:
     for arm, rs in per_arm.items():
         steps = [r["step"] for r in rs[0]["curve"]]
         accs = np.array([[r["test_accuracy"] for r in x["curve"]] for x in rs])
-        ax.plot(steps, accs.mean(0), label=arm, marker=".")
-        ax.fill_between(steps, accs.min(0), accs.max(0), alpha=0.15)
+        common.plot_mean_ci(ax, steps, accs, style=".-", label=arm)
     ax.set(
         xlabel="step",
         ylabel="test accuracy (late arms: averaged network)",
-        title=f"mean and range over {config.num_seeds} seeds",
+        title=f"mean and 95% interval over {config.num_seeds} seeds",
     )
     ax.legend()
     base = np.array([r["test_accuracy"] for r in per_arm["sgd"]])
@@ -467,13 +466,14 @@ def _plot_nqp(per_arm, workdir, config) -> str:
     fig, ax = plt.subplots(figsize=(6, 4))
     for arm, rs in per_arm.items():
         steps = [r["step"] for r in rs[0]["curve"]]
-        ax.plot(steps, np.mean([[r["excess_loss"] for r in x["curve"]] for x in rs], 0), label=arm)
+        values = [[r["excess_loss"] for r in x["curve"]] for x in rs]
+        common.plot_mean_ci(ax, steps, values, label=arm)
     ax.axvline(int(config.t0_frac * config.nqp_steps), color="gray", ls=":", label="T0")
     ax.set(
         xlabel="step",
         ylabel="excess loss of the output network",
         yscale="log",
-        title="noisy quadratic problem (mean over seeds)",
+        title="noisy quadratic problem (mean, 95% interval over seeds)",
     )
     ax.legend()
     return common.savefig(fig, workdir, "nqp.png", config)

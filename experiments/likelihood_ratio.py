@@ -409,8 +409,8 @@ def _plot_training(config, per_arm, workdir):
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for arm, results in per_arm.items():
         curves = np.asarray([r["curve"] for r in results])  # (seeds, points, 2)
-        ax.plot(curves[0, :, 0], curves[:, :, 1].mean(0), marker="o", label=arm)
-    ax.set(xlabel="step", ylabel=f"test accuracy (mean of {config.num_seeds} seeds)")
+        common.plot_mean_ci(ax, curves[0, :, 0], curves[:, :, 1], style="o-", label=arm)
+    ax.set(xlabel="step", ylabel=f"test accuracy (mean, 95% interval, {config.num_seeds} seeds)")
     ax.legend(fontsize=7)
     return common.savefig(fig, workdir, "training.png", config)
 
@@ -423,8 +423,7 @@ def _plot_robustness(config, per_arm, workdir):
             accs = np.asarray(
                 [[r["test_accuracy"]] + [r[kind][f"{e:g}"] for e in eps[1:]] for r in results]
             )
-            half = 1.96 * accs.std(0, ddof=1) / np.sqrt(len(accs)) if len(accs) > 1 else 0 * accs[0]
-            ax.errorbar(eps, accs.mean(0), yerr=half, marker="o", capsize=2, label=arm)
+            common.plot_mean_ci(ax, eps, accs, style="o-", label=arm, bars=True)
         ax.set(xlabel="FGSM eps (standardized inputs)", title=f"{kind} FGSM")
     axes[0].set_ylabel("test accuracy")
     axes[0].legend(fontsize=7)

@@ -3,6 +3,7 @@ r"""The reproduction report: every method's headline comparison, measured, with 
   python -m experiments.report --workdir=runs/report                  # `make demo`, small size
   python -m experiments.report --workdir=/tmp/r --config=experiments/configs/report.py:quick
   python -m experiments.report --workdir=runs/report --publish       # also refresh the README
+  python -m experiments.report --verify [--results_dir=DIR]          # re-derive every verdict
 
 Runs each method's experiment (``run(config, workdir)``) at the report's size
 into ``workdir/<method>`` (resumable: finished arms and seeds are read back),
@@ -10,7 +11,10 @@ then writes ``report.md`` and ``report.html`` (figures inline) and prints the
 verdict table. ``--publish`` copies each ``results.json`` to
 ``experiments/results/<method>.json`` and regenerates the README's result
 blocks from those files (`readme_block`); the tests check that the README
-matches them, so no number in it is typed by hand.
+matches them, so no number in it is typed by hand. ``--verify`` runs nothing: it
+re-derives every claim's interval, p-value, Holm adjustment and verdict from the
+stored per-seed values (`experiments.claims.rejudge`) and checks the README blocks,
+exiting non-zero with one line per mismatch; `make test` runs it.
 """
 
 from __future__ import annotations
@@ -21,14 +25,27 @@ import importlib
 import os
 import re
 import shutil
-import time
 
+from experiments import claims as claims_lib
 from experiments import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "experiments", "results")
+README = os.path.join(ROOT, "README.md")
 
 # What each method's paper claims, in one sentence, and where it comes from.
+# Which verdict every table shows, and why (the report and the README say it).
+VERDICT_RULE = (
+    "Verdicts are Holm-adjusted within each method: a method makes several claims, and "
+    "testing each at 5% alone would let about one in twenty claims without a real effect look "
+    "decisive. A claim *holds* (or *does not hold*) when its Holm-adjusted p-value `p_holm` "
+    "is below 0.05 and the mean paired difference is on the claimed (other) side, and is "
+    "*inconclusive* otherwise; the unadjusted verdict is kept as `verdict_unadjusted`. "
+    "p-values are paired t-tests over seeds; accuracy claims with per-example results also "
+    "resample the test set (a seeds x test-examples bootstrap) and keep the larger p-value "
+    "and the wider interval. `python -m experiments.report --verify` re-derives them all."
+)
+
 METHODS = {
     "late_phase": (
         "Late-phase weights",
@@ -77,25 +94,43 @@ METHODS = {
 
 
 def run(config, workdir: str) -> dict:
-    """Runs every method of ``config.methods`` at ``config.size``; writes the report files."""
+    """Runs every method of ``config.methods`` at ``config.size``; writes the report files.
+
+    One progress bar counts the report's arm x seed units (an experiment that defines
+    ``arm_names(config)`` has its units counted up front, the others when they start).
+    """
     methods = _methods(config)
     os.makedirs(workdir, exist_ok=True)
-    all_results, seconds = {}, {}
-    for name in methods:
-        method_config = importlib.import_module(f"experiments.configs.{name}").get_config(
-            config.size
-        )
-        method_config.progress = config.progress
-        t0 = time.time()
-        all_results[name] = importlib.import_module(f"experiments.{name}").run(
-            method_config, os.path.join(workdir, name)
-        )
-        seconds[name] = time.time() - t0
-        print(f"{name}: {seconds[name]:.0f} s", flush=True)
+    configs = {name: _method_config(name, config) for name in methods}
+    planned = {n: _planned_units(n, c) for n, c in configs.items()}
+    common.PROGRESS = bar = common.UnitProgress(sum(planned.values()))
+    all_results = {}
+    try:
+        for name in methods:
+            bar.bar.set_description(name)
+            bar.plan(planned[name])
+            module = importlib.import_module(f"experiments.{name}")
+            all_results[name] = module.run(configs[name], os.path.join(workdir, name))
+    finally:
+        common.PROGRESS = None
+        bar.close()
+    seconds = {n: r["compute_seconds"] for n, r in all_results.items()}
     md = report_markdown(all_results, seconds)
     common.write_text(os.path.join(workdir, "report.md"), md)
     common.write_text(os.path.join(workdir, "report.html"), report_html(all_results, workdir))
     return {"size": config.size, "methods": all_results, "seconds": seconds}
+
+
+def _method_config(name: str, config):
+    method_config = importlib.import_module(f"experiments.configs.{name}").get_config(config.size)
+    method_config.progress = config.progress
+    return method_config
+
+
+def _planned_units(name: str, method_config) -> int:
+    module = importlib.import_module(f"experiments.{name}")
+    arm_names = getattr(module, "arm_names", None)
+    return len(arm_names(method_config)) * method_config.num_seeds if arm_names else 0
 
 
 def _methods(config) -> list[str]:
@@ -107,18 +142,19 @@ def _methods(config) -> list[str]:
 
 
 def verdict_table(all_results: dict) -> str:
-    """One row per claim of every method: the measured difference, its interval, the verdict."""
+    """One row per claim of every method: the difference, its interval, p_holm, the verdict."""
     lines = [
-        "| method | claim | arm vs baseline | difference (95% CI) | verdict |",
-        "|---|---|---|---|---|",
+        "| method | claim | arm vs baseline | difference (95% CI) | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     fmt = common.format_number
     for name, results in all_results.items():
         for c in results["claims"]:
             lo, hi = c["ci95"]
+            p = fmt(c["p_holm"]) if "p_holm" in c else "–"  # old files: no p-values
             lines.append(
                 f"| {name} | {c['claim']} | {c['arm']} vs {c['baseline']} ({c['metric']}) "
-                f"| {fmt(c['diff_mean'])} [{fmt(lo)}, {fmt(hi)}] | **{c['verdict']}** |"
+                f"| {fmt(c['diff_mean'])} [{fmt(lo)}, {fmt(hi)}] | {p} | **{c['verdict']}** |"
             )
     return "\n".join(lines)
 
@@ -162,23 +198,49 @@ def method_markdown(name: str, results: dict, figure_dir: str | None = None) -> 
 
 
 def report_markdown(all_results: dict, seconds: dict | None = None) -> str:
-    """The whole report as markdown (figures linked relative to the report's folder)."""
+    """The whole report as markdown (figures linked relative to the report's folder).
+
+    ``seconds``: per method, the compute time stored with its arms (None: not recorded).
+    """
     sizes = {r["size"] for r in all_results.values()}
     parts = ["# wspace reproduction report", f"Size: {', '.join(sorted(sizes))}."]
     if any(r["smoke"] for r in all_results.values()):
         stamp = common.SMOKE_STAMP.capitalize()
         parts.append(f"**{stamp}**: quick-size runs check the code paths only.")
+    parts += ["## Summary", VERDICT_RULE, verdict_summary(all_results)]
     parts += ["## Verdicts", verdict_table(all_results)]
     for name, results in all_results.items():
-        took = f" ({seconds[name]:.0f} s this run)" if seconds and name in seconds else ""
+        took = (seconds or {}).get(name)
+        took = f" ({took:.0f} s of compute, timed when its arms ran)" if took else ""
         parts += [f"## {METHODS[name][0]}{took}", method_markdown(name, results, name)]
+    parts += ["## Provenance", provenance_markdown(all_results)]
     return "\n\n".join(parts) + "\n"
+
+
+def provenance_markdown(all_results: dict) -> str:
+    """One row per method: commit, versions, backend and machine, date (from results.json)."""
+    lines = ["| method | commit | versions | backend, device | CPU | Python | date |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for name, results in all_results.items():
+        p = results.get("provenance")
+        if p is None:
+            lines.append(f"| {name} | not recorded (an older results file) | | | | | |")
+            continue
+        commit = (p["commit"] or "no git")[:10] + (" (dirty)" if p["dirty"] else "")
+        versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)
+        lines.append(
+            f"| {name} | {commit} | {versions} | {p['backend']}, {p['device_kind']} "
+            f"| {p['cpu']} | {p['python']} | {p['date']} |"
+        )
+    return "\n".join(lines)
 
 
 def report_html(all_results: dict, workdir: str) -> str:
     """A self-contained HTML rendering: the same content, figures embedded as data URIs."""
-    body = ["<h1>wspace reproduction report</h1>", "<h2>Verdicts</h2>"]
-    body.append(_html_table(verdict_table(all_results)))
+    body = ["<h1>wspace reproduction report</h1>", "<h2>Summary</h2>"]
+    body.append(f"<p>{html.escape(VERDICT_RULE)}</p>")
+    body.append(_html_table(verdict_summary(all_results)))
+    body += ["<h2>Verdicts</h2>", _html_table(verdict_table(all_results))]
     for name, results in all_results.items():
         title, paper, claim = METHODS[name]
         body.append(f"<h2>{html.escape(title)}</h2>")
@@ -196,6 +258,7 @@ def report_html(all_results: dict, workdir: str) -> str:
             with open(os.path.join(workdir, name, fig), "rb") as f:
                 data = base64.b64encode(f.read()).decode()
             body.append(f"<img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'>")
+    body += ["<h2>Provenance</h2>", _html_table(provenance_markdown(all_results))]
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
@@ -237,13 +300,16 @@ def readme_block(name: str, results: dict) -> str:
 
 def published_results() -> dict[str, dict]:
     """The results.json files committed under ``experiments/results/``."""
-    if not os.path.isdir(RESULTS_DIR):
+    return _read_dir(RESULTS_DIR)
+
+
+def _read_dir(directory: str) -> dict[str, dict]:
+    """``directory/<method>.json`` files by method, in the report's order."""
+    if not os.path.isdir(directory):
         return {}
-    names = [f[: -len(".json")] for f in os.listdir(RESULTS_DIR) if f.endswith(".json")]
+    names = [f[: -len(".json")] for f in os.listdir(directory) if f.endswith(".json")]
     order = list(METHODS) + sorted(set(names) - set(METHODS))  # the report's order
-    return {
-        n: common.read_json(os.path.join(RESULTS_DIR, f"{n}.json")) for n in order if n in names
-    }
+    return {n: common.read_json(os.path.join(directory, f"{n}.json")) for n in order if n in names}
 
 
 def render_readme(text: str, all_results: dict) -> str:
@@ -252,7 +318,7 @@ def render_readme(text: str, all_results: dict) -> str:
     def replace(match):
         name = match.group(1)
         if name == "verdicts":
-            body = verdict_summary(all_results)
+            body = f"{VERDICT_RULE}\n\n{verdict_summary(all_results)}"
         elif name in all_results:
             body = readme_block(name, all_results[name])
         else:
@@ -262,7 +328,7 @@ def render_readme(text: str, all_results: dict) -> str:
     return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", replace, text, flags=re.S)
 
 
-def publish(workdir: str, readme: str = os.path.join(ROOT, "README.md")) -> None:
+def publish(workdir: str, readme: str = README) -> None:
     """Copies ``workdir/<method>/results.json`` to experiments/results/ and refreshes the README."""
     os.makedirs(RESULTS_DIR, exist_ok=True)
     for name in METHODS:
@@ -274,16 +340,50 @@ def publish(workdir: str, readme: str = os.path.join(ROOT, "README.md")) -> None
     common.write_text(readme, render_readme(text, published_results()))
 
 
+def verify(results_dir: str = RESULTS_DIR, readme: str | None = README) -> list[str]:
+    """Re-derives every claim of ``results_dir/*.json`` and checks the README's blocks.
+
+    Returns one line per mismatch (empty: all verified): a claim field that the stored
+    per-seed values do not give (`experiments.claims.rejudge`), a file without
+    provenance, or a README result block that differs from the files.
+    """
+    problems, all_results = [], _read_dir(results_dir)
+    if not all_results:
+        return [f"{results_dir}: no results files"]
+    for name, results in all_results.items():
+        where = os.path.join(results_dir, f"{name}.json")
+        problems += [f"{where}: {p}" for p in claims_lib.rejudge(results["claims"])]
+        if not results.get("provenance"):
+            problems.append(f"{where}: no provenance")
+    if readme is not None:
+        with open(readme) as f:
+            text = f.read()
+        if render_readme(text, all_results) != text:
+            problems.append(f"{readme}: result blocks differ from {results_dir} (--publish)")
+        problems += [
+            f"{readme}: no block <!-- results:{n} -->"
+            for n in all_results
+            if f"<!-- results:{n} -->" not in text
+        ]
+    return problems
+
+
 def main(argv):
     from absl import flags
 
     del argv
     FLAGS = flags.FLAGS
+    if FLAGS.verify:
+        same = os.path.realpath(FLAGS.results_dir) == os.path.realpath(RESULTS_DIR)
+        readme = README if same else None
+        problems = verify(FLAGS.results_dir, readme)
+        print("\n".join(problems) or f"verified: every claim in {FLAGS.results_dir}")
+        raise SystemExit(1 if problems else 0)
     report = run(FLAGS.config, FLAGS.workdir)
     print("\n" + verdict_table(report["methods"]))
-    total = sum(report["seconds"].values())
+    total = sum(s for s in report["seconds"].values() if s)
     print(
-        f"\nreport ({report['size']} size, {total / 60:.1f} min; stored arms are reused): "
+        f"\nreport ({report['size']} size, {total / 60:.1f} min of stored compute): "
         f"{os.path.join(FLAGS.workdir, 'report.md')} and report.html"
     )
     if FLAGS.publish:
@@ -297,6 +397,8 @@ if __name__ == "__main__":
 
     flags.DEFINE_string("workdir", "runs/report", "Output directory (resumes if it exists).")
     flags.DEFINE_bool("publish", False, "Copy results to experiments/results/ and refresh README.")
+    flags.DEFINE_bool("verify", False, "Re-derive every verdict of --results_dir; run nothing.")
+    flags.DEFINE_string("results_dir", RESULTS_DIR, "The results files --verify checks.")
     config_flags.DEFINE_config_file(
         "config",
         os.path.join(os.path.dirname(__file__), "configs", "report.py:small"),

@@ -489,10 +489,9 @@ def _plot_sbn(sbn_arms, workdir, config) -> str:
     fig, (ax_cos, ax_train) = plt.subplots(1, 2, figsize=(10, 3.8))
     for arm, results in sbn_arms.items():
         f = results[0]["forward_evaluations"]
-        cos = np.mean([r["cosine"] for r in results], 0)
-        ax_cos.plot(f, cos, marker="o", label=arm[4:])
+        common.plot_mean_ci(ax_cos, f, [r["cosine"] for r in results], style="o-", label=arm[4:])
         t = results[0]["train_forward_evaluations"]
-        ax_train.plot(t, np.mean([r["train_exact_loss"] for r in results], 0), label=arm[4:])
+        common.plot_mean_ci(ax_train, t, [r["train_exact_loss"] for r in results], label=arm[4:])
     budgets = list(config.sbn_budgets)
     ax_cos.set_xscale("log", base=2)
     ax_cos.set_xticks(budgets, [str(b) for b in budgets])
@@ -500,7 +499,7 @@ def _plot_sbn(sbn_arms, workdir, config) -> str:
     ax_cos.set(
         xlabel="forward evaluations per example",
         ylabel="cosine to exact gradient",
-        title=f"SBN {list(config.sbn_hidden)} at init",
+        title=f"SBN {list(config.sbn_hidden)} at init (95% interval over seeds)",
     )
     ax_train.set(
         xlabel="forward evaluations per example",
@@ -516,13 +515,17 @@ def _plot_training(train_arms, workdir, config) -> str:
     import matplotlib.pyplot as plt
 
     names = list(train_arms)
-    mode = [np.mean([r["test_accuracy"] for r in train_arms[a]]) for a in names]
-    sampled = [np.mean([r["sampled_test_accuracy"] for r in train_arms[a]]) for a in names]
+    mode, mode_ci = common.mean_ci([[r["test_accuracy"] for r in train_arms[a]] for a in names], 1)
+    sampled, sampled_ci = common.mean_ci(
+        [[r["sampled_test_accuracy"] for r in train_arms[a]] for a in names], 1
+    )
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.5))
     pos = np.arange(len(names))
-    ax.barh(pos - 0.2, mode, 0.4, label="mode network")
-    ax.barh(pos + 0.2, sampled, 0.4, label=f"mean of {config.eval_samples} samples")
-    ax.set(yticks=pos, yticklabels=names, xlabel="test accuracy", title=config.dataset)
+    ax.barh(pos - 0.2, mode, 0.4, xerr=np.nan_to_num(mode_ci), label="mode network")
+    ax.barh(pos + 0.2, sampled, 0.4, xerr=np.nan_to_num(sampled_ci),
+            label=f"mean of {config.eval_samples} samples")  # fmt: skip
+    ax.set(yticks=pos, yticklabels=names, xlabel="test accuracy (95% interval over seeds)",
+           title=config.dataset)  # fmt: skip
     ax.set_xlim(min(min(mode), min(sampled)) - 0.05, 1.0)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

@@ -30,22 +30,6 @@ def test_paired_interval_matches_t_test():
     np.testing.assert_allclose([mean, lo, hi], [d.mean(), ref.low, ref.high], rtol=1e-12)
 
 
-@pytest.mark.parametrize(
-    "lo,hi,higher,margin,expected",
-    [
-        (0.1, 0.5, True, 0.0, "holds"),
-        (-0.5, -0.1, True, 0.0, "does not hold"),
-        (-0.1, 0.5, True, 0.0, "inconclusive"),
-        (-0.5, -0.1, False, 0.0, "holds"),  # lower is better: a negative difference wins
-        (-0.008, 0.004, True, 0.01, "holds"),  # no worse than by more than the margin
-        (-0.03, -0.02, True, 0.01, "does not hold"),
-        (-0.02, 0.0, True, 0.01, "inconclusive"),
-    ],
-)
-def test_verdict(lo, hi, higher, margin, expected):
-    assert common.verdict(lo, hi, higher_is_better=higher, margin=margin) == expected
-
-
 def test_compare_pairs_by_seed():
     per_arm = {
         "new": [{"acc": 0.80}, {"acc": 0.60}, {"acc": 0.71}],
@@ -236,10 +220,3 @@ def test_two_process_run_matches_one_process(tmp_path):
     np.testing.assert_allclose(
         [c[0] for c in row_two[1:]], [c[0] for c in row_one[1:]], rtol=1e-4, atol=1e-5
     )
-
-
-def test_pack_correct_round_trips():
-    correct = np.random.default_rng(0).random(1001) < 0.7
-    text = common.pack_correct(correct)
-    np.testing.assert_array_equal(common.unpack_correct(text), correct)
-    assert len(text) < 300

@@ -1,0 +1,248 @@
+"""Claims as data: paired t-tests, the seeds x examples bootstrap, Holm, provenance, --verify."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import claims, common, report
+from tests.helpers import ROOT, _env
+
+
+def _per_arm(n_seeds=10, n_examples=400, seed=0):
+    """Two arms on one shared test set; ``new`` redraws 10% of ``old``'s answers at 90% right."""
+    rng = np.random.default_rng(seed)
+    per_arm = {"new": [], "old": []}
+    for _ in range(n_seeds):
+        old = rng.random(n_examples) < 0.8
+        new = old.copy()
+        flip = rng.choice(n_examples, int(n_examples * 0.1), replace=False)
+        new[flip] = rng.random(len(flip)) < 0.9  # old is 80% right: new wins on net
+        for arm, bits in (("new", new), ("old", old)):
+            per_arm[arm].append(
+                {"acc": float(bits.mean()), "loss": float(rng.normal(1.0 - bits.mean(), 0.01)),
+                 "correct": claims.pack_correct(bits)}
+            )  # fmt: skip
+    return per_arm
+
+
+CLAIMS = [
+    common.Claim("new beats old in accuracy", "acc", "new", "old", per_example="correct"),
+    common.Claim("new has lower loss", "loss", "new", "old", higher_is_better=False),
+    common.Claim("old is within 0.5 of new", "acc", "old", "new", margin=0.5),
+]
+
+
+def test_paired_t_matches_scipy_ttest_rel_with_the_margin_shift():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.9, 0.02, 10), rng.normal(0.91, 0.02, 10)
+    per_arm = {"a": [{"m": x} for x in a], "b": [{"m": x} for x in b]}
+    (c,) = common.judge([common.Claim("a within 0.03 of b", "m", "a", "b", margin=0.03)], per_arm)
+    ref = stats.ttest_rel(a + 0.03, b)  # H0: mean(a - b) = -margin
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert c["arm_values"] == a.tolist() and c["baseline_values"] == b.tolist()
+    np.testing.assert_allclose(c["p_value"], ref.pvalue, rtol=1e-10)
+    np.testing.assert_allclose(c["ci95"], [ci.low, ci.high], rtol=1e-10)
+    assert c["p_holm"] == c["p_value"]  # one claim: Holm changes nothing
+    expected = "holds" if ref.pvalue < 0.05 and np.mean(a - b) > -0.03 else "inconclusive"
+    assert c["verdict"] == c["verdict_unadjusted"] == expected
+
+
+@pytest.mark.parametrize(
+    "p,expected",
+    [
+        ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),  # sorted x 4, 3, 2, 1, running max
+        ([0.5, 0.001], [0.5, 0.002]),
+        ([0.6, 0.7], [1.0, 1.0]),  # capped at one
+        ([0.02, 0.02, 0.02], [0.06, 0.06, 0.06]),  # ties
+    ],
+)
+def test_holm_matches_hand_computed_values(p, expected):
+    np.testing.assert_allclose(claims.holm(p), expected, rtol=1e-12)
+
+
+def test_holm_turns_three_marginal_wins_inconclusive():
+    rng = np.random.default_rng(3)
+    base = rng.normal(0, 1, 10)
+    per_arm = {"b": [{"m": x} for x in base]}
+    found = []
+    for i in range(3):  # each arm beats b with p around 0.02-0.04
+        noise = rng.normal(0, 1, 10)
+        noise = (noise - noise.mean()) / noise.std(ddof=1)
+        per_arm[f"a{i}"] = [{"m": x} for x in base + 0.75 + noise]
+        found.append(common.Claim(f"a{i} beats b", "m", f"a{i}", "b"))
+    judged = common.judge(found, per_arm)
+    assert all(0.01 < c["p_value"] < 0.05 for c in judged)
+    assert all(c["verdict_unadjusted"] == "holds" for c in judged)
+    assert all(c["verdict"] == "inconclusive" for c in judged)
+
+
+def test_pack_correct_round_trips_in_an_eighth_of_the_bytes():
+    bits = np.random.default_rng(0).random(1003) < 0.5
+    packed = claims.pack_correct(bits)
+    np.testing.assert_array_equal(claims.unpack_correct(json.loads(json.dumps(packed))), bits)
+    assert packed["n"] == 1003 and len(packed["bits"]) <= 4 * (126 + 2) // 3 + 4
+    with pytest.raises(ValueError, match="1-D bool array"):
+        claims.pack_correct(np.ones(4))
+
+
+def test_crossed_bootstrap_over_examples_matches_the_binomial_standard_error():
+    """One seed: resampling examples alone gives sd(d) / sqrt(N) (closed form)."""
+    rng = np.random.default_rng(0)
+    n, d = 2000, rng.choice([-1, 0, 0, 0, 1, 1], 2000)
+    ex = {"n": n, "wins": [np.flatnonzero(d == 1).tolist()]}
+    ex["losses"] = [np.flatnonzero(d == -1).tolist()]
+    (lo, hi), p = claims.crossed_bootstrap(ex, 0.0)
+    half = 1.96 * d.std() / np.sqrt(n)
+    np.testing.assert_allclose([lo, hi], [d.mean() - half, d.mean() + half], atol=0.15 * half)
+    assert claims.crossed_bootstrap(ex, 0.0) == ([lo, hi], p)  # fixed seed: bit-exact
+    none = {"n": 50, "wins": [[], []], "losses": [[], []]}
+    assert claims.crossed_bootstrap(none, 0.0) == ([0.0, 0.0], 1.0)
+
+
+def test_accuracy_claims_add_test_set_sampling_and_count_disagreements():
+    per_arm = _per_arm()
+    acc, loss, margin = common.judge(CLAIMS, per_arm)
+    assert len(acc["disagreements"]) == 10 and all(0 < k <= 40 for k in acc["disagreements"])
+    # 8-14 disagreements of 400 per seed: over seeds alone the gain looks clear, but a
+    # new test set of 400 could well erase it
+    assert acc["p_t"] < 0.05 < acc["p_bootstrap"] and acc["verdict"] == "inconclusive"
+    assert acc["p_value"] == max(acc["p_t"], acc["p_bootstrap"])
+    assert acc["ci95"][0] == min(acc["ci95_t"][0], acc["ci95_bootstrap"][0])
+    assert acc["ci95"][1] == max(acc["ci95_t"][1], acc["ci95_bootstrap"][1])
+    # the bootstrap's mean is the paired mean: wins - losses over N per seed
+    ex = acc["examples"]
+    counted = [(len(w) - len(lo)) / ex["n"] for w, lo in zip(ex["wins"], ex["losses"], strict=True)]
+    np.testing.assert_allclose(np.mean(counted), acc["diff_mean"], atol=1e-12)
+    np.testing.assert_allclose(
+        [c["p_holm"] for c in (acc, loss, margin)],
+        claims.holm([c["p_value"] for c in (acc, loss, margin)]),
+    )
+    assert "examples" not in loss and margin["verdict"] == "holds"
+
+
+def test_per_example_bits_must_match_the_metric():
+    per_arm = _per_arm(n_seeds=3)
+    per_arm["new"][1]["acc"] += 0.05
+    with pytest.raises(ValueError, match="per_example 'correct' of the arm is 0.05"):
+        common.judge(CLAIMS[:1], per_arm)
+    del per_arm["old"][2]["correct"]
+    with pytest.raises(ValueError, match="per_example 'correct' is missing"):
+        common.judge(CLAIMS[:1], per_arm)
+
+
+def test_bad_claims_and_missing_arms_are_named():
+    with pytest.raises(ValueError, match="margin=-0.1"):
+        common.Claim("x", "acc", "a", "b", margin=-0.1)
+    with pytest.raises(ValueError, match="arm and baseline are both 'a'"):
+        common.Claim("x", "acc", "a", "a")
+    per_arm = {"a": [{"acc": 1.0}], "b": [{"acc": 0.5}]}
+    missing = common.Claim("c beats a", "acc", "c", "a")
+    with pytest.raises(ValueError, match=r"no arm \['c'\]; arms run: \['a', 'b'\]"):
+        common.judge([missing], per_arm)
+    assert common.judge([missing], per_arm, skip_missing=True) == []
+
+
+def test_compare_still_returns_one_judged_claim():
+    per_arm = _per_arm(n_seeds=4)
+    old = common.compare("new beats old", "acc", "new", "old", per_arm)
+    (new,) = common.judge([common.Claim("new beats old", "acc", "new", "old")], per_arm)
+    assert old == new
+
+
+def test_mean_ci_is_the_t_interval_and_the_plot_draws_it():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.random.default_rng(0).normal(size=(6, 4))
+    mean, half = common.mean_ci(values)
+    ci = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
+    np.testing.assert_allclose(mean - half, ci.low, rtol=1e-10)
+    fig, ax = plt.subplots()
+    common.plot_mean_ci(ax, np.arange(4), values, label="a")
+    band = ax.collections[0].get_paths()[0].vertices
+    np.testing.assert_allclose(band[:, 1].min(), (mean - half).min(), rtol=1e-6)
+    plt.close(fig)
+
+
+def _results_dir(tmp_path, per_arm=None):
+    config = common.base_config("quick")
+    config.num_seeds = 10
+    judged = common.judge(CLAIMS, per_arm or _per_arm())
+    results = common.save_results(str(tmp_path), config, "synthetic", claims=judged)
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "synthetic.json").write_text(json.dumps(results))
+    return out, results
+
+
+def test_results_store_provenance_and_verify_passes(tmp_path):
+    out, results = _results_dir(tmp_path)
+    p = results["provenance"]
+    assert p["versions"]["jax"] and p["versions"]["numpy"] and p["backend"] == "cpu"
+    assert len(p["commit"]) == 40 and isinstance(p["dirty"], bool) and p["python"] and p["cpu"]
+    assert report.verify(str(out), readme=None) == []
+    readme = tmp_path / "README.md"
+    block = "<!-- results:synthetic -->\nold\n<!-- /results:synthetic -->"
+    readme.write_text(report.render_readme(block, {"synthetic": results}))
+    assert report.verify(str(out), readme=str(readme)) == []
+    readme.write_text(block)
+    assert "result blocks differ" in report.verify(str(out), readme=str(readme))[0]
+
+
+@pytest.mark.parametrize(
+    "tamper,field",
+    [
+        (lambda c: c[1]["arm_values"].__setitem__(3, c[1]["arm_values"][3] + 0.01), "diff_mean"),
+        (lambda c: c[0]["examples"]["wins"][0].pop(), "examples do not give its values"),
+        (lambda c: c[2].__setitem__("verdict", "inconclusive"), "verdict stored"),
+        (lambda c: c[1].__setitem__("p_holm", c[1]["p_holm"] * 0.5), "p_holm stored"),
+    ],
+)
+def test_verify_names_a_tampered_value(tmp_path, tamper, field):
+    out, results = _results_dir(tmp_path)
+    if "examples do not" in field:  # a consistent tamper: drop a win and its count
+        results["claims"][0]["examples"]["wins"][0].pop()
+        results["claims"][0]["arm_values"][0] -= 1 / results["claims"][0]["examples"]["n"]
+        field = "p_"
+    else:
+        tamper(results["claims"])
+    (out / "synthetic.json").write_text(json.dumps(results))
+    problems = report.verify(str(out), readme=None)
+    assert problems and any(field in p for p in problems), problems
+
+
+def test_verify_cli_exits_nonzero_naming_the_mismatch(tmp_path):
+    out, results = _results_dir(tmp_path)
+    results["claims"][0]["ci95"][0] -= 1e-6
+    (out / "synthetic.json").write_text(json.dumps(results))
+    cmd = [sys.executable, "-m", "experiments.report", "--verify", f"--results_dir={out}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "'new beats old in accuracy'): ci95 stored" in done.stdout
+
+
+def test_stored_times_survive_a_rerun_and_the_eta_skips_the_first_unit(tmp_path, monkeypatch):
+    config = common.base_config("quick")
+    config.num_seeds = 2
+    arm = {"a": lambda seeds: [{"v": 1.0} for _ in seeds]}  # all seeds at once
+    common.run_arms(str(tmp_path), config, arm)
+    stored = json.loads((tmp_path / "arms" / "seconds.json").read_text())
+    assert sorted(stored) == ["a/seeds_0-1"]
+    common.run_arms(str(tmp_path), config, arm)  # all read back
+    assert json.loads((tmp_path / "arms" / "seconds.json").read_text()) == stored
+    clock = iter([0.0, 100.0, 104.0])  # the first computed call compiles for 100 s
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    bar = common.UnitProgress(total=3, disable=True)
+    bar.plan(3)  # an experiment with arm_names: counted up front
+    bar.expect(3)
+    bar.expect(2)  # one without: counted when its runner starts
+    bar.done(computed=False)  # a stored unit: no time
+    bar.done(computed=True)  # compiles: the rate starts after it
+    bar.done(computed=True, units=2)  # 2 units in 4 s
+    assert bar.bar.total == 5 and bar.bar.postfix == "ETA 0:00:02"  # 1 unit left x 2 s

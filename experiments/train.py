@@ -63,6 +63,7 @@ def train_one(config, ds, seed: int, workdir: str | None) -> tuple[dict, list[di
         eval_every=config.eval_every,
         workdir=workdir,
         progress=config.progress,
+        identity=common.run_identity(config),
     )
     final = {k: v for k, v in history[-1].items() if k != "time"}
     final["num_params"] = ws.training.num_params(state.params)

@@ -664,8 +664,11 @@ def _experiment_fields(name: str, config) -> set[str]:
 def _with_suggestion(field: str, known) -> str:
     import difflib
 
+    def initials(name):  # learning_rate -> lr
+        return "".join(w[:1] for w in name.split("_"))
+
     close = difflib.get_close_matches(field, sorted(known), n=1, cutoff=0.5)
-    hint = close or [k for k in sorted(known) if field in k or k in field][:1]
+    hint = close or [k for k in sorted(known) if initials(field) == k or initials(k) == field]
     return f"{field!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
 
 

@@ -716,8 +716,13 @@ def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
     """
     if callable(learning_rate):
         return
-    ok = isinstance(learning_rate, int | float | np.number) and not isinstance(learning_rate, bool)
-    if not (ok and math.isfinite(learning_rate) and learning_rate > 0):
+    try:
+        value = float(learning_rate)  # Python, NumPy and concrete JAX scalars
+    except jax.errors.ConcretizationTypeError:
+        return  # traced (e.g. optax.inject_hyperparams under jit)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be finite and > 0 (or a schedule), got {learning_rate!r}")
 
 

@@ -402,7 +402,8 @@ def fit(
     checkpoint (a damaged one falls back with a warning), truncates ``metrics.jsonl`` to
     it and skips the batches already consumed: bit-identical to an uninterrupted run on
     CPU. A non-finite loss or state stops the run with `FloatingPointError` naming the
-    step and the last checkpoint verified finite. In a multi-process run every process
+    step and how to start over (a finite checkpoint may already be diverging, so it is
+    not offered as a restart point). In a multi-process run every process
     calls `fit`; only process 0 locks, writes ``fit.json``/``metrics.jsonl`` and calls
     ``writer`` (orbax coordinates the checkpoint writes itself).
 

@@ -6,9 +6,10 @@ An experiment is a config and a function (flax ``examples/``, big_vision):
   ml_collections ``ConfigDict``; ``arg`` picks a size: ``quick`` (smoke tests,
   seconds), ``small`` (what ``make demo`` reports) or ``paper`` (full size).
 * ``experiments/<name>.py`` has ``run(config, workdir) -> results`` (callable
-  in-process) and ends with ``common.main(run, "<name>")``, the absl entry point:
-  ``python -m experiments.<name> --workdir=DIR --config=experiments/configs/<name>.py:small
-  --config.seed=3``. Flags override config fields; unknown fields are errors.
+  in-process) and ends with ``common.main(run, "<name>")``, the command line (absl flags,
+  ml_collections config files): ``python -m experiments.<name> --workdir=DIR
+  --config=experiments/configs/<name>.py:small --config.seed=3``. Flags override config
+  fields; unknown fields are one-line errors; ``--help`` lists the fields.
 
 A run writes into its workdir: ``config.json`` (a rerun with another config is
 refused with the difference), ``arms/<arm>/seed_<s>.json`` (one per arm and seed,
@@ -30,7 +31,14 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from wspace.io import atomic_open, read_json, workdir_lock, write_json
+from wspace.io import (
+    CheckpointError,
+    WorkdirLockedError,
+    atomic_open,
+    read_json,
+    workdir_lock,
+    write_json,
+)
 
 SIZES = ("quick", "small", "paper")
 NUM_SEEDS = {"quick": 2, "small": 5, "paper": 10}
@@ -552,13 +560,8 @@ class _UsageError(Exception):
     """A bad command line: printed as one line, exit code 2."""
 
 
-def _user_errors() -> tuple[type, ...]:
-    from wspace.io import CheckpointError, WorkdirLockedError
-
-    return (ValueError, FloatingPointError, OSError, CheckpointError, WorkdirLockedError)
-
-
-_USER_ERRORS = _user_errors()
+# errors a user can act on from their message alone: printed without a traceback
+_USER_ERRORS = (ValueError, FloatingPointError, OSError, CheckpointError, WorkdirLockedError)
 
 
 def _fail(message: str, code: int) -> int:

@@ -63,6 +63,7 @@ def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]
         eval_every=config.eval_every,
         workdir=workdir,
         progress=config.progress,
+        identity=common.run_identity(config),
     )
     num_params = ws.training.num_params(ws.training.seed_slice(state.params, 0))
     curves = [[_seed_record(r, i) for r in history] for i in range(len(seeds))]

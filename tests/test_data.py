@@ -57,7 +57,7 @@ def test_npz_errors(tmp_path):
         ws.data.load(f"npz:{bad_keys}")
     not_zip = tmp_path / "junk.npz"
     not_zip.write_text("not an npz")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match="junk.npz' is not an npz archive"):
         ws.data.load(f"npz:{not_zip}")
     ragged = tmp_path / "ragged.npz"
     np.savez(

@@ -111,16 +111,180 @@ def _cli(*args):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
 
 
-def test_cli_overrides_and_rejects_unknown_fields(tmp_path):
-    quick = "--config=experiments/configs/train.py:quick"
-    bad = _cli(f"--workdir={tmp_path / 'bad'}", quick, "--config.learning_rate=0.5")
-    assert bad.returncode != 0 and "learning_rate" in bad.stderr
+QUICK = "--config=experiments/configs/train.py:quick"
+
+
+def _cli_in_process(capsys, *args, name="train"):
+    """``common.cli`` of ``experiments.<name>`` in this process: (exit code, stdout, stderr)."""
+    run = importlib.import_module(f"experiments.{name}").run
+    code = common.cli(run, name, [name, *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_overrides_and_rejects_unknown_fields(tmp_path, capsys):
+    code, _, err = _cli_in_process(
+        capsys, f"--workdir={tmp_path / 'bad'}", QUICK, "--config.learning_rate=0.5"
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert "unknown config field 'learning_rate' (did you mean 'lr'?)" in err
     assert not (tmp_path / "bad").exists()
-    ok = _cli(f"--workdir={tmp_path / 'ok'}", quick, "--config.dataset=digits", "--config.steps=4")
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    code, _, err = _cli_in_process(capsys, QUICK, "--config.lr=abc")
+    assert code == 2 and err.count("\n") == 1 and "--config.lr=abc" in err, err
+    ok = [f"--workdir={tmp_path / 'ok'}", QUICK, "--config.dataset=digits", "--config.steps=4"]
+    code, out, err = _cli_in_process(capsys, *ok, "--config.model=mlp")
+    assert code == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == f"results: {tmp_path / 'ok' / 'results.json'}"
     with open(tmp_path / "ok" / "config.json") as f:
         config = json.load(f)
     assert config["dataset"] == "digits" and config["steps"] == 4 and config["size"] == "quick"
+
+
+def test_cli_errors_are_one_line_naming_the_cause(tmp_path, capsys):
+    code, _, err = _cli_in_process(
+        capsys, f"--workdir={tmp_path / 'foo'}", QUICK, "--config.dataset=foo"
+    )
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) <= 10 and "'foo'" in lines[-1], err
+    code, _, err = _cli_in_process(capsys, f"--workdir={tmp_path / 'm'}", QUICK, "--config.model=x")
+    (line,) = err.strip().splitlines()
+    assert code == 1 and line.startswith("train: error: config.model='x'; use one of ['convnet'")
+    copied = tmp_path / "my_config.py"  # a copied config file with a misspelt field
+    copied.write_text(
+        "from experiments.configs import train\n\n\n"
+        "def get_config(arg='small'):\n"
+        "    c = train.get_config(arg)\n"
+        "    c.learning_rate = 0.1\n"
+        "    return c\n"
+    )
+    code, _, err = _cli_in_process(
+        capsys, f"--workdir={tmp_path / 'c'}", f"--config={copied}:quick"
+    )
+    assert code == 2 and err.count("\n") == 1, err
+    assert "adds fields this experiment does not have: 'learning_rate' (did you mean 'lr'?)" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_help_lists_the_fields_with_defaults(capsys):
+    code, out, _ = _cli_in_process(capsys, "--help")
+    assert code == 0
+    fields = dict(line.split(None, 1) for line in out.splitlines() if line.startswith("  "))
+    assert fields["lr"] == "0.05" and fields["batch_size"] == "128" and "--workdir" in fields
+    code, out, _ = _cli_in_process(capsys, QUICK, "--config.lr=0.5", "--help")
+    fields = dict(line.split(None, 1) for line in out.splitlines() if line.startswith("  "))
+    assert code == 0 and fields["lr"] == "0.5" and fields["batch_size"] == "32"
+
+
+@pytest.mark.parametrize(
+    "arg, field, expected",
+    [
+        ("--config.sbn_hidden=64,32", "sbn_hidden", [64, 32]),
+        ("--config.hidden=(64,32)", "hidden", [64, 32]),
+        ("--config.hidden=[16]", "hidden", [16]),
+        ("--config.train_arms=(bin_st,act_st)", "train_arms", ["bin_st", "act_st"]),
+        ("--config.sbn_budgets=4", "sbn_budgets", [4]),
+    ],
+)
+def test_list_fields_can_be_overridden(arg, field, expected):
+    _, config = common._parse("straight_through", [arg])
+    assert config[field] == expected and config.lr == 3e-3
+
+
+def test_list_field_with_items_of_the_wrong_type_is_refused():
+    with pytest.raises(common._UsageError, match=r"--config.hidden='64,x': items must be ints"):
+        common._parse("straight_through", ["--config.hidden=64,x"])
+
+
+def test_failing_checkpoint_write_is_the_last_line(tmp_path, capsys, monkeypatch):
+    """A full disk: the run stops with the checkpoint error as the last line printed."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    args = [f"--workdir={tmp_path}", QUICK, "--config.dataset=digits", "--config.model=mlp"]
+    code, _, err = _cli_in_process(capsys, *args)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("train: error: saving checkpoint step 15 in"), err
+    assert "No space left on device" in last
+
+
+def test_rerun_with_another_lr_starts_over_and_matches_a_fresh_run(tmp_path, monkeypatch):
+    """Killed after checkpoint 15 with lr 0.05, rerun in the same workdir with lr 0.1: the
+    partial run is moved aside (never resumed) and the results are a fresh lr-0.1 run's."""
+    import wspace as ws
+
+    batches = ws.data.batches
+
+    def killed_after_20(*args, **kwargs):
+        for i, batch in enumerate(batches(*args, **kwargs)):
+            if i == 20:
+                raise KeyboardInterrupt
+            yield batch
+
+    fields = {"dataset": "digits", "model": "mlp"}
+    with monkeypatch.context() as m:
+        m.setattr(ws.data, "batches", killed_after_20)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment("train", tmp_path / "w", **fields)
+    assert os.listdir(tmp_path / "w" / "train" / "mlp" / "seeds_0" / "checkpoints") == ["15"]
+    with pytest.warns(
+        UserWarning, match=r"\(lr: 0.05 -> 0.1\); its partial state moved to .*stale-"
+    ):
+        again = run_experiment("train", tmp_path / "w", lr=0.1, **fields)
+    (stale,) = [n for n in os.listdir(tmp_path / "w") if n.startswith("stale-")]
+    assert os.path.isdir(
+        tmp_path / "w" / stale / "train" / "mlp" / "seeds_0" / "checkpoints" / "15"
+    )
+    fresh = run_experiment("train", tmp_path / "fresh", lr=0.1, **fields)
+    assert again["tables"] == fresh["tables"]
+    curves = [
+        [{k: v for k, v in r.items() if k != "time"} for r in common.read_json(str(d))["curve"]]
+        for d in (tmp_path / "w" / "arms" / "mlp" / "seed_0.json",
+                  tmp_path / "fresh" / "arms" / "mlp" / "seed_0.json")
+    ]  # fmt: skip
+    assert curves[0] == curves[1]
+
+
+def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
+    """SIGINT during training: exit 130, no traceback, a last line saying how to resume;
+    the same command then resumes and finishes."""
+    import signal
+    import time
+
+    cmd = [
+        sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}", QUICK,
+        "--config.dataset=digits", "--config.model=mlp", "--config.steps=60000",
+        "--config.eval_every=5000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    ckpts = tmp_path / "train" / "mlp" / "seeds_0" / "checkpoints"
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if ckpts.is_dir() and any(n.isdigit() for n in os.listdir(ckpts)):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted; rerun the same command to resume from the last checkpoint in {tmp_path}"
+    )
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "replacing the config" not in again.stderr
+    history = common.read_json(str(tmp_path / "arms" / "mlp" / "seed_0.json"))["curve"]
+    assert [r["step"] for r in history] == list(range(5000, 60001, 5000))
 
 
 def test_every_config_has_three_sizes_and_the_common_fields():

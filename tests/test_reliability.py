@@ -145,6 +145,10 @@ def test_no_valid_checkpoint_is_one_line_error_naming_the_path(run_at_15, tmp_pa
         _fit(workdir)
     assert "\n" not in str(e.value) and "no valid checkpoint in" in str(e.value)
     assert os.path.join(workdir, "checkpoints") in str(e.value)
+    assert "delete the directory to start over" in str(e.value)
+    shutil.rmtree(os.path.join(workdir, "checkpoints"))  # following the advice
+    final, _ = _fit(workdir)
+    assert int(final.step) == STEPS
 
 
 def test_restore_into_another_tree_is_refused_and_keeps_checkpoints(run_at_15, tmp_path):
@@ -359,3 +363,138 @@ def test_kill_9_mid_run_resumes_bit_identically(reference, tmp_path):
     np.testing.assert_array_equal(np.asarray(final.params["w"]), reference[0].params["w"])
     assert [r["batch_loss"] for r in history] == [r["batch_loss"] for r in reference[1]]
     assert not [n for n in os.listdir(workdir) if n.endswith(".wspace-tmp")]
+
+
+# ----------------------------------------------------------------------------- issue 21
+
+
+def _stops_after(n):
+    """The targets as batches, then a KeyboardInterrupt before batch ``n`` (a kill)."""
+    for i, b in enumerate(TARGETS):
+        if i == n:
+            raise KeyboardInterrupt
+        yield {"b": b}
+
+
+def test_identity_covers_what_the_caller_passes(tmp_path):
+    """A run killed after checkpoint 15 with lr 0.1 is not resumed by a rerun with lr 0.2."""
+    workdir = str(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(workdir, _stops_after(17), identity={"lr": 0.1, "hidden": (64, 32)})
+    stored = ws.io.read_json(os.path.join(workdir, "fit.json"))["run"]
+    assert stored == {"lr": 0.1, "hidden": [64, 32]}
+    with pytest.raises(ValueError, match=r"holds another run \(run\.lr: stored 0\.1, given 0\.2"):
+        _fit(workdir, identity={"lr": 0.2, "hidden": (64, 32)})
+    final, _ = _fit(workdir, identity={"lr": 0.1, "hidden": [64, 32]})  # same: resumes
+    assert int(final.step) == STEPS
+    shutil.rmtree(workdir)  # following the refusal's advice
+    final, _ = _fit(workdir, identity={"lr": 0.2, "hidden": (64, 32)})
+    assert int(final.step) == STEPS
+
+
+def test_divergence_advice_to_start_over_works(reference, tmp_path):
+    """lr 1e6, checkpoint every 2 steps: the finite step-2 checkpoint already holds params
+    near 1e6 * |b|, so resuming it is no restart; the advice (delete the checkpoints, lower
+    the learning rate) is followed and gives exactly a fresh lr-0.1 run."""
+    workdir = str(tmp_path)
+    tx = optax.sgd(1e6, momentum=0.9)
+    step = ws.training.make_train_step(_loss, tx)
+    with pytest.raises(FloatingPointError) as e:
+        _fit(workdir, step=step, tx=tx, checkpoint_every=2)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    message = str(e.value)
+    assert "step 2, is finite but may already be diverging" in message, message
+    assert f"delete {ckpt_dir}" in message and "Lower the learning rate" in message
+    shutil.rmtree(ckpt_dir)  # following the advice
+    final, history = _fit(workdir, checkpoint_every=2)
+    np.testing.assert_array_equal(np.asarray(final.params["w"]), reference[0].params["w"])
+    assert [r["batch_loss"] for r in history] == [r["batch_loss"] for r in reference[1]]
+
+
+def test_damaged_fit_json_advice_deletes_only_it_and_resumes(run_at_15, reference, tmp_path):
+    workdir = _copy(run_at_15, tmp_path)
+    path = os.path.join(workdir, "fit.json")
+    with open(path, "w") as f:
+        f.write('{"num_steps": 20, "se')
+    with pytest.raises(ValueError, match=rf"delete only {path} \(the checkpoints stay valid\)"):
+        _fit(workdir)
+    os.remove(path)  # following the advice
+    final, history = _fit(workdir)
+    np.testing.assert_array_equal(np.asarray(final.params["w"]), reference[0].params["w"])
+    assert [r["batch_loss"] for r in history] == [r["batch_loss"] for r in reference[1]]
+
+
+def test_torn_record_of_the_checkpointed_step_is_written_again(run_at_15, reference, tmp_path):
+    """Killed while writing step 15's record (checkpoint 15 saved): the resume rewrites it."""
+    workdir = _copy(run_at_15, tmp_path)
+    path = os.path.join(workdir, "metrics.jsonl")
+    raw = open(path, "rb").read().rstrip(b"\n")
+    last = raw.rfind(b"\n") + 1
+    assert b'"step": 15' in raw[last:]
+    open(path, "wb").write(raw[: last + (len(raw) - last) // 2])  # a torn step-15 line
+    with pytest.warns(UserWarning, match="torn last line"):
+        final, history = _fit(workdir)
+    assert [r["step"] for r in history] == [5, 10, 15, 20]
+    assert [r["batch_loss"] for r in history] == [r["batch_loss"] for r in reference[1]]
+    assert [r["step"] for r in ws.io.read_jsonl(path)] == [5, 10, 15, 20]
+
+
+def test_failing_checkpoint_write_is_the_error_raised(tmp_path, monkeypatch):
+    """A full disk during orbax's save: the CheckpointError names the cause and the
+    directory, and closing the checkpointer afterwards does not replace it."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(ws.io.CheckpointError) as e:
+        _fit(str(tmp_path))
+    assert "\n" not in str(e.value)
+    assert "saving checkpoint step 5 in" in str(e.value) and "No space left" in str(e.value)
+
+
+def test_damaged_lottery_level_advice_is_to_delete_the_level(tmp_path):
+    from tests.test_lottery import FakeTrainer, _state, _tree_equal
+
+    fake = FakeTrainer()
+    dense = ws.lottery.train_dense(_state(), fake, num_steps=6, rewind_step=2)
+    arm = str(tmp_path / "arm")
+    first = ws.lottery.run_arm("rewind", dense, fake, levels=2, workdir=arm)
+    level = os.path.join(arm, "level_01")
+    for root, _, files in os.walk(os.path.join(level, "state")):
+        for name in files:
+            open(os.path.join(root, name), "wb").close()
+    for _ in range(2):  # damaged; then with only state/ deleted (the old advice)
+        with pytest.raises(ws.io.CheckpointError, match=f"; delete {level} to recompute it"):
+            ws.lottery.run_arm("rewind", dense, fake, levels=2, workdir=arm)
+        shutil.rmtree(os.path.join(level, "state"), ignore_errors=True)
+    shutil.rmtree(level)  # following the advice
+    again = ws.lottery.run_arm("rewind", dense, fake, levels=2, workdir=arm)
+    for a, b in zip(first, again, strict=True):
+        assert _tree_equal(a.params, b.params) and _tree_equal(a.masks, b.masks)
+
+
+def test_errors_name_the_real_cause(tmp_path):
+    x = np.zeros((4, 3), np.float32)
+    empty = {"x_train": x[:0], "y_train": np.zeros(0, int), "x_test": x, "y_test": np.arange(4)}
+    np.savez(tmp_path / "empty.npz", **empty)
+    with pytest.raises(ValueError, match="the train split is empty"):
+        ws.data.load(f"npz:{tmp_path / 'empty.npz'}")
+    big = np.full((8, 3), 3e38, np.float32) * np.array([1, -1] * 4, np.float32)[:, None]
+    ds = ws.data.Dataset("big", big, np.arange(8) % 2, big, np.arange(8) % 2, 2)
+    out = ws.data.standardize(ds)  # float32 sums overflow; standardised in float64
+    np.testing.assert_allclose(out.x_train[:, 0], [1, -1] * 4, rtol=1e-6)
+    with pytest.raises(ValueError, match="learning_rate must be finite and > 0.*-0.1"):
+        ws.straight_through.mirror_descent(-0.1)
+    with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
+        ws.invariant_path.invariant_path(-0.1, lambda p, x: x)
+
+
+def test_late_phase_warns_when_members_cannot_all_be_trained():
+    late = ws.late_phase.LatePhase(num_members=16)
+    with pytest.warns(UserWarning, match="4 late-phase steps for K=16 members: 12 members"):
+        with pytest.raises(ValueError, match="unknown mode"):  # stops right after the check
+            late.fit(None, None, None, None, t0=10, num_steps=14, mode="bogus")

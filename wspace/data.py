@@ -161,8 +161,21 @@ def batches(
 
 
 def standardize(ds: Dataset) -> Dataset:
-    """Returns ``ds`` with inputs shifted and scaled by the train set's mean and std."""
-    mean, std = ds.x_train.mean(), ds.x_train.std() + 1e-8
+    """Returns ``ds`` with inputs shifted and scaled by the train set's mean and std.
+
+    Inputs whose float32 statistics overflow (finite values near 3.4e38) are standardised
+    in float64; inputs too large even for that are a `ValueError` naming the overflow.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = ds.x_train.mean(), ds.x_train.std() + 1e-8
+        if not (np.isfinite(mean) and np.isfinite(std)):  # a float32 sum overflowed
+            x64 = ds.x_train.astype(np.float64)
+            mean, std = x64.mean(), x64.std() + 1e-8
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise ValueError(
+            f"dataset {ds.name!r}: standardising x_train overflows (largest |x| = "
+            f"{float(np.abs(ds.x_train).max()):.3g}); rescale the inputs"
+        )
     return dataclasses.replace(
         ds,
         x_train=((ds.x_train - mean) / std).astype(np.float32),
@@ -221,6 +234,13 @@ def _load_digits() -> Dataset:
 def _load_npz(path: str) -> Dataset:
     if not os.path.exists(path):
         raise ValueError(f"npz file not found: {path!r}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):  # np.load would try it as pickled data
+        raise ValueError(
+            f"{path!r} is not an npz archive (a zip of .npy arrays, as np.savez writes); it "
+            f"starts with {head!r}; save the arrays with np.savez(path, x_train=..., ...)"
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in (*_NPZ_KEYS, "num_classes") if k in f.files}
@@ -301,11 +321,11 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
     tfds = _import_tfds(name)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except tfds.core.DatasetNotFoundError as e:
+    except tfds.core.DatasetNotFoundError:
         raise ValueError(
             f"unknown dataset {name!r}: use one of {list(EMBEDDED)}, 'npz:PATH', "
             f"or a tensorflow-datasets name (e.g. 'mnist', 'fashion_mnist', 'cifar10')"
-        ) from e
+        ) from None  # tfds's own message lists its whole catalogue (hundreds of lines)
     x_key, y_key = _tfds_keys(name, builder.info)
     root = str(builder.data_dir_root)
     if download and not builder.is_prepared():
@@ -388,7 +408,7 @@ def _from_arrays(name: str, a: dict[str, np.ndarray], num_classes: int | None = 
             )
     y_train, y_test = a["y_train"], a["y_test"]
     labels = np.concatenate([y_train.ravel(), y_test.ravel()])
-    if num_classes is None and labels.size:  # else `_validate` names the empty split
+    if num_classes is None and y_train.size:  # else `_validate` names the empty split
         lo, hi = int(labels.min()), int(labels.max())
         num_classes = max(hi, 0) + 1  # a negative label is named by `_validate`
         absent = np.setdiff1d(np.arange(num_classes), y_train)

@@ -57,6 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from wspace import training
+
 PyTree = Any
 METRICS = ("jacobian", "fisher")
 DISTANCES = ("bhattacharyya", "kl")
@@ -296,6 +298,7 @@ def invariant_path(
             f"invariant_path(learning_rate, apply_fn, ...) needs a callable apply_fn, "
             f"got {apply_fn!r}"
         )
+    training.check_learning_rate(learning_rate)
     return optax.chain(
         scale_by_invariant_metric(apply_fn, **kwargs),
         optax.scale_by_learning_rate(learning_rate),

@@ -421,6 +421,7 @@ class Checkpointer:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise ValueError(f"checkpoint directory {self.directory} is not writable")
         self._ocp = ocp
+        self._save_failed = False
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -456,6 +457,7 @@ class Checkpointer:
             self._manager.save(int(step), args=args, force=True)
             self._manager.wait_until_finished()
         except Exception as e:
+            self._save_failed = True
             raise CheckpointError(
                 f"saving checkpoint step {step} in {self.directory} failed: {_one_line(e)}"
             ) from e
@@ -541,8 +543,15 @@ class Checkpointer:
         self._manager.reload()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Waits for and closes orbax's manager. After a failed save (full disk) closing is
+        best effort: the save's `CheckpointError` is the error to report, not a later one."""
+        try:
+            with _quiet_asyncio():
+                self._manager.wait_until_finished()
+                self._manager.close()
+        except Exception:
+            if not self._save_failed:
+                raise
 
 
 @contextlib.contextmanager

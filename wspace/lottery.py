@@ -601,7 +601,7 @@ def _load_json(where, name):
     path = os.path.join(where, name) if where else None
     if not path or not os.path.exists(path):
         return None
-    return io.read_json(path)
+    return io.read_json(path, recover=f"delete {where} to recompute it")
 
 
 def _save(directory: str, tree) -> None:
@@ -613,8 +613,14 @@ def _save(directory: str, tree) -> None:
 
 
 def _restore(directory: str, like):
+    """A level's (or the dense run's) saved states; a damaged or missing one names the
+    directory to delete (deleting only ``state/`` leaves a level that claims to be done)."""
     ckpt = io.Checkpointer(directory, max_to_keep=1)
     try:
         return ckpt.restore(like)
+    except io.CheckpointError as e:
+        where = os.path.dirname(directory)
+        msg = f"{where} is damaged ({e}); delete {where} to recompute it"
+        raise io.CheckpointError(msg) from None
     finally:
         ckpt.close()

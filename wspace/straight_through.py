@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wspace import estimators
+from wspace import estimators, training
 
 NOISES = ("logistic", "uniform", "gaussian")
 ESTIMATORS = ("st", "identity", "hardtanh", "tanh")
@@ -512,6 +512,7 @@ def mirror_descent(
 
     Reference: Shekhovtsov & Yanush 2021, arXiv 2006.06880, Sec. 4.
     """
+    training.check_learning_rate(learning_rate)
     if clip is None:
         return optax.sgd(learning_rate)
     return optax.chain(optax.sgd(learning_rate), clip_latents(clip))

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import math
 import os
 import time
@@ -590,6 +591,7 @@ def fit(
     train_eval_examples: int | None = 1000,
     progress: bool = True,
     steps_per_call: int | None = None,
+    identity: Any = None,
 ) -> tuple[TrainState, list[dict]]:
     """Trains from ``state.step`` to ``num_steps`` with periodic evaluation and checkpoints.
 
@@ -609,15 +611,17 @@ def fit(
     and its rate starts after the first call, so its ETA does not count compilation.
 
     With a ``workdir``: the workdir is locked (`wspace.io.workdir_lock`); its ``fit.json``
-    holds the run's identity (num_steps, seed(s), batch_size, parameter shapes/dtypes) and
-    a rerun with another identity is refused with the difference; ``metrics.jsonl`` gets
-    every record; a verified orbax checkpoint (`wspace.io.Checkpointer`) is written every
+    holds the run's identity (num_steps, seed(s), batch_size, parameter shapes/dtypes, the
+    caller's ``identity``) and a rerun with another identity is refused with the
+    difference; ``metrics.jsonl`` gets every record (a torn last line is written again);
+    a verified orbax checkpoint (`wspace.io.Checkpointer`) is written every
     ``checkpoint_every`` steps and at the end, only of a state whose every parameter,
     model-state and optimizer leaf is finite. A rerun resumes from the newest valid
     checkpoint (a damaged one falls back with a warning), truncates ``metrics.jsonl`` to
     it and skips the batches already consumed: bit-identical to an uninterrupted run on
     CPU. A non-finite loss or state stops the run with `FloatingPointError` naming the
-    step and the last checkpoint verified finite. In a multi-process run every process
+    step and how to start over (a finite checkpoint may already be diverging, so it is
+    not offered as a restart point). In a multi-process run every process
     calls `fit`; only process 0 locks, writes ``fit.json``/``metrics.jsonl`` and calls
     ``writer`` (orbax coordinates the checkpoint writes itself).
 
@@ -648,6 +652,9 @@ def fit(
       train_eval_examples: training examples the default evaluation uses (None: all).
       progress: show a tqdm progress bar.
       steps_per_call: steps per compiled call (None: automatic; 1: one call per step).
+      identity: JSON-able, whatever else shapes the result (e.g. the experiment's config
+        with its learning rate): part of ``fit.json``'s identity, so a rerun with another
+        one never resumes these checkpoints.
 
     Returns:
       ``(final state, list of records)``; on resume the records of the earlier run(s)
@@ -681,10 +688,10 @@ def fit(
     with contextlib.ExitStack() as stack:
         if workdir and primary:
             stack.enter_context(io.workdir_lock(workdir))
-        ckpt = last_good = None
+        ckpt = last_good = meta = None
         sums = {}  # running sums of the step metrics since the last record (saved with it)
         if workdir:
-            _check_identity(workdir, state, num_steps, seed, batch_size, primary)
+            _check_identity(workdir, state, num_steps, seed, batch_size, primary, identity)
             ckpt = io.Checkpointer(os.path.join(workdir, "checkpoints"))
             stack.callback(ckpt.close)
             if ckpt.all_steps():
@@ -694,7 +701,7 @@ def fit(
                     k: (np.asarray(s), c) for k, (s, c) in (meta or {}).get("window", {}).items()
                 }
         start = int(np.ravel(jax.device_get(_addressable(state.step)))[0])
-        history = _resume_metrics(workdir, start, primary)
+        history = _resume_metrics(workdir, start, primary, (meta or {}).get("record"))
         writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
         writers = writers + ([writer] if writer is not None else []) if primary else []
         stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])
@@ -750,7 +757,8 @@ def fit(
                     bar.set_postfix(test_acc=_short(record["test_accuracy"]))
             if is_ckpt:
                 window = {k: (np.asarray(s).tolist(), c) for k, (s, c) in sums.items()}
-                ckpt.save(step, unplace_state(placed, mode), meta={"window": window})
+                meta = {"window": window, "record": history[-1] if history else None}
+                ckpt.save(step, unplace_state(placed, mode), meta=meta)  # record: if torn
                 last_good = step
     return unplace_state(placed, mode), history
 
@@ -901,31 +909,40 @@ def _check_callables(**fns) -> None:
         raise ValueError("train_step must be callable (from make_train_step), got None")
 
 
-def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> None:
+def _check_identity(workdir, state, num_steps, seed, batch_size, primary, identity=None) -> None:
     """Stores the run's identity in ``workdir/fit.json``, or refuses a different one.
 
-    A workdir without checkpoints holds nothing to resume (e.g. a run that failed at its
-    first step): its identity is replaced with a warning, so a fixed rerun just works.
+    The identity is num_steps, seed, batch_size, the parameter signature and the caller's
+    ``identity`` (e.g. its whole config: learning rate, model, ...) under ``"run"``. A
+    workdir without checkpoints holds nothing to resume (e.g. a run that failed at its
+    first step, or whose checkpoints were deleted to start over): its identity is replaced
+    with a warning, so a fixed rerun just works.
     """
     path = os.path.join(workdir, "fit.json")
-    identity = {
+    current = {
         "num_steps": int(num_steps),
         "seed": seed,
         "batch_size": None if batch_size is None else int(batch_size),
         "params": io.tree_signature(state.params),
     }
+    if identity is not None:
+        try:  # stored as JSON, so compare as JSON (tuples become lists)
+            current["run"] = json.loads(io.dumps(identity))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"fit identity must be JSON-able, got {identity!r}: {e}") from None
     ckpt_dir = os.path.join(workdir, "checkpoints")
     resumable = os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
     if os.path.exists(path):
+        recover = f"delete only {path} (the checkpoints stay valid) and rerun to resume"
         try:
-            stored = io.read_json(path, recover=f"delete {workdir} to start over")
+            stored = io.read_json(path, recover=recover)
         except ValueError:
             if resumable:
                 raise
             stored = {}
-        if stored == identity:
+        if stored == current:
             return
-        diffs = _dict_diff(stored, identity)
+        diffs = _dict_diff(stored, current)
         text = "; ".join(diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
         if resumable:
             raise ValueError(
@@ -937,7 +954,7 @@ def _check_identity(workdir, state, num_steps, seed, batch_size, primary) -> Non
             stacklevel=3,
         )
     if primary:
-        io.write_json(path, identity)
+        io.write_json(path, current)
 
 
 def _dict_diff(stored: dict, given: dict, prefix: str = "") -> list[str]:
@@ -945,14 +962,18 @@ def _dict_diff(stored: dict, given: dict, prefix: str = "") -> list[str]:
     for k in sorted(set(stored) | set(given), key=str):
         a, b = stored.get(k, "absent"), given.get(k, "absent")
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _dict_diff(a, b, f"{prefix}{k}")
+            out += _dict_diff(a, b, f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}: stored {a}, given {b}")
     return out
 
 
-def _resume_metrics(workdir, start: int, primary: bool) -> list[dict]:
-    """Records up to the resumed step (one per step); process 0 rewrites the file so."""
+def _resume_metrics(workdir, start: int, primary: bool, saved: dict | None = None) -> list[dict]:
+    """Records up to the resumed step (one per step); process 0 rewrites the file so.
+
+    ``saved`` is the newest record at the checkpoint's save (stored in its meta): a run
+    killed while writing it leaves a torn last line, so it is written again from there.
+    """
     if not workdir:
         return []
     path = os.path.join(workdir, "metrics.jsonl")
@@ -968,6 +989,8 @@ def _resume_metrics(workdir, start: int, primary: bool) -> list[dict]:
             raise ValueError(f"{path} holds a record without 'step': {str(r)[:80]}")
         if r["step"] <= start:
             by_step[r["step"]] = r
+    if saved is not None and saved.get("step", start + 1) <= start:
+        by_step.setdefault(saved["step"], saved)
     kept = [by_step[s] for s in sorted(by_step)]
     if primary:
         io.write_jsonl(path, kept)
@@ -995,11 +1018,21 @@ def _check_finite(pending, sums: dict, last_good, ckpt, seed_axis: bool = False)
 
 
 def _last_good_text(last_good, ckpt) -> str:
+    """Where a stopped run can restart from.
+
+    A checkpoint is only saved of a finite state, but finite is not healthy: one saved
+    while the loss was already exploding (lr 1e6: params at 1e11) fails again when
+    resumed, even with a lower learning rate. So the advice is to start over, which works
+    for every cause (the workdir's identity is then replaced with a warning).
+    """
     if ckpt is None:
         return "no workdir, so no checkpoints"
     if last_good is None:
         return "there is no good checkpoint"
-    return f"the last good checkpoint is step {last_good}"
+    return (
+        f"the newest checkpoint, step {last_good}, is finite but may already be diverging; "
+        f"to start over, delete {ckpt.directory} or use a new workdir"
+    )
 
 
 @jax.jit
@@ -1034,6 +1067,24 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
+    """Raises ValueError for a numeric learning rate that is not finite and > 0.
+
+    Where wspace builds an optimizer: a negative rate ascends the loss (it trained to
+    7e17 and exited 0). Schedules (callables) are the caller's to check.
+    """
+    if callable(learning_rate):
+        return
+    try:
+        value = float(learning_rate)  # Python, NumPy and concrete JAX scalars
+    except jax.errors.ConcretizationTypeError:
+        return  # traced (e.g. optax.inject_hyperparams under jit)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0 (or a schedule), got {learning_rate!r}")
 
 
 def _check_mode(mode: str) -> None:

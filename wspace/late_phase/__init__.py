@@ -80,6 +80,7 @@ import functools
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -663,6 +664,13 @@ class LatePhase:
         """
         if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 <= num_steps:
             raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")
+        untrained = self.num_members - (num_steps - t0)  # one member per late step
+        if self.schedule != "parallel" and untrained > 0:
+            warnings.warn(
+                f"{num_steps - t0} late-phase steps for K={self.num_members} members: "
+                f"{untrained} members are never trained; use num_steps - t0 >= K",
+                stacklevel=2,
+            )
         batch_size = fit_kwargs.get("batch_size")
         if self.schedule == "parallel" and batch_size and batch_size % self.num_members:
             raise ValueError(

@@ -19,6 +19,7 @@ skipped on rerun, so a killed run resumes), ``results.json`` (claims with paired
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -46,7 +47,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 
     Fields: ``size``, ``dataset`` (mnist1d | digits | npz:PATH | a TFDS name),
     ``data_dir`` ("" for none), ``seed`` (the first seed), ``num_seeds``,
-    ``mode`` (jit | sharded | pmap), ``progress`` (tqdm bars).
+    ``mode`` (jit | sharded | pmap), ``progress`` (tqdm bars), ``tensorboard``
+    (also write TensorBoard logs under ``<workdir>/tb``: `metric_writer`).
     """
     if size not in SIZES:
         raise ValueError(f"unknown config size {size!r}; use one of {SIZES}")
@@ -59,6 +61,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             "num_seeds": NUM_SEEDS[size],
             "mode": "jit",
             "progress": size != "quick",
+            "tensorboard": False,
         }
     )
 
@@ -73,6 +76,10 @@ def validate_common(config) -> None:
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r}; use one of {MODES}")
     _check_dataset_name(config.dataset)
+    if config.get("tensorboard") and importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError(
+            "config.tensorboard=True needs tensorboardX: pip install 'wspace[tensorboard]'"
+        )
 
 
 def require_at_least_one(config, *fields: str) -> None:
@@ -87,6 +94,20 @@ def _check_dataset_name(name: str) -> None:
         raise ValueError(f"config.dataset={name!r}; give mnist1d, digits, npz:PATH or a TFDS name")
     if name.startswith("npz:") and not os.path.exists(name[4:]):
         raise ValueError(f"config.dataset={name!r}: no such file {name[4:]!r}")
+
+
+def metric_writer(config, workdir: str | None):
+    """A `wspace.io.TensorBoardWriter` logging under ``<workdir>/tb`` if ``config.tensorboard``.
+
+    Returns None when TensorBoard is off or there is no workdir. Pass it as
+    `wspace.training.fit`'s ``writer`` and close it after the run; view the logs with
+    ``tensorboard --logdir <workdir>``.
+    """
+    if not config.get("tensorboard") or workdir is None:
+        return None
+    import wspace as ws
+
+    return ws.io.TensorBoardWriter(os.path.join(workdir, "tb"))
 
 
 def seeds(config) -> list[int]:
@@ -125,7 +146,7 @@ def start(config, workdir: str) -> None:
     _lock_for_this_process(workdir)
     path = os.path.join(workdir, "config.json")
     old = read_json(path) if os.path.exists(path) else None
-    ignored = {"progress"}  # display-only fields may change between reruns
+    ignored = {"progress", "tensorboard"}  # display/logging-only fields may change on reruns
     if old is not None:
         diff = {
             k: (old.get(k), new.get(k))

@@ -51,19 +51,25 @@ def train_one(config, ds, seed: int, workdir: str | None) -> tuple[dict, list[di
     step = ws.training.make_train_step(
         ws.training.classification_loss(model.apply), tx, mode=config.mode
     )
-    state, history = ws.training.fit(
-        state,
-        step,
-        ds,
-        apply_fn=model.apply,
-        num_steps=config.steps,
-        batch_size=config.batch_size,
-        seed=seed,
-        mode=config.mode,
-        eval_every=config.eval_every,
-        workdir=workdir,
-        progress=config.progress,
-    )
+    writer = common.metric_writer(config, workdir)  # TensorBoard, if config.tensorboard
+    try:
+        state, history = ws.training.fit(
+            state,
+            step,
+            ds,
+            apply_fn=model.apply,
+            num_steps=config.steps,
+            batch_size=config.batch_size,
+            seed=seed,
+            mode=config.mode,
+            eval_every=config.eval_every,
+            workdir=workdir,
+            writer=writer,
+            progress=config.progress,
+        )
+    finally:
+        if writer is not None:
+            writer.close()
     final = {k: v for k, v in history[-1].items() if k != "time"}
     final["num_params"] = ws.training.num_params(state.params)
     return final, history

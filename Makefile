@@ -1,5 +1,5 @@
 # `make demo` and `make test` set themselves up on a fresh machine (Python 3.11 + pip).
-# Two installs share one .venv: the package alone (what the demo and the notebooks need,
+# Two installs share one .venv: the package alone (what the demo and the library need,
 # about 1.0 GiB) and the package with the `dev` extra (tests, lint, docs; it adds TensorFlow
 # and 1.4 GiB more). Each is redone when pyproject.toml changes.
 PYTHON ?= python3

@@ -47,6 +47,7 @@ gets and adds ``provenance`` and ``compute_seconds``; ``python -m experiments.re
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -84,7 +85,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
 
     Fields: ``size``, ``dataset`` (mnist1d | digits | npz:PATH | a TFDS name),
     ``data_dir`` ("" for none), ``seed`` (the first seed), ``num_seeds``,
-    ``mode`` (jit | sharded | pmap), ``progress`` (tqdm bars).
+    ``mode`` (jit | sharded | pmap), ``progress`` (tqdm bars), ``tensorboard``
+    (also write TensorBoard logs under ``<workdir>/tb``: `metric_writer`).
     """
     if size not in SIZES:
         raise ValueError(f"unknown config size {size!r}; use one of {SIZES}")
@@ -97,6 +99,7 @@ def base_config(size: str) -> ml_collections.ConfigDict:
             "num_seeds": NUM_SEEDS[size],
             "mode": "jit",
             "progress": size != "quick",
+            "tensorboard": False,
         }
     )
 
@@ -111,6 +114,10 @@ def validate_common(config) -> None:
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r}; use one of {MODES}")
     _check_dataset_name(config.dataset)
+    if config.get("tensorboard") and importlib.util.find_spec("tensorboardX") is None:
+        raise ValueError(
+            "config.tensorboard=True needs tensorboardX: pip install 'wspace[tensorboard]'"
+        )
 
 
 def require_at_least_one(config, *fields: str) -> None:
@@ -125,6 +132,20 @@ def _check_dataset_name(name: str) -> None:
         raise ValueError(f"config.dataset={name!r}; give mnist1d, digits, npz:PATH or a TFDS name")
     if name.startswith("npz:") and not os.path.exists(name[4:]):
         raise ValueError(f"config.dataset={name!r}: no such file {name[4:]!r}")
+
+
+def metric_writer(config, workdir: str | None):
+    """A `wspace.io.TensorBoardWriter` logging under ``<workdir>/tb`` if ``config.tensorboard``.
+
+    Returns None when TensorBoard is off or there is no workdir. Pass it as
+    `wspace.training.fit`'s ``writer`` and close it after the run; view the logs with
+    ``tensorboard --logdir <workdir>``.
+    """
+    if not config.get("tensorboard") or workdir is None:
+        return None
+    import wspace as ws
+
+    return ws.io.TensorBoardWriter(os.path.join(workdir, "tb"))
 
 
 def seeds(config) -> list[int]:
@@ -343,10 +364,10 @@ class UnitProgress:
     """
 
     def __init__(self, total: int = 0, desc: str = "report", disable: bool | None = None):
-        from tqdm.auto import tqdm
+        from wspace.training import progress_bar
 
         fmt = "{desc}: {n}/{total} units |{bar}| {elapsed}{postfix}"
-        self.bar = tqdm(total=total, desc=desc, bar_format=fmt, disable=disable)
+        self.bar = progress_bar(total=total, desc=desc, bar_format=fmt, disable=disable)
         self.planned, self.finished, self.computed, self.since = 0, 0, 0, None
 
     def plan(self, units: int) -> None:

@@ -51,20 +51,26 @@ def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]
     step = ws.training.make_train_step(
         ws.training.classification_loss(model.apply), tx, mode=config.mode, seed_axis=True
     )
-    state, history = ws.training.fit(
-        state,
-        step,
-        ds,
-        apply_fn=model.apply,
-        num_steps=config.steps,
-        batch_size=config.batch_size,
-        seed=seeds,
-        mode=config.mode,
-        eval_every=config.eval_every,
-        workdir=workdir,
-        progress=config.progress,
-        identity=common.run_identity(config),
-    )
+    writer = common.metric_writer(config, workdir)  # TensorBoard, if config.tensorboard
+    try:
+        state, history = ws.training.fit(
+            state,
+            step,
+            ds,
+            apply_fn=model.apply,
+            num_steps=config.steps,
+            batch_size=config.batch_size,
+            seed=seeds,
+            mode=config.mode,
+            eval_every=config.eval_every,
+            workdir=workdir,
+            writer=writer,
+            progress=config.progress,
+            identity=common.run_identity(config),
+        )
+    finally:
+        if writer is not None:
+            writer.close()
     num_params = ws.training.num_params(ws.training.seed_slice(state.params, 0))
     curves = [[_seed_record(r, i) for r in history] for i in range(len(seeds))]
     return [

@@ -45,6 +45,8 @@ def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
 
     path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
     nb = nbformat.read(path, as_version=4)
+    if save:
+        _write_header(nb, name)
     saved = dict(os.environ)
     os.environ.update(_env())  # the kernel inherits this process's environment...
     # ...but draws with the notebook backend, so that figures are stored as outputs
@@ -60,6 +62,48 @@ def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
         os.environ.update(saved)
     if save:
         nbformat.write(nb, path)
+
+
+def source_url() -> str:
+    """The project's one source URL: ``[project.urls] Source`` in pyproject.toml."""
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)["project"]["urls"]["Source"]
+
+
+def colab_badge(name: str) -> str:
+    """The "Open in Colab" badge of ``notebooks/<name>.ipynb``, built from `source_url`."""
+    url = source_url()
+    if not url.startswith("https://github.com/"):
+        raise ValueError(f"Colab opens notebooks from GitHub; the Source URL is {url!r}")
+    notebook = f"{url.removeprefix('https://github.com/')}/blob/main/notebooks/{name}.ipynb"
+    return (
+        "[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+        f"(https://colab.research.google.com/github/{notebook})"
+    )
+
+
+def colab_cell() -> str:
+    """The install cell: ``notebooks/_colab_cell.py`` without its leading comment lines."""
+    with open(os.path.join(ROOT, "notebooks", "_colab_cell.py")) as f:
+        lines = f.read().splitlines()
+    while lines and lines[0].startswith("#"):
+        lines.pop(0)
+    return "\n".join(lines).strip()
+
+
+def _write_header(nb, name: str) -> None:
+    """Makes the notebook start with its Colab badge (a markdown cell), then the install cell."""
+    import nbformat
+
+    first = nb.cells[0] if nb.cells else None
+    if first is not None and first.source.startswith("[![Open In Colab]"):
+        first.source = colab_badge(name)  # e.g. after the Source URL changed
+    else:
+        nb.cells.insert(0, nbformat.v4.new_markdown_cell(colab_badge(name)))
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.source = colab_cell()
 
 
 def notebook_names() -> list[str]:

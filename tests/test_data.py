@@ -1,6 +1,7 @@
 import functools
 import importlib.machinery
 import os
+import socket
 import subprocess
 import sys
 import warnings
@@ -380,6 +381,34 @@ def test_tfds_unprepared_offline_names_data_dir_and_array_record(tmp_path):
     assert f"tfds build wspace_tiny_digits --data_dir={tmp_path} --file_format=array_record" in (
         message
     )
+
+
+# --- a real TFDS builder (cifar10) up to its download, with the network cut -------------------
+
+
+def test_real_tfds_builder_loads_its_download_urls(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    url_infos = tfds.builder(
+        "cifar10", data_dir=str(tmp_path)
+    ).url_infos  # needs importlib_resources
+    assert [url.rsplit("/", 1)[-1] for url in url_infos] == ["cifar-10-binary.tar.gz"]
+
+
+def test_real_tfds_download_offline_fails_on_the_network(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")  # preparing encodes with TF: the `prepare` extra, in `dev`
+    from tensorflow_datasets.core.download import downloader
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)  # offline even where CI has a network
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)  # TFDS retries 10 times with backoff (~3 min)
+    with pytest.raises(OSError) as err:
+        ws.data.load("cifar10", download=True, data_dir=str(tmp_path))
+    message = str(err.value)
+    assert message.startswith("could not download tensorflow-datasets set 'cifar10' into ")
+    assert f"data_dir={str(tmp_path)!r}" in message and "ConnectionError" in message
+    assert "\n" not in message
 
 
 def test_batches_deterministic_and_complete():

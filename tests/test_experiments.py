@@ -106,6 +106,14 @@ def test_train_experiment_in_process(tmp_path):
         assert json.load(f) == json.loads(json.dumps(results))
 
 
+def test_train_experiment_writes_tensorboard_logs_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    run_experiment("train", tmp_path, dataset="digits", model="mlp", tensorboard=True)
+    (events,) = (tmp_path / "train" / "mlp" / "seeds_0" / "tb").glob("events.out.tfevents.*")
+    assert b"test_accuracy" in events.read_bytes()  # the evaluation records, as scalars
+    assert common.metric_writer(common.base_config("quick"), str(tmp_path)) is None  # off
+
+
 def _cli(*args):
     cmd = [sys.executable, "-m", "experiments.train", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
@@ -297,7 +305,8 @@ def test_every_config_has_three_sizes_and_the_common_fields():
             config = module.get_config(size)
             assert isinstance(config, ml_collections.ConfigDict)
             assert config.size == size, name
-            for field in ("dataset", "data_dir", "seed", "num_seeds", "mode", "progress"):
+            common_fields = ("dataset", "data_dir", "seed", "num_seeds", "mode", "progress")
+            for field in (*common_fields, "tensorboard"):
                 assert field in config, (name, field)
 
 

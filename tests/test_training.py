@@ -431,3 +431,11 @@ def test_correct_predictions_average_to_evaluate_accuracy(digits):
         np.testing.assert_array_equal(
             ws.training.correct_predictions(model.apply, one, x, y), correct[i]
         )
+
+
+def test_a_state_built_for_another_optimizer_is_a_clear_error(digits):
+    _, _, state, loss_fn = _setup(digits)  # SGD with momentum
+    step = ws.training.make_train_step(loss_fn, optax.adam(1e-3))
+    batch = {"x": digits.x_train[:8], "y": digits.y_train[:8]}
+    with pytest.raises(ValueError, match="opt_state .* does not match tx"):
+        step(state, batch)

@@ -93,6 +93,8 @@ def load(
       ValueError: unknown name, malformed npz, invalid labels or inputs, a TFDS
         set that is not prepared (or prepared in a format other than
         ``array_record``), or ``download=True`` without TensorFlow.
+      OSError: ``download=True`` and the download fails (no network), naming the
+        set and ``data_dir``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
@@ -330,7 +332,7 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
     root = str(builder.data_dir_root)
     if download and not builder.is_prepared():
         _require_tensorflow(name)
-        builder.download_and_prepare(file_format="array_record")
+        _download_and_prepare(builder, name, root)
     if builder.is_prepared():
         formats = {f.value for f in builder.info.available_file_formats()}
         if not formats & {"array_record", "parquet"}:
@@ -361,6 +363,19 @@ def _load_tfds(name: str, *, data_dir: str | None, download: bool) -> Dataset:
         arrays[f"x_{split}"], arrays[f"y_{split}"] = _read_source(source, x_key, y_key)
     num_classes = getattr(builder.info.features[y_key], "num_classes", None)
     return _from_arrays(name, arrays, num_classes)
+
+
+def _download_and_prepare(builder, name: str, root: str) -> None:
+    """Downloads and prepares a TFDS set as array_record; a failed download is one clear line."""
+    try:
+        builder.download_and_prepare(file_format="array_record")
+    except OSError as e:  # requests' and urllib's network errors are OSErrors
+        cause = str(e).splitlines()[0] if str(e) else ""
+        raise OSError(
+            f"could not download tensorflow-datasets set {name!r} into data_dir={root!r} "
+            f"({type(e).__name__}: {cause[:200]}); check the network, or prepare the set on a "
+            f"machine with internet and copy its data_dir here"
+        ) from e
 
 
 def _read_source(source, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:

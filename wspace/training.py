@@ -202,6 +202,7 @@ def _build_train_step(loss_fn, tx, estimator, mode, mesh, donate, seed_axis) -> 
         metrics = {**metrics, "loss": jnp.mean(loss)}
         if axis_name is not None:
             grads, model_state, metrics = jax.lax.pmean((grads, model_state, metrics), axis_name)
+        _check_opt_state(tx, state)
         updates, opt_state = tx.update(grads, state.opt_state, state.params, **(tx_args or {}))
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
@@ -217,6 +218,22 @@ def _build_train_step(loss_fn, tx, estimator, mode, mesh, donate, seed_axis) -> 
 
 
 _cached_train_step = functools.lru_cache(maxsize=128)(_build_train_step)
+
+
+def _check_opt_state(tx: optax.GradientTransformation, state: TrainState) -> None:
+    """At trace time: ``state.opt_state`` must be what ``tx.init`` builds (not another
+    optimizer's state, which fails later with a cryptic error inside ``tx.update``)."""
+    want = jax.tree.structure(jax.eval_shape(tx.init, state.params))
+    have = jax.tree.structure(state.opt_state)
+    if have != want:
+        names = lambda t: type(t).__name__ if not isinstance(t, tuple) else [
+            type(x).__name__ for x in t
+        ]  # fmt: skip
+        raise ValueError(
+            f"state.opt_state ({names(state.opt_state)}) does not match tx (whose init builds "
+            f"{names(jax.eval_shape(tx.init, state.params))}); build the state with this tx, "
+            "or state.replace(opt_state=tx.init(state.params))"
+        )
 
 
 class TrainStep:
@@ -707,9 +724,9 @@ def fit(
         stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])
         stream = _batch_stream(data, batch_size, seed, seed_axis) if is_dataset else iter(data)
         stream = itertools.islice(stream, start, None)  # resume: skip the batches already seen
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_steps, initial=start, disable=not (progress and primary), desc="train")
+        bar = progress_bar(
+            total=num_steps, initial=start, disable=not (progress and primary), desc="train"
+        )
         stack.callback(bar.close)
         placed = place_state(jax.tree.map(jnp.copy, state), mode, mesh, seed_axis=seed_axis)
         pending = []  # step metrics not yet checked for finiteness
@@ -761,6 +778,18 @@ def fit(
                 ckpt.save(step, unplace_state(placed, mode), meta=meta)  # record: if torn
                 last_good = step
     return unplace_state(placed, mode), history
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar: the notebook widget where ipywidgets is installed, else plain text
+    (`tqdm.auto` without ipywidgets warns ``IProgress not found`` in notebooks)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm import tqdm
+    return tqdm(**kwargs)
 
 
 def _is_int(v) -> bool:

@@ -366,7 +366,8 @@ def masks_for_level(
       dense: the dense run.
       previous: this arm's level ``l - 1`` (``rewind`` prunes its params).
       rate, layer_rates, scope, exclude: as in `wspace.pruning.magnitude_masks`
-        (``layer_rates`` is passed as ``layer_sparsity``; a dict of names/prefixes).
+        (``layer_rates`` is passed as ``layer_sparsity``: leaf names or name prefixes,
+        matched by `wspace.paths.by_prefix`).
       reference: the ticket's levels (a list indexed by level) for ``reinit``/``random``.
       key: PRNG key for ``random``.
     """

@@ -6,9 +6,9 @@ Baseline: `ws.training.make_train_step` with ``optax.sgd`` (one forward + backwa
 on the batch). Path step: the same train step with
 ``invariant_path(lr, f, tol=0, maxiter=k)`` (metric step, then the learning rate),
 i.e. one forward + backward plus a linearisation on the anchors and ``k`` CG
-iterations (one JVP and one transposed JVP each); ``tol=0`` so every iteration runs. Also the penalty
-formulation (Bhattacharyya to the anchor network on the anchors). All steps are
-jitted, warmed up, and timed round-robin in one process; the table reports the
+iterations (one JVP and one transposed JVP each); ``tol=0`` so every iteration runs.
+Also the penalty formulation (Bhattacharyya to the anchor network on the anchors).
+All steps are jitted, warmed up, and timed round-robin in one process; the table reports the
 median time per step and the ratio to SGD.
 
   PYTHONPATH=. python benchmarks/invariant_path.py --residuals [--dataset=digits]

@@ -788,4 +788,3 @@ def fit(
     """
     late = LatePhase(num_members, select, schedule, combine, noise)
     return late.fit(state, loss_fn, tx, data, t0=t0, **kwargs)
-

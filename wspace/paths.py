@@ -50,12 +50,14 @@ def label_tree(tree: PyTree, fn: Callable[[str, Any], Any]) -> PyTree:
     E.g. ``label_tree(params, lambda n, x: "late" if n.startswith("head/") else "shared")``
     for ``optax.multi_transform``. Labels must not be None (None is an empty pytree).
     """
+    _check_callable(fn)
     names, leaves, treedef = named_leaves(tree)
     return jax.tree.unflatten(treedef, [fn(n, x) for n, x in zip(names, leaves, strict=True)])
 
 
 def select(tree: PyTree, predicate: Callable[[str, Any], bool]) -> PyTree:
     """The bool pytree of ``predicate(name, leaf)`` (e.g. for ``optax.masked``)."""
+    _check_callable(predicate)
     return label_tree(tree, lambda n, x: bool(predicate(n, x)))
 
 
@@ -70,3 +72,8 @@ def by_prefix(mapping: Mapping[str, Any], name: str, default: Any = None) -> Any
         if (name == key or name.startswith(key + "/")) and (best is None or len(key) > len(best)):
             best = key
     return default if best is None else mapping[best]
+
+
+def _check_callable(fn) -> None:
+    if not callable(fn):
+        raise ValueError(f"expected a callable fn(name, leaf), got {fn!r}")

@@ -188,14 +188,23 @@ def _prune_groups(s_leaves, m_leaves, rates, *, groups, relative):
     return out
 
 
-def _prepare(params, sparsity, scope, masks, exclude):
+def _prune_surviving(params, sparsity, score, *, scope, masks, exclude, layer_sparsity):
+    """Validates, then removes ``sparsity`` of the surviving weights ranked by ``score(params)``."""
     _check_fraction(sparsity)
     _check_scope(scope)
     if masks is None:
         masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
     else:
         check_masks(params, masks)
-    return masks, exclude or default_exclude
+    return _prune(
+        score(params),
+        masks,
+        sparsity,
+        scope=scope,
+        exclude=exclude or default_exclude,
+        layer_sparsity=layer_sparsity,
+        relative=True,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -240,16 +249,14 @@ def magnitude_masks(
     Raises:
       ValueError: sparsity outside ``[0, 1)``, unknown scope, mismatched masks.
     """
-    masks, exclude = _prepare(params, sparsity, scope, masks, exclude)
-    scores = jax.tree.map(jnp.abs, params)
-    return _prune(
-        scores,
-        masks,
+    return _prune_surviving(
+        params,
         sparsity,
+        lambda p: jax.tree.map(jnp.abs, p),
         scope=scope,
+        masks=masks,
         exclude=exclude,
         layer_sparsity=layer_sparsity,
-        relative=True,
     )
 
 
@@ -280,20 +287,21 @@ def random_masks(
     Returns:
       A boolean pytree shaped like ``params``.
     """
-    masks, exclude = _prepare(params, sparsity, scope, masks, exclude)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    scores = jax.tree.unflatten(
-        treedef, [jax.random.uniform(k, jnp.shape(p)) for k, p in zip(keys, leaves, strict=False)]
-    )
-    return _prune(
-        scores,
-        masks,
+
+    def uniform_scores(p):
+        leaves, treedef = jax.tree.flatten(p)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        uniform = [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves, strict=False)]
+        return jax.tree.unflatten(treedef, uniform)
+
+    return _prune_surviving(
+        params,
         sparsity,
+        uniform_scores,
         scope=scope,
+        masks=masks,
         exclude=exclude,
         layer_sparsity=layer_sparsity,
-        relative=True,
     )
 
 

@@ -214,12 +214,13 @@ class BinaryMLP(nn.Module):
 
     features: Sequence[int] = (5, 5, 5)
     num_classes: int = 2
-    activation: str = "st"
-    noise: str = "logistic"
+    # passed to every hidden `BinaryDense`, with its defaults (but real weights by default)
+    activation: str = _BinaryLayer.activation
+    noise: str = _BinaryLayer.noise
     binary_weights: bool = False
-    weight_estimator: str = "identity"
-    weight_noise: str = "logistic"
-    rng_collection: str = "dropout"
+    weight_estimator: str = _BinaryLayer.weight_estimator
+    weight_noise: str = _BinaryLayer.weight_noise
+    rng_collection: str = _BinaryLayer.rng_collection
 
     @nn.compact
     def __call__(self, x, train: bool = False):

@@ -351,14 +351,16 @@ def masks_for_level(
     *,
     dense: DenseRun,
     previous: Level | None = None,
-    rate: float = 0.2,
-    layer_rates: dict | None = None,
-    scope: str = "layerwise",
-    exclude: Callable | None = None,
+    rate: float,
+    layer_rates: dict | None,
+    scope: str,
+    exclude: Callable | None,
     reference: list | None = None,
     key: jax.Array | None = None,
 ) -> PyTree:
     """The mask an arm trains at ``level >= 1`` (see the module docstring for the arms).
+
+    The pruning settings are required here: their defaults live in `run_arm`, the caller.
 
     Args:
       arm: one of `ARMS`.

@@ -4,11 +4,11 @@ r"""Cost of one functionally-invariant-path step against one plain SGD step, sid
 
 Baseline: `ws.training.make_train_step` with ``optax.sgd`` (one forward + backward
 on the batch). Path step: the same train step with
-``optax.chain(invariant_path(..., cg_iters=k), optax.sgd)``, i.e. one forward +
-backward plus a linearisation on the anchors and ``k`` CG iterations (one JVP and
-one transposed JVP each); ``tol=0`` so every iteration runs. Also the penalty
-formulation (Bhattacharyya to the anchor network on the anchors). All steps are
-jitted, warmed up, and timed round-robin in one process; the table reports the
+``invariant_path(lr, f, tol=0, maxiter=k)`` (metric step, then the learning rate),
+i.e. one forward + backward plus a linearisation on the anchors and ``k`` CG
+iterations (one JVP and one transposed JVP each); ``tol=0`` so every iteration runs.
+Also the penalty formulation (Bhattacharyya to the anchor network on the anchors).
+All steps are jitted, warmed up, and timed round-robin in one process; the table reports the
 median time per step and the ratio to SGD.
 
   PYTHONPATH=. python benchmarks/invariant_path.py --residuals [--dataset=digits]

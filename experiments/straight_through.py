@@ -336,10 +336,11 @@ class Trainer:
             eval_every=max(cfg.steps // 4, 1),
             progress=cfg.progress,
         )
+        labels = jax.tree.leaves(st.latent_labels(state.params))
         latents = [
             float(jnp.mean(jnp.abs(v)))
-            for p, v in jax.tree_util.tree_leaves_with_path(state.params)
-            if jax.tree_util.keystr(p[-1:], simple=True) == "latent"
+            for v, label in zip(jax.tree.leaves(state.params), labels, strict=True)
+            if label == "latent"
         ]
         final = history[-1]
         return {

@@ -192,7 +192,7 @@ def _equations(jaxpr):
                     yield from _equations(sub)
 
 
-def test_alias_is_preconditioner_then_learning_rate_and_old_spelling_warns():
+def test_alias_is_preconditioner_then_learning_rate():
     _, params, x, f = _mlp()
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
     pre = ip.scale_by_invariant_metric(f, damping=0.1, maxiter=20)
@@ -201,12 +201,6 @@ def test_alias_is_preconditioner_then_learning_rate_and_old_spelling_warns():
     u, state = alias.update(grads, alias.init(params), params, anchors=x)
     np.testing.assert_allclose(ravel_pytree(u)[0], -0.5 * ravel_pytree(d)[0], rtol=1e-6)
     assert isinstance(state[0], ip.ScaleByInvariantMetricState)
-    with pytest.warns(DeprecationWarning, match="scale_by_invariant_metric"):
-        old = ip.invariant_path(f, damping=0.1, cg_iters=20)
-    o, _ = old.update(grads, old.init(params), params, anchors=x)
-    np.testing.assert_allclose(ravel_pytree(o)[0], ravel_pytree(d)[0], rtol=1e-6)
-    with pytest.warns(DeprecationWarning, match="ScaleByInvariantMetricState"):
-        assert ip.InvariantPathState is ip.ScaleByInvariantMetricState
 
 
 def test_large_damping_gives_scaled_gradient():
@@ -331,7 +325,7 @@ def test_bad_input_raises_value_error():
     with pytest.raises(ValueError, match="metric.*'hessian'"):
         ip.scale_by_invariant_metric(f, metric="hessian")
     with pytest.raises(ValueError, match="apply_fn.*None"):
-        ip.invariant_path(0.1)
+        ip.invariant_path(0.1, None)
     tx = ip.scale_by_invariant_metric(f)
     grads = jax.tree.map(jnp.ones_like, params)
     with pytest.raises(ValueError, match=r"shape \(5, 7\)"):

@@ -595,27 +595,6 @@ def test_pruned_weights_are_exactly_zero_in_every_member_through_expansion_train
         assert np.count_nonzero(np.concatenate(alive)) > 0.9 * np.concatenate(alive).size
 
 
-# ----------------------------------------------------------------------------- old names
-
-
-def test_old_names_warn_and_keep_working():
-    model, tx, state, batch = _state("mlp")
-    with pytest.warns(DeprecationWarning, match="late_phase.expand is deprecated"):
-        late = lp.expand(state.params, "head", K)
-    with pytest.warns(DeprecationWarning, match="wspace.averaging.swa"):
-        assert lp.swa is ws.averaging.swa
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        p, _ = lp.average(late, {}, "head")
-        loss = lp.late_phase_loss(ws.training.classification_loss(model.apply), K, "head")
-        s = lp.expand_state(state, tx, "head", K)
-        value = loss(s.params, s.model_state, batch, None)[0]
-    _assert_tree_equal(p, state.params)
-    assert np.isfinite(float(value))
-    with pytest.raises(AttributeError):
-        lp.no_such_name  # noqa: B018
-
-
 # ----------------------------------------------------------------------------- experiment, notebook
 
 

@@ -229,23 +229,6 @@ def test_binary_weights_enumerated():
     np.testing.assert_allclose(val, total, rtol=1e-5)
 
 
-# -------------------------------------------------------- metrics
-
-
-def test_deprecated_metric_names_warn_and_agree():
-    exact = {"a": jnp.array([1.0, 0.0])}
-    est = {"a": jnp.array([[2.0, 1.0], [2.0, -1.0]])}  # mean (2, 0): bias 1
-    with pytest.warns(DeprecationWarning, match="estimators.gradient_metrics"):
-        met = st.gradient_metrics(est, exact)
-    assert met == ws.estimators.gradient_metrics(est, exact)
-    np.testing.assert_allclose([met["bias"], met["variance"]], [1.0, 2.0])
-    with pytest.warns(DeprecationWarning):
-        avg = st.average_estimator(lambda k: {"a": jnp.ones(2) + jax.random.normal(k, (2,))})
-    with pytest.warns(DeprecationWarning):
-        curve = st.metrics_vs_samples(avg, exact, jax.random.PRNGKey(0), num_samples=(1, 16))
-    assert curve["num_samples"] == [1, 16] and curve["variance"][1] < curve["variance"][0] / 4
-
-
 # ----------------------------------------------- layers and optax
 
 

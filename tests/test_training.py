@@ -133,7 +133,7 @@ def test_nan_guard_names_step_and_keeps_last_good_checkpoint(digits, tmp_path):
             workdir=workdir,
             progress=False,
         )
-    ckpt = ws.training.Checkpointer(os.path.join(workdir, "checkpoints"))
+    ckpt = ws.io.Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.latest_step() == 10
     restored = ckpt.restore(state)
     ckpt.close()

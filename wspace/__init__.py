@@ -2,7 +2,7 @@
 
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
-Infrastructure: `data`, `models`, `training`, `io`, `landscape`, `estimators`,
+Infrastructure: `data`, `models`, `training`, `io`, `paths`, `landscape`, `estimators`,
 `averaging`. Methods (one module each): `late_phase`, `likelihood_ratio`,
 `straight_through`, `pruning` and `lottery`, `invariant_path`.
 """
@@ -18,6 +18,7 @@ from wspace import (
     likelihood_ratio,
     lottery,
     models,
+    paths,
     pruning,
     straight_through,
     training,
@@ -28,6 +29,7 @@ __all__ = [
     "models",
     "training",
     "io",
+    "paths",
     "landscape",
     "estimators",
     "averaging",

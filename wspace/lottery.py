@@ -351,14 +351,16 @@ def masks_for_level(
     *,
     dense: DenseRun,
     previous: Level | None = None,
-    rate: float = 0.2,
-    layer_rates: dict | None = None,
-    scope: str = "layerwise",
-    exclude: Callable | None = None,
+    rate: float,
+    layer_rates: dict | None,
+    scope: str,
+    exclude: Callable | None,
     reference: list | None = None,
     key: jax.Array | None = None,
 ) -> PyTree:
     """The mask an arm trains at ``level >= 1`` (see the module docstring for the arms).
+
+    The pruning settings are required here: their defaults live in `run_arm`, the caller.
 
     Args:
       arm: one of `ARMS`.
@@ -366,7 +368,8 @@ def masks_for_level(
       dense: the dense run.
       previous: this arm's level ``l - 1`` (``rewind`` prunes its params).
       rate, layer_rates, scope, exclude: as in `wspace.pruning.magnitude_masks`
-        (``layer_rates`` is passed as ``layer_sparsity``; a dict of names/prefixes).
+        (``layer_rates`` is passed as ``layer_sparsity``: leaf names or name prefixes,
+        matched by `wspace.paths.by_prefix`).
       reference: the ticket's levels (a list indexed by level) for ``reinit``/``random``.
       key: PRNG key for ``random``.
     """

@@ -1,7 +1,7 @@
 """Pruning masks as pytrees: magnitude and random pruning, schedules, the mask-keeping transform.
 
 A **mask** is a boolean pytree shaped like the params: ``True`` keeps a
-weight, ``False`` prunes it. Leaves are named by their path, e.g.
+weight, ``False`` prunes it. Leaves are named by their path (`wspace.paths`), e.g.
 ``"Dense_0/kernel"`` or ``"head/bias"``; a leaf is *prunable* unless the
 ``exclude`` predicate says otherwise (default `default_exclude`: leaves with
 ``ndim < 2``, i.e. biases and normalisation scales/offsets, are never pruned).
@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from wspace import paths
+
 PyTree = Any
 Exclude = Callable[[str, Any], bool]
 LayerSparsity = Mapping[str, float] | Callable[[str, Any], float | None] | None
@@ -54,20 +56,10 @@ SCOPES = ("global", "layerwise")
 # naming and validation
 
 
-def leaf_name(path) -> str:
-    """The ``"/"``-joined name of a pytree path, e.g. ``"Dense_0/kernel"``."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def default_exclude(name: str, leaf) -> bool:
     """Never prune leaves with ``ndim < 2`` (biases, BatchNorm/LayerNorm scales and offsets)."""
     del name
     return jnp.ndim(leaf) < 2
-
-
-def _named_leaves(tree) -> tuple[list[str], list, Any]:
-    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [leaf_name(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
 def _check_fraction(value, what: str = "sparsity") -> None:
@@ -91,8 +83,8 @@ def check_masks(params: PyTree, masks: PyTree) -> None:
       params: the parameter pytree.
       masks: a pytree of boolean arrays (any dtype is accepted; it is cast to bool).
     """
-    p_names, p_leaves, p_def = _named_leaves(params)
-    m_names, m_leaves, m_def = _named_leaves(masks)
+    p_names, p_leaves, p_def = paths.named_leaves(params)
+    m_names, m_leaves, m_def = paths.named_leaves(masks)
     if p_def != m_def:
         raise ValueError(
             f"mask tree does not match params: masks have leaves {m_names}, params have {p_names}"
@@ -104,17 +96,14 @@ def check_masks(params: PyTree, masks: PyTree) -> None:
             )
 
 
-def _rates(names, leaves, sparsity, exclude, layer_sparsity) -> list:
-    """Per-leaf pruning rate: None for excluded leaves, an override, or ``sparsity``."""
+def _rates(names, leaves, excluded, layer_sparsity) -> list:
+    """Per-leaf override of the pruning rate; None: excluded, or the default group rate."""
     out = []
-    for name, leaf in zip(names, leaves, strict=True):
-        if exclude(name, leaf):
-            out.append(None)
-            continue
-        rate = _override(name, leaf, layer_sparsity)
+    for name, leaf, skip in zip(names, leaves, excluded, strict=True):
+        rate = None if skip else _override(name, leaf, layer_sparsity)
         if rate is not None:
             _check_fraction(rate, f"layer_sparsity[{name!r}]")
-        out.append(rate)  # None here means "use the default group rate"
+        out.append(rate)
     return out
 
 
@@ -123,11 +112,7 @@ def _override(name, leaf, layer_sparsity):
         return None
     if callable(layer_sparsity):
         return layer_sparsity(name, leaf)
-    best = None
-    for key in layer_sparsity:  # the longest matching prefix wins
-        if (name == key or name.startswith(key + "/")) and (best is None or len(key) > len(best)):
-            best = key
-    return None if best is None else layer_sparsity[best]
+    return paths.by_prefix(layer_sparsity, name)  # the longest matching prefix wins
 
 
 # --------------------------------------------------------------------------------------
@@ -158,11 +143,12 @@ def _prune(scores, masks, sparsity, *, scope, exclude, layer_sparsity, relative)
     group is pruned (never reviving a pruned weight). The grouping is decided
     here in Python; the ranking runs in one compiled function (`_prune_groups`).
     """
-    names, s_leaves, treedef = _named_leaves(scores)
+    names, s_leaves, treedef = paths.named_leaves(scores)
     m_leaves = [jnp.asarray(m, bool) for m in jax.tree.leaves(masks)]
-    rates = _rates(names, s_leaves, sparsity, exclude, layer_sparsity)
+    excluded = jax.tree.leaves(paths.select(scores, exclude))
+    rates = _rates(names, s_leaves, excluded, layer_sparsity)
     groups, group_rates = [], []
-    default = [i for i, r in enumerate(rates) if r is None and not exclude(names[i], s_leaves[i])]
+    default = [i for i, r in enumerate(rates) if r is None and not excluded[i]]
     if scope == "global" and default:
         groups.append(tuple(default))
         group_rates.append(sparsity)
@@ -202,14 +188,23 @@ def _prune_groups(s_leaves, m_leaves, rates, *, groups, relative):
     return out
 
 
-def _prepare(params, sparsity, scope, masks, exclude):
+def _prune_surviving(params, sparsity, score, *, scope, masks, exclude, layer_sparsity):
+    """Validates, then removes ``sparsity`` of the surviving weights ranked by ``score(params)``."""
     _check_fraction(sparsity)
     _check_scope(scope)
     if masks is None:
         masks = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
     else:
         check_masks(params, masks)
-    return masks, exclude or default_exclude
+    return _prune(
+        score(params),
+        masks,
+        sparsity,
+        scope=scope,
+        exclude=exclude or default_exclude,
+        layer_sparsity=layer_sparsity,
+        relative=True,
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -254,16 +249,14 @@ def magnitude_masks(
     Raises:
       ValueError: sparsity outside ``[0, 1)``, unknown scope, mismatched masks.
     """
-    masks, exclude = _prepare(params, sparsity, scope, masks, exclude)
-    scores = jax.tree.map(jnp.abs, params)
-    return _prune(
-        scores,
-        masks,
+    return _prune_surviving(
+        params,
         sparsity,
+        lambda p: jax.tree.map(jnp.abs, p),
         scope=scope,
+        masks=masks,
         exclude=exclude,
         layer_sparsity=layer_sparsity,
-        relative=True,
     )
 
 
@@ -294,20 +287,21 @@ def random_masks(
     Returns:
       A boolean pytree shaped like ``params``.
     """
-    masks, exclude = _prepare(params, sparsity, scope, masks, exclude)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, max(len(leaves), 1))
-    scores = jax.tree.unflatten(
-        treedef, [jax.random.uniform(k, jnp.shape(p)) for k, p in zip(keys, leaves, strict=False)]
-    )
-    return _prune(
-        scores,
-        masks,
+
+    def uniform_scores(p):
+        leaves, treedef = jax.tree.flatten(p)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        uniform = [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves, strict=False)]
+        return jax.tree.unflatten(treedef, uniform)
+
+    return _prune_surviving(
+        params,
         sparsity,
+        uniform_scores,
         scope=scope,
+        masks=masks,
         exclude=exclude,
         layer_sparsity=layer_sparsity,
-        relative=True,
     )
 
 
@@ -322,13 +316,13 @@ def shuffle_masks(masks: PyTree, *, key: jax.Array, exclude: Exclude | None = No
       key: PRNG key.
       exclude: as in `magnitude_masks`.
     """
-    exclude = exclude or default_exclude
-    names, leaves, treedef = _named_leaves(masks)
+    leaves, treedef = jax.tree.flatten(masks)
+    excluded = jax.tree.leaves(paths.select(masks, exclude or default_exclude))
     keys = jax.random.split(key, max(len(leaves), 1))
     out = []
-    for name, m, k in zip(names, leaves, keys, strict=False):
+    for m, skip, k in zip(leaves, excluded, keys, strict=False):
         m = jnp.asarray(m, bool)
-        if exclude(name, m):
+        if skip:
             out.append(m)
         else:
             out.append(jax.random.permutation(k, m.ravel()).reshape(m.shape))
@@ -355,13 +349,13 @@ def sparsity(masks: PyTree, *, exclude: Exclude | None = None) -> dict:
       ``{"overall": float, "density": 1 - overall, "pruned": int, "prunable": int,
       "total": int (all leaves), "layers": {name: fraction pruned}}``.
     """
-    exclude = exclude or default_exclude
-    names, leaves, _ = _named_leaves(masks)
+    names, leaves, _ = paths.named_leaves(masks)
+    excluded = jax.tree.leaves(paths.select(masks, exclude or default_exclude))
     layers, pruned, prunable, total = {}, 0, 0, 0
-    for name, m in zip(names, leaves, strict=True):
+    for name, m, skip in zip(names, leaves, excluded, strict=True):
         m = np.asarray(m, bool)
         total += m.size
-        if exclude(name, m):
+        if skip:
             continue
         n_pruned = int(m.size - m.sum())
         layers[name] = n_pruned / max(m.size, 1)

@@ -1075,10 +1075,6 @@ def _to_float(v):
     return float(v) if np.ndim(v) == 0 else np.asarray(v).tolist()
 
 
-Checkpointer = io.Checkpointer  # its home is wspace.io; kept here for existing callers
-write_json = io.write_json
-
-
 def enable_compilation_cache(path: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache; returns its folder (None: turned off).
 
@@ -1119,24 +1115,6 @@ def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-
-
-def key_names(keypath) -> tuple[str, ...]:
-    """The names along a pytree key path, e.g. ``("BatchNorm_0", "scale")``.
-
-    Works for dict keys, attribute names and sequence indices (what
-    `jax.tree_util.tree_flatten_with_path` yields); method modules select
-    weights by these names.
-    """
-    names = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                names.append(str(getattr(k, attr)))
-                break
-        else:
-            names.append(str(k))
-    return tuple(names)
 
 
 def num_params(params: PyTree) -> int:

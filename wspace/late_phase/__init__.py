@@ -796,11 +796,3 @@ def fit(
     """
     late = LatePhase(num_members, select, schedule, combine, noise)
     return late.fit(state, loss_fn, tx, data, t0=t0, **kwargs)
-
-
-def __getattr__(name):  # old names (one release), loaded on first use
-    if name.startswith("__"):
-        raise AttributeError(name)
-    import importlib
-
-    return importlib.import_module("wspace.late_phase._compat").resolve(name)

@@ -1,49 +1,10 @@
-"""Functionally invariant paths: move weights towards a second goal without changing the function.
+"""The functionally invariant path step (metric-preconditioned) and its penalty form.
 
-Raghavan & Thomson (2022/2024), "Engineering flexible machine learning systems
-by traversing functionally invariant paths in weight space", arXiv 2205.00334.
-Weight space is given the metric ``g(w) = J(w)^T J(w)`` pulled back from the
-network's outputs on anchor inputs (the old task's inputs): a move ``dw``
-changes those outputs by ``|J dw|^2 = <dw, g dw>`` to first order. Each path
-step minimises ``<dw, g dw> - beta <grad L2, dw>`` over a bounded step, i.e.
+The method of `wspace.invariant_path` (see its docstring): `scale_by_invariant_metric`,
+`invariant_path`, `metric_matvec`, and the official code's penalty formulation
+(`output_distance`, `penalty_loss`).
 
-    dw  proportional to  -(g + lambda I)^{-1} grad L2,
-
-which follows a secondary objective ``L2`` (a new task, sparsity, adversarial
-robustness) through the directions the anchor outputs are blind to.
-
-This module gives both formulations:
-
-* `scale_by_invariant_metric` -- the metric step as an optax preconditioner, and
-  the alias `invariant_path(learning_rate, apply_fn, ...)` = that plus
-  ``optax.scale_by_learning_rate``. It solves ``(g + lambda I) d = grad`` by
-  `jax.scipy.sparse.linalg.cg` to a stated tolerance with matrix-free products
-  (`metric_matvec`: one `jax.linearize` per step at ``Precision.HIGHEST``, reused
-  by every CG iteration, and its transpose), records the residual in its state
-  and warns when a solve ends unconverged. The default metric is the softmax
-  Fisher ``J^T (diag p - p p^T) J / N`` (8x the Hessian of the Bhattacharyya
-  distance the official code uses); ``metric="jacobian"`` is the Euclidean
-  ``J^T J / N`` on the logits. The anchor inputs come as the keyword extra
-  argument ``anchors=``.
-* `penalty_loss` -- the official code's formulation
-  (Guruprasad93/FlexibleMachineLearning): add ``weight * D(f(w0; x_a), f(w; x_a))``
-  (Bhattacharyya or KL between softmax outputs, `output_distance`) to any loss.
-  This is what the official code runs for continual learning (replay of stored
-  inputs with a Bhattacharyya distillation term, plain SGD); the metric step is
-  the paper's stated algorithm, which that code does not run.
-
-Secondary objectives: the new task's loss (`wspace.training.classification_loss`
-on new-task batches), `sparsity_loss` (distance to the magnitude projection of
-the weights, from `wspace.pruning`) and `adversarial_loss` (the loss on `fgsm`
-or `pgd` inputs). For the continual-learning baseline the module also has the
-EWC penalty of Kirkpatrick et al. (2017), arXiv 1612.00796: `diagonal_fisher`,
-`ewc_loss`.
-
-The network is always given as a closure ``apply_fn(params, x) -> outputs``.
-For a flax model without state: ``lambda p, x: model.apply({"params": p}, x)``.
-For a BatchNorm model close over the statistics in eval mode:
-``lambda p, x: model.apply({"params": p, **model_state}, x, train=False)``
-(the metric then treats the running statistics as constants).
+Reference: Raghavan & Thomson 2022, arXiv 2205.00334.
 """
 
 from __future__ import annotations
@@ -58,11 +19,11 @@ import numpy as np
 import optax
 
 from wspace import training
+from wspace.invariant_path._checks import check_choice, check_number
 
 PyTree = Any
 METRICS = ("jacobian", "fisher")
 DISTANCES = ("bhattacharyya", "kl")
-ATTACKS = ("fgsm", "pgd")
 
 
 # ----------------------------------------------------------------------------- metric step
@@ -119,7 +80,7 @@ def metric_matvec(
     Reference: Raghavan & Thomson 2022, arXiv 2205.00334 (metric of section 3.2; the
     Bhattacharyya distance of the official code Guruprasad93/FlexibleMachineLearning).
     """
-    _check_choice("metric", metric, METRICS)
+    check_choice("metric", metric, METRICS)
     anchors = jnp.asarray(anchors)
     with jax.default_matmul_precision(_precision_name(precision)):
         outputs, jvp_fn = _linearize(apply_fn, params, anchors)
@@ -201,12 +162,12 @@ def scale_by_invariant_metric(
 
     Reference: Raghavan & Thomson 2022, arXiv 2205.00334.
     """
-    _check_choice("metric", metric, METRICS)
-    _check_number("damping", damping, lambda v: v >= 0, ">= 0")
-    _check_number("maxiter", maxiter, lambda v: v >= 1 and float(v) == int(v), "an integer >= 1")
-    _check_number("tol", tol, lambda v: v >= 0, ">= 0")
+    check_choice("metric", metric, METRICS)
+    check_number("damping", damping, lambda v: v >= 0, ">= 0")
+    check_number("maxiter", maxiter, lambda v: v >= 1 and float(v) == int(v), "an integer >= 1")
+    check_number("tol", tol, lambda v: v >= 0, ">= 0")
     if max_norm is not None:
-        _check_number("max_norm", max_norm, lambda v: v > 0, "> 0 or None")
+        check_number("max_norm", max_norm, lambda v: v > 0, "> 0 or None")
     warner = _unconverged_warner()
 
     def init_fn(params):
@@ -256,7 +217,7 @@ def scale_by_invariant_metric(
 
 
 def invariant_path(
-    learning_rate: optax.ScalarOrSchedule, apply_fn: Callable | None = None, **kwargs
+    learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, **kwargs
 ) -> optax.GradientTransformationExtraArgs:
     """Functionally invariant path steps: metric-preconditioned descent on a secondary loss.
 
@@ -275,25 +236,9 @@ def invariant_path(
       An optax ``GradientTransformationExtraArgs``; ``update`` needs ``params`` and
       ``anchors=``. The preconditioner's state is ``opt_state[0]``.
 
-    The spelling of earlier releases, ``invariant_path(apply_fn, damping=, cg_iters=, ...)``
-    (the preconditioner alone), still works for one release with a `DeprecationWarning`.
-
     Reference: Raghavan & Thomson 2022, arXiv 2205.00334.
     """
-    if callable(learning_rate) and apply_fn is None:  # the deprecated spelling
-        warnings.warn(
-            "invariant_path(apply_fn, ...) as the preconditioner is deprecated: use "
-            "scale_by_invariant_metric(apply_fn, ...) (cg_iters= is now maxiter=), or "
-            "invariant_path(learning_rate, apply_fn, ...) for the whole step. The defaults "
-            "changed to metric='fisher', damping=1e-2, tol=1e-2, maxiter=100 (the old ones, "
-            "'jacobian', 1e-3, 10 iterations, did not converge).",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        if "cg_iters" in kwargs:
-            kwargs["maxiter"] = kwargs.pop("cg_iters")
-        return scale_by_invariant_metric(learning_rate, **kwargs)
-    if apply_fn is None or not callable(apply_fn):
+    if not callable(apply_fn):
         raise ValueError(
             f"invariant_path(learning_rate, apply_fn, ...) needs a callable apply_fn, "
             f"got {apply_fn!r}"
@@ -325,7 +270,7 @@ def output_distance(logits: jax.Array, anchor_logits: jax.Array, *, kind: str = 
 
     Reference: Raghavan & Thomson 2022, arXiv 2205.00334.
     """
-    _check_choice("kind", kind, DISTANCES)
+    check_choice("kind", kind, DISTANCES)
     if jnp.shape(logits) != jnp.shape(anchor_logits):
         raise ValueError(
             f"logits {jnp.shape(logits)} and anchor_logits {jnp.shape(anchor_logits)} differ"
@@ -368,7 +313,7 @@ def penalty_loss(
     Reference: Raghavan & Thomson 2022, arXiv 2205.00334 (official code
     Guruprasad93/FlexibleMachineLearning).
     """
-    _check_choice("kind", kind, DISTANCES)
+    check_choice("kind", kind, DISTANCES)
 
     def loss(params, model_state, batch, key):
         if anchor_key not in batch:
@@ -379,243 +324,6 @@ def penalty_loss(
         dist = output_distance(apply_fn(params, x_a), target, kind=kind)
         metrics = {**metrics, "output_distance": dist}
         return value + weight * dist, (model_state, metrics)
-
-    return loss
-
-
-# ----------------------------------------------------------------------------- objectives
-
-
-def projection_distance(params: PyTree, sparsity: float, **mask_kwargs) -> jax.Array:
-    """Half the squared distance from the weights to their magnitude projection.
-
-    ``0.5 |w - m(w) * w|^2`` with ``m(w)`` = `wspace.pruning.magnitude_masks` at
-    ``sparsity`` (held constant: the gradient is ``(1 - m) * w``).
-
-    Args:
-      params: the weights.
-      sparsity: fraction of prunable weights to remove, in ``[0, 1)``.
-      **mask_kwargs: passed to `wspace.pruning.magnitude_masks` (e.g. ``scope``).
-
-    Returns:
-      A scalar.
-
-    Reference: Raghavan & Thomson 2022, arXiv 2205.00334.
-    """
-    from wspace import pruning
-
-    masks = jax.lax.stop_gradient(pruning.magnitude_masks(params, sparsity, **mask_kwargs))
-    pruned = pruning.apply_masks(params, masks)
-    diffs = jax.tree.map(lambda w, p: jnp.sum(jnp.square(w - p)), params, pruned)
-    return 0.5 * sum(jax.tree.leaves(diffs))
-
-
-def sparsity_loss(sparsity: float, **mask_kwargs) -> Callable:
-    """The sparsity objective as a loss: `projection_distance` in the library signature.
-
-    Args:
-      sparsity: target sparsity in ``[0, 1)`` (may be traced, e.g. read from the batch).
-      **mask_kwargs: passed to `wspace.pruning.magnitude_masks`.
-
-    Returns:
-      ``loss_fn(params, model_state, batch, key) -> (loss, (model_state, {"distance"}))``
-      (the batch is not used).
-
-    Reference: Raghavan & Thomson 2022, arXiv 2205.00334.
-    """
-    _check_number("sparsity", sparsity, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-
-    def loss(params, model_state, batch, key):
-        del batch, key
-        dist = projection_distance(params, sparsity, **mask_kwargs)
-        return dist, (model_state, {"distance": dist})
-
-    return loss
-
-
-def fgsm(loss_of_x: Callable, x: jax.Array, *, eps: float, clip=None) -> jax.Array:
-    """Fast gradient sign method: ``x + eps * sign(d loss / d x)``.
-
-    Args:
-      loss_of_x: ``x -> scalar loss``.
-      x: clean inputs.
-      eps: L-infinity radius.
-      clip: optional ``(low, high)`` input range.
-
-    Returns:
-      Adversarial inputs (no gradient flows through them).
-
-    Reference: Goodfellow, Shlens & Szegedy 2014, arXiv 1412.6572.
-    """
-    _check_number("eps", eps, lambda v: v >= 0, ">= 0")
-    x_adv = x + eps * jnp.sign(jax.grad(loss_of_x)(x))
-    if clip is not None:
-        x_adv = jnp.clip(x_adv, *clip)
-    return jax.lax.stop_gradient(x_adv)
-
-
-def pgd(
-    loss_of_x: Callable,
-    x: jax.Array,
-    key: jax.Array | None,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    clip=None,
-) -> jax.Array:
-    """Projected gradient descent attack in an L-infinity ball (ascent on the loss).
-
-    ``x_{t+1} = P(x_t + a sign(grad_x loss(x_t)))`` with ``P`` the projection onto
-    ``|x' - x|_inf <= eps`` (and ``clip``), from a uniform random start in the ball
-    (or from ``x`` when ``key`` is None).
-
-    Args:
-      loss_of_x: ``x -> scalar loss``.
-      x: clean inputs.
-      key: PRNG key for the random start, or None.
-      eps: L-infinity radius.
-      steps: number of ascent steps (>= 1).
-      step_size: ``a`` (default ``2.5 * eps / steps``).
-      clip: optional ``(low, high)`` input range.
-
-    Returns:
-      Adversarial inputs (no gradient flows through them).
-
-    Reference: Madry et al. 2017, arXiv 1706.06083.
-    """
-    _check_number("eps", eps, lambda v: v >= 0, ">= 0")
-    _check_number("steps", steps, lambda v: v >= 1 and float(v) == int(v), "an integer >= 1")
-    step_size = 2.5 * eps / steps if step_size is None else step_size
-    x = jax.lax.stop_gradient(x)
-
-    def project(z):
-        z = jnp.clip(z, x - eps, x + eps)
-        return jnp.clip(z, *clip) if clip is not None else z
-
-    start = x if key is None else x + jax.random.uniform(key, x.shape, x.dtype, -eps, eps)
-    grad = jax.grad(loss_of_x)
-
-    def body(_, z):
-        return project(z + step_size * jnp.sign(grad(z)))
-
-    return jax.lax.stop_gradient(jax.lax.fori_loop(0, steps, body, project(start)))
-
-
-def adversarial_loss(
-    loss_fn: Callable,
-    *,
-    eps: float,
-    method: str = "pgd",
-    steps: int = 10,
-    step_size: float | None = None,
-    clip=None,
-) -> Callable:
-    """The adversarial-robustness objective: a loss evaluated on attacked inputs.
-
-    ``L_adv(w) = loss_fn(w; x*)`` with ``x* = fgsm/pgd`` attack of ``loss_fn`` at ``w``
-    on ``batch["x"]`` (the attack treats ``w`` as a constant).
-
-    Args:
-      loss_fn: a loss in the library signature.
-      eps: L-infinity radius of the attack.
-      method: ``"fgsm"`` or ``"pgd"``.
-      steps, step_size: PGD settings (see `pgd`).
-      clip: optional ``(low, high)`` input range.
-
-    Returns:
-      A loss in the library signature (the PGD random start uses the loss's key).
-
-    Reference: Madry et al. 2017, arXiv 1706.06083; Raghavan & Thomson 2022,
-    arXiv 2205.00334.
-    """
-    _check_choice("method", method, ATTACKS)
-    _check_number("eps", eps, lambda v: v >= 0, ">= 0")
-
-    def loss(params, model_state, batch, key):
-        fixed = jax.lax.stop_gradient(params)
-
-        def loss_of_x(x):
-            return loss_fn(fixed, model_state, {**batch, "x": x}, key)[0]
-
-        if method == "fgsm":
-            x_adv = fgsm(loss_of_x, batch["x"], eps=eps, clip=clip)
-        else:
-            start_key = None if key is None else jax.random.fold_in(key, 1)
-            x_adv = pgd(
-                loss_of_x,
-                batch["x"],
-                start_key,
-                eps=eps,
-                steps=steps,
-                step_size=step_size,
-                clip=clip,
-            )
-        return loss_fn(params, model_state, {**batch, "x": x_adv}, key)
-
-    return loss
-
-
-# ----------------------------------------------------------------------------- EWC baseline
-
-
-def diagonal_fisher(
-    apply_fn: Callable, params: PyTree, x: jax.Array, *, batch_size: int = 32
-) -> PyTree:
-    """Exact diagonal of the softmax Fisher, averaged over inputs.
-
-    ``F_i = 1/N sum_n sum_k p_k(x_n) (d log p_k(x_n) / d w_i)^2`` (the expectation over
-    the model's own labels is summed exactly over the ``K`` classes).
-
-    Args:
-      apply_fn: ``apply_fn(params, x) -> logits (N, K)``.
-      params: where the Fisher is taken.
-      x: ``(N, ...)`` inputs.
-      batch_size: examples per vectorised chunk (memory ``batch_size * K * |w|``).
-
-    Returns:
-      A pytree like ``params``.
-
-    Reference: Kirkpatrick et al. 2017, arXiv 1612.00796.
-    """
-    x = jnp.asarray(x)
-
-    def one(xi):
-        def logp(p):
-            return jax.nn.log_softmax(apply_fn(p, xi[None])[0])
-
-        jac = jax.jacrev(logp)(params)
-        probs = jnp.exp(logp(params))
-        return jax.tree.map(lambda j: jnp.tensordot(probs, jnp.square(j), axes=1), jac)
-
-    per_example = jax.lax.map(one, x, batch_size=min(batch_size, x.shape[0]))
-    return jax.tree.map(lambda f: jnp.mean(f, axis=0), per_example)
-
-
-def ewc_loss(
-    loss_fn: Callable, anchor_params: PyTree, fisher: PyTree, *, weight: float = 1.0
-) -> Callable:
-    """Elastic weight consolidation: ``loss_fn + weight/2 * sum_i F_i (w_i - w0_i)^2``.
-
-    Args:
-      loss_fn: a loss in the library signature (the new task's).
-      anchor_params: ``w0``, the old task's solution.
-      fisher: the diagonal Fisher at ``w0`` (`diagonal_fisher`).
-      weight: the EWC strength ``lambda``.
-
-    Returns:
-      A loss in the library signature; metrics gain ``"ewc"`` (the unweighted quadratic).
-
-    Reference: Kirkpatrick et al. 2017, arXiv 1612.00796.
-    """
-
-    def loss(params, model_state, batch, key):
-        value, (model_state, metrics) = loss_fn(params, model_state, batch, key)
-        quad = jax.tree.map(
-            lambda f, w, w0: jnp.sum(f * jnp.square(w - w0)), fisher, params, anchor_params
-        )
-        penalty = 0.5 * sum(jax.tree.leaves(quad))
-        return value + weight * penalty, (model_state, {**metrics, "ewc": penalty})
 
     return loss
 
@@ -681,35 +389,3 @@ def _unconverged_warner() -> Callable:
             )
 
     return warn
-
-
-_DEPRECATED = {"InvariantPathState": ("ScaleByInvariantMetricState", ScaleByInvariantMetricState)}
-
-
-def __getattr__(name):
-    if name in _DEPRECATED:
-        new_name, value = _DEPRECATED[name]
-        warnings.warn(
-            f"wspace.invariant_path.{name} is deprecated: use {new_name}",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _check_number(name: str, value, ok: Callable, allowed: str) -> None:
-    """Validates a hyperparameter when it is concrete (skipped for traced values)."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number {allowed}, got {value!r}") from None
-    if not (v == v and ok(v)):
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")

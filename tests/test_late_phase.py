@@ -18,7 +18,7 @@ import pytest
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
 from wspace import late_phase as lp
-from wspace.late_phase import LatePhase
+from wspace.late_phase import LatePhase, _layout
 
 K = 4
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -66,6 +66,13 @@ def _perturb(tree, key, scale=0.3):
     return jax.tree.unflatten(treedef, noisy)
 
 
+_paths = _layout._paths
+
+
+def _flags(cfg, tree) -> list[bool]:
+    return jax.tree.leaves(cfg.member_mask(tree))
+
+
 _assert_tree_close = chex.assert_trees_all_close  # structure, shapes and values
 _assert_tree_equal = chex.assert_trees_all_equal
 
@@ -89,11 +96,7 @@ def test_presets_choose_bn_affine_and_head_or_rank1_factors():
     _, _, state, _ = _state("convnet")
     late = LatePhase(K)
     params = late.expand(state.params)
-    chosen = {
-        "/".join(p)
-        for p, f in zip(lp._paths(params), lp._member_flags(params, late.select), strict=True)
-        if f
-    }
+    chosen = {"/".join(p) for p, f in zip(_paths(params), _flags(late, params), strict=True) if f}
     assert chosen == {
         f"{m}/{n}" for m in ("BatchNorm_0", "BatchNorm_1") for n in ("scale", "bias")
     } | {"head/kernel", "head/bias"}
@@ -156,11 +159,8 @@ def test_bad_inputs_raise_value_error_naming_what_is_allowed():
     late_state = par.expand_state(state, tx)
     with pytest.raises(ValueError, match="divisible by K=5"):
         par.parallel_loss(loss)(late_state.params, late_state.model_state, batch, None)
-    with pytest.raises(ValueError, match="schedule 'cycle' needs update"):
-        cyc = LatePhase(K)
-        opt = cyc.optimizer(tx)
-        p = cyc.expand(state.params)
-        opt.update(p, opt.init(p), p)
+    with pytest.raises(ValueError, match=r"member_opt_state must be one of \('copy', 'fresh'\)"):
+        LatePhase(K, member_opt_state="reset")
     ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
     with pytest.raises(ValueError, match=r"t0 must be an int in \[0, num_steps=5\], got 9"):
         lp.fit(state, loss, tx, ds, apply_fn=model.apply, num_members=K, t0=9, num_steps=5,
@@ -188,7 +188,7 @@ def test_one_step_touches_exactly_one_member_bit_exact(schedule):
     cfg = LatePhase(K, schedule=schedule, noise=0.1)
     model, tx, s, batch, loss = _adam_late_state(cfg)
     step = cfg.make_train_step(loss, tx, donate=False)
-    flags = lp._member_flags(s.params, cfg.select)
+    flags = _flags(cfg, s.params)
     seen = []
     for t in range(2 * K):
         new, _ = step(s, batch)
@@ -261,7 +261,7 @@ def test_cycle_sum_is_algorithm_1_and_random_every_is_plain_sgd_on_the_active_me
     cfg = LatePhase(K, noise=0.2)  # cycle, combine="sum"
     _, _, state, _ = _state("convnet", tx)
     s = cfg.expand_state(state, tx, key=jax.random.PRNGKey(2))
-    flags = lp._member_flags(s.params, cfg.select)
+    flags = _flags(cfg, s.params)
     batches = [dict(zip(("x", "y"), _data(n, seed=10 + k), strict=True)) for k in range(K)]
     p, ms = s.params, s.model_state
     want_p, want_ms, shared_sum = p, ms, None
@@ -293,8 +293,7 @@ def test_cycle_sum_is_algorithm_1_and_random_every_is_plain_sgd_on_the_active_me
     # random + every: theta steps with each minibatch's own gradient, phi_k for the drawn k only
     rnd = LatePhase(K, schedule="random", noise=0.2)
     s = rnd.expand_state(state, tx, key=jax.random.PRNGKey(2))
-    key, sub = jax.random.split(s.key)
-    k = int(rnd.member_index(s.opt_state.count, sub))
+    k = int(rnd.member_index(s.opt_state))
     g, _ = _member_grads(loss, rnd, s.params, s.model_state, batches[0], k)
     leaves = [
         x.at[k].add(-lr * gi) if f else x - lr * gi
@@ -391,13 +390,10 @@ def test_k1_fit_reproduces_plain_training_in_every_schedule():
         p, s = cfg.average(late.params, late.model_state)
         _assert_tree_close(p, plain.params, rtol=1e-5, atol=1e-6)
         _assert_tree_close(s, plain.model_state, rtol=1e-5, atol=1e-6)
-    reset = LatePhase(1).expand_state(copy(state), tx, reset_opt_state=True)
-    assert int(reset.opt_state.inner[0].count) == 0
 
 
 def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
-    """lp.fit in sharded/pmap mode (batch split over 8 simulated CPU devices, members too)
-    equals jit."""
+    """lp.fit in sharded/pmap mode (batch split over 8 simulated CPU devices) equals jit."""
     devices = jax.devices("cpu")
     assert len(devices) == 8, "tests/conftest.py simulates 8 CPU devices"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -415,18 +411,6 @@ def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
         b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, **kw)
     _assert_tree_close(jax.device_get(b.params), a.params, rtol=1e-4, atol=1e-5)
     _assert_tree_close(jax.device_get(b.model_state), a.model_state, rtol=1e-4, atol=1e-5)
-    # members on devices: K=8 rows split over the 8 devices, shared weights replicated
-    cfg = LatePhase(8)
-    with jax.default_matmul_precision("highest"):
-        a, _ = cfg.fit(copy(state), loss, tx, ds, **kw)
-        b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, shard_members=True,
-                       **kw)  # fmt: skip
-    _assert_tree_close(jax.device_get(b), a, rtol=1e-4, atol=1e-5)
-    assert b.params["head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("data")
-    assert b.opt_state.inner[0].trace["BatchNorm_1"]["scale"].sharding.spec[0] == "data"
-    assert b.params["Conv_0"]["kernel"].sharding.is_fully_replicated
-    with pytest.raises(ValueError, match="K=2 members do not split over the 8 devices"):
-        LatePhase(2).make_train_step(loss, tx, mode="sharded", mesh=mesh, shard_members=True)
     # pmap (per-device BatchNorm statistics, so a model without BatchNorm): the same run
     mlp = _init("mlp")[0]
     loss = ws.training.classification_loss(mlp.apply)
@@ -593,27 +577,6 @@ def test_pruned_weights_are_exactly_zero_in_every_member_through_expansion_train
             for p, m in zip(jax.tree.leaves(avg), jax.tree.leaves(masks), strict=True)
         ]
         assert np.count_nonzero(np.concatenate(alive)) > 0.9 * np.concatenate(alive).size
-
-
-# ----------------------------------------------------------------------------- old names
-
-
-def test_old_names_warn_and_keep_working():
-    model, tx, state, batch = _state("mlp")
-    with pytest.warns(DeprecationWarning, match="late_phase.expand is deprecated"):
-        late = lp.expand(state.params, "head", K)
-    with pytest.warns(DeprecationWarning, match="wspace.averaging.swa"):
-        assert lp.swa is ws.averaging.swa
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        p, _ = lp.average(late, {}, "head")
-        loss = lp.late_phase_loss(ws.training.classification_loss(model.apply), K, "head")
-        s = lp.expand_state(state, tx, "head", K)
-        value = loss(s.params, s.model_state, batch, None)[0]
-    _assert_tree_equal(p, state.params)
-    assert np.isfinite(float(value))
-    with pytest.raises(AttributeError):
-        lp.no_such_name  # noqa: B018
 
 
 # ----------------------------------------------------------------------------- experiment, notebook

@@ -768,3 +768,12 @@ def test_fit_warns_when_members_cannot_all_be_trained():
     with pytest.warns(UserWarning, match="4 steps for K=16 members"):
         LatePhase(16, "head").fit(_state("mlp", tx)[2], loss, tx, ds, t0=2, num_steps=6,
                                   eval_fn=lambda s: {}, batch_size=8, progress=False)  # fmt: skip
+
+
+def test_expansion_refuses_an_optimizer_state_it_cannot_lay_out():
+    """``optax.masked`` keeps per-weight state in partial trees: refused with a clear error."""
+    tx = optax.masked(optax.adam(0.1), lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    _, _, state, _ = _state("convnet", tx)
+    with pytest.raises(ValueError, match="cannot lay the optimizer state out over the late"):
+        LatePhase(K).expand_state(state, tx)
+    LatePhase(K).expand_state(_state("convnet", optax.adam(0.1))[2], optax.adam(0.1))  # fine

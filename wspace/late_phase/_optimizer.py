@@ -198,7 +198,41 @@ def expand_opt_state(spec, tx, opt_state, params, late_params, member_opt_state:
         _expand_part(spec, o, f, late_params) if is_part(o) else o
         for o, f in zip(old, fresh, strict=True)
     ]
-    return jax.tree.unflatten(odef, out)
+    expanded = jax.tree.unflatten(odef, out)
+    _check_layout(tx, expanded, late_params)
+    return expanded
+
+
+def _check_layout(tx, expanded, late_params) -> None:
+    """Refuses a state whose per-weight values are not where ``tx.init(late_params)`` puts
+    them (e.g. ``optax.masked``'s partial trees): ValueError naming the first difference.
+
+    Skipped when ``tx.init`` cannot take the late-phase params at all (masks bound at
+    construction, shaped like the plain params): those parts are laid out above.
+    """
+    spec_of = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    try:
+        want = jax.eval_shape(tx.init, jax.tree.map(spec_of, late_params))
+    except (ValueError, TypeError):
+        return
+    got = jax.tree.map(spec_of, expanded)
+    want_flat = jax.tree_util.tree_flatten_with_path(want)[0]
+    got_flat, got_def = jax.tree_util.tree_flatten_with_path(got)
+    if got_def != jax.tree.structure(want):
+        raise ValueError(
+            "cannot lay the optimizer state out over the late-phase params: its structure "
+            f"differs from tx.init(late_params)'s ({got_def} vs {jax.tree.structure(want)}); "
+            "use a tx whose per-weight state is shaped like the params"
+        )
+    for (path, g), (_, w) in zip(got_flat, want_flat, strict=True):
+        if (g.shape, g.dtype) != (w.shape, w.dtype):
+            raise ValueError(
+                f"cannot lay the optimizer state out over the late-phase params: "
+                f"{jax.tree_util.keystr(path)} stays {g.shape} {g.dtype} where tx.init("
+                f"late_params) has {w.shape} {w.dtype} (a per-weight part not shaped like "
+                "the params, e.g. optax.masked); use a tx whose per-weight state is "
+                "shaped like the params"
+            )
 
 
 def _expand_part(spec, part, fresh_part, late_params):

@@ -323,7 +323,8 @@ def run(config, workdir: str) -> dict:
     ]
     if "classify" in config.parts:
         ds = common.load_dataset(config)
-        model = ws.models.create(config.model, ds.num_classes)
+        width = {"channels": tuple(config.channels)} if config.model == "convnet" else {}
+        model = ws.models.create(config.model, ds.num_classes, **width)
         loss, txs = ws.training.classification_loss(model.apply), _optimizers(config)
         arms = {
             a: (lambda seeds, a=a: classify_arm(config, ds, model, loss, txs, a, seeds))
@@ -337,7 +338,8 @@ def run(config, workdir: str) -> dict:
         figures.append(_plot_classify(per_arm, workdir, config))
         t0, k = int(config.t0_frac * config.steps), config.members
         notes.append(
-            f"ConvNet: {config.steps} steps of batch {config.batch_size}, T0 = {t0}: the late "
+            f"{config.model} {tuple(config.channels)}: {config.steps} steps of batch "
+            f"{config.batch_size}, T0 = {t0}: the late "
             f"phase covers {config.steps - t0} minibatches, {(config.steps - t0) // k} per "
             f"member and {(config.steps - t0) // k} shared-weight steps (cycle + sum); from "
             f"T0 = 0 the shared weights take {config.steps // k} steps in all."

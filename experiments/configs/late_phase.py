@@ -18,6 +18,7 @@ def get_config(arg: str = "small"):
 
     # Classification: ConvNet (BatchNorm) on mnist1d, SGD + momentum 0.9 on a cosine schedule.
     c.model = {"quick": "mlp", "small": "convnet", "paper": "convnet"}[size]
+    c.channels = {"quick": (), "small": (16, 32), "paper": (32, 64, 64)}[size]  # ConvNet blocks
     c.select = "bn_head"  # BatchNorm scale/shift + classifier: the paper's late-phase weights
     c.members = {"quick": 2, "small": 10, "paper": 10}[size]  # K (10 in every official config)
     c.t0_frac = 0.6  # T0 = 60% of the steps (official CIFAR configs: epoch 120 of 200)

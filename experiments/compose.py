@@ -4,18 +4,19 @@ r"""The methods compose: a lottery ticket retrained with late-phase weights and 
   python -m experiments.compose --config=experiments/configs/compose.py:quick --workdir=/tmp/c
 
 Per seed (its own initialisation and data order; an MLP of ``hidden`` widths, inputs
-standardised, Adam at ``lr`` for every arm, ``steps`` steps each):
+standardised, Adam at ``lr`` for every arm, ``steps`` steps each; every arm trains all its
+seeds as one program, each seed's masks bound in its optimizer state):
 
 * ``dense``: the dense network trained by backprop (the lottery chain with an all-true
   mask). Its kernels are pruned once by global magnitude to ``sparsity`` (the output
   layer at ``head_sparsity``) and the survivors are rewound to their initial values:
   the ticket (Frankle & Carbin 2019, `wspace.lottery.start_state`).
 * ``ticket``: the ticket retrained by backprop through the lottery chain
-  (``mask_gradients``, Adam, ``keep_masked``; masks as the step's extra argument).
+  (``mask_gradients``, Adam, ``keep_masked``; the seed's masks bound in the chain's state).
 * ``ticket_late``: the same ticket and chain, plainly up to ``late_start * steps``, then
   late-phase weights (`wspace.late_phase.LatePhase`: ``num_members`` members of
-  ``late_select`` weights, ``late_schedule``) with the masks laid out over the members
-  (`LatePhase.expand_masks`); evaluated as the weight-averaged network.
+  ``late_select`` weights, ``late_schedule``) with the bound masks laid out over the
+  members (`LatePhase.expand_state`); evaluated as the weight-averaged network.
 * ``ticket_late_every``: a named variant, the same with ``combine="every"``: the shared
   weights take a step on every minibatch (with the paper's ``"sum"`` under ``cycle`` they
   take one step per K minibatches with the summed gradient, which Adam's normalisation
@@ -42,8 +43,6 @@ References: Frankle & Carbin 2019 (arXiv 1803.03635); von Oswald et al. 2021 (ar
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import numpy as np
@@ -107,101 +106,118 @@ def _ulr(config) -> lr.ULR:
     )
 
 
+def _chain(config, masks) -> optax.GradientTransformation:
+    """The lottery chain with ``masks`` bound (its state holds them: one chain, any masks)."""
+    return optax.chain(
+        ws.pruning.mask_gradients(masks), optax.adam(config.lr), ws.pruning.keep_masked(masks)
+    )
+
+
 def _pruned_nonzero(params, masks) -> float:
     """Pruned weights that are not exactly zero (every arm must report 0)."""
     pairs = zip(jax.tree.leaves(params), jax.tree.leaves(masks), strict=True)
     return float(sum(int(np.count_nonzero(np.asarray(p)[~np.asarray(m)])) for p, m in pairs))
 
 
-class _Setup:
-    """Everything built once per run: model, losses, chains, compiled steps, the late config."""
+def _stack(trees: list):
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+class _Run:
+    """The run's model, chain, losses and estimators (built once: arms share compiled steps),
+    and the dense runs the ticket arms start from."""
 
     def __init__(self, config, ds):
         self.config, self.ds = config, ds
         self.model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
-        self.tx = optax.chain(
-            ws.pruning.mask_gradients(), optax.adam(config.lr), ws.pruning.keep_masked()
-        )
-        loss = ws.training.classification_loss(self.model.apply)
-        per_example = ws.training.classification_loss(self.model.apply, per_example=True)
-        kw = dict(dataset=ds, apply_fn=self.model.apply, batch_size=config.batch_size)
-        kw.update(mode=config.mode)
-        self.backprop = ws.lottery.Trainer(loss, self.tx, **kw)
-        self.ulr = ws.lottery.Trainer(per_example, self.tx, estimator=_ulr(config), **kw)
-        self.lates = {}  # arm -> (LatePhase, its compiled step, the averaged network's apply)
-        for arm, combine in (("ticket_late", None), ("ticket_late_every", "every")):
-            late = _late(config, combine)
-            step = late.make_train_step(loss, self.tx, mode=config.mode)
-            self.lates[arm] = (late, step, late.averaged_apply(self.model.apply))
-        self.late = self.lates["ticket_late"][0]
+        shapes = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), ds.x_train[:1]))
+        self.tx = _chain(config, jax.tree.map(lambda s: np.ones(s.shape, bool), shapes["params"]))
+        self.loss = ws.training.classification_loss(self.model.apply)
+        self.per_example = ws.training.classification_loss(self.model.apply, per_example=True)
+        self.ulr = _ulr(config)
         self.t0 = max(1, int(round(config.late_start * config.steps)))
-        self._tickets = {}  # seed -> the dense run and its ticket, shared by the arms
+        self._dense = {}  # seeds -> (initial states, ticket masks, dense metrics)
 
-    def init(self, seed):
-        key = jax.random.PRNGKey(seed)
-        return ws.training.init_state(self.model, self.tx, self.ds.x_train[:1], key)
-
-    def ticket(self, seed):
-        """``(initial state, ticket masks, dense params, dense metrics)`` of one seed (cached)."""
-        if seed not in self._tickets:
-            self._tickets[seed] = self._ticket(seed)
-        return self._tickets[seed]
-
-    def _ticket(self, seed):
-        state0 = self.init(seed)
-        dense_masks = ws.lottery.all_true(state0.params)
-        dense, metrics = self.backprop(state0, dense_masks, self.config.steps, seed=seed)
-        masks = ws.pruning.magnitude_masks(
-            dense.params, self.config.sparsity, layer_sparsity={"head": self.config.head_sparsity}
-        )
-        return state0, masks, dense.params, metrics
-
-    def arm(self, name: str, seed: int) -> dict:
+    def fit_kwargs(self, seeds) -> dict:
         c = self.config
-        state0, masks, _, dense_metrics = self.ticket(seed)
+        return dict(apply_fn=self.model.apply, num_steps=c.steps, batch_size=c.batch_size,
+                    seed=seeds, mode=c.mode, eval_every=c.steps, progress=False)  # fmt: skip
+
+    def train(self, state, seeds, estimator=jax.value_and_grad):
+        """Trains every seed through the chain (masks from the state); per-seed metrics."""
+        loss = self.loss if estimator is jax.value_and_grad else self.per_example
+        step = ws.training.make_train_step(
+            loss, self.tx, estimator=estimator, mode=self.config.mode, seed_axis=True
+        )
+        state, history = ws.training.fit(state, step, self.ds, **self.fit_kwargs(seeds))
+        return state, _seed_metrics(history[-1], len(seeds))
+
+    def start(self, state0, masks):
+        """Each seed's masked initial weights with the chain's state holding its masks."""
+        params = jax.vmap(ws.pruning.apply_masks)(state0.params, masks)
+        opt_state = jax.vmap(lambda p, m: _chain(self.config, m).init(p))(params, masks)
+        return state0.replace(params=params, opt_state=opt_state)
+
+    def dense(self, seeds):
+        """``(initial states, ticket masks, dense metrics)`` of ``seeds`` (computed once)."""
+        if tuple(seeds) not in self._dense:
+            c = self.config
+            state0 = ws.training.init_states(self.model, self.tx, self.ds.x_train[:1], seeds)
+            dense, metrics = self.train(state0, seeds)
+            masks = _stack([
+                ws.pruning.magnitude_masks(ws.training.seed_slice(dense.params, i), c.sparsity,
+                                           layer_sparsity={"head": c.head_sparsity})
+                for i in range(len(seeds))
+            ])  # fmt: skip
+            self._dense[tuple(seeds)] = state0, masks, metrics
+        return self._dense[tuple(seeds)]
+
+    def arm(self, name: str, seeds: list[int]) -> list[dict]:
+        state0, masks, dense_metrics = self.dense(seeds)
         if name == "dense":
-            return {**dense_metrics, "pruned_nonzero": 0.0, "density": 1.0}
-        density = float(ws.pruning.sparsity(masks)["density"])  # of the prunable kernels
+            return [{**m, "pruned_nonzero": 0.0, "density": 1.0} for m in dense_metrics]
         if name == "dense_ulr":
-            state, metrics = self.ulr(
-                state0, ws.lottery.all_true(state0.params), c.steps, seed=seed
-            )
-            return {**metrics, "pruned_nonzero": 0.0, "density": 1.0}
-        start = ws.lottery.start_state(state0, masks)
-        if name == "ticket":
-            state, metrics = self.backprop(start, masks, c.steps, seed=seed)
+            _, metrics = self.train(state0, seeds, self.ulr)
+            return [{**m, "pruned_nonzero": 0.0, "density": 1.0} for m in metrics]
+        if name == "random_ulr":
+            keys = [jax.random.fold_in(jax.random.PRNGKey(s), 0x5EED) for s in seeds]
+            masks = _stack([
+                ws.pruning.shuffle_masks(ws.training.seed_slice(masks, i), key=k)
+                for i, k in enumerate(keys)
+            ])  # fmt: skip
+        start, extra = self.start(state0, masks), [{} for _ in seeds]
+        if name in ("ticket", "ticket_ulr", "random_ulr"):
+            estimator = jax.value_and_grad if name == "ticket" else self.ulr
+            state, metrics = self.train(start, seeds, estimator)
             params = state.params
-        elif name == "ticket_ulr":
-            state, metrics = self.ulr(start, masks, c.steps, seed=seed)
-            params = state.params
-        elif name == "random_ulr":
-            key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x5EED)
-            masks = ws.pruning.shuffle_masks(masks, key=key)
-            start = ws.lottery.start_state(state0, masks)
-            state, metrics = self.ulr(start, masks, c.steps, seed=seed)
-            params = state.params
-        else:  # ticket_late, ticket_late_every
-            late, late_step, late_apply = self.lates[name]
-            state, _ = self.backprop(start, masks, self.t0, seed=seed)
-            late_state = late.expand_state(state, self.tx, masks=masks)
-            late_masks = late.expand_masks(masks)
-            late_state, history = ws.training.fit(
-                late_state,
-                late_step,
-                self.ds,
-                apply_fn=late_apply,
-                num_steps=c.steps,
-                batch_size=c.batch_size,
-                seed=seed,
-                mode=c.mode,
-                eval_every=c.steps,
-                tx_args={"masks": late_masks},
-                progress=False,
-            )
-            metrics = {k: v for k, v in history[-1].items() if k not in ("step", "time")}
-            params, _ = late.average(late_state.params, late_state.model_state)
-            metrics["pruned_nonzero_members"] = _pruned_nonzero(late_state.params, late_masks)
-        return {**metrics, "pruned_nonzero": _pruned_nonzero(params, masks), "density": density}
+        else:  # ticket_late, ticket_late_every: plain to t0, then late-phase members
+            late = _late(self.config, "every" if name == "ticket_late_every" else None)
+            state, history = late.fit(start, self.loss, self.tx, self.ds, t0=self.t0,
+                                      masks=masks, **self.fit_kwargs(seeds))  # fmt: skip
+            metrics = _seed_metrics(history[-1], len(seeds))
+            params = jax.vmap(late.average)(state.params, state.model_state)[0]
+            late_masks = jax.vmap(late.expand_masks)(masks)
+            extra = [
+                {"pruned_nonzero_members": _pruned_nonzero(*_slice((state.params, late_masks), i))}
+                for i in range(len(seeds))
+            ]
+        return [
+            {**metrics[i], **extra[i],
+             "pruned_nonzero": _pruned_nonzero(*_slice((params, masks), i)),
+             "density": float(ws.pruning.sparsity(_slice(masks, i))["density"])}
+            for i in range(len(seeds))
+        ]  # fmt: skip
+
+
+def _slice(tree, i):
+    return ws.training.seed_slice(tree, i)
+
+
+def _seed_metrics(record: dict, num_seeds: int) -> list[dict]:
+    """Each seed's evaluation values of a seed-axis `fit` record."""
+    keep = {k: v for k, v in record.items() if k not in ("step", "time", "phase")}
+    keep = {k: v for k, v in keep.items() if "batch_" not in k}
+    return [{k: v[i] for k, v in keep.items()} for i in range(num_seeds)]
 
 
 def run(config, workdir: str) -> dict:
@@ -209,9 +225,9 @@ def run(config, workdir: str) -> dict:
     validate(config)
     common.start(config, workdir)
     ds = common.load_dataset(config)
-    setup = _Setup(config, ds)
+    setup = _Run(config, ds)
     per_arm = common.run_arms(
-        workdir, config, {n: common.per_seed(functools.partial(setup.arm, n)) for n in ARMS}
+        workdir, config, {n: (lambda seeds, n=n: setup.arm(n, seeds)) for n in ARMS}
     )
     m = config.margin
     claims = [
@@ -267,7 +283,8 @@ def run(config, workdir: str) -> dict:
         f"magnitude pruning of the dense kernels ({config.sparsity:g}, head "
         f"{config.head_sparsity:g}), rewound to initialisation.",
         f"Late-phase: plain to step {setup.t0}, then {config.late_schedule} schedule "
-        f"(combine {setup.late.combine}) over {config.num_members} {config.late_select} members; "
+        f"(combine {_late(config).combine}) over {config.num_members} {config.late_select} "
+        "members; "
         "with combine='sum' the shared weights take one Adam step per K minibatches "
         "(ticket_late_every: one per minibatch).",
         "pruned_nonzero counts pruned weights that are not exactly zero at the end (0 expected "

@@ -5,15 +5,19 @@ r"""Late-phase weights vs SGD: a BatchNorm ConvNet on mnist1d, and the noisy qua
   python -m experiments.late_phase --config=experiments/configs/late_phase.py:paper
 
 Late-phase arms train plainly up to T0 and then as `wspace.late_phase.LatePhase` (K members
-of the BatchNorm affine + head weights, averaged in weight space at the end). Every arm has
-the same steps, batch and learning-rate schedule.
+of the BatchNorm affine + head weights, fresh member optimizer state at T0 as the official
+code, averaged in weight space at the end). Every arm has the same steps (minibatches),
+batch and learning-rate schedule; every arm trains all its seeds as one program (a seed
+axis) and stores each seed's per-example test correctness (``test_correct``).
 
 Classification arms (SGD + momentum 0.9, cosine learning rate; ``config.classify_arms``):
   sgd            plain training (the baseline);
   late           the paper's algorithm: schedule "cycle" (member t mod K takes the whole
                  minibatch), shared weights step once per K minibatches with the sum of
                  their gradients (official CIFAR code), T0 = 60% of the steps;
-  late_t0_0      the same from step 0 (the paper's ablation: no gain expected);
+  late_t0_0      the same from step 0 (the paper's ablation: no gain expected); at equal
+                 minibatches, so its shared weights take steps/K optimizer steps where
+                 ``late``'s take T0 + (steps - T0)/K: the claim says so;
   late_random    a member drawn per step, shared weights every step (the code's other path);
   late_parallel  a different algorithm: all K members per step on slices of B/K examples;
   sgd_ghost_bn   control for late_parallel: plain SGD with BatchNorm statistics per slice
@@ -21,7 +25,7 @@ Classification arms (SGD + momentum 0.9, cosine learning rate; ``config.classify
   swa            SWA: cosine decay to swa_lr at T0, then constant, average every swa_every
                  steps, BatchNorm statistics recomputed for the average;
   late_swa       late-phase on the SWA schedule, SWA of the late-phase params, per-member
-                 statistics recomputed, then members averaged.
+                 statistics recomputed (`LatePhase.recalibrate`), then members averaged.
 
 NQP arms (plain SGD, ``config.nqp_arms``): l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2 with a fresh
 minimum c ~ N(1, diag(h)) per example, h_i = 1/i; the model is w = theta * gain (elementwise,
@@ -33,18 +37,16 @@ loss E_c l(w) - min_w E_c l(w) of each arm's output network, averaged over the l
 of the run.
 
 Claims (paired by seed, 95% t-interval of the difference, verdict): late beats sgd in test
-accuracy and NLL; T0 = 60% beats T0 = 0; T0 = 0 beats sgd (the paper: it does not); each
-other late arm beats its baseline (late_random, late_parallel vs sgd; late_swa vs swa;
-late_parallel vs sgd_ghost_bn); on the NQP, late, late_random and late_mean reach a lower
-excess loss than sgd, and late_mean beats sgd_lr_over_K.
+accuracy and NLL; T0 = 60% beats T0 = 0 at equal minibatches; T0 = 0 beats sgd (the paper:
+it does not); each other late arm beats its baseline (late_random, late_parallel vs sgd;
+late_swa vs swa; late_parallel vs sgd_ghost_bn); on the NQP, late, late_random and
+late_mean reach a lower excess loss than sgd, and late_mean beats sgd_lr_over_K.
 
 Reference: von Oswald, Kobayashi, Meulemans, Henning, Grewe, Sacramento, "Neural networks with
 late-phase weights", ICLR 2021, arXiv 2007.12927; Izmailov et al. 2018 (SWA), arXiv 1803.05407.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -53,20 +55,10 @@ import optax
 
 import wspace as ws
 from experiments import common
+from experiments.configs.late_phase import CLASSIFY_ARMS, NQP_ARMS
 from wspace.averaging import recompute_batch_stats, swa, swa_params
 from wspace.late_phase import LatePhase
 
-CLASSIFY_ARMS = (
-    "sgd",
-    "late",
-    "late_t0_0",
-    "late_random",
-    "late_parallel",
-    "sgd_ghost_bn",
-    "swa",
-    "late_swa",
-)
-NQP_ARMS = ("sgd", "late", "late_random", "late_mean", "sgd_lr_over_K", "late_parallel")
 PARTS = ("classify", "nqp")
 # arm -> (schedule, combine) of its LatePhase (None: a plain arm)
 _LATE = {
@@ -77,6 +69,7 @@ _LATE = {
     "late_parallel": ("parallel", None),
     "late_swa": ("cycle", None),
 }
+_NQP_SELECT = ws.late_phase.selection(lambda path: path[-1] == "gain")
 
 
 def validate(config) -> None:
@@ -106,43 +99,30 @@ def validate(config) -> None:
             f"config.batch_size={config.batch_size} and nqp_batch_size={config.nqp_batch_size} "
             f"must be divisible by members={config.members} (parallel arms and ghost BatchNorm)"
         )
-    LatePhase(config.members, config.select, noise=config.noise)  # raises on a bad select/noise
+    _late(config, "late")  # raises on a bad select, noise or member_opt_state
+
+
+def _late(config, arm: str, select=None) -> LatePhase:
+    schedule, combine = _LATE[arm]
+    return LatePhase(config.members, select or config.select, schedule, combine, config.noise,
+                     member_opt_state=config.member_opt_state)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- classification
 
 
-@functools.cache
-def _model(name: str, num_classes: int):
-    """One model object per process: compiled steps and evaluations are reused across seeds."""
-    return ws.models.create(name, num_classes)
-
-
-@functools.cache
-def _setup(arm: str, num_classes: int, model_name: str, members: int, steps: int, t0: int,
-           lr: float, swa_lr: float, swa_every: int, mode: str):  # fmt: skip
-    """Model, loss, optimizer and plain step of one arm, built once and shared by its seeds."""
-    model = _model(model_name, num_classes)
-    loss = _loss(model)
-    tx = _optimizer(arm in ("swa", "late_swa"), steps, t0, lr, swa_lr, swa_every)
-    train_loss = _ghost_bn_loss(loss, members) if arm == "sgd_ghost_bn" else loss
-    return model, loss, tx, ws.training.make_train_step(train_loss, tx, mode=mode)
-
-
-@functools.cache
-def _loss(model):
-    return ws.training.classification_loss(model.apply)
-
-
-@functools.cache
-def _optimizer(uses_swa: bool, steps: int, t0: int, lr: float, swa_lr: float, swa_every: int):
-    """SGD + momentum 0.9 on a cosine schedule, or (SWA arms) cosine to swa_lr at T0, then
-    constant, averaging from T0; one object per setting, so arms share compiled steps."""
-    if not uses_swa:
-        return optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9)
-    decay = optax.cosine_decay_schedule(lr, max(t0, 1), alpha=swa_lr / lr)
-    schedule = optax.join_schedules([decay, optax.constant_schedule(swa_lr)], [t0])
-    return optax.chain(optax.sgd(schedule, momentum=0.9), swa(start=t0, every=swa_every))
+def _optimizers(config) -> dict:
+    """SGD + momentum 0.9 on a cosine schedule, and (SWA arms) cosine to swa_lr at T0, then
+    constant, averaging from T0; built once per run, so arms share compiled plain steps."""
+    steps, t0, lr = config.steps, int(config.t0_frac * config.steps), config.lr
+    decay = optax.cosine_decay_schedule(lr, max(t0, 1), alpha=config.swa_lr / lr)
+    schedule = optax.join_schedules([decay, optax.constant_schedule(config.swa_lr)], [t0])
+    return {
+        "sgd": optax.sgd(optax.cosine_decay_schedule(lr, steps), momentum=0.9),
+        "swa": optax.chain(
+            optax.sgd(schedule, momentum=0.9), swa(start=t0, every=config.swa_every)
+        ),
+    }
 
 
 def _ghost_bn_loss(loss_fn, num_slices: int):
@@ -159,93 +139,78 @@ def _ghost_bn_loss(loss_fn, num_slices: int):
     return wrapped
 
 
-def _late(config, arm: str) -> LatePhase:
-    schedule, combine = _LATE[arm]
-    return LatePhase(config.members, config.select, schedule, combine, config.noise)
-
-
 def _recalibration_batches(ds, config, num_batches: int = 50):
     """Training batches for recomputing BatchNorm statistics (momentum 0.9: 0.9^50 ~ 5e-3)."""
     stream = ws.data.batches(ds.x_train, ds.y_train, config.batch_size, seed=12345, epochs=None)
     return [next(stream) for _ in range(num_batches)]
 
 
-def classify_arm(config, ds, arm: str, seed: int) -> dict:
-    """Trains one arm with one seed; returns the final test metrics and the test curve."""
-    t0 = int(config.t0_frac * config.steps)
-    model, loss, tx, step = _setup(
-        arm, ds.num_classes, config.model, config.members, config.steps, t0, config.lr,
-        config.swa_lr, config.swa_every, config.mode,
-    )  # fmt: skip
-    state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
-    kw = dict(
-        num_steps=config.steps,
-        batch_size=config.batch_size,
-        seed=seed,
-        mode=config.mode,
-        eval_every=config.eval_every,
-        train_eval_examples=0,
-        progress=config.progress,
-    )
+def classify_arm(config, ds, model, loss, txs, arm: str, seeds: list[int]) -> list[dict]:
+    """Trains one arm for all seeds at once; each seed's final test metrics, correctness and
+    test curve."""
+    uses_swa = arm in ("swa", "late_swa")
+    tx = txs["swa" if uses_swa else "sgd"]
+    state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
+    kw = dict(num_steps=config.steps, batch_size=config.batch_size, seed=seeds,
+              mode=config.mode, eval_every=config.eval_every, train_eval_examples=0,
+              progress=config.progress)  # fmt: skip
     if arm in _LATE:
         late = _late(config, arm)
-        t0 = 0 if arm == "late_t0_0" else t0
+        t0 = 0 if arm == "late_t0_0" else int(config.t0_frac * config.steps)
         state, hist = late.fit(state, loss, tx, ds, apply_fn=model.apply, t0=t0, **kw)
-        params, model_state = state.params, state.model_state
-        if arm == "late_swa":
-            params = swa_params(state.opt_state)
-            model_state = _recalibrate_members(late, loss, params, model_state, ds, config)
-        params, model_state = late.average(params, model_state)
+        params = swa_params(state.opt_state) if uses_swa else state.params
+        model_state = state.model_state
+        if uses_swa:
+            batches = _recalibration_batches(ds, config)
+            recal = lambda p, s: late.recalibrate(loss, p, s, batches)
+            model_state = jax.vmap(recal)(params, model_state)
+        params, model_state = jax.vmap(late.average)(params, model_state)
     else:
+        train_loss = _ghost_bn_loss(loss, config.members) if arm == "sgd_ghost_bn" else loss
+        step = ws.training.make_train_step(train_loss, tx, mode=config.mode, seed_axis=True)
         state, hist = ws.training.fit(state, step, ds, apply_fn=model.apply, **kw)
         params, model_state = state.params, state.model_state
-        if arm == "swa":
-            params = swa_params(state.opt_state)
-            batches = _recalibration_batches(ds, config)
-            model_state = recompute_batch_stats(loss, params, model_state, batches)
-    final = ws.training.evaluate(
-        model.apply, {"params": params, **model_state}, ds.x_test, ds.y_test
+        if uses_swa:
+            params, batches = swa_params(state.opt_state), _recalibration_batches(ds, config)
+            recal = lambda p, s: recompute_batch_stats(loss, p, s, batches)
+            model_state = jax.vmap(recal)(params, model_state)
+    variables = {"params": params, **model_state}
+    final = ws.training.evaluate(model.apply, variables, ds.x_test, ds.y_test, seed_axis=True)
+    correct = ws.training.correct_predictions(
+        model.apply, variables, ds.x_test, ds.y_test, seed_axis=True
     )
-    return {
-        "test_accuracy": final["accuracy"],
-        "test_nll": final["loss"],
-        "curve": [{"step": r["step"], "test_accuracy": r["test_accuracy"]} for r in hist],
-    }
-
-
-def _recalibrate_members(late, loss, params, model_state, ds, config):
-    """Per-member BatchNorm statistics for SWA-averaged late-phase params (official bn_update:
-    a pass over training data for each member)."""
-    batches = _recalibration_batches(ds, config)
-    for k in range(late.num_members):
-        fn = functools.partial(_member_k, late.member_loss(loss), k)
-        model_state = recompute_batch_stats(fn, params, model_state, batches)
-    return model_state
-
-
-def _member_k(member_loss, k, params, model_state, batch, key):
-    return member_loss(params, model_state, batch, key, k)
+    return [
+        {
+            "test_accuracy": final["accuracy"][i],
+            "test_nll": final["loss"][i],
+            "test_correct": common.pack_correct(correct[i]),
+            "curve": [{"step": r["step"], "test_accuracy": r["test_accuracy"][i]} for r in hist],
+        }
+        for i in range(len(seeds))
+    ]
 
 
 # ----------------------------------------------------------------------------- NQP
 
 
 class _NQPStream:
-    """Batches ``{"x": c}`` with ``c ~ N(1, diag(h))``; every ``iter()`` restarts the stream."""
+    """Batches ``{"x": c}``, ``c ~ N(1, diag(h))``, stacked over seeds (each seed its own
+    stream); every ``iter()`` restarts."""
 
-    def __init__(self, h: np.ndarray, batch_size: int, seed: int):
-        self.h, self.batch_size, self.seed = h, batch_size, seed
+    def __init__(self, h: np.ndarray, batch_size: int, seeds: list[int]):
+        self.h, self.batch_size, self.seeds = h, batch_size, seeds
 
     def __iter__(self):
-        rng = np.random.default_rng(self.seed)
+        rngs = [np.random.default_rng(s) for s in self.seeds]
+        shape = (self.batch_size, len(self.h))
         while True:
-            noise = rng.normal(size=(self.batch_size, len(self.h)))
+            noise = np.stack([rng.normal(size=shape) for rng in rngs])
             yield {"x": (1.0 + np.sqrt(self.h) * noise).astype(np.float32)}
 
 
-@functools.cache
-def _nqp_setup(dim: int, lr: float, t0: int, lr_divisor: int):
-    """Loss, excess-loss function, SGD and its plain step (lr / lr_divisor from T0 on)."""
+def nqp_arm(config, arm: str, seeds: list[int]) -> list[dict]:
+    """One NQP arm for all seeds at once: the excess loss of its output network over the run."""
+    steps, t0, dim = config.nqp_steps, int(config.t0_frac * config.nqp_steps), config.nqp_dim
     h = (1.0 / np.arange(1, dim + 1)).astype(np.float32)
 
     def loss_fn(params, model_state, batch, key):
@@ -253,173 +218,140 @@ def _nqp_setup(dim: int, lr: float, t0: int, lr_divisor: int):
         value = 0.5 * jnp.mean(jnp.sum(h * (w - batch["x"]) ** 2, axis=-1))
         return value, (model_state, {})
 
-    @jax.jit
-    def excess(params):  # E_c l(w; c) - min_w E_c l(w; c) = 1/2 sum_i h_i (w_i - 1)^2
-        w = params["theta"] * params["gain"]
-        return 0.5 * jnp.sum(h * (w - 1.0) ** 2)
-
-    lr_t = optax.join_schedules(
-        [optax.constant_schedule(lr), optax.constant_schedule(lr / lr_divisor)], [t0]
-    )
-    tx = optax.sgd(lr_t)
-    return h, loss_fn, excess, tx, ws.training.make_train_step(loss_fn, tx)
-
-
-def nqp_arm(config, arm: str, seed: int) -> dict:
-    """One NQP arm: the excess loss of its output network over the run."""
-    steps, t0 = config.nqp_steps, int(config.t0_frac * config.nqp_steps)
+    # E_c l(w; c) - min_w E_c l(w; c) = 1/2 sum_i h_i (w_i - 1)^2, per seed
+    excess = jax.jit(jax.vmap(lambda p: 0.5 * jnp.sum(h * (p["theta"] * p["gain"] - 1.0) ** 2)))
     divisor = config.members if arm == "sgd_lr_over_K" else 1
-    h, loss_fn, excess, tx, step = _nqp_setup(config.nqp_dim, config.nqp_lr, t0, divisor)
-    dim = config.nqp_dim
-    params = {"theta": jnp.zeros(dim), "gain": jnp.ones(dim)}
-    state = ws.training.TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=tx.init(params),
-        key=jax.random.PRNGKey(seed),
+    lr = optax.join_schedules(
+        [optax.constant_schedule(config.nqp_lr), optax.constant_schedule(config.nqp_lr / divisor)],
+        [t0],
     )
-    data = _NQPStream(h, config.nqp_batch_size, seed)
-    eval_fn = lambda s: {"excess_loss": excess(s.params)}
-    kw = dict(num_steps=steps, eval_fn=eval_fn, eval_every=config.nqp_eval_every, progress=False)
+    tx = optax.sgd(lr)
+
+    def init(key):
+        params = {"theta": jnp.zeros(dim), "gain": jnp.ones(dim)}
+        return ws.training.TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, model_state={},
+            opt_state=tx.init(params), key=key,
+        )  # fmt: skip
+
+    state = jax.vmap(init)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
+    data = _NQPStream(h, config.nqp_batch_size, seeds)
+    kw = dict(num_steps=steps, eval_fn=lambda s: {"excess_loss": excess(s.params)},
+              eval_every=config.nqp_eval_every, progress=False, seed=seeds)  # fmt: skip
     if arm in _LATE:
-        late = LatePhase(config.members, _NQP_SELECT, *_LATE[arm])
-        state, hist = late.fit(state, loss_fn, tx, data, t0=t0, **kw)
+        state, hist = _late(config, arm, _NQP_SELECT).fit(state, loss_fn, tx, data, t0=t0, **kw)
     else:
+        step = ws.training.make_train_step(loss_fn, tx, seed_axis=True)
         state, hist = ws.training.fit(state, step, data, **kw)
-    curve = [{"step": r["step"], "excess_loss": r["excess_loss"]} for r in hist]
-    tail = [r["excess_loss"] for r in curve if r["step"] > 0.75 * steps]
-    return {"excess_loss": float(np.mean(tail)), "curve": curve}
-
-
-_NQP_SELECT = ws.late_phase.selection(lambda path: path[-1] == "gain")
+    out = []
+    for i in range(len(seeds)):
+        curve = [{"step": r["step"], "excess_loss": r["excess_loss"][i]} for r in hist]
+        tail = [r["excess_loss"] for r in curve if r["step"] > 0.75 * steps]
+        out.append({"excess_loss": float(np.mean(tail)), "curve": curve})
+    return out
 
 
 # ----------------------------------------------------------------------------- run
 
 
+def _classify_claims(per_arm, config) -> list[dict]:
+    k, t0 = config.members, int(config.t0_frac * config.steps)
+    specs = [  # (text, metric, arm, baseline, higher_is_better)
+        (f"Late-phase weights (K={k}, cycle, T0={config.t0_frac:.0%}) beat SGD in test "
+         "accuracy", "test_accuracy", "late", "sgd", True),
+        (f"Late-phase weights (K={k}) have lower test NLL than SGD", "test_nll", "late", "sgd",
+         False),
+        (f"Starting the late phase at T0={config.t0_frac:.0%} beats T0=0 (the paper's "
+         f"ablation) in test accuracy, at equal minibatches (shared-weight steps: "
+         f"{t0 + (config.steps - t0) // k} vs {config.steps // k})", "test_accuracy", "late",
+         "late_t0_0", True),
+        ("Late-phase weights from T0=0 beat SGD in test accuracy (the paper: no)",
+         "test_accuracy", "late_t0_0", "sgd", True),
+        ("Late-phase with a random member per step (shared weights every step) beats SGD in "
+         "test accuracy", "test_accuracy", "late_random", "sgd", True),
+        ("Parallel late-phase (all members on B/K-example slices, the previous library "
+         "algorithm) beats SGD in test accuracy", "test_accuracy", "late_parallel", "sgd", True),
+        ("Late-phase + SWA beats SWA in test accuracy", "test_accuracy", "late_swa", "swa", True),
+        ("Parallel late-phase beats SGD with the same ghost BatchNorm (statistics over B/K "
+         "examples) in test accuracy", "test_accuracy", "late_parallel", "sgd_ghost_bn", True),
+    ]  # fmt: skip
+    return [
+        common.compare(text, metric, arm, base, per_arm, higher_is_better=hib)
+        for text, metric, arm, base, hib in specs
+        if arm in per_arm and base in per_arm
+    ]
+
+
+def _nqp_claims(nqp) -> list[dict]:
+    specs = [
+        ("late", "Late-phase (cycle, shared step per K minibatches with the sum)", "sgd"),
+        ("late_random", "Late-phase (random member, shared step every minibatch)", "sgd"),
+        ("late_mean", "Late-phase (cycle, shared step per K minibatches with the mean)", "sgd"),
+    ]
+    claims = [
+        common.compare(f"NQP: {what} reaches a lower excess loss than SGD", "excess_loss",
+                       f"nqp_{arm}", f"nqp_{base}", nqp, higher_is_better=False)
+        for arm, what, base in specs
+        if f"nqp_{arm}" in nqp
+    ]  # fmt: skip
+    if "nqp_late_mean" in nqp and "nqp_sgd_lr_over_K" in nqp:
+        claims.append(
+            common.compare(
+                "NQP: Late-phase (cycle, mean) beats SGD whose learning rate drops to lr/K "
+                "at T0 (the learning-rate confound)",
+                "excess_loss",
+                "nqp_late_mean",
+                "nqp_sgd_lr_over_K",
+                nqp,
+                higher_is_better=False,
+            )  # fmt: skip
+        )
+    return claims
+
+
 def run(config, workdir: str) -> dict:
-    """Runs the configured parts and arms over seeds; writes results.json and figures."""
+    """Runs the configured parts and arms (all seeds of an arm at once); writes results.json
+    and figures."""
     validate(config)
     common.start(config, workdir)
-    claims, tables, figures, notes = [], {}, [], []
+    claims, tables, figures = [], {}, []
+    notes = [
+        "late = the paper's algorithm (schedule 'cycle': one member per minibatch, the whole "
+        "minibatch; shared weights step once per K minibatches with the summed gradient; "
+        f"member optimizer state at T0: {config.member_opt_state}).",
+        "Runs are on CPU; seeds pair the arms (same initialisation and data order per seed).",
+    ]
     if "classify" in config.parts:
         ds = common.load_dataset(config)
-        arms = {a: functools.partial(classify_arm, config, ds, a) for a in config.classify_arms}
-        per_arm = common.run_arms(workdir, config, {a: common.per_seed(f) for a, f in arms.items()})
-        k = config.members
-        if "late" in per_arm:
-            claims.append(
-                common.compare(
-                    f"Late-phase weights (K={k}, cycle, T0={config.t0_frac:.0%}) beat SGD in "
-                    "test accuracy",
-                    "test_accuracy",
-                    "late",
-                    "sgd",
-                    per_arm,
-                )
-            )
-            claims.append(
-                common.compare(
-                    f"Late-phase weights (K={k}) have lower test NLL than SGD",
-                    "test_nll",
-                    "late",
-                    "sgd",
-                    per_arm,
-                    higher_is_better=False,
-                )
-            )
-        if "late" in per_arm and "late_t0_0" in per_arm:
-            claims.append(
-                common.compare(
-                    f"Starting the late phase at T0={config.t0_frac:.0%} beats T0=0 (the "
-                    "paper's ablation) in test accuracy",
-                    "test_accuracy",
-                    "late",
-                    "late_t0_0",
-                    per_arm,
-                )
-            )
-        if "late_t0_0" in per_arm:
-            claims.append(
-                common.compare(
-                    "Late-phase weights from T0=0 beat SGD in test accuracy (the paper: no)",
-                    "test_accuracy",
-                    "late_t0_0",
-                    "sgd",
-                    per_arm,
-                )
-            )
-        for arm, base, what in (
-            ("late_random", "sgd", "Late-phase with a random member per step (shared weights "
-             "every step) beats SGD"),
-            ("late_parallel", "sgd", "Parallel late-phase (all members on B/K-example slices, "
-             "the previous library algorithm) beats SGD"),
-            ("late_swa", "swa", "Late-phase + SWA beats SWA"),
-            ("late_parallel", "sgd_ghost_bn", "Parallel late-phase beats SGD with the same "
-             "ghost BatchNorm (statistics over B/K examples)"),
-        ):  # fmt: skip
-            if arm in per_arm and base in per_arm:
-                claims.append(
-                    common.compare(f"{what} in test accuracy", "test_accuracy", arm, base, per_arm)
-                )
+        width = {"channels": tuple(config.channels)} if config.model == "convnet" else {}
+        model = ws.models.create(config.model, ds.num_classes, **width)
+        loss, txs = ws.training.classification_loss(model.apply), _optimizers(config)
+        arms = {
+            a: (lambda seeds, a=a: classify_arm(config, ds, model, loss, txs, a, seeds))
+            for a in config.classify_arms
+        }
+        per_arm = common.run_arms(workdir, config, arms)
+        claims += _classify_claims(per_arm, config)
         tables["ConvNet on mnist1d: final test metrics by arm"] = common.summarize(
             per_arm, ["test_accuracy", "test_nll"]
         )
         figures.append(_plot_classify(per_arm, workdir, config))
-    if "nqp" in config.parts:
-        arms = {a: functools.partial(nqp_arm, config, a) for a in config.nqp_arms}
-        nqp = common.run_arms(
-            workdir, config, {f"nqp_{a}": common.per_seed(f) for a, f in arms.items()}
-        )
-        for arm, what in (
-            ("late", "Late-phase (cycle, shared step per K minibatches with the sum)"),
-            ("late_random", "Late-phase (random member, shared step every minibatch)"),
-            ("late_mean", "Late-phase (cycle, shared step per K minibatches with the mean)"),
-        ):
-            if f"nqp_{arm}" in nqp:
-                claims.append(
-                    common.compare(
-                        f"NQP: {what} reaches a lower excess loss than SGD",
-                        "excess_loss",
-                        f"nqp_{arm}",
-                        "nqp_sgd",
-                        nqp,
-                        higher_is_better=False,
-                    )
-                )
-        if "nqp_late_mean" in nqp and "nqp_sgd_lr_over_K" in nqp:
-            claims.append(
-                common.compare(
-                    "NQP: Late-phase (cycle, mean) beats SGD whose learning rate drops to lr/K "
-                    "at T0 (the learning-rate confound)",
-                    "excess_loss",
-                    "nqp_late_mean",
-                    "nqp_sgd_lr_over_K",
-                    nqp,
-                    higher_is_better=False,
-                )
-            )
-        tables["Noisy quadratic problem: steady-state excess loss by arm"] = common.summarize(
-            nqp, ["excess_loss"]
-        )
-        figures.append(_plot_nqp(nqp, workdir, config))
-    notes.append(
-        "late = the paper's algorithm (schedule 'cycle': one member per minibatch, the whole "
-        "minibatch; shared weights step once per K minibatches with the summed gradient)."
-    )
-    notes.append(
-        "Runs are on CPU; seeds pair the arms (same initialisation and data order per seed)."
-    )
-    if "classify" in config.parts:
         t0, k = int(config.t0_frac * config.steps), config.members
         notes.append(
-            f"ConvNet: {config.steps} steps of batch {config.batch_size}, T0 = {t0}: the late "
+            f"{config.model} {tuple(config.channels)}: {config.steps} steps of batch "
+            f"{config.batch_size}, T0 = {t0}: the late "
             f"phase covers {config.steps - t0} minibatches, {(config.steps - t0) // k} per "
             f"member and {(config.steps - t0) // k} shared-weight steps (cycle + sum); from "
             f"T0 = 0 the shared weights take {config.steps // k} steps in all."
         )
     if "nqp" in config.parts:
+        arms = {f"nqp_{a}": (lambda seeds, a=a: nqp_arm(config, a, seeds)) for a in config.nqp_arms}
+        nqp = common.run_arms(workdir, config, arms)
+        claims += _nqp_claims(nqp)
+        tables["Noisy quadratic problem: steady-state excess loss by arm"] = common.summarize(
+            nqp, ["excess_loss"]
+        )
+        figures.append(_plot_nqp(nqp, workdir, config))
         notes.append(
             f"NQP: d = {config.nqp_dim}, batch {config.nqp_batch_size}, lr {config.nqp_lr}, "
             f"{config.nqp_steps} steps, T0 = {config.t0_frac:.0%}; cycle + sum steps theta "

@@ -18,7 +18,7 @@ import pytest
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
 from wspace import late_phase as lp
-from wspace.late_phase import LatePhase
+from wspace.late_phase import LatePhase, _layout
 
 K = 4
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -66,6 +66,13 @@ def _perturb(tree, key, scale=0.3):
     return jax.tree.unflatten(treedef, noisy)
 
 
+_paths = _layout._paths
+
+
+def _flags(cfg, tree) -> list[bool]:
+    return jax.tree.leaves(cfg.member_mask(tree))
+
+
 _assert_tree_close = chex.assert_trees_all_close  # structure, shapes and values
 _assert_tree_equal = chex.assert_trees_all_equal
 
@@ -89,11 +96,7 @@ def test_presets_choose_bn_affine_and_head_or_rank1_factors():
     _, _, state, _ = _state("convnet")
     late = LatePhase(K)
     params = late.expand(state.params)
-    chosen = {
-        "/".join(p)
-        for p, f in zip(lp._paths(params), lp._member_flags(params, late.select), strict=True)
-        if f
-    }
+    chosen = {"/".join(p) for p, f in zip(_paths(params), _flags(late, params), strict=True) if f}
     assert chosen == {
         f"{m}/{n}" for m in ("BatchNorm_0", "BatchNorm_1") for n in ("scale", "bias")
     } | {"head/kernel", "head/bias"}
@@ -156,11 +159,8 @@ def test_bad_inputs_raise_value_error_naming_what_is_allowed():
     late_state = par.expand_state(state, tx)
     with pytest.raises(ValueError, match="divisible by K=5"):
         par.parallel_loss(loss)(late_state.params, late_state.model_state, batch, None)
-    with pytest.raises(ValueError, match="schedule 'cycle' needs update"):
-        cyc = LatePhase(K)
-        opt = cyc.optimizer(tx)
-        p = cyc.expand(state.params)
-        opt.update(p, opt.init(p), p)
+    with pytest.raises(ValueError, match=r"member_opt_state must be one of \('copy', 'fresh'\)"):
+        LatePhase(K, member_opt_state="reset")
     ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
     with pytest.raises(ValueError, match=r"t0 must be an int in \[0, num_steps=5\], got 9"):
         lp.fit(state, loss, tx, ds, apply_fn=model.apply, num_members=K, t0=9, num_steps=5,
@@ -188,7 +188,7 @@ def test_one_step_touches_exactly_one_member_bit_exact(schedule):
     cfg = LatePhase(K, schedule=schedule, noise=0.1)
     model, tx, s, batch, loss = _adam_late_state(cfg)
     step = cfg.make_train_step(loss, tx, donate=False)
-    flags = lp._member_flags(s.params, cfg.select)
+    flags = _flags(cfg, s.params)
     seen = []
     for t in range(2 * K):
         new, _ = step(s, batch)
@@ -261,7 +261,7 @@ def test_cycle_sum_is_algorithm_1_and_random_every_is_plain_sgd_on_the_active_me
     cfg = LatePhase(K, noise=0.2)  # cycle, combine="sum"
     _, _, state, _ = _state("convnet", tx)
     s = cfg.expand_state(state, tx, key=jax.random.PRNGKey(2))
-    flags = lp._member_flags(s.params, cfg.select)
+    flags = _flags(cfg, s.params)
     batches = [dict(zip(("x", "y"), _data(n, seed=10 + k), strict=True)) for k in range(K)]
     p, ms = s.params, s.model_state
     want_p, want_ms, shared_sum = p, ms, None
@@ -293,8 +293,7 @@ def test_cycle_sum_is_algorithm_1_and_random_every_is_plain_sgd_on_the_active_me
     # random + every: theta steps with each minibatch's own gradient, phi_k for the drawn k only
     rnd = LatePhase(K, schedule="random", noise=0.2)
     s = rnd.expand_state(state, tx, key=jax.random.PRNGKey(2))
-    key, sub = jax.random.split(s.key)
-    k = int(rnd.member_index(s.opt_state.count, sub))
+    k = int(rnd.member_index(s.opt_state))
     g, _ = _member_grads(loss, rnd, s.params, s.model_state, batches[0], k)
     leaves = [
         x.at[k].add(-lr * gi) if f else x - lr * gi
@@ -391,13 +390,10 @@ def test_k1_fit_reproduces_plain_training_in_every_schedule():
         p, s = cfg.average(late.params, late.model_state)
         _assert_tree_close(p, plain.params, rtol=1e-5, atol=1e-6)
         _assert_tree_close(s, plain.model_state, rtol=1e-5, atol=1e-6)
-    reset = LatePhase(1).expand_state(copy(state), tx, reset_opt_state=True)
-    assert int(reset.opt_state.inner[0].count) == 0
 
 
 def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
-    """lp.fit in sharded/pmap mode (batch split over 8 simulated CPU devices, members too)
-    equals jit."""
+    """lp.fit in sharded/pmap mode (batch split over 8 simulated CPU devices) equals jit."""
     devices = jax.devices("cpu")
     assert len(devices) == 8, "tests/conftest.py simulates 8 CPU devices"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
@@ -415,18 +411,6 @@ def test_sharded_and_pmap_fit_match_jit_on_8_cpu_devices():
         b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, **kw)
     _assert_tree_close(jax.device_get(b.params), a.params, rtol=1e-4, atol=1e-5)
     _assert_tree_close(jax.device_get(b.model_state), a.model_state, rtol=1e-4, atol=1e-5)
-    # members on devices: K=8 rows split over the 8 devices, shared weights replicated
-    cfg = LatePhase(8)
-    with jax.default_matmul_precision("highest"):
-        a, _ = cfg.fit(copy(state), loss, tx, ds, **kw)
-        b, _ = cfg.fit(copy(state), loss, tx, ds, mode="sharded", mesh=mesh, shard_members=True,
-                       **kw)  # fmt: skip
-    _assert_tree_close(jax.device_get(b), a, rtol=1e-4, atol=1e-5)
-    assert b.params["head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("data")
-    assert b.opt_state.inner[0].trace["BatchNorm_1"]["scale"].sharding.spec[0] == "data"
-    assert b.params["Conv_0"]["kernel"].sharding.is_fully_replicated
-    with pytest.raises(ValueError, match="K=2 members do not split over the 8 devices"):
-        LatePhase(2).make_train_step(loss, tx, mode="sharded", mesh=mesh, shard_members=True)
     # pmap (per-device BatchNorm statistics, so a model without BatchNorm): the same run
     mlp = _init("mlp")[0]
     loss = ws.training.classification_loss(mlp.apply)
@@ -639,3 +623,157 @@ def test_fit_lays_per_step_masks_out_on_the_member_axis():
     late_masks = cfg.expand_masks(masks)
     for p, m in zip(jax.tree.leaves(late.params), jax.tree.leaves(late_masks), strict=True):
         assert not np.any(np.asarray(p)[~np.asarray(m)])
+
+
+# ----------------------------------------------------------------------------- bound state, seeds
+
+
+def test_issue_snippet_masks_bound_ulr_rank1_members_on_digits():
+    """The composition of issue 20: masks bound in the chain, ULR, rank-1 members, 300 steps."""
+    ds = ws.data.standardize(ws.data.load("digits"))
+    model = ws.models.MLP(features=(32,), num_classes=ds.num_classes)
+    base = ws.training.init_state(model, optax.sgd(0.1), ds.x_train[:1], jax.random.PRNGKey(0))
+    masks = ws.pruning.magnitude_masks(base.params, 0.5)
+    tx = optax.chain(ws.pruning.mask_gradients(masks), optax.clip_by_global_norm(1.0),
+                     optax.sgd(0.05, momentum=0.9), ws.pruning.keep_masked(masks))  # fmt: skip
+    pruned = ws.pruning.apply_masks(base.params, masks)
+    state = base.replace(params=pruned, opt_state=tx.init(pruned))
+    late = LatePhase(num_members=4, select="rank1")
+    state = late.expand_state(state, tx, masks=masks)
+    est = ws.likelihood_ratio.ulr(num_copies=16, sigma=0.1, baseline="mean", antithetic=True)
+    loss = ws.training.classification_loss(model.apply, per_example=True)
+    step = late.make_train_step(loss, tx, estimator=est)
+    state, _ = ws.training.fit(state, step, ds, num_steps=300, batch_size=64, eval_every=300,
+                               eval_fn=lambda s: {}, progress=False)  # fmt: skip
+    params, _ = late.average(state.params, state.model_state)
+    acc = ws.training.evaluate(model.apply, {"params": params}, ds.x_test, ds.y_test)["accuracy"]
+    assert acc > 0.5, acc  # chance: 0.1
+    for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(masks), strict=True):
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+    members = [late.member(state.params, {}, k)[0] for k in range(4)]
+    assert not np.allclose(members[0]["head"]["kernel"], members[1]["head"]["kernel"])
+
+
+def _masked_problem(name):
+    """A pruned model with masks bound in the lottery chain, its state, loss and a Dataset."""
+    model, params, model_state, batch = _init(name)
+    masks = ws.pruning.magnitude_masks(params, 0.5)
+    params = ws.pruning.apply_masks(params, masks)
+    tx = optax.chain(ws.pruning.mask_gradients(masks), optax.clip_by_global_norm(1.0),
+                     optax.adam(0.05), ws.pruning.keep_masked(masks))  # fmt: skip
+    state = ws.training.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+        opt_state=tx.init(params), key=jax.random.PRNGKey(1),
+    )  # fmt: skip
+    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
+    return model, masks, tx, state, ds, ws.training.classification_loss(model.apply)
+
+
+@pytest.mark.parametrize("name,select", [("mlp", "rank1"), ("convnet", "bn_head")])
+def test_masks_bound_at_construction_stay_zero_in_members_through_fit(name, select):
+    """Rank-1 and BatchNorm members, masks bound in ``tx``: `fit(masks=...)` and the
+    expand/step path keep every pruned weight exactly zero in each member and the average."""
+    model, masks, tx, state, ds, loss = _masked_problem(name)
+    late = LatePhase(K, select, noise=0.2)
+    late_state, hist = late.fit(state, loss, tx, ds, t0=2, num_steps=2 + 2 * K, masks=masks,
+                                key=jax.random.PRNGKey(3), apply_fn=model.apply, batch_size=8,
+                                eval_every=2 + 2 * K, progress=False)  # fmt: skip
+    assert np.isfinite(hist[-1]["test_loss"])
+    inner = late_state.opt_state.inner
+    ws.pruning.check_masks(late_state.params, inner[0].masks)  # bound masks laid out
+    ws.pruning.check_masks(late_state.params, inner[-1].masks)
+    for k in range(K):
+        member, _ = late.member(late_state.params, late_state.model_state, k)
+        for p, m in zip(jax.tree.leaves(member), jax.tree.leaves(masks), strict=True):
+            assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+    avg, _ = late.average(late_state.params, late_state.model_state)
+    for p, m in zip(jax.tree.leaves(avg), jax.tree.leaves(masks), strict=True):
+        assert np.all(np.asarray(p)[~np.asarray(m)] == 0)
+    leaves = jax.tree.leaves(late_state.params)
+    rows = [x for x, f in zip(leaves, _flags(late, late_state.params), strict=True) if f]
+    assert all(not np.allclose(x[0], x[1]) for x in rows)  # members moved apart
+
+
+def test_fresh_member_opt_state_starts_members_at_tx_init_and_keeps_the_rest():
+    """member_opt_state="fresh" (the official code): member rows of Adam's moments from
+    tx.init (zero), shared moments and counts carried over; "copy" copies the plain rows."""
+    model, _, _, batch = _init("convnet")
+    tx = optax.adam(0.05)
+    state = _state("convnet", tx)[2]
+    plain = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx,
+                                        donate=False)  # fmt: skip
+    state, _ = plain(state, batch)
+    old = state.opt_state[0]
+    fresh = LatePhase(K, member_opt_state="fresh").expand_state(state, tx).opt_state.inner[0]
+    copy = LatePhase(K).expand_state(state, tx).opt_state.inner[0]
+    assert int(fresh.count) == int(old.count) == 1
+    np.testing.assert_array_equal(fresh.mu["head"]["kernel"], 0.0)
+    np.testing.assert_array_equal(fresh.nu["BatchNorm_0"]["scale"], 0.0)
+    np.testing.assert_array_equal(fresh.mu["Conv_0"]["kernel"], old.mu["Conv_0"]["kernel"])
+    assert float(jnp.abs(old.mu["head"]["kernel"]).min()) > 0
+    for k in range(K):
+        np.testing.assert_array_equal(copy.mu["head"]["kernel"][k], old.mu["head"]["kernel"])
+
+
+def test_recalibrate_is_recompute_batch_stats_of_each_member():
+    model, tx, state, batch = _state("convnet")
+    loss = ws.training.classification_loss(model.apply)
+    cfg = LatePhase(3, noise=0.5)
+    late = cfg.expand_state(state, tx, key=jax.random.PRNGKey(2))
+    batches = [dict(zip(("x", "y"), _data(12, seed=20 + i), strict=True)) for i in range(3)]
+    got = cfg.recalibrate(loss, late.params, late.model_state, batches)
+    for k in range(3):
+        fn = lambda p, s, b, key, k=k: cfg.member_loss(loss)(p, s, b, key, k)
+        want = ws.averaging.recompute_batch_stats(fn, late.params, late.model_state, batches)
+        row = lambda t, k=k: jax.tree.map(lambda x: x[k], t)
+        _assert_tree_close(row(got), row(want), rtol=1e-5, atol=1e-6)
+    mean = got["batch_stats"]["BatchNorm_1"]["mean"]  # after the members' own BatchNorm_0
+    assert not np.allclose(mean[0], mean[1])
+
+
+def test_seeds_as_an_axis_one_checkpoint_resume_bit_identical_and_a_seed_matches_alone(tmp_path):
+    """S seeds of plain + late-phase training as one program: seed 1 among 3 gives seed 1
+    alone's final loss (1e-4 relative); one checkpoint; a killed run resumes bit-identically."""
+    import shutil
+
+    model, _, _, _ = _init("mlp")
+    x, y = _data(n=48)
+    ds = ws.data.Dataset("toy", x, y, x, y, 3)
+    tx = optax.sgd(0.05, momentum=0.9)
+    loss = ws.training.classification_loss(model.apply)
+    cfg = LatePhase(3, "head")
+    kw = dict(apply_fn=model.apply, t0=3, num_steps=12, batch_size=8, eval_every=4,
+              progress=False, train_eval_examples=0)  # fmt: skip
+    seeds = [0, 1, 2]
+    states = ws.training.init_states(model, tx, x[:1], seeds)
+    full, hist = cfg.fit(states, loss, tx, ds, seed=seeds, **kw)
+    assert len(hist[-1]["test_loss"]) == 3
+    alone = ws.training.init_state(model, tx, x[:1], jax.random.PRNGKey(1))
+    one, hist1 = cfg.fit(alone, loss, tx, ds, seed=1, **kw)
+    np.testing.assert_allclose(hist[-1]["test_loss"][1], hist1[-1]["test_loss"], rtol=1e-4)
+    _assert_tree_close(ws.training.seed_slice(full.params, 1), one.params, rtol=1e-4, atol=1e-6)
+    kw.update(workdir=str(tmp_path), checkpoint_every=4)
+    cfg.fit(states, loss, tx, ds, seed=seeds, **kw)
+    assert {"8", "12"} <= set(os.listdir(tmp_path / "late" / "checkpoints"))
+    shutil.rmtree(tmp_path / "late" / "checkpoints" / "12")  # as if killed after step 8
+    resumed, _ = cfg.fit(states, loss, tx, ds, seed=seeds, **kw)
+    _assert_tree_equal(resumed, full)
+
+
+def test_fit_warns_when_members_cannot_all_be_trained():
+    model, _, _, batch = _init("mlp")
+    tx = optax.sgd(0.1)
+    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
+    loss = ws.training.classification_loss(model.apply)
+    with pytest.warns(UserWarning, match="4 late-phase steps for K=16 members: 12 members"):
+        LatePhase(16, "head").fit(_state("mlp", tx)[2], loss, tx, ds, t0=2, num_steps=6,
+                                  eval_fn=lambda s: {}, batch_size=8, progress=False)  # fmt: skip
+
+
+def test_expansion_refuses_an_optimizer_state_it_cannot_lay_out():
+    """``optax.masked`` keeps per-weight state in partial trees: refused with a clear error."""
+    tx = optax.masked(optax.adam(0.1), lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+    _, _, state, _ = _state("convnet", tx)
+    with pytest.raises(ValueError, match="cannot lay the optimizer state out over the late"):
+        LatePhase(K).expand_state(state, tx)
+    LatePhase(K).expand_state(_state("convnet", optax.adam(0.1))[2], optax.adam(0.1))  # fine

@@ -491,10 +491,3 @@ def test_errors_name_the_real_cause(tmp_path):
         ws.straight_through.mirror_descent(-0.1)
     with pytest.raises(ValueError, match="learning_rate must be finite and > 0"):
         ws.invariant_path.invariant_path(-0.1, lambda p, x: x)
-
-
-def test_late_phase_warns_when_members_cannot_all_be_trained():
-    late = ws.late_phase.LatePhase(num_members=16)
-    with pytest.warns(UserWarning, match="4 late-phase steps for K=16 members: 12 members"):
-        with pytest.raises(ValueError, match="unknown mode"):  # stops right after the check
-            late.fit(None, None, None, None, t0=10, num_steps=14, mode="bogus")

@@ -5,16 +5,21 @@ scale/shift and the classifier ``head`` in the paper -- is replicated into K
 *members*; the rest stays shared. At the end the members are averaged in
 weight space into one ordinary network (`LatePhase.average`).
 
-Bind the configuration once and call its methods::
+`LatePhase` is a small frozen spec (which weights, K, schedule, combine); the
+schedule itself is owned by an optax wrapper, `LatePhase.optimizer(tx)`, as
+``optax.MultiSteps`` owns its accumulation: its state counts the late-phase steps,
+the step reads the active member from it (`LatePhase.member_index`) and its
+``update`` moves only that member's rows and, when due, the shared weights::
 
     late = LatePhase(num_members=10, select="bn_head")      # schedule="cycle"
     state = late.expand_state(state, tx)                     # at T0
     step = late.make_train_step(loss_fn, tx, mode="jit")     # or "sharded" / "pmap"
     params, model_state = late.average(state.params, state.model_state)
 
-or `fit` (plain training to ``t0``, then late-phase training). Both run in ``mode``
-``jit``, ``sharded`` (``shard_members=True`` also splits the member axis over the
-mesh) or ``pmap``, like `wspace.training.make_train_step`.
+or `LatePhase.fit` (plain training to ``t0``, then late-phase training, through
+`wspace.training.fit`). Steps compile through `wspace.training.compile_step`, the
+one compile path of training: modes ``jit``, ``sharded``, ``pmap``, and
+``seed_axis=True`` (S seeds as one program, the member axis inside each seed).
 
 Schedules (who trains on a minibatch):
 
@@ -49,9 +54,14 @@ Optimizer state (as the official code, which keeps one optimizer for the shared
 weights and one per member): one ``tx`` state over the late-phase params, in
 which the member rows of every params-shaped part (momenta, Adam moments) move
 only when that member is active, and the shared part moves only when
-``theta`` steps. Scalar parts (step counts, hence learning-rate schedules)
-advance every minibatch, like the code's per-epoch schedules. A `wspace.averaging.swa`
-inside ``tx`` averages the iterates actually reached (members' rows included).
+``theta`` steps. At T0 the members' rows start as copies of the plain state
+(``member_opt_state="copy"``) or fresh from ``tx.init`` (``"fresh"``, the
+official code's new member optimizers); the expansion contract (which parts of
+``tx``'s state are laid out over the members, and how bound masks and SWA means
+are carried) is written out in `wspace.late_phase._optimizer`. Scalar parts
+(step counts, hence learning-rate schedules) advance every minibatch, like the
+code's per-epoch schedules. A `wspace.averaging.swa` inside ``tx`` averages the
+iterates actually reached (members' rows included).
 Not reproduced: the code's quirk that all member optimizers step when member 0 is active.
 
 Representation: a *late-phase params* tree is the plain params tree in which
@@ -64,9 +74,10 @@ stays shared and gains sibling leaves ``<name>_rank1_in`` (K, in) and
 works unchanged: members are formed by transforming params before ``apply``.
 
 Pruning: `LatePhase.expand_masks` lays a mask tree out like the late-phase
-params (every member gets the mask); `expand_state` carries masks held in a
-``keep_masked`` state over the same way, so a pruned weight is exactly zero in
-all K members through expansion, training and averaging.
+params (every member gets the mask); `expand_state` carries masks bound in
+``keep_masked(masks)`` / ``mask_gradients(masks)`` over the same way, so a pruned
+weight is exactly zero in all K members through expansion, training and
+averaging.
 
 Reference: von Oswald, Kobayashi, Meulemans, Henning, Grewe, Sacramento,
 "Neural networks with late-phase weights", ICLR 2021, arXiv 2007.12927
@@ -76,23 +87,17 @@ Reference: von Oswald, Kobayashi, Meulemans, Henning, Grewe, Sacramento,
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import math
-import os
-import warnings
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from wspace import data as ws_data
-from wspace import io, pruning, training
-from wspace.late_phase._layout import (  # noqa: F401  (selection API re-exported)
+from wspace import pruning, training
+from wspace.late_phase import _optimizer, _train
+from wspace.late_phase._layout import (
     PRESETS,
     Selection,
     _average,
@@ -101,35 +106,20 @@ from wspace.late_phase._layout import (  # noqa: F401  (selection API re-exporte
     _expand,
     _member_flags,
     _no_selection_error,
-    _path,
-    _paths,
     _scale_grad,
     selection,
 )
-from wspace.late_phase._steps import _steps, _swa_of, _with_member
+from wspace.late_phase._optimizer import MEMBER_OPT_STATES, LatePhaseState
+
+__all__ = [
+    "COMBINE", "MEMBER_OPT_STATES", "PRESETS", "SCHEDULES", "LatePhase", "LatePhaseState",
+    "Selection", "fit", "selection",
+]  # fmt: skip
 
 PyTree = Any
 SCHEDULES = ("cycle", "random", "parallel")
 COMBINE = ("sum", "mean", "every")
 DEFAULT_COMBINE = {"cycle": "sum", "random": "every", "parallel": "mean"}
-
-
-# ----------------------------------------------------------------------------- the config
-
-
-class LatePhaseState(NamedTuple):
-    """Optimizer state of `LatePhase.optimizer`.
-
-    Attributes:
-      count: late-phase steps taken (int32); the cycle schedule's member is ``count mod K``.
-      inner: the wrapped ``tx``'s state over the late-phase params.
-      accum: running sum of the shared weights' gradients in the current cycle
-        (``combine`` ``"sum"``/``"mean"`` under cycle/random; ``()`` otherwise).
-    """
-
-    count: jax.Array
-    inner: PyTree
-    accum: PyTree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,13 +129,17 @@ class LatePhase:
     Attributes:
       num_members: K >= 1.
       select: preset name (``bn_head``: the paper's BatchNorm affine + head),
-        predicate on param paths, or a `Selection` (see `selection`).
+        predicate on param paths, or a `Selection` (see `selection`): which weights
+        become members is a function of the params' paths.
       schedule: ``"cycle"`` (default), ``"random"`` or ``"parallel"`` (see module docstring).
       combine: ``"sum"``, ``"mean"`` or ``"every"``; None: the schedule's
         official pairing (`DEFAULT_COMBINE`: cycle -> sum, random -> every,
         parallel -> mean).
       noise: std of the members' perturbation at expansion (0 in every official config).
       bn_eps: BatchNorm epsilon used by `average` (flax's default 1e-5).
+      member_opt_state: the members' optimizer state at T0: ``"copy"`` of the plain
+        state (momenta carried over) or ``"fresh"`` from ``tx.init`` (the official
+        code's new member optimizers); shared weights always keep theirs.
 
     Reference: von Oswald et al. 2021, arXiv 2007.12927 (Algorithm 1).
     """
@@ -156,6 +150,7 @@ class LatePhase:
     combine: str | None = None
     noise: float = 0.0
     bn_eps: float = 1e-5
+    member_opt_state: str = "copy"
 
     def __post_init__(self):
         _check_k(self.num_members)
@@ -171,6 +166,11 @@ class LatePhase:
         object.__setattr__(self, "combine", combine)
         if not self.noise >= 0:
             raise ValueError(f"noise must be >= 0, got {self.noise}")
+        if self.member_opt_state not in MEMBER_OPT_STATES:
+            raise ValueError(
+                f"member_opt_state must be one of {MEMBER_OPT_STATES}, "
+                f"got {self.member_opt_state!r}"
+            )
 
     @property
     def accumulates(self) -> bool:
@@ -229,50 +229,23 @@ class LatePhase:
     def expand_opt_state(
         self, tx: optax.GradientTransformation, opt_state: PyTree, params: PyTree, late_params
     ) -> PyTree:
-        """Carries ``tx``'s state of the plain params over to the late-phase params.
+        """Lays ``tx``'s state of the plain ``params`` out over ``late_params``.
 
-        Every part of ``opt_state`` shaped like ``params`` (momenta, Adam
-        moments, SWA means, ``keep_masked`` masks) is laid out like
-        ``late_params``: member leaves get K copies of the plain leaf's state,
-        shared leaves keep theirs, new rank-1 factors get ``tx.init``'s fresh
-        state. Everything else (step counts, schedules' counters, injected
-        hyperparameters) is kept, so learning-rate schedules continue.
+        The expansion contract: every part of ``opt_state`` with the params' tree
+        structure (momenta, Adam moments, SWA means, masks bound in ``keep_masked`` /
+        ``mask_gradients``) is laid out like ``late_params``: member leaves get K
+        copies of the plain leaf's part (``member_opt_state="fresh"``: of
+        ``tx.init(params)``'s), shared leaves keep theirs, new rank-1 factors start at
+        True (masks), themselves (SWA means) or 0 (every other part, as ``tx.init``).
+        Everything else (step counts, schedules' counters, injected hyperparameters)
+        is kept, so learning-rate schedules continue.
 
         Returns:
           The state of ``tx`` for ``late_params`` (not wrapped; see `expand_state`).
-
-        Raises:
-          ValueError: when the parts cannot be lined up (then start from ``tx.init``).
         """
-        pdef = jax.tree.structure(params)
-        is_p = lambda x: x is not None and jax.tree.structure(x) == pdef
-        old, odef = jax.tree.flatten(opt_state, is_leaf=is_p)
-        fresh = []
-        if self.select.rank1:  # new factor leaves need tx's own initial state
-            ldef = jax.tree.structure(late_params)
-            is_l = lambda x: x is not None and jax.tree.structure(x) == ldef
-            fresh = [x for x in jax.tree.flatten(tx.init(late_params), is_leaf=is_l)[0] if is_l(x)]
-            if len(fresh) != sum(map(is_p, old)):
-                raise ValueError(
-                    f"cannot line up {sum(map(is_p, old))} params-shaped parts of the optimizer "
-                    f"state with {len(fresh)} of a fresh late-phase state; use tx.init"
-                )
-        fresh_iter = iter(fresh)
-        out = [self._expand_part(o, next(fresh_iter, None)) if is_p(o) else o for o in old]
-        return jax.tree.unflatten(odef, out)
-
-    def _expand_part(self, plain_tree, fresh_late):
-        if fresh_late is None:
-            return self.expand_masks(plain_tree)  # a broadcast of the member leaves
-        by_path = dict(zip(_paths(plain_tree), jax.tree.leaves(plain_tree), strict=True))
-
-        def one(kp, fresh):
-            p = _path(kp)
-            if p not in by_path:  # a new rank-1 factor
-                return fresh
-            return by_path[p]
-
-        return jax.tree_util.tree_map_with_path(one, fresh_late)
+        return _optimizer.expand_opt_state(
+            self, tx, opt_state, params, late_params, self.member_opt_state
+        )
 
     def expand_state(
         self,
@@ -281,26 +254,32 @@ class LatePhase:
         *,
         key: jax.Array | None = None,
         masks: PyTree | None = None,
-        reset_opt_state: bool = False,
     ) -> training.TrainState:
         """The plain `TrainState` at T0 as a late-phase state for `make_train_step`.
 
         Params by `expand` (``key``, ``masks`` as there), model state by
-        `expand_model_state`, and the optimizer state of ``optimizer(tx)``
-        around ``tx``'s state carried over by `expand_opt_state`
-        (``reset_opt_state``: a fresh ``tx.init``).
+        `expand_model_state`, and the state of ``optimizer(tx)`` around ``tx``'s
+        state laid out by `expand_opt_state`; the random schedule's key is drawn
+        from ``state.key``. For a state with a seed axis use ``jax.vmap`` (as `fit`).
         """
         late = self.expand(state.params, key=key, masks=masks)
-        if reset_opt_state:
-            inner = tx.init(late)
-        else:
-            inner = self.expand_opt_state(tx, state.opt_state, state.params, late)
-        opt_state = LatePhaseState(jnp.zeros((), jnp.int32), inner, self._zero_accum(late))
+        inner = self.expand_opt_state(tx, state.opt_state, state.params, late)
+        opt_state = LatePhaseState(
+            jnp.zeros((), jnp.int32),
+            jax.random.fold_in(state.key, 0x1A7E),
+            inner,
+            _optimizer.zero_accum(self, late),
+        )
         return state.replace(
             params=late, model_state=self.expand_model_state(state.model_state), opt_state=opt_state
         )
 
     # ------------------------------------------------------------------ members
+
+    def member_mask(self, late_params: PyTree) -> PyTree:
+        """Which leaves of a late-phase tree carry the member axis: a bool per leaf."""
+        flags = iter(_member_flags(late_params, self.select))
+        return jax.tree.map(lambda _: next(flags), late_params)
 
     def member_axes(self, late_params: PyTree) -> PyTree:
         """The vmap ``in_axes`` of a late-phase params tree: 0 on member leaves, None on shared."""
@@ -319,16 +298,11 @@ class LatePhase:
         leaves = jax.tree.leaves(late_params)
         return sum(math.prod(x.shape) for x, f in zip(leaves, flags, strict=True) if f)
 
-    def member_index(self, count: jax.Array, key: jax.Array) -> jax.Array | None:
-        """The active member of a step: ``count mod K`` (cycle), uniform from ``key`` (random).
-
-        None under ``"parallel"`` (every member is active).
-        """
-        if self.schedule == "cycle":
-            return jnp.mod(count, self.num_members).astype(jnp.int32)
-        if self.schedule == "random":
-            return jax.random.randint(jax.random.fold_in(key, 0x1A7E), (), 0, self.num_members)
-        return None
+    def member_index(self, opt_state: LatePhaseState) -> jax.Array | None:
+        """The member the next step trains, read from the wrapper's state (as
+        ``optax.MultiSteps.has_updated``): ``count mod K`` (cycle), uniform from the
+        state's key (random), None under ``"parallel"`` (every member is active)."""
+        return _optimizer.member_index(self, opt_state)
 
     # ------------------------------------------------------------------ losses
 
@@ -391,95 +365,28 @@ class LatePhase:
 
         return wrapped
 
-    # ------------------------------------------------------------------ optimizer
-
-    def _zero_accum(self, late_params):
-        if not self.accumulates:
-            return ()
-        flags = iter(_member_flags(late_params, self.select))
-        return jax.tree.map(
-            lambda x: jnp.zeros((), x.dtype) if next(flags) else jnp.zeros_like(x), late_params
-        )
-
-    def _keep(self, new, old, flags, member, take_shared):
-        """Rows of the active member (all rows if member is None) and, if take_shared, shared leaves
-        from ``new``; everything else from ``old`` (bit for bit)."""
-        k_members = self.num_members
-
-        def one(n, o, is_member):
-            if not is_member:
-                return n if take_shared is True else jnp.where(take_shared, n, o)
-            if member is None:
-                return n
-            rows = (jnp.arange(k_members) == member).reshape((k_members,) + (1,) * (n.ndim - 1))
-            return jnp.where(rows, n, o)
-
-        leaves = [
-            one(n, o, f)
-            for n, o, f in zip(jax.tree.leaves(new), jax.tree.leaves(old), flags, strict=True)
-        ]
-        return jax.tree.unflatten(jax.tree.structure(new), leaves)
+    # ------------------------------------------------------------------ optimizer, training
 
     def optimizer(self, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
         """Wraps ``tx``: a step moves only the active member and, when due, the shared weights.
 
-        ``update(grads, state, params, *, member=None, **extra_args)``: ``member``
-        (required under cycle/random) is the active member. Member rows other
-        than ``member`` keep their params (zero update) and their ``tx`` state
-        bit for bit. Shared weights: with ``accumulates`` their gradients are
-        summed in the state and ``tx`` steps on them once per K updates with the
-        sum (``combine="sum"``) or mean (``"mean"``), their update and state
-        being held in between; otherwise they step every update. Other
-        arguments go to ``tx.update``.
+        ``update(grads, state, params, **extra_args)`` trains the member
+        `member_index` reads from ``state`` (all of them under ``"parallel"``).
+        Member rows other than it keep their params (zero update) and their ``tx``
+        state bit for bit. Shared weights: with ``accumulates`` their gradients are
+        summed in the state and ``tx`` steps on them once per K updates with the sum
+        (``combine="sum"``) or mean (``"mean"``), their update and state being held
+        in between; otherwise they step every update. Extra arguments go to
+        ``tx.update``. The state comes from `expand_state` (or ``init`` on
+        late-phase params).
 
         Returns:
           An ``optax.GradientTransformationExtraArgs`` with state `LatePhaseState`.
         """
-        scale = 1.0 if self.combine == "sum" else 1.0 / self.num_members
-        sel = self.select
+        return _optimizer.optimizer(self, tx)
 
-        def init_fn(late_params):
-            return LatePhaseState(
-                jnp.zeros((), jnp.int32), tx.init(late_params), self._zero_accum(late_params)
-            )
-
-        def update_fn(grads, state, params=None, *, member=None, **extra_args):
-            if member is None and self.schedule != "parallel":
-                raise ValueError(f"schedule {self.schedule!r} needs update(..., member=k)")
-            flags = _member_flags(grads, sel)
-            is_m = jax.tree.unflatten(jax.tree.structure(grads), flags)
-            boundary, accum, g_in = True, state.accum, grads
-            if self.accumulates:
-                boundary = jnp.mod(state.count + 1, self.num_members) == 0
-                accum = jax.tree.map(lambda a, g, m: a if m else a + g, state.accum, grads, is_m)
-                g_in = jax.tree.map(lambda g, a, m: g if m else a * scale, grads, accum, is_m)
-                accum = jax.tree.map(
-                    lambda a, m: a if m else jnp.where(boundary, jnp.zeros_like(a), a), accum, is_m
-                )
-            updates, inner = tx.update(g_in, state.inner, params, **extra_args)
-            zeros = jax.tree.map(jnp.zeros_like, updates)
-            updates = self._keep(updates, zeros, flags, member, boundary)
-            inner = self._select_state(inner, state.inner, grads, member, boundary)
-            if params is not None:  # SWA means of the iterates really taken (rows held above)
-                inner = _swa_of(inner, state.inner, optax.apply_updates(params, updates))
-            return updates, LatePhaseState(optax.safe_int32_increment(state.count), inner, accum)
-
-        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-    def _select_state(self, new, old, like, member, take_shared):
-        """`_keep` on every part of a ``tx`` state shaped like the params; the rest from ``new``."""
-        ldef = jax.tree.structure(like)
-        flags = _member_flags(like, self.select)
-        is_l = lambda x: x is not None and jax.tree.structure(x) == ldef
-        new_parts, ndef = jax.tree.flatten(new, is_leaf=is_l)
-        old_parts = jax.tree.flatten(old, is_leaf=is_l)[0]
-        out = [
-            self._keep(n, o, flags, member, take_shared) if is_l(n) else n
-            for n, o in zip(new_parts, old_parts, strict=True)
-        ]
-        return jax.tree.unflatten(ndef, out)
-
-    # ------------------------------------------------------------------ training
+    def _keep_rows(self, new, old, flags, member):
+        return _optimizer.keep_rows(self, new, old, flags, member, True)
 
     def make_train_step(
         self,
@@ -490,127 +397,25 @@ class LatePhase:
         mode: str = "jit",
         mesh: jax.sharding.Mesh | None = None,
         donate: bool = True,
-        shard_members: bool = False,
-    ) -> Callable:
+        seed_axis: bool = False,
+    ) -> training.TrainStep:
         """A compiled late-phase step ``step(state, batch, tx_args=None) -> (state, metrics)``.
 
         The step of `wspace.training.make_train_step` with the member chosen
-        first: ``key, sub = split(state.key)``, ``k = member_index(count,
-        sub)``, gradients of `member_loss` (or `parallel_loss`) by
-        ``estimator``, ``optimizer(tx).update(..., member=k)``. Rows of members
-        other than k (params, model state, optimizer state) are carried over
-        bit for bit. The state comes from `expand_state` (its ``opt_state`` is a
-        `LatePhaseState`).
-
-        Args:
-          loss_fn: the plain loss, ``loss_fn(params, model_state, batch, key) ->
-            (loss, (model_state, metrics))``.
-          tx: the optax transformation (the same as in the plain phase).
-          estimator: gradient estimator with the shape of `jax.value_and_grad`.
-          mode: ``jit``, ``sharded`` (batch split over ``mesh``'s ``data`` axis,
-            state replicated; BatchNorm still normalises over the whole
-            minibatch) or ``pmap`` (per-device BatchNorm statistics, gradients
-            ``pmean``-ed; the member is the same on every device).
-          mesh: the mesh for ``sharded`` mode (default `wspace.training.default_mesh`).
-          donate: donate the input state's buffers.
-          shard_members: ``sharded`` mode only: the member axis of params, model
-            state and optimizer state is split over the mesh's ``data`` axis (K
-            divisible by its size; shared weights replicated). The step moves a
-            replicated state there on its first call.
+        first: ``key, sub = split(state.key)``, ``k = member_index(opt_state)``,
+        gradients of `member_loss` (or `parallel_loss`) by ``estimator``,
+        ``optimizer(tx).update(...)``. Rows of members other than k (params, model
+        state, optimizer state) are carried over bit for bit. Compiled by
+        `wspace.training.compile_step` (``step.scan`` fuses steps), so ``mode``,
+        ``mesh``, ``donate`` and ``seed_axis`` mean what they mean there; in
+        ``pmap`` mode BatchNorm statistics are per device and the member is the same
+        on every device. The state comes from `expand_state` (vmapped over seeds for
+        ``seed_axis``).
         """
         if mode not in training.MODES:
             raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
-        opt = self.optimizer(tx)
-        parallel = self.schedule == "parallel"
-        loss = self.parallel_loss(loss_fn) if parallel else self.member_loss(loss_fn)
-
-        def step(state, batch, tx_args, axis_name=None):
-            key, sub = jax.random.split(state.key)
-            member = self.member_index(state.opt_state.count, sub)
-            if axis_name is not None:  # different noise per device, the same member
-                sub = jax.random.fold_in(sub, jax.lax.axis_index(axis_name))
-            fn = loss if parallel else functools.partial(_with_member, loss, member)
-            grad_fn = estimator(fn, has_aux=True)
-            (value, (model_state, metrics)), grads = grad_fn(
-                state.params, state.model_state, batch, sub
-            )
-            metrics = {**metrics, "loss": jnp.mean(value)}
-            if axis_name is not None:
-                grads, model_state, metrics = jax.lax.pmean(
-                    (grads, model_state, metrics), axis_name
-                )
-            if not parallel:  # rows of the other members bit for bit (also after a pmean)
-                all_rows = [True] * len(jax.tree.leaves(model_state))
-                model_state = self._keep(model_state, state.model_state, all_rows, member, True)
-            updates, opt_state = opt.update(
-                grads, state.opt_state, state.params, member=member, **(tx_args or {})
-            )
-            params = optax.apply_updates(state.params, updates)
-            flags = _member_flags(params, self.select)
-            params = self._keep(params, state.params, flags, member, True)
-            new_state = state.replace(
-                step=state.step + 1,
-                params=params,
-                model_state=model_state,
-                opt_state=opt_state,
-                key=key,
-            )
-            return new_state, metrics
-
-        if shard_members:
-            if mode != "sharded":
-                raise ValueError(f"shard_members=True needs mode='sharded', got {mode!r}")
-            mesh = mesh or training.default_mesh()
-            if self.num_members % mesh.shape["data"]:
-                raise ValueError(
-                    f"shard_members=True: K={self.num_members} members do not split over the "
-                    f"{mesh.shape['data']} devices of the mesh's 'data' axis"
-                )
-            return self._compile_member_sharded(step, mesh, donate)
-        return training.compile_step(step, mode, mesh, donate=donate)
-
-    def _compile_member_sharded(self, step, mesh, donate: bool) -> Callable:
-        """``step`` jitted with member leaves split over ``data`` (rows) and the rest replicated."""
-        repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        compiled = {}
-
-        def shardings(state):
-            flags = _member_flags(state.params, self.select)
-            by_flags = lambda t: jax.tree.unflatten(
-                jax.tree.structure(t), [rows if f else repl for f in flags]
-            )
-            ldef = jax.tree.structure(state.params)
-            is_l = lambda x: x is not None and jax.tree.structure(x) == ldef
-            inner = jax.tree.map(
-                lambda x: by_flags(x) if is_l(x) else jax.tree.map(lambda _: repl, x),
-                state.opt_state.inner,
-                is_leaf=is_l,
-            )
-            return state.replace(
-                step=repl,
-                params=by_flags(state.params),
-                model_state=jax.tree.map(lambda _: rows, state.model_state),
-                opt_state=LatePhaseState(
-                    repl, inner, jax.tree.map(lambda _: repl, state.opt_state.accum)
-                ),
-                key=repl,
-            )
-
-        def train_step(state, batch, tx_args=None):
-            key = jax.tree.structure(state)
-            if key not in compiled:
-                sh = shardings(state)
-                fn = jax.jit(
-                    step,
-                    in_shardings=(sh, NamedSharding(mesh, P("data")), repl),
-                    out_shardings=(sh, repl),
-                    donate_argnums=(0,) if donate else (),
-                )
-                compiled[key] = (sh, fn)
-            sh, fn = compiled[key]
-            return fn(jax.device_put(state, sh), batch, tx_args)
-
-        return train_step
+        body = _train.step_body(self, loss_fn, tx, estimator)
+        return training.compile_step(body, mode, mesh, donate=donate, seed_axis=seed_axis)
 
     def fit(
         self,
@@ -621,12 +426,12 @@ class LatePhase:
         *,
         t0: int,
         num_steps: int,
+        estimator: Callable = jax.value_and_grad,
         eval_fn: Callable | None = None,
         apply_fn: Callable | None = None,
         key: jax.Array | None = None,
         masks: PyTree | None = None,
         workdir: str | None = None,
-        shard_members: bool = False,
         **fit_kwargs,
     ) -> tuple[training.TrainState, list[dict]]:
         """Plain training up to step ``t0``, then late-phase training to ``num_steps``.
@@ -636,102 +441,43 @@ class LatePhase:
         late one from `make_train_step`, both in ``mode``), switched once at
         ``t0`` by `expand_state`. Late-phase records evaluate the averaged
         network: ``eval_fn`` receives `average_state` of the late state. With a
-        workdir the phases write into ``workdir/plain`` and ``workdir/late`` and
-        a rerun resumes.
+        workdir the phases checkpoint into ``workdir/plain`` and ``workdir/late``
+        and a rerun resumes. Seeds as an axis: a state from
+        `wspace.training.init_states` and ``seed=[s0, s1, ...]`` train every seed as
+        one program (one checkpoint; records hold lists, one value per seed).
+        Warns when the late phase has fewer steps than members.
 
         Args:
-          state: plain `TrainState` at step 0 (or resumed).
-          loss_fn: the plain loss; tx: the optax transformation (its state is carried over at t0).
+          state: plain `TrainState` at step 0 (or resumed), with a seed axis for a
+            list of seeds.
+          loss_fn: the plain loss; tx: the optax transformation (its state is laid out
+            over the members at t0, see `expand_opt_state`).
           data: a `wspace.data.Dataset`, or an iterable of batch dicts that restarts
             on every ``iter()`` (then the late phase skips the first ``t0``
             batches); a one-shot iterator simply continues.
           t0: the late-phase start, ``0 <= t0 <= num_steps``.
           num_steps: total steps.
+          estimator: gradient estimator with the shape of `jax.value_and_grad` (both phases).
           eval_fn, apply_fn: as `wspace.training.fit` (default evaluation: classification).
           key: PRNG key of the members' initial noise (needed when ``noise > 0``).
-          masks: pruning masks of the plain params (see `expand`); keep them in
-            ``tx`` too (``wspace.pruning.keep_masked``), or pass them per step as
+          masks: pruning masks of the plain params (see `expand`; with a seed axis
+            shared by the seeds, or with a leading seed axis); bind them in ``tx``
+            (``keep_masked(masks)``) or pass them per step as
             ``tx_args={"masks": masks}`` (laid out on the member axis for the late phase).
           workdir: as `wspace.training.fit` (None: nothing written).
-          shard_members: split the member axis over the mesh (see `make_train_step`).
           **fit_kwargs: the other arguments of `wspace.training.fit` (``batch_size``,
             ``seed``, ``mode``, ``mesh``, ``eval_every``, ``tx_args``, ``writer``,
-            ``train_eval_examples``, ``checkpoint_every``, ``progress``).
+            ``train_eval_examples``, ``checkpoint_every``, ``progress``, ``steps_per_call``).
 
         Returns:
           ``(late-phase state at num_steps, records of both phases with "phase")``;
           collapse the state with `average`.
         """
-        if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 <= num_steps:
-            raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")
-        untrained = self.num_members - (num_steps - t0)  # one member per late step
-        if self.schedule != "parallel" and untrained > 0:
-            warnings.warn(
-                f"{num_steps - t0} late-phase steps for K={self.num_members} members: "
-                f"{untrained} members are never trained; use num_steps - t0 >= K",
-                stacklevel=2,
-            )
-        batch_size = fit_kwargs.get("batch_size")
-        if self.schedule == "parallel" and batch_size and batch_size % self.num_members:
-            raise ValueError(
-                f"batch_size {batch_size} must be divisible by K={self.num_members} "
-                "under schedule='parallel'"
-            )
-        mode, mesh = fit_kwargs.get("mode", "jit"), fit_kwargs.get("mesh")
-        if mode not in training.MODES:
-            raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
-        if eval_fn is None and isinstance(data, ws_data.Dataset):
-            if apply_fn is None:
-                raise ValueError("fit on a Dataset needs apply_fn (default evaluation) or eval_fn")
-            eval_fn = training.classification_eval(
-                apply_fn,
-                data,
-                train_eval_examples=fit_kwargs.get("train_eval_examples", 1000),
-                mode=mode,
-                mesh=mesh,
-            )
-        sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
-        history = []
-        plain_step, late_step = _steps(self, loss_fn, tx, mode, mesh, shard_members)
-        if t0 > 0:
-            state, hist = training.fit(
-                state,
-                plain_step,
-                data,
-                num_steps=t0,
-                eval_fn=eval_fn,
-                workdir=sub("plain"),
-                **fit_kwargs,
-            )
-            history += [{**r, "phase": "plain"} for r in hist]
-        late_state = self.expand_state(state, tx, key=key, masks=masks)
-        late_dir = sub("late")
-        if late_dir and jax.process_index() == 0 and not os.path.exists(late_dir):
-            os.makedirs(late_dir)  # a fresh late phase starts at t0 with an empty history
-            io.write_jsonl(os.path.join(late_dir, "metrics.jsonl"), [])
-        if not isinstance(data, ws_data.Dataset) and iter(data) is data:  # one-shot: continue
-            data = itertools.chain(itertools.repeat({}, int(state.step)), data)
-        late_state, hist = training.fit(
-            late_state,
-            late_step,
-            data,
-            num_steps=num_steps,
-            eval_fn=None if eval_fn is None else (lambda s: eval_fn(self.average_state(s))),
-            workdir=sub("late"),
-            **{**fit_kwargs, "tx_args": self._late_tx_args(fit_kwargs.get("tx_args"))},
-        )
-        history += [{**r, "phase": "late"} for r in hist]
-        return late_state, history
-
-    def _late_tx_args(self, tx_args):
-        """``tx_args`` of the late phase: per-step ``masks`` laid out on the member axis."""
-
-        def expand(args):
-            if args and "masks" in args:
-                return {**args, "masks": self.expand_masks(args["masks"])}
-            return args
-
-        return (lambda batch: expand(tx_args(batch))) if callable(tx_args) else expand(tx_args)
+        return _train.fit(
+            self, state, loss_fn, tx, data, t0=t0, num_steps=num_steps, estimator=estimator,
+            eval_fn=eval_fn, apply_fn=apply_fn, key=key, masks=masks, workdir=workdir,
+            fit_kwargs=fit_kwargs,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ averaging
 
@@ -773,8 +519,32 @@ class LatePhase:
 
         return apply
 
+    def recalibrate(
+        self,
+        loss_fn: Callable,
+        params: PyTree,
+        model_state: PyTree,
+        batches: Iterable[dict],
+        *,
+        key: jax.Array | None = None,
+    ) -> PyTree:
+        """Per-member BatchNorm statistics for late-phase params (e.g. after SWA).
 
-# ----------------------------------------------------------------------------- module API
+        `wspace.averaging.recompute_batch_stats` for every member at once: on each
+        batch, member k runs ``loss_fn`` in train mode with its own statistics (row
+        k), as the official code's ``bn_update`` passes over the training data once
+        per member. Call it before `average`.
+
+        Args:
+          loss_fn: the plain training loss; params, model_state: late-phase trees.
+          batches: training batches; key: PRNG key of the loss (default ``PRNGKey(0)``).
+
+        Returns:
+          The late-phase model state with every member's recomputed statistics.
+
+        Reference: Izmailov et al. 2018, arXiv 1803.05407; von Oswald et al. 2021.
+        """
+        return _train.recalibrate(self, loss_fn, params, model_state, batches, key)
 
 
 def fit(

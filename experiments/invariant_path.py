@@ -14,9 +14,11 @@ standardised, ``config.dataset``):
     ``naive`` (fine-tuning, Adam), ``replay`` (task-2 CE + CE on a buffer of
     ``buffer_size`` stored task-1 examples with their labels), ``fip`` (the paper's
     metric step: the task-2 gradient through `scale_by_invariant_metric` with the
-    buffer's inputs as anchors, softmax-Fisher metric = the Bhattacharyya metric of the
-    official code up to a factor 8), ``fip_jacobian`` (the same with the Euclidean
-    ``J^T J`` metric on the logits), ``penalty`` (what the official code runs: task-2
+    buffer's inputs as anchors; the softmax-Fisher metric is 4x the Hessian of the
+    official code's Bhattacharyya distance), ``fip_jacobian`` (the same with the
+    Euclidean ``J^T J`` metric on the logits; both FIP arms rescale the solved direction
+    to norm 1, so every step moves exactly ``fip_lr``: the metrics are compared at equal
+    step length, whatever their damping), ``penalty`` (what the official code runs: task-2
     CE + the Bhattacharyya distance to the task-1 network on the buffer inputs, summed
     over the buffer, Adam) and, at ``paper`` size, ``ewc`` (Kirkpatrick et al. 2017).
     Reported: test accuracy on each task's classes and on all classes (argmax over all
@@ -35,13 +37,15 @@ standardised, ``config.dataset``):
 
 Claims (paired by seed, 95% t-intervals): FIP beats naive fine-tuning and replay with
 the same buffer in all-class accuracy; so does the official penalty form; the Fisher
-metric beats the Euclidean one; the FIP path beats one-shot pruning at
+metric beats the Euclidean one at equal step length; the FIP path beats one-shot pruning at
 ``claim_sparsity`` without fine-tuning and after step-matched fine-tuning; (c) the FIP
 raises robust accuracy over the base network and keeps more clean accuracy than
 adversarial fine-tuning.
 """
 
 from __future__ import annotations
+
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,6 +83,8 @@ def validate(config) -> None:
     ):  # fmt: skip
         if not 0 <= config[field] < float("inf"):
             raise ValueError(f"config.{field}={config[field]}; must be finite and >= 0")
+    if config.mode == "pmap":
+        raise ValueError("config.mode='pmap': seeds are an axis here; use 'jit' or 'sharded'")
     if config.mode != "jit":  # batch entries (buffers included) are split over the devices
         n = jax.device_count()
         for field in ("batch_size", "buffer_size", "anchor_batch"):
@@ -102,120 +108,155 @@ def validate(config) -> None:
 # ----------------------------------------------------------------------------- plumbing
 
 
-class _Net:
-    """The MLP, its ``(params, x) -> logits`` closure, jitted logits and a cache of steps."""
-
-    def __init__(self, config, ds):
-        self.config, self.ds = config, ds
-        self.model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
-        self.ce = ws.training.classification_loss(self.model.apply)
-        self.logits = jax.jit(self.f)
-        self._steps, self._dense = {}, {}
-
-    def f(self, params, x):
-        return self.model.apply({"params": params}, x)
-
-    def init(self, seed):
-        x = jnp.zeros((1, *self.ds.input_shape))
-        return self.model.init(jax.random.PRNGKey(seed), x)["params"]
-
-    def dense(self, seed):
-        """The network trained on all classes for ``base_steps`` (cached per seed)."""
-        if seed not in self._dense:
-            c, ds = self.config, self.ds
-            self._dense[seed] = self.train(
-                "dense", self.ce, optax.adam(c.lr), self.init(seed),
-                _stream(ds.x_train, ds.y_train, c.batch_size, seed), c.base_steps, seed,
-            ).params  # fmt: skip
-        return self._dense[seed]
-
-    def accuracy(self, params, x, y) -> float:
-        return float(np.mean(np.asarray(self.logits(params, x)).argmax(-1) == y))
-
-    def train(self, name, loss, tx, params, batches, steps, seed, tx_args=None):
-        """``steps`` steps of a train step built once per ``name`` (compiled once for all
-        seeds); returns the final state."""
-        if name not in self._steps:
-            self._steps[name] = (ws.training.make_train_step(loss, tx, mode=self.config.mode), tx)
-        step, tx = self._steps[name]
-        state = ws.training.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state={},
-            opt_state=tx.init(params),
-            key=jax.random.PRNGKey(seed),
-        )
-        state, _ = ws.training.fit(
-            state,
-            step,
-            batches,
-            num_steps=steps,
-            eval_fn=lambda s: {},
-            eval_every=max(steps, 1),
-            tx_args=tx_args,
-            mode=self.config.mode,
-            progress=False,
-        )
-        return state
+def _batches(x, y, batch_size, seeds, **per_seed):
+    """Endless batches with a seed axis: each seed its own shuffle of ``(x, y)``, plus
+    ``per_seed`` entries (``[S, ...]`` trees) that every batch carries unchanged."""
+    per_seed = jax.tree.map(np.asarray, per_seed)
+    size = min(batch_size, len(x))
+    streams = [ws.data.batches(x, y, size, seed=s, epochs=None) for s in seeds]
+    for batches in zip(*streams, strict=True):
+        yield {**jax.tree.map(lambda *a: np.stack(a), *batches), **per_seed}
 
 
-def _stream(x, y, batch_size, seed, **extra):
-    """Endless shuffled batches of ``(x, y)`` with constant ``extra`` entries."""
-    for batch in ws.data.batches(x, y, min(batch_size, len(x)), seed=seed, epochs=None):
-        yield {**batch, **extra}
+def _step(loss, tx, mode, batch_args=None):
+    """A seed-axis train step; ``batch_args`` maps ``tx.update`` extra arguments to batch
+    entries, for arguments that differ per seed (anchors, masks) and so cannot be
+    `make_train_step`'s ``tx_args`` (shared by all seeds)."""
+    if not batch_args:
+        return ws.training.make_train_step(loss, tx, mode=mode, seed_axis=True)
+
+    def body(state, batch, tx_args, axis_name=None):
+        key, sub = jax.random.split(state.key)
+        grad_fn = jax.value_and_grad(loss, has_aux=True)
+        (value, (_, metrics)), grads = grad_fn(state.params, state.model_state, batch, sub)
+        extra = {arg: batch[entry] for arg, entry in batch_args.items()}
+        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
+        params = optax.apply_updates(state.params, updates)
+        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, key=key)
+        return state, {**metrics, "loss": value}
+
+    return ws.training.compile_step(body, mode, seed_axis=True)
 
 
-def _fip_tx(config, f, lr, metric):
-    damping = config.damping if metric == "fisher" else config.jacobian_damping
-    return ip.invariant_path(
-        lr,
-        f,
-        metric=metric,
-        damping=damping,
-        tol=config.tol,
-        maxiter=config.maxiter,
-        max_norm=config.max_norm,
+def _train(config, step, tx, params, batches, steps, seeds):
+    """``steps`` steps from ``params`` (a seed axis) with a fresh ``tx`` state; the final state."""
+    state = ws.training.TrainState(
+        step=jnp.zeros(len(seeds), jnp.int32),
+        params=params,
+        model_state={},
+        opt_state=jax.vmap(tx.init)(params),
+        key=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
     )
+    if steps == 0:
+        return state
+    state, _ = ws.training.fit(
+        state, step, batches, num_steps=steps, eval_fn=lambda s: {}, eval_every=steps,
+        seed=seeds, mode=config.mode, progress=False,
+    )  # fmt: skip
+    return state
 
 
-def _solve_stats(state) -> dict:
+def _fip_tx(config, f, lr, metric, *, unit_steps=False):
+    """The FIP step: the metric solve, then the norm bound ``max_norm`` or, with
+    ``unit_steps``, the solution rescaled to norm 1 so that every step moves exactly ``lr``
+    (equal step lengths whatever the metric and damping)."""
+    pre = ip.scale_by_invariant_metric(
+        f, metric=metric, damping=config.damping if metric == "fisher" else config.jacobian_damping,
+        tol=config.tol, maxiter=config.maxiter, max_norm=None if unit_steps else config.max_norm,
+    )  # fmt: skip
+    unit = [optax.normalize_by_update_norm()] if unit_steps else []
+    return optax.chain(pre, *unit, optax.scale_by_learning_rate(lr))
+
+
+def _solve_stats(state) -> list[dict]:
     pre = state.opt_state[0]
-    return {
-        "final_residual": float(pre.residual),
-        "unconverged_steps": int(pre.num_unconverged),
-    }
+    return [
+        {"final_residual": float(r), "unconverged_steps": int(n)}
+        for r, n in zip(pre.residual, pre.num_unconverged, strict=True)
+    ]
+
+
+def _distance(a, b) -> np.ndarray:
+    """Per seed, the Euclidean distance between two parameter trees with a seed axis."""
+    squares = jax.tree.map(lambda u, v: jnp.sum((u - v) ** 2, range(1, u.ndim)), a, b)
+    return np.sqrt(np.asarray(sum(jax.tree.leaves(squares))))
+
+
+class _Network(NamedTuple):
+    """The MLP with its ``(params, x) -> logits`` closure and training loss (built once)."""
+
+    model: Any
+    f: Any
+    ce: Any
+
+    def init(self, x, seeds):
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+        return jax.vmap(lambda k: self.model.init(k, x[:1])["params"])(keys)
+
+    def correct(self, params, x, y) -> np.ndarray:
+        """``[S, N]``: whether each seed's network gets each example right."""
+        return ws.training.correct_predictions(
+            self.model.apply, {"params": params}, x, y, seed_axis=True
+        )
+
+    def fit_adam(self, config, params, batches, steps, seeds):
+        tx = optax.adam(config.lr)
+        return _train(config, _step(self.ce, tx, config.mode), tx, params, batches, steps, seeds)
+
+
+def _dense_networks(config, ds, net):
+    """``seeds -> params``: networks trained on all classes for ``base_steps`` (memoised)."""
+    memo = {}
+
+    def dense(seeds):
+        if tuple(seeds) not in memo:
+            batches = _batches(ds.x_train, ds.y_train, config.batch_size, seeds)
+            params = net.init(ds.x_train, seeds)
+            memo[tuple(seeds)] = net.fit_adam(config, params, batches, config.base_steps, seeds)
+        return memo[tuple(seeds)].params
+
+    return dense
 
 
 # ----------------------------------------------------------------------------- (a) continual
 
 
-def continual_arms(config, ds, net: _Net) -> dict:
-    """Arm name -> ``fn(seed) -> metrics`` for the continual part."""
+def continual_arms(config, ds, net: _Network) -> dict:
+    """Arm name -> ``fn(seeds) -> [metrics per seed]`` for the continual part."""
     half = ds.num_classes // 2
     old_tr, old_te = ds.y_train < half, ds.y_test < half
     x1, y1 = ds.x_train[old_tr], ds.y_train[old_tr]
     x2, y2 = ds.x_train[~old_tr], ds.y_train[~old_tr]
-    bs, lr = config.batch_size, config.lr
-    task1 = {}  # seed -> (task-1 params, buffer x, buffer y): shared by the arms of a seed
+    bs, memo = config.batch_size, {}
+    logits = jax.jit(jax.vmap(net.f))  # per seed: params and inputs
 
-    def setup(seed):
-        if seed not in task1:
-            p1 = net.train(
-                "base", net.ce, optax.adam(lr), net.init(seed), _stream(x1, y1, bs, seed),
-                config.base_steps, seed,
-            ).params  # fmt: skip
-            rng = np.random.default_rng(seed)
-            buf = rng.choice(len(x1), min(config.buffer_size, len(x1)), replace=False)
-            task1[seed] = (p1, x1[buf], y1[buf])  # numpy: batch entries are host arrays
-        return task1[seed]
+    def setup(seeds):  # task-1 networks and buffers, shared by the arms of these seeds
+        if tuple(seeds) not in memo:
+            p1 = net.fit_adam(
+                config, net.init(x1, seeds), _batches(x1, y1, bs, seeds), config.base_steps, seeds
+            ).params
+            n = min(config.buffer_size, len(x1))
+            buf = np.stack(
+                [np.random.default_rng(s).choice(len(x1), n, replace=False) for s in seeds]
+            )
+            memo[tuple(seeds)] = (p1, x1[buf], y1[buf])
+        return memo[tuple(seeds)]
 
-    def evaluate(params, p1, buf_x):
-        return {
-            "task1_accuracy": net.accuracy(params, ds.x_test[old_te], ds.y_test[old_te]),
-            "task2_accuracy": net.accuracy(params, ds.x_test[~old_te], ds.y_test[~old_te]),
-            "all_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
-            "buffer_distance": float(ip.output_distance(net.f(params, buf_x), net.f(p1, buf_x))),
-        }
+    def evaluate(params, p1, buf_x) -> list[dict]:
+        correct = net.correct(params, ds.x_test, ds.y_test)
+        dist = jax.vmap(ip.output_distance)(logits(params, buf_x), logits(p1, buf_x))
+        moved = _distance(params, p1)
+        return [
+            {
+                "task1_accuracy": float(c[old_te].mean()),
+                "task2_accuracy": float(c[~old_te].mean()),
+                "all_accuracy": float(c.mean()),
+                "all_correct": common.pack_correct(c),
+                "buffer_distance": float(d),
+                "distance_moved": float(m),
+            }
+            for c, d, m in zip(correct, dist, moved, strict=True)
+        ]
 
     def replay_loss(params, model_state, batch, key):
         new, (_, metrics) = net.ce(params, model_state, batch, key)
@@ -223,39 +264,43 @@ def continual_arms(config, ds, net: _Net) -> dict:
         return new + old, (model_state, metrics)
 
     def penalty_loss(params, model_state, batch, key):
-        # ip.penalty_loss with the anchor logits carried in the batch (one compile, all seeds)
+        # ip.penalty_loss with each seed's anchor logits carried in its batch
         new, (_, metrics) = net.ce(params, model_state, batch, key)
         dist = ip.output_distance(net.f(params, batch["buf_x"]), batch["anchor_logits"])
         return new + config.penalty_weight * dist, (model_state, metrics)
 
+    def ewc_loss(params, model_state, batch, key):  # each seed's w0 and Fisher in its batch
+        loss = ip.ewc_loss(net.ce, batch["w0"], batch["fisher"], weight=config.ewc_weight)
+        return loss(params, model_state, batch, key)
+
     def arm(kind):
-        def fn(seed):
-            p1, buf_x, buf_y = setup(seed)
-            stream = _stream(x2, y2, bs, seed + 1)
-            tx_args, loss, tx = None, net.ce, optax.adam(lr)
-            if kind in ("fip", "fip_jacobian"):
+        def fn(seeds):
+            p1, buf_x, buf_y = setup(seeds)
+            loss, tx, per_seed, batch_args = net.ce, optax.adam(config.lr), {}, None
+            if kind in ("fip", "fip_jacobian"):  # equal step lengths: every step moves fip_lr
                 metric = "fisher" if kind == "fip" else "jacobian"
-                tx, tx_args = _fip_tx(config, net.f, config.fip_lr, metric), {"anchors": buf_x}
+                tx = _fip_tx(config, net.f, config.fip_lr, metric, unit_steps=True)
+                per_seed, batch_args = {"buf_x": buf_x}, {"anchors": "buf_x"}
             elif kind == "replay":
-                loss, stream = replay_loss, _stream(x2, y2, bs, seed + 1, buf_x=buf_x, buf_y=buf_y)
+                loss, per_seed = replay_loss, {"buf_x": buf_x, "buf_y": buf_y}
             elif kind == "penalty":
-                target = np.asarray(net.logits(p1, buf_x))
-                stream = _stream(x2, y2, bs, seed + 1, buf_x=buf_x, anchor_logits=target)
-                loss = penalty_loss
+                loss, per_seed = penalty_loss, {"buf_x": buf_x, "anchor_logits": logits(p1, buf_x)}
             elif kind == "ewc":
-                fisher = ip.diagonal_fisher(net.f, p1, jnp.asarray(x1))
-                loss = ip.ewc_loss(net.ce, p1, fisher, weight=config.ewc_weight)
-            name = f"ewc{seed}" if kind == "ewc" else kind  # EWC closes over w0: per seed
-            state = net.train(name, loss, tx, p1, stream, config.task2_steps, seed + 2, tx_args)
+                fisher = jax.vmap(lambda p: ip.diagonal_fisher(net.f, p, jnp.asarray(x1)))(p1)
+                loss, per_seed = ewc_loss, {"w0": p1, "fisher": fisher}
+            batches = _batches(x2, y2, bs, [s + 1 for s in seeds], **per_seed)
+            step = _step(loss, tx, config.mode, batch_args)
+            state = _train(config, step, tx, p1, batches, config.task2_steps, seeds)
             out = evaluate(state.params, p1, buf_x)
             if kind.startswith("fip"):
-                out.update(_solve_stats(state))
+                for o, stats in zip(out, _solve_stats(state), strict=True):
+                    o.update(stats)
             return out
 
         return fn
 
-    def after_task1(seed):
-        p1, buf_x, _ = setup(seed)
+    def after_task1(seeds):
+        p1, buf_x, _ = setup(seeds)
         return evaluate(p1, p1, buf_x)
 
     return {"after_task1": after_task1, **{k: arm(k) for k in config.continual_arms}}
@@ -264,75 +309,77 @@ def continual_arms(config, ds, net: _Net) -> dict:
 # ----------------------------------------------------------------------------- (b) sparsity
 
 
-def sparsity_arms(config, ds, net: _Net) -> dict:
-    """Arm name -> ``fn(seed) -> metrics`` for the sparsity part (``<kind>@<level>``)."""
-    bs, lr = config.batch_size, config.lr
-    finetune_tx = optax.chain(optax.adam(lr), ws.pruning.keep_masked())
-    dense_params = net.dense
+def _level_loss(params, model_state, batch, key):
+    # The level is data (one compile for all levels), one copy per example so that the
+    # batch can be split over devices.
+    return ip.sparsity_loss(batch["sparsity"][0])(params, model_state, batch, key)
 
-    def finetune(params, masks, seed, steps):
-        if steps == 0:
-            return params
-        stream = _stream(ds.x_train, ds.y_train, bs, seed + 20)
-        state = net.train(
-            "finetune", net.ce, finetune_tx, params, stream, steps, seed, {"masks": masks}
-        )
-        return state.params
 
-    def prune(params, level):
-        masks = ws.pruning.magnitude_masks(params, level)
-        return ws.pruning.apply_masks(params, masks), masks
+def sparsity_arms(config, ds, net: _Network, dense) -> dict:
+    """Arm name -> ``fn(seeds) -> [metrics per seed]`` (``<kind>@<level>``)."""
+    finetune_tx = optax.chain(optax.adam(config.lr), ws.pruning.keep_masked())
+    finetune_step = _step(net.ce, finetune_tx, config.mode, {"masks": "masks"})
+    path_tx = _fip_tx(config, net.f, config.path_lr, "fisher")
+    path_step = _step(_level_loss, path_tx, config.mode, {"anchors": "x"})
 
-    def level_loss(params, model_state, batch, key):
-        # The level is data (one compile for all levels), one copy per example so that the
-        # batch can be split over devices.
-        return ip.sparsity_loss(batch["sparsity"][0])(params, model_state, batch, key)
+    def finetune(params, masks, seeds, steps):
+        batches = _batches(ds.x_train, ds.y_train, config.batch_size, [s + 20 for s in seeds],
+                           masks=masks)  # fmt: skip
+        return _train(config, finetune_step, finetune_tx, params, batches, steps, seeds).params
 
-    def acc(params):
-        return net.accuracy(params, ds.x_test, ds.y_test)
+    def correct(params):
+        return net.correct(params, ds.x_test, ds.y_test)
+
+    def pruned(params, level, seeds, ft_steps) -> tuple[list[dict], list[np.ndarray]]:
+        """Magnitude-pruned ``params`` and their fine-tuning: per-seed metrics, and the
+        correctness after the last of ``ft_steps``."""
+        masks = jax.vmap(lambda p: ws.pruning.magnitude_masks(p, level))(params)
+        params = ws.pruning.apply_masks(params, masks)
+        c = correct(params)
+        out = [
+            {"dense_accuracy": float(d.mean()), "pruned_accuracy": float(p.mean()),
+             "pruned_correct": common.pack_correct(p),
+             "sparsity": ws.pruning.sparsity(ws.training.seed_slice(masks, i))["overall"]}
+            for i, (d, p) in enumerate(zip(correct(dense(seeds)), c, strict=True))
+        ]  # fmt: skip
+        finetuned = [correct(finetune(params, masks, seeds, n)) for n in ft_steps]
+        return out, finetuned
 
     def oneshot(level):
-        def fn(seed):
-            p0 = dense_params(seed)
-            pruned, masks = prune(p0, level)
+        def fn(seeds):
             matched = config.path_steps + config.ft_steps
-            out = {
-                "dense_accuracy": acc(p0),
-                "sparsity": ws.pruning.sparsity(masks)["overall"],
-                "pruned_accuracy": acc(pruned),
-                "ft_accuracy": acc(finetune(pruned, masks, seed, config.ft_steps)),
-                "ft_matched_accuracy": acc(finetune(pruned, masks, seed, matched)),
-            }
-            out["equal_budget_accuracy"] = out["ft_matched_accuracy"]
+            out, (ft, ft_matched) = pruned(dense(seeds), level, seeds, [config.ft_steps, matched])
+            for o, a, b in zip(out, ft, ft_matched, strict=True):
+                o.update(ft_accuracy=float(a.mean()), ft_matched_accuracy=float(b.mean()),
+                         equal_budget_accuracy=float(b.mean()),
+                         equal_budget_correct=common.pack_correct(b))  # fmt: skip
             return out
 
         return fn
 
     def path(level):
-        def fn(seed):
-            p0 = dense_params(seed)
-            stream = (
-                {"x": b["x"], "sparsity": np.full(len(b["x"]), level, np.float32)}
-                for b in _stream(ds.x_train, ds.y_train, config.anchor_batch, seed + 10)
-            )
-            tx = _fip_tx(config, net.f, config.path_lr, "fisher")
-            state = net.train(
-                "path", level_loss, tx, p0, stream, config.path_steps, seed,
-                lambda b: {"anchors": b["x"]},
+        def fn(seeds):
+            p0 = dense(seeds)
+            batches = (
+                {"x": b["x"], "sparsity": np.full(b["y"].shape, level, np.float32)}
+                for b in _batches(ds.x_train, ds.y_train, config.anchor_batch,
+                                  [s + 10 for s in seeds])
             )  # fmt: skip
-            moved = state.params
-            pruned, masks = prune(moved, level)
-            out = {
-                "dense_accuracy": acc(p0),
-                "sparsity": ws.pruning.sparsity(masks)["overall"],
-                "unpruned_accuracy": acc(moved),
-                "distance_before": float(ip.projection_distance(p0, level)),
-                "distance_after": float(ip.projection_distance(moved, level)),
-                "pruned_accuracy": acc(pruned),
-                "ft_accuracy": acc(finetune(pruned, masks, seed, config.ft_steps)),
-                **_solve_stats(state),
-            }
-            out["equal_budget_accuracy"] = out["ft_accuracy"]  # path_steps + ft_steps steps
+            state = _train(config, path_step, path_tx, p0, batches, config.path_steps, seeds)
+            out, (ft,) = pruned(state.params, level, seeds, [config.ft_steps])
+            unpruned = correct(state.params)
+            projection = jax.vmap(lambda p: ip.projection_distance(p, level))
+            before, after = projection(p0), projection(state.params)
+            for i, o in enumerate(out):
+                o.update(
+                    unpruned_accuracy=float(unpruned[i].mean()),
+                    distance_before=float(before[i]),
+                    distance_after=float(after[i]),
+                    ft_accuracy=float(ft[i].mean()),
+                    equal_budget_accuracy=float(ft[i].mean()),  # path_steps + ft_steps steps
+                    equal_budget_correct=common.pack_correct(ft[i]),
+                    **_solve_stats(state)[i],
+                )
             return out
 
         return fn
@@ -347,25 +394,32 @@ def sparsity_arms(config, ds, net: _Net) -> dict:
 # ----------------------------------------------------------------------------- (c) robustness
 
 
-def robustness_arms(config, ds, net: _Net) -> dict:
-    """Arm name -> ``fn(seed) -> metrics``: the dense network moved towards PGD robustness."""
+def robustness_arms(config, ds, net: _Network, dense) -> dict:
+    """Arm name -> ``fn(seeds) -> [metrics per seed]``: the dense network moved towards PGD
+    robustness."""
     adv = ip.adversarial_loss(net.ce, eps=config.eps, method="pgd", steps=config.attack_steps)
+    x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    logits = jax.jit(jax.vmap(net.f))
 
     @jax.jit
-    def attack(params, x, y, key):
+    @jax.vmap
+    def attack(params, key):
         def loss_of_x(z):
             return optax.softmax_cross_entropy_with_integer_labels(net.f(params, z), y).mean()
 
         return ip.pgd(loss_of_x, x, key, eps=config.eps, steps=config.eval_attack_steps)
 
-    def evaluate(params, p0, seed):
-        x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
-        x_adv = attack(params, x, y, jax.random.PRNGKey(seed + 99))
-        return {
-            "clean_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
-            "robust_accuracy": net.accuracy(params, x_adv, ds.y_test),
-            "output_distance": float(ip.output_distance(net.f(params, x), net.f(p0, x))),
-        }
+    def evaluate(params, p0, seeds) -> list[dict]:
+        x_adv = attack(params, jnp.stack([jax.random.PRNGKey(s + 99) for s in seeds]))
+        robust = np.asarray(jnp.argmax(logits(params, x_adv), -1) == y)
+        clean = net.correct(params, ds.x_test, ds.y_test)
+        dist = jax.vmap(lambda p, q: ip.output_distance(net.f(p, x), net.f(q, x)))(params, p0)
+        return [
+            {"clean_accuracy": float(c.mean()), "robust_accuracy": float(r.mean()),
+             "clean_correct": common.pack_correct(c), "robust_correct": common.pack_correct(r),
+             "output_distance": float(d)}
+            for c, r, d in zip(clean, robust, dist, strict=True)
+        ]  # fmt: skip
 
     def penalty_loss(params, model_state, batch, key):
         value, (_, metrics) = adv(params, model_state, batch, key)
@@ -373,25 +427,24 @@ def robustness_arms(config, ds, net: _Net) -> dict:
         return value + config.robust_penalty_weight * dist, (model_state, metrics)
 
     def arm(kind):
-        def fn(seed):
-            p0 = net.dense(seed)
+        def fn(seeds):
+            p0 = dense(seeds)
             if kind == "base":
-                return evaluate(p0, p0, seed)
-            stream = _stream(ds.x_train, ds.y_train, config.batch_size, seed + 30)
-            tx, loss, tx_args = optax.adam(config.lr), adv, None
+                return evaluate(p0, p0, seeds)
+            batches = _batches(ds.x_train, ds.y_train, config.batch_size, [s + 30 for s in seeds])
+            tx, loss, batch_args = optax.adam(config.lr), adv, None
             if kind == "fip":
                 tx = _fip_tx(config, net.f, config.robust_path_lr, "fisher")
-                tx_args = lambda b: {"anchors": b["x"]}  # noqa: E731
+                batch_args = {"anchors": "x"}
             elif kind == "penalty":
                 loss = penalty_loss
-                stream = (
-                    {**b, "anchor_logits": np.asarray(net.logits(p0, b["x"]))} for b in stream
-                )
-            name = f"robust_{kind}"
-            state = net.train(name, loss, tx, p0, stream, config.robust_steps, seed + 3, tx_args)
-            out = evaluate(state.params, p0, seed)
+                batches = ({**b, "anchor_logits": np.asarray(logits(p0, b["x"]))} for b in batches)
+            step = _step(loss, tx, config.mode, batch_args)
+            state = _train(config, step, tx, p0, batches, config.robust_steps, seeds)
+            out = evaluate(state.params, p0, seeds)
             if kind == "fip":
-                out.update(_solve_stats(state))
+                for o, stats in zip(out, _solve_stats(state), strict=True):
+                    o.update(stats)
             return out
 
         return fn
@@ -407,16 +460,16 @@ def run(config, workdir: str) -> dict:
     validate(config)
     common.start(config, workdir)
     ds = common.load_dataset(config)
-    net = _Net(config, ds)
+    model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
+    net = _Network(model, lambda p, x: model.apply({"params": p}, x),
+               ws.training.classification_loss(model.apply))  # fmt: skip
+    dense = _dense_networks(config, ds, net)
     claims, tables, figures, notes = [], {}, [], []
     if "continual" in config.parts:
-        per_arm = common.run_arms(
-            workdir,
-            config,
-            {a: common.per_seed(fn) for a, fn in continual_arms(config, ds, net).items()},
-        )
+        per_arm = common.run_arms(workdir, config, continual_arms(config, ds, net))
         claims += _continual_claims(config, per_arm)
-        metrics = ["task1_accuracy", "task2_accuracy", "all_accuracy", "buffer_distance"]
+        metrics = ["task1_accuracy", "task2_accuracy", "all_accuracy", "buffer_distance",
+                   "distance_moved"]  # fmt: skip
         tables["Continual: test accuracy by arm"] = common.summarize(per_arm, metrics)
         fip = {k: v for k, v in per_arm.items() if k.startswith("fip")}
         if fip:
@@ -424,13 +477,14 @@ def run(config, workdir: str) -> dict:
                 fip, ["final_residual", "unconverged_steps"]
             )
             notes.append(_unconverged_note(config, fip, config.task2_steps))
+            notes.append(
+                f"fip and fip_jacobian: every step moves exactly fip_lr={config.fip_lr:g} (the "
+                "solved direction rescaled to norm 1), so the metric claim compares equal step "
+                "lengths; distance_moved is the distance from the task-1 weights."
+            )
         figures.append(_plot_continual(per_arm, workdir, config))
     if "sparsity" in config.parts:
-        per_arm = common.run_arms(
-            workdir,
-            config,
-            {a: common.per_seed(fn) for a, fn in sparsity_arms(config, ds, net).items()},
-        )
+        per_arm = common.run_arms(workdir, config, sparsity_arms(config, ds, net, dense))
         claims += _sparsity_claims(config, per_arm)
         tables["Sparsity: test accuracy by arm"] = common.summarize(
             per_arm, ["pruned_accuracy", "ft_accuracy", "equal_budget_accuracy"]
@@ -439,11 +493,7 @@ def run(config, workdir: str) -> dict:
         notes.append(_unconverged_note(config, path, config.path_steps))
         figures.append(_plot_sparsity(per_arm, workdir, config))
     if "robustness" in config.parts:
-        per_arm = common.run_arms(
-            workdir,
-            config,
-            {a: common.per_seed(fn) for a, fn in robustness_arms(config, ds, net).items()},
-        )
+        per_arm = common.run_arms(workdir, config, robustness_arms(config, ds, net, dense))
         claims += [
             common.compare(
                 "Moving along the FIP towards PGD robustness raises robust accuracy",
@@ -461,7 +511,7 @@ def run(config, workdir: str) -> dict:
                                        config.robust_steps))  # fmt: skip
     notes += [
         "fip = the paper's metric step with the softmax-Fisher metric (the official code's "
-        "Bhattacharyya distance, whose Hessian is Fisher/8); fip_jacobian = Euclidean J^T J on "
+        "Bhattacharyya distance, whose Hessian is Fisher/4); fip_jacobian = Euclidean J^T J on "
         "the logits; penalty = what the official code runs (CE + Bhattacharyya distillation "
         "on the buffer, summed as there).",
         f"{config.dataset}, MLP {tuple(config.hidden)}; continual: {config.task2_steps} task-2 "
@@ -489,7 +539,11 @@ def _continual_claims(config, per_arm) -> list[dict]:
         ("fip", "replay", "FIP (metric step) beats replay of the same buffer"),
         ("penalty", "naive", "The official FIP code's penalty form beats naive fine-tuning"),
         ("penalty", "replay", "The official FIP code's penalty form beats replay"),
-        ("fip", "fip_jacobian", "The Fisher (Bhattacharyya) metric beats the Euclidean one"),
+        (
+            "fip",
+            "fip_jacobian",
+            "The Fisher (Bhattacharyya) metric beats the Euclidean one at equal step length",
+        ),  # fmt: skip
     ]
     for arm, base, text in pairs:
         if arm in per_arm and base in per_arm:

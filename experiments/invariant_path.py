@@ -5,8 +5,8 @@ r"""Functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334) at small
       --workdir=/tmp/fip_quick
   python -m experiments.invariant_path --config.dataset=mnist1d --config.parts=continual
 
-Two parts, each seed with its own initialisation, data order and buffer (MLP, inputs
-standardised, ``config.dataset``):
+Each arm trains all seeds as one program (a seed axis), each seed with its own
+initialisation, data order and buffer (MLP, inputs standardised, ``config.dataset``):
 
 (a) ``continual``: class-incremental learning, the first half of the classes then
     the second half, one head over all classes. After task 1 (Adam) every arm trains
@@ -45,6 +45,7 @@ adversarial fine-tuning.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import jax
@@ -83,16 +84,12 @@ def validate(config) -> None:
     ):  # fmt: skip
         if not 0 <= config[field] < float("inf"):
             raise ValueError(f"config.{field}={config[field]}; must be finite and >= 0")
-    if config.mode == "pmap":
-        raise ValueError("config.mode='pmap': seeds are an axis here; use 'jit' or 'sharded'")
-    if config.mode != "jit":  # batch entries (buffers included) are split over the devices
-        n = jax.device_count()
-        for field in ("batch_size", "buffer_size", "anchor_batch"):
-            if config[field] % n:
-                raise ValueError(
-                    f"config.{field}={config[field]} must be a multiple of the {n} devices "
-                    f"in mode={config.mode!r}"
-                )
+    n = jax.device_count()  # sharded: the seeds (with their buffers, masks) split over devices
+    if config.mode == "pmap" or (config.mode == "sharded" and config.num_seeds % n):
+        raise ValueError(
+            f"config.mode={config.mode!r} with num_seeds={config.num_seeds}: seeds are an axis "
+            f"here; use 'jit', or 'sharded' with num_seeds a multiple of the {n} devices"
+        )
     if not config.hidden or min(config.hidden) < 1:
         raise ValueError(f"config.hidden={config.hidden}; give positive layer widths")
     for s in config.sparsities:
@@ -138,17 +135,28 @@ def _step(loss, tx, mode, batch_args=None):
     return ws.training.compile_step(body, mode, seed_axis=True)
 
 
-def _train(config, step, tx, params, batches, steps, seeds):
-    """``steps`` steps from ``params`` (a seed axis) with a fresh ``tx`` state; the final state."""
+def _train(config, step, tx, params, batches, steps, seeds, *, one_seed_at_a_time=False):
+    """``steps`` steps from ``params`` (a seed axis) with a fresh ``tx`` state; the final state.
+
+    ``one_seed_at_a_time``: a loop over the seeds (each a seed axis of one, the same compiled
+    step) instead of the axis, for steps with the FIP metric solve: CG
+    (`jax.scipy.sparse.linalg.cg`) vmapped over 9 or more copies of one task-1 network's
+    system returned NaN where 1-8 copies and the single solve converge (XLA:CPU, measured).
+    """
     state = ws.training.TrainState(
-        step=jnp.zeros(len(seeds), jnp.int32),
-        params=params,
-        model_state={},
-        opt_state=jax.vmap(tx.init)(params),
-        key=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
-    )
+        step=jnp.zeros(len(seeds), jnp.int32), params=params, model_state={},
+        opt_state=jax.vmap(tx.init)(params), key=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
+    )  # fmt: skip
     if steps == 0:
         return state
+    if one_seed_at_a_time:
+        batches = list(itertools.islice(batches, steps))
+        one = lambda tree, i: jax.tree.map(lambda a: a[i : i + 1], tree)  # noqa: E731
+        states = [
+            _train(config, step, tx, one(params, i), [one(b, i) for b in batches], steps, [s])
+            for i, s in enumerate(seeds)
+        ]
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *states)
     state, _ = ws.training.fit(
         state, step, batches, num_steps=steps, eval_fn=lambda s: {}, eval_every=steps,
         seed=seeds, mode=config.mode, progress=False,
@@ -168,12 +176,12 @@ def _fip_tx(config, f, lr, metric, *, unit_steps=False):
     return optax.chain(pre, *unit, optax.scale_by_learning_rate(lr))
 
 
-def _solve_stats(state) -> list[dict]:
+def _add_solve_stats(out: list[dict], state) -> list[dict]:
+    """Each seed's result with its FIP solve's last residual and unconverged-step count."""
     pre = state.opt_state[0]
-    return [
-        {"final_residual": float(r), "unconverged_steps": int(n)}
-        for r, n in zip(pre.residual, pre.num_unconverged, strict=True)
-    ]
+    for o, r, n in zip(out, pre.residual, pre.num_unconverged, strict=True):
+        o.update(final_residual=float(r), unconverged_steps=int(n))
+    return out
 
 
 def _distance(a, b) -> np.ndarray:
@@ -183,15 +191,11 @@ def _distance(a, b) -> np.ndarray:
 
 
 class _Network(NamedTuple):
-    """The MLP with its ``(params, x) -> logits`` closure and training loss (built once)."""
+    """The MLP, its ``(params, x) -> logits`` closure and its training loss."""
 
     model: Any
     f: Any
     ce: Any
-
-    def init(self, x, seeds):
-        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-        return jax.vmap(lambda k: self.model.init(k, x[:1])["params"])(keys)
 
     def correct(self, params, x, y) -> np.ndarray:
         """``[S, N]``: whether each seed's network gets each example right."""
@@ -199,23 +203,22 @@ class _Network(NamedTuple):
             self.model.apply, {"params": params}, x, y, seed_axis=True
         )
 
-    def fit_adam(self, config, params, batches, steps, seeds):
-        tx = optax.adam(config.lr)
-        return _train(config, _step(self.ce, tx, config.mode), tx, params, batches, steps, seeds)
 
-
-def _dense_networks(config, ds, net):
-    """``seeds -> params``: networks trained on all classes for ``base_steps`` (memoised)."""
+def _pretrained(config, net, x, y):
+    """``seeds -> params``: each seed's network trained from its own initialisation on
+    ``(x, y)`` for ``base_steps`` (Adam); memoised, as every arm of a part starts there."""
     memo = {}
 
-    def dense(seeds):
+    def params(seeds):
         if tuple(seeds) not in memo:
-            batches = _batches(ds.x_train, ds.y_train, config.batch_size, seeds)
-            params = net.init(ds.x_train, seeds)
-            memo[tuple(seeds)] = net.fit_adam(config, params, batches, config.base_steps, seeds)
+            keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+            init = jax.vmap(lambda k: net.model.init(k, x[:1])["params"])(keys)
+            tx, batches = optax.adam(config.lr), _batches(x, y, config.batch_size, seeds)
+            step = _step(net.ce, tx, config.mode)
+            memo[tuple(seeds)] = _train(config, step, tx, init, batches, config.base_steps, seeds)
         return memo[tuple(seeds)].params
 
-    return dense
+    return params
 
 
 # ----------------------------------------------------------------------------- (a) continual
@@ -227,36 +230,24 @@ def continual_arms(config, ds, net: _Network) -> dict:
     old_tr, old_te = ds.y_train < half, ds.y_test < half
     x1, y1 = ds.x_train[old_tr], ds.y_train[old_tr]
     x2, y2 = ds.x_train[~old_tr], ds.y_train[~old_tr]
-    bs, memo = config.batch_size, {}
+    task1 = _pretrained(config, net, x1, y1)
     logits = jax.jit(jax.vmap(net.f))  # per seed: params and inputs
 
-    def setup(seeds):  # task-1 networks and buffers, shared by the arms of these seeds
-        if tuple(seeds) not in memo:
-            p1 = net.fit_adam(
-                config, net.init(x1, seeds), _batches(x1, y1, bs, seeds), config.base_steps, seeds
-            ).params
-            n = min(config.buffer_size, len(x1))
-            buf = np.stack(
-                [np.random.default_rng(s).choice(len(x1), n, replace=False) for s in seeds]
-            )
-            memo[tuple(seeds)] = (p1, x1[buf], y1[buf])
-        return memo[tuple(seeds)]
+    def setup(seeds):  # task-1 networks and each seed's buffer, shared by the arms
+        n = min(config.buffer_size, len(x1))
+        buf = np.stack([np.random.default_rng(s).choice(len(x1), n, replace=False) for s in seeds])
+        return task1(seeds), x1[buf], y1[buf]
 
     def evaluate(params, p1, buf_x) -> list[dict]:
         correct = net.correct(params, ds.x_test, ds.y_test)
         dist = jax.vmap(ip.output_distance)(logits(params, buf_x), logits(p1, buf_x))
         moved = _distance(params, p1)
         return [
-            {
-                "task1_accuracy": float(c[old_te].mean()),
-                "task2_accuracy": float(c[~old_te].mean()),
-                "all_accuracy": float(c.mean()),
-                "all_correct": common.pack_correct(c),
-                "buffer_distance": float(d),
-                "distance_moved": float(m),
-            }
+            {"task1_accuracy": float(c[old_te].mean()), "task2_accuracy": float(c[~old_te].mean()),
+             "all_accuracy": float(c.mean()), "all_correct": common.pack_correct(c),
+             "buffer_distance": float(d), "distance_moved": float(m)}
             for c, d, m in zip(correct, dist, moved, strict=True)
-        ]
+        ]  # fmt: skip
 
     def replay_loss(params, model_state, batch, key):
         new, (_, metrics) = net.ce(params, model_state, batch, key)
@@ -288,14 +279,12 @@ def continual_arms(config, ds, net: _Network) -> dict:
             elif kind == "ewc":
                 fisher = jax.vmap(lambda p: ip.diagonal_fisher(net.f, p, jnp.asarray(x1)))(p1)
                 loss, per_seed = ewc_loss, {"w0": p1, "fisher": fisher}
-            batches = _batches(x2, y2, bs, [s + 1 for s in seeds], **per_seed)
+            batches = _batches(x2, y2, config.batch_size, [s + 1 for s in seeds], **per_seed)
             step = _step(loss, tx, config.mode, batch_args)
-            state = _train(config, step, tx, p1, batches, config.task2_steps, seeds)
+            state = _train(config, step, tx, p1, batches, config.task2_steps, seeds,
+                           one_seed_at_a_time=kind.startswith("fip"))  # fmt: skip
             out = evaluate(state.params, p1, buf_x)
-            if kind.startswith("fip"):
-                for o, stats in zip(out, _solve_stats(state), strict=True):
-                    o.update(stats)
-            return out
+            return _add_solve_stats(out, state) if kind.startswith("fip") else out
 
         return fn
 
@@ -365,22 +354,18 @@ def sparsity_arms(config, ds, net: _Network, dense) -> dict:
                 for b in _batches(ds.x_train, ds.y_train, config.anchor_batch,
                                   [s + 10 for s in seeds])
             )  # fmt: skip
-            state = _train(config, path_step, path_tx, p0, batches, config.path_steps, seeds)
+            state = _train(config, path_step, path_tx, p0, batches, config.path_steps, seeds,
+                           one_seed_at_a_time=True)  # fmt: skip
             out, (ft,) = pruned(state.params, level, seeds, [config.ft_steps])
             unpruned = correct(state.params)
             projection = jax.vmap(lambda p: ip.projection_distance(p, level))
             before, after = projection(p0), projection(state.params)
-            for i, o in enumerate(out):
-                o.update(
-                    unpruned_accuracy=float(unpruned[i].mean()),
-                    distance_before=float(before[i]),
-                    distance_after=float(after[i]),
-                    ft_accuracy=float(ft[i].mean()),
-                    equal_budget_accuracy=float(ft[i].mean()),  # path_steps + ft_steps steps
-                    equal_budget_correct=common.pack_correct(ft[i]),
-                    **_solve_stats(state)[i],
-                )
-            return out
+            for o, u, b, a, c in zip(out, unpruned, before, after, ft, strict=True):
+                o.update(unpruned_accuracy=float(u.mean()), distance_before=float(b),
+                         distance_after=float(a), ft_accuracy=float(c.mean()),
+                         equal_budget_accuracy=float(c.mean()),  # path_steps + ft_steps steps
+                         equal_budget_correct=common.pack_correct(c))  # fmt: skip
+            return _add_solve_stats(out, state)
 
         return fn
 
@@ -440,12 +425,10 @@ def robustness_arms(config, ds, net: _Network, dense) -> dict:
                 loss = penalty_loss
                 batches = ({**b, "anchor_logits": np.asarray(logits(p0, b["x"]))} for b in batches)
             step = _step(loss, tx, config.mode, batch_args)
-            state = _train(config, step, tx, p0, batches, config.robust_steps, seeds)
+            state = _train(config, step, tx, p0, batches, config.robust_steps, seeds,
+                           one_seed_at_a_time=kind == "fip")  # fmt: skip
             out = evaluate(state.params, p0, seeds)
-            if kind == "fip":
-                for o, stats in zip(out, _solve_stats(state), strict=True):
-                    o.update(stats)
-            return out
+            return _add_solve_stats(out, state) if kind == "fip" else out
 
         return fn
 
@@ -463,7 +446,7 @@ def run(config, workdir: str) -> dict:
     model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
     net = _Network(model, lambda p, x: model.apply({"params": p}, x),
                ws.training.classification_loss(model.apply))  # fmt: skip
-    dense = _dense_networks(config, ds, net)
+    dense = _pretrained(config, net, ds.x_train, ds.y_train)
     claims, tables, figures, notes = [], {}, [], []
     if "continual" in config.parts:
         per_arm = common.run_arms(workdir, config, continual_arms(config, ds, net))
@@ -543,15 +526,12 @@ def _continual_claims(config, per_arm) -> list[dict]:
             "fip",
             "fip_jacobian",
             "The Fisher (Bhattacharyya) metric beats the Euclidean one at equal step length",
-        ),  # fmt: skip
+        ),
     ]
     for arm, base, text in pairs:
         if arm in per_arm and base in per_arm:
-            claims.append(
-                common.compare(
-                    f"{text} (all-class test accuracy)", "all_accuracy", arm, base, per_arm
-                )  # fmt: skip
-            )
+            text = f"{text} (all-class test accuracy)"
+            claims.append(common.compare(text, "all_accuracy", arm, base, per_arm))
     return claims
 
 

@@ -194,17 +194,10 @@ def train_seeds(config, ds, model, tx, spec, seeds):
         loss, tx, estimator=estimator, mode=config.mode, seed_axis=True
     )
     state, history = ws.training.fit(
-        ws.training.init_states(model, tx, ds.x_train[:1], seeds),
-        step,
-        ds,
-        apply_fn=model.apply,
-        num_steps=config.steps,
-        batch_size=config.batch_size,
-        seed=seeds,
-        mode=config.mode,
-        eval_every=config.eval_every,
-        progress=False,
-    )
+        ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
+        apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size, seed=seeds,
+        mode=config.mode, eval_every=config.eval_every, progress=False,
+    )  # fmt: skip
     return state.params, history
 
 
@@ -223,13 +216,8 @@ def fgsm(apply_fn, params, x, y, eps):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _correct(apply_fn, params, x, y):
-    """Per seed and example, whether seed ``i``'s network gets ``x[i]`` right: ``[S, N]``."""
+    """``[S, N]``: whether seed ``i``'s network gets each of its own inputs ``x[i]`` right."""
     return jax.vmap(lambda p, xs: jnp.argmax(apply_fn({"params": p}, xs), -1) == y)(params, x)
-
-
-def _attack_correct(apply_fn, params, adversarial, y) -> dict:
-    """eps -> ``[S, N]`` correctness on each seed's adversarial inputs."""
-    return {e: np.asarray(_correct(apply_fn, params, adv, y)) for e, adv in adversarial.items()}
 
 
 def arm_fns(config, ds, model) -> dict:
@@ -244,38 +232,33 @@ def arm_fns(config, ds, model) -> dict:
         if tuple(seeds) not in sources:
             offset = [s + config.source_seed_offset for s in seeds]
             params, _ = train_seeds(config, ds, model, tx, specs["backprop"], offset)
-            sources[tuple(seeds)] = {e: fgsm(model.apply, params, x, y, e) for e in eps}
+            sources[tuple(seeds)] = {f"{e:g}": fgsm(model.apply, params, x, y, e) for e in eps}
         return sources[tuple(seeds)]
 
     def arm_fn(spec):
         def fn(seeds):
             params, history = train_seeds(config, ds, model, tx, spec, seeds)
-            white = {e: fgsm(model.apply, params, x, y, e) for e in eps}
-            white = _attack_correct(model.apply, params, white, y)
-            transfer = _attack_correct(model.apply, params, transfer_inputs(seeds), y)
+            white = {f"{e:g}": fgsm(model.apply, params, x, y, e) for e in eps}
+            attacks = jax.tree.map(  # kind -> eps -> [S, N]: correct on each seed's inputs
+                lambda a: np.asarray(_correct(model.apply, params, a, y)),
+                {"whitebox": white, "transfer": transfer_inputs(seeds)},
+            )
             clean = ws.training.correct_predictions(
                 model.apply, {"params": params}, ds.x_test, ds.y_test, seed_axis=True
             )
-            last = history[-1]
+            last, seed_of = history[-1], lambda tree, i: jax.tree.map(lambda c: c[i], tree)
             return [
                 {
-                    "test_accuracy": float(last["test_accuracy"][i]),
-                    "test_loss": float(last["test_loss"][i]),
-                    "train_accuracy": float(last["train_accuracy"][i]),
+                    **{k: last[k][i] for k in ("test_accuracy", "test_loss", "train_accuracy")},
                     "forward_evaluations": spec[2],
-                    "whitebox": {f"{e:g}": float(c[i].mean()) for e, c in white.items()},
-                    "transfer": {f"{e:g}": float(c[i].mean()) for e, c in transfer.items()},
+                    **jax.tree.map(lambda c: float(c.mean()), seed_of(attacks, i)),
                     "curve": [[r["step"], r["test_accuracy"][i]] for r in history],
                     "test_correct": common.pack_correct(clean[i]),
-                    "whitebox_correct": {
-                        f"{e:g}": common.pack_correct(c[i]) for e, c in white.items()
-                    },
-                    "transfer_correct": {
-                        f"{e:g}": common.pack_correct(c[i]) for e, c in transfer.items()
-                    },
+                    **{f"{k}_correct": v for k, v in
+                       jax.tree.map(common.pack_correct, seed_of(attacks, i)).items()},
                 }
                 for i in range(len(seeds))
-            ]
+            ]  # fmt: skip
 
         return fn
 

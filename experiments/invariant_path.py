@@ -84,7 +84,7 @@ def validate(config) -> None:
     ):  # fmt: skip
         if not 0 <= config[field] < float("inf"):
             raise ValueError(f"config.{field}={config[field]}; must be finite and >= 0")
-    n = jax.device_count()  # sharded: the seeds (with their buffers, masks) split over devices
+    n = jax.device_count()  # sharded: the seeds (with their buffers) split over devices
     if config.mode == "pmap" or (config.mode == "sharded" and config.num_seeds % n):
         raise ValueError(
             f"config.mode={config.mode!r} with num_seeds={config.num_seeds}: seeds are an axis "
@@ -115,51 +115,35 @@ def _batches(x, y, batch_size, seeds, **per_seed):
         yield {**jax.tree.map(lambda *a: np.stack(a), *batches), **per_seed}
 
 
-def _step(loss, tx, mode, batch_args=None):
-    """A seed-axis train step; ``batch_args`` maps ``tx.update`` extra arguments to batch
-    entries, for arguments that differ per seed (anchors, masks) and so cannot be
-    `make_train_step`'s ``tx_args`` (shared by all seeds)."""
-    if not batch_args:
-        return ws.training.make_train_step(loss, tx, mode=mode, seed_axis=True)
+def _train(config, loss, tx, params, batches, steps, seeds, *, opt_state=None, anchors=None):
+    """``steps`` steps of ``loss`` and ``tx`` from ``params`` (a seed axis); the final state.
 
-    def body(state, batch, tx_args, axis_name=None):
-        key, sub = jax.random.split(state.key)
-        grad_fn = jax.value_and_grad(loss, has_aux=True)
-        (value, (_, metrics)), grads = grad_fn(state.params, state.model_state, batch, sub)
-        extra = {arg: batch[entry] for arg, entry in batch_args.items()}
-        updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
-        params = optax.apply_updates(state.params, updates)
-        state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, key=key)
-        return state, {**metrics, "loss": value}
-
-    return ws.training.compile_step(body, mode, seed_axis=True)
-
-
-def _train(config, step, tx, params, batches, steps, seeds, *, one_seed_at_a_time=False):
-    """``steps`` steps from ``params`` (a seed axis) with a fresh ``tx`` state; the final state.
-
-    ``one_seed_at_a_time``: a loop over the seeds (each a seed axis of one, the same compiled
-    step) instead of the axis, for steps with the FIP metric solve: CG
+    ``opt_state``: each seed's optimizer state (default: a fresh ``tx`` state). ``anchors``:
+    the batch entry holding each seed's FIP anchors, passed as the step's ``tx_args``. Such
+    steps (the metric solve) run one seed at a time, a loop with one compiled step: CG
     (`jax.scipy.sparse.linalg.cg`) vmapped over 9 or more copies of one task-1 network's
     system returned NaN where 1-8 copies and the single solve converge (XLA:CPU, measured).
     """
     state = ws.training.TrainState(
         step=jnp.zeros(len(seeds), jnp.int32), params=params, model_state={},
-        opt_state=jax.vmap(tx.init)(params), key=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
+        opt_state=jax.vmap(tx.init)(params) if opt_state is None else opt_state,
+        key=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
     )  # fmt: skip
     if steps == 0:
         return state
-    if one_seed_at_a_time:
+    if anchors and len(seeds) > 1:
         batches = list(itertools.islice(batches, steps))
         one = lambda tree, i: jax.tree.map(lambda a: a[i : i + 1], tree)  # noqa: E731
         states = [
-            _train(config, step, tx, one(params, i), [one(b, i) for b in batches], steps, [s])
+            _train(config, loss, tx, one(params, i), [one(b, i) for b in batches], steps, [s],
+                   opt_state=one(state.opt_state, i), anchors=anchors)
             for i, s in enumerate(seeds)
-        ]
+        ]  # fmt: skip
         return jax.tree.map(lambda *a: jnp.concatenate(a), *states)
     state, _ = ws.training.fit(
-        state, step, batches, num_steps=steps, eval_fn=lambda s: {}, eval_every=steps,
-        seed=seeds, mode=config.mode, progress=False,
+        state, ws.training.make_train_step(loss, tx, mode=config.mode, seed_axis=True), batches,
+        num_steps=steps, eval_fn=lambda s: {}, eval_every=steps, seed=seeds, mode=config.mode,
+        tx_args=(lambda b: {"anchors": b[anchors][0]}) if anchors else None, progress=False,
     )  # fmt: skip
     return state
 
@@ -207,15 +191,14 @@ class _Network(NamedTuple):
 def _pretrained(config, net, x, y):
     """``seeds -> params``: each seed's network trained from its own initialisation on
     ``(x, y)`` for ``base_steps`` (Adam); memoised, as every arm of a part starts there."""
-    memo = {}
+    memo, adam = {}, optax.adam(config.lr)
 
     def params(seeds):
         if tuple(seeds) not in memo:
             keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
             init = jax.vmap(lambda k: net.model.init(k, x[:1])["params"])(keys)
-            tx, batches = optax.adam(config.lr), _batches(x, y, config.batch_size, seeds)
-            step = _step(net.ce, tx, config.mode)
-            memo[tuple(seeds)] = _train(config, step, tx, init, batches, config.base_steps, seeds)
+            batches, steps = _batches(x, y, config.batch_size, seeds), config.base_steps
+            memo[tuple(seeds)] = _train(config, net.ce, adam, init, batches, steps, seeds)
         return memo[tuple(seeds)].params
 
     return params
@@ -267,11 +250,11 @@ def continual_arms(config, ds, net: _Network) -> dict:
     def arm(kind):
         def fn(seeds):
             p1, buf_x, buf_y = setup(seeds)
-            loss, tx, per_seed, batch_args = net.ce, optax.adam(config.lr), {}, None
+            loss, tx, per_seed, anchors = net.ce, optax.adam(config.lr), {}, None
             if kind in ("fip", "fip_jacobian"):  # equal step lengths: every step moves fip_lr
                 metric = "fisher" if kind == "fip" else "jacobian"
                 tx = _fip_tx(config, net.f, config.fip_lr, metric, unit_steps=True)
-                per_seed, batch_args = {"buf_x": buf_x}, {"anchors": "buf_x"}
+                per_seed, anchors = {"buf_x": buf_x}, "buf_x"
             elif kind == "replay":
                 loss, per_seed = replay_loss, {"buf_x": buf_x, "buf_y": buf_y}
             elif kind == "penalty":
@@ -280,9 +263,9 @@ def continual_arms(config, ds, net: _Network) -> dict:
                 fisher = jax.vmap(lambda p: ip.diagonal_fisher(net.f, p, jnp.asarray(x1)))(p1)
                 loss, per_seed = ewc_loss, {"w0": p1, "fisher": fisher}
             batches = _batches(x2, y2, config.batch_size, [s + 1 for s in seeds], **per_seed)
-            step = _step(loss, tx, config.mode, batch_args)
-            state = _train(config, step, tx, p1, batches, config.task2_steps, seeds,
-                           one_seed_at_a_time=kind.startswith("fip"))  # fmt: skip
+            state = _train(
+                config, loss, tx, p1, batches, config.task2_steps, seeds, anchors=anchors
+            )
             out = evaluate(state.params, p1, buf_x)
             return _add_solve_stats(out, state) if kind.startswith("fip") else out
 
@@ -306,15 +289,18 @@ def _level_loss(params, model_state, batch, key):
 
 def sparsity_arms(config, ds, net: _Network, dense) -> dict:
     """Arm name -> ``fn(seeds) -> [metrics per seed]`` (``<kind>@<level>``)."""
-    finetune_tx = optax.chain(optax.adam(config.lr), ws.pruning.keep_masked())
-    finetune_step = _step(net.ce, finetune_tx, config.mode, {"masks": "masks"})
-    path_tx = _fip_tx(config, net.f, config.path_lr, "fisher")
-    path_step = _step(_level_loss, path_tx, config.mode, {"anchors": "x"})
+    masked_adam = lambda masks=None: optax.chain(  # noqa: E731
+        optax.adam(config.lr), ws.pruning.keep_masked(masks)
+    )  # with masks=None, keep_masked updates with the masks its state holds
+    finetune_tx, path_tx = masked_adam(), _fip_tx(config, net.f, config.path_lr, "fisher")
 
     def finetune(params, masks, seeds, steps):
-        batches = _batches(ds.x_train, ds.y_train, config.batch_size, [s + 20 for s in seeds],
-                           masks=masks)  # fmt: skip
-        return _train(config, finetune_step, finetune_tx, params, batches, steps, seeds).params
+        batches = _batches(ds.x_train, ds.y_train, config.batch_size, [s + 20 for s in seeds])
+        opt_state = jax.vmap(lambda p, m: masked_adam(m).init(p))(params, masks)  # per seed
+        state = _train(
+            config, net.ce, finetune_tx, params, batches, steps, seeds, opt_state=opt_state
+        )
+        return state.params
 
     def correct(params):
         return net.correct(params, ds.x_test, ds.y_test)
@@ -354,8 +340,9 @@ def sparsity_arms(config, ds, net: _Network, dense) -> dict:
                 for b in _batches(ds.x_train, ds.y_train, config.anchor_batch,
                                   [s + 10 for s in seeds])
             )  # fmt: skip
-            state = _train(config, path_step, path_tx, p0, batches, config.path_steps, seeds,
-                           one_seed_at_a_time=True)  # fmt: skip
+            state = _train(
+                config, _level_loss, path_tx, p0, batches, config.path_steps, seeds, anchors="x"
+            )
             out, (ft,) = pruned(state.params, level, seeds, [config.ft_steps])
             unpruned = correct(state.params)
             projection = jax.vmap(lambda p: ip.projection_distance(p, level))
@@ -417,16 +404,15 @@ def robustness_arms(config, ds, net: _Network, dense) -> dict:
             if kind == "base":
                 return evaluate(p0, p0, seeds)
             batches = _batches(ds.x_train, ds.y_train, config.batch_size, [s + 30 for s in seeds])
-            tx, loss, batch_args = optax.adam(config.lr), adv, None
+            tx, loss, anchors = optax.adam(config.lr), adv, None
             if kind == "fip":
-                tx = _fip_tx(config, net.f, config.robust_path_lr, "fisher")
-                batch_args = {"anchors": "x"}
+                tx, anchors = _fip_tx(config, net.f, config.robust_path_lr, "fisher"), "x"
             elif kind == "penalty":
                 loss = penalty_loss
                 batches = ({**b, "anchor_logits": np.asarray(logits(p0, b["x"]))} for b in batches)
-            step = _step(loss, tx, config.mode, batch_args)
-            state = _train(config, step, tx, p0, batches, config.robust_steps, seeds,
-                           one_seed_at_a_time=kind == "fip")  # fmt: skip
+            state = _train(
+                config, loss, tx, p0, batches, config.robust_steps, seeds, anchors=anchors
+            )
             out = evaluate(state.params, p0, seeds)
             return _add_solve_stats(out, state) if kind == "fip" else out
 

@@ -168,12 +168,6 @@ def _add_solve_stats(out: list[dict], state) -> list[dict]:
     return out
 
 
-def _distance(a, b) -> np.ndarray:
-    """Per seed, the Euclidean distance between two parameter trees with a seed axis."""
-    squares = jax.tree.map(lambda u, v: jnp.sum((u - v) ** 2, range(1, u.ndim)), a, b)
-    return np.sqrt(np.asarray(sum(jax.tree.leaves(squares))))
-
-
 class _Network(NamedTuple):
     """The MLP, its ``(params, x) -> logits`` closure and its training loss."""
 
@@ -181,11 +175,9 @@ class _Network(NamedTuple):
     f: Any
     ce: Any
 
-    def correct(self, params, x, y) -> np.ndarray:
-        """``[S, N]``: whether each seed's network gets each example right."""
-        return ws.training.correct_predictions(
-            self.model.apply, {"params": params}, x, y, seed_axis=True
-        )
+    def correct(self, params, x, y) -> np.ndarray:  # [S, N]: per seed and example
+        return ws.training.correct_predictions(self.model.apply, {"params": params}, x, y,
+                                               seed_axis=True)  # fmt: skip
 
 
 def _pretrained(config, net, x, y):
@@ -224,7 +216,7 @@ def continual_arms(config, ds, net: _Network) -> dict:
     def evaluate(params, p1, buf_x) -> list[dict]:
         correct = net.correct(params, ds.x_test, ds.y_test)
         dist = jax.vmap(ip.output_distance)(logits(params, buf_x), logits(p1, buf_x))
-        moved = _distance(params, p1)
+        moved = jax.vmap(lambda a, b: optax.tree.norm(jax.tree.map(jnp.subtract, a, b)))(params, p1)
         return [
             {"task1_accuracy": float(c[old_te].mean()), "task2_accuracy": float(c[~old_te].mean()),
              "all_accuracy": float(c.mean()), "all_correct": common.pack_correct(c),
@@ -356,11 +348,8 @@ def sparsity_arms(config, ds, net: _Network, dense) -> dict:
 
         return fn
 
-    arms = {}
-    for level in config.sparsities:
-        arms[f"oneshot@{level:g}"] = oneshot(level)
-        arms[f"path@{level:g}"] = path(level)
-    return arms
+    kinds = (("oneshot", oneshot), ("path", path))
+    return {f"{k}@{level:g}": fn(level) for level in config.sparsities for k, fn in kinds}
 
 
 # ----------------------------------------------------------------------------- (c) robustness
@@ -446,11 +435,9 @@ def run(config, workdir: str) -> dict:
                 fip, ["final_residual", "unconverged_steps"]
             )
             notes.append(_unconverged_note(config, fip, config.task2_steps))
-            notes.append(
-                f"fip and fip_jacobian: every step moves exactly fip_lr={config.fip_lr:g} (the "
-                "solved direction rescaled to norm 1), so the metric claim compares equal step "
-                "lengths; distance_moved is the distance from the task-1 weights."
-            )
+            notes.append(f"fip and fip_jacobian: every step moves exactly fip_lr={config.fip_lr:g} "
+                         "(the solved direction rescaled to norm 1), so the metric claim compares "
+                         "equal step lengths; distance_moved: from task-1 weights.")  # fmt: skip
         figures.append(_plot_continual(per_arm, workdir, config))
     if "sparsity" in config.parts:
         per_arm = common.run_arms(workdir, config, sparsity_arms(config, ds, net, dense))
@@ -463,16 +450,13 @@ def run(config, workdir: str) -> dict:
         figures.append(_plot_sparsity(per_arm, workdir, config))
     if "robustness" in config.parts:
         per_arm = common.run_arms(workdir, config, robustness_arms(config, ds, net, dense))
-        claims += [
-            common.compare(
-                "Moving along the FIP towards PGD robustness raises robust accuracy",
-                "robust_accuracy", "robust_fip", "robust_base", per_arm,
-            ),
-            common.compare(
-                "The FIP keeps more clean accuracy than adversarial fine-tuning",
-                "clean_accuracy", "robust_fip", "robust_adv_ft", per_arm,
-            ),
-        ]  # fmt: skip
+        for text, metric, base in (
+            ("Moving along the FIP towards PGD robustness raises robust accuracy",
+             "robust_accuracy", "robust_base"),
+            ("The FIP keeps more clean accuracy than adversarial fine-tuning", "clean_accuracy",
+             "robust_adv_ft"),
+        ):  # fmt: skip
+            claims.append(common.compare(text, metric, "robust_fip", base, per_arm))
         tables["Robustness: test accuracy by arm"] = common.summarize(
             per_arm, ["clean_accuracy", "robust_accuracy", "output_distance"]
         )
@@ -495,10 +479,8 @@ def run(config, workdir: str) -> dict:
 
 def _unconverged_note(config, per_arm, steps) -> str:
     counts = ", ".join(f"{k} {sum(r['unconverged_steps'] for r in v)}" for k, v in per_arm.items())
-    return (
-        f"FIP solves that ended above tol={config.tol:g} (of {steps * config.num_seeds} steps "
-        f"per arm): {counts}"
-    )
+    steps = steps * config.num_seeds
+    return f"FIP solves that ended above tol={config.tol:g} (of {steps} steps per arm): {counts}"
 
 
 def _continual_claims(config, per_arm) -> list[dict]:
@@ -576,11 +558,8 @@ def _plot_sparsity(per_arm, workdir, config) -> str:
         ax.errorbar(levels, [v.mean() for v in values], spread, fmt=style, capsize=3, label=label)
     dense = np.mean([r["dense_accuracy"] for r in per_arm[f"oneshot@{levels[0]:g}"]])
     ax.axhline(dense, color="k", ls=":", label="dense")
-    ax.set(
-        xlabel="sparsity",
-        ylabel="test accuracy (mean ± std over seeds)",
-        title=f"Sparsification, {config.dataset}",
-    )
+    ax.set(xlabel="sparsity", ylabel="test accuracy (mean ± std over seeds)",
+           title=f"Sparsification, {config.dataset}")  # fmt: skip
     ax.legend(fontsize=7)
     return common.savefig(fig, workdir, "sparsity.png", config)
 

@@ -167,14 +167,15 @@ def sbn_arm_fns(config) -> dict:
         ws.likelihood_ratio.ulr, noise="logistic", sigma=sigma, baseline="mean",
         layer_types=(st.BinaryDense, nn.Dense),
     )  # fmt: skip
-    families = {
-        "reinforce": lambda m: reinforce_estimator(slf, m),
-        "ulr": lambda m: ulr(num_copies=m),
+    budgets = sorted(set(config.sbn_budgets) | {config.sbn_train_evals})
+    families = {  # built once: the estimator objects key the samplers' compilation cache
+        "reinforce": {m: reinforce_estimator(slf, m) for m in budgets},
+        "ulr": {m: ulr(num_copies=m) for m in budgets},
     }
 
     def estimator(est: str, budget: int):
         if est in families:
-            return families[est](budget)
+            return families[est][budget]
         return ws.estimators.average_estimator(jax.value_and_grad, budget)
 
     def measure(est: str, seeds: list[int]) -> list[dict]:
@@ -188,7 +189,7 @@ def sbn_arm_fns(config) -> dict:
                 o["exact_relative_bias"] = _relative(*ws.training.seed_slice((means, grads), i))
         for i, seed in enumerate(seeds):  # host statistics: a loop (see the docstring)
             curve = ws.estimators.metrics_vs_samples(
-                (lambda m: families[est](m)) if est in families else jax.value_and_grad,
+                families[est].get if est in families else jax.value_and_grad,
                 loss, ws.training.seed_slice(state.params, i), {}, batch,
                 ws.training.seed_slice(grads, i), jax.random.PRNGKey(1000 + seed),
                 num_samples=config.sbn_budgets, repeats=config.sbn_repeats,

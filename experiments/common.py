@@ -61,7 +61,7 @@ import ml_collections
 import numpy as np
 
 from experiments import claims as claims_lib
-from experiments.claims import Claim, judge, pack_correct  # noqa: F401  (the experiments' API)
+from experiments.claims import Claim, judge, pack_correct, unpack_correct  # noqa: F401
 from wspace.io import (
     CheckpointError,
     WorkdirLockedError,

@@ -5,8 +5,8 @@ r"""Functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334) at small
       --workdir=/tmp/fip_quick
   python -m experiments.invariant_path --config.dataset=mnist1d --config.parts=continual
 
-Two parts, each seed with its own initialisation, data order and buffer (MLP, inputs
-standardised, ``config.dataset``):
+Each arm trains all seeds as one program (a seed axis), each seed with its own
+initialisation, data order and buffer (MLP, inputs standardised, ``config.dataset``):
 
 (a) ``continual``: class-incremental learning, the first half of the classes then
     the second half, one head over all classes. After task 1 (Adam) every arm trains
@@ -14,9 +14,11 @@ standardised, ``config.dataset``):
     ``naive`` (fine-tuning, Adam), ``replay`` (task-2 CE + CE on a buffer of
     ``buffer_size`` stored task-1 examples with their labels), ``fip`` (the paper's
     metric step: the task-2 gradient through `scale_by_invariant_metric` with the
-    buffer's inputs as anchors, softmax-Fisher metric = the Bhattacharyya metric of the
-    official code up to a factor 8), ``fip_jacobian`` (the same with the Euclidean
-    ``J^T J`` metric on the logits), ``penalty`` (what the official code runs: task-2
+    buffer's inputs as anchors; the softmax-Fisher metric is 4x the Hessian of the
+    official code's Bhattacharyya distance), ``fip_jacobian`` (the same with the
+    Euclidean ``J^T J`` metric on the logits; both FIP arms rescale the solved direction
+    to norm 1, so every step moves exactly ``fip_lr``: the metrics are compared at equal
+    step length, whatever their damping), ``penalty`` (what the official code runs: task-2
     CE + the Bhattacharyya distance to the task-1 network on the buffer inputs, summed
     over the buffer, Adam) and, at ``paper`` size, ``ewc`` (Kirkpatrick et al. 2017).
     Reported: test accuracy on each task's classes and on all classes (argmax over all
@@ -35,13 +37,16 @@ standardised, ``config.dataset``):
 
 Claims (paired by seed, 95% t-intervals): FIP beats naive fine-tuning and replay with
 the same buffer in all-class accuracy; so does the official penalty form; the Fisher
-metric beats the Euclidean one; the FIP path beats one-shot pruning at
+metric beats the Euclidean one at equal step length; the FIP path beats one-shot pruning at
 ``claim_sparsity`` without fine-tuning and after step-matched fine-tuning; (c) the FIP
 raises robust accuracy over the base network and keeps more clean accuracy than
 adversarial fine-tuning.
 """
 
 from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,14 +84,12 @@ def validate(config) -> None:
     ):  # fmt: skip
         if not 0 <= config[field] < float("inf"):
             raise ValueError(f"config.{field}={config[field]}; must be finite and >= 0")
-    if config.mode != "jit":  # batch entries (buffers included) are split over the devices
-        n = jax.device_count()
-        for field in ("batch_size", "buffer_size", "anchor_batch"):
-            if config[field] % n:
-                raise ValueError(
-                    f"config.{field}={config[field]} must be a multiple of the {n} devices "
-                    f"in mode={config.mode!r}"
-                )
+    n = jax.device_count()  # sharded: the seeds (with their buffers) split over devices
+    if config.mode == "pmap" or (config.mode == "sharded" and config.num_seeds % n):
+        raise ValueError(
+            f"config.mode={config.mode!r} with num_seeds={config.num_seeds}: seeds are an axis "
+            f"here; use 'jit', or 'sharded' with num_seeds a multiple of the {n} devices"
+        )
     if not config.hidden or min(config.hidden) < 1:
         raise ValueError(f"config.hidden={config.hidden}; give positive layer widths")
     for s in config.sparsities:
@@ -102,120 +105,124 @@ def validate(config) -> None:
 # ----------------------------------------------------------------------------- plumbing
 
 
-class _Net:
-    """The MLP, its ``(params, x) -> logits`` closure, jitted logits and a cache of steps."""
+def _batches(x, y, batch_size, seeds, **per_seed):
+    """Endless batches with a seed axis: each seed its own shuffle of ``(x, y)``, plus
+    ``per_seed`` entries (``[S, ...]`` trees) that every batch carries unchanged."""
+    per_seed = jax.tree.map(np.asarray, per_seed)
+    size = min(batch_size, len(x))
+    streams = [ws.data.batches(x, y, size, seed=s, epochs=None) for s in seeds]
+    for batches in zip(*streams, strict=True):
+        yield {**jax.tree.map(lambda *a: np.stack(a), *batches), **per_seed}
 
-    def __init__(self, config, ds):
-        self.config, self.ds = config, ds
-        self.model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
-        self.ce = ws.training.classification_loss(self.model.apply)
-        self.logits = jax.jit(self.f)
-        self._steps, self._dense = {}, {}
 
-    def f(self, params, x):
-        return self.model.apply({"params": params}, x)
+def _train(config, loss, tx, params, batches, steps, seeds, *, opt_state=None, anchors=None):
+    """``steps`` steps of ``loss`` and ``tx`` from ``params`` (a seed axis); the final state.
 
-    def init(self, seed):
-        x = jnp.zeros((1, *self.ds.input_shape))
-        return self.model.init(jax.random.PRNGKey(seed), x)["params"]
-
-    def dense(self, seed):
-        """The network trained on all classes for ``base_steps`` (cached per seed)."""
-        if seed not in self._dense:
-            c, ds = self.config, self.ds
-            self._dense[seed] = self.train(
-                "dense", self.ce, optax.adam(c.lr), self.init(seed),
-                _stream(ds.x_train, ds.y_train, c.batch_size, seed), c.base_steps, seed,
-            ).params  # fmt: skip
-        return self._dense[seed]
-
-    def accuracy(self, params, x, y) -> float:
-        return float(np.mean(np.asarray(self.logits(params, x)).argmax(-1) == y))
-
-    def train(self, name, loss, tx, params, batches, steps, seed, tx_args=None):
-        """``steps`` steps of a train step built once per ``name`` (compiled once for all
-        seeds); returns the final state."""
-        if name not in self._steps:
-            self._steps[name] = (ws.training.make_train_step(loss, tx, mode=self.config.mode), tx)
-        step, tx = self._steps[name]
-        state = ws.training.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            model_state={},
-            opt_state=tx.init(params),
-            key=jax.random.PRNGKey(seed),
-        )
-        state, _ = ws.training.fit(
-            state,
-            step,
-            batches,
-            num_steps=steps,
-            eval_fn=lambda s: {},
-            eval_every=max(steps, 1),
-            tx_args=tx_args,
-            mode=self.config.mode,
-            progress=False,
-        )
+    ``opt_state``: each seed's optimizer state (default: a fresh ``tx`` state). ``anchors``:
+    the batch entry holding each seed's FIP anchors, passed as the step's ``tx_args``. Such
+    steps (the metric solve) run one seed at a time, a loop with one compiled step: CG
+    (`jax.scipy.sparse.linalg.cg`) vmapped over 9 or more copies of one task-1 network's
+    system returned NaN where 1-8 copies and the single solve converge (XLA:CPU, measured).
+    """
+    state = ws.training.TrainState(
+        step=jnp.zeros(len(seeds), jnp.int32), params=params, model_state={},
+        opt_state=jax.vmap(tx.init)(params) if opt_state is None else opt_state,
+        key=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
+    )  # fmt: skip
+    if steps == 0:
         return state
+    if anchors and len(seeds) > 1:
+        batches = list(itertools.islice(batches, steps))
+        one = lambda tree, i: jax.tree.map(lambda a: a[i : i + 1], tree)  # noqa: E731
+        states = [
+            _train(config, loss, tx, one(params, i), [one(b, i) for b in batches], steps, [s],
+                   opt_state=one(state.opt_state, i), anchors=anchors)
+            for i, s in enumerate(seeds)
+        ]  # fmt: skip
+        return jax.tree.map(lambda *a: jnp.concatenate(a), *states)
+    state, _ = ws.training.fit(
+        state, ws.training.make_train_step(loss, tx, mode=config.mode, seed_axis=True), batches,
+        num_steps=steps, eval_fn=lambda s: {}, eval_every=steps, seed=seeds, mode=config.mode,
+        tx_args=(lambda b: {"anchors": b[anchors][0]}) if anchors else None, progress=False,
+    )  # fmt: skip
+    return state
 
 
-def _stream(x, y, batch_size, seed, **extra):
-    """Endless shuffled batches of ``(x, y)`` with constant ``extra`` entries."""
-    for batch in ws.data.batches(x, y, min(batch_size, len(x)), seed=seed, epochs=None):
-        yield {**batch, **extra}
+def _fip_tx(config, f, lr, metric, *, unit_steps=False):
+    """The FIP step: the metric solve, then the norm bound ``max_norm`` or, with
+    ``unit_steps``, the solution rescaled to norm 1 so that every step moves exactly ``lr``
+    (equal step lengths whatever the metric and damping)."""
+    pre = ip.scale_by_invariant_metric(
+        f, metric=metric, damping=config.damping if metric == "fisher" else config.jacobian_damping,
+        tol=config.tol, maxiter=config.maxiter, max_norm=None if unit_steps else config.max_norm,
+    )  # fmt: skip
+    unit = [optax.normalize_by_update_norm()] if unit_steps else []
+    return optax.chain(pre, *unit, optax.scale_by_learning_rate(lr))
 
 
-def _fip_tx(config, f, lr, metric):
-    damping = config.damping if metric == "fisher" else config.jacobian_damping
-    return ip.invariant_path(
-        lr,
-        f,
-        metric=metric,
-        damping=damping,
-        tol=config.tol,
-        maxiter=config.maxiter,
-        max_norm=config.max_norm,
-    )
-
-
-def _solve_stats(state) -> dict:
+def _add_solve_stats(out: list[dict], state) -> list[dict]:
+    """Each seed's result with its FIP solve's last residual and unconverged-step count."""
     pre = state.opt_state[0]
-    return {
-        "final_residual": float(pre.residual),
-        "unconverged_steps": int(pre.num_unconverged),
-    }
+    for o, r, n in zip(out, pre.residual, pre.num_unconverged, strict=True):
+        o.update(final_residual=float(r), unconverged_steps=int(n))
+    return out
+
+
+class _Network(NamedTuple):
+    """The MLP, its ``(params, x) -> logits`` closure and its training loss."""
+
+    model: Any
+    f: Any
+    ce: Any
+
+    def correct(self, params, x, y) -> np.ndarray:  # [S, N]: per seed and example
+        return ws.training.correct_predictions(self.model.apply, {"params": params}, x, y,
+                                               seed_axis=True)  # fmt: skip
+
+
+def _pretrained(config, net, x, y):
+    """``seeds -> params``: each seed's network trained from its own initialisation on
+    ``(x, y)`` for ``base_steps`` (Adam); memoised, as every arm of a part starts there."""
+    memo, adam = {}, optax.adam(config.lr)
+
+    def params(seeds):
+        if tuple(seeds) not in memo:
+            keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+            init = jax.vmap(lambda k: net.model.init(k, x[:1])["params"])(keys)
+            batches, steps = _batches(x, y, config.batch_size, seeds), config.base_steps
+            memo[tuple(seeds)] = _train(config, net.ce, adam, init, batches, steps, seeds)
+        return memo[tuple(seeds)].params
+
+    return params
 
 
 # ----------------------------------------------------------------------------- (a) continual
 
 
-def continual_arms(config, ds, net: _Net) -> dict:
-    """Arm name -> ``fn(seed) -> metrics`` for the continual part."""
+def continual_arms(config, ds, net: _Network) -> dict:
+    """Arm name -> ``fn(seeds) -> [metrics per seed]`` for the continual part."""
     half = ds.num_classes // 2
     old_tr, old_te = ds.y_train < half, ds.y_test < half
     x1, y1 = ds.x_train[old_tr], ds.y_train[old_tr]
     x2, y2 = ds.x_train[~old_tr], ds.y_train[~old_tr]
-    bs, lr = config.batch_size, config.lr
-    task1 = {}  # seed -> (task-1 params, buffer x, buffer y): shared by the arms of a seed
+    task1 = _pretrained(config, net, x1, y1)
+    logits = jax.jit(jax.vmap(net.f))  # per seed: params and inputs
 
-    def setup(seed):
-        if seed not in task1:
-            p1 = net.train(
-                "base", net.ce, optax.adam(lr), net.init(seed), _stream(x1, y1, bs, seed),
-                config.base_steps, seed,
-            ).params  # fmt: skip
-            rng = np.random.default_rng(seed)
-            buf = rng.choice(len(x1), min(config.buffer_size, len(x1)), replace=False)
-            task1[seed] = (p1, x1[buf], y1[buf])  # numpy: batch entries are host arrays
-        return task1[seed]
+    def setup(seeds):  # task-1 networks and each seed's buffer, shared by the arms
+        n = min(config.buffer_size, len(x1))
+        buf = np.stack([np.random.default_rng(s).choice(len(x1), n, replace=False) for s in seeds])
+        return task1(seeds), x1[buf], y1[buf]
 
-    def evaluate(params, p1, buf_x):
-        return {
-            "task1_accuracy": net.accuracy(params, ds.x_test[old_te], ds.y_test[old_te]),
-            "task2_accuracy": net.accuracy(params, ds.x_test[~old_te], ds.y_test[~old_te]),
-            "all_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
-            "buffer_distance": float(ip.output_distance(net.f(params, buf_x), net.f(p1, buf_x))),
-        }
+    def evaluate(params, p1, buf_x) -> list[dict]:
+        correct = net.correct(params, ds.x_test, ds.y_test)
+        dist = jax.vmap(ip.output_distance)(logits(params, buf_x), logits(p1, buf_x))
+        moved = jax.vmap(lambda a, b: optax.tree.norm(jax.tree.map(jnp.subtract, a, b)))(params, p1)
+        return [
+            {"task1_accuracy": float(c[old_te].mean()), "task2_accuracy": float(c[~old_te].mean()),
+             "all_accuracy": float(c.mean()), "all_correct": common.pack_correct(c),
+             "buffer_distance": float(d), "distance_moved": float(m)}
+            for c, d, m in zip(correct, dist, moved, strict=True)
+        ]  # fmt: skip
 
     def replay_loss(params, model_state, batch, key):
         new, (_, metrics) = net.ce(params, model_state, batch, key)
@@ -223,39 +230,41 @@ def continual_arms(config, ds, net: _Net) -> dict:
         return new + old, (model_state, metrics)
 
     def penalty_loss(params, model_state, batch, key):
-        # ip.penalty_loss with the anchor logits carried in the batch (one compile, all seeds)
+        # ip.penalty_loss with each seed's anchor logits carried in its batch
         new, (_, metrics) = net.ce(params, model_state, batch, key)
         dist = ip.output_distance(net.f(params, batch["buf_x"]), batch["anchor_logits"])
         return new + config.penalty_weight * dist, (model_state, metrics)
 
+    def ewc_loss(params, model_state, batch, key):  # each seed's w0 and Fisher in its batch
+        loss = ip.ewc_loss(net.ce, batch["w0"], batch["fisher"], weight=config.ewc_weight)
+        return loss(params, model_state, batch, key)
+
     def arm(kind):
-        def fn(seed):
-            p1, buf_x, buf_y = setup(seed)
-            stream = _stream(x2, y2, bs, seed + 1)
-            tx_args, loss, tx = None, net.ce, optax.adam(lr)
-            if kind in ("fip", "fip_jacobian"):
+        def fn(seeds):
+            p1, buf_x, buf_y = setup(seeds)
+            loss, tx, per_seed, anchors = net.ce, optax.adam(config.lr), {}, None
+            if kind in ("fip", "fip_jacobian"):  # equal step lengths: every step moves fip_lr
                 metric = "fisher" if kind == "fip" else "jacobian"
-                tx, tx_args = _fip_tx(config, net.f, config.fip_lr, metric), {"anchors": buf_x}
+                tx = _fip_tx(config, net.f, config.fip_lr, metric, unit_steps=True)
+                per_seed, anchors = {"buf_x": buf_x}, "buf_x"
             elif kind == "replay":
-                loss, stream = replay_loss, _stream(x2, y2, bs, seed + 1, buf_x=buf_x, buf_y=buf_y)
+                loss, per_seed = replay_loss, {"buf_x": buf_x, "buf_y": buf_y}
             elif kind == "penalty":
-                target = np.asarray(net.logits(p1, buf_x))
-                stream = _stream(x2, y2, bs, seed + 1, buf_x=buf_x, anchor_logits=target)
-                loss = penalty_loss
+                loss, per_seed = penalty_loss, {"buf_x": buf_x, "anchor_logits": logits(p1, buf_x)}
             elif kind == "ewc":
-                fisher = ip.diagonal_fisher(net.f, p1, jnp.asarray(x1))
-                loss = ip.ewc_loss(net.ce, p1, fisher, weight=config.ewc_weight)
-            name = f"ewc{seed}" if kind == "ewc" else kind  # EWC closes over w0: per seed
-            state = net.train(name, loss, tx, p1, stream, config.task2_steps, seed + 2, tx_args)
+                fisher = jax.vmap(lambda p: ip.diagonal_fisher(net.f, p, jnp.asarray(x1)))(p1)
+                loss, per_seed = ewc_loss, {"w0": p1, "fisher": fisher}
+            batches = _batches(x2, y2, config.batch_size, [s + 1 for s in seeds], **per_seed)
+            state = _train(
+                config, loss, tx, p1, batches, config.task2_steps, seeds, anchors=anchors
+            )
             out = evaluate(state.params, p1, buf_x)
-            if kind.startswith("fip"):
-                out.update(_solve_stats(state))
-            return out
+            return _add_solve_stats(out, state) if kind.startswith("fip") else out
 
         return fn
 
-    def after_task1(seed):
-        p1, buf_x, _ = setup(seed)
+    def after_task1(seeds):
+        p1, buf_x, _ = setup(seeds)
         return evaluate(p1, p1, buf_x)
 
     return {"after_task1": after_task1, **{k: arm(k) for k in config.continual_arms}}
@@ -264,108 +273,114 @@ def continual_arms(config, ds, net: _Net) -> dict:
 # ----------------------------------------------------------------------------- (b) sparsity
 
 
-def sparsity_arms(config, ds, net: _Net) -> dict:
-    """Arm name -> ``fn(seed) -> metrics`` for the sparsity part (``<kind>@<level>``)."""
-    bs, lr = config.batch_size, config.lr
-    finetune_tx = optax.chain(optax.adam(lr), ws.pruning.keep_masked())
-    dense_params = net.dense
+def _level_loss(params, model_state, batch, key):
+    # The level is data (one compile for all levels), one copy per example so that the
+    # batch can be split over devices.
+    return ip.sparsity_loss(batch["sparsity"][0])(params, model_state, batch, key)
 
-    def finetune(params, masks, seed, steps):
-        if steps == 0:
-            return params
-        stream = _stream(ds.x_train, ds.y_train, bs, seed + 20)
-        state = net.train(
-            "finetune", net.ce, finetune_tx, params, stream, steps, seed, {"masks": masks}
+
+def sparsity_arms(config, ds, net: _Network, dense) -> dict:
+    """Arm name -> ``fn(seeds) -> [metrics per seed]`` (``<kind>@<level>``)."""
+    masked_adam = lambda masks=None: optax.chain(  # noqa: E731
+        optax.adam(config.lr), ws.pruning.keep_masked(masks)
+    )  # with masks=None, keep_masked updates with the masks its state holds
+    finetune_tx, path_tx = masked_adam(), _fip_tx(config, net.f, config.path_lr, "fisher")
+
+    def finetune(params, masks, seeds, steps):
+        batches = _batches(ds.x_train, ds.y_train, config.batch_size, [s + 20 for s in seeds])
+        opt_state = jax.vmap(lambda p, m: masked_adam(m).init(p))(params, masks)  # per seed
+        state = _train(
+            config, net.ce, finetune_tx, params, batches, steps, seeds, opt_state=opt_state
         )
         return state.params
 
-    def prune(params, level):
-        masks = ws.pruning.magnitude_masks(params, level)
-        return ws.pruning.apply_masks(params, masks), masks
+    def correct(params):
+        return net.correct(params, ds.x_test, ds.y_test)
 
-    def level_loss(params, model_state, batch, key):
-        # The level is data (one compile for all levels), one copy per example so that the
-        # batch can be split over devices.
-        return ip.sparsity_loss(batch["sparsity"][0])(params, model_state, batch, key)
-
-    def acc(params):
-        return net.accuracy(params, ds.x_test, ds.y_test)
+    def pruned(params, level, seeds, ft_steps) -> tuple[list[dict], list[np.ndarray]]:
+        """Magnitude-pruned ``params`` and their fine-tuning: per-seed metrics, and the
+        correctness after the last of ``ft_steps``."""
+        masks = jax.vmap(lambda p: ws.pruning.magnitude_masks(p, level))(params)
+        params = ws.pruning.apply_masks(params, masks)
+        c = correct(params)
+        out = [
+            {"dense_accuracy": float(d.mean()), "pruned_accuracy": float(p.mean()),
+             "pruned_correct": common.pack_correct(p),
+             "sparsity": ws.pruning.sparsity(ws.training.seed_slice(masks, i))["overall"]}
+            for i, (d, p) in enumerate(zip(correct(dense(seeds)), c, strict=True))
+        ]  # fmt: skip
+        finetuned = [correct(finetune(params, masks, seeds, n)) for n in ft_steps]
+        return out, finetuned
 
     def oneshot(level):
-        def fn(seed):
-            p0 = dense_params(seed)
-            pruned, masks = prune(p0, level)
+        def fn(seeds):
             matched = config.path_steps + config.ft_steps
-            out = {
-                "dense_accuracy": acc(p0),
-                "sparsity": ws.pruning.sparsity(masks)["overall"],
-                "pruned_accuracy": acc(pruned),
-                "ft_accuracy": acc(finetune(pruned, masks, seed, config.ft_steps)),
-                "ft_matched_accuracy": acc(finetune(pruned, masks, seed, matched)),
-            }
-            out["equal_budget_accuracy"] = out["ft_matched_accuracy"]
+            out, (ft, ft_matched) = pruned(dense(seeds), level, seeds, [config.ft_steps, matched])
+            for o, a, b in zip(out, ft, ft_matched, strict=True):
+                o.update(ft_accuracy=float(a.mean()), ft_matched_accuracy=float(b.mean()),
+                         equal_budget_accuracy=float(b.mean()),
+                         equal_budget_correct=common.pack_correct(b))  # fmt: skip
             return out
 
         return fn
 
     def path(level):
-        def fn(seed):
-            p0 = dense_params(seed)
-            stream = (
-                {"x": b["x"], "sparsity": np.full(len(b["x"]), level, np.float32)}
-                for b in _stream(ds.x_train, ds.y_train, config.anchor_batch, seed + 10)
-            )
-            tx = _fip_tx(config, net.f, config.path_lr, "fisher")
-            state = net.train(
-                "path", level_loss, tx, p0, stream, config.path_steps, seed,
-                lambda b: {"anchors": b["x"]},
+        def fn(seeds):
+            p0 = dense(seeds)
+            batches = (
+                {"x": b["x"], "sparsity": np.full(b["y"].shape, level, np.float32)}
+                for b in _batches(ds.x_train, ds.y_train, config.anchor_batch,
+                                  [s + 10 for s in seeds])
             )  # fmt: skip
-            moved = state.params
-            pruned, masks = prune(moved, level)
-            out = {
-                "dense_accuracy": acc(p0),
-                "sparsity": ws.pruning.sparsity(masks)["overall"],
-                "unpruned_accuracy": acc(moved),
-                "distance_before": float(ip.projection_distance(p0, level)),
-                "distance_after": float(ip.projection_distance(moved, level)),
-                "pruned_accuracy": acc(pruned),
-                "ft_accuracy": acc(finetune(pruned, masks, seed, config.ft_steps)),
-                **_solve_stats(state),
-            }
-            out["equal_budget_accuracy"] = out["ft_accuracy"]  # path_steps + ft_steps steps
-            return out
+            state = _train(
+                config, _level_loss, path_tx, p0, batches, config.path_steps, seeds, anchors="x"
+            )
+            out, (ft,) = pruned(state.params, level, seeds, [config.ft_steps])
+            unpruned = correct(state.params)
+            projection = jax.vmap(lambda p: ip.projection_distance(p, level))
+            before, after = projection(p0), projection(state.params)
+            for o, u, b, a, c in zip(out, unpruned, before, after, ft, strict=True):
+                o.update(unpruned_accuracy=float(u.mean()), distance_before=float(b),
+                         distance_after=float(a), ft_accuracy=float(c.mean()),
+                         equal_budget_accuracy=float(c.mean()),  # path_steps + ft_steps steps
+                         equal_budget_correct=common.pack_correct(c))  # fmt: skip
+            return _add_solve_stats(out, state)
 
         return fn
 
-    arms = {}
-    for level in config.sparsities:
-        arms[f"oneshot@{level:g}"] = oneshot(level)
-        arms[f"path@{level:g}"] = path(level)
-    return arms
+    kinds = (("oneshot", oneshot), ("path", path))
+    return {f"{k}@{level:g}": fn(level) for level in config.sparsities for k, fn in kinds}
 
 
 # ----------------------------------------------------------------------------- (c) robustness
 
 
-def robustness_arms(config, ds, net: _Net) -> dict:
-    """Arm name -> ``fn(seed) -> metrics``: the dense network moved towards PGD robustness."""
+def robustness_arms(config, ds, net: _Network, dense) -> dict:
+    """Arm name -> ``fn(seeds) -> [metrics per seed]``: the dense network moved towards PGD
+    robustness."""
     adv = ip.adversarial_loss(net.ce, eps=config.eps, method="pgd", steps=config.attack_steps)
+    x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    logits = jax.jit(jax.vmap(net.f))
 
     @jax.jit
-    def attack(params, x, y, key):
+    @jax.vmap
+    def attack(params, key):
         def loss_of_x(z):
             return optax.softmax_cross_entropy_with_integer_labels(net.f(params, z), y).mean()
 
         return ip.pgd(loss_of_x, x, key, eps=config.eps, steps=config.eval_attack_steps)
 
-    def evaluate(params, p0, seed):
-        x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
-        x_adv = attack(params, x, y, jax.random.PRNGKey(seed + 99))
-        return {
-            "clean_accuracy": net.accuracy(params, ds.x_test, ds.y_test),
-            "robust_accuracy": net.accuracy(params, x_adv, ds.y_test),
-            "output_distance": float(ip.output_distance(net.f(params, x), net.f(p0, x))),
-        }
+    def evaluate(params, p0, seeds) -> list[dict]:
+        x_adv = attack(params, jnp.stack([jax.random.PRNGKey(s + 99) for s in seeds]))
+        robust = np.asarray(jnp.argmax(logits(params, x_adv), -1) == y)
+        clean = net.correct(params, ds.x_test, ds.y_test)
+        dist = jax.vmap(lambda p, q: ip.output_distance(net.f(p, x), net.f(q, x)))(params, p0)
+        return [
+            {"clean_accuracy": float(c.mean()), "robust_accuracy": float(r.mean()),
+             "clean_correct": common.pack_correct(c), "robust_correct": common.pack_correct(r),
+             "output_distance": float(d)}
+            for c, r, d in zip(clean, robust, dist, strict=True)
+        ]  # fmt: skip
 
     def penalty_loss(params, model_state, batch, key):
         value, (_, metrics) = adv(params, model_state, batch, key)
@@ -373,26 +388,22 @@ def robustness_arms(config, ds, net: _Net) -> dict:
         return value + config.robust_penalty_weight * dist, (model_state, metrics)
 
     def arm(kind):
-        def fn(seed):
-            p0 = net.dense(seed)
+        def fn(seeds):
+            p0 = dense(seeds)
             if kind == "base":
-                return evaluate(p0, p0, seed)
-            stream = _stream(ds.x_train, ds.y_train, config.batch_size, seed + 30)
-            tx, loss, tx_args = optax.adam(config.lr), adv, None
+                return evaluate(p0, p0, seeds)
+            batches = _batches(ds.x_train, ds.y_train, config.batch_size, [s + 30 for s in seeds])
+            tx, loss, anchors = optax.adam(config.lr), adv, None
             if kind == "fip":
-                tx = _fip_tx(config, net.f, config.robust_path_lr, "fisher")
-                tx_args = lambda b: {"anchors": b["x"]}  # noqa: E731
+                tx, anchors = _fip_tx(config, net.f, config.robust_path_lr, "fisher"), "x"
             elif kind == "penalty":
                 loss = penalty_loss
-                stream = (
-                    {**b, "anchor_logits": np.asarray(net.logits(p0, b["x"]))} for b in stream
-                )
-            name = f"robust_{kind}"
-            state = net.train(name, loss, tx, p0, stream, config.robust_steps, seed + 3, tx_args)
-            out = evaluate(state.params, p0, seed)
-            if kind == "fip":
-                out.update(_solve_stats(state))
-            return out
+                batches = ({**b, "anchor_logits": np.asarray(logits(p0, b["x"]))} for b in batches)
+            state = _train(
+                config, loss, tx, p0, batches, config.robust_steps, seeds, anchors=anchors
+            )
+            out = evaluate(state.params, p0, seeds)
+            return _add_solve_stats(out, state) if kind == "fip" else out
 
         return fn
 
@@ -407,16 +418,16 @@ def run(config, workdir: str) -> dict:
     validate(config)
     common.start(config, workdir)
     ds = common.load_dataset(config)
-    net = _Net(config, ds)
+    model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
+    net = _Network(model, lambda p, x: model.apply({"params": p}, x),
+               ws.training.classification_loss(model.apply))  # fmt: skip
+    dense = _pretrained(config, net, ds.x_train, ds.y_train)
     claims, tables, figures, notes = [], {}, [], []
     if "continual" in config.parts:
-        per_arm = common.run_arms(
-            workdir,
-            config,
-            {a: common.per_seed(fn) for a, fn in continual_arms(config, ds, net).items()},
-        )
+        per_arm = common.run_arms(workdir, config, continual_arms(config, ds, net))
         claims += _continual_claims(config, per_arm)
-        metrics = ["task1_accuracy", "task2_accuracy", "all_accuracy", "buffer_distance"]
+        metrics = ["task1_accuracy", "task2_accuracy", "all_accuracy", "buffer_distance",
+                   "distance_moved"]  # fmt: skip
         tables["Continual: test accuracy by arm"] = common.summarize(per_arm, metrics)
         fip = {k: v for k, v in per_arm.items() if k.startswith("fip")}
         if fip:
@@ -424,13 +435,12 @@ def run(config, workdir: str) -> dict:
                 fip, ["final_residual", "unconverged_steps"]
             )
             notes.append(_unconverged_note(config, fip, config.task2_steps))
+            notes.append(f"fip and fip_jacobian: every step moves exactly fip_lr={config.fip_lr:g} "
+                         "(the solved direction rescaled to norm 1), so the metric claim compares "
+                         "equal step lengths; distance_moved: from task-1 weights.")  # fmt: skip
         figures.append(_plot_continual(per_arm, workdir, config))
     if "sparsity" in config.parts:
-        per_arm = common.run_arms(
-            workdir,
-            config,
-            {a: common.per_seed(fn) for a, fn in sparsity_arms(config, ds, net).items()},
-        )
+        per_arm = common.run_arms(workdir, config, sparsity_arms(config, ds, net, dense))
         claims += _sparsity_claims(config, per_arm)
         tables["Sparsity: test accuracy by arm"] = common.summarize(
             per_arm, ["pruned_accuracy", "ft_accuracy", "equal_budget_accuracy"]
@@ -439,21 +449,14 @@ def run(config, workdir: str) -> dict:
         notes.append(_unconverged_note(config, path, config.path_steps))
         figures.append(_plot_sparsity(per_arm, workdir, config))
     if "robustness" in config.parts:
-        per_arm = common.run_arms(
-            workdir,
-            config,
-            {a: common.per_seed(fn) for a, fn in robustness_arms(config, ds, net).items()},
-        )
-        claims += [
-            common.compare(
-                "Moving along the FIP towards PGD robustness raises robust accuracy",
-                "robust_accuracy", "robust_fip", "robust_base", per_arm,
-            ),
-            common.compare(
-                "The FIP keeps more clean accuracy than adversarial fine-tuning",
-                "clean_accuracy", "robust_fip", "robust_adv_ft", per_arm,
-            ),
-        ]  # fmt: skip
+        per_arm = common.run_arms(workdir, config, robustness_arms(config, ds, net, dense))
+        for text, metric, base in (
+            ("Moving along the FIP towards PGD robustness raises robust accuracy",
+             "robust_accuracy", "robust_base"),
+            ("The FIP keeps more clean accuracy than adversarial fine-tuning", "clean_accuracy",
+             "robust_adv_ft"),
+        ):  # fmt: skip
+            claims.append(common.compare(text, metric, "robust_fip", base, per_arm))
         tables["Robustness: test accuracy by arm"] = common.summarize(
             per_arm, ["clean_accuracy", "robust_accuracy", "output_distance"]
         )
@@ -461,7 +464,7 @@ def run(config, workdir: str) -> dict:
                                        config.robust_steps))  # fmt: skip
     notes += [
         "fip = the paper's metric step with the softmax-Fisher metric (the official code's "
-        "Bhattacharyya distance, whose Hessian is Fisher/8); fip_jacobian = Euclidean J^T J on "
+        "Bhattacharyya distance, whose Hessian is Fisher/4); fip_jacobian = Euclidean J^T J on "
         "the logits; penalty = what the official code runs (CE + Bhattacharyya distillation "
         "on the buffer, summed as there).",
         f"{config.dataset}, MLP {tuple(config.hidden)}; continual: {config.task2_steps} task-2 "
@@ -476,10 +479,8 @@ def run(config, workdir: str) -> dict:
 
 def _unconverged_note(config, per_arm, steps) -> str:
     counts = ", ".join(f"{k} {sum(r['unconverged_steps'] for r in v)}" for k, v in per_arm.items())
-    return (
-        f"FIP solves that ended above tol={config.tol:g} (of {steps * config.num_seeds} steps "
-        f"per arm): {counts}"
-    )
+    steps = steps * config.num_seeds
+    return f"FIP solves that ended above tol={config.tol:g} (of {steps} steps per arm): {counts}"
 
 
 def _continual_claims(config, per_arm) -> list[dict]:
@@ -489,15 +490,16 @@ def _continual_claims(config, per_arm) -> list[dict]:
         ("fip", "replay", "FIP (metric step) beats replay of the same buffer"),
         ("penalty", "naive", "The official FIP code's penalty form beats naive fine-tuning"),
         ("penalty", "replay", "The official FIP code's penalty form beats replay"),
-        ("fip", "fip_jacobian", "The Fisher (Bhattacharyya) metric beats the Euclidean one"),
+        (
+            "fip",
+            "fip_jacobian",
+            "The Fisher (Bhattacharyya) metric beats the Euclidean one at equal step length",
+        ),
     ]
     for arm, base, text in pairs:
         if arm in per_arm and base in per_arm:
-            claims.append(
-                common.compare(
-                    f"{text} (all-class test accuracy)", "all_accuracy", arm, base, per_arm
-                )  # fmt: skip
-            )
+            text = f"{text} (all-class test accuracy)"
+            claims.append(common.compare(text, "all_accuracy", arm, base, per_arm))
     return claims
 
 

@@ -9,13 +9,15 @@ r"""Likelihood-ratio (ULR) gradients: gradient quality, training, adversarial ro
     gradient (jax.grad at HIGHEST precision), as functions of the forward
     evaluations per example (`wspace.estimators.metrics_vs_samples`; a clean
     baseline counts N + 1) -> gradient_quality.png.
-(b) Training an MLP, arms per seed (all Adam, same steps and batches):
+(b) Training an MLP, all seeds of an arm as one program (a seed axis), every arm Adam
+    with the same steps and batches:
     ``backprop``; ``es`` (N copies); for each noise setting "family:sigma":
     ``ulr_<family><sigma>`` (N copies, leave-one-out mean baseline) and
     ``noisy_bp_<family><sigma>``, backprop through the same injected noise
     (`likelihood_ratio.noisy_loss`): the control that separates the
     estimator's effect from the noise's -> training.png.
-(c) FGSM (``x + eps sign(grad_x CE)``, on standardized inputs, models
+(c) FGSM (``x + eps sign(grad_x CE)``, on standardized inputs, so ``eps`` is in
+    units of the training inputs' std; the results note the pixel equivalent; models
     evaluated without noise): white-box, and transfer from a separately trained
     backprop model (seed + ``source_seed_offset``) -> robustness.png.
 
@@ -32,6 +34,7 @@ LR_Experiment (INFORMS JoC); ES: Salimans et al. 2017, arXiv 1703.03864.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -168,102 +171,98 @@ def gradient_quality(config, ds, model, workdir: str) -> dict:
 # ----------------------------------------------------------------------------- (b), (c)
 
 
-def _arm_specs(config) -> dict:
-    """arm -> (loss kind, estimator, forward evaluations per example and step)."""
-    specs = {"backprop": ("clean", jax.value_and_grad, "1 fwd + 1 bwd")}
+def _arm_specs(config, model) -> dict:
+    """arm -> (loss, estimator, forward evaluations per example and step); built once."""
+    clean = ws.training.classification_loss(model.apply)
+    specs = {"backprop": (clean, jax.value_and_grad, "1 fwd + 1 bwd")}
+    per_example = ws.training.classification_loss(model.apply, per_example=True)
     for s in config.noise_settings:
         family, sigma = parse_setting(s)
         est = lr.ulr(num_copies=config.copies, sigma=sigma, noise=family, baseline=config.baseline)
-        specs[f"ulr_{setting_name(s)}"] = ("per_example", est, est.forward_evaluations)
-        specs[f"noisy_bp_{setting_name(s)}"] = (s, jax.value_and_grad, "1 fwd + 1 bwd")
+        specs[f"ulr_{setting_name(s)}"] = (per_example, est, est.forward_evaluations)
+        noisy = lr.noisy_loss(clean, sigma=sigma, noise=family)
+        specs[f"noisy_bp_{setting_name(s)}"] = (noisy, jax.value_and_grad, "1 fwd + 1 bwd")
     es = lr.es(num_copies=config.copies, sigma=config.es_sigma)
-    specs["es"] = ("clean", es, es.forward_evaluations)
+    specs["es"] = (clean, es, es.forward_evaluations)
     return specs
 
 
-class _Runner:
-    """Builds each arm's jitted step once (reused across seeds) and evaluates attacks."""
+def train_seeds(config, ds, model, tx, spec, seeds):
+    """Trains one model per seed as one program (a seed axis); returns params and history."""
+    loss, estimator, _ = spec
+    step = ws.training.make_train_step(
+        loss, tx, estimator=estimator, mode=config.mode, seed_axis=True
+    )
+    state, history = ws.training.fit(
+        ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
+        apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size, seed=seeds,
+        mode=config.mode, eval_every=config.eval_every, progress=False,
+    )  # fmt: skip
+    return state.params, history
 
-    def __init__(self, config, ds, model):
-        self.config, self.ds, self.model = config, ds, model
-        self.tx = optax.adam(config.lr)
-        self.steps = {}
-        self.sources = {}
-        apply = model.apply
-        ce = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-            apply({"params": p}, x), y
+
+@functools.partial(jax.jit, static_argnums=0)
+def fgsm(apply_fn, params, x, y, eps):
+    """``x + eps sign(grad_x CE)`` against each seed's network (params with a seed axis)."""
+
+    def one(p):
+        ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            apply_fn({"params": p}, z), y
         ).sum()
-        self.fgsm = jax.jit(lambda p, x, y, eps: x + eps * jnp.sign(jax.grad(ce, 1)(p, x, y)))
-        self.correct = jax.jit(
-            lambda p, x, y: jnp.mean(jnp.argmax(apply({"params": p}, x), -1) == y)
-        )
+        return x + eps * jnp.sign(jax.grad(ce)(x))
 
-    def step(self, arm, spec):
-        if arm not in self.steps:
-            kind, estimator, _ = spec
-            loss = ws.training.classification_loss(self.model.apply, per_example=kind != "clean")
-            if kind not in ("clean", "per_example"):
-                family, sigma = parse_setting(kind)
-                loss = lr.noisy_loss(
-                    ws.training.classification_loss(self.model.apply), sigma=sigma, noise=family
-                )
-            self.steps[arm] = ws.training.make_train_step(
-                loss, self.tx, estimator=estimator, mode=self.config.mode
+    return jax.vmap(one)(params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _correct(apply_fn, params, x, y):
+    """``[S, N]``: whether seed ``i``'s network gets each of its own inputs ``x[i]`` right."""
+    return jax.vmap(lambda p, xs: jnp.argmax(apply_fn({"params": p}, xs), -1) == y)(params, x)
+
+
+def arm_fns(config, ds, model) -> dict:
+    """Arm -> ``fn(seeds) -> [result per seed]``, each arm trained on the seed axis."""
+    tx = optax.adam(config.lr)
+    specs = _arm_specs(config, model)
+    x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    eps = [float(e) for e in config.fgsm_eps]
+    sources = {}  # seeds -> FGSM inputs crafted on their sources (shared by every arm)
+
+    def transfer_inputs(seeds):
+        if tuple(seeds) not in sources:
+            offset = [s + config.source_seed_offset for s in seeds]
+            params, _ = train_seeds(config, ds, model, tx, specs["backprop"], offset)
+            sources[tuple(seeds)] = {f"{e:g}": fgsm(model.apply, params, x, y, e) for e in eps}
+        return sources[tuple(seeds)]
+
+    def arm_fn(spec):
+        def fn(seeds):
+            params, history = train_seeds(config, ds, model, tx, spec, seeds)
+            white = {f"{e:g}": fgsm(model.apply, params, x, y, e) for e in eps}
+            attacks = jax.tree.map(  # kind -> eps -> [S, N]: correct on each seed's inputs
+                lambda a: np.asarray(_correct(model.apply, params, a, y)),
+                {"whitebox": white, "transfer": transfer_inputs(seeds)},
             )
-        return self.steps[arm]
-
-    def train(self, arm, spec, seed):
-        c = self.config
-        state = ws.training.init_state(
-            self.model, self.tx, self.ds.x_train[:1], jax.random.PRNGKey(seed)
-        )
-        state, history = ws.training.fit(
-            state,
-            self.step(arm, spec),
-            self.ds,
-            apply_fn=self.model.apply,
-            num_steps=c.steps,
-            batch_size=c.batch_size,
-            seed=seed,
-            mode=c.mode,
-            eval_every=c.eval_every,
-            progress=False,
-        )
-        return state.params, history
-
-    def source(self, seed):
-        """The transfer-attack source: backprop trained with seed + offset (cached)."""
-        if seed not in self.sources:
-            s = seed + self.config.source_seed_offset
-            params, _ = self.train("backprop", _arm_specs(self.config)["backprop"], s)
-            self.sources[seed] = {
-                float(e): self.fgsm(params, self.ds.x_test, self.ds.y_test, float(e))
-                for e in self.config.fgsm_eps
-            }
-        return self.sources[seed]
-
-    def arm_fn(self, arm, spec):
-        def fn(seed):
-            params, history = self.train(arm, spec, seed)
-            x, y = self.ds.x_test, self.ds.y_test
-            white = {
-                f"{e:g}": float(self.correct(params, self.fgsm(params, x, y, float(e)), y))
-                for e in self.config.fgsm_eps
-            }
-            sources = self.source(seed).items()
-            transfer = {f"{e:g}": float(self.correct(params, adv, y)) for e, adv in sources}
-            last = history[-1]
-            return {
-                "test_accuracy": float(last["test_accuracy"]),
-                "test_loss": float(last["test_loss"]),
-                "train_accuracy": float(last["train_accuracy"]),
-                "forward_evaluations": spec[2],
-                "whitebox": white,
-                "transfer": transfer,
-                "curve": [[r["step"], r["test_accuracy"]] for r in history],
-            }
+            clean = ws.training.correct_predictions(
+                model.apply, {"params": params}, ds.x_test, ds.y_test, seed_axis=True
+            )
+            last, seed_of = history[-1], lambda tree, i: jax.tree.map(lambda c: c[i], tree)
+            return [
+                {
+                    **{k: last[k][i] for k in ("test_accuracy", "test_loss", "train_accuracy")},
+                    "forward_evaluations": spec[2],
+                    **jax.tree.map(lambda c: float(c.mean()), seed_of(attacks, i)),
+                    "curve": [[r["step"], r["test_accuracy"][i]] for r in history],
+                    "test_correct": common.pack_correct(clean[i]),
+                    **{f"{k}_correct": v for k, v in
+                       jax.tree.map(common.pack_correct, seed_of(attacks, i)).items()},
+                }
+                for i in range(len(seeds))
+            ]  # fmt: skip
 
         return fn
+
+    return {arm: arm_fn(spec) for arm, spec in specs.items()}
 
 
 def _attack(kind, eps):
@@ -320,16 +319,12 @@ def run(config, workdir: str) -> dict:
     """Runs parts (a)-(c); writes results.json and three figures."""
     validate(config)
     common.start(config, workdir)
+    raw = common.load_dataset(config, standardize=False).x_train
+    raw_std, raw_range = float(raw.std()), (float(raw.min()), float(raw.max()))
     ds = common.load_dataset(config)
     model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
     quality = gradient_quality(config, ds, model, workdir)
-    runner = _Runner(config, ds, model)
-    specs = _arm_specs(config)
-    per_arm = common.run_arms(
-        workdir,
-        config,
-        {arm: common.per_seed(runner.arm_fn(arm, spec)) for arm, spec in specs.items()},
-    )
+    per_arm = common.run_arms(workdir, config, arm_fns(config, ds, model))
     attacks = [_attack(k, e) for k in ("whitebox", "transfer") for e in config.fgsm_eps]
     tables = {
         "Test accuracy and FGSM accuracy by arm": common.summarize(
@@ -337,7 +332,7 @@ def run(config, workdir: str) -> dict:
         ),
         "Forward evaluations per example and step": {
             "columns": ["arm", "forward evaluations"],
-            "rows": [[arm, str(spec[2])] for arm, spec in specs.items()],
+            "rows": [[arm, str(r[0]["forward_evaluations"])] for arm, r in per_arm.items()],
         },
         "Gradient quality at initialisation (cosine to jax.grad by forward evaluations)": {
             "columns": ["estimator", "forward evaluations", "cosine", "relative bias"],
@@ -358,7 +353,10 @@ def run(config, workdir: str) -> dict:
     notes = [
         f"{config.dataset}, MLP {tuple(config.hidden)}, Adam {config.lr:g}, {config.steps} steps "
         f"of batch {config.batch_size}; ULR and ES with N={config.copies} copies",
-        "FGSM on standardized inputs; every model is attacked and evaluated without noise",
+        f"FGSM eps is in standardized units (inputs / the training inputs' std): eps = 0.1 "
+        f"is {0.1 * raw_std:.3g} in raw pixel units ({config.dataset} pixels in "
+        f"[{raw_range[0]:g}, {raw_range[1]:g}]); every model is attacked and evaluated "
+        "without noise",
         "transfer: adversarial examples crafted on a backprop model trained with seed + "
         f"{config.source_seed_offset}",
         "noisy_bp arms: backprop through the same injected noise as the ULR arm "

@@ -134,131 +134,98 @@ def reinforce_estimator(slf: st.StatesLoss, num_samples: int):
     return estimator
 
 
-class SBN:
-    """The SBN toy, its exact gradient and the four estimators, built once for all seeds."""
+def sbn_arm_fns(config) -> dict:
+    """Arm ``sbn_<estimator>`` -> ``fn(seeds) -> [result per seed]`` for part (a).
 
-    def __init__(self, config):
-        self.config = config
-        hidden = tuple(config.sbn_hidden)
-        x, y = two_moons(config.sbn_points, seed=0)
-        self.ds = ws.data.Dataset("two_moons", x, y, x, y, num_classes=2)
-        self.batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
-        self.tx = optax.adam(config.sbn_lr)  # every estimator trains with the same Adam
-        self.models = {
-            est: st.BinaryMLP(hidden, num_classes=2, activation=est)
-            for est in ("st", "identity", "sign")
-        }
-        params = self.init(0).params
-        base = self.models["st"].apply
-        self.exact = st.exact_value_and_grad(st.states_loss(base, {"params": params}, x))
-        self.expected = {
-            est: st.expected_estimate(
-                st.states_loss(m.apply, {"params": params}, x, straight_through=True)
-            )
-            for est, m in self.models.items()
-            if est != "sign"
-        }
-        slf = st.states_loss(base, {"params": params}, x)
-        budgets = sorted(set(config.sbn_budgets) | {config.sbn_train_evals})
-        sigma = {f"BinaryDense_{i}": 1.0 for i in range(len(hidden))}
-        sigma["head"] = config.ulr_head_sigma
-        self.families = {
-            "reinforce": {m: reinforce_estimator(slf, m) for m in budgets},
-            "ulr": {
-                m: ws.likelihood_ratio.ulr(
-                    num_copies=m,
-                    noise="logistic",  # scale 1 on BinaryDense outputs: the SBN's own noise
-                    sigma=sigma,
-                    baseline="mean",
-                    layer_types=(st.BinaryDense, nn.Dense),
-                )
-                for m in budgets
-            },
-        }
-        self.losses = {
-            "st": ws.training.classification_loss(self.models["st"].apply),
-            "identity": ws.training.classification_loss(self.models["identity"].apply),
-            "ulr": ws.training.classification_loss(self.models["sign"].apply, per_example=True),
-            "reinforce": ws.training.classification_loss(base),  # unused by the estimator
-        }
-        self.steps = {}
-
-    def init(self, seed: int) -> ws.training.TrainState:
-        """The seed's initial state (the same parameters for every estimator)."""
-        return ws.training.init_state(
-            self.models["st"], self.tx, self.batch["x"][:1], jax.random.PRNGKey(seed)
+    Every estimator starts from the same initialisation of a seed (`init_states`) and
+    trains with the same Adam; training runs all seeds on the seed axis, scored by the
+    exact expected loss (enumeration, vmapped over seeds). The gradient study at init
+    (`ws.estimators.metrics_vs_samples`) reduces its samples on the host, so it stays a
+    loop over seeds (its sampler is compiled once for all of them).
+    """
+    hidden = tuple(config.sbn_hidden)
+    x, y = two_moons(config.sbn_points, seed=0)
+    ds = ws.data.Dataset("two_moons", x, y, x, y, num_classes=2)
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y)}
+    tx = optax.adam(config.sbn_lr)  # every estimator trains with the same Adam
+    models = {e: st.BinaryMLP(hidden, num_classes=2, activation=e) for e in ("st", "identity")}
+    models["ulr"] = st.BinaryMLP(hidden, num_classes=2, activation="sign")
+    models["reinforce"] = models["st"]
+    shapes = jax.eval_shape(models["st"].init, jax.random.PRNGKey(0), x[:1])  # no values used
+    slf = st.states_loss(models["st"].apply, shapes, x)
+    exact = jax.vmap(st.exact_value_and_grad(slf), in_axes=(0, None, None))
+    expected = {
+        e: jax.vmap(
+            st.expected_estimate(st.states_loss(models[e].apply, shapes, x, straight_through=True)),
+            in_axes=(0, None, None),
         )
+        for e in ("st", "identity")
+    }
+    sigma = {f"BinaryDense_{i}": 1.0 for i in range(len(hidden))}
+    sigma["head"] = config.ulr_head_sigma
+    ulr = functools.partial(  # logistic, scale 1 on BinaryDense outputs: the SBN's own noise
+        ws.likelihood_ratio.ulr, noise="logistic", sigma=sigma, baseline="mean",
+        layer_types=(st.BinaryDense, nn.Dense),
+    )  # fmt: skip
+    budgets = sorted(set(config.sbn_budgets) | {config.sbn_train_evals})
+    families = {  # built once: the estimator objects key the samplers' compilation cache
+        "reinforce": {m: reinforce_estimator(slf, m) for m in budgets},
+        "ulr": {m: ulr(num_copies=m) for m in budgets},
+    }
 
-    def estimator(self, est: str, budget: int):
-        """The estimator using ``budget`` forward evaluations per example."""
-        if est in self.families:
-            return self.families[est][budget]
+    def estimator(est: str, budget: int):
+        if est in families:
+            return families[est][budget]
         return ws.estimators.average_estimator(jax.value_and_grad, budget)
 
-    def measure(self, est: str, seed: int) -> dict:
-        """Bias, cosine and RMSE vs forward evaluations at init; training at equal evaluations."""
-        cfg = self.config
-        state = self.init(seed)
-        params = state.params
-        x, y = self.batch["x"], self.batch["y"]
-        loss0, exact = self.exact(params, x, y)
-        family = est in self.families
-        curve = ws.estimators.metrics_vs_samples(
-            (lambda m: self.families[est][m]) if family else jax.value_and_grad,
-            self.losses[est],
-            params,
-            {},
-            self.batch,
-            exact,
-            jax.random.PRNGKey(1000 + seed),
-            num_samples=cfg.sbn_budgets,
-            repeats=cfg.sbn_repeats,
-            family=family,
+    def measure(est: str, seeds: list[int]) -> list[dict]:
+        loss = ws.training.classification_loss(models[est].apply, per_example=est == "ulr")
+        state = ws.training.init_states(models["st"], tx, x[:1], seeds)
+        loss0, grads = exact(state.params, batch["x"], batch["y"])
+        out = [{"exact_loss_init": float(v)} for v in loss0]
+        if est in expected:
+            _, means = expected[est](state.params, batch["x"], batch["y"])
+            for i, o in enumerate(out):
+                o["exact_relative_bias"] = _relative(*ws.training.seed_slice((means, grads), i))
+        for i, seed in enumerate(seeds):  # host statistics: a loop (see the docstring)
+            curve = ws.estimators.metrics_vs_samples(
+                families[est].get if est in families else jax.value_and_grad,
+                loss, ws.training.seed_slice(state.params, i), {}, batch,
+                ws.training.seed_slice(grads, i), jax.random.PRNGKey(1000 + seed),
+                num_samples=config.sbn_budgets, repeats=config.sbn_repeats,
+                family=est in families,
+            )  # fmt: skip
+            out[i].update(
+                forward_evaluations=curve["forward_evaluations"],
+                cosine=curve["cosine"],
+                relative_rmse=curve["relative_rmse"],
+                # Monte Carlo ||E g - G|| / ||G|| at the largest budget (debiased, clipped at 0)
+                mc_relative_bias=float(np.sqrt(max(curve["bias_squared"][-1], 0)) / curve["norm"]),
+                **{
+                    f"cosine_at_{f}": c
+                    for f, c in zip(curve["num_samples"], curve["cosine"], strict=True)
+                },
+            )
+        step = ws.training.make_train_step(
+            loss, tx, estimator=estimator(est, config.sbn_train_evals), seed_axis=True
         )
-        out = {
-            "exact_loss_init": float(loss0),
-            "forward_evaluations": curve["forward_evaluations"],
-            "cosine": curve["cosine"],
-            "relative_rmse": curve["relative_rmse"],
-            # Monte Carlo ||E g - G|| / ||G|| from the largest budget (debiased, clipped at 0)
-            "mc_relative_bias": float(np.sqrt(max(curve["bias_squared"][-1], 0.0)) / curve["norm"]),
-        }
-        for i, f in enumerate(curve["num_samples"]):
-            out[f"cosine_at_{f}"] = curve["cosine"][i]
-        if est in self.expected:
-            _, mean = self.expected[est](params, x, y)
-            out["exact_relative_bias"] = _relative(mean, exact)
-        out.update(self.train(est, state, seed))
+        _, history = ws.training.fit(
+            state, step, ds, num_steps=config.sbn_steps, batch_size=config.sbn_points,
+            seed=seeds, eval_every=max(config.sbn_steps // config.sbn_evals, 1), progress=False,
+            eval_fn=lambda s: {"exact_loss": exact(s.params, batch["x"], batch["y"])[0]},
+        )  # fmt: skip
+        steps = [0] + [r["step"] for r in history]
+        for i, o in enumerate(out):
+            losses = [o["exact_loss_init"]] + [r["exact_loss"][i] for r in history]
+            o.update(
+                train_steps=steps,
+                train_forward_evaluations=[n * config.sbn_train_evals for n in steps],
+                train_exact_loss=losses,
+                final_exact_loss=losses[-1],
+            )
         return out
 
-    def train(self, est: str, state, seed: int) -> dict:
-        """Adam at ``sbn_train_evals`` forward evaluations per example per step; exact loss."""
-        cfg = self.config
-        if est not in self.steps:
-            self.steps[est] = ws.training.make_train_step(
-                self.losses[est], self.tx, estimator=self.estimator(est, cfg.sbn_train_evals)
-            )
-        checkpoints = np.unique(np.linspace(0, cfg.sbn_steps, cfg.sbn_evals + 1).astype(int))
-        losses = [float(self.exact(state.params, self.batch["x"], self.batch["y"])[0])]
-        for n in checkpoints[1:]:
-            state, _ = ws.training.fit(
-                state,
-                self.steps[est],
-                self.ds,
-                apply_fn=self.models["st"].apply,
-                num_steps=int(n),
-                batch_size=cfg.sbn_points,
-                seed=seed,
-                eval_every=cfg.sbn_steps + 1,
-                progress=False,
-            )
-            losses.append(float(self.exact(state.params, self.batch["x"], self.batch["y"])[0]))
-        return {
-            "train_steps": [int(n) for n in checkpoints],
-            "train_forward_evaluations": [int(n) * cfg.sbn_train_evals for n in checkpoints],
-            "train_exact_loss": losses,
-            "final_exact_loss": losses[-1],
-        }
+    return {f"sbn_{e}": functools.partial(measure, e) for e in config.sbn_estimators}
 
 
 def _relative(a, b) -> float:
@@ -292,72 +259,65 @@ def build_arm(arm: str, config, num_classes: int):
     return model, optax.multi_transform({"latent": latent, "real": real}, st.latent_labels)
 
 
-@functools.lru_cache(maxsize=32)
-def _sampled_probs(model):
-    @jax.jit
-    def probs(params, x, keys):
-        one = lambda k: jax.nn.softmax(
-            model.apply({"params": params}, x, train=True, rngs={"dropout": k})
+@functools.partial(jax.jit, static_argnums=0)
+def sampled_predictions(apply_fn, params, x, keys):
+    """Per seed, the argmax of the mean softmax of stochastic passes (one per key).
+
+    ``params`` and ``keys`` (``[S, samples, 2]``) carry a leading seed axis; returns ``[S, N]``.
+    """
+
+    def one_seed(p, ks):
+        one = lambda k: jax.nn.softmax(  # noqa: E731
+            apply_fn({"params": p}, x, train=True, rngs={"dropout": k})
         )
-        return jnp.mean(jax.lax.map(one, keys), 0)
+        return jnp.argmax(jnp.mean(jax.lax.map(one, ks), 0), -1)
 
-    return probs
-
-
-def sampled_accuracy(model, params, x, y, key, samples: int) -> float:
-    """Accuracy of the mean of ``samples`` stochastic forward passes' softmax."""
-    probs = _sampled_probs(model)(params, jnp.asarray(x), jax.random.split(key, samples))
-    return float(jnp.mean(jnp.argmax(probs, -1) == jnp.asarray(y)))
+    return jax.vmap(one_seed)(params, keys)
 
 
-class Trainer:
-    """Trains the arms of part (b); one compiled step per arm, reused across seeds."""
-
-    def __init__(self, config, ds):
-        self.config, self.ds, self.built = config, ds, {}
-
-    def __call__(self, arm: str, seed: int) -> dict:
-        cfg, ds = self.config, self.ds
-        if arm not in self.built:
-            model, tx = build_arm(arm, cfg, ds.num_classes)
-            loss_fn = ws.training.classification_loss(model.apply)
-            self.built[arm] = (model, tx, ws.training.make_train_step(loss_fn, tx, mode=cfg.mode))
-        model, tx, step = self.built[arm]
-        state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seed))
-        state, history = ws.training.fit(
-            state,
-            step,
-            ds,
-            apply_fn=model.apply,
-            num_steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            seed=seed,
-            mode=cfg.mode,
-            eval_every=max(cfg.steps // 4, 1),
-            progress=cfg.progress,
-        )
-        labels = jax.tree.leaves(st.latent_labels(state.params))
-        latents = [
-            float(jnp.mean(jnp.abs(v)))
-            for v, label in zip(jax.tree.leaves(state.params), labels, strict=True)
-            if label == "latent"
-        ]
-        final = history[-1]
-        return {
-            "test_accuracy": final["test_accuracy"],  # the mode network: every unit at sign(a)
-            "sampled_test_accuracy": sampled_accuracy(
-                model,
-                state.params,
-                ds.x_test,
-                ds.y_test,
-                jax.random.PRNGKey(10_000 + seed),
-                cfg.eval_samples,
-            ),
-            "train_accuracy": final["train_accuracy"],
-            "train_loss": final["train_loss"],
-            "mean_abs_latent": float(np.mean(latents)) if latents else 0.0,
-            "curve": [{k: r[k] for k in ("step", "test_accuracy", "train_loss")} for r in history],
+def train_arm(arm: str, config, ds, seeds: list[int]) -> list[dict]:
+    """Trains a part-(b) arm for all ``seeds`` at once (a seed axis); one result per seed."""
+    model, tx = build_arm(arm, config, ds.num_classes)
+    step = ws.training.make_train_step(
+        ws.training.classification_loss(model.apply), tx, mode=config.mode, seed_axis=True
+    )
+    state, history = ws.training.fit(
+        ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
+        apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size, seed=seeds,
+        mode=config.mode, eval_every=max(config.steps // 4, 1), progress=config.progress,
+    )  # fmt: skip
+    mode_correct = ws.training.correct_predictions(
+        model.apply, state.variables, ds.x_test, ds.y_test, seed_axis=True
+    )
+    keys = jnp.stack([jax.random.split(jax.random.PRNGKey(10_000 + s), config.eval_samples)
+                      for s in seeds])  # fmt: skip
+    sampled = np.asarray(sampled_predictions(model.apply, state.params, ds.x_test, keys))
+    sampled_correct = sampled == ds.y_test
+    labels = jax.tree.leaves(st.latent_labels(state.params))
+    latents = [
+        np.mean(np.abs(v), axis=tuple(range(1, v.ndim)))
+        for v, label in zip(jax.tree.leaves(state.params), labels, strict=True)
+        if label == "latent"
+    ]
+    return [
+        {
+            "test_accuracy": history[-1]["test_accuracy"][i],  # the mode network: sign(a)
+            "sampled_test_accuracy": float(sampled_correct[i].mean()),
+            "train_accuracy": history[-1]["train_accuracy"][i],
+            "train_loss": history[-1]["train_loss"][i],
+            "mean_abs_latent": float(np.mean([v[i] for v in latents])) if latents else 0.0,
+            "curve": [
+                {
+                    k: r[k] if k == "step" else r[k][i]
+                    for k in ("step", "test_accuracy", "train_loss")
+                }
+                for r in history
+            ],
+            "test_correct": common.pack_correct(mode_correct[i]),
+            "sampled_test_correct": common.pack_correct(sampled_correct[i]),
         }
+        for i in range(len(seeds))
+    ]
 
 
 # ------------------------------------------------------------------------- run
@@ -368,10 +328,9 @@ def run(config, workdir: str) -> dict:
     validate(config)
     common.start(config, workdir)
     ds = common.load_dataset(config)
-    sbn, trainer = SBN(config), Trainer(config, ds)
-    arm_fns = {f"sbn_{e}": functools.partial(sbn.measure, e) for e in config.sbn_estimators}
-    arm_fns.update({a: functools.partial(trainer, a) for a in config.train_arms})
-    per_arm = common.run_arms(workdir, config, {a: common.per_seed(f) for a, f in arm_fns.items()})
+    arm_fns = sbn_arm_fns(config)
+    arm_fns.update({a: functools.partial(train_arm, a, config, ds) for a in config.train_arms})
+    per_arm = common.run_arms(workdir, config, arm_fns)
     claims = _claims(config, per_arm)
     sbn_arms = {k: v for k, v in per_arm.items() if k.startswith("sbn_")}
     train_arms = {k: v for k, v in per_arm.items() if not k.startswith("sbn_")}

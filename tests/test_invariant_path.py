@@ -466,7 +466,9 @@ def test_diagonal_fisher_matches_enumeration_and_ewc_gradient():
 
 
 def test_experiment_quick(tmp_path):
-    results = run_experiment("invariant_path", tmp_path)
+    from experiments import common
+
+    results = run_experiment("invariant_path", tmp_path, task2_steps=1)
     assert results["smoke"] and len(results["seeds"]) == 2
     for name in ("config.json", "results.json", "continual.png", "sparsity.png"):
         assert os.path.exists(tmp_path / name), name
@@ -480,6 +482,13 @@ def test_experiment_quick(tmp_path):
     with open(tmp_path / "arms" / "fip" / "seed_0.json") as f:
         fip = json.load(f)
     assert {"final_residual", "unconverged_steps", "task1_accuracy"} <= set(fip)
+    assert abs(common.unpack_correct(fip["all_correct"]).mean() - fip["all_accuracy"]) < 1e-6
+    with open(tmp_path / "config.json") as f:
+        step_length = json.load(f)["fip_lr"]
+    for arm in ("fip", "fip_jacobian"):  # the metric arms move equal lengths: fip_lr per step
+        for seed in (0, 1):
+            with open(tmp_path / "arms" / arm / f"seed_{seed}.json") as f:
+                assert abs(json.load(f)["distance_moved"] - step_length) < 1e-5, (arm, seed)
 
 
 def test_experiment_rejects_bad_config_before_writing(tmp_path):

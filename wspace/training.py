@@ -221,19 +221,21 @@ _cached_train_step = functools.lru_cache(maxsize=128)(_build_train_step)
 
 
 def _check_opt_state(tx: optax.GradientTransformation, state: TrainState) -> None:
-    """At trace time: ``state.opt_state`` must be what ``tx.init`` builds (not another
-    optimizer's state, which fails later with a cryptic error inside ``tx.update``)."""
-    want = jax.tree.structure(jax.eval_shape(tx.init, state.params))
-    have = jax.tree.structure(state.opt_state)
+    """At trace time: ``state.opt_state`` must be of the kinds ``tx.init`` builds (not
+    another optimizer's state, which fails later with a cryptic error in ``tx.update``)."""
+    have, want = _state_kinds(state.opt_state), _state_kinds(jax.eval_shape(tx.init, state.params))
     if have != want:
-        names = lambda t: type(t).__name__ if not isinstance(t, tuple) else [
-            type(x).__name__ for x in t
-        ]  # fmt: skip
         raise ValueError(
-            f"state.opt_state ({names(state.opt_state)}) does not match tx (whose init builds "
-            f"{names(jax.eval_shape(tx.init, state.params))}); build the state with this tx, "
-            "or state.replace(opt_state=tx.init(state.params))"
+            f"state.opt_state ({have}) does not match tx (whose init builds {want}); build "
+            "the state with this tx, or state.replace(opt_state=tx.init(state.params))"
         )
+
+
+def _state_kinds(opt_state) -> list[str] | str:
+    """The type names of an optimizer state's parts (a chain's state is a tuple of parts)."""
+    if type(opt_state) is tuple:
+        return [type(part).__name__ for part in opt_state]
+    return type(opt_state).__name__
 
 
 class TrainStep:

@@ -24,8 +24,10 @@ def get_config(arg: str = "small"):
     }[size]
     c.task2_steps = {"quick": 8, "small": 200, "paper": 500}[size]
     c.buffer_size = 50  # stored task-1 examples (the official code's 50 MNIST images)
-    c.fip_lr = 0.05  # learning rate after the metric step (step length <= fip_lr * max_norm)
-    c.max_norm = 1.0
+    # Both continual FIP arms rescale the solved direction to norm 1: every step moves
+    # exactly fip_lr, so the Fisher and Euclidean metrics are compared at equal step length.
+    c.fip_lr = 0.05
+    c.max_norm = 1.0  # the path and robustness parts: step length <= path_lr * max_norm
     c.damping = 1e-2  # metric="fisher" (the library default, chosen by measurement)
     c.jacobian_damping = 1.0  # metric="jacobian": its metric is ~1000x larger (measured)
     c.tol = 1e-2

@@ -21,7 +21,7 @@ This module gives both formulations:
   (`metric_matvec`: one `jax.linearize` per step at ``Precision.HIGHEST``, reused
   by every CG iteration, and its transpose), records the residual in its state
   and warns when a solve ends unconverged. The default metric is the softmax
-  Fisher ``J^T (diag p - p p^T) J / N`` (8x the Hessian of the Bhattacharyya
+  Fisher ``J^T (diag p - p p^T) J / N`` (4x the Hessian of the Bhattacharyya
   distance the official code uses); ``metric="jacobian"`` is the Euclidean
   ``J^T J / N`` on the logits. The anchor inputs come as the keyword extra
   argument ``anchors=``.

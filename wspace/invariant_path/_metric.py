@@ -56,7 +56,7 @@ def metric_matvec(
     """The matrix-free metric ``v -> g v`` at ``params`` on anchor inputs.
 
     ``fisher``: ``g v = J^T M (J v) / N`` with ``M = blockdiag(diag p_n - p_n p_n^T)``,
-    ``p_n = softmax(f(params, x_n))``: the Fisher of the softmax outputs, which is 8x
+    ``p_n = softmax(f(params, x_n))``: the Fisher of the softmax outputs, which is 4x
     the Hessian of the mean Bhattacharyya distance the official code uses
     (``D_B(p, p + dp) = dz^T (diag p - p p^T) dz / 8 + O(dz^3)`` in the logits ``z``).
     ``jacobian``: ``g v = J^T (J v) / N``, the Euclidean metric on the raw outputs (the
@@ -69,7 +69,7 @@ def metric_matvec(
         (logits ``(N, K)`` for ``fisher``).
       params: the point where the metric is taken.
       anchors: ``(N, ...)`` anchor inputs (the inputs whose outputs must not move).
-      metric: ``"fisher"`` (default, the official method's metric up to the factor 8)
+      metric: ``"fisher"`` (default, the official method's metric up to the factor 4)
         or ``"jacobian"``.
       precision: matmul precision of the linearisation (default ``HIGHEST``, so the
         products are exact float32 also on GPUs/TPUs; None: the backend default).
@@ -143,7 +143,7 @@ def scale_by_invariant_metric(
       apply_fn: ``apply_fn(params, x) -> outputs`` (a closure; for BatchNorm models
         close over ``model_state`` in eval mode, see the module docstring).
       metric: ``"fisher"`` (softmax Fisher, the official code's Bhattacharyya metric
-        up to a factor 8 absorbed by ``damping``) or ``"jacobian"`` (``J^T J / N``).
+        up to a factor 4 absorbed by ``damping``) or ``"jacobian"`` (``J^T J / N``).
       damping: ``lambda >= 0`` (with 0 the system may be singular: use ``max_norm``).
       tol: relative residual ``|b - A d| / |b|`` at which CG stops, ``>= 0`` (0: always
         run ``maxiter`` iterations; every step then counts as unconverged, so pass

@@ -21,6 +21,7 @@ import scipy.stats
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
 from wspace import likelihood_ratio as lr
+from wspace.likelihood_ratio._noise import _noise_key
 
 _SMOOTH = ws.models.MLP(features=(12, 12), num_classes=3, activation=nn.tanh)
 
@@ -330,7 +331,7 @@ def test_after_barrier_only_on_cpu_or_recompute(monkeypatch):
 
 
 def test_noise_distribution_independence_and_antithetic_pairs():
-    key = lr._noise_key(jax.random.PRNGKey(0))
+    key = _noise_key(jax.random.PRNGKey(0))
     n = 20_000
     cdf = {"gaussian": "norm", "laplace": "laplace", "logistic": "logistic"}
     draw = jax.jit(

@@ -4,9 +4,9 @@ For every Dense/Conv output ``o_l`` the model computes ``o_l + sigma_l e_l``
 (N copies per example, one wide pass); the output cotangent is estimated as
 ``c_l = mean_n (L_n - b_n) psi(e_l) / sigma_l`` and the layer's local VJP maps
 it to parameter gradients, ``g_l = J_{theta_l}(o_l)^T c_l`` (``x_l^T c_l`` for a
-Dense layer). The copies run as two nested `jax.vmap`s, over independent
-draws (pairs) and over the signs of an antithetic pair, so each draw is
-generated once and shared by both members of its pair.
+Dense layer). The copies run as one `jax.vmap`; each site's noise is drawn
+for all copies at once, each independent draw once (antithetic partners
+share theirs).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from wspace.likelihood_ratio._noise import _noise_key, num_pairs, pair_noise, sc
 PyTree = Any
 
 LAYER_TYPES = (nn.Dense, nn.Conv)
-_PAIRS, _SIGNS = "ulr_pairs", "ulr_signs"  # the vmap axes of the copies
+_COPIES = "ulr_copies"  # the vmap axis of the copies
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -258,7 +258,7 @@ def _after(value, x, axis_names=()):
     materialised at the start and memory grows with depth) and in
     ``recompute`` mode; see `_needs_after`. Under the copies' `jax.vmap`
     the probe is summed over ``axis_names`` so that ``value`` stays unbatched
-    (the noise of a pair is drawn once, not once per copy).
+    (a site's noise is drawn once for all copies, not once per copy).
     """
     probe = jnp.ravel(x)[0]
     if axis_names:
@@ -277,26 +277,37 @@ def _needs_after(recompute: bool) -> bool:
 # ----------------------------------------------------------------------------- estimator
 
 
-def _copy_major(a):
-    """``(pairs, signs, ...) -> (N, ...)`` in copy order: copy ``s * P + p``."""
-    return jnp.swapaxes(a, 0, 1).reshape((-1,) + a.shape[2:])
+def _site_noise(cfg: ULR, key_noise, site, shape, num_sites: int, i: int, dtype) -> jax.Array:
+    """``(N, *shape)``: every copy's unit noise at perturbed site ``i``, each draw made once.
 
-
-def _noisy_copies(cfg: ULR, loss_fn, has_aux, sites, model_state, batch, key_noise, key_loss):
-    """``wide(params) -> (outs, (losses, aux, noises))``: all N noisy passes, as one program.
-
-    Two nested vmaps: over the ``P`` independent draws (pairs) and over the
-    signs of a pair (``[+]``, or ``[+, -]`` with antithetic copies). Each
-    site's noise depends on the pair only, so it is drawn ``P`` times and
-    comes back once per pair; ``outs`` (each perturbed layer's noise-free
-    output) and the losses come back per ``(pair, sign)``.
+    The ``P`` independent draws (`num_pairs`) are stacked by `jax.lax.map`, a
+    loop whose output XLA stores: fused into its consumers instead (the noisy
+    forward and the cotangent), the threefry hash would be computed once per
+    consumer. Antithetic partners are the negated stack; with ``layerwise``
+    the draws of pairs assigned to other sites are zeroed.
     """
-    num_sites = len(sites)
     n_pairs = num_pairs(cfg.num_copies, cfg.antithetic)
-    flips = jnp.array([False, True] if cfg.antithetic else [False])
+    pairs = jnp.arange(n_pairs)
+    draw = functools.partial(
+        pair_noise, key_noise, site, shape=shape, noise=cfg.noise, num_pairs=n_pairs, qmc=cfg.qmc
+    )
+    e = jax.lax.map(lambda p: draw(p, dtype=dtype), pairs)
+    if cfg.layerwise:
+        e = e * (pairs % num_sites == i).astype(e.dtype).reshape((-1,) + (1,) * len(shape))
+    return jnp.concatenate([e, -e]) if cfg.antithetic else e
+
+
+def _noisy_copies(cfg: ULR, loss_fn, has_aux, num_sites, model_state, batch, key_noise, key_loss):
+    """``wide(params) -> (outs, (losses, aux, noises))``: the N noisy passes as one program.
+
+    A `jax.vmap` over copies. Each site's noise (`_site_noise`, all copies)
+    is drawn once, outside the copy axis, and comes back as is; ``outs``
+    (each perturbed layer's noise-free output), the losses and ``aux`` come
+    back per copy.
+    """
     delay = _needs_after(cfg.recompute)
 
-    def one_copy(p, pair, flip):
+    def one_copy(p, copy):
         counter, outs, noises = [0], [], []
 
         def intercept(next_fun, args, kwargs, context):
@@ -305,34 +316,19 @@ def _noisy_copies(cfg: ULR, loss_fn, has_aux, sites, model_state, batch, key_noi
             i = counter[0]
             counter[0] += 1
             x = jax.lax.stop_gradient(args[0])  # local VJP only: no path through x
-            site = _after(jnp.uint32(i), x, (_PAIRS, _SIGNS)) if delay else i
+            site = _after(jnp.uint32(i), x, _COPIES) if delay else i
             out = next_fun(x, *args[1:], **kwargs)
-            e = pair_noise(
-                key_noise,
-                site,
-                pair,
-                out.shape,
-                noise=cfg.noise,
-                num_pairs=n_pairs,
-                qmc=cfg.qmc,
-                dtype=out.dtype,
-            )
-            if cfg.layerwise:
-                e = e * (pair % num_sites == i).astype(e.dtype)
+            e = _site_noise(cfg, key_noise, site, out.shape, num_sites, i, out.dtype)
             outs.append(out)
             noises.append(e)
-            sigma = _sigma_of(cfg.sigma, _layer_name(context.module))
-            return out + sigma * jnp.where(flip, -e, e)
+            return out + _sigma_of(cfg.sigma, _layer_name(context.module)) * e[copy]
 
         with nn.intercept_methods(intercept):
             loss, aux = split_loss(loss_fn(p, model_state, batch, key_loss), has_aux)
         return outs, (loss, aux, noises)
 
-    per_pair = jax.vmap(
-        one_copy, in_axes=(None, None, 0), out_axes=(0, (0, 0, None)), axis_name=_SIGNS
-    )
-    copies = jax.vmap(per_pair, in_axes=(None, 0, None), axis_name=_PAIRS)
-    return lambda p: copies(p, jnp.arange(n_pairs), flips)
+    copies = jax.vmap(one_copy, (None, 0), (0, (0, 0, None)), axis_name=_COPIES)
+    return lambda p: copies(p, jnp.arange(cfg.num_copies))
 
 
 def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):
@@ -343,14 +339,14 @@ def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):
     )
     _check_sites(sites, cfg)
     per_layer = _copies_per_site(cfg, len(sites))
-    wide = _noisy_copies(cfg, loss_fn, has_aux, sites, model_state, batch, key_noise, key_loss)
+    wide = _noisy_copies(cfg, loss_fn, has_aux, len(sites), model_state, batch, key_noise, key_loss)
 
     # Pass 1 (the only one unless recompute): losses, and layer outputs for the VJP.
     if cfg.recompute:
         _, (losses, aux, _) = wide(params)
     else:
         outs, vjp_fn, (losses, aux, noises) = jax.vjp(wide, params, has_aux=True)
-    losses = _check_losses(_copy_major(losses), sites)
+    losses = _check_losses(losses, sites)
     clean_loss, clean_aux = None, None
     if cfg.baseline == "clean":
         clean_loss, clean_aux = split_loss(loss_fn(params, model_state, batch, key_loss), has_aux)
@@ -364,20 +360,14 @@ def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):
             cfg, loss_fn, params, model_state, batch_w, key_noise, key_loss, w, per_layer
         )
     else:
-        n_signs = outs[0].shape[1]
-        w = jnp.swapaxes(w.reshape((n_signs, -1) + w.shape[1:]), 0, 1)  # (pairs, signs[, B])
-        flips = jnp.array([False, True][:n_signs])
         cots = []
         for (name, _), out, e, m in zip(sites, outs, noises, per_layer, strict=True):
-            signed = jnp.where(
-                flips.reshape((1, -1) + (1,) * (e.ndim - 1)), -e[:, None], e[:, None]
-            )
-            psi = score(cfg.noise, signed, _sigma_of(cfg.sigma, name))
+            psi = score(cfg.noise, e, _sigma_of(cfg.sigma, name))
             cots.append(w.reshape(w.shape + (1,) * (out.ndim - w.ndim)) * psi / m)
         (grads,) = vjp_fn(cots)
 
     loss = jnp.mean(losses) if clean_loss is None else jnp.mean(clean_loss)
-    aux = reduce_copies(jax.tree.map(_copy_major, aux)) if clean_loss is None else clean_aux
+    aux = reduce_copies(aux) if clean_loss is None else clean_aux
     return ((loss, aux) if has_aux else loss), grads
 
 
@@ -395,27 +385,6 @@ def _per_copy_batchnorm(context, args, kwargs, n):
         return out
 
     return jax.vmap(one)(x.reshape((n, -1) + x.shape[1:])).reshape(x.shape)
-
-
-def _copy_noise(cfg: ULR, key_noise, site, per_copy_shape, num_sites, i, dtype):
-    """``(N, *shape)`` unit noise of one site, copy-major: each pair's draw made once."""
-    n_pairs = num_pairs(cfg.num_copies, cfg.antithetic)
-    pairs = jnp.arange(n_pairs)
-    e = jax.vmap(
-        lambda p: pair_noise(
-            key_noise,
-            site,
-            p,
-            per_copy_shape,
-            noise=cfg.noise,
-            num_pairs=n_pairs,
-            qmc=cfg.qmc,
-            dtype=dtype,
-        )
-    )(pairs)
-    if cfg.layerwise:
-        e = e * (pairs % num_sites == i).astype(e.dtype).reshape((-1,) + (1,) * (e.ndim - 1))
-    return jnp.concatenate([e, -e]) if cfg.antithetic else e
 
 
 def _second_pass(
@@ -456,7 +425,7 @@ def _second_pass(
         )
         inside[0] = False
         per_copy = (out.shape[0] // n,) + out.shape[1:]
-        e = _copy_noise(cfg, key_noise, site, per_copy, len(per_layer), i, out.dtype)
+        e = _site_noise(cfg, key_noise, site, per_copy, len(per_layer), i, out.dtype)
         sigma = _sigma_of(cfg.sigma, _layer_name(context.module))
         w = copy_weights.reshape(copy_weights.shape + (1,) * (e.ndim - copy_weights.ndim))
         cot = (w * score(cfg.noise, e, sigma) / per_layer[i]).reshape(out.shape)

@@ -31,6 +31,7 @@ import optax
 
 import wspace as ws
 from wspace import likelihood_ratio as lr
+from wspace.likelihood_ratio import _ulr
 
 
 def _mlp(depth, width):
@@ -169,7 +170,7 @@ def part3_rng(depths, width, batch, copies, repeats):
     """Whole-estimator compile and run time per noise RNG implementation."""
     print(f"\n== noise RNG: ULR N={copies} (antithetic), MLP width {width}, batch {batch} ==")
     print(f"{'depth':>5} {'impl':>11} {'mode':>9} {'compile cpu-s':>13} {'run ms':>8}")
-    threefry_key = lr._noise_key
+    threefry_key = _ulr._noise_key
 
     def impl_key(impl):
         if impl == "threefry2x32":
@@ -185,7 +186,7 @@ def part3_rng(depths, width, batch, copies, repeats):
             per_ex = ws.training.classification_loss(model.apply, per_example=True)
             for recompute in (False, True):
                 for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-                    lr._noise_key = impl_key(impl)
+                    _ulr._noise_key = impl_key(impl)
                     est = lr.ulr(num_copies=copies, antithetic=True, recompute=recompute)(per_ex)
                     fn = jax.jit(lambda p, b, k, est=est: est(p, {}, b, k)[1])
                     args = (params, batch_, jax.random.PRNGKey(1))
@@ -197,7 +198,7 @@ def part3_rng(depths, width, batch, copies, repeats):
                     print(f"{depth:>5} {impl:>11} {mode:>9} {tc:>13.2f} {t_run:>8.2f}")
                     rows.append((depth, impl, mode, tc, t_run))
     finally:
-        lr._noise_key = threefry_key
+        _ulr._noise_key = threefry_key
     return rows
 
 

@@ -21,6 +21,8 @@ import scipy.stats
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
 from wspace import likelihood_ratio as lr
+from wspace.likelihood_ratio import _copies  # noqa: F401  (lr._copies in a test)
+from wspace.likelihood_ratio._noise import _noise_key
 
 _SMOOTH = ws.models.MLP(features=(12, 12), num_classes=3, activation=nn.tanh)
 
@@ -330,7 +332,7 @@ def test_after_barrier_only_on_cpu_or_recompute(monkeypatch):
 
 
 def test_noise_distribution_independence_and_antithetic_pairs():
-    key = lr._noise_key(jax.random.PRNGKey(0))
+    key = _noise_key(jax.random.PRNGKey(0))
     n = 20_000
     cdf = {"gaussian": "norm", "laplace": "laplace", "logistic": "logistic"}
     draw = jax.jit(
@@ -491,3 +493,63 @@ def test_experiment_quick(tmp_path):
 
 def test_notebook_runs():
     run_notebook("likelihood_ratio")
+
+
+# ----------------------------------------------------------------------------- speed vs noise
+
+
+def test_unrolled_threefry_is_jax_threefry_bit_for_bit():
+    """The noise key's unrolled hash draws exactly JAX's threefry2x32 bits (any family, vmapped)."""
+    from wspace.likelihood_ratio import _noise
+
+    raw = jax.random.fold_in(jax.random.key(11), _noise._NOISE_STREAM)
+    fast = _noise._noise_key(jax.random.key(11))
+    assert jax.random.key_impl(fast) != jax.random.key_impl(raw)  # the unrolled path is in use
+    for draw in (jax.random.normal, jax.random.laplace, jax.random.logistic, jax.random.bits):
+        for shape in [(7,), (3, 64, 5)]:
+            a, b = (
+                jax.jit(lambda k, d=draw, s=shape: d(k, s))(raw),
+                jax.jit(lambda k, d=draw, s=shape: d(k, s))(fast),
+            )
+            np.testing.assert_array_equal(a, b)
+    per_copy = jax.jit(
+        jax.vmap(lambda k, c: jax.random.normal(jax.random.fold_in(k, c), (4, 9)), (None, 0))
+    )
+    np.testing.assert_array_equal(per_copy(raw, jnp.arange(6)), per_copy(fast, jnp.arange(6)))
+
+
+def test_ulr_equals_reference_formula_with_documented_noise():
+    """g_W = sum_n w_n x_n^T psi(e_n) / N per Dense layer, noise from `unit_noise` (same key)."""
+    model = ws.models.MLP(features=(12, 12), num_classes=3, activation=nn.tanh)
+    params, batch = _problem(model)
+    loss = ws.training.classification_loss(model.apply, per_example=True)
+    key = jax.random.PRNGKey(9)
+    names = ["Dense_0", "Dense_1", "head"]
+    for options in [dict(antithetic=True, baseline="mean"), dict(baseline="none")]:
+        cfg = lr.ulr(num_copies=8, sigma=0.1, **options)
+        with _HIGHEST():
+            grads = jax.jit(cfg(loss))(params, {}, batch, key)[1]
+            kn = _noise_key(key)
+            xs, es, losses = [], [], []
+            for c in range(8):  # copy by copy, by hand
+                h, xc, ec = batch["x"], [], []
+                for i, name in enumerate(names):
+                    e = lr.unit_noise(
+                        kn,
+                        i,
+                        c,
+                        (8, params[name]["bias"].size),
+                        num_copies=8,
+                        antithetic=cfg.antithetic,
+                    )
+                    xc.append(h)
+                    ec.append(e)
+                    o = h @ params[name]["kernel"] + params[name]["bias"] + 0.1 * e
+                    h = jnp.tanh(o) if name != "head" else o
+                xs.append(xc)
+                es.append(ec)
+                losses.append(optax.softmax_cross_entropy_with_integer_labels(h, batch["y"]))
+            w = lr._copies.weights(jnp.stack(losses), None, cfg)
+            for i, name in enumerate(names):
+                ref = sum((xs[c][i] * w[c][:, None]).T @ (es[c][i] / 0.1) for c in range(8)) / 8
+                np.testing.assert_allclose(grads[name]["kernel"], ref, rtol=2e-4, atol=1e-6)

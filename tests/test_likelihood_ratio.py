@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
-import warnings
 
 import flax.linen as nn
 import jax
@@ -399,29 +397,6 @@ def test_noisy_loss_is_ulrs_noisy_pass():
         lr.noisy_loss(loss, sigma=0.0)
 
 
-def test_deprecated_names_warn_and_agree():
-    """Old names still build the same estimator (same configuration), with a warning."""
-    loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
-    fields = dataclasses.astuple
-    with pytest.warns(DeprecationWarning, match="ulr"):
-        old = lr.likelihood_ratio(num_copies=4, baseline="mean")
-    assert fields(old) == fields(lr.ulr(num_copies=4, baseline="mean"))
-    with pytest.warns(DeprecationWarning, match="ulr"):
-        old = lr.ulr(loss, False, num_copies=4, baseline="mean")  # ulr(loss_fn, has_aux, ...)
-    assert old.args[1:] == (loss, False)
-    assert fields(old.args[0]) == fields(lr.ulr(num_copies=4, baseline="mean"))
-    with pytest.warns(DeprecationWarning, match="es"):
-        old = lr.evolution_strategies(num_copies=4)
-    assert fields(old) == fields(lr.es(num_copies=4))
-    with pytest.warns(DeprecationWarning, match="es"):
-        old = lr.es(loss, num_copies=4)
-    assert old.args[1:] == (loss, True) and fields(old.args[0]) == fields(lr.es(num_copies=4))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the new names do not warn
-        lr.ulr(num_copies=4)
-        lr.es(num_copies=4)
-
-
 def test_bad_input_raises_value_error():
     params, batch = _problem(_SMOOTH)
     loss = ws.training.classification_loss(_SMOOTH.apply, per_example=True)
@@ -448,7 +423,7 @@ def test_bad_input_raises_value_error():
     for sigma in (0.0, float("nan")):
         with pytest.raises(ValueError, match="sigma"):
             lr.es(sigma=sigma)
-    with pytest.raises(ValueError, match="keyword options"):
+    with pytest.raises(TypeError, match="positional"):  # options are keyword-only
         lr.ulr(16)
     bare = _NoLayers()
     bare_params = bare.init(key, batch["x"])["params"]

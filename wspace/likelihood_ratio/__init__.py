@@ -50,12 +50,11 @@ path), `_copies` (options, baselines and reductions both estimators share).
 """
 
 from wspace.likelihood_ratio._copies import BASELINES, forward_evaluations
-from wspace.likelihood_ratio._es import ES, es, evolution_strategies
+from wspace.likelihood_ratio._es import ES, es
 from wspace.likelihood_ratio._noise import NOISES, score, unit_noise
 from wspace.likelihood_ratio._ulr import (
     LAYER_TYPES,
     ULR,
-    likelihood_ratio,
     noisy_loss,
     perturbed_layers,
     ulr,
@@ -68,9 +67,7 @@ __all__ = [
     "NOISES",
     "ULR",
     "es",
-    "evolution_strategies",
     "forward_evaluations",
-    "likelihood_ratio",
     "noisy_loss",
     "perturbed_layers",
     "score",

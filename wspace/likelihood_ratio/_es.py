@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable
 
 import jax
@@ -68,14 +67,13 @@ class ES:
         return functools.partial(_es_gradient, self, loss_fn, has_aux)
 
 
-def es(*args, **options) -> ES:
+def es(**options) -> ES:
     """An ES gradient estimator from keyword options: the fields of `ES`, with its defaults.
 
     ``est = es(num_copies=16, sigma=0.01)``, then
     ``est(loss_fn)(params, model_state, batch, key) -> ((loss, aux), grads)``.
 
     Args:
-      *args: only the deprecated form ``es(loss_fn, has_aux, **options)``.
       **options: ``num_copies``, ``sigma``, ``antithetic``, ``baseline`` (see `ES`).
 
     Returns:
@@ -87,24 +85,7 @@ def es(*args, **options) -> ES:
     Reference: Salimans, Ho, Chen, Sidor, Sutskever, 2017, arXiv 1703.03864.
     """
     check_options(ES, options)
-    if not args:
-        return ES(**options)
-    if not callable(args[0]) or len(args) > 2:
-        raise ValueError(f"es takes keyword options only, got positional {args!r}")
-    warnings.warn(
-        "es(loss_fn, ...) is deprecated; use es(...options)(loss_fn, has_aux)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return ES(**options)(*args)
-
-
-def evolution_strategies(**options) -> ES:
-    """Deprecated alias of `es` (kept for one release)."""
-    warnings.warn(
-        "evolution_strategies(...) is deprecated; use es(...)", DeprecationWarning, stacklevel=2
-    )
-    return es(**options)
+    return ES(**options)
 
 
 def _es_gradient(cfg: ES, loss_fn, has_aux, params, model_state, batch, key):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -112,7 +111,7 @@ class ULR:
         return functools.partial(_ulr_gradient, self, loss_fn, has_aux)
 
 
-def ulr(*args, **options) -> ULR:
+def ulr(**options) -> ULR:
     """A ULR gradient estimator from keyword options: the fields of `ULR`, with its defaults.
 
     ``est = ulr(num_copies=16, sigma=0.1, baseline="mean")``, then
@@ -120,7 +119,6 @@ def ulr(*args, **options) -> ULR:
     and ``est.forward_evaluations`` (N per example, N + 1 with a clean baseline).
 
     Args:
-      *args: only the deprecated form ``ulr(loss_fn, has_aux, **options)``.
       **options: ``num_copies``, ``sigma``, ``noise``, ``antithetic``, ``baseline``,
         ``layerwise``, ``qmc``, ``recompute``, ``layer_types`` (see `ULR`).
 
@@ -133,24 +131,7 @@ def ulr(*args, **options) -> ULR:
     Reference: Jiang, Zhang, Xu, Yu, Peng, ICLR 2024, arXiv 2305.08960.
     """
     check_options(ULR, options)
-    if not args:
-        return ULR(**options)
-    if not callable(args[0]) or len(args) > 2:
-        raise ValueError(f"ulr takes keyword options only, got positional {args!r}")
-    warnings.warn(  # the form of the previous release: ulr(loss_fn, has_aux, **options)
-        "ulr(loss_fn, ...) is deprecated; use ulr(...options)(loss_fn, has_aux)",
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return ULR(**options)(*args)
-
-
-def likelihood_ratio(**options) -> ULR:
-    """Deprecated alias of `ulr` (kept for one release)."""
-    warnings.warn(
-        "likelihood_ratio(...) is deprecated; use ulr(...)", DeprecationWarning, stacklevel=2
-    )
-    return ulr(**options)
+    return ULR(**options)
 
 
 # ----------------------------------------------------------------------------- layers

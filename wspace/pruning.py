@@ -500,6 +500,32 @@ def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtr
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def set_masks(opt_state: PyTree, masks: PyTree | None) -> PyTree:
+    """``opt_state`` with ``masks`` in the state of every `mask_gradients` and `keep_masked`.
+
+    The masks then travel with the train state: ``update`` needs no ``masks=``, and a
+    state with a leading seed axis holds one mask per seed (a train step's ``tx_args``
+    are shared by all seeds). ``masks=None`` takes them out again, giving back the
+    state of a chain built without masks.
+
+    Raises:
+      ValueError: ``opt_state`` holds neither transformation's state.
+    """
+    kinds = (MaskGradientsState, KeepMaskedState)
+    found = []
+
+    def put(s):
+        if not isinstance(s, kinds):
+            return s
+        found.append(s)
+        return s._replace(masks=masks)
+
+    out = jax.tree.map(put, opt_state, is_leaf=lambda s: isinstance(s, kinds))
+    if not found:
+        raise ValueError("the optimizer state has no mask_gradients()/keep_masked() state")
+    return out
+
+
 def polynomial_sparsity(
     step,
     *,

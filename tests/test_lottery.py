@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import wspace as ws
+from experiments.common import unpack_correct
 from tests.helpers import fresh_state, run_experiment, run_notebook
 from wspace import lottery, pruning
 
@@ -420,6 +421,9 @@ def test_experiment_quick(tmp_path):
     with open(tmp_path / "arms" / "ticket" / "seed_0.json") as f:
         ticket = json.load(f)
     assert len(ticket["density"]) == 3 and ticket["density"][0] == 1.0
+    for level, packed in enumerate(ticket["test_correct"]):  # per level, this seed's test set
+        correct = unpack_correct(packed)
+        assert correct.mean() == pytest.approx(ticket["test_accuracy"][level], abs=1e-6)
     for key in ("sharpness", "trace", "trace_per_weight", "instability_error"):
         assert all(np.isfinite(ticket[key])), key
     # trace / trace per weight = the number of surviving weights (biases included)
@@ -427,13 +431,34 @@ def test_experiment_quick(tmp_path):
     prunable = 40 * 300 + 300 * 100 + 100 * 10
     expect = 400 + 10 + prunable * np.asarray(ticket["density"])
     np.testing.assert_allclose(surviving, expect, rtol=1e-4)
-    assert (tmp_path / "lottery" / "seed_1" / "ticket" / "level_02" / "metrics.json").exists()
+    ticket_dir = tmp_path / "train" / "ticket" / "seeds_0-1"  # both seeds, one run
+    assert (ticket_dir / "level_02" / "metrics.json").exists()
     with pytest.raises(ValueError, match="rewind_step=20"):
         run_experiment("lottery", tmp_path / "bad", steps=12, rewind_step=20)
     with pytest.raises(ValueError, match="must include 'ticket'"):
         run_experiment(
             "lottery", tmp_path / "bad", arms="reinit", geometry_arms="", instability_arms=""
         )
+    assert not (tmp_path / "bad").exists()
+
+
+def test_experiment_runs_with_its_optional_lists_emptied(tmp_path):
+    """Issue 23: ``--config.geometry_arms=`` crashed in the geometry plot after all training."""
+    small = dict(steps=6, rewind_step=2, levels=1, num_seeds=1)
+    for i, lists in enumerate(
+        [
+            dict(geometry_arms=""),
+            dict(geometry_arms="", instability_arms=""),
+            dict(arms="ticket", geometry_arms="ticket", instability_arms=""),
+        ]
+    ):
+        results = run_experiment("lottery", tmp_path / str(i), **small, **lists)
+        assert (tmp_path / str(i) / "results.json").exists() and (tmp_path / str(i) / "lth.png")
+        has_geometry = "geometry.png" in results["figures"]
+        assert has_geometry == bool(lists["geometry_arms"] or lists.get("instability_arms", 1))
+        assert {c["baseline"] for c in results["claims"]} >= {"dense"}
+    with pytest.raises(ValueError, match=r"config.geometry_arms=\['reinit'\] must be a subset"):
+        run_experiment("lottery", tmp_path / "bad", arms="ticket", geometry_arms="reinit")
     assert not (tmp_path / "bad").exists()
 
 

@@ -267,69 +267,39 @@ def _results(config, workdir, per_arm) -> dict:
     density = float(np.mean([r["density"] for r in last["ticket"]]))
     at = f"{100 * density:.1f}% of the weights"
     margin = config.match_margin
+    # a one-sample interval for stability: the paired "baseline" is Frankle et al.'s threshold
+    last["threshold"] = [{"instability_error": STABLE} for _ in last["ticket"]]
+    claim = functools.partial(common.compare, per_arm=last)
     claims = [
-        common.compare(
-            f"A rewound IMP ticket at {at} matches the dense network "
-            f"(within {100 * margin:g} point of test accuracy)",
-            "test_accuracy",
-            "ticket",
-            "dense",
-            last,
-            margin=margin,
-        )
-    ]
+        claim(f"A rewound IMP ticket at {at} matches the dense network (within "
+              f"{100 * margin:g} point of test accuracy)", "test_accuracy", "ticket", "dense",
+              margin=margin)
+    ]  # fmt: skip
     for control, what in (("reinit", "random re-initialisation"), ("random", "random pruning")):
         if control in per_arm:
-            claims.append(
-                common.compare(
-                    f"The IMP ticket beats {what} at {at}",
-                    "test_accuracy",
-                    "ticket",
-                    control,
-                    last,
-                )
-            )
+            claims.append(claim(f"The IMP ticket beats {what} at {at}", "test_accuracy",
+                                "ticket", control))  # fmt: skip
     if "ticket" in _names(config.instability_arms):
-        # a one-sample interval: the paired "baseline" is Frankle et al.'s threshold itself
-        threshold = {"threshold": [{"instability_error": STABLE} for _ in last["ticket"]]}
-        claims.append(
-            common.compare(
-                f"The IMP ticket at {at} is stable to SGD noise (test-error barrier between "
-                f"two data orders below {100 * STABLE:g} points; Frankle et al. 2020)",
-                "instability_error",
-                "ticket",
-                "threshold",
-                {**last, **threshold},
-                higher_is_better=False,
-            )
-        )
+        claims.append(claim(
+            f"The IMP ticket at {at} is stable to SGD noise (test-error barrier between two "
+            f"data orders below {100 * STABLE:g} points; Frankle et al. 2020)",
+            "instability_error", "ticket", "threshold", higher_is_better=False,
+        ))  # fmt: skip
     if "reinit" in _names(config.geometry_arms):
-        # restated (issue 19): the two arms end at different training losses (re-init fits
-        # worse), so this compares curvature after equal training, not at matched loss
-        claims.append(
-            common.compare(
-                f"After the same training steps, the IMP ticket at {at} is flatter than random "
-                "re-initialisation (Hessian trace per surviving weight; equal steps, not matched "
-                "training loss: see the training loss column)",
-                "trace_per_weight",
-                "ticket",
-                "reinit",
-                last,
-                higher_is_better=False,
-            )
-        )
+        # restated (issue 19): re-init ends at a higher training loss than the ticket, so
+        # this compares curvature after equal training steps, not at matched training loss
+        claims.append(claim(
+            f"After the same training steps, the IMP ticket at {at} is flatter than random "
+            "re-initialisation (Hessian trace per surviving weight; equal steps, not matched "
+            "training loss: see the training loss column)",
+            "trace_per_weight", "ticket", "reinit", higher_is_better=False,
+        ))  # fmt: skip
     if "ticket_restore" in per_arm:
-        claims.append(
-            common.compare(
-                "Restoring the step-k optimizer state instead of a fresh one (open_lth) "
-                f"costs no more than {100 * margin:g} point at {at}",
-                "test_accuracy",
-                "ticket_restore",
-                "ticket",
-                last,
-                margin=margin,
-            )
-        )
+        claims.append(claim(
+            "Restoring the step-k optimizer state instead of a fresh one (open_lth) costs no "
+            f"more than {100 * margin:g} point at {at}", "test_accuracy", "ticket_restore",
+            "ticket", margin=margin,
+        ))  # fmt: skip
     tables = {
         f"Test accuracy by arm at {at} (level {config.levels})": common.summarize(
             {"dense": last["dense"], **{a: last[a] for a in arms}},
@@ -375,10 +345,9 @@ def _results(config, workdir, per_arm) -> dict:
     )
 
 
-def _by_level(results, metric, with_levels=False):
-    """Per level: weights left (%), mean and 95% half-width over seeds (`common.summarize`);
-    levels where ``metric`` was not measured (null) are dropped (``with_levels``: also the
-    kept level indices, first)."""
+def _by_level(results, metric):
+    """Per level: the level, weights left (%), mean and 95% half-width over seeds
+    (`common.summarize`); levels where ``metric`` was not measured (null) are dropped."""
     levels = range(len(results[0]["density"]))
     kept = [lv for lv in levels if all(r[metric][lv] is not None for r in results)]
     per_level = {str(lv): [{"m": r[metric][lv]} for r in results] for lv in kept}
@@ -386,7 +355,7 @@ def _by_level(results, metric, with_levels=False):
     density = 100 * np.mean([[r["density"][lv] for lv in kept] for r in results], axis=0)
     mean = np.array([row[1][0] for row in rows])
     half = np.nan_to_num(np.array([row[1][1] for row in rows]))  # one seed: no interval
-    return (kept, density, mean, half) if with_levels else (density, mean, half)
+    return kept, density, mean, half
 
 
 def _level_table(columns: dict) -> dict:
@@ -397,7 +366,7 @@ def _level_table(columns: dict) -> dict:
         [lv, 100 * float(np.mean([r["density"][lv] for r in first_results]))] for lv in range(n)
     ]
     for results, metric in columns.values():
-        kept, _, mean, half = _by_level(results, metric, with_levels=True)
+        kept, _, mean, half = _by_level(results, metric)
         cells = {lv: [float(m), float(h)] for lv, m, h in zip(kept, mean, half, strict=True)}
         for row in rows:
             row.append(cells.get(row[0], "–"))
@@ -419,7 +388,7 @@ def _plot_levels(ax, per_arm, metric, labels) -> bool:
     density = 100 * np.mean([r["density"] for r in per_arm["ticket"]], axis=0)
     arms = [a for a, results in per_arm.items() if metric in results[0]]
     for arm in arms:
-        d, mean, half = _by_level(per_arm[arm], metric)
+        _, d, mean, half = _by_level(per_arm[arm], metric)
         ax.plot(d, mean, marker="o", ms=3, color=COLORS[arm], label=labels[arm])
         ax.fill_between(d, mean - half, mean + half, color=COLORS[arm], alpha=0.2)
     if not arms:

@@ -24,7 +24,8 @@ weight, ``False`` prunes it. Leaves are named by their path, e.g.
   updates the surviving weights exactly as the same chain updates them from a
   gradient whose pruned entries are zero. Both take the masks at
   construction or as the extra argument ``masks=`` of ``update`` (which
-  ``optax.chain`` hands to every member).
+  ``optax.chain`` hands to every member); `set_masks` puts masks into their
+  states (one per seed for a state with a seed axis).
 * `gradual_pruning`: the polynomial schedule of Zhu & Gupta (2017, arXiv
   1710.01878) as a transformation whose mask lives in its state and is
   updated inside jit.

@@ -327,8 +327,8 @@ def _results(config, workdir, per_arm) -> dict:
         "number: the summed trace shrinks with the number of weights even at constant "
         "curvature (the previous README's 222 -> 51 was mostly that).",
         "The flatness claim compares ticket and re-initialisation after the same number of "
-        "steps: re-initialised networks end at a higher training loss (table), so it is not a "
-        "comparison at matched training loss (the previous claim's confound, issue 19).",
+        "steps, not at matched training loss (the previous claim's confound, issue 19): "
+        + _losses_text(last, config.levels),
         "Instability: the level's own run and a second copy from the same start with another "
         "data order; test-error barrier on "
         f"{config.path_points} points (Frankle et al. 2020 use 30).",
@@ -342,6 +342,17 @@ def _results(config, workdir, per_arm) -> dict:
         figures=figures,
         notes=notes,
         extra={"density_per_level": per_arm["ticket"][0]["density"]},
+    )
+
+
+def _losses_text(last, level) -> str:
+    """The training losses the flatness claim compares at (mean over seeds)."""
+    if "reinit" not in last:
+        return "no re-initialisation arm in this run."
+    mean = {a: np.mean([r["train_loss"] for r in last[a]]) for a in ("ticket", "reinit")}
+    return (
+        f"at level {level} the ticket's training loss is {mean['ticket']:.3g} and the "
+        f"re-initialised networks' {mean['reinit']:.3g}."
     )
 
 

@@ -129,6 +129,19 @@ def _over_seeds(fn: Callable, seed_axis: bool) -> Callable:
     return jax.vmap(fn) if seed_axis else fn
 
 
+def _seedwise(fn: Callable, seed_axis: bool) -> Callable:
+    """``fn(tree, *args, masks=, key=, **kwargs)`` mapped over the seed axis of ``tree`` and
+    of the ``masks``/``key`` keywords; the other arguments are shared by all seeds."""
+    if not seed_axis:
+        return fn
+
+    def mapped(tree, *args, **kwargs):
+        per = {k: kwargs.pop(k) for k in ("masks", "key") if kwargs.get(k) is not None}
+        return jax.vmap(lambda t, p: fn(t, *args, **kwargs, **p))(tree, per)
+
+    return mapped
+
+
 def _step_of(state: training_lib.TrainState) -> int:
     return int(np.ravel(state.step)[0])
 
@@ -404,25 +417,31 @@ def masks_for_level(
       key: PRNG key for ``random`` (one per seed with a seed axis).
 
     With a seed axis (``dense`` from a seed-axis trainer) every mask is computed per
-    seed from that seed's weights.
+    seed from that seed's weights (`_seedwise`).
     """
     layer_rates = dict(layer_rates or {})
-    per_seed = functools.partial(_over_seeds, seed_axis=_has_seed_axis(dense.final))
+    seed_axis = _has_seed_axis(dense.final)
+    magnitude_masks = _seedwise(pruning.magnitude_masks, seed_axis)
     if arm == "rewind":
         if previous is None:
             raise ValueError("the rewind arm needs the previous level")
-        prune = functools.partial(
-            pruning.magnitude_masks, sparsity=rate, scope=scope, exclude=exclude,
+        return magnitude_masks(
+            previous.params,
+            rate,
+            masks=previous.masks,
+            scope=scope,
+            exclude=exclude,
             layer_sparsity=layer_rates,
-        )  # fmt: skip
-        return per_seed(lambda p, m: prune(p, masks=m))(previous.params, previous.masks)
+        )
     cumulative = {k: level_rate(r, level) for k, r in layer_rates.items()}
     if arm == "oneshot":
-        prune = functools.partial(
-            pruning.magnitude_masks, sparsity=level_rate(rate, level), scope=scope,
-            exclude=exclude, layer_sparsity=cumulative,
-        )  # fmt: skip
-        return per_seed(prune)(dense.final.params)
+        return magnitude_masks(
+            dense.final.params,
+            level_rate(rate, level),
+            scope=scope,
+            exclude=exclude,
+            layer_sparsity=cumulative,
+        )
     if arm == "reinit":
         if reference is None or len(reference) <= level:
             raise ValueError(f"the reinit arm needs the ticket's level {level} as reference")
@@ -430,15 +449,18 @@ def masks_for_level(
     if arm == "random":
         if key is None:
             raise ValueError("the random arm needs a key")
-        key = per_seed(lambda k: jax.random.fold_in(k, level))(key)
+        key = _seedwise(jax.random.fold_in, seed_axis)(key, level)
         if reference is not None and len(reference) > level:
-            shuffle = lambda m, k: pruning.shuffle_masks(m, key=k, exclude=exclude)
-            return per_seed(shuffle)(reference[level].masks, key)
-        draw = lambda p, k: pruning.random_masks(
-            p, level_rate(rate, level), key=k, scope="layerwise", exclude=exclude,
+            shuffle = _seedwise(pruning.shuffle_masks, seed_axis)
+            return shuffle(reference[level].masks, key=key, exclude=exclude)
+        return _seedwise(pruning.random_masks, seed_axis)(
+            dense.final.params,
+            level_rate(rate, level),
+            key=key,
+            scope="layerwise",
+            exclude=exclude,
             layer_sparsity=cumulative,
-        )  # fmt: skip
-        return per_seed(draw)(dense.final.params, key)
+        )
     raise ValueError(f"unknown arm {arm!r}; use one of {ARMS}")
 
 

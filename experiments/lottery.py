@@ -127,7 +127,7 @@ def run(config, workdir: str) -> dict:
     levels, model = _imp(config, ds, workdir)
 
     def arm_fn(arm):
-        return lambda seeds: _per_seed(levels(arm, tuple(seeds)), model, ds)
+        return lambda seeds: _seed_results(levels(arm, tuple(seeds)), model, ds)
 
     per_arm = common.run_arms(workdir, config, {a: arm_fn(a) for a in _names(config.arms)})
     return _results(config, workdir, per_arm)
@@ -156,8 +156,9 @@ def _imp(config, ds, workdir):
         )
         state = ws.training.init_states(model, tx, ds.x_train[:1], list(seeds))
         where = common.seeds_workdir(workdir, "dense", seeds)
-        run = lottery.train_dense(state, train, num_steps=c.steps, rewind_step=c.rewind_step,
-                                  workdir=where)  # fmt: skip
+        run = lottery.train_dense(
+            state, train, num_steps=c.steps, rewind_step=c.rewind_step, workdir=where
+        )
         return train, run
 
     @functools.cache
@@ -165,8 +166,8 @@ def _imp(config, ds, workdir):
         train, run = dense(seeds)
         if arm in ("ticket_init", "reinit"):
             run = run.rewound_to(0)
-        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 1000 + ALL_ARMS.index(arm))
-                          for s in seeds])  # fmt: skip
+        salt = 1000 + ALL_ARMS.index(arm)  # one key per seed and arm
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), salt) for s in seeds])
         kind = {"reinit": "reinit", "random": "random", "oneshot": "oneshot"}.get(arm, "rewind")
         stable = arm in _names(c.instability_arms)
         return lottery.run_arm(
@@ -191,7 +192,7 @@ def _imp(config, ds, workdir):
     return levels, model
 
 
-def _per_seed(levels, model, ds) -> list[dict]:
+def _seed_results(levels, model, ds) -> list[dict]:
     """One result per seed: each metric per level, and ``test_correct`` (`common.pack_correct`)."""
     keys = ["density", "test_accuracy", "train_accuracy", "test_loss", "train_loss"]
     keys += [g for g, _ in GEOMETRY if g in levels[-1].metrics]
@@ -201,12 +202,11 @@ def _per_seed(levels, model, ds) -> list[dict]:
         )
         for lv in levels
     ]
-    num_seeds = len(correct[0])
-    out = [{k: [_value(lv.metrics.get(k), i) for lv in levels] for k in keys}
-           for i in range(num_seeds)]  # fmt: skip
-    for i, result in enumerate(out):
-        result["test_correct"] = [common.pack_correct(c[i]) for c in correct]
-    return out
+    return [
+        {k: [_value(lv.metrics.get(k), i) for lv in levels] for k in keys}
+        | {"test_correct": [common.pack_correct(c[i]) for c in correct]}
+        for i in range(len(correct[0]))
+    ]
 
 
 def _value(per_seed, i):

@@ -4,7 +4,8 @@ r"""Masked train step (keep_masked last in the chain) vs the dense step of the s
 
 Baseline: `wspace.training.make_train_step` with ``optax.sgd(lr, momentum=0.9)``;
 masked: the same chain followed by `wspace.pruning.keep_masked`, masks (80%
-pruned) passed as ``tx_args`` every step, as `wspace.lottery` does. Blocks of
+pruned) passed as ``tx_args`` every step (`wspace.lottery` keeps them in the
+optimizer state instead, `wspace.pruning.set_masks`: the same step). Blocks of
 ``--steps`` steps alternate between the two, ``--repeats`` times; the table
 shows median seconds per step and their ratio (target <= 1.05), and the ratio
 of the fastest blocks (less sensitive to a busy machine). Then times a

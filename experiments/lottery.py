@@ -8,7 +8,8 @@ r"""Lottery tickets by iterative magnitude pruning, its controls, and the geomet
 An MLP (LeNet-300-100) on standardized mnist1d, SGD with momentum 0.9 on a
 cosine schedule, ``steps`` per level. Each level prunes ``rate`` (20%) of the
 surviving weights of every layer (``head_rate`` = 10% for the output layer) by
-magnitude and retrains. Arms (``config.arms``), all sharing one dense run per seed:
+magnitude and retrains. All seeds of an arm train as one program (a seed axis,
+`wspace.lottery`). Arms (``config.arms``), all sharing one dense run per seed:
 
 * ``ticket``: IMP, survivors rewound to step ``k = rewind_step`` with a fresh
   optimizer state and the schedule at ``k`` (open_lth; Frankle et al. 2020).
@@ -29,18 +30,21 @@ another data order, the test-error barrier between the two.
 Claims (paired by seed, 95% t-intervals, at the deepest level):
 the ticket matches dense within ``match_margin``; it beats random
 re-initialisation and random pruning; it is stable to SGD noise (instability
-below 2 points); it is flatter per weight than random
-re-initialisation (Paul et al. 2023, arXiv 2210.03044; Saleem et al. 2024,
-arXiv 2403.15022); restoring the optimizer instead of a fresh one changes
-accuracy by less than the margin. Levels resume from ``workdir/lottery/seed_S``
-(``wspace.lottery``); finished arms and seeds from ``workdir/arms``.
+below 2 points); after the same training steps it is flatter per weight than
+random re-initialisation (Paul et al. 2023, arXiv 2210.03044; Saleem et al. 2024,
+arXiv 2403.15022; equal steps, not matched training loss: re-init fits worse);
+restoring the optimizer instead of a fresh one changes accuracy by less than the
+margin. Each seed's result stores ``test_correct`` per level (`common.pack_correct`).
+Levels resume from ``workdir/train/<arm>/seeds_<a>-<b>`` (all seeds in one
+checkpoint per level); finished arms and seeds from ``workdir/arms``.
 """
 
 from __future__ import annotations
 
-import os
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -96,17 +100,12 @@ def validate(config) -> None:
         raise ValueError(f"config.scope={config.scope!r}; use one of {pruning.SCOPES}")
     if not config.hidden or any(int(w) < 1 for w in config.hidden):
         raise ValueError(f"config.hidden={config.hidden!r}; give positive layer widths")
-    for field, least in (
-        ("steps", 1),
-        ("batch_size", 1),
-        ("levels", 1),
-        ("geometry_examples", 1),
-        ("lanczos_iters", 1),
-        ("trace_samples", 1),
-        ("path_points", 2),
-    ):
-        if config[field] < least:
-            raise ValueError(f"config.{field}={config[field]}; must be >= {least}")
+    common.require_at_least_one(
+        config, "steps", "batch_size", "levels", "geometry_examples", "lanczos_iters",
+        "trace_samples",
+    )  # fmt: skip
+    if config.path_points < 2:
+        raise ValueError(f"config.path_points={config.path_points}; must be >= 2")
     if not 0 <= config.rewind_step < config.steps:
         raise ValueError(
             f"config.rewind_step={config.rewind_step}; must be in [0, steps={config.steps})"
@@ -121,112 +120,108 @@ def validate(config) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    """Runs every arm for every seed (resuming), writes results.json and the figures."""
+    """Runs every arm for all seeds at once (resuming), writes results.json and the figures."""
     validate(config)
     common.start(config, workdir)
     ds = common.load_dataset(config)
-    exp = _Experiment(config, ds, workdir)
-    per_arm = common.run_arms(
-        workdir, config, {a: common.per_seed(exp.arm_fn(a)) for a in _names(config.arms)}
-    )
+    levels, model = _imp(config, ds, workdir)
+
+    def arm_fn(arm):
+        return lambda seeds: _seed_results(levels(arm, tuple(seeds)), model, ds)
+
+    per_arm = common.run_arms(workdir, config, {a: arm_fn(a) for a in _names(config.arms)})
     return _results(config, workdir, per_arm)
 
 
-class _Experiment:
-    """Everything compiled once per run: the model, the trainer, the geometry functions."""
+def _imp(config, ds, workdir):
+    """``(levels(arm, seeds) -> [lottery.Level], model)``: an arm's IMP levels, all seeds at
+    once (a seed axis), resumable under ``workdir/train``; the dense run and the ticket are
+    computed once per seed set and shared by the arms."""
+    c = config
+    model = ws.models.create("mlp", ds.num_classes, features=tuple(c.hidden))
+    schedule = optax.cosine_decay_schedule(c.lr, c.steps)
+    base = optax.sgd(schedule, momentum=0.9) if c.optimizer == "sgd" else optax.adam(schedule)
+    tx = optax.chain(pruning.mask_gradients(), base, pruning.keep_masked())
+    loss = ws.training.classification_loss(model.apply)
+    init_fn = jax.jit(lambda k: model.init(k, ds.x_train[:1])["params"])
+    measure = _make_measure(c, ds, model)
+    test_error = landscape.classification_objective(
+        model.apply, {}, ds.x_test, ds.y_test, metric="all"
+    )
 
-    def __init__(self, config, ds, workdir):
-        self.config, self.ds, self.workdir = config, ds, workdir
-        self.model = ws.models.create("mlp", ds.num_classes, features=tuple(config.hidden))
-        schedule = optax.cosine_decay_schedule(config.lr, config.steps)
-        base = (
-            optax.sgd(schedule, momentum=0.9) if config.optimizer == "sgd" else optax.adam(schedule)
+    @functools.cache
+    def dense(seeds):
+        train = lottery.Trainer(
+            loss, tx, ds, model.apply, c.batch_size, seed=list(seeds), mode=c.mode
         )
-        self.tx = optax.chain(pruning.mask_gradients(), base, pruning.keep_masked())
-        loss = ws.training.classification_loss(self.model.apply)
-        self.trainer = lottery.Trainer(
-            loss,
-            self.tx,
-            ds,
-            apply_fn=self.model.apply,
-            batch_size=config.batch_size,
-            mode=config.mode,
+        state = ws.training.init_states(model, tx, ds.x_train[:1], list(seeds))
+        where = common.seeds_workdir(workdir, "dense", seeds)
+        run = lottery.train_dense(
+            state, train, num_steps=c.steps, rewind_step=c.rewind_step, workdir=where
         )
-        self.init_fn = jax.jit(lambda k: self.model.init(k, ds.x_train[:1])["params"])
-        self.measure = _make_measure(config, ds, self.model)
-        self.test_objective = landscape.classification_objective(
-            self.model.apply, {}, ds.x_test, ds.y_test, metric="all"
-        )
-        self._dense, self._tickets = {}, {}
+        return train, run
 
-    def dense(self, seed):
-        if seed not in self._dense:
-            state = ws.training.init_state(
-                self.model, self.tx, self.ds.x_train[:1], jax.random.PRNGKey(seed)
-            )
-            self._dense[seed] = lottery.train_dense(
-                state,
-                self.trainer.with_seed(seed),
-                num_steps=self.config.steps,
-                rewind_step=self.config.rewind_step,
-                workdir=os.path.join(self.workdir, "lottery", f"seed_{seed}", "dense"),
-            )
-        return self._dense[seed]
-
-    def levels(self, arm, seed):
-        """One arm's IMP levels for one seed (resumable under workdir/lottery)."""
-        if arm == "ticket" and seed in self._tickets:
-            return self._tickets[seed]
-        c = self.config
-        dense = self.dense(seed)
-        if arm in ("ticket_init", "reinit", "random", "oneshot"):
-            dense = dense.rewound_to(0) if arm in ("ticket_init", "reinit") else dense
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), 1000 + ALL_ARMS.index(arm))
+    @functools.cache
+    def levels(arm, seeds):
+        train, run = dense(seeds)
+        if arm in ("ticket_init", "reinit"):
+            run = run.rewound_to(0)
+        salt = 1000 + ALL_ARMS.index(arm)  # one key per seed and arm
+        keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), salt) for s in seeds])
         kind = {"reinit": "reinit", "random": "random", "oneshot": "oneshot"}.get(arm, "rewind")
-        geometry = arm in _names(c.geometry_arms)
         stable = arm in _names(c.instability_arms)
-        out = lottery.run_arm(
+        return lottery.run_arm(
             kind,
-            dense,
-            self.trainer.with_seed(seed),
+            run,
+            train,
             levels=c.levels,
             rate=c.rate,
             layer_rates={"head": c.head_rate},
             scope=c.scope,
-            reference=self.levels("ticket", seed) if kind in ("reinit", "random") else None,
-            key=key,
-            init_fn=self.init_fn,
+            reference=levels("ticket", seeds) if kind in ("reinit", "random") else None,
+            key=keys,
+            init_fn=init_fn,
             rewind="restore" if arm == "ticket_restore" else c.rewind,
-            measure=self.measure if geometry else None,
-            instability_eval=self.test_objective if stable else None,
-            instability_seed=seed + 10_000 if stable else None,
+            measure=measure if arm in _names(c.geometry_arms) else None,
+            instability_eval=test_error if stable else None,
+            instability_seed=[s + 10_000 for s in seeds] if stable else None,
             instability_points=c.path_points,
-            workdir=os.path.join(self.workdir, "lottery", f"seed_{seed}", arm),
+            workdir=common.seeds_workdir(workdir, arm, seeds),
         )
-        if arm == "ticket":
-            self._tickets[seed] = out
-        return out
 
-    def arm_fn(self, arm):
-        def fn(seed):
-            levels = self.levels(arm, seed)
-            keys = ["density", "test_accuracy", "train_accuracy", "test_loss"]
-            keys += [g for g, _ in GEOMETRY if g in levels[-1].metrics]
-            return {k: [_float(lv.metrics.get(k)) for lv in levels] for k in keys}
-
-        return fn
+    return levels, model
 
 
-def _float(x):
-    return None if x is None else float(x)  # JSON null: not measured (e.g. level 0 has no previous)
+def _seed_results(levels, model, ds) -> list[dict]:
+    """One result per seed: each metric per level, and ``test_correct`` (`common.pack_correct`)."""
+    keys = ["density", "test_accuracy", "train_accuracy", "test_loss", "train_loss"]
+    keys += [g for g, _ in GEOMETRY if g in levels[-1].metrics]
+    correct = [
+        ws.training.correct_predictions(
+            model.apply, {"params": lv.params}, ds.x_test, ds.y_test, seed_axis=True
+        )
+        for lv in levels
+    ]
+    return [
+        {k: [_value(lv.metrics.get(k), i) for lv in levels] for k in keys}
+        | {"test_correct": [common.pack_correct(c[i]) for c in correct]}
+        for i in range(len(correct[0]))
+    ]
+
+
+def _value(per_seed, i):
+    """Seed ``i``'s value as a float, or None (JSON null) where it was not measured (e.g.
+    the barrier to the previous level at level 0)."""
+    return None if per_seed is None else float(per_seed[i])
 
 
 def _make_measure(config, ds, model):
-    """Geometry of each level on fixed subsets, compiled once per run (see module docstring)."""
+    """Geometry of each level, per seed, on fixed subsets (see the module docstring)."""
     n = min(config.geometry_examples, len(ds.x_train))
     x, y = ds.x_train[:n], ds.y_train[:n]
 
     @jax.jit
+    @jax.vmap
     def curvature(params, masks, key):
         f = landscape.classification_objective(model.apply, {}, x, y)
         f_masked = lambda p: f(jax.tree.map(lambda a, m: a * m, p, masks))
@@ -241,17 +236,18 @@ def _make_measure(config, ds, model):
         return {"sharpness": top, "trace": per_weight * surviving, "trace_per_weight": per_weight}
 
     @jax.jit
+    @jax.vmap
     def path(params, previous):
         g = landscape.classification_objective(model.apply, {}, ds.x_test, ds.y_test, metric="all")
         barrier = landscape.linear_barrier(g, previous, params, num_points=config.path_points)
         return {"barrier_prev_error": barrier["barrier"]["error"]}
 
     def measure(level, previous, dense):
-        key = jax.random.fold_in(dense.init.key, level.level)  # per seed and level
-        out = curvature(level.params, level.masks, key)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, level.level))(dense.init.key)
+        out = curvature(level.params, level.masks, keys)  # per seed and level
         if previous is not None:
             out.update(path(level.params, previous.params))
-        return {k: float(v) for k, v in out.items()}
+        return {k: np.asarray(v, np.float64).tolist() for k, v in out.items()}
 
     return measure
 
@@ -271,70 +267,43 @@ def _results(config, workdir, per_arm) -> dict:
     density = float(np.mean([r["density"] for r in last["ticket"]]))
     at = f"{100 * density:.1f}% of the weights"
     margin = config.match_margin
+    # a one-sample interval for stability: the paired "baseline" is Frankle et al.'s threshold
+    last["threshold"] = [{"instability_error": STABLE} for _ in last["ticket"]]
+    claim = functools.partial(common.compare, per_arm=last)
     claims = [
-        common.compare(
-            f"A rewound IMP ticket at {at} matches the dense network "
-            f"(within {100 * margin:g} point of test accuracy)",
-            "test_accuracy",
-            "ticket",
-            "dense",
-            last,
-            margin=margin,
-        )
-    ]
+        claim(f"A rewound IMP ticket at {at} matches the dense network (within "
+              f"{100 * margin:g} point of test accuracy)", "test_accuracy", "ticket", "dense",
+              margin=margin)
+    ]  # fmt: skip
     for control, what in (("reinit", "random re-initialisation"), ("random", "random pruning")):
         if control in per_arm:
-            claims.append(
-                common.compare(
-                    f"The IMP ticket beats {what} at {at}",
-                    "test_accuracy",
-                    "ticket",
-                    control,
-                    last,
-                )
-            )
+            claims.append(claim(f"The IMP ticket beats {what} at {at}", "test_accuracy",
+                                "ticket", control))  # fmt: skip
     if "ticket" in _names(config.instability_arms):
-        # a one-sample interval: the paired "baseline" is Frankle et al.'s threshold itself
-        threshold = {"threshold": [{"instability_error": STABLE} for _ in last["ticket"]]}
-        claims.append(
-            common.compare(
-                f"The IMP ticket at {at} is stable to SGD noise (test-error barrier between "
-                f"two data orders below {100 * STABLE:g} points; Frankle et al. 2020)",
-                "instability_error",
-                "ticket",
-                "threshold",
-                {**last, **threshold},
-                higher_is_better=False,
-            )
-        )
+        claims.append(claim(
+            f"The IMP ticket at {at} is stable to SGD noise (test-error barrier between two "
+            f"data orders below {100 * STABLE:g} points; Frankle et al. 2020)",
+            "instability_error", "ticket", "threshold", higher_is_better=False,
+        ))  # fmt: skip
     if "reinit" in _names(config.geometry_arms):
-        claims.append(
-            common.compare(
-                f"The IMP ticket is flatter than random re-initialisation at {at} "
-                "(Hessian trace per surviving weight)",
-                "trace_per_weight",
-                "ticket",
-                "reinit",
-                last,
-                higher_is_better=False,
-            )
-        )
+        # restated (issue 19): re-init ends at a higher training loss than the ticket, so
+        # this compares curvature after equal training steps, not at matched training loss
+        claims.append(claim(
+            f"After the same training steps, the IMP ticket at {at} is flatter than random "
+            "re-initialisation (Hessian trace per surviving weight; equal steps, not matched "
+            "training loss: see the training loss column)",
+            "trace_per_weight", "ticket", "reinit", higher_is_better=False,
+        ))  # fmt: skip
     if "ticket_restore" in per_arm:
-        claims.append(
-            common.compare(
-                "Restoring the step-k optimizer state instead of a fresh one (open_lth) "
-                f"costs no more than {100 * margin:g} point at {at}",
-                "test_accuracy",
-                "ticket_restore",
-                "ticket",
-                last,
-                margin=margin,
-            )
-        )
+        claims.append(claim(
+            "Restoring the step-k optimizer state instead of a fresh one (open_lth) costs no "
+            f"more than {100 * margin:g} point at {at}", "test_accuracy", "ticket_restore",
+            "ticket", margin=margin,
+        ))  # fmt: skip
     tables = {
         f"Test accuracy by arm at {at} (level {config.levels})": common.summarize(
             {"dense": last["dense"], **{a: last[a] for a in arms}},
-            ["test_accuracy", "train_accuracy"],
+            ["test_accuracy", "train_accuracy", "train_loss"],
         )
     }
     for arm in arms:
@@ -347,6 +316,7 @@ def _results(config, workdir, per_arm) -> dict:
         {a: (per_arm[a], "test_accuracy") for a in arms}
     )
     figures = [_plot_accuracy(per_arm, workdir, config), _plot_geometry(per_arm, workdir, config)]
+    figures = [f for f in figures if f is not None]
     notes = [
         f"MLP {tuple(config.hidden)} on {config.dataset}, {config.optimizer} lr {config.lr} "
         f"(cosine), {config.steps} steps per level, batch {config.batch_size}; "
@@ -356,6 +326,9 @@ def _results(config, workdir, per_arm) -> dict:
         "Trace per weight divides the Hutchinson trace over the surviving weights by their "
         "number: the summed trace shrinks with the number of weights even at constant "
         "curvature (the previous README's 222 -> 51 was mostly that).",
+        "The flatness claim compares ticket and re-initialisation after the same number of "
+        "steps, not at matched training loss (the previous claim's confound, issue 19): "
+        + _losses_text(last, config.levels),
         "Instability: the level's own run and a second copy from the same start with another "
         "data order; test-error barrier on "
         f"{config.path_points} points (Frankle et al. 2020 use 30).",
@@ -372,10 +345,20 @@ def _results(config, workdir, per_arm) -> dict:
     )
 
 
-def _by_level(results, metric, with_levels=False):
-    """Per level: weights left (%), mean and 95% half-width over seeds (`common.summarize`);
-    levels where ``metric`` was not measured (null) are dropped (``with_levels``: also the
-    kept level indices, first)."""
+def _losses_text(last, level) -> str:
+    """The training losses the flatness claim compares at (mean over seeds)."""
+    if "reinit" not in last:
+        return "no re-initialisation arm in this run."
+    mean = {a: np.mean([r["train_loss"] for r in last[a]]) for a in ("ticket", "reinit")}
+    return (
+        f"at level {level} the ticket's training loss is {mean['ticket']:.3g} and the "
+        f"re-initialised networks' {mean['reinit']:.3g}."
+    )
+
+
+def _by_level(results, metric):
+    """Per level: the level, weights left (%), mean and 95% half-width over seeds
+    (`common.summarize`); levels where ``metric`` was not measured (null) are dropped."""
     levels = range(len(results[0]["density"]))
     kept = [lv for lv in levels if all(r[metric][lv] is not None for r in results)]
     per_level = {str(lv): [{"m": r[metric][lv]} for r in results] for lv in kept}
@@ -383,7 +366,7 @@ def _by_level(results, metric, with_levels=False):
     density = 100 * np.mean([[r["density"][lv] for lv in kept] for r in results], axis=0)
     mean = np.array([row[1][0] for row in rows])
     half = np.nan_to_num(np.array([row[1][1] for row in rows]))  # one seed: no interval
-    return (kept, density, mean, half) if with_levels else (density, mean, half)
+    return kept, density, mean, half
 
 
 def _level_table(columns: dict) -> dict:
@@ -394,7 +377,7 @@ def _level_table(columns: dict) -> dict:
         [lv, 100 * float(np.mean([r["density"][lv] for r in first_results]))] for lv in range(n)
     ]
     for results, metric in columns.values():
-        kept, _, mean, half = _by_level(results, metric, with_levels=True)
+        kept, _, mean, half = _by_level(results, metric)
         cells = {lv: [float(m), float(h)] for lv, m, h in zip(kept, mean, half, strict=True)}
         for row in rows:
             row.append(cells.get(row[0], "–"))
@@ -410,42 +393,45 @@ def _density_axis(ax, density) -> None:
     ax.set_xlabel("weights remaining (%)")
 
 
+def _plot_levels(ax, per_arm, metric, labels) -> bool:
+    """Mean and 95% band over seeds of ``metric`` per level, one line per arm that has it;
+    returns whether any arm had it (else the panel says so)."""
+    density = 100 * np.mean([r["density"] for r in per_arm["ticket"]], axis=0)
+    arms = [a for a, results in per_arm.items() if metric in results[0]]
+    for arm in arms:
+        _, d, mean, half = _by_level(per_arm[arm], metric)
+        ax.plot(d, mean, marker="o", ms=3, color=COLORS[arm], label=labels[arm])
+        ax.fill_between(d, mean - half, mean + half, color=COLORS[arm], alpha=0.2)
+    if not arms:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+    _density_axis(ax, density)
+    return bool(arms)
+
+
 def _plot_accuracy(per_arm, workdir, config) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for arm, results in per_arm.items():
-        d, acc, half = _by_level(results, "test_accuracy")
-        ax.plot(d, acc, marker="o", ms=3, color=COLORS[arm], label=LABELS[arm])
-        ax.fill_between(d, acc - half, acc + half, color=COLORS[arm], alpha=0.2)
+    _plot_levels(ax, per_arm, "test_accuracy", LABELS)
     dense = np.mean([r["test_accuracy"][0] for r in per_arm["ticket"]])
     ax.axhline(dense - config.match_margin, color="gray", ls="--", lw=0.8, label="dense - margin")
-    _density_axis(ax, d)
     ax.set(ylabel="test accuracy (mean, 95% CI)")
     ax.set_title(f"lottery tickets, {len(per_arm['ticket'])} seeds")
     ax.legend(fontsize=7)
     return common.savefig(fig, workdir, "lth.png", config)
 
 
-def _plot_geometry(per_arm, workdir, config) -> str:
+def _plot_geometry(per_arm, workdir, config) -> str | None:
+    """The geometry panels (None: no arm measured any geometry, no figure)."""
     import matplotlib.pyplot as plt
 
+    if not any(g in per_arm[a][0] for a in per_arm for g, _ in GEOMETRY):
+        return None
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    for ax, (g, label) in zip(axes.ravel()[1:], GEOMETRY, strict=True):
-        for arm, results in per_arm.items():
-            if g not in results[0]:
-                continue
-            d, mean, half = _by_level(results, g)
-            ax.plot(d, mean, marker="o", ms=3, color=COLORS[arm], label=arm)
-            ax.fill_between(d, mean - half, mean + half, color=COLORS[arm], alpha=0.2)
-        _density_axis(ax, d)
+    panels = [("test_accuracy", "test accuracy"), *GEOMETRY]
+    for ax, (g, label) in zip(axes.ravel(), panels, strict=True):
+        _plot_levels(ax, per_arm, g, {a: a for a in per_arm})
         ax.set_title(label, fontsize=10)
-    for arm, results in per_arm.items():
-        d, acc, half = _by_level(results, "test_accuracy")
-        axes[0, 0].plot(d, acc, marker="o", ms=3, color=COLORS[arm], label=arm)
-        axes[0, 0].fill_between(d, acc - half, acc + half, color=COLORS[arm], alpha=0.2)
-    _density_axis(axes[0, 0], d)
-    axes[0, 0].set_title("test accuracy", fontsize=10)
     axes[0, 0].legend(fontsize=7)
     fig.suptitle(f"geometry per IMP level (mean and 95% CI over {len(per_arm['ticket'])} seeds)")
     fig.tight_layout()

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import wspace as ws
+from experiments.common import unpack_correct
 from tests.helpers import fresh_state, run_experiment, run_notebook
 from wspace import lottery, pruning
 
@@ -181,6 +182,14 @@ def _mlp_apply(variables, x, train=False, rngs=None):
     return h @ p["head"]["kernel"] + p["head"]["bias"]
 
 
+def _digits_params(key):
+    k1, k2 = jax.random.split(key)
+    return {
+        "Dense_0": {"kernel": jax.random.normal(k1, (64, 16)) / 8, "bias": jnp.zeros(16)},
+        "head": {"kernel": jax.random.normal(k2, (16, 10)) / 4, "bias": jnp.zeros(10)},
+    }
+
+
 def _digits_setup(rewind_step=3):
     ds = ws.data.load("digits")
     rng = np.random.default_rng(0)
@@ -238,6 +247,89 @@ def test_masked_training_keeps_pruned_weights_exactly_zero_and_sharded_agrees():
         for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
         assert a.metrics["test_accuracy"] == pytest.approx(b.metrics["test_accuracy"], abs=0.01)
+
+
+def _seed_states(tx, seeds):
+    """Per-seed step-0 states stacked on a leading seed axis (own init and PRNG stream)."""
+    states = [
+        fresh_state(_digits_params(jax.random.PRNGKey(s)), tx, jax.random.PRNGKey(s)) for s in seeds
+    ]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def _imp(ds, tx, seed, state, *, workdir=None):
+    """Dense run plus the rewind (with instability), random and reinit arms, 2 levels."""
+    train = _trainer(ds, tx, seed=seed)
+    many = isinstance(seed, list)
+    # the per-seed key of the seed-axis run is the key of the same seed alone
+    key = (
+        jnp.stack([jax.random.PRNGKey(10 + s) for s in seed])
+        if many
+        else jax.random.PRNGKey(10 + seed)
+    )
+    where = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
+    dense = lottery.train_dense(state, train, num_steps=12, rewind_step=3, workdir=where("dense"))
+    test = ws.landscape.classification_objective(_mlp_apply, {}, ds.x_test, ds.y_test, metric="all")
+    kw = dict(levels=2, rate=0.5, layer_rates={"head": 0.25})
+    second = [s + 100 for s in seed] if many else seed + 100
+    ticket = lottery.run_arm(
+        "rewind", dense, train, **kw, instability_eval=test, instability_seed=second,
+        workdir=where("ticket"),
+    )  # fmt: skip
+    rand = lottery.run_arm(
+        "random", dense, train, **kw, reference=ticket, key=key, workdir=where("random")
+    )
+    reinit = lottery.run_arm(
+        "reinit", dense.rewound_to(0), train, **kw, reference=ticket, key=key,
+        init_fn=_digits_params, workdir=where("reinit"),
+    )  # fmt: skip
+    return {"ticket": ticket, "random": rand, "reinit": reinit}
+
+
+def test_seed_axis_gives_each_seed_what_it_gives_alone_and_keeps_pruned_weights_zero():
+    ds, tx, _ = _digits_setup()
+    seeds = [0, 1, 2]
+    arms = _imp(ds, tx, seeds, _seed_states(tx, seeds))
+    for name, levels in arms.items():
+        for lv in levels[1:]:
+            for i in range(len(seeds)):  # per seed: pruned weights exactly zero, survivors moved
+                for p, m in zip(jax.tree.leaves(lv.params), jax.tree.leaves(lv.masks), strict=True):
+                    p, m = np.asarray(p)[i], np.asarray(m)[i]
+                    assert m.shape == p.shape and (p[~m] == 0).all(), name
+                    assert (p[m] != 0).mean() > 0.9, name
+            assert len(lv.metrics["test_loss"]) == len(seeds)
+        density = np.asarray(levels[2].metrics["density"])
+        np.testing.assert_allclose(density, levels[2].metrics["density"][0])  # same counts
+    # seeds differ from each other: their masks are their own
+    masks = np.asarray(arms["ticket"][2].masks["Dense_0"]["kernel"])
+    assert not np.array_equal(masks[0], masks[1])
+    i, seed = 2, seeds[2]
+    alone = _imp(ds, tx, seed, ws.training.seed_slice(_seed_states(tx, [seed]), 0))
+    for name, levels in arms.items():
+        for a, b in zip(levels, alone[name], strict=True):
+            assert _tree_equal(ws.training.seed_slice(a.masks, i), b.masks), (name, a.level)
+            for metric in ("train_loss", "test_loss"):
+                assert a.metrics[metric][i] == pytest.approx(b.metrics[metric], rel=1e-4)
+        assert levels[1].metrics["density"][i] == alone[name][1].metrics["density"]
+    inst = arms["ticket"][2].metrics["instability_loss"][i]
+    assert inst == pytest.approx(alone["ticket"][2].metrics["instability_loss"], rel=1e-3, abs=1e-6)
+
+
+def test_seed_axis_levels_resume_bit_identical(tmp_path):
+    ds, tx, _ = _digits_setup()
+    seeds = [3, 4]
+    first = _imp(ds, tx, seeds, _seed_states(tx, seeds), workdir=str(tmp_path))
+    for arm in ("ticket", "reinit"):  # as if killed during level 2 of these arms
+        os.remove(tmp_path / arm / "level_02" / "metrics.json")
+    second = _imp(ds, tx, seeds, _seed_states(tx, seeds), workdir=str(tmp_path))
+    for name, levels in first.items():
+        for a, b in zip(levels, second[name], strict=True):
+            assert np.shape(jax.tree.leaves(b.params)[0])[0] == len(seeds)  # all seeds saved
+            assert _tree_equal(a.params, b.params) and _tree_equal(a.masks, b.masks)
+            without_time = [
+                {k: v for k, v in lv.metrics.items() if k != "train_time"} for lv in (a, b)
+            ]
+            assert without_time[0] == without_time[1]
 
 
 def test_fresh_rewind_resets_moments_and_fast_forwards_the_schedule():
@@ -339,6 +431,9 @@ def test_experiment_quick(tmp_path):
     with open(tmp_path / "arms" / "ticket" / "seed_0.json") as f:
         ticket = json.load(f)
     assert len(ticket["density"]) == 3 and ticket["density"][0] == 1.0
+    for level, packed in enumerate(ticket["test_correct"]):  # per level, this seed's test set
+        correct = unpack_correct(packed)
+        assert correct.mean() == pytest.approx(ticket["test_accuracy"][level], abs=1e-6)
     for key in ("sharpness", "trace", "trace_per_weight", "instability_error"):
         assert all(np.isfinite(ticket[key])), key
     # trace / trace per weight = the number of surviving weights (biases included)
@@ -346,13 +441,34 @@ def test_experiment_quick(tmp_path):
     prunable = 40 * 300 + 300 * 100 + 100 * 10
     expect = 400 + 10 + prunable * np.asarray(ticket["density"])
     np.testing.assert_allclose(surviving, expect, rtol=1e-4)
-    assert (tmp_path / "lottery" / "seed_1" / "ticket" / "level_02" / "metrics.json").exists()
+    ticket_dir = tmp_path / "train" / "ticket" / "seeds_0-1"  # both seeds, one run
+    assert (ticket_dir / "level_02" / "metrics.json").exists()
     with pytest.raises(ValueError, match="rewind_step=20"):
         run_experiment("lottery", tmp_path / "bad", steps=12, rewind_step=20)
     with pytest.raises(ValueError, match="must include 'ticket'"):
         run_experiment(
             "lottery", tmp_path / "bad", arms="reinit", geometry_arms="", instability_arms=""
         )
+    assert not (tmp_path / "bad").exists()
+
+
+def test_experiment_runs_with_its_optional_lists_emptied(tmp_path):
+    """Issue 23: ``--config.geometry_arms=`` crashed in the geometry plot after all training."""
+    small = dict(steps=6, rewind_step=2, levels=1, num_seeds=1)
+    for i, lists in enumerate(
+        [
+            dict(geometry_arms=""),
+            dict(geometry_arms="", instability_arms=""),
+            dict(arms="ticket", geometry_arms="ticket", instability_arms=""),
+        ]
+    ):
+        results = run_experiment("lottery", tmp_path / str(i), **small, **lists)
+        assert (tmp_path / str(i) / "results.json").exists() and (tmp_path / str(i) / "lth.png")
+        has_geometry = "geometry.png" in results["figures"]
+        assert has_geometry == bool(lists["geometry_arms"] or lists.get("instability_arms", 1))
+        assert {c["baseline"] for c in results["claims"]} >= {"dense"}
+    with pytest.raises(ValueError, match=r"config.geometry_arms=\['reinit'\] must be a subset"):
+        run_experiment("lottery", tmp_path / "bad", arms="ticket", geometry_arms="reinit")
     assert not (tmp_path / "bad").exists()
 
 

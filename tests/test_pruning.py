@@ -362,3 +362,26 @@ def test_masks_held_in_the_state_survive_a_donating_step():
     step = ws.training.make_train_step(ws.training.classification_loss(model.apply), tx)
     state, _ = step(state, {"x": x, "y": y})
     assert pruning.sparsity(masks)["overall"] == pytest.approx(0.5, abs=0.05)  # not deleted
+
+
+def test_set_masks_puts_one_mask_per_seed_into_the_state():
+    """Masks in the state act as ``masks=`` does; under vmap each seed uses its own mask."""
+    tx = optax.chain(pruning.mask_gradients(), optax.sgd(0.1, momentum=0.9), pruning.keep_masked())
+    seeds = [_params(s) for s in range(3)]
+    masks = [pruning.magnitude_masks(p, 0.2 * (i + 1)) for i, p in enumerate(seeds)]
+    grads = [jax.tree.map(lambda x: jnp.cos(3 * x), p) for p in seeds]
+    stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+    states = stack([pruning.set_masks(tx.init(p), m) for p, m in zip(seeds, masks, strict=True)])
+    updates, new = jax.vmap(lambda g, s, p: tx.update(g, s, p))(stack(grads), states, stack(seeds))
+    for i, (p, m, g) in enumerate(zip(seeds, masks, grads, strict=True)):
+        expect, _ = tx.update(g, tx.init(p), p, masks=m)
+        for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expect), strict=True):
+            np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
+    kept = jax.tree.leaves(new[0].masks)  # the step keeps each seed's masks in its state
+    assert all(
+        np.array_equal(k, w) for k, w in zip(kept, jax.tree.leaves(stack(masks)), strict=True)
+    )
+    out = pruning.set_masks(tx.init(seeds[0]), None)
+    assert jax.tree.structure(out) == jax.tree.structure(tx.init(seeds[0]))
+    with pytest.raises(ValueError, match="no mask_gradients"):
+        pruning.set_masks(optax.sgd(0.1).init(seeds[0]), masks[0])

@@ -36,9 +36,18 @@ Arms (`ARMS`):
 Training goes through a ``train(state, masks, num_steps, seed=None) -> (state,
 metrics)`` callable: `Trainer` builds one on `wspace.training.make_train_step`
 and `wspace.training.fit` (``mode``/``mesh``: jit, sharded or pmap). Its optax
-chain should start with `wspace.pruning.mask_gradients` and must end with
-`wspace.pruning.keep_masked`; both receive the masks as the extra argument
-``masks`` so they change between levels without recompiling.
+chain, built without masks, should start with `wspace.pruning.mask_gradients`
+and must end with `wspace.pruning.keep_masked`; the trainer puts each level's
+masks into their states (`wspace.pruning.set_masks`), so masks change between
+levels without recompiling.
+
+Seeds as an axis: with ``Trainer(..., seed=[s0, s1, ...])`` and a state from
+`wspace.training.init_states`, everything carries a leading seed axis (states,
+params, masks; ``key`` of the ``reinit``/``random`` arms is one key per seed) and
+S seeds of IMP run as one program: one train step ``vmap``-ed over the seeds,
+magnitude pruning per seed (``vmap`` of `wspace.pruning.magnitude_masks`), one
+checkpoint per level holding every seed. Metrics are then lists, one per seed.
+A seed trained among S gives what it gives alone (to floating-point tolerance).
 
 Per level, `run_arm` can also measure **instability** (Frankle et al. 2020,
 Algorithm 1 with two copies): a second copy is trained from the level's start
@@ -51,12 +60,12 @@ atomic JSON, the JSON last); a rerun resumes at the first unfinished level.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import functools
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -88,7 +97,7 @@ class DenseRun(NamedTuple):
 
     @property
     def num_steps(self) -> int:
-        return int(self.final.step)
+        return _step_of(self.final)
 
     def rewound_to(self, step: int) -> DenseRun:
         """This run with its rewind point moved to ``0`` (the init) or its own ``k``."""
@@ -111,6 +120,32 @@ class Level(NamedTuple):
     metrics: dict
 
 
+def _has_seed_axis(state: training_lib.TrainState) -> bool:
+    return np.ndim(state.step) == 1
+
+
+def _over_seeds(fn: Callable, seed_axis: bool) -> Callable:
+    """``fn``, or ``fn`` mapped over the leading seed axis of every argument."""
+    return jax.vmap(fn) if seed_axis else fn
+
+
+def _seedwise(fn: Callable, seed_axis: bool) -> Callable:
+    """``fn(tree, *args, masks=, key=, **kwargs)`` mapped over the seed axis of ``tree`` and
+    of the ``masks``/``key`` keywords; the other arguments are shared by all seeds."""
+    if not seed_axis:
+        return fn
+
+    def mapped(tree, *args, **kwargs):
+        per = {k: kwargs.pop(k) for k in ("masks", "key") if kwargs.get(k) is not None}
+        return jax.vmap(lambda t, p: fn(t, *args, **kwargs, **p))(tree, per)
+
+    return mapped
+
+
+def _step_of(state: training_lib.TrainState) -> int:
+    return int(np.ravel(state.step)[0])
+
+
 def all_true(params: PyTree) -> PyTree:
     """The dense mask: ``True`` everywhere, shaped like ``params``."""
     return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
@@ -128,19 +163,21 @@ class Trainer:
     Binds the loss, the optax chain, the data and the devices once. A call
     trains from ``state.step`` to ``num_steps`` (the data order continues where
     ``state.step`` is, so a state rewound to step ``k`` sees the batches the
-    dense run saw after ``k``; ``seed`` replaces the data-order seed, e.g. for
-    the second copy of an instability measurement), passing
-    ``tx_args={"masks": masks}`` to every step, and evaluates once at the end
-    (``train_/test_ loss/accuracy``).
+    dense run saw after ``k``; ``seed`` replaces the data-order seed(s), e.g. for
+    the second copy of an instability measurement) with ``masks`` in the optimizer
+    state (`wspace.pruning.set_masks`, taken out again in the returned state), and
+    evaluates once at the end (``train_/test_ loss/accuracy``).
 
     Args:
       loss_fn: the library's loss signature (`wspace.training.classification_loss`).
-      tx: the optax chain; start it with `wspace.pruning.mask_gradients` and end it
-        with `wspace.pruning.keep_masked` (both take ``masks=`` per step).
+      tx: the optax chain, built without masks; start it with
+        `wspace.pruning.mask_gradients` and end it with `wspace.pruning.keep_masked`.
       dataset: a `wspace.data.Dataset`.
       apply_fn: ``model.apply``, for evaluation.
       batch_size: global batch size.
-      seed: data-order seed.
+      seed: data-order seed, or a list of seeds: then states carry a leading seed axis
+        (`wspace.training.init_states`), the step is built with ``seed_axis=True`` and
+        metrics are lists, one per seed.
       mode, mesh: ``jit`` | ``sharded`` | ``pmap`` and the mesh (`wspace.training.MODES`).
       estimator: gradient estimator with the shape of `jax.value_and_grad`.
     """
@@ -150,7 +187,7 @@ class Trainer:
     dataset: Any
     apply_fn: Callable
     batch_size: int
-    seed: int = 0
+    seed: int | Sequence[int] = 0
     mode: str = "jit"
     mesh: Any = None
     estimator: Callable = jax.value_and_grad
@@ -159,21 +196,21 @@ class Trainer:
         if not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         step = training_lib.make_train_step(
-            self.loss_fn, self.tx, estimator=self.estimator, mode=self.mode, mesh=self.mesh
-        )
+            self.loss_fn, self.tx, estimator=self.estimator, mode=self.mode, mesh=self.mesh,
+            seed_axis=not isinstance(self.seed, int | np.integer),
+        )  # fmt: skip
         object.__setattr__(self, "train_step", step)
 
-    def with_seed(self, seed: int) -> Trainer:
-        """This trainer with another data-order seed, sharing the compiled step."""
-        new = copy.copy(self)
-        object.__setattr__(new, "seed", seed)
-        return new
+    def with_seed(self, seed: int | Sequence[int]) -> Trainer:
+        """This trainer with other data-order seed(s) (an int, or a list for a seed axis)."""
+        return dataclasses.replace(self, seed=seed)
 
-    def __call__(self, state, masks, num_steps, *, seed: int | None = None):
-        if int(num_steps) <= int(state.step):
-            raise ValueError(f"state is at step {int(state.step)}; cannot train to {num_steps}")
+    def __call__(self, state, masks, num_steps, *, seed: int | Sequence[int] | None = None):
+        if int(num_steps) <= _step_of(state):
+            raise ValueError(f"state is at step {_step_of(state)}; cannot train to {num_steps}")
+        masked = state.replace(opt_state=pruning.set_masks(state.opt_state, masks))
         state, history = training_lib.fit(
-            state,
+            masked,
             self.train_step,
             self.dataset,
             apply_fn=self.apply_fn,
@@ -183,15 +220,16 @@ class Trainer:
             mode=self.mode,
             mesh=self.mesh,
             eval_every=int(num_steps),
-            tx_args={"masks": masks},
             progress=False,
         )
         skip = ("step", "time")
         metrics = {k: v for k, v in history[-1].items() if k not in skip and "batch_" not in k}
-        return state, metrics
+        return state.replace(opt_state=pruning.set_masks(state.opt_state, None)), metrics
 
 
-def fresh_opt_state(tx: optax.GradientTransformation, params: PyTree, rewound: PyTree) -> PyTree:
+def fresh_opt_state(
+    tx: optax.GradientTransformation, params: PyTree, rewound: PyTree, *, seed_axis: bool = False
+) -> PyTree:
     """A new optimizer state for ``params`` with its learning-rate schedule at ``rewound``'s step.
 
     ``tx.init(params)`` (zero momentum and Adam moments, Adam's bias-correction
@@ -205,11 +243,12 @@ def fresh_opt_state(tx: optax.GradientTransformation, params: PyTree, rewound: P
       tx: the optax transformation.
       params: the (masked, rewound) params.
       rewound: ``tx``'s state at step ``k`` (same structure as ``tx.init(params)``).
+      seed_axis: ``params`` and ``rewound`` carry a leading seed axis.
 
     Returns:
       the fresh optimizer state.
     """
-    fresh = tx.init(params)
+    fresh = _over_seeds(tx.init, seed_axis)(params)
     if jax.tree.structure(fresh) != jax.tree.structure(rewound):
         raise ValueError("the rewound optimizer state does not have tx.init's structure")
     return _copy_schedules(fresh, rewound)
@@ -256,13 +295,14 @@ def start_state(
     if rewind == "restore":
         return out
     if tx is None:
-        if int(state.step) == 0:
+        if _step_of(state) == 0:
             return out
         raise ValueError(
-            f"rewind='fresh' at step {int(state.step)} needs the optax chain (train.tx, e.g. "
+            f"rewind='fresh' at step {_step_of(state)} needs the optax chain (train.tx, e.g. "
             "a lottery.Trainer) to build a new optimizer state; or use rewind='restore'"
         )
-    return out.replace(opt_state=fresh_opt_state(tx, masked, state.opt_state))
+    fresh = fresh_opt_state(tx, masked, state.opt_state, seed_axis=_has_seed_axis(state))
+    return out.replace(opt_state=fresh)
 
 
 def instability(
@@ -278,6 +318,9 @@ def instability(
 ) -> dict:
     """Instability of a (sparse) network to SGD noise, with ``trained`` as the first copy.
 
+    With a seed axis (``start`` from `wspace.training.init_states`, ``seed`` a list of
+    seeds), the barrier is measured per seed and each value is a list.
+
     Trains a second copy ``θ₂ = train(start, masks, num_steps, seed=seed)`` and returns
     the barrier ``max_α E(α θ₁ + (1-α) θ₂) - (E(θ₁) + E(θ₂)) / 2`` of every metric of
     ``eval_fn`` on ``num_points`` points (Frankle et al. 2020, arXiv 1912.05671: two
@@ -289,11 +332,14 @@ def instability(
       for `wspace.landscape.classification_objective` with ``metric="all"``).
     """
     copy, _ = train(start, masks, num_steps, seed=seed)
-    barrier = landscape.linear_barrier(eval_fn, trained, copy.params, num_points=num_points)
-    barrier = barrier["barrier"]
+
+    def barrier_of(a, b):
+        return landscape.linear_barrier(eval_fn, a, b, num_points=num_points)["barrier"]
+
+    barrier = _over_seeds(barrier_of, _has_seed_axis(start))(trained, copy.params)
     if not isinstance(barrier, dict):
         barrier = {"value": barrier}
-    return {f"instability_{k}": float(v) for k, v in barrier.items()}
+    return {f"instability_{k}": _to_json(v) for k, v in barrier.items()}
 
 
 def train_dense(
@@ -320,8 +366,8 @@ def train_dense(
       ValueError: ``rewind_step`` outside ``[0, num_steps)``.
     """
     _check_steps(num_steps, rewind_step)
-    if int(state.step) != 0:
-        raise ValueError(f"the dense run must start at step 0, got a state at {int(state.step)}")
+    if _step_of(state) != 0:
+        raise ValueError(f"the dense run must start at step 0, got a state at {_step_of(state)}")
     done = _load_json(workdir, "metrics.json")
     if done is not None:
         like = {"init": state, "rewind": state, "final": state}
@@ -371,13 +417,18 @@ def masks_for_level(
         (``layer_rates`` is passed as ``layer_sparsity``: leaf names or name prefixes,
         matched by `wspace.paths.by_prefix`).
       reference: the ticket's levels (a list indexed by level) for ``reinit``/``random``.
-      key: PRNG key for ``random``.
+      key: PRNG key for ``random`` (one per seed with a seed axis).
+
+    With a seed axis (``dense`` from a seed-axis trainer) every mask is computed per
+    seed from that seed's weights (`_seedwise`).
     """
     layer_rates = dict(layer_rates or {})
+    seed_axis = _has_seed_axis(dense.final)
+    magnitude_masks = _seedwise(pruning.magnitude_masks, seed_axis)
     if arm == "rewind":
         if previous is None:
             raise ValueError("the rewind arm needs the previous level")
-        return pruning.magnitude_masks(
+        return magnitude_masks(
             previous.params,
             rate,
             masks=previous.masks,
@@ -387,7 +438,7 @@ def masks_for_level(
         )
     cumulative = {k: level_rate(r, level) for k, r in layer_rates.items()}
     if arm == "oneshot":
-        return pruning.magnitude_masks(
+        return magnitude_masks(
             dense.final.params,
             level_rate(rate, level),
             scope=scope,
@@ -401,10 +452,11 @@ def masks_for_level(
     if arm == "random":
         if key is None:
             raise ValueError("the random arm needs a key")
-        key = jax.random.fold_in(key, level)
+        key = _seedwise(jax.random.fold_in, seed_axis)(key, level)
         if reference is not None and len(reference) > level:
-            return pruning.shuffle_masks(reference[level].masks, key=key, exclude=exclude)
-        return pruning.random_masks(
+            shuffle = _seedwise(pruning.shuffle_masks, seed_axis)
+            return shuffle(reference[level].masks, key=key, exclude=exclude)
+        return _seedwise(pruning.random_masks, seed_axis)(
             dense.final.params,
             level_rate(rate, level),
             key=key,
@@ -431,7 +483,7 @@ def run_arm(
     rewind: str = "fresh",
     measure: Callable | None = None,
     instability_eval: Callable | None = None,
-    instability_seed: int | None = None,
+    instability_seed: int | Sequence[int] | None = None,
     instability_points: int = 11,
     workdir: str | None = None,
     callback: Callable | None = None,
@@ -453,8 +505,9 @@ def run_arm(
       scope: ``"layerwise"`` (LTH for fully connected nets) or ``"global"``.
       exclude: leaves never pruned (default: ``ndim < 2``).
       reference: the ticket's list of `Level` (``reinit`` needs it; ``random`` uses it).
-      key: PRNG key (``random`` masks; ``reinit`` weights).
-      init_fn: ``init_fn(key) -> params`` for ``reinit``.
+      key: PRNG key (``random`` masks; ``reinit`` weights); with a seed axis one key
+        per seed (stacked).
+      init_fn: ``init_fn(key) -> params`` for ``reinit`` (mapped over the seed axis).
       rewind: ``"fresh"`` (default, open_lth: new optimizer state, schedule at
         step ``k``; needs ``train.tx`` when ``k > 0``) or ``"restore"`` (the
         whole step-``k`` state); see the module docstring. ``reinit`` starts
@@ -465,13 +518,16 @@ def run_arm(
         error); with it, every newly computed level (level 0: the dense run from
         its rewind point) also trains a second copy from the same start with data
         order ``instability_seed`` and records `instability` (``instability_*``).
-      instability_seed: the second copy's data-order seed (differs from the trainer's).
+      instability_seed: the second copy's data-order seed (differs from the trainer's;
+        a list, one per seed, with a seed axis).
       instability_points: points on the line between the copies.
       workdir: per-level files go to ``workdir/level_XX/`` (resumable).
       callback: ``callback(level)`` after each level (e.g. a progress print).
 
     Returns:
-      The list of `Level`, index = level.
+      The list of `Level`, index = level. With a seed axis (``dense`` trained by a
+      seed-axis trainer) params and masks carry it, every level's checkpoint holds all
+      seeds, and per-seed metrics are lists (``level``, ``arm``, ``train_time`` shared).
 
     Raises:
       ValueError: unknown arm, bad rate, missing reference/init_fn/key, or
@@ -492,6 +548,8 @@ def run_arm(
     if instability_eval is not None and instability_seed is None:
         raise ValueError("instability_eval needs instability_seed (the second copy's data order)")
     tx = getattr(train, "tx", None)
+    seed_axis = _has_seed_axis(dense.final)
+    per_seed = functools.partial(_over_seeds, seed_axis=seed_axis)
     if rewind == "fresh" and tx is None and dense.rewind_step > 0 and arm != "reinit":
         raise ValueError(
             "rewind='fresh' after step 0 needs train.tx (use a lottery.Trainer) to build a "
@@ -532,7 +590,7 @@ def run_arm(
                 key=key,
             )
             if arm == "reinit":
-                fresh = init_fn(jax.random.fold_in(key, level))
+                fresh = per_seed(lambda k, lv=level: init_fn(jax.random.fold_in(k, lv)))(key)
                 start = start_state(dense.init, masks, rewind=rewind, tx=tx, params=fresh)
             else:
                 start = start_state(dense.rewind, masks, rewind=rewind, tx=tx)
@@ -540,14 +598,11 @@ def run_arm(
             _check_pruned_zero(state.params, masks, arm, level)
             params, model_state = state.params, state.model_state
         result = Level(level, params, model_state, masks, {})
-        stats = pruning.sparsity(masks, exclude=exclude)
         metrics = {
             **metrics,
             "level": level,
             "arm": arm,
-            "sparsity": stats["overall"],
-            "density": stats["density"],
-            "layer_sparsity": stats["layers"],
+            **_mask_stats(masks, exclude, seed_axis),
             "train_time": dense.metrics.get("train_time", 0.0) if level == 0 else time.time() - t0,
         }
         if measure is not None:
@@ -586,6 +641,26 @@ def _check_steps(num_steps, rewind_step) -> None:
             f"rewind_step must be an int in [0, {num_steps}) (the training length), "
             f"got {rewind_step!r}"
         )
+
+
+def _mask_stats(masks, exclude, seed_axis: bool) -> dict:
+    """``sparsity``, ``density`` and ``layer_sparsity`` of the masks (lists, one per seed)."""
+    if not seed_axis:
+        stats = pruning.sparsity(masks, exclude=exclude)
+        return {
+            "sparsity": stats["overall"], "density": stats["density"],
+            "layer_sparsity": stats["layers"],
+        }  # fmt: skip
+    per = [
+        _mask_stats(training_lib.seed_slice(masks, i), exclude, False)
+        for i in range(len(jax.tree.leaves(masks)[0]))
+    ]
+    return {k: [p[k] for p in per] for k in per[0]}
+
+
+def _to_json(v):
+    """A scalar as a float; an array with a seed axis as a list of floats."""
+    return float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64).tolist()
 
 
 def _check_pruned_zero(params, masks, arm, level) -> None:

@@ -24,7 +24,8 @@ weight, ``False`` prunes it. Leaves are named by their path (`wspace.paths`), e.
   updates the surviving weights exactly as the same chain updates them from a
   gradient whose pruned entries are zero. Both take the masks at
   construction or as the extra argument ``masks=`` of ``update`` (which
-  ``optax.chain`` hands to every member).
+  ``optax.chain`` hands to every member); `set_masks` puts masks into their
+  states (one per seed for a state with a seed axis).
 * `gradual_pruning`: the polynomial schedule of Zhu & Gupta (2017, arXiv
   1710.01878) as a transformation whose mask lives in its state and is
   updated inside jit.
@@ -492,6 +493,32 @@ def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtr
         return new, state._replace(count=optax.safe_int32_increment(state.count))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def set_masks(opt_state: PyTree, masks: PyTree | None) -> PyTree:
+    """``opt_state`` with ``masks`` in the state of every `mask_gradients` and `keep_masked`.
+
+    The masks then travel with the train state: ``update`` needs no ``masks=``, and a
+    state with a leading seed axis holds one mask per seed (a train step's ``tx_args``
+    are shared by all seeds). ``masks=None`` takes them out again, giving back the
+    state of a chain built without masks.
+
+    Raises:
+      ValueError: ``opt_state`` holds neither transformation's state.
+    """
+    kinds = (MaskGradientsState, KeepMaskedState)
+    found = []
+
+    def put(s):
+        if not isinstance(s, kinds):
+            return s
+        found.append(s)
+        return s._replace(masks=masks)
+
+    out = jax.tree.map(put, opt_state, is_leaf=lambda s: isinstance(s, kinds))
+    if not found:
+        raise ValueError("the optimizer state has no mask_gradients()/keep_masked() state")
+    return out
 
 
 def polynomial_sparsity(

@@ -100,7 +100,12 @@ def swa_params(opt_state: PyTree) -> PyTree:
 
 
 def recompute_batch_stats(
-    loss_fn: Callable, params: PyTree, model_state: PyTree, batches: Iterable[dict], *, key=None
+    loss_fn: Callable,
+    params: PyTree,
+    model_state: PyTree,
+    batches: Iterable[dict],
+    *,
+    key: jax.Array | None = None,
 ) -> PyTree:
     """Re-estimates BatchNorm running statistics for given params (needed after SWA).
 

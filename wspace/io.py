@@ -35,8 +35,8 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import jax
 import numpy as np
@@ -80,7 +80,7 @@ def _remove_stale_temps(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w"):
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO[Any]]:
     """Opens a temp file beside ``path`` and renames it onto ``path`` on success.
 
     Readers never see half a file, and a killed process leaves ``path`` as it was. The
@@ -121,7 +121,7 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-def dumps(obj: Any, **kwargs) -> str:
+def dumps(obj: Any, **kwargs: Any) -> str:
     """`json.dumps` that also accepts numpy and JAX scalars/arrays (as lists)."""
     return json.dumps(obj, default=_json_default, **kwargs)
 
@@ -302,7 +302,7 @@ class WorkdirLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def workdir_lock(path: str):
+def workdir_lock(path: str) -> Iterator[None]:
     """Holds ``path`` exclusively for this process while the context is open.
 
     Contract: the lock is ``<path>/.lock``, an ``flock``-ed file holding the holder's pid.
@@ -462,7 +462,7 @@ class Checkpointer:
                 f"saving checkpoint step {step} in {self.directory} failed: {_one_line(e)}"
             ) from e
 
-    def restore(self, like: PyTree, step: int | None = None, *, sharding=None) -> PyTree:
+    def restore(self, like: PyTree, step: int | None = None, *, sharding: Any = None) -> PyTree:
         """Restores and verifies the newest valid step (or exactly ``step``).
 
         Args:
@@ -476,7 +476,9 @@ class Checkpointer:
         """
         return self.restore_with_step(like, step, sharding=sharding)[1]
 
-    def restore_with_step(self, like: PyTree, step: int | None = None, *, sharding=None):
+    def restore_with_step(
+        self, like: PyTree, step: int | None = None, *, sharding: Any = None
+    ) -> tuple[PyTree, int]:
         """`restore`, returning ``(step, tree, meta)``: the step restored and its ``meta``."""
         steps = self.all_steps() if step is None else [int(step)]
         if not steps:

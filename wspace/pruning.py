@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from wspace import paths
 
@@ -56,7 +57,7 @@ SCOPES = ("global", "layerwise")
 # naming and validation
 
 
-def default_exclude(name: str, leaf) -> bool:
+def default_exclude(name: str, leaf: ArrayLike) -> bool:
     """Never prune leaves with ``ndim < 2`` (biases, BatchNorm/LayerNorm scales and offsets)."""
     del name
     return jnp.ndim(leaf) < 2
@@ -495,7 +496,7 @@ def keep_masked(masks: PyTree | None = None) -> optax.GradientTransformationExtr
 
 
 def polynomial_sparsity(
-    step,
+    step: ArrayLike,
     *,
     final_sparsity: float,
     begin_step: int,
@@ -503,7 +504,7 @@ def polynomial_sparsity(
     frequency: int = 100,
     initial_sparsity: float = 0.0,
     power: float = 3.0,
-):
+) -> jax.Array:
     """The sparsity target at ``step`` of the gradual pruning schedule (Zhu & Gupta 2017).
 
     ``s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (t_1 - t_0))**power`` evaluated

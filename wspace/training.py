@@ -55,6 +55,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from wspace import data as data_lib
 from wspace import io
@@ -82,7 +83,9 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, **self.model_state}
 
 
-def init_state(model, tx: optax.GradientTransformation, sample_x, key) -> TrainState:
+def init_state(
+    model: flax.linen.Module, tx: optax.GradientTransformation, sample_x: ArrayLike, key: jax.Array
+) -> TrainState:
     """Initialises a model's variables and the optimizer state.
 
     Args:
@@ -299,7 +302,14 @@ class TrainStep:
     def __call__(self, state, batch, tx_args=None):
         return self._one(state, batch, tx_args)
 
-    def scan(self, state, batches, tx_args=None, *, per_step_args: bool = False):
+    def scan(
+        self,
+        state: TrainState,
+        batches: dict,
+        tx_args: dict | None = None,
+        *,
+        per_step_args: bool = False,
+    ) -> tuple[TrainState, dict]:
         """``T`` steps in one call; ``batches`` (and per-step ``tx_args``) stacked on axis 0."""
         if self._many is None:
             raise ValueError("scan needs mode 'jit' or 'sharded'; call the step per batch")
@@ -309,7 +319,12 @@ class TrainStep:
 
 
 def compile_step(
-    step: Callable, mode: str, mesh=None, *, donate: bool = True, seed_axis: bool = False
+    step: Callable,
+    mode: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    donate: bool = True,
+    seed_axis: bool = False,
 ) -> TrainStep:
     """Compiles ``step(state, batch, tx_args, axis_name=None) -> (state, metrics)`` for ``mode``.
 
@@ -329,7 +344,12 @@ def compile_step(
     return TrainStep(step, mode, mesh, donate=donate, seed_axis=seed_axis)
 
 
-def init_states(model, tx: optax.GradientTransformation, sample_x, seeds) -> TrainState:
+def init_states(
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    sample_x: ArrayLike,
+    seeds: Sequence[int],
+) -> TrainState:
     """`init_state` for every seed at once: a `TrainState` with a leading seed axis.
 
     Slice ``i`` is ``init_state(model, tx, sample_x, jax.random.PRNGKey(seeds[i]))``
@@ -345,7 +365,13 @@ def seed_slice(tree: PyTree, index: int) -> PyTree:
     return jax.tree.map(lambda x: x[index], tree)
 
 
-def place_state(state: TrainState, mode: str, mesh=None, *, seed_axis: bool = False) -> TrainState:
+def place_state(
+    state: TrainState,
+    mode: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    seed_axis: bool = False,
+) -> TrainState:
     """Puts a host state where a step of ``mode`` expects it.
 
     ``sharded``: replicated; with ``seed_axis``, split along the leading seed axis when
@@ -382,7 +408,12 @@ def unplace_state(state: TrainState, mode: str) -> TrainState:
 
 
 def place_batch(
-    batch: dict, mode: str, mesh=None, *, seed_axis: bool = False, stacked: bool = False
+    batch: dict,
+    mode: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    seed_axis: bool = False,
+    stacked: bool = False,
 ) -> dict:
     """Puts this process's batch where a step of ``mode`` expects it.
 
@@ -444,7 +475,7 @@ def evaluate(
     batch_size: int = 1000,
     *,
     mode: str = "jit",
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     seed_axis: bool = False,
 ) -> dict:
     """Mean cross-entropy and accuracy of a classifier in eval mode over ``(x, y)``.
@@ -560,7 +591,7 @@ def classification_eval(
     *,
     train_eval_examples: int | None = 1000,
     mode: str = "jit",
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     seed_axis: bool = False,
 ) -> Callable[[TrainState], dict]:
     """The default ``eval_fn`` of `fit`: `evaluate` on the test split and part of train.
@@ -600,7 +631,7 @@ def fit(
     eval_every: int = 100,
     seed: int | Sequence[int] = 0,
     mode: str = "jit",
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     workdir: str | None = None,
     checkpoint_every: int | None = None,
     tx_args: dict | Callable[[dict], dict] | None = None,
@@ -780,7 +811,7 @@ def fit(
     return unplace_state(placed, mode), history
 
 
-def progress_bar(**kwargs):
+def progress_bar(**kwargs: Any) -> Any:
     """A tqdm bar: the notebook widget where ipywidgets is installed, else plain text
     (`tqdm.auto` without ipywidgets warns ``IProgress not found`` in notebooks)."""
     import importlib.util
@@ -1094,7 +1125,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return path
 
 
-def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
+def check_learning_rate(learning_rate: optax.ScalarOrSchedule, name: str = "learning_rate") -> None:
     """Raises ValueError for a numeric learning rate that is not finite and > 0.
 
     Where wspace builds an optimizer: a negative rate ascends the loss (it trained to

@@ -217,7 +217,7 @@ def scale_by_invariant_metric(
 
 
 def invariant_path(
-    learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, **kwargs
+    learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """Functionally invariant path steps: metric-preconditioned descent on a secondary loss.
 
@@ -253,7 +253,9 @@ def invariant_path(
 # ----------------------------------------------------------------------------- penalty form
 
 
-def output_distance(logits: jax.Array, anchor_logits: jax.Array, *, kind: str = "bhattacharyya"):
+def output_distance(
+    logits: jax.Array, anchor_logits: jax.Array, *, kind: str = "bhattacharyya"
+) -> jax.Array:
     """Mean distance between the softmax outputs of two networks on the same inputs.
 
     With ``p = softmax(logits)`` and ``q = softmax(anchor_logits)`` per example:

@@ -28,7 +28,7 @@ PyTree = Any
 class SWAState(NamedTuple):
     """State of `swa`: updates seen (``count``), iterates averaged (``n``), their ``mean``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     n: jax.Array
     mean: PyTree
 

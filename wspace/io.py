@@ -148,7 +148,11 @@ def read_json(path: str, *, recover: str = "delete it and rerun") -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f"line {e.lineno} column {e.colno}: {e.msg}" if hasattr(e, "lineno") else str(e)
+        where = (
+            f"line {e.lineno} column {e.colno}: {e.msg}"
+            if isinstance(e, json.JSONDecodeError)
+            else str(e)
+        )
         raise ValueError(f"{path} is not valid JSON ({where}); {recover}") from None
 
 
@@ -222,7 +226,7 @@ class JsonlWriter(MetricWriter):
 
     def __init__(self, path: str):
         self.path = path
-        self._file = None
+        self._file: IO[str] | None = None
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if self._file is None:
@@ -478,7 +482,7 @@ class Checkpointer:
 
     def restore_with_step(
         self, like: PyTree, step: int | None = None, *, sharding: Any = None
-    ) -> tuple[PyTree, int]:
+    ) -> tuple[int, PyTree, dict | None]:
         """`restore`, returning ``(step, tree, meta)``: the step restored and its ``meta``."""
         steps = self.all_steps() if step is None else [int(step)]
         if not steps:

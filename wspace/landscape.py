@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -463,7 +463,7 @@ def _path_values(g: Callable, params_a, params_b, alphas, *, vectorize: bool):
     return jax.vmap(at)(alphas) if vectorize else jax.lax.map(at, alphas)
 
 
-def barrier_height(values: ArrayLike | dict[str, ArrayLike]) -> jax.Array | dict[str, jax.Array]:
+def barrier_height(values: ArrayLike | Mapping[str, ArrayLike]) -> jax.Array | dict[str, jax.Array]:
     """Loss (or error) barrier along a path: ``max_α v(α) - (v(0) + v(1)) / 2``.
 
     Frankle et al. 2020, arXiv 1912.05671 (their "instability" when the endpoints are
@@ -477,7 +477,7 @@ def barrier_height(values: ArrayLike | dict[str, ArrayLike]) -> jax.Array | dict
       a scalar array, or a dict of them.
     """
     if isinstance(values, dict):
-        return {name: barrier_height(v) for name, v in values.items()}
+        return {name: cast(jax.Array, barrier_height(v)) for name, v in values.items()}
     values = jnp.asarray(values)
     if values.ndim != 1 or values.shape[0] < 2:
         raise ValueError(f"values must be 1-D with at least 2 points; got shape {values.shape}")
@@ -509,7 +509,7 @@ def instability(
     eval_fn: Callable,
     params: PyTree,
     *,
-    keys: jax.Array,
+    keys: jax.Array | Sequence[jax.Array],
     num_points: int = 11,
     mode: str = "auto",
 ) -> dict:
@@ -540,7 +540,8 @@ def instability(
     finals = [train_fn(params, k) for k in keys]
     for i, p in enumerate(finals):
         _check_same_tree(params, p, "params", f"train_fn(params, keys[{i}])")
-    pair_barriers, first = {}, None
+    pair_barriers: dict[tuple[int, int], Any] = {}
+    first: dict = {}  # the path between copies 0 and 1
     for i, j in itertools.combinations(range(len(finals)), 2):
         res = linear_barrier(eval_fn, finals[i], finals[j], num_points=num_points, mode=mode)
         pair_barriers[(i, j)] = res["barrier"]
@@ -761,7 +762,7 @@ def _check_int(value, name: str, minimum: int) -> None:
 def _check_same_tree(a: PyTree, b: PyTree, name_a: str, name_b: str) -> None:
     """ValueError unless ``a`` and ``b`` have the same tree structure and leaf shapes."""
     ta, tb = jax.tree.structure(a), jax.tree.structure(b)
-    if ta != tb:
+    if ta != tb:  # type: ignore[operator]  # jaxlib's PyTreeDef stub
         raise ValueError(f"{name_a} and {name_b} have different tree structures: {ta} vs {tb}")
     for pa, la, lb in zip(
         jax.tree_util.tree_flatten_with_path(a)[0],

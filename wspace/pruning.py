@@ -380,14 +380,14 @@ def sparsity(masks: PyTree, *, exclude: Exclude | None = None) -> dict:
 class KeepMaskedState(NamedTuple):
     """State of `keep_masked`: step ``count`` and the construction-time ``masks`` (or None)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     masks: PyTree
 
 
 class MaskGradientsState(NamedTuple):
     """State of `mask_gradients`: step ``count`` and the construction-time ``masks`` (or None)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     masks: PyTree
 
 
@@ -528,7 +528,7 @@ def polynomial_sparsity(
 class GradualPruningState(NamedTuple):
     """State of `gradual_pruning`: step ``count`` and the current ``masks``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     masks: PyTree
 
 

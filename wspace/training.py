@@ -228,7 +228,7 @@ def _check_opt_state(tx: optax.GradientTransformation, state: TrainState) -> Non
     optimizer's state, which fails later with a cryptic error inside ``tx.update``)."""
     want = jax.tree.structure(jax.eval_shape(tx.init, state.params))
     have = jax.tree.structure(state.opt_state)
-    if have != want:
+    if have != want:  # type: ignore[operator]  # jaxlib's PyTreeDef stub
         names = lambda t: type(t).__name__ if not isinstance(t, tuple) else [
             type(x).__name__ for x in t
         ]  # fmt: skip
@@ -518,7 +518,7 @@ def evaluate(
     if seed_axis:
         total = jnp.zeros((len(jax.tree.leaves(variables)[0]), 2), jnp.float32)
     else:
-        total = np.zeros(2, np.float32)
+        total = np.zeros(2, np.float32)  # type: ignore[assignment]  # summed into below
     sums = _eval_sums_seeds if seed_axis else _eval_sums
     for start in range(0, n + pad, chunk):
         batch = {"x": xp[start : start + chunk], "y": yp[start : start + chunk]}
@@ -728,7 +728,7 @@ def fit(
         if apply_fn is None:
             raise ValueError("fit on a Dataset needs apply_fn (default evaluation) or eval_fn")
         eval_fn = classification_eval(
-            apply_fn, data, train_eval_examples=train_eval_examples, mode=mode, mesh=mesh,
+            apply_fn, data, train_eval_examples=train_eval_examples, mode=mode, mesh=mesh,  # type: ignore[arg-type]
             seed_axis=seed_axis,
         )  # fmt: skip
     primary = jax.process_index() == 0
@@ -737,7 +737,8 @@ def fit(
         if workdir and primary:
             stack.enter_context(io.workdir_lock(workdir))
         ckpt = last_good = meta = None
-        sums = {}  # running sums of the step metrics since the last record (saved with it)
+        # running sums of the step metrics since the last record (saved with it)
+        sums: dict[str, tuple[Any, int]] = {}
         if workdir:
             _check_identity(workdir, state, num_steps, seed, batch_size, primary, identity)
             ckpt = io.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -750,10 +751,12 @@ def fit(
                 }
         start = int(np.ravel(jax.device_get(_addressable(state.step)))[0])
         history = _resume_metrics(workdir, start, primary, (meta or {}).get("record"))
-        writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
+        writers: list[io.MetricWriter] = (
+            [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
+        )
         writers = writers + ([writer] if writer is not None else []) if primary else []
-        stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])
-        stream = _batch_stream(data, batch_size, seed, seed_axis) if is_dataset else iter(data)
+        stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])  # type: ignore[func-returns-value]
+        stream = _batch_stream(data, batch_size, seed, seed_axis) if is_dataset else iter(data)  # type: ignore[arg-type]  # is_dataset narrows data
         stream = itertools.islice(stream, start, None)  # resume: skip the batches already seen
         bar = progress_bar(
             total=num_steps, initial=start, disable=not (progress and primary), desc="train"
@@ -806,7 +809,7 @@ def fit(
             if is_ckpt:
                 window = {k: (np.asarray(s).tolist(), c) for k, (s, c) in sums.items()}
                 meta = {"window": window, "record": history[-1] if history else None}
-                ckpt.save(step, unplace_state(placed, mode), meta=meta)  # record: if torn
+                ckpt.save(step, unplace_state(placed, mode), meta=meta)  # type: ignore[union-attr]  # is_ckpt: ckpt set  # record: if torn
                 last_good = step
     return unplace_state(placed, mode), history
 

@@ -14,7 +14,7 @@ def check_choice(name: str, value: object, allowed: Iterable[object]) -> None:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def check_number(name: str, value: object, ok: Callable[[Any], bool], allowed: str) -> None:
+def check_number(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
     """Validates a hyperparameter when it is concrete (skipped for traced values)."""
     if isinstance(value, jax.core.Tracer):
         return

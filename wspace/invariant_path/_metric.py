@@ -39,7 +39,7 @@ class ScaleByInvariantMetricState(NamedTuple):
       num_unconverged: number of updates whose solve ended with ``residual > tol`` (int32).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     residual: jax.Array
     raw_norm: jax.Array
     num_unconverged: jax.Array
@@ -376,7 +376,7 @@ def _precision_name(precision) -> str | None:
 
 def _unconverged_warner() -> Callable:
     """A host callback that warns on the first unconverged solve of one transformation."""
-    warned = []
+    warned: list[bool] = []
 
     def warn(residual, tol, count) -> None:
         residual, tol = float(np.max(residual)), float(np.max(tol))  # max: also under vmap

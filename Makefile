@@ -56,6 +56,8 @@ accel-check: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m mypy  # configured in pyproject.toml [tool.mypy]
+	$(PY) -m pytest -q -n 0 tests/test_typing.py -k annotated  # every public def typed
 
 # The API reference, generated from the docstrings into docs/api (offline, a few seconds).
 docs: $(STAMP)

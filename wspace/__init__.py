@@ -41,3 +41,19 @@ __all__ = [
     "invariant_path",
 ]
 __version__ = "0.1.0"
+
+
+def _namedtuple_constructors_in_their_module() -> None:
+    """Gives each public NamedTuple's generated ``__new__`` its class's module.
+
+    `collections.namedtuple` compiles ``__new__`` in a synthetic module
+    (``namedtuple_<Name>``), so tools that resolve its string annotations in the function's
+    module (pdoc, for the API reference) cannot find names such as ``PyTree``.
+    """
+    for module in __all__:
+        for obj in vars(globals()[module]).values():
+            if isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields"):
+                obj.__new__.__module__ = obj.__module__
+
+
+_namedtuple_constructors_in_their_module()

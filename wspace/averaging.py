@@ -28,7 +28,7 @@ PyTree = Any
 class SWAState(NamedTuple):
     """State of `swa`: updates seen (``count``), iterates averaged (``n``), their ``mean``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     n: jax.Array
     mean: PyTree
 
@@ -100,7 +100,12 @@ def swa_params(opt_state: PyTree) -> PyTree:
 
 
 def recompute_batch_stats(
-    loss_fn: Callable, params: PyTree, model_state: PyTree, batches: Iterable[dict], *, key=None
+    loss_fn: Callable,
+    params: PyTree,
+    model_state: PyTree,
+    batches: Iterable[dict],
+    *,
+    key: jax.Array | None = None,
 ) -> PyTree:
     """Re-estimates BatchNorm running statistics for given params (needed after SWA).
 

@@ -32,6 +32,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -207,7 +208,7 @@ def _load_mnist1d(cache_dir: str | None) -> Dataset:
             )
     arrays = _generate_mnist1d()
     with atomic_open(path, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub: kwargs vs allow_pickle
     return _from_arrays("mnist1d", arrays)
 
 
@@ -391,7 +392,8 @@ def _read_source(source, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray
         return start, np.stack([r[x_key] for r in records]), np.asarray([r[y_key] for r in records])
 
     starts = range(0, n, _READ_CHUNK)
-    x = y = None
+    x: Any = None  # allocated when the first chunk shows shape and dtype
+    y: Any = None
     with concurrent.futures.ThreadPoolExecutor(max(1, min(_READ_THREADS, len(starts)))) as pool:
         for start, xs, ys in pool.map(read, starts):
             if x is None:

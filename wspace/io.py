@@ -35,8 +35,8 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any
 
 import jax
 import numpy as np
@@ -80,7 +80,7 @@ def _remove_stale_temps(directory: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w"):
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO[Any]]:
     """Opens a temp file beside ``path`` and renames it onto ``path`` on success.
 
     Readers never see half a file, and a killed process leaves ``path`` as it was. The
@@ -121,7 +121,7 @@ def _json_default(x):
     raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
-def dumps(obj: Any, **kwargs) -> str:
+def dumps(obj: Any, **kwargs: Any) -> str:
     """`json.dumps` that also accepts numpy and JAX scalars/arrays (as lists)."""
     return json.dumps(obj, default=_json_default, **kwargs)
 
@@ -148,7 +148,11 @@ def read_json(path: str, *, recover: str = "delete it and rerun") -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        where = f"line {e.lineno} column {e.colno}: {e.msg}" if hasattr(e, "lineno") else str(e)
+        where = (
+            f"line {e.lineno} column {e.colno}: {e.msg}"
+            if isinstance(e, json.JSONDecodeError)
+            else str(e)
+        )
         raise ValueError(f"{path} is not valid JSON ({where}); {recover}") from None
 
 
@@ -222,7 +226,7 @@ class JsonlWriter(MetricWriter):
 
     def __init__(self, path: str):
         self.path = path
-        self._file = None
+        self._file: IO[str] | None = None
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         if self._file is None:
@@ -302,7 +306,7 @@ class WorkdirLockedError(RuntimeError):
 
 
 @contextlib.contextmanager
-def workdir_lock(path: str):
+def workdir_lock(path: str) -> Iterator[None]:
     """Holds ``path`` exclusively for this process while the context is open.
 
     Contract: the lock is ``<path>/.lock``, an ``flock``-ed file holding the holder's pid.
@@ -462,7 +466,7 @@ class Checkpointer:
                 f"saving checkpoint step {step} in {self.directory} failed: {_one_line(e)}"
             ) from e
 
-    def restore(self, like: PyTree, step: int | None = None, *, sharding=None) -> PyTree:
+    def restore(self, like: PyTree, step: int | None = None, *, sharding: Any = None) -> PyTree:
         """Restores and verifies the newest valid step (or exactly ``step``).
 
         Args:
@@ -476,7 +480,9 @@ class Checkpointer:
         """
         return self.restore_with_step(like, step, sharding=sharding)[1]
 
-    def restore_with_step(self, like: PyTree, step: int | None = None, *, sharding=None):
+    def restore_with_step(
+        self, like: PyTree, step: int | None = None, *, sharding: Any = None
+    ) -> tuple[int, PyTree, dict | None]:
         """`restore`, returning ``(step, tree, meta)``: the step restored and its ``meta``."""
         steps = self.all_steps() if step is None else [int(step)]
         if not steps:

@@ -34,14 +34,15 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
+from jax.typing import ArrayLike
 
 PyTree = Any
 EIGEN_METHODS = ("lanczos", "power")
@@ -56,8 +57,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # ground truths stay exact under TF32 defa
 def classification_objective(
     apply_fn: Callable,
     variables_without_params: dict | None,
-    x,
-    y,
+    x: ArrayLike,
+    y: ArrayLike,
     *,
     metric: str = "loss",
     batch_size: int | None = None,
@@ -160,10 +161,10 @@ def top_hessian_eigenvalues(
     *,
     k: int = 1,
     num_iters: int = 20,
-    key,
+    key: jax.Array,
     method: str = "lanczos",
     return_vectors: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, list[PyTree]]:
     """The ``k`` largest (algebraic) eigenvalues of ``H = ∇²f(params)``, matrix-free.
 
     ``lanczos``: ``m = min(num_iters, dim)`` Lanczos steps from a random start on the
@@ -221,11 +222,11 @@ def hessian_trace(
     params: PyTree,
     *,
     num_samples: int = 100,
-    key,
+    key: jax.Array,
     return_stderr: bool = False,
     mask: PyTree | None = None,
     per_weight: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Hutchinson's estimate of ``tr ∇²f(params)`` with Rademacher probes.
 
     ``tr H ≈ 1/S Σ_s z_sᵀ H z_s`` with ``z_s`` i.i.d. uniform on ``{-1, +1}^dim``
@@ -410,7 +411,7 @@ def linear_path(
     *,
     num_points: int = 11,
     mode: str = "auto",
-):
+) -> tuple[jax.Array, jax.Array | dict[str, jax.Array]]:
     """Evaluates ``g`` along the straight line from ``params_a`` to ``params_b``.
 
     ``θ(α) = (1 - α) θ_a + α θ_b`` for ``α`` in ``linspace(0, 1, num_points)``
@@ -462,7 +463,7 @@ def _path_values(g: Callable, params_a, params_b, alphas, *, vectorize: bool):
     return jax.vmap(at)(alphas) if vectorize else jax.lax.map(at, alphas)
 
 
-def barrier_height(values):
+def barrier_height(values: ArrayLike | Mapping[str, ArrayLike]) -> jax.Array | dict[str, jax.Array]:
     """Loss (or error) barrier along a path: ``max_α v(α) - (v(0) + v(1)) / 2``.
 
     Frankle et al. 2020, arXiv 1912.05671 (their "instability" when the endpoints are
@@ -476,7 +477,7 @@ def barrier_height(values):
       a scalar array, or a dict of them.
     """
     if isinstance(values, dict):
-        return {name: barrier_height(v) for name, v in values.items()}
+        return {name: cast(jax.Array, barrier_height(v)) for name, v in values.items()}
     values = jnp.asarray(values)
     if values.ndim != 1 or values.shape[0] < 2:
         raise ValueError(f"values must be 1-D with at least 2 points; got shape {values.shape}")
@@ -508,7 +509,7 @@ def instability(
     eval_fn: Callable,
     params: PyTree,
     *,
-    keys,
+    keys: jax.Array | Sequence[jax.Array],
     num_points: int = 11,
     mode: str = "auto",
 ) -> dict:
@@ -539,7 +540,8 @@ def instability(
     finals = [train_fn(params, k) for k in keys]
     for i, p in enumerate(finals):
         _check_same_tree(params, p, "params", f"train_fn(params, keys[{i}])")
-    pair_barriers, first = {}, None
+    pair_barriers: dict[tuple[int, int], Any] = {}
+    first: dict = {}  # the path between copies 0 and 1
     for i, j in itertools.combinations(range(len(finals)), 2):
         res = linear_barrier(eval_fn, finals[i], finals[j], num_points=num_points, mode=mode)
         pair_barriers[(i, j)] = res["barrier"]
@@ -557,7 +559,7 @@ def instability(
 # ----------------------------------------------------------------------------- distances
 
 
-def l2_distance(a: PyTree, b: PyTree, mask: PyTree | None = None):
+def l2_distance(a: PyTree, b: PyTree, mask: PyTree | None = None) -> jax.Array:
     """Euclidean distance ``||a - b||₂`` of two pytrees flattened to vectors.
 
     Args:
@@ -574,7 +576,7 @@ def l2_distance(a: PyTree, b: PyTree, mask: PyTree | None = None):
     return jnp.sqrt(sum(sq, jnp.zeros((), jnp.float32)))
 
 
-def cosine_similarity(a: PyTree, b: PyTree, mask: PyTree | None = None):
+def cosine_similarity(a: PyTree, b: PyTree, mask: PyTree | None = None) -> jax.Array:
     """Cosine of the angle between two pytrees flattened to vectors, ``<a, b> / (|a| |b|)``.
 
     Args:
@@ -595,7 +597,7 @@ def cosine_similarity(a: PyTree, b: PyTree, mask: PyTree | None = None):
     return jnp.where(denom > 0, dot / jnp.where(denom > 0, denom, 1.0), jnp.nan)
 
 
-def mask_overlap(mask_a: PyTree, mask_b: PyTree):
+def mask_overlap(mask_a: PyTree, mask_b: PyTree) -> jax.Array:
     """Jaccard index of two boolean masks: ``|A ∩ B| / |A ∪ B|``.
 
     1 for identical masks (also when both are empty), 0 for disjoint ones; the
@@ -622,7 +624,7 @@ def mask_overlap(mask_a: PyTree, mask_b: PyTree):
 # ----------------------------------------------------------------------------- flatness
 
 
-def filter_normalized_direction(params: PyTree, key) -> PyTree:
+def filter_normalized_direction(params: PyTree, key: jax.Array) -> PyTree:
     """A random Gaussian direction with each filter rescaled to the norm of the params' filter.
 
     ``d_{l,i} ← d_{l,i} / ||d_{l,i}|| · ||θ_{l,i}||`` for every filter ``i`` of every
@@ -661,14 +663,14 @@ def flatness(
     f: Callable,
     params: PyTree,
     *,
-    key,
+    key: jax.Array,
     threshold: float = 0.1,
     num_directions: int = 10,
     max_distance: float = 1.0,
     num_steps: int = 20,
     refine_steps: int = 20,
     return_distances: bool = False,
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Mean distance along random filter-normalised directions before ``f`` rises by ``threshold``.
 
     For each of ``num_directions`` directions ``d`` (`filter_normalized_direction`),
@@ -760,7 +762,7 @@ def _check_int(value, name: str, minimum: int) -> None:
 def _check_same_tree(a: PyTree, b: PyTree, name_a: str, name_b: str) -> None:
     """ValueError unless ``a`` and ``b`` have the same tree structure and leaf shapes."""
     ta, tb = jax.tree.structure(a), jax.tree.structure(b)
-    if ta != tb:
+    if ta != tb:  # type: ignore[operator]  # jaxlib's PyTreeDef stub
         raise ValueError(f"{name_a} and {name_b} have different tree structures: {ta} vs {tb}")
     for pa, la, lb in zip(
         jax.tree_util.tree_flatten_with_path(a)[0],

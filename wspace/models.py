@@ -148,13 +148,18 @@ class ResNet20(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
 
 
-MODELS = {"mlp": MLP, "lenet_300_100": lenet_300_100, "convnet": ConvNet, "resnet20": ResNet20}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "lenet_300_100": lenet_300_100,
+    "convnet": ConvNet,
+    "resnet20": ResNet20,
+}
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def create(name: str, num_classes: int, *, dtype: str = "float32", **kwargs) -> nn.Module:
+def create(name: str, num_classes: int, *, dtype: str = "float32", **kwargs: Any) -> nn.Module:
     """Builds a model by name (one of `MODELS`) computing in ``dtype`` (one of `DTYPES`)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")

@@ -18,9 +18,10 @@ from typing import Any
 import jax
 
 PyTree = Any
+KeyPath = tuple[Any, ...]  # a pytree key path, as `jax.tree_util.tree_flatten_with_path` gives
 
 
-def path_names(keypath) -> tuple[str, ...]:
+def path_names(keypath: KeyPath) -> tuple[str, ...]:
     """The names along a pytree key path, e.g. ``("BatchNorm_0", "scale")``."""
     names = []
     for k in keypath:
@@ -33,7 +34,7 @@ def path_names(keypath) -> tuple[str, ...]:
     return tuple(names)
 
 
-def path_name(keypath) -> str:
+def path_name(keypath: KeyPath) -> str:
     """The ``"/"``-joined name of a pytree key path, e.g. ``"Dense_0/kernel"``."""
     return "/".join(path_names(keypath))
 

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from wspace import paths
 
@@ -57,7 +58,7 @@ SCOPES = ("global", "layerwise")
 # naming and validation
 
 
-def default_exclude(name: str, leaf) -> bool:
+def default_exclude(name: str, leaf: ArrayLike) -> bool:
     """Never prune leaves with ``ndim < 2`` (biases, BatchNorm/LayerNorm scales and offsets)."""
     del name
     return jnp.ndim(leaf) < 2
@@ -380,14 +381,14 @@ def sparsity(masks: PyTree, *, exclude: Exclude | None = None) -> dict:
 class KeepMaskedState(NamedTuple):
     """State of `keep_masked`: step ``count`` and the construction-time ``masks`` (or None)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     masks: PyTree
 
 
 class MaskGradientsState(NamedTuple):
     """State of `mask_gradients`: step ``count`` and the construction-time ``masks`` (or None)."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     masks: PyTree
 
 
@@ -522,7 +523,7 @@ def set_masks(opt_state: PyTree, masks: PyTree | None) -> PyTree:
 
 
 def polynomial_sparsity(
-    step,
+    step: ArrayLike,
     *,
     final_sparsity: float,
     begin_step: int,
@@ -530,7 +531,7 @@ def polynomial_sparsity(
     frequency: int = 100,
     initial_sparsity: float = 0.0,
     power: float = 3.0,
-):
+) -> jax.Array:
     """The sparsity target at ``step`` of the gradual pruning schedule (Zhu & Gupta 2017).
 
     ``s_t = s_f + (s_i - s_f) (1 - (t - t_0) / (t_1 - t_0))**power`` evaluated
@@ -554,7 +555,7 @@ def polynomial_sparsity(
 class GradualPruningState(NamedTuple):
     """State of `gradual_pruning`: step ``count`` and the current ``masks``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     masks: PyTree
 
 

@@ -55,6 +55,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
 
 from wspace import data as data_lib
 from wspace import io
@@ -82,7 +83,9 @@ class TrainState(flax.struct.PyTreeNode):
         return {"params": self.params, **self.model_state}
 
 
-def init_state(model, tx: optax.GradientTransformation, sample_x, key) -> TrainState:
+def init_state(
+    model: flax.linen.Module, tx: optax.GradientTransformation, sample_x: ArrayLike, key: jax.Array
+) -> TrainState:
     """Initialises a model's variables and the optimizer state.
 
     Args:
@@ -301,7 +304,14 @@ class TrainStep:
     def __call__(self, state, batch, tx_args=None):
         return self._one(state, batch, tx_args)
 
-    def scan(self, state, batches, tx_args=None, *, per_step_args: bool = False):
+    def scan(
+        self,
+        state: TrainState,
+        batches: dict,
+        tx_args: dict | None = None,
+        *,
+        per_step_args: bool = False,
+    ) -> tuple[TrainState, dict]:
         """``T`` steps in one call; ``batches`` (and per-step ``tx_args``) stacked on axis 0."""
         if self._many is None:
             raise ValueError("scan needs mode 'jit' or 'sharded'; call the step per batch")
@@ -311,7 +321,12 @@ class TrainStep:
 
 
 def compile_step(
-    step: Callable, mode: str, mesh=None, *, donate: bool = True, seed_axis: bool = False
+    step: Callable,
+    mode: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    donate: bool = True,
+    seed_axis: bool = False,
 ) -> TrainStep:
     """Compiles ``step(state, batch, tx_args, axis_name=None) -> (state, metrics)`` for ``mode``.
 
@@ -331,7 +346,12 @@ def compile_step(
     return TrainStep(step, mode, mesh, donate=donate, seed_axis=seed_axis)
 
 
-def init_states(model, tx: optax.GradientTransformation, sample_x, seeds) -> TrainState:
+def init_states(
+    model: flax.linen.Module,
+    tx: optax.GradientTransformation,
+    sample_x: ArrayLike,
+    seeds: Sequence[int],
+) -> TrainState:
     """`init_state` for every seed at once: a `TrainState` with a leading seed axis.
 
     Slice ``i`` is ``init_state(model, tx, sample_x, jax.random.PRNGKey(seeds[i]))``
@@ -347,7 +367,13 @@ def seed_slice(tree: PyTree, index: int) -> PyTree:
     return jax.tree.map(lambda x: x[index], tree)
 
 
-def place_state(state: TrainState, mode: str, mesh=None, *, seed_axis: bool = False) -> TrainState:
+def place_state(
+    state: TrainState,
+    mode: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    seed_axis: bool = False,
+) -> TrainState:
     """Puts a host state where a step of ``mode`` expects it.
 
     ``sharded``: replicated; with ``seed_axis``, split along the leading seed axis when
@@ -384,7 +410,12 @@ def unplace_state(state: TrainState, mode: str) -> TrainState:
 
 
 def place_batch(
-    batch: dict, mode: str, mesh=None, *, seed_axis: bool = False, stacked: bool = False
+    batch: dict,
+    mode: str,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    seed_axis: bool = False,
+    stacked: bool = False,
 ) -> dict:
     """Puts this process's batch where a step of ``mode`` expects it.
 
@@ -446,7 +477,7 @@ def evaluate(
     batch_size: int = 1000,
     *,
     mode: str = "jit",
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     seed_axis: bool = False,
 ) -> dict:
     """Mean cross-entropy and accuracy of a classifier in eval mode over ``(x, y)``.
@@ -489,7 +520,7 @@ def evaluate(
     if seed_axis:
         total = jnp.zeros((len(jax.tree.leaves(variables)[0]), 2), jnp.float32)
     else:
-        total = np.zeros(2, np.float32)
+        total = np.zeros(2, np.float32)  # type: ignore[assignment]  # summed into below
     sums = _eval_sums_seeds if seed_axis else _eval_sums
     for start in range(0, n + pad, chunk):
         batch = {"x": xp[start : start + chunk], "y": yp[start : start + chunk]}
@@ -562,7 +593,7 @@ def classification_eval(
     *,
     train_eval_examples: int | None = 1000,
     mode: str = "jit",
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     seed_axis: bool = False,
 ) -> Callable[[TrainState], dict]:
     """The default ``eval_fn`` of `fit`: `evaluate` on the test split and part of train.
@@ -602,7 +633,7 @@ def fit(
     eval_every: int = 100,
     seed: int | Sequence[int] = 0,
     mode: str = "jit",
-    mesh=None,
+    mesh: jax.sharding.Mesh | None = None,
     workdir: str | None = None,
     checkpoint_every: int | None = None,
     tx_args: dict | Callable[[dict], dict] | None = None,
@@ -699,7 +730,7 @@ def fit(
         if apply_fn is None:
             raise ValueError("fit on a Dataset needs apply_fn (default evaluation) or eval_fn")
         eval_fn = classification_eval(
-            apply_fn, data, train_eval_examples=train_eval_examples, mode=mode, mesh=mesh,
+            apply_fn, data, train_eval_examples=train_eval_examples, mode=mode, mesh=mesh,  # type: ignore[arg-type]
             seed_axis=seed_axis,
         )  # fmt: skip
     primary = jax.process_index() == 0
@@ -708,7 +739,8 @@ def fit(
         if workdir and primary:
             stack.enter_context(io.workdir_lock(workdir))
         ckpt = last_good = meta = None
-        sums = {}  # running sums of the step metrics since the last record (saved with it)
+        # running sums of the step metrics since the last record (saved with it)
+        sums: dict[str, tuple[Any, int]] = {}
         if workdir:
             _check_identity(workdir, state, num_steps, seed, batch_size, primary, identity)
             ckpt = io.Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -721,10 +753,12 @@ def fit(
                 }
         start = int(np.ravel(jax.device_get(_addressable(state.step)))[0])
         history = _resume_metrics(workdir, start, primary, (meta or {}).get("record"))
-        writers = [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
+        writers: list[io.MetricWriter] = (
+            [io.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))] if workdir else []
+        )
         writers = writers + ([writer] if writer is not None else []) if primary else []
-        stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])
-        stream = _batch_stream(data, batch_size, seed, seed_axis) if is_dataset else iter(data)
+        stack.callback(lambda: [w.close() if w is not writer else w.flush() for w in writers])  # type: ignore[func-returns-value]
+        stream = _batch_stream(data, batch_size, seed, seed_axis) if is_dataset else iter(data)  # type: ignore[arg-type]  # is_dataset narrows data
         stream = itertools.islice(stream, start, None)  # resume: skip the batches already seen
         bar = progress_bar(
             total=num_steps, initial=start, disable=not (progress and primary), desc="train"
@@ -777,12 +811,12 @@ def fit(
             if is_ckpt:
                 window = {k: (np.asarray(s).tolist(), c) for k, (s, c) in sums.items()}
                 meta = {"window": window, "record": history[-1] if history else None}
-                ckpt.save(step, unplace_state(placed, mode), meta=meta)  # record: if torn
+                ckpt.save(step, unplace_state(placed, mode), meta=meta)  # type: ignore[union-attr]  # is_ckpt: ckpt set  # record: if torn
                 last_good = step
     return unplace_state(placed, mode), history
 
 
-def progress_bar(**kwargs):
+def progress_bar(**kwargs: Any) -> Any:
     """A tqdm bar: the notebook widget where ipywidgets is installed, else plain text
     (`tqdm.auto` without ipywidgets warns ``IProgress not found`` in notebooks)."""
     import importlib.util
@@ -1096,7 +1130,7 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return path
 
 
-def check_learning_rate(learning_rate, name: str = "learning_rate") -> None:
+def check_learning_rate(learning_rate: optax.ScalarOrSchedule, name: str = "learning_rate") -> None:
     """Raises ValueError for a numeric learning rate that is not finite and > 0.
 
     Where wspace builds an optimizer: a negative rate ascends the loss (it trained to

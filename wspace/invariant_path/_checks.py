@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 
 
-def check_choice(name: str, value, allowed) -> None:
+def check_choice(name: str, value: object, allowed: Iterable[object]) -> None:
     """Raises ValueError unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
-def check_number(name: str, value, ok: Callable, allowed: str) -> None:
+def check_number(name: str, value: Any, ok: Callable[[Any], bool], allowed: str) -> None:
     """Validates a hyperparameter when it is concrete (skipped for traced values)."""
     if isinstance(value, jax.core.Tracer):
         return

@@ -39,7 +39,7 @@ class ScaleByInvariantMetricState(NamedTuple):
       num_unconverged: number of updates whose solve ended with ``residual > tol`` (int32).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     residual: jax.Array
     raw_norm: jax.Array
     num_unconverged: jax.Array
@@ -217,7 +217,7 @@ def scale_by_invariant_metric(
 
 
 def invariant_path(
-    learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, **kwargs
+    learning_rate: optax.ScalarOrSchedule, apply_fn: Callable, **kwargs: Any
 ) -> optax.GradientTransformationExtraArgs:
     """Functionally invariant path steps: metric-preconditioned descent on a secondary loss.
 
@@ -253,7 +253,9 @@ def invariant_path(
 # ----------------------------------------------------------------------------- penalty form
 
 
-def output_distance(logits: jax.Array, anchor_logits: jax.Array, *, kind: str = "bhattacharyya"):
+def output_distance(
+    logits: jax.Array, anchor_logits: jax.Array, *, kind: str = "bhattacharyya"
+) -> jax.Array:
     """Mean distance between the softmax outputs of two networks on the same inputs.
 
     With ``p = softmax(logits)`` and ``q = softmax(anchor_logits)`` per example:
@@ -374,7 +376,7 @@ def _precision_name(precision) -> str | None:
 
 def _unconverged_warner() -> Callable:
     """A host callback that warns on the first unconverged solve of one transformation."""
-    warned = []
+    warned: list[bool] = []
 
     def warn(residual, tol, count) -> None:
         residual, tol = float(np.max(residual)), float(np.max(tol))  # max: also under vmap

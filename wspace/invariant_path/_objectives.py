@@ -26,7 +26,7 @@ PyTree = Any
 ATTACKS = ("fgsm", "pgd")
 
 
-def projection_distance(params: PyTree, sparsity: float, **mask_kwargs) -> jax.Array:
+def projection_distance(params: PyTree, sparsity: float, **mask_kwargs: Any) -> jax.Array:
     """Half the squared distance from the weights to their magnitude projection.
 
     ``0.5 |w - m(w) * w|^2`` with ``m(w)`` = `wspace.pruning.magnitude_masks` at
@@ -45,10 +45,10 @@ def projection_distance(params: PyTree, sparsity: float, **mask_kwargs) -> jax.A
     masks = jax.lax.stop_gradient(pruning.magnitude_masks(params, sparsity, **mask_kwargs))
     pruned = pruning.apply_masks(params, masks)
     diffs = jax.tree.map(lambda w, p: jnp.sum(jnp.square(w - p)), params, pruned)
-    return 0.5 * sum(jax.tree.leaves(diffs))
+    return 0.5 * sum(jax.tree.leaves(diffs))  # type: ignore[return-value]  # a sum of arrays
 
 
-def sparsity_loss(sparsity: float, **mask_kwargs) -> Callable:
+def sparsity_loss(sparsity: float, **mask_kwargs: Any) -> Callable:
     """The sparsity objective as a loss: `projection_distance` in the library signature.
 
     Args:
@@ -71,7 +71,9 @@ def sparsity_loss(sparsity: float, **mask_kwargs) -> Callable:
     return loss
 
 
-def fgsm(loss_of_x: Callable, x: jax.Array, *, eps: float, clip=None) -> jax.Array:
+def fgsm(
+    loss_of_x: Callable, x: jax.Array, *, eps: float, clip: tuple[float, float] | None = None
+) -> jax.Array:
     """Fast gradient sign method: ``x + eps * sign(d loss / d x)``.
 
     Args:
@@ -100,7 +102,7 @@ def pgd(
     eps: float,
     steps: int = 10,
     step_size: float | None = None,
-    clip=None,
+    clip: tuple[float, float] | None = None,
 ) -> jax.Array:
     """Projected gradient descent attack in an L-infinity ball (ascent on the loss).
 
@@ -147,7 +149,7 @@ def adversarial_loss(
     method: str = "pgd",
     steps: int = 10,
     step_size: float | None = None,
-    clip=None,
+    clip: tuple[float, float] | None = None,
 ) -> Callable:
     """The adversarial-robustness objective: a loss evaluated on attacked inputs.
 

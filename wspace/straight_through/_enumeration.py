@@ -63,7 +63,7 @@ def _softmax_ce(logits, y):
 def states_loss(
     apply_fn: Callable,
     variables: dict,
-    x,
+    x: jax.Array,
     *,
     loss: Callable | None = None,
     straight_through: bool = False,

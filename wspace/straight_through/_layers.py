@@ -215,7 +215,7 @@ class BinaryMLP(nn.Module):
     features: Sequence[int] = (5, 5, 5)
     num_classes: int = 2
     # passed to every hidden `BinaryDense`, with its defaults (but real weights by default)
-    activation: str = _BinaryLayer.activation
+    activation: str = _BinaryLayer.activation  # type: ignore[assignment]  # "st"; None not allowed here
     noise: str = _BinaryLayer.noise
     binary_weights: bool = False
     weight_estimator: str = _BinaryLayer.weight_estimator

@@ -246,3 +246,20 @@ def test_stored_times_survive_a_rerun_and_the_eta_skips_the_first_unit(tmp_path,
     bar.done(computed=True)  # compiles: the rate starts after it
     bar.done(computed=True, units=2)  # 2 units in 4 s
     assert bar.bar.total == 5 and bar.bar.postfix == "ETA 0:00:02"  # 1 unit left x 2 s
+
+
+def test_committed_results_verify_and_meet_the_bar():
+    """``python -m experiments.report --verify`` on experiments/results/ and the README.
+
+    Every claim re-derives from its stored values, has at least 10 seeds, and every file
+    names its commit, versions and backend (issue 19's "done when").
+    """
+    cmd = [sys.executable, "-m", "experiments.report", "--verify"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    published = report.published_results()
+    assert published, "no results files in experiments/results/"
+    for name, results in published.items():
+        assert all(c["n"] >= 10 for c in results["claims"]), name
+        p = results["provenance"]
+        assert p["commit"] and p["versions"]["jax"] and p["backend"], name

@@ -325,20 +325,6 @@ def test_report_quick_writes_markdown_html_and_verdicts(tmp_path):
         report.run(config, str(tmp_path / "x"))
 
 
-def test_readme_results_are_generated_from_published_results():
-    from experiments import report
-
-    with open(os.path.join(ROOT, "README.md")) as f:
-        text = f.read()
-    published = report.published_results()
-    assert report.render_readme(text, published) == text, (
-        "README result blocks differ from experiments/results/*.json; "
-        "run `python -m experiments.report --publish`"
-    )
-    for name in published:
-        assert f"<!-- results:{name} -->" in text, f"README has no block for {name}"
-
-
 def test_second_run_in_a_locked_workdir_fails_at_once(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c",

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from experiments.configs.late_phase import NQP_ARMS
 from tests.helpers import ROOT, run_experiment
 
 EXPERIMENTS = (
@@ -61,6 +62,23 @@ CASES = [
     ("invariant_path", "bad-part", dict(parts=("nope",)), ("parts",)),
     ("compose", "default", {}, None),
     ("compose", "bn_head-random", dict(late_select="head", late_schedule="random"), None),
+    ("late_phase", "select-batchnorm-mlp", dict(parts=("classify",), select="batchnorm"),
+     ("select", "model")),  # fmt: skip
+    ("late_phase", "rank1-restart-noise", dict(parts=("classify",), select="rank1", noise=0.01,
+                                               member_opt_state="copy"), None),  # fmt: skip
+    ("late_phase", "nqp-all-arms", dict(parts=("nqp",), nqp_arms=NQP_ARMS), None),
+    ("likelihood_ratio", "no-quality", dict(quality_variants=()), None),
+    ("likelihood_ratio", "no-fgsm", dict(fgsm_eps=()), ("claim_eps", "fgsm_eps")),
+    ("likelihood_ratio", "baseline-none", dict(baseline="none"), None),
+    ("straight_through", "no-sbn-estimators", dict(sbn_estimators=[]), None),
+    ("straight_through", "act-arms", dict(train_arms=["act_st", "act_identity"]), None),
+    ("invariant_path", "no-continual-arms", dict(parts=("continual",), continual_arms=()), None),
+    ("invariant_path", "no-sparsities", dict(parts=("sparsity",), sparsities=()),
+     ("claim_sparsity", "sparsities")),  # fmt: skip,
+    ("invariant_path", "robustness-only", dict(parts=("robustness",)), None),
+    ("invariant_path", "no-parts", dict(parts=()), None),
+    ("compose", "head-noise", dict(late_select="head", late_noise=0.01), None),
+    ("compose", "parallel", dict(late_schedule="parallel"), ("late_schedule",)),
     ("compose", "bad-late-start", dict(late_start=1.0), ("late_start",)),
 ]
 

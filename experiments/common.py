@@ -57,7 +57,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from experiments import claims as claims_lib

@@ -7,6 +7,7 @@ optional list, run each arm alone and try each named option once, on tiny sizes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,7 @@ TINY = {  # the cheapest sizes each experiment accepts, shared by all its cases
 }
 
 # (experiment, id, overrides, refused fields: None when the configuration must run)
+# fmt: off
 CASES = [
     ("train", "default", {}, None),
     ("train", "adam-digits", dict(optimizer="adam", dataset="digits"), None),
@@ -42,47 +44,49 @@ CASES = [
     ("late_phase", "sgd-alone", dict(classify_arms=("sgd",), nqp_arms=("sgd",)), None),
     ("late_phase", "select-head", dict(parts=("classify",), select="head"), None),
     ("late_phase", "no-sgd", dict(classify_arms=("late",)), ("classify_arms",)),
+    ("late_phase", "select-batchnorm-mlp", dict(parts=("classify",), select="batchnorm"),
+     ("select", "model")),
+    ("late_phase", "rank1-restart-noise", dict(parts=("classify",), select="rank1", noise=0.01,
+                                               member_opt_state="copy"), None),
+    ("late_phase", "nqp-all-arms", dict(parts=("nqp",), nqp_arms=NQP_ARMS), None),
     ("likelihood_ratio", "gaussian-digits", dict(noise_settings=("gaussian:0.1",)), None),
     ("likelihood_ratio", "logistic-es-only", dict(noise_settings=("logistic:0.5",),
-                                                  quality_variants=("es",)), None),  # fmt: skip
+                                                  quality_variants=("es",)), None),
     ("likelihood_ratio", "no-noise", dict(noise_settings=()), ("noise_settings",)),
-    ("straight_through", "st-alone", dict(sbn_estimators=["st"], train_arms=["bin_st"]), None),
-    ("straight_through", "no-train-arms", dict(train_arms=[]), None),
-    ("straight_through", "bad-arm", dict(train_arms=["bin_xx"]), ("train_arms",)),
-    ("lottery", "default", {}, None),
-    ("lottery", "ticket-alone", dict(arms="ticket", geometry_arms="ticket",
-                                     instability_arms="ticket"), None),  # fmt: skip
-    ("lottery", "no-instability-global-restore-adam", dict(
-        instability_arms="", scope="global", rewind="restore", optimizer="adam"), None),
-    ("lottery", "no-ticket", dict(arms="reinit", geometry_arms="", instability_arms=""),
-     ("arms",)),  # fmt: skip
-    ("invariant_path", "sparsity-only", dict(parts=("sparsity",)), None),
-    ("invariant_path", "continual-fip-alone", dict(parts=("continual",),
-                                                   continual_arms=("fip",)), None),  # fmt: skip
-    ("invariant_path", "bad-part", dict(parts=("nope",)), ("parts",)),
-    ("compose", "default", {}, None),
-    ("compose", "bn_head-random", dict(late_select="head", late_schedule="random"), None),
-    ("late_phase", "select-batchnorm-mlp", dict(parts=("classify",), select="batchnorm"),
-     ("select", "model")),  # fmt: skip
-    ("late_phase", "rank1-restart-noise", dict(parts=("classify",), select="rank1", noise=0.01,
-                                               member_opt_state="copy"), None),  # fmt: skip
-    ("late_phase", "nqp-all-arms", dict(parts=("nqp",), nqp_arms=NQP_ARMS), None),
     ("likelihood_ratio", "no-quality", dict(quality_variants=()), None),
     ("likelihood_ratio", "no-fgsm", dict(fgsm_eps=()), ("claim_eps", "fgsm_eps")),
     ("likelihood_ratio", "baseline-none", dict(baseline="none"), None),
+    ("straight_through", "st-alone", dict(sbn_estimators=["st"], train_arms=["bin_st"]), None),
+    ("straight_through", "no-train-arms", dict(train_arms=[]), None),
+    ("straight_through", "bad-arm", dict(train_arms=["bin_xx"]), ("train_arms",)),
     ("straight_through", "no-sbn-estimators", dict(sbn_estimators=[]), None),
     ("straight_through", "act-arms", dict(train_arms=["act_st", "act_identity"]), None),
+    ("lottery", "default", {}, None),
+    ("lottery", "ticket-alone", dict(arms="ticket", geometry_arms="ticket",
+                                     instability_arms="ticket"), None),
+    ("lottery", "no-instability-global-restore-adam", dict(
+        instability_arms="", scope="global", rewind="restore", optimizer="adam"), None),
+    ("lottery", "no-ticket", dict(arms="reinit", geometry_arms="", instability_arms=""),
+     ("arms",)),
+    ("invariant_path", "sparsity-only", dict(parts=("sparsity",)), None),
+    ("invariant_path", "continual-fip-alone", dict(parts=("continual",),
+                                                   continual_arms=("fip",)), None),
+    ("invariant_path", "bad-part", dict(parts=("nope",)), ("parts",)),
     ("invariant_path", "no-continual-arms", dict(parts=("continual",), continual_arms=()), None),
     ("invariant_path", "no-sparsities", dict(parts=("sparsity",), sparsities=()),
-     ("claim_sparsity", "sparsities")),  # fmt: skip,
+     ("claim_sparsity", "sparsities")),
     ("invariant_path", "robustness-only", dict(parts=("robustness",)), None),
     ("invariant_path", "no-parts", dict(parts=()), None),
+    ("compose", "default", {}, None),
+    ("compose", "bn_head-random", dict(late_select="head", late_schedule="random"), None),
     ("compose", "head-noise", dict(late_select="head", late_noise=0.01), None),
     ("compose", "parallel", dict(late_schedule="parallel"), ("late_schedule",)),
     ("compose", "bad-late-start", dict(late_start=1.0), ("late_start",)),
 ]
+# fmt: on
 
 
+@pytest.mark.filterwarnings("error:No artists with labels")  # a legend over an empty panel
 @pytest.mark.parametrize(
     "name,overrides,refused",
     [pytest.param(n, o, r, id=f"{n}-{i}") for n, i, o, r in CASES],
@@ -92,7 +96,9 @@ def test_configuration_runs_or_is_refused(tmp_path, name, overrides, refused):
     fields = {**TINY[name], **overrides}
     if refused is None:
         run_experiment(name, workdir, **fields)
-        assert (workdir / "results.json").exists()
+        results = json.loads((workdir / "results.json").read_text())
+        for figure in results["figures"]:
+            assert (workdir / figure).exists(), figure
         return
     with pytest.raises(ValueError) as info:
         run_experiment(name, workdir, **fields)

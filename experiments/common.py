@@ -57,11 +57,11 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from experiments import claims as claims_lib
 from experiments.claims import Claim, judge, pack_correct, unpack_correct  # noqa: F401
+from experiments.configs.base import DISPLAY_ONLY, NUM_SEEDS, SIZES, base_config  # noqa: F401
 from wspace.io import (
     CheckpointError,
     WorkdirLockedError,
@@ -71,37 +71,11 @@ from wspace.io import (
     write_json,
 )
 
-SIZES = ("quick", "small", "paper")
-NUM_SEEDS = {"quick": 2, "small": 10, "paper": 10}
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SMOKE_STAMP = "smoke size, not a result"
 
 
 # ----------------------------------------------------------------------------- configs
-
-
-def base_config(size: str) -> ml_collections.ConfigDict:
-    """The fields every experiment has; ``size`` is quick | small | paper.
-
-    Fields: ``size``, ``dataset`` (mnist1d | digits | npz:PATH | a TFDS name),
-    ``data_dir`` ("" for none), ``seed`` (the first seed), ``num_seeds``,
-    ``mode`` (jit | sharded | pmap), ``progress`` (tqdm bars), ``tensorboard``
-    (also write TensorBoard logs under ``<workdir>/tb``: `metric_writer`).
-    """
-    if size not in SIZES:
-        raise ValueError(f"unknown config size {size!r}; use one of {SIZES}")
-    return ml_collections.ConfigDict(
-        {
-            "size": size,
-            "dataset": "mnist1d",
-            "data_dir": "",
-            "seed": 0,
-            "num_seeds": NUM_SEEDS[size],
-            "mode": "jit",
-            "progress": size != "quick",
-            "tensorboard": False,
-        }
-    )
 
 
 def validate_common(config) -> None:
@@ -162,9 +136,6 @@ def load_dataset(config, standardize: bool = True):
 
 
 # ----------------------------------------------------------------------------- workdir
-
-
-DISPLAY_ONLY = ("progress", "tensorboard")  # fields that never change a run's results
 
 
 def run_identity(config) -> dict:

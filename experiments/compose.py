@@ -84,6 +84,12 @@ def validate(config) -> None:
         raise ValueError(f"config.hidden={config.hidden}; give positive layer widths")
     # the libraries validate their own options (preset names, schedules, ULR options)
     _late(config)
+    try:
+        _late(config, combine="every")  # the ticket_late_every arm
+    except ValueError as e:
+        raise ValueError(
+            f"config.late_schedule={config.late_schedule!r} cannot run arm ticket_late_every: {e}"
+        ) from None
     _ulr(config)
 
 
@@ -192,8 +198,10 @@ class _Run:
             params = state.params
         else:  # ticket_late, ticket_late_every: plain to t0, then late-phase members
             late = _late(self.config, "every" if name == "ticket_late_every" else None)
+            # the members' initial noise (config.late_noise > 0) draws from it, split per seed
+            key = jax.random.PRNGKey(seeds[0]) if self.config.late_noise > 0 else None
             state, history = late.fit(start, self.loss, self.tx, self.ds, t0=self.t0,
-                                      masks=masks, **self.fit_kwargs(seeds))  # fmt: skip
+                                      masks=masks, key=key, **self.fit_kwargs(seeds))  # fmt: skip
             metrics = _seed_metrics(history[-1], len(seeds))
             params = jax.vmap(late.average)(state.params, state.model_state)[0]
             late_masks = jax.vmap(late.expand_masks)(masks)

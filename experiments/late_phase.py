@@ -108,6 +108,19 @@ def _late(config, arm: str, select=None) -> LatePhase:
                      member_opt_state=config.member_opt_state)  # fmt: skip
 
 
+def _check_select(config, model, sample_x) -> None:
+    """Refuses a ``config.select`` that picks no weight of ``config.model`` (shapes only)."""
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), sample_x)["params"]
+    try:
+        key = jax.random.PRNGKey(0)  # noise > 0 draws from it; only shapes are computed
+        jax.eval_shape(lambda p: _late(config, "late").expand(p, key=key), params)
+    except ValueError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(
+            f"config.select={config.select!r} does not fit config.model={config.model!r}: {first}"
+        ) from None
+
+
 # ----------------------------------------------------------------------------- classification
 
 
@@ -157,7 +170,9 @@ def classify_arm(config, ds, model, loss, txs, arm: str, seeds: list[int]) -> li
     if arm in _LATE:
         late = _late(config, arm)
         t0 = 0 if arm == "late_t0_0" else int(config.t0_frac * config.steps)
-        state, hist = late.fit(state, loss, tx, ds, apply_fn=model.apply, t0=t0, **kw)
+        # the members' initial noise (config.noise > 0) draws from this key, split per seed
+        key = jax.random.PRNGKey(seeds[0]) if config.noise > 0 else None
+        state, hist = late.fit(state, loss, tx, ds, apply_fn=model.apply, t0=t0, key=key, **kw)
         params = swa_params(state.opt_state) if uses_swa else state.params
         model_state = state.model_state
         if uses_swa:
@@ -313,6 +328,11 @@ def run(config, workdir: str) -> dict:
     """Runs the configured parts and arms (all seeds of an arm at once); writes results.json
     and figures."""
     validate(config)
+    if "classify" in config.parts:
+        ds = common.load_dataset(config)
+        width = {"channels": tuple(config.channels)} if config.model == "convnet" else {}
+        model = ws.models.create(config.model, ds.num_classes, **width)
+        _check_select(config, model, ds.x_train[:1])
     common.start(config, workdir)
     claims, tables, figures = [], {}, []
     notes = [
@@ -322,9 +342,6 @@ def run(config, workdir: str) -> dict:
         "Runs are on CPU; seeds pair the arms (same initialisation and data order per seed).",
     ]
     if "classify" in config.parts:
-        ds = common.load_dataset(config)
-        width = {"channels": tuple(config.channels)} if config.model == "convnet" else {}
-        model = ws.models.create(config.model, ds.num_classes, **width)
         loss, txs = ws.training.classification_loss(model.apply), _optimizers(config)
         arms = {
             a: (lambda seeds, a=a: classify_arm(config, ds, model, loss, txs, a, seeds))

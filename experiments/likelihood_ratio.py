@@ -398,7 +398,8 @@ def _plot_quality(config, quality, workdir):
     for ax in axes:
         ax.set_xticks(ticks, [str(n) for n in ticks])
         ax.minorticks_off()
-    axes[0].legend(fontsize=7)
+    if quality:  # no variants: an empty panel, no legend
+        axes[0].legend(fontsize=7)
     fig.suptitle(f"{config.dataset}, MLP {tuple(config.hidden)}, sigma={config.quality_sigma:g}")
     return common.savefig(fig, workdir, "gradient_quality.png", config)
 

@@ -1,11 +1,11 @@
 """Config of `experiments.compose`: lottery tickets retrained with late-phase weights and by ULR."""
 
-from experiments import common
+from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo (mnist1d, 5 seeds); paper: larger."""
-    c = common.base_config(arg)
+    c = base_config(arg)
     size = c.size
     c.dataset = "digits" if size == "quick" else "mnist1d"  # digits saturates near 0.98
     c.hidden = {"quick": (32,), "small": (64, 64), "paper": (128, 128)}[size]

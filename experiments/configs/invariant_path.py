@@ -1,11 +1,11 @@
 """Config of `experiments.invariant_path`: functionally invariant paths, continual and sparsity."""
 
-from experiments import common
+from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo (digits, 5 seeds); paper: wider sweeps."""
-    c = common.base_config(arg)
+    c = base_config(arg)
     size = c.size
     c.dataset = "digits" if size != "paper" else "mnist1d"
     c.parts = (

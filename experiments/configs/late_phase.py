@@ -1,7 +1,7 @@
 """Config of `experiments.late_phase`: late-phase weights vs SGD on a BatchNorm ConvNet and on
 the noisy quadratic problem (NQP). Imports nothing heavy: the arms are named here."""
 
-from experiments import common
+from experiments.configs.base import base_config
 
 # arm order: cheapest first (sizes take prefixes)
 CLASSIFY_ARMS = (
@@ -12,7 +12,7 @@ NQP_ARMS = ("sgd", "late", "late_random", "late_mean", "sgd_lr_over_K", "late_pa
 
 def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo; paper: every arm, longer."""
-    c = common.base_config(arg)
+    c = base_config(arg)
     size = c.size
     c.parts = ("classify", "nqp")
 

@@ -1,11 +1,11 @@
 """Config of `experiments.likelihood_ratio`: ULR gradient quality, training and robustness."""
 
-from experiments import common
+from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo (digits, 5 seeds); paper: wider sweeps."""
-    c = common.base_config(arg)
+    c = base_config(arg)
     size = c.size
     c.dataset = "digits"
     c.hidden = {"quick": (32,), "small": (128,), "paper": (128, 128)}[size]

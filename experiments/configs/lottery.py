@@ -1,12 +1,12 @@
 """Config of `experiments.lottery`: IMP with rewinding, its controls, geometry per level."""
 
-from experiments import common
+from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo (LeNet-300-100 on mnist1d, 5 seeds,
     8 levels to 16.8% of the weights); paper: 15 levels, 2,000 steps, every arm, 10 seeds."""
-    c = common.base_config(arg)
+    c = base_config(arg)
     size = c.size
     c.hidden = (300, 100)  # MLP widths; (300, 100) is LeNet-300-100
     c.optimizer = "sgd"  # sgd (momentum 0.9) | adam, on a cosine-decayed learning rate

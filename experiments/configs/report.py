@@ -2,13 +2,13 @@
 
 import ml_collections
 
-from experiments import common
+from experiments.configs.base import SIZES
 
 
 def get_config(arg: str = "small"):
     """``arg`` is the size every method runs at: quick (smoke), small (`make demo`), paper."""
-    if arg not in common.SIZES:
-        raise ValueError(f"unknown report size {arg!r}; use one of {common.SIZES}")
+    if arg not in SIZES:
+        raise ValueError(f"unknown report size {arg!r}; use one of {SIZES}")
     return ml_collections.ConfigDict(
         {
             "size": arg,

@@ -6,12 +6,12 @@ on digits, 5 seeds. paper: a deeper SBN, more budgets, every activation estimato
 latent-weight arms, 10 seeds.
 """
 
-from experiments import common
+from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
     """Every field `experiments.straight_through.run` reads (see its docstring)."""
-    c = common.base_config(arg)
+    c = base_config(arg)
     size = c.size
     c.dataset = "digits"  # the training part (b); the SBN part (a) is its own 2-D toy
     # (a) the SBN with exact gradients by enumeration

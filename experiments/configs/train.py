@@ -1,11 +1,11 @@
 """Config of `experiments.train`: plain supervised training, the baseline of every method."""
 
-from experiments import common
+from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo (ConvNet, mnist1d); paper: 5,000 steps."""
-    c = common.base_config(arg)
+    c = base_config(arg)
     c.num_seeds = 1
     c.model = "convnet"
     c.dtype = "float32"  # computation dtype: float32 | bfloat16 (params stay float32)

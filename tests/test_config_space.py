@@ -66,6 +66,7 @@ CASES = [
                                      instability_arms="ticket"), None),
     ("lottery", "no-instability-global-restore-adam", dict(
         instability_arms="", scope="global", rewind="restore", optimizer="adam"), None),
+    ("lottery", "no-geometry", dict(geometry_arms=""), None),  # the crash of issue 23
     ("lottery", "no-ticket", dict(arms="reinit", geometry_arms="", instability_arms=""),
      ("arms",)),
     ("invariant_path", "sparsity-only", dict(parts=("sparsity",)), None),

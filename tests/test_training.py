@@ -439,3 +439,14 @@ def test_a_state_built_for_another_optimizer_is_a_clear_error(digits):
     batch = {"x": digits.x_train[:8], "y": digits.y_train[:8]}
     with pytest.raises(ValueError, match="opt_state .* does not match tx"):
         step(state, batch)
+
+
+def test_seeds_looped_inside_the_step_match_vmapped_seeds(digits):
+    model, tx, _, loss_fn = _setup(digits)
+    states = ws.training.init_states(model, tx, digits.x_train[:1], [0, 1])
+    batch = {"x": np.stack([digits.x_train[:16]] * 2), "y": np.stack([digits.y_train[:16]] * 2)}
+    outs = []
+    for vectorize in (True, False):
+        step = ws.training.make_train_step(loss_fn, tx, seed_axis=True, vectorize_seeds=vectorize)
+        outs.append(step(jax.tree.map(jnp.copy, states), batch))
+    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)

@@ -105,7 +105,7 @@ def weights(losses: jax.Array, clean_loss: jax.Array | None, cfg: Any) -> jax.Ar
     """
     n = cfg.num_copies
     if cfg.baseline == "clean":
-        b = jnp.broadcast_to(clean_loss, losses.shape[1:])
+        b = jnp.broadcast_to(clean_loss, losses.shape[1:])  # type: ignore[arg-type]  # clean: set
         centred = losses - b
     elif cfg.baseline == "mean":
         if cfg.antithetic:  # leave out the whole pair: the partner shares the noise

@@ -162,8 +162,8 @@ def _sobol_table(n: int, dims: int) -> np.ndarray:
 
 def pair_noise(
     key: jax.Array,
-    site: ArrayLike,
-    pair: ArrayLike,
+    site: int | jax.Array,
+    pair: int | jax.Array,
     shape: tuple[int, ...],
     *,
     noise: str = "gaussian",
@@ -212,8 +212,8 @@ def num_pairs(num_copies: int, antithetic: bool) -> int:
 
 def unit_noise(
     key: jax.Array,
-    site: ArrayLike,
-    copy: ArrayLike,
+    site: int | jax.Array,
+    copy: int | jax.Array,
     shape: tuple[int, ...],
     *,
     noise: str = "gaussian",

@@ -211,7 +211,7 @@ class Trainer:
         masked = state.replace(opt_state=pruning.set_masks(state.opt_state, masks))
         state, history = training_lib.fit(
             masked,
-            self.train_step,
+            self.train_step,  # type: ignore[attr-defined]  # set in __post_init__ (frozen)
             self.dataset,
             apply_fn=self.apply_fn,
             num_steps=int(num_steps),
@@ -249,7 +249,7 @@ def fresh_opt_state(
       the fresh optimizer state.
     """
     fresh = _over_seeds(tx.init, seed_axis)(params)
-    if jax.tree.structure(fresh) != jax.tree.structure(rewound):
+    if jax.tree.structure(fresh) != jax.tree.structure(rewound):  # type: ignore[operator]  # jaxlib's PyTreeDef stub
         raise ValueError("the rewound optimizer state does not have tx.init's structure")
     return _copy_schedules(fresh, rewound)
 
@@ -371,7 +371,7 @@ def train_dense(
     done = _load_json(workdir, "metrics.json")
     if done is not None:
         like = {"init": state, "rewind": state, "final": state}
-        states = _restore(os.path.join(workdir, "states"), like)
+        states = _restore(os.path.join(workdir, "states"), like)  # type: ignore[arg-type]  # done: workdir set
         return DenseRun(
             states["init"], states["rewind"], states["final"], done["metrics"], done["rewind_step"]
         )
@@ -566,7 +566,7 @@ def run_arm(
         where = os.path.join(workdir, f"level_{level:02d}") if workdir else None
         done = _load_json(where, "metrics.json")
         if done is not None:
-            saved = _restore(os.path.join(where, "state"), like)
+            saved = _restore(os.path.join(where, "state"), like)  # type: ignore[arg-type]  # done: where set
             out.append(Level(level, saved["params"], saved["model_state"], saved["masks"], done))
             if callback:
                 callback(out[-1])
@@ -590,7 +590,7 @@ def run_arm(
                 key=key,
             )
             if arm == "reinit":
-                fresh = per_seed(lambda k, lv=level: init_fn(jax.random.fold_in(k, lv)))(key)
+                fresh = per_seed(lambda k, lv=level: init_fn(jax.random.fold_in(k, lv)))(key)  # type: ignore[misc]  # reinit: init_fn checked above
                 start = start_state(dense.init, masks, rewind=rewind, tx=tx, params=fresh)
             else:
                 start = start_state(dense.rewind, masks, rewind=rewind, tx=tx)
@@ -615,7 +615,7 @@ def run_arm(
                     masks,
                     params,
                     num_steps=dense.num_steps,
-                    seed=instability_seed,
+                    seed=instability_seed,  # type: ignore[arg-type]  # checked above with instability_eval
                     eval_fn=instability_eval,
                     num_points=instability_points,
                 )

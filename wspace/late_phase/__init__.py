@@ -95,6 +95,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wspace import data as data_lib
 from wspace import pruning, training
 from wspace.late_phase import _optimizer, _train
 from wspace.late_phase._layout import (
@@ -227,7 +228,11 @@ class LatePhase:
         )
 
     def expand_opt_state(
-        self, tx: optax.GradientTransformation, opt_state: PyTree, params: PyTree, late_params
+        self,
+        tx: optax.GradientTransformation,
+        opt_state: PyTree,
+        params: PyTree,
+        late_params: PyTree,
     ) -> PyTree:
         """Lays ``tx``'s state of the plain ``params`` out over ``late_params``.
 
@@ -286,7 +291,9 @@ class LatePhase:
         flags = iter(_member_flags(late_params, self.select))
         return jax.tree.map(lambda _: 0 if next(flags) else None, late_params)
 
-    def member(self, params: PyTree, model_state: PyTree, k) -> tuple[PyTree, PyTree]:
+    def member(
+        self, params: PyTree, model_state: PyTree, k: int | jax.Array
+    ) -> tuple[PyTree, PyTree]:
         """Member k (an int or a traced index) as a plain network ``(params_k, model_state_k)``."""
         flags = iter(_member_flags(params, self.select))
         p = jax.tree.map(lambda x: x[k] if next(flags) else x, params)
@@ -422,7 +429,7 @@ class LatePhase:
         state: training.TrainState,
         loss_fn: Callable,
         tx: optax.GradientTransformation,
-        data,
+        data: data_lib.Dataset | Iterable[dict],
         *,
         t0: int,
         num_steps: int,
@@ -432,7 +439,7 @@ class LatePhase:
         key: jax.Array | None = None,
         masks: PyTree | None = None,
         workdir: str | None = None,
-        **fit_kwargs,
+        **fit_kwargs: Any,
     ) -> tuple[training.TrainState, list[dict]]:
         """Plain training up to step ``t0``, then late-phase training to ``num_steps``.
 
@@ -551,15 +558,15 @@ def fit(
     state: training.TrainState,
     loss_fn: Callable,
     tx: optax.GradientTransformation,
-    data,
+    data: data_lib.Dataset | Iterable[dict],
     *,
     num_members: int,
     t0: int,
-    select="bn_head",
+    select: str | Callable | Selection = "bn_head",
     schedule: str = "cycle",
     combine: str | None = None,
     noise: float = 0.0,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[training.TrainState, list[dict]]:
     """``LatePhase(num_members, select, schedule, combine, noise).fit(state, loss_fn, tx, data,
     t0=t0, **kwargs)``: plain training to ``t0``, then late-phase training (see `LatePhase.fit`).

@@ -23,7 +23,7 @@ Reference: von Oswald et al. 2021, arXiv 2007.12927 (Algorithm 1).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,9 @@ import optax
 
 from wspace import averaging
 from wspace.late_phase._layout import _is_member_path, _member_flags, _path, _paths
+
+if TYPE_CHECKING:  # the spec's class imports this module
+    from wspace.late_phase import LatePhase
 
 PyTree = Any
 MEMBER_OPT_STATES = ("copy", "fresh")
@@ -47,13 +50,13 @@ class LatePhaseState(NamedTuple):
         (``combine`` ``"sum"``/``"mean"`` under cycle/random; ``()`` otherwise).
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a NamedTuple field named like tuple.count (optax's convention)
     key: jax.Array
     inner: PyTree
     accum: PyTree
 
 
-def member_index(spec, state: LatePhaseState) -> jax.Array | None:
+def member_index(spec: LatePhase, state: LatePhaseState) -> jax.Array | None:
     """The active member of the next step: ``count mod K`` (cycle), uniform (random).
 
     None under ``"parallel"`` (every member is active).
@@ -66,7 +69,7 @@ def member_index(spec, state: LatePhaseState) -> jax.Array | None:
     return None
 
 
-def zero_accum(spec, late_params) -> PyTree:
+def zero_accum(spec: LatePhase, late_params: PyTree) -> PyTree:
     if not spec.accumulates:
         return ()
     flags = iter(_member_flags(late_params, spec.select))
@@ -75,7 +78,9 @@ def zero_accum(spec, late_params) -> PyTree:
     )
 
 
-def optimizer(spec, tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def optimizer(
+    spec: LatePhase, tx: optax.GradientTransformation
+) -> optax.GradientTransformationExtraArgs:
     """``tx`` wrapped so that a step moves only the active member and, when due, the shared
     weights (see `LatePhase.optimizer`)."""
     scale = 1.0 if spec.combine == "sum" else 1.0 / spec.num_members
@@ -91,7 +96,8 @@ def optimizer(spec, tx: optax.GradientTransformation) -> optax.GradientTransform
         member = member_index(spec, state)
         flags = _member_flags(grads, sel)
         is_m = jax.tree.unflatten(jax.tree.structure(grads), flags)
-        boundary, accum, g_in = True, state.accum, grads
+        boundary: bool | jax.Array = True  # a traced bool when accumulating
+        accum, g_in = state.accum, grads
         if spec.accumulates:
             boundary = jnp.mod(state.count + 1, spec.num_members) == 0
             accum = jax.tree.map(lambda a, g, m: a if m else a + g, state.accum, grads, is_m)
@@ -111,7 +117,14 @@ def optimizer(spec, tx: optax.GradientTransformation) -> optax.GradientTransform
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def keep_rows(spec, new, old, flags, member, take_shared):
+def keep_rows(
+    spec: LatePhase,
+    new: PyTree,
+    old: PyTree,
+    flags: list[bool],
+    member: jax.Array | None,
+    take_shared: bool | jax.Array,
+) -> PyTree:
     """Rows of the active member (all rows if member is None) and, if ``take_shared``,
     shared leaves from ``new``; everything else from ``old`` (bit for bit)."""
     k_members = spec.num_members
@@ -135,7 +148,7 @@ def _select_state(spec, new, old, like, member, take_shared):
     """`keep_rows` on every part of a ``tx`` state shaped like the params; the rest from new."""
     ldef = jax.tree.structure(like)
     flags = _member_flags(like, spec.select)
-    is_l = lambda x: x is not None and jax.tree.structure(x) == ldef
+    is_l = lambda x: x is not None and jax.tree.structure(x) == ldef  # type: ignore[operator]  # jaxlib's PyTreeDef stub
     new_parts, ndef = jax.tree.flatten(new, is_leaf=is_l)
     old_parts = jax.tree.flatten(old, is_leaf=is_l)[0]
     out = [
@@ -170,7 +183,14 @@ def _swa_of(new, old, new_params):
 # ----------------------------------------------------------------------------- expansion
 
 
-def expand_opt_state(spec, tx, opt_state, params, late_params, member_opt_state: str):
+def expand_opt_state(
+    spec: LatePhase,
+    tx: optax.GradientTransformation,
+    opt_state: PyTree,
+    params: PyTree,
+    late_params: PyTree,
+    member_opt_state: str,
+) -> PyTree:
     """``tx``'s state of the plain ``params`` laid out over ``late_params`` (module docstring).
 
     Raises:
@@ -183,13 +203,13 @@ def expand_opt_state(spec, tx, opt_state, params, late_params, member_opt_state:
         )
     pdef = jax.tree.structure(params)
     is_part = lambda x: (
-        isinstance(x, averaging.SWAState) or (x is not None and jax.tree.structure(x) == pdef)
+        isinstance(x, averaging.SWAState) or (x is not None and jax.tree.structure(x) == pdef)  # type: ignore[operator]  # jaxlib's PyTreeDef stub
     )
     old, odef = jax.tree.flatten(opt_state, is_leaf=is_part)
     fresh = old
     if member_opt_state == "fresh":
         fresh, fdef = jax.tree.flatten(tx.init(params), is_leaf=is_part)
-        if fdef != odef:
+        if fdef != odef:  # type: ignore[operator]  # jaxlib's PyTreeDef stub
             raise ValueError(
                 "the optimizer state does not have the structure of tx.init(params); "
                 "pass the state of this tx"
@@ -218,7 +238,7 @@ def _check_layout(tx, expanded, late_params) -> None:
     got = jax.tree.map(spec_of, expanded)
     want_flat = jax.tree_util.tree_flatten_with_path(want)[0]
     got_flat, got_def = jax.tree_util.tree_flatten_with_path(got)
-    if got_def != jax.tree.structure(want):
+    if got_def != jax.tree.structure(want):  # type: ignore[operator]  # jaxlib's PyTreeDef stub
         raise ValueError(
             "cannot lay the optimizer state out over the late-phase params: its structure "
             f"differs from tx.init(late_params)'s ({got_def} vs {jax.tree.structure(want)}); "

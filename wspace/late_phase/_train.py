@@ -15,8 +15,8 @@ import functools
 import itertools
 import os
 import warnings
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +26,15 @@ import optax
 from wspace import averaging, training
 from wspace import data as ws_data
 
+if TYPE_CHECKING:  # the spec's class imports this module
+    from wspace.late_phase import LatePhase
+
 PyTree = Any
 
 
-def step_body(spec, loss_fn: Callable, tx, estimator: Callable) -> Callable:
+def step_body(
+    spec: LatePhase, loss_fn: Callable, tx: optax.GradientTransformation, estimator: Callable
+) -> Callable:
     """``body(state, batch, tx_args, axis_name=None) -> (state, metrics)`` of one late step."""
     opt = spec.optimizer(tx)
     parallel = spec.schedule == "parallel"
@@ -68,8 +73,23 @@ def _with_member(loss, member, params, model_state, batch, key):
     return loss(params, model_state, batch, key, member)
 
 
-def fit(spec, state, loss_fn, tx, data, *, t0, num_steps, estimator, eval_fn, apply_fn, key,
-        masks, workdir, fit_kwargs):  # fmt: skip
+def fit(
+    spec: LatePhase,
+    state: training.TrainState,
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    data: ws_data.Dataset | Iterable[dict],
+    *,
+    t0: int,
+    num_steps: int,
+    estimator: Callable,
+    eval_fn: Callable | None,
+    apply_fn: Callable | None,
+    key: jax.Array | None,
+    masks: PyTree | None,
+    workdir: str | None,
+    fit_kwargs: dict[str, Any],
+) -> tuple[training.TrainState, list[dict]]:
     """`LatePhase.fit` (see there)."""
     if isinstance(t0, bool) or not isinstance(t0, int) or not 0 <= t0 <= num_steps:
         raise ValueError(f"t0 must be an int in [0, num_steps={num_steps}], got {t0!r}")
@@ -122,7 +142,7 @@ def fit(spec, state, loss_fn, tx, data, *, t0, num_steps, estimator, eval_fn, ap
     return late_state, history
 
 
-def warn_if_members_untrained(spec, late_steps: int) -> None:
+def warn_if_members_untrained(spec: LatePhase, late_steps: int) -> None:
     """Warns when the late phase has fewer steps than members (some would never train)."""
     if spec.schedule != "parallel" and late_steps < spec.num_members:
         warnings.warn(
@@ -158,7 +178,14 @@ def _late_tx_args(spec, tx_args):
     return (lambda batch: expand(tx_args(batch))) if callable(tx_args) else expand(tx_args)
 
 
-def recalibrate(spec, loss_fn, params, model_state, batches, key=None):
+def recalibrate(
+    spec: LatePhase,
+    loss_fn: Callable,
+    params: PyTree,
+    model_state: PyTree,
+    batches: Iterable[dict],
+    key: jax.Array | None = None,
+) -> PyTree:
     """Per-member BatchNorm statistics (`LatePhase.recalibrate`)."""
     k_members = spec.num_members
 

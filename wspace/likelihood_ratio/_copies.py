@@ -8,6 +8,7 @@ options that describe the copies and computes those weights.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,14 @@ def _check_sigma(sigma) -> None:
             )
 
 
-def validate(num_copies, sigma, noise, antithetic, baseline, qmc=False) -> None:
+def validate(
+    num_copies: int,
+    sigma: float | Mapping[str, float],
+    noise: str,
+    antithetic: bool,
+    baseline: str,
+    qmc: bool = False,
+) -> None:
     """Raise ValueError for copy options that no estimator accepts (before any work)."""
     is_int = isinstance(num_copies, int | np.integer) and not isinstance(num_copies, bool)
     if not is_int or num_copies < 1:
@@ -71,19 +79,19 @@ def forward_evaluations(*, num_copies: int, baseline: str = "none", recompute: b
     return num_copies * (2 if recompute else 1) + (baseline == "clean")
 
 
-def split_loss(out, has_aux):
+def split_loss(out: Any, has_aux: bool) -> tuple[jax.Array, Any]:
     """``(loss, aux)`` from ``loss_fn``'s output (``aux`` None without ``has_aux``)."""
     return out if has_aux else (out, None)
 
 
-def reduce_copies(tree):
+def reduce_copies(tree: Any) -> Any:
     """Mean over the leading copy axis for float leaves; the first copy for the others."""
     return jax.tree.map(
         lambda a: jnp.mean(a, 0) if jnp.issubdtype(a.dtype, jnp.inexact) else a[0], tree
     )
 
 
-def weights(losses, clean_loss, cfg) -> jax.Array:
+def weights(losses: jax.Array, clean_loss: jax.Array | None, cfg: Any) -> jax.Array:
     """``(L_n - b_n) / B`` per copy (and example): the factor of psi(e) in each cotangent.
 
     Args:
@@ -97,7 +105,7 @@ def weights(losses, clean_loss, cfg) -> jax.Array:
     """
     n = cfg.num_copies
     if cfg.baseline == "clean":
-        b = jnp.broadcast_to(clean_loss, losses.shape[1:])
+        b = jnp.broadcast_to(clean_loss, losses.shape[1:])  # type: ignore[arg-type]  # clean: set
         centred = losses - b
     elif cfg.baseline == "mean":
         if cfg.antithetic:  # leave out the whole pair: the partner shares the noise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ class ES:
         return functools.partial(_es_gradient, self, loss_fn, has_aux)
 
 
-def es(**options) -> ES:
+def es(**options: Any) -> ES:
     """An ES gradient estimator from keyword options: the fields of `ES`, with its defaults.
 
     ``est = es(num_copies=16, sigma=0.01)``, then

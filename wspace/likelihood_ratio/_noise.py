@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend.random import define_prng_impl, threefry_prng_impl
+from jax.typing import ArrayLike, DTypeLike
 
 NOISES = ("gaussian", "laplace", "logistic")
 _QMC_MAX_DIMS = 4096  # columns of the Sobol table; noise coordinates reuse columns cyclically
@@ -33,7 +34,7 @@ def check_noise(noise: str) -> None:
         raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
 
 
-def score(noise: str, e: jax.Array, sigma) -> jax.Array:
+def score(noise: str, e: jax.Array, sigma: ArrayLike) -> jax.Array:
     """``-d/dz log f(z)`` at ``z = sigma * e`` for unit noise ``e`` of scale ``sigma``.
 
     Gaussian ``N(0, sigma^2)``: ``z / sigma^2 = e / sigma``; Laplace with scale
@@ -86,7 +87,7 @@ def _random_bits(key, bit_width: int, shape) -> jax.Array:
     JAX does. Any other request goes to JAX's own implementation.
     """
     size = math.prod(shape)
-    if bit_width != 32 or size >= 2**32 or not jax.config.jax_threefry_partitionable:
+    if bit_width != 32 or size >= 2**32 or not jax.config.jax_threefry_partitionable:  # type: ignore[attr-defined]  # jax's Config stub lists no flags
         return threefry_prng_impl.random_bits(key, bit_width, shape)
     lo = jax.lax.iota(jnp.uint32, size).reshape(shape)
     b1, b2 = _threefry2x32(key[0], key[1], jnp.zeros_like(lo), lo)
@@ -113,7 +114,7 @@ def _noise_key(key) -> jax.Array:
     """
     if key is None:
         raise ValueError("ULR/ES estimators need a PRNG key as fourth argument, got None")
-    if not jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):
+    if not jnp.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key):  # type: ignore[arg-type]  # None is allowed (False)
         key = jax.random.wrap_key_data(jnp.asarray(key, jnp.uint32))
     key = jax.random.fold_in(key, _NOISE_STREAM)
     if jax.random.key_impl(key) == "threefry2x32":
@@ -160,15 +161,15 @@ def _sobol_table(n: int, dims: int) -> np.ndarray:
 
 
 def pair_noise(
-    key,
-    site,
-    pair,
+    key: jax.Array,
+    site: int | jax.Array,
+    pair: int | jax.Array,
     shape: tuple[int, ...],
     *,
     noise: str = "gaussian",
     num_pairs: int = 1,
     qmc: bool = False,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> jax.Array:
     """Unit noise of one perturbed site for one independent draw (a copy, or an antithetic pair).
 
@@ -210,16 +211,16 @@ def num_pairs(num_copies: int, antithetic: bool) -> int:
 
 
 def unit_noise(
-    key,
-    site,
-    copy,
+    key: jax.Array,
+    site: int | jax.Array,
+    copy: int | jax.Array,
     shape: tuple[int, ...],
     *,
     noise: str = "gaussian",
     num_copies: int = 1,
     antithetic: bool = False,
     qmc: bool = False,
-    dtype=jnp.float32,
+    dtype: DTypeLike = jnp.float32,
 ) -> jax.Array:
     """Unit noise of one perturbed site (layer output or parameter leaf) for one copy.
 

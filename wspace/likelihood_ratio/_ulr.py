@@ -111,7 +111,7 @@ class ULR:
         return functools.partial(_ulr_gradient, self, loss_fn, has_aux)
 
 
-def ulr(**options) -> ULR:
+def ulr(**options: Any) -> ULR:
     """A ULR gradient estimator from keyword options: the fields of `ULR`, with its defaults.
 
     ``est = ulr(num_copies=16, sigma=0.1, baseline="mean")``, then
@@ -154,7 +154,7 @@ def perturbed_layers(
     params: PyTree,
     model_state: PyTree,
     batch: dict,
-    key=None,
+    key: jax.Array | None = None,
     *,
     has_aux: bool = True,
     layer_types: tuple = LAYER_TYPES,
@@ -382,7 +382,8 @@ def _second_pass(
     """
     n = cfg.num_copies
     tiled = jax.tree.map(lambda a: jnp.concatenate([a] * n, 0), batch)
-    counter, inside, acc = [0], [False], {}
+    counter, inside = [0], [False]
+    acc: dict[tuple[str, ...], PyTree] = {}  # per-layer parameter gradients, summed over calls
 
     def intercept(next_fun, args, kwargs, context):
         if inside[0]:

@@ -39,7 +39,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 # Speed ratios against each benchmark's named baseline (PyTorch for train_step).
-BENCHMARKS := train_step pruning late_phase likelihood_ratio straight_through invariant_path
+BENCHMARKS := train_step seeds pruning late_phase likelihood_ratio straight_through invariant_path
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

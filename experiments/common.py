@@ -94,11 +94,42 @@ def validate_common(config) -> None:
         )
 
 
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "counts": (lambda v: isinstance(v, int) and v >= 1, "an int >= 1"),
+    "positive": (lambda v: 0 < v < math.inf, "finite and > 0"),
+    "nonnegative": (lambda v: 0 <= v < math.inf, "finite and >= 0"),
+    "fractions": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "open_fractions": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "widths": (lambda v: len(v) > 0 and min(v) >= 1, "a non-empty list of widths >= 1"),
+}
+
+
+def check(config, subsets: Mapping[str, Sequence] | None = None, **rules: Sequence[str]) -> None:
+    """Validates fields by rule; raises ValueError naming the first bad field and its value.
+
+    ``rules`` maps a rule (``counts``, ``positive``, ``nonnegative``, ``fractions``,
+    ``open_fractions``, ``widths``) to the fields it applies to; ``subsets`` maps a
+    list-valued field to its allowed values (the list must be non-empty), e.g.
+    ``check(config, counts=("steps",), positive=("lr",), subsets={"arms": ARMS})``.
+    """
+    for rule, fields in rules.items():
+        if rule not in _RULES:
+            raise TypeError(f"check: unknown rule {rule!r}; use one of {sorted(_RULES)}")
+        ok, what = _RULES[rule]
+        for field in fields:
+            if not ok(config[field]):
+                raise ValueError(f"config.{field}={config[field]!r}; must be {what}")
+    for field, allowed in (subsets or {}).items():
+        given = list(config[field])
+        bad = [a for a in given if a not in allowed]
+        if bad or not given:
+            what = f"unknown {bad}" if bad else "empty"
+            raise ValueError(f"config.{field}={given!r} ({what}); use a subset of {tuple(allowed)}")
+
+
 def require_at_least_one(config, *fields: str) -> None:
-    """Raises ValueError naming the first of ``fields`` whose value is below 1 (counts, sizes)."""
-    for field in fields:
-        if config[field] < 1:
-            raise ValueError(f"config.{field}={config[field]}; must be >= 1")
+    """Raises ValueError naming the first of ``fields`` that is not an int >= 1 (counts, sizes)."""
+    check(config, counts=fields)
 
 
 def _check_dataset_name(name: str) -> None:

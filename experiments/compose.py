@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 import wspace as ws
-from experiments import common
+from experiments import cli, common
 from wspace import late_phase as lp
 from wspace import likelihood_ratio as lr
 
@@ -332,4 +332,4 @@ def _plot(per_arm, workdir, config) -> str:
 
 
 if __name__ == "__main__":
-    common.main(run, "compose")
+    cli.main(run, "compose")

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 import wspace as ws
-from experiments import common
+from experiments import cli, common
 from wspace import invariant_path as ip
 
 PARTS = ("continual", "sparsity", "robustness")
@@ -567,4 +567,4 @@ def _plot_sparsity(per_arm, workdir, config) -> str:
 
 
 if __name__ == "__main__":
-    common.main(run, "invariant_path")
+    cli.main(run, "invariant_path")

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 import wspace as ws
-from experiments import common
+from experiments import cli, common
 from experiments.configs.late_phase import CLASSIFY_ARMS, NQP_ARMS
 from wspace.averaging import recompute_batch_stats, swa, swa_params
 from wspace.late_phase import LatePhase
@@ -429,4 +429,4 @@ def _plot_nqp(per_arm, workdir, config) -> str:
 
 
 if __name__ == "__main__":
-    common.main(run, "late_phase")
+    cli.main(run, "late_phase")

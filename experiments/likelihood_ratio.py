@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import wspace as ws  # noqa: E402
-from experiments import common  # noqa: E402
+from experiments import cli, common  # noqa: E402
 from wspace import likelihood_ratio as lr  # noqa: E402
 
 QUALITY_VARIANTS = {
@@ -430,4 +430,4 @@ def _plot_robustness(config, per_arm, workdir):
 
 
 if __name__ == "__main__":
-    common.main(run, "likelihood_ratio")
+    cli.main(run, "likelihood_ratio")

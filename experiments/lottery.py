@@ -49,7 +49,7 @@ import numpy as np
 import optax
 
 import wspace as ws
-from experiments import common
+from experiments import cli, common
 from wspace import landscape, lottery, pruning
 
 ALL_ARMS = ("ticket", "ticket_restore", "ticket_init", "reinit", "random", "oneshot")
@@ -439,4 +439,4 @@ def _plot_geometry(per_arm, workdir, config) -> str | None:
 
 
 if __name__ == "__main__":
-    common.main(run, "lottery")
+    cli.main(run, "lottery")

@@ -22,9 +22,11 @@ from __future__ import annotations
 import base64
 import html
 import importlib
+import math
 import os
 import re
 import shutil
+from collections.abc import Mapping
 
 from experiments import claims as claims_lib
 from experiments import common
@@ -141,13 +143,58 @@ def _methods(config) -> list[str]:
     return names
 
 
+def format_number(x: float) -> str:
+    """Compact: 0.973, 0.0051, 12.3, 5.1e-05."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–" if x is None else str(x)
+    if x != 0 and (abs(x) < 1e-4 or abs(x) >= 1e4):
+        return f"{x:.2e}"
+    if abs(x) < 1e-2:
+        return f"{x:.4f}"
+    return f"{x:.3g}" if abs(x) >= 1 else f"{x:.3f}"
+
+
+def claims_markdown(results: Mapping) -> str:
+    """The claims of one results.json as a markdown table (Holm-adjusted p and verdict)."""
+    lines = [
+        "| claim | metric | arm | baseline | difference (95% CI) | n | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["claims"]:
+        lo, hi = c["ci95"]
+        p = format_number(c["p_holm"]) if "p_holm" in c else "–"  # old files: no p-values
+        lines.append(
+            f"| {c['claim']} | {c['metric']} | {format_number(c['arm_mean'])} "
+            f"| {format_number(c['baseline_mean'])} | {format_number(c['diff_mean'])} "
+            f"[{format_number(lo)}, {format_number(hi)}] | {c['n']} | {p} | **{c['verdict']}** |"
+        )
+    return "\n".join(lines)
+
+
+def table_markdown(table: Mapping) -> str:
+    """A `summarize`-style table (cells may be [mean, half-width] or scalars) as markdown."""
+    cols = table["columns"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in table["rows"]:
+        cells = []
+        for v in row:
+            if isinstance(v, list | tuple) and len(v) == 2:
+                cells.append(f"{format_number(v[0])} ± {format_number(v[1])}")
+            elif isinstance(v, float):
+                cells.append(format_number(v))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def verdict_table(all_results: dict) -> str:
     """One row per claim of every method: the difference, its interval, p_holm, the verdict."""
     lines = [
         "| method | claim | arm vs baseline | difference (95% CI) | p (Holm) | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    fmt = common.format_number
+    fmt = format_number
     for name, results in all_results.items():
         for c in results["claims"]:
             lo, hi = c["ci95"]
@@ -187,10 +234,10 @@ def method_markdown(name: str, results: dict, figure_dir: str | None = None) -> 
         size += f" — **{common.SMOKE_STAMP}**"
     parts.append(f"*Measured at {size}.*")
     if results["claims"]:
-        parts.append(common.claims_markdown(results))
+        parts.append(claims_markdown(results))
     for caption, table in results["tables"].items():
         caption = f"*{caption}* (mean ± 95% half-width over seeds)"
-        parts.append(f"{caption}\n\n{common.table_markdown(table)}")
+        parts.append(f"{caption}\n\n{table_markdown(table)}")
     parts += [f"- {n}" for n in results["notes"]]
     if figure_dir is not None:
         parts += [f"![{f}]({figure_dir}/{f})" for f in results["figures"]]
@@ -249,10 +296,10 @@ def report_html(all_results: dict, workdir: str) -> str:
         if results["smoke"]:
             body.append(f"<p style='color:red'><b>{common.SMOKE_STAMP}</b></p>")
         if results["claims"]:
-            body.append(_html_table(common.claims_markdown(results)))
+            body.append(_html_table(claims_markdown(results)))
         for caption, table in results["tables"].items():
             body.append(f"<p><i>{html.escape(caption)}</i></p>")
-            body.append(_html_table(common.table_markdown(table)))
+            body.append(_html_table(table_markdown(table)))
         body += [f"<p>{html.escape(n)}</p>" for n in results["notes"]]
         for fig in results["figures"]:
             with open(os.path.join(workdir, name, fig), "rb") as f:
@@ -290,10 +337,10 @@ def readme_block(name: str, results: dict) -> str:
     notes; the other tables and the figures are in the report (`make demo`).
     """
     size = f"{results['size']} size, seeds {results['seeds']}, dataset {results['dataset']}"
-    parts = [f"*Measured at {size} (`make demo`).*", common.claims_markdown(results)]
+    parts = [f"*Measured at {size} (`make demo`).*", claims_markdown(results)]
     for caption, table in list(results["tables"].items())[:1]:
         caption = f"*{caption}* (mean ± 95% half-width over seeds)"
-        parts.append(f"{caption}\n\n{common.table_markdown(table)}")
+        parts.append(f"{caption}\n\n{table_markdown(table)}")
     parts += [f"- {n}" for n in results["notes"]]
     return "\n\n".join(parts)
 

@@ -54,7 +54,7 @@ import numpy as np
 import optax
 
 import wspace as ws
-from experiments import common
+from experiments import cli, common
 from wspace import straight_through as st
 
 SBN_ESTIMATORS = ("ulr", "st", "identity", "reinforce")
@@ -493,4 +493,4 @@ def _plot_training(train_arms, workdir, config) -> str:
 
 
 if __name__ == "__main__":
-    common.main(run, "straight_through")
+    cli.main(run, "straight_through")

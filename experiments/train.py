@@ -16,7 +16,7 @@ from __future__ import annotations
 import optax
 
 import wspace as ws
-from experiments import common
+from experiments import cli, common
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -125,4 +125,4 @@ def _plot(results: list[dict], workdir: str, config) -> str:
 
 
 if __name__ == "__main__":
-    common.main(run, "train")
+    cli.main(run, "train")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import common
+from experiments import cli, common
 from tests.helpers import ROOT, _env, run_experiment
 
 
@@ -82,6 +82,26 @@ def test_typo_then_fix_in_one_workdir(tmp_path):
         common.start(_config(dataset="digits"), str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("steps", 0, r"config.steps=0; must be an int >= 1"),
+        ("lr", float("inf"), r"config.lr=inf; must be finite and > 0"),
+        ("rate", 1.0, r"config.rate=1.0; must be in \[0, 1\)"),
+        ("hidden", [], r"config.hidden=\[\]; must be a non-empty list of widths >= 1"),
+        ("arms", ["b", "z"], r"config.arms=\['b', 'z'\] \(unknown \['z'\]\)"),
+        ("arms", [], r"config.arms=\[\] \(empty\)"),
+    ],
+)
+def test_check_names_the_bad_field(field, value, message):
+    config = ml_collections.ConfigDict(dict(steps=3, lr=0.1, rate=0.2, hidden=[8], arms=["a"]))
+    rules = dict(counts=("steps",), positive=("lr",), fractions=("rate",), widths=("hidden",))
+    common.check(config, subsets={"arms": ("a", "b")}, **rules)  # the good config passes
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        common.check(config, subsets={"arms": ("a", "b")}, **rules)
+
+
 def test_start_validates_before_writing(tmp_path):
     with pytest.raises(ValueError, match="config.mode='gpu'"):
         common.start(_config(mode="gpu"), str(tmp_path / "w"))
@@ -123,9 +143,9 @@ QUICK = "--config=experiments/configs/train.py:quick"
 
 
 def _cli_in_process(capsys, *args, name="train"):
-    """``common.cli`` of ``experiments.<name>`` in this process: (exit code, stdout, stderr)."""
+    """``cli.cli`` of ``experiments.<name>`` in this process: (exit code, stdout, stderr)."""
     run = importlib.import_module(f"experiments.{name}").run
-    code = common.cli(run, name, [name, *args])
+    code = cli.cli(run, name, [name, *args])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -194,13 +214,13 @@ def test_cli_help_lists_the_fields_with_defaults(capsys):
     ],
 )
 def test_list_fields_can_be_overridden(arg, field, expected):
-    _, config = common._parse("straight_through", [arg])
+    _, config = cli._parse("straight_through", [arg])
     assert config[field] == expected and config.lr == 3e-3
 
 
 def test_list_field_with_items_of_the_wrong_type_is_refused():
-    with pytest.raises(common._UsageError, match=r"--config.hidden='64,x': items must be ints"):
-        common._parse("straight_through", ["--config.hidden=64,x"])
+    with pytest.raises(cli._UsageError, match=r"--config.hidden='64,x': items must be ints"):
+        cli._parse("straight_through", ["--config.hidden=64,x"])
 
 
 def test_failing_checkpoint_write_is_the_last_line(tmp_path, capsys, monkeypatch):

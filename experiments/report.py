@@ -283,29 +283,9 @@ def provenance_markdown(all_results: dict) -> str:
 
 
 def report_html(all_results: dict, workdir: str) -> str:
-    """A self-contained HTML rendering: the same content, figures embedded as data URIs."""
-    body = ["<h1>wspace reproduction report</h1>", "<h2>Summary</h2>"]
-    body.append(f"<p>{html.escape(VERDICT_RULE)}</p>")
-    body.append(_html_table(verdict_summary(all_results)))
-    body += ["<h2>Verdicts</h2>", _html_table(verdict_table(all_results))]
-    for name, results in all_results.items():
-        title, paper, claim = METHODS[name]
-        body.append(f"<h2>{html.escape(title)}</h2>")
-        body.append(f"<p><b>Paper:</b> {html.escape(paper)}. ")
-        body.append(f"<b>Claim:</b> {html.escape(claim)}</p>")
-        if results["smoke"]:
-            body.append(f"<p style='color:red'><b>{common.SMOKE_STAMP}</b></p>")
-        if results["claims"]:
-            body.append(_html_table(claims_markdown(results)))
-        for caption, table in results["tables"].items():
-            body.append(f"<p><i>{html.escape(caption)}</i></p>")
-            body.append(_html_table(table_markdown(table)))
-        body += [f"<p>{html.escape(n)}</p>" for n in results["notes"]]
-        for fig in results["figures"]:
-            with open(os.path.join(workdir, name, fig), "rb") as f:
-                data = base64.b64encode(f.read()).decode()
-            body.append(f"<img alt='{html.escape(fig)}' src='data:image/png;base64,{data}'>")
-    body += ["<h2>Provenance</h2>", _html_table(provenance_markdown(all_results))]
+    """The report as one self-contained HTML file: `report_markdown`'s content, figures
+    embedded as data URIs."""
+    body = [_html_block(b, workdir) for b in report_markdown(all_results).split("\n\n")]
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:auto}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}"
@@ -314,16 +294,34 @@ def report_html(all_results: dict, workdir: str) -> str:
     return f"<!doctype html><meta charset=utf-8><style>{style}</style>\n" + "\n".join(body)
 
 
+def _html_block(block: str, workdir: str) -> str:
+    """One markdown block of the report (heading, table, figure or paragraph) as HTML."""
+    if block.startswith("#"):
+        level = len(block) - len(block.lstrip("#"))
+        return f"<h{level}>{_inline(block.lstrip('# '))}</h{level}>"
+    if block.startswith("|"):
+        return _html_table(block)
+    figure = re.fullmatch(r"!\[(.*?)\]\((.*?)\)", block)
+    if figure:
+        with open(os.path.join(workdir, figure.group(2)), "rb") as f:
+            data = base64.b64encode(f.read()).decode()
+        return f"<img alt='{html.escape(figure.group(1))}' src='data:image/png;base64,{data}'>"
+    return "\n".join(f"<p>{_inline(line)}</p>" for line in block.split("\n"))
+
+
+def _inline(text: str) -> str:
+    """Markdown emphasis and code spans as HTML (the text escaped)."""
+    text = re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(text))
+    text = re.sub(r"[*](.+?)[*]", r"<i>\1</i>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
 def _html_table(markdown: str) -> str:
-    rows = [r.strip().strip("|").split(" | ") for r in markdown.splitlines()]
+    rows = [[c.strip() for c in r.strip().strip("|").split("|")] for r in markdown.splitlines()]
     rows = [r for r in rows if not set("".join(r)) <= set("-|")]
-
-    def cell(tag, text):
-        bold = re.sub(r"[*][*](.+?)[*][*]", r"<b>\1</b>", html.escape(text))
-        return f"<{tag}>{bold}</{tag}>"
-
-    out = ["<table>", "<tr>" + "".join(cell("th", s) for s in rows[0]) + "</tr>"]
-    out += ["<tr>" + "".join(cell("td", s) for s in r) + "</tr>" for r in rows[1:]]
+    header = "".join(f"<th>{_inline(s)}</th>" for s in rows[0])
+    out = ["<table>", f"<tr>{header}</tr>"]
+    out += ["<tr>" + "".join(f"<td>{_inline(s)}</td>" for s in r) + "</tr>" for r in rows[1:]]
     return "\n".join(out + ["</table>"])
 
 

@@ -161,14 +161,22 @@ def claims_markdown(results: Mapping) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for c in results["claims"]:
-        lo, hi = c["ci95"]
-        p = format_number(c["p_holm"]) if "p_holm" in c else "–"  # old files: no p-values
         lines.append(
             f"| {c['claim']} | {c['metric']} | {format_number(c['arm_mean'])} "
-            f"| {format_number(c['baseline_mean'])} | {format_number(c['diff_mean'])} "
-            f"[{format_number(lo)}, {format_number(hi)}] | {c['n']} | {p} | **{c['verdict']}** |"
+            f"| {format_number(c['baseline_mean'])} | {_difference(c)} | {c['n']} "
+            f"| {_p_holm(c)} | **{c['verdict']}** |"
         )
     return "\n".join(lines)
+
+
+def _difference(claim: Mapping) -> str:
+    """The mean paired difference and its 95% interval: ``0.012 [0.004, 0.02]``."""
+    lo, hi = claim["ci95"]
+    return f"{format_number(claim['diff_mean'])} [{format_number(lo)}, {format_number(hi)}]"
+
+
+def _p_holm(claim: Mapping) -> str:
+    return format_number(claim["p_holm"]) if "p_holm" in claim else "–"  # old files: no p
 
 
 def table_markdown(table: Mapping) -> str:
@@ -194,14 +202,11 @@ def verdict_table(all_results: dict) -> str:
         "| method | claim | arm vs baseline | difference (95% CI) | p (Holm) | verdict |",
         "|---|---|---|---|---|---|",
     ]
-    fmt = format_number
     for name, results in all_results.items():
         for c in results["claims"]:
-            lo, hi = c["ci95"]
-            p = fmt(c["p_holm"]) if "p_holm" in c else "–"  # old files: no p-values
             lines.append(
                 f"| {name} | {c['claim']} | {c['arm']} vs {c['baseline']} ({c['metric']}) "
-                f"| {fmt(c['diff_mean'])} [{fmt(lo)}, {fmt(hi)}] | {p} | **{c['verdict']}** |"
+                f"| {_difference(c)} | {_p_holm(c)} | **{c['verdict']}** |"
             )
     return "\n".join(lines)
 

@@ -87,23 +87,28 @@ class _Interrupt(Exception):
     pass
 
 
+def _dies_at_call(step, n: int):
+    """``step``, but its ``n``-th call raises `_Interrupt` (a killed run)."""
+    calls = {"n": 0}
+
+    def dying(s, batch, tx_args=None):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise _Interrupt
+        return step(s, batch, tx_args)
+
+    return dying
+
+
 def test_resume_after_interruption_is_bit_identical(digits, tmp_path):
     model, tx, state, loss_fn = _setup(digits)
     step = ws.training.make_train_step(loss_fn, tx)
     kwargs = dict(apply_fn=model.apply, num_steps=30, batch_size=64, eval_every=10, progress=False)
     reference, ref_history = ws.training.fit(state, step, digits, **kwargs)
 
-    calls = {"n": 0}
-
-    def dies_at_step_25(s, batch, tx_args=None):
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise _Interrupt
-        return step(s, batch, tx_args)
-
     workdir = str(tmp_path / "run")
     with pytest.raises(_Interrupt):
-        ws.training.fit(state, dies_at_step_25, digits, workdir=workdir, **kwargs)
+        ws.training.fit(state, _dies_at_call(step, 25), digits, workdir=workdir, **kwargs)
     resumed, history = ws.training.fit(state, step, digits, workdir=workdir, **kwargs)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -303,17 +308,9 @@ def test_resume_in_multi_device_modes_is_bit_identical(digits, tmp_path, mode):
     kw = dict(apply_fn=model.apply, num_steps=12, batch_size=64, eval_every=4, mode=mode)
     kw.update(progress=False, train_eval_examples=256)
     reference, ref_history = ws.training.fit(state, step, digits, **kw)
-    calls = {"n": 0}
-
-    def dies_at_10(s, batch, tx_args=None):
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise _Interrupt
-        return step(s, batch, tx_args)
-
     workdir = str(tmp_path / mode)
     with pytest.raises(_Interrupt):
-        ws.training.fit(state, dies_at_10, digits, workdir=workdir, **kw)
+        ws.training.fit(state, _dies_at_call(step, 10), digits, workdir=workdir, **kw)
     resumed, history = ws.training.fit(state, step, digits, workdir=workdir, **kw)
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(resumed), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -26,7 +26,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from experiments import claims as claims_lib
 from experiments import common
@@ -156,17 +156,20 @@ def format_number(x: float) -> str:
 
 def claims_markdown(results: Mapping) -> str:
     """The claims of one results.json as a markdown table (Holm-adjusted p and verdict)."""
-    lines = [
-        "| claim | metric | arm | baseline | difference (95% CI) | n | p (Holm) | verdict |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in results["claims"]:
-        lines.append(
-            f"| {c['claim']} | {c['metric']} | {format_number(c['arm_mean'])} "
-            f"| {format_number(c['baseline_mean'])} | {_difference(c)} | {c['n']} "
-            f"| {_p_holm(c)} | **{c['verdict']}** |"
-        )
-    return "\n".join(lines)
+    columns = ["claim", "metric", "arm", "baseline", "difference (95% CI)", "n", "p (Holm)"]
+    rows = [
+        [c["claim"], c["metric"], format_number(c["arm_mean"]),
+         format_number(c["baseline_mean"]), _difference(c), c["n"], _p_holm(c),
+         f"**{c['verdict']}**"]
+        for c in results["claims"]
+    ]  # fmt: skip
+    return markdown_table([*columns, "verdict"], rows)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table; cells are written with ``str``."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def _difference(claim: Mapping) -> str:
@@ -181,53 +184,38 @@ def _p_holm(claim: Mapping) -> str:
 
 def table_markdown(table: Mapping) -> str:
     """A `summarize`-style table (cells may be [mean, half-width] or scalars) as markdown."""
-    cols = table["columns"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in table["rows"]:
-        cells = []
-        for v in row:
-            if isinstance(v, list | tuple) and len(v) == 2:
-                cells.append(f"{format_number(v[0])} ± {format_number(v[1])}")
-            elif isinstance(v, float):
-                cells.append(format_number(v))
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(v):
+        if isinstance(v, list | tuple) and len(v) == 2:
+            return f"{format_number(v[0])} ± {format_number(v[1])}"
+        return format_number(v) if isinstance(v, float) else v
+
+    return markdown_table(table["columns"], [[cell(v) for v in row] for row in table["rows"]])
 
 
 def verdict_table(all_results: dict) -> str:
     """One row per claim of every method: the difference, its interval, p_holm, the verdict."""
-    lines = [
-        "| method | claim | arm vs baseline | difference (95% CI) | p (Holm) | verdict |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, results in all_results.items():
-        for c in results["claims"]:
-            lines.append(
-                f"| {name} | {c['claim']} | {c['arm']} vs {c['baseline']} ({c['metric']}) "
-                f"| {_difference(c)} | {_p_holm(c)} | **{c['verdict']}** |"
-            )
-    return "\n".join(lines)
+    columns = ["method", "claim", "arm vs baseline", "difference (95% CI)", "p (Holm)", "verdict"]
+    rows = [
+        [name, c["claim"], f"{c['arm']} vs {c['baseline']} ({c['metric']})", _difference(c),
+         _p_holm(c), f"**{c['verdict']}**"]
+        for name, results in all_results.items()
+        for c in results["claims"]
+    ]  # fmt: skip
+    return markdown_table(columns, rows)
 
 
 def verdict_summary(all_results: dict) -> str:
     """One row per method: how many of its claims hold, do not hold, are inconclusive."""
-    lines = [
-        "| method | claims | holds | does not hold | inconclusive | first claim: verdict |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for name, results in all_results.items():
         claims = results["claims"]
-        if not claims:
-            continue
-        count = {v: sum(c["verdict"] == v for c in claims) for v in common.VERDICTS}
-        first = f"{claims[0]['claim']}: **{claims[0]['verdict']}**"
-        lines.append(
-            f"| {METHODS[name][0]} | {len(claims)} | {count['holds']} "
-            f"| {count['does not hold']} | {count['inconclusive']} | {first} |"
-        )
-    return "\n".join(lines)
+        if claims:
+            count = [sum(c["verdict"] == v for c in claims) for v in common.VERDICTS]
+            first = f"{claims[0]['claim']}: **{claims[0]['verdict']}**"
+            rows.append([METHODS[name][0], len(claims), *count, first])
+    columns = ["method", "claims", *common.VERDICTS, "first claim: verdict"]
+    return markdown_table(columns, rows)
 
 
 def method_markdown(name: str, results: dict, figure_dir: str | None = None) -> str:
@@ -271,20 +259,18 @@ def report_markdown(all_results: dict, seconds: dict | None = None) -> str:
 
 def provenance_markdown(all_results: dict) -> str:
     """One row per method: commit, versions, backend and machine, date (from results.json)."""
-    lines = ["| method | commit | versions | backend, device | CPU | Python | date |"]
-    lines.append("|---|---|---|---|---|---|---|")
+    rows = []
     for name, results in all_results.items():
         p = results.get("provenance")
         if p is None:
-            lines.append(f"| {name} | not recorded (an older results file) | | | | | |")
+            rows.append([name, "not recorded (an older results file)", "", "", "", "", ""])
             continue
         commit = (p["commit"] or "no git")[:10] + (" (dirty)" if p["dirty"] else "")
         versions = ", ".join(f"{k} {v}" for k, v in p["versions"].items() if v)
-        lines.append(
-            f"| {name} | {commit} | {versions} | {p['backend']}, {p['device_kind']} "
-            f"| {p['cpu']} | {p['python']} | {p['date']} |"
-        )
-    return "\n".join(lines)
+        backend = f"{p['backend']}, {p['device_kind']}"
+        rows.append([name, commit, versions, backend, p["cpu"], p["python"], p["date"]])
+    columns = ["method", "commit", "versions", "backend, device", "CPU", "Python", "date"]
+    return markdown_table(columns, rows)
 
 
 def report_html(all_results: dict, workdir: str) -> str:

@@ -4,20 +4,15 @@
   python -m experiments.likelihood_ratio --config=experiments/configs/likelihood_ratio.py:quick
 
 Runs (a) gradient quality: cosine and relative bias to jax.grad of ULR variance reductions
-and ES by forward evaluations per example, on one batch at initialisation; (b) an MLP
-trained by each arm, all seeds at once (Adam, equal steps and batches): ``backprop``,
-``es`` and per noise setting "family:sigma" ``ulr_<family><sigma>`` and
-``noisy_bp_<family><sigma>`` (backprop through the same noise: the noise's own effect);
-(c) FGSM on standardized inputs, white-box and transfer from backprop models trained with
-seed + ``source_seed_offset``. Claims (`claims`): per noise setting, ULR is more robust than
-backprop and than the noisy control under both attacks at each ``claim_eps``, beats ES in
-test accuracy at equal forward evaluations, and is within 0.02 of backprop's test accuracy.
-
-Papers: Jiang et al., ICLR 2024, arXiv 2305.08960 (ULR); the robustness protocol is Peng et
-al.'s LR_Experiment (INFORMS JoC); ES: Salimans et al. 2017, arXiv 1703.03864.
+and ES by forward evaluations per example; (b) an MLP trained by each arm, all seeds at
+once, with Adam and equal steps and batches: ``backprop``, ``es`` and per noise setting
+"family:sigma" ``ulr_<family><sigma>`` and ``noisy_bp_<family><sigma>`` (backprop through
+the same noise); (c) white-box and transfer FGSM. Claims (`claims`): per noise setting, ULR
+is more robust than backprop and than the noisy control under both attacks at each
+``claim_eps``, beats ES in test accuracy at equal forward evaluations and is within 0.02 of
+backprop's test accuracy. Papers: Jiang et al., ICLR 2024, arXiv 2305.08960 (ULR); Peng et
+al., LR_Experiment, INFORMS JoC (the robustness protocol); Salimans et al. 2017 (ES).
 """
-
-from __future__ import annotations
 
 import functools
 import itertools
@@ -32,14 +27,10 @@ import optax
 
 import wspace as ws
 from experiments import common
-from experiments.claims import Claim
+from experiments.common import Claim
+from experiments.configs.likelihood_ratio import QUALITY_VARIANTS
 from wspace import likelihood_ratio as lr
 
-QUALITY_VARIANTS = {  # name -> ULR options (None: ES)
-    "none": {}, "mean": {"baseline": "mean"}, "clean": {"baseline": "clean"},
-    "antithetic+mean": {"antithetic": True, "baseline": "mean"},
-    "layerwise+clean": {"layerwise": True, "baseline": "clean"}, "qmc": {"qmc": True}, "es": None,
-}  # fmt: skip
 ACCURACY_MARGIN = 0.02  # "within 2 points of backprop"
 KINDS = ("whitebox", "transfer")
 
@@ -54,10 +45,8 @@ def noise_settings(config) -> dict[str, tuple[str, float]]:
         except ValueError:
             value = math.nan
         if family not in lr.NOISES or not 0 < value < math.inf:
-            raise ValueError(
-                f"config.noise_settings entry {setting!r}: use 'family:sigma' with family in "
-                f"{lr.NOISES} and a finite sigma > 0, e.g. 'laplace:1.0'"
-            )
+            raise ValueError(f"config.noise_settings entry {setting!r}: use 'family:sigma' with "
+                             f"family in {lr.NOISES}, sigma > 0, e.g. 'laplace:1.0'")  # fmt: skip
         out[f"{family}{value:g}"] = (family, value)
     if not out:
         raise ValueError("config.noise_settings is empty; give at least one 'family:sigma'")
@@ -77,12 +66,10 @@ def validate(config) -> None:
         raise ValueError(f"config.claim_eps={tuple(config.claim_eps)} must be a non-empty "
                          f"subset of config.fgsm_eps={tuple(config.fgsm_eps)}")  # fmt: skip
     if unknown := set(config.quality_variants) - set(QUALITY_VARIANTS):
-        raise ValueError(
-            f"config.quality_variants has {sorted(unknown)}; use {[*QUALITY_VARIANTS]}"
-        )
+        raise ValueError(f"config.quality_variants: {sorted(unknown)}; use {[*QUALITY_VARIANTS]}")
     if config.quality_repeats < 2 or min(config.quality_copies, default=0) < 2:
         raise ValueError(f"config.quality_repeats={config.quality_repeats}, quality_copies="
-                         f"{tuple(config.quality_copies)}; need repeats >= 2 and N >= 2")  # fmt: skip
+                         f"{tuple(config.quality_copies)}; need each >= 2")  # fmt: skip
 
 
 def attack(kind: str, eps: float):
@@ -99,18 +86,16 @@ def claims(config) -> list[Claim]:
         arm, tag = f"ulr_{name}", f"ULR ({family}, sigma={sigma:g})"
         bases = {"backprop": "backprop", f"noisy_bp_{name}": "backprop + the same noise"}
         for eps, kind, (base, what) in itertools.product(config.claim_eps, KINDS, bases.items()):
-            text = f"{tag}-trained models are more robust than {what} under " + (
-                f"{kind.replace('whitebox', 'white-box')} FGSM at eps={eps:g}"
-            )
-            metric = attack(kind, eps)
-            out.append(Claim(text, metric, arm, base, metric_name=metric.__name__,
+            label, metric = kind.replace("whitebox", "white-box"), attack(kind, eps)
+            text = f"{tag}-trained models are more robust than {what} under {label} FGSM at eps="
+            out.append(Claim(f"{text}{eps:g}", metric, arm, base, metric_name=metric.__name__,
                              per_example=f"{kind}_correct_{eps:g}"))  # fmt: skip
-        accuracy = dict(metric="test_accuracy", arm=arm, per_example="test_correct")
+        vs_es = f"{tag} beats ES in test accuracy at equal forward evaluations (N={config.copies})"
+        vs_bp = f"{tag} is within {ACCURACY_MARGIN:g} of backprop's test accuracy (equal steps)"
         out += [
-            Claim(f"{tag} beats ES in test accuracy at equal forward evaluations "
-                  f"(N={config.copies})", baseline="es", **accuracy),
-            Claim(f"{tag} is within {ACCURACY_MARGIN:g} of backprop's test accuracy (equal "
-                  "steps)", baseline="backprop", margin=ACCURACY_MARGIN, **accuracy),
+            Claim(vs_es, "test_accuracy", arm, "es", per_example="test_correct"),
+            Claim(vs_bp, "test_accuracy", arm, "backprop", margin=ACCURACY_MARGIN,
+                  per_example="test_correct"),
         ]  # fmt: skip
     return out
 
@@ -125,14 +110,14 @@ def quality_estimator(config, name: str, n: int):
 
 
 def gradient_quality(config, ds, model, workdir: str) -> dict:
-    """(a), per variant by forward evaluations: cosine and relative bias (quality.json)."""
+    """(a) on one batch at initialisation, per variant and cost (cached in quality.json)."""
     path = os.path.join(workdir, "quality.json")
     if os.path.exists(path):
         return ws.io.read_json(path)
     key = jax.random.PRNGKey(config.seed)
     params = model.init(key, ds.x_train[:1])["params"]
-    batch = {"x": ds.x_train[: config.batch_size], "y": ds.y_train[: config.batch_size]}
-    batch = jax.tree.map(jnp.asarray, batch)
+    batch = {"x": jnp.asarray(ds.x_train[: config.batch_size]),
+             "y": jnp.asarray(ds.y_train[: config.batch_size])}  # fmt: skip
     mean_loss = ws.training.classification_loss(model.apply)
     per_example = ws.training.classification_loss(model.apply, per_example=True)
     with jax.default_matmul_precision("highest"):
@@ -156,7 +141,7 @@ def arm_specs(config, model) -> dict:
     clean = ws.training.classification_loss(model.apply)
     per_example = ws.training.classification_loss(model.apply, per_example=True)
     backprop = (jax.value_and_grad, "1 fwd + 1 bwd")
-    specs = {"backprop": (clean, *backprop)}
+    specs: dict[str, tuple] = {"backprop": (clean, *backprop)}
     for name, (family, sigma) in noise_settings(config).items():
         ulr = lr.ulr(num_copies=config.copies, sigma=sigma, noise=family, baseline=config.baseline)
         specs[f"ulr_{name}"] = (per_example, ulr, ulr.forward_evaluations)
@@ -180,14 +165,13 @@ def fgsm_correct(apply_fn, source, target, x, y, eps):
 
 def arm_fns(config, ds, model, workdir: str) -> dict:
     """Arm -> ``fn(seeds) -> [result per seed]``, each arm trained on the seed axis."""
-    tx, specs = optax.adam(config.lr), arm_specs(config, model)
+    tx, specs, eps = optax.adam(config.lr), arm_specs(config, model), config.fgsm_eps
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
 
-    def train(arm, seeds):
+    def train(arm, seeds):  # -> (params, history); TensorBoard logs if config.tensorboard
         loss, estimator, _ = specs[arm if arm in specs else "backprop"]
-        step = ws.training.make_train_step(
-            loss, tx, estimator=estimator, mode=config.mode, seed_axis=True
-        )
+        step = ws.training.make_train_step(loss, tx, estimator=estimator, mode=config.mode,
+                                           seed_axis=True)  # fmt: skip
         writer = common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds))
         try:
             state, history = ws.training.fit(
@@ -208,19 +192,17 @@ def arm_fns(config, ds, model, workdir: str) -> dict:
     def fn(arm, seeds):
         params, history = train(arm, seeds)
         sources = {"whitebox": params, "transfer": source(tuple(seeds))}
-        correct = {k: {f"{e:g}": np.asarray(fgsm_correct(model.apply, sources[k], params, x, y, e))
-                       for e in config.fgsm_eps} for k in KINDS}  # fmt: skip
+        correct = {(k, f"{e:g}"): np.asarray(fgsm_correct(model.apply, sources[k], params, x, y, e))
+                   for k in KINDS for e in eps}  # fmt: skip
         clean = ws.training.correct_predictions(
-            model.apply, {"params": params}, ds.x_test, ds.y_test, seed_axis=True
-        )
+            model.apply, {"params": params}, ds.x_test, ds.y_test, seed_axis=True)  # fmt: skip
         return [{
             **{k: history[-1][k][i] for k in ("test_accuracy", "test_loss", "train_accuracy")},
             "forward_evaluations": specs[arm][2],
             "curve": [[r["step"], r["test_accuracy"][i]] for r in history],
-            **{k: {e: float(c[i].mean()) for e, c in by_eps.items()} for k, by_eps in correct.items()},
+            **{k: {f"{e:g}": float(correct[k, f"{e:g}"][i].mean()) for e in eps} for k in KINDS},
             "test_correct": common.pack_correct(clean[i]),
-            **{f"{k}_correct_{e}": common.pack_correct(c[i])
-               for k, by_eps in correct.items() for e, c in by_eps.items()},
+            **{f"{k}_correct_{e}": common.pack_correct(c[i]) for (k, e), c in correct.items()},
         } for i in range(len(seeds))]  # fmt: skip
 
     return {arm: functools.partial(fn, arm) for arm in specs}
@@ -238,10 +220,6 @@ def run(config, workdir: str) -> dict:
     accuracies = ["test_accuracy", *(attack(k, e) for k in KINDS for e in config.fgsm_eps)]
     tables = {
         "Test accuracy and FGSM accuracy by arm": common.summarize(per_arm, accuracies),
-        "Forward evaluations per example and step": {
-            "columns": ["arm", "forward evaluations"],
-            "rows": [[arm, str(r[0]["forward_evaluations"])] for arm, r in per_arm.items()],
-        },
         "Gradient quality at initialisation (cosine to jax.grad by forward evaluations)": {
             "columns": ["estimator", "forward evaluations", "cosine", "relative bias"],
             "rows": [[name, *row] for name, q in quality.items() for row in zip(
@@ -251,17 +229,15 @@ def run(config, workdir: str) -> dict:
     x = raw.x_train
     notes = [
         f"{config.dataset}, MLP {tuple(config.hidden)}, Adam {config.lr:g}, {config.steps} steps "
-        f"of batch {config.batch_size}; ULR and ES with N={config.copies} copies",
-        f"FGSM eps is in standardized units (inputs / the training inputs' std): eps = 0.1 is "
-        f"{0.1 * float(x.std()):.3g} in raw pixel units ({config.dataset} pixels in "
-        f"[{float(x.min()):g}, {float(x.max()):g}]); every model is attacked and evaluated "
-        "without noise",
-        "transfer: adversarial examples crafted on a backprop model trained with seed + "
-        f"{config.source_seed_offset}",
-        "noisy_bp arms: backprop through the same injected noise as the ULR arm "
-        "(likelihood_ratio.noisy_loss), the control for the noise's own effect",
-        "transfer accuracy also rises as a model grows less similar to the source (ES, the "
-        "least accurate arm, keeps the most under transfer): read it next to white-box",
+        f"of batch {config.batch_size}; forward evaluations per example and step: N="
+        f"{config.copies} for ULR and ES, 1 forward + 1 backward for backprop and noisy_bp "
+        "(backprop through the ULR arm's noise: the control for the noise's own effect)",
+        f"FGSM eps is in units of the training inputs' std: eps = 0.1 is {0.1 * x.std():.3g} in "
+        f"raw units ({config.dataset} in [{x.min():g}, {x.max():g}]); models are attacked and "
+        "evaluated without noise",
+        f"transfer: crafted on backprop models trained with seed + {config.source_seed_offset}; "
+        "its accuracy also rises as a model grows less like the source (ES keeps the most): "
+        "read it next to white-box",
         "gradient quality: one batch at initialisation; relative bias includes Monte Carlo "
         f"error (~sqrt(variance/R), R={config.quality_repeats})",
     ]
@@ -283,8 +259,9 @@ def plot_quality(config, quality: dict, workdir: str) -> str:
     bias.set(yscale="log", ylabel="relative bias (incl. MC error)")
     ticks = sorted({n for q in quality.values() for n in q["forward_evaluations"]})
     for ax in (cosine, bias):
-        ax.set(xscale="log", xlabel="forward evaluations per example")
-        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.set(
+            xscale="log", xlabel="forward evaluations per example", xticks=ticks, xticklabels=ticks
+        )
         ax.minorticks_off()
     if quality:  # no variants: an empty panel, no legend
         cosine.legend(fontsize=7)

@@ -168,11 +168,11 @@ def arm_fns(config, ds, model, workdir: str) -> dict:
     tx, specs, eps = optax.adam(config.lr), arm_specs(config, model), config.fgsm_eps
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
 
-    def train(arm, seeds):  # -> (params, history); TensorBoard logs if config.tensorboard
-        loss, estimator, _ = specs[arm if arm in specs else "backprop"]
+    def train(name, spec, seeds):  # -> (params, history); TensorBoard logs if config.tensorboard
+        loss, estimator, _ = spec
         step = ws.training.make_train_step(loss, tx, estimator=estimator, mode=config.mode,
                                            seed_axis=True)  # fmt: skip
-        writer = common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds))
+        writer = common.metric_writer(config, common.seeds_workdir(workdir, name, seeds))
         try:
             state, history = ws.training.fit(
                 ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
@@ -187,10 +187,10 @@ def arm_fns(config, ds, model, workdir: str) -> dict:
 
     @functools.cache  # the transfer attacks' backprop models, shared by every arm
     def source(seeds: tuple[int, ...]):
-        return train("source", [s + config.source_seed_offset for s in seeds])[0]
+        return train("source", specs["backprop"], [s + config.source_seed_offset for s in seeds])[0]
 
     def fn(arm, seeds):
-        params, history = train(arm, seeds)
+        params, history = train(arm, specs[arm], seeds)
         sources = {"whitebox": params, "transfer": source(tuple(seeds))}
         correct = {(k, f"{e:g}"): np.asarray(fgsm_correct(model.apply, sources[k], params, x, y, e))
                    for k in KINDS for e in eps}  # fmt: skip
@@ -229,9 +229,9 @@ def run(config, workdir: str) -> dict:
     x = raw.x_train
     notes = [
         f"{config.dataset}, MLP {tuple(config.hidden)}, Adam {config.lr:g}, {config.steps} steps "
-        f"of batch {config.batch_size}; forward evaluations per example and step: N="
-        f"{config.copies} for ULR and ES, 1 forward + 1 backward for backprop and noisy_bp "
-        "(backprop through the ULR arm's noise: the control for the noise's own effect)",
+        f"of batch {config.batch_size}; forward evaluations per example and step: "
+        + ", ".join(f"{arm} {r[0]['forward_evaluations']}" for arm, r in per_arm.items()),
+        "noisy_bp arms: backprop through the ULR arm's noise, the control for the noise's effect",
         f"FGSM eps is in units of the training inputs' std: eps = 0.1 is {0.1 * x.std():.3g} in "
         f"raw units ({config.dataset} in [{x.min():g}, {x.max():g}]); models are attacked and "
         "evaluated without noise",

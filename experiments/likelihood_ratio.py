@@ -1,432 +1,293 @@
-r"""Likelihood-ratio (ULR) gradients: gradient quality, training, adversarial robustness.
+"""Likelihood-ratio (ULR) gradients: gradient quality, training and FGSM robustness.
 
   python -m experiments.likelihood_ratio --workdir=runs/likelihood_ratio
   python -m experiments.likelihood_ratio --config=experiments/configs/likelihood_ratio.py:quick
-  python -m experiments.likelihood_ratio --config.dataset=mnist1d --workdir=runs/lr_mnist1d
 
-(a) Gradient quality: cosine and relative bias of ULR estimates (several
-    variance reductions) and of ES (weight perturbation) against the exact
-    gradient (jax.grad at HIGHEST precision), as functions of the forward
-    evaluations per example (`wspace.estimators.metrics_vs_samples`; a clean
-    baseline counts N + 1) -> gradient_quality.png.
-(b) Training an MLP, all seeds of an arm as one program (a seed axis), every arm Adam
-    with the same steps and batches:
-    ``backprop``; ``es`` (N copies); for each noise setting "family:sigma":
-    ``ulr_<family><sigma>`` (N copies, leave-one-out mean baseline) and
-    ``noisy_bp_<family><sigma>``, backprop through the same injected noise
-    (`likelihood_ratio.noisy_loss`): the control that separates the
-    estimator's effect from the noise's -> training.png.
-(c) FGSM (``x + eps sign(grad_x CE)``, on standardized inputs, so ``eps`` is in
-    units of the training inputs' std; the results note the pixel equivalent; models
-    evaluated without noise): white-box, and transfer from a separately trained
-    backprop model (seed + ``source_seed_offset``) -> robustness.png.
-
-Claims (paired by seed, 95% t-intervals): for each noise setting, ULR is more
-robust than backprop and than the noise-injected backprop control under
-white-box and transfer FGSM at each of ``claim_eps``; ULR beats ES in test accuracy at
-equal forward evaluations (N per example and step); ULR is within 2 points of
-backprop's test accuracy at equal steps (backprop: 1 forward + 1 backward).
-
-Papers: Jiang et al., ICLR 2024, arXiv 2305.08960 (ULR); the robustness
-protocol (Laplace noise, sigma = 1, FGSM) is the predecessor's, Peng et al.,
-LR_Experiment (INFORMS JoC); ES: Salimans et al. 2017, arXiv 1703.03864.
+Runs (a) gradient quality: cosine and relative bias to jax.grad of ULR variance reductions
+and ES by forward evaluations per example; (b) an MLP trained by each arm, all seeds at
+once, with Adam and equal steps and batches: ``backprop``, ``es`` and per noise setting
+"family:sigma" ``ulr_<family><sigma>`` and ``noisy_bp_<family><sigma>`` (backprop through
+the same noise); (c) white-box and transfer FGSM. Claims (`claims`): per noise setting, ULR
+is more robust than backprop and than the noisy control under both attacks at each
+``claim_eps``, beats ES in test accuracy at equal forward evaluations and is within 0.02 of
+backprop's test accuracy. Papers: Jiang et al., ICLR 2024, arXiv 2305.08960 (ULR); Peng et
+al., LR_Experiment, INFORMS JoC (the robustness protocol); Salimans et al. 2017 (ES).
 """
 
-from __future__ import annotations
-
 import functools
+import itertools
+import math
 import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import wspace as ws
+from experiments import cli, common
+from experiments.common import Claim
+from experiments.configs.likelihood_ratio import QUALITY_VARIANTS
+from wspace import likelihood_ratio as lr
 
-import wspace as ws  # noqa: E402
-from experiments import cli, common  # noqa: E402
-from wspace import likelihood_ratio as lr  # noqa: E402
-
-QUALITY_VARIANTS = {
-    "none": dict(),
-    "mean": dict(baseline="mean"),
-    "clean": dict(baseline="clean"),
-    "antithetic+mean": dict(antithetic=True, baseline="mean"),
-    "layerwise+clean": dict(layerwise=True, baseline="clean"),
-    "qmc": dict(qmc=True),
-    "es": None,
-}
 ACCURACY_MARGIN = 0.02  # "within 2 points of backprop"
+KINDS = ("whitebox", "transfer")
 
 
-def parse_setting(setting: str) -> tuple[str, float]:
-    """``"laplace:1.0"`` -> ``("laplace", 1.0)``; ValueError for a bad family or sigma."""
-    family, sep, sigma = str(setting).partition(":")
-    try:
-        value = float(sigma)
-    except ValueError:
-        value = float("nan")
-    if not sep or family not in lr.NOISES or not np.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"config.noise_settings entry {setting!r}: use 'family:sigma' with family in "
-            f"{lr.NOISES} and a finite sigma > 0, e.g. 'laplace:1.0'"
-        )
-    return family, value
-
-
-def setting_name(setting: str) -> str:
-    family, sigma = parse_setting(setting)
-    return f"{family}{sigma:g}"
+def noise_settings(config) -> dict[str, tuple[str, float]]:
+    """``{"laplace1": ("laplace", 1.0), ...}`` from ``config.noise_settings`` (family:sigma)."""
+    out = {}
+    for setting in config.noise_settings:
+        family, _, sigma = str(setting).partition(":")
+        try:
+            value = float(sigma)
+        except ValueError:
+            value = math.nan
+        if family not in lr.NOISES or not 0 < value < math.inf:
+            raise ValueError(f"config.noise_settings entry {setting!r}: use 'family:sigma' with "
+                             f"family in {lr.NOISES}, sigma > 0, e.g. 'laplace:1.0'")  # fmt: skip
+        out[f"{family}{value:g}"] = (family, value)
+    if not out:
+        raise ValueError("config.noise_settings is empty; give at least one 'family:sigma'")
+    return out
 
 
 def validate(config) -> None:
     """Rejects bad fields before any work or file write."""
-    common.require_at_least_one(
-        config, "steps", "batch_size", "eval_every", "copies", "quality_repeats"
-    )
-    if config.quality_repeats < 2:
-        raise ValueError(f"config.quality_repeats={config.quality_repeats}; need >= 2")
-    if not (np.isfinite(config.lr) and config.lr > 0):
-        raise ValueError(f"config.lr={config.lr}; must be finite and > 0")
-    if not config.noise_settings:
-        raise ValueError("config.noise_settings is empty; give at least one 'family:sigma'")
-    for s in config.noise_settings:
-        parse_setting(s)
-    lr.ulr(num_copies=config.copies, baseline=config.baseline)  # raises on bad N / baseline
+    counts = ("steps", "batch_size", "eval_every", "copies", "quality_repeats")
+    common.check(config, counts=counts, positive=("lr", "quality_sigma"), widths=("hidden",))
+    noise_settings(config)
+    lr.ulr(num_copies=config.copies, baseline=config.baseline)  # raises on a bad baseline
     lr.es(num_copies=config.copies, sigma=config.es_sigma)
-    if any(not (np.isfinite(e) and e >= 0) for e in config.fgsm_eps):
+    if not all(0 <= e < math.inf for e in config.fgsm_eps):
         raise ValueError(f"config.fgsm_eps={tuple(config.fgsm_eps)}; need finite eps >= 0")
     if not config.claim_eps or not set(config.claim_eps) <= set(config.fgsm_eps):
-        raise ValueError(
-            f"config.claim_eps={tuple(config.claim_eps)} must be a non-empty subset of "
-            f"config.fgsm_eps={tuple(config.fgsm_eps)}"
-        )
-    unknown = set(config.quality_variants) - set(QUALITY_VARIANTS)
-    if unknown:
-        raise ValueError(
-            f"config.quality_variants has {sorted(unknown)}; use {sorted(QUALITY_VARIANTS)}"
-        )
-    if not config.quality_copies or min(config.quality_copies) < 2:
-        raise ValueError(f"config.quality_copies={tuple(config.quality_copies)}; need N >= 2")
+        raise ValueError(f"config.claim_eps={tuple(config.claim_eps)} must be a non-empty "
+                         f"subset of config.fgsm_eps={tuple(config.fgsm_eps)}")  # fmt: skip
+    if unknown := set(config.quality_variants) - set(QUALITY_VARIANTS):
+        raise ValueError(f"config.quality_variants: {sorted(unknown)}; use {[*QUALITY_VARIANTS]}")
+    if config.quality_repeats < 2 or min(config.quality_copies, default=0) < 2:
+        raise ValueError(f"config.quality_repeats={config.quality_repeats}, quality_copies="
+                         f"{tuple(config.quality_copies)}; need each >= 2")  # fmt: skip
 
 
-# ----------------------------------------------------------------------------- (a)
+def attack(kind: str, eps: float):
+    """``result -> accuracy under FGSM`` of ``kind`` at ``eps``, named for tables and claims."""
+    fn = lambda r: r[kind][f"{eps:g}"]
+    fn.__name__ = f"{kind} FGSM acc (eps={eps:g})"
+    return fn
+
+
+def claims(config) -> list[Claim]:
+    """Per noise setting: robustness by eps, attack and baseline; then test accuracy."""
+    out = []
+    for name, (family, sigma) in noise_settings(config).items():
+        arm, tag = f"ulr_{name}", f"ULR ({family}, sigma={sigma:g})"
+        bases = {"backprop": "backprop", f"noisy_bp_{name}": "backprop + the same noise"}
+        for eps, kind, (base, what) in itertools.product(config.claim_eps, KINDS, bases.items()):
+            label, metric = kind.replace("whitebox", "white-box"), attack(kind, eps)
+            text = f"{tag}-trained models are more robust than {what} under {label} FGSM at eps="
+            out.append(Claim(f"{text}{eps:g}", metric, arm, base, metric_name=metric.__name__,
+                             per_example=f"{kind}_correct_{eps:g}"))  # fmt: skip
+        vs_es = f"{tag} beats ES in test accuracy at equal forward evaluations (N={config.copies})"
+        vs_bp = f"{tag} is within {ACCURACY_MARGIN:g} of backprop's test accuracy (equal steps)"
+        out += [
+            Claim(vs_es, "test_accuracy", arm, "es", per_example="test_correct"),
+            Claim(vs_bp, "test_accuracy", arm, "backprop", margin=ACCURACY_MARGIN,
+                  per_example="test_correct"),
+        ]  # fmt: skip
+    return out
+
+
+def quality_estimator(config, name: str, n: int):
+    """Variant ``name`` of `QUALITY_VARIANTS` at ``n`` forward evaluations per example."""
+    options = QUALITY_VARIANTS[name]
+    if options is None:
+        return lr.es(num_copies=n, sigma=config.es_sigma)
+    clean_pass = options.get("baseline") == "clean"  # a clean baseline costs one more
+    return lr.ulr(num_copies=n - clean_pass, sigma=config.quality_sigma, **options)
 
 
 def gradient_quality(config, ds, model, workdir: str) -> dict:
-    """Cosine and relative bias vs forward evaluations per variant (cached in quality.json)."""
+    """(a) on one batch at initialisation, per variant and cost (cached in quality.json)."""
     path = os.path.join(workdir, "quality.json")
     if os.path.exists(path):
         return ws.io.read_json(path)
     key = jax.random.PRNGKey(config.seed)
     params = model.init(key, ds.x_train[:1])["params"]
-    batch = {
-        "x": jnp.asarray(ds.x_train[: config.batch_size]),
-        "y": jnp.asarray(ds.y_train[: config.batch_size]),
-    }
-    per_ex = ws.training.classification_loss(model.apply, per_example=True)
+    batch = {"x": jnp.asarray(ds.x_train[: config.batch_size]),
+             "y": jnp.asarray(ds.y_train[: config.batch_size])}  # fmt: skip
     mean_loss = ws.training.classification_loss(model.apply)
+    per_example = ws.training.classification_loss(model.apply, per_example=True)
     with jax.default_matmul_precision("highest"):
         exact = jax.grad(lambda p: mean_loss(p, {}, batch, None)[0])(params)
-    out = {}
+    copies, out = [int(n) for n in config.quality_copies], {}
     for name in config.quality_variants:
-        options = QUALITY_VARIANTS[name]
-        if options is None:
-            family = lambda m: lr.es(num_copies=m, sigma=config.es_sigma)  # noqa: E731
-            loss = mean_loss
-        else:
-            family = lambda m, o=options: lr.ulr(  # noqa: E731
-                num_copies=m - 1 if o.get("baseline") == "clean" else m,
-                sigma=config.quality_sigma,
-                **o,
-            )
-            loss = per_ex
-        copies = [int(n) for n in config.quality_copies]
+        family = functools.partial(quality_estimator, config, name)
         m = ws.estimators.metrics_vs_samples(
-            family,
-            loss,
-            params,
-            {},
-            batch,
-            exact,
-            jax.random.fold_in(key, 1),
-            num_samples=copies,
-            repeats=int(config.quality_repeats),
+            family, mean_loss if name == "es" else per_example, params, {}, batch, exact,
+            jax.random.fold_in(key, 1), num_samples=copies, repeats=config.quality_repeats,
             family=True,
-        )
-        out[name] = {
-            "forward_evaluations": [family(n).forward_evaluations for n in copies],
-            "cosine": m["cosine"],
-            "cosine_se": m["cosine_se"],
-            "relative_bias": m["relative_bias"],
-            "relative_rmse": m["relative_rmse"],
-        }
+        )  # fmt: skip
+        out[name] = {k: m[k] for k in ("cosine", "cosine_se", "relative_bias", "relative_rmse")}
+        out[name]["forward_evaluations"] = [family(n).forward_evaluations for n in copies]
     ws.io.write_json(path, out)
     return out
 
 
-# ----------------------------------------------------------------------------- (b), (c)
-
-
-def _arm_specs(config, model) -> dict:
-    """arm -> (loss, estimator, forward evaluations per example and step); built once."""
+def arm_specs(config, model) -> dict:
+    """Arm -> (loss, estimator, forward evaluations per example and step); built once."""
     clean = ws.training.classification_loss(model.apply)
-    specs = {"backprop": (clean, jax.value_and_grad, "1 fwd + 1 bwd")}
     per_example = ws.training.classification_loss(model.apply, per_example=True)
-    for s in config.noise_settings:
-        family, sigma = parse_setting(s)
-        est = lr.ulr(num_copies=config.copies, sigma=sigma, noise=family, baseline=config.baseline)
-        specs[f"ulr_{setting_name(s)}"] = (per_example, est, est.forward_evaluations)
-        noisy = lr.noisy_loss(clean, sigma=sigma, noise=family)
-        specs[f"noisy_bp_{setting_name(s)}"] = (noisy, jax.value_and_grad, "1 fwd + 1 bwd")
+    backprop = (jax.value_and_grad, "1 fwd + 1 bwd")
+    specs: dict[str, tuple] = {"backprop": (clean, *backprop)}
+    for name, (family, sigma) in noise_settings(config).items():
+        ulr = lr.ulr(num_copies=config.copies, sigma=sigma, noise=family, baseline=config.baseline)
+        specs[f"ulr_{name}"] = (per_example, ulr, ulr.forward_evaluations)
+        specs[f"noisy_bp_{name}"] = (lr.noisy_loss(clean, sigma=sigma, noise=family), *backprop)
     es = lr.es(num_copies=config.copies, sigma=config.es_sigma)
-    specs["es"] = (clean, es, es.forward_evaluations)
-    return specs
-
-
-def train_seeds(config, ds, model, tx, spec, seeds):
-    """Trains one model per seed as one program (a seed axis); returns params and history."""
-    loss, estimator, _ = spec
-    step = ws.training.make_train_step(
-        loss, tx, estimator=estimator, mode=config.mode, seed_axis=True
-    )
-    state, history = ws.training.fit(
-        ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
-        apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size, seed=seeds,
-        mode=config.mode, eval_every=config.eval_every, progress=False,
-    )  # fmt: skip
-    return state.params, history
+    return {**specs, "es": (clean, es, es.forward_evaluations)}
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def fgsm(apply_fn, params, x, y, eps):
-    """``x + eps sign(grad_x CE)`` against each seed's network (params with a seed axis)."""
+def fgsm_correct(apply_fn, source, target, x, y, eps):
+    """``[S, N]``: seed s's ``target`` right on ``x + eps sign(grad_x CE(source_s))``."""
 
-    def one(p):
-        ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
-            apply_fn({"params": p}, z), y
-        ).sum()
-        return x + eps * jnp.sign(jax.grad(ce)(x))
+    def one(source, target):
+        logits = lambda z: apply_fn({"params": source}, z)
+        ce = lambda z: optax.softmax_cross_entropy_with_integer_labels(logits(z), y).sum()
+        adversarial = x + eps * jnp.sign(jax.grad(ce)(x))
+        return jnp.argmax(apply_fn({"params": target}, adversarial), -1) == y
 
-    return jax.vmap(one)(params)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _correct(apply_fn, params, x, y):
-    """``[S, N]``: whether seed ``i``'s network gets each of its own inputs ``x[i]`` right."""
-    return jax.vmap(lambda p, xs: jnp.argmax(apply_fn({"params": p}, xs), -1) == y)(params, x)
+    return jax.vmap(one)(source, target)
 
 
-def arm_fns(config, ds, model) -> dict:
+def arm_fns(config, ds, model, workdir: str) -> dict:
     """Arm -> ``fn(seeds) -> [result per seed]``, each arm trained on the seed axis."""
-    tx = optax.adam(config.lr)
-    specs = _arm_specs(config, model)
+    tx, specs, eps = optax.adam(config.lr), arm_specs(config, model), config.fgsm_eps
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
-    eps = [float(e) for e in config.fgsm_eps]
-    sources = {}  # seeds -> FGSM inputs crafted on their sources (shared by every arm)
 
-    def transfer_inputs(seeds):
-        if tuple(seeds) not in sources:
-            offset = [s + config.source_seed_offset for s in seeds]
-            params, _ = train_seeds(config, ds, model, tx, specs["backprop"], offset)
-            sources[tuple(seeds)] = {f"{e:g}": fgsm(model.apply, params, x, y, e) for e in eps}
-        return sources[tuple(seeds)]
+    def train(name, spec, seeds):  # -> (params, history); TensorBoard logs if config.tensorboard
+        loss, estimator, _ = spec
+        step = ws.training.make_train_step(loss, tx, estimator=estimator, mode=config.mode,
+                                           seed_axis=True)  # fmt: skip
+        writer = common.metric_writer(config, common.seeds_workdir(workdir, name, seeds))
+        try:
+            state, history = ws.training.fit(
+                ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
+                apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size,
+                seed=seeds, mode=config.mode, eval_every=config.eval_every, writer=writer,
+                progress=False,
+            )  # fmt: skip
+        finally:
+            if writer is not None:
+                writer.close()
+        return state.params, history
 
-    def arm_fn(spec):
-        def fn(seeds):
-            params, history = train_seeds(config, ds, model, tx, spec, seeds)
-            white = {f"{e:g}": fgsm(model.apply, params, x, y, e) for e in eps}
-            attacks = jax.tree.map(  # kind -> eps -> [S, N]: correct on each seed's inputs
-                lambda a: np.asarray(_correct(model.apply, params, a, y)),
-                {"whitebox": white, "transfer": transfer_inputs(seeds)},
-            )
-            clean = ws.training.correct_predictions(
-                model.apply, {"params": params}, ds.x_test, ds.y_test, seed_axis=True
-            )
-            last, seed_of = history[-1], lambda tree, i: jax.tree.map(lambda c: c[i], tree)
-            return [
-                {
-                    **{k: last[k][i] for k in ("test_accuracy", "test_loss", "train_accuracy")},
-                    "forward_evaluations": spec[2],
-                    **jax.tree.map(lambda c: float(c.mean()), seed_of(attacks, i)),
-                    "curve": [[r["step"], r["test_accuracy"][i]] for r in history],
-                    "test_correct": common.pack_correct(clean[i]),
-                    **{f"{k}_correct": v for k, v in
-                       jax.tree.map(common.pack_correct, seed_of(attacks, i)).items()},
-                }
-                for i in range(len(seeds))
-            ]  # fmt: skip
+    @functools.cache  # the transfer attacks' backprop models, shared by every arm
+    def source(seeds: tuple[int, ...]):
+        return train("source", specs["backprop"], [s + config.source_seed_offset for s in seeds])[0]
 
-        return fn
+    def fn(arm, seeds):
+        params, history = train(arm, specs[arm], seeds)
+        sources = {"whitebox": params, "transfer": source(tuple(seeds))}
+        correct = {(k, f"{e:g}"): np.asarray(fgsm_correct(model.apply, sources[k], params, x, y, e))
+                   for k in KINDS for e in eps}  # fmt: skip
+        clean = ws.training.correct_predictions(
+            model.apply, {"params": params}, ds.x_test, ds.y_test, seed_axis=True)  # fmt: skip
+        return [{
+            **{k: history[-1][k][i] for k in ("test_accuracy", "test_loss", "train_accuracy")},
+            "forward_evaluations": specs[arm][2],
+            "curve": [[r["step"], r["test_accuracy"][i]] for r in history],
+            **{k: {f"{e:g}": float(correct[k, f"{e:g}"][i].mean()) for e in eps} for k in KINDS},
+            "test_correct": common.pack_correct(clean[i]),
+            **{f"{k}_correct_{e}": common.pack_correct(c[i]) for (k, e), c in correct.items()},
+        } for i in range(len(seeds))]  # fmt: skip
 
-    return {arm: arm_fn(spec) for arm, spec in specs.items()}
-
-
-def _attack(kind, eps):
-    key = f"{eps:g}"
-    fn = lambda r: r[kind][key]  # noqa: E731
-    fn.__name__ = f"{kind} FGSM acc (eps={key})"
-    return fn
-
-
-def _claims(config, per_arm) -> list[dict]:
-    claims = []
-    for s in config.noise_settings:
-        ulr_arm, ctrl = f"ulr_{setting_name(s)}", f"noisy_bp_{setting_name(s)}"
-        family, sigma = parse_setting(s)
-        tag = f"ULR ({family}, sigma={sigma:g})"
-        attacks = [(k, e) for e in config.claim_eps for k in ("whitebox", "transfer")]
-        for kind, eps in attacks:
-            metric, label = _attack(kind, eps), kind.replace("whitebox", "white-box")
-            for base, name in (("backprop", "backprop"), (ctrl, "backprop + the same noise")):
-                claims.append(
-                    common.compare(
-                        f"{tag}-trained models are more robust than {name} under {label} "
-                        f"FGSM at eps={eps:g}",
-                        metric,
-                        ulr_arm,
-                        base,
-                        per_arm,
-                        metric_name=metric.__name__,
-                    )
-                )
-        claims.append(
-            common.compare(
-                f"{tag} beats ES in test accuracy at equal forward evaluations (N={config.copies})",
-                "test_accuracy",
-                ulr_arm,
-                "es",
-                per_arm,
-            )
-        )
-        claims.append(
-            common.compare(
-                f"{tag} is within {ACCURACY_MARGIN:g} of backprop's test accuracy (equal steps)",
-                "test_accuracy",
-                ulr_arm,
-                "backprop",
-                per_arm,
-                margin=ACCURACY_MARGIN,
-            )
-        )
-    return claims
+    return {arm: functools.partial(fn, arm) for arm in specs}
 
 
 def run(config, workdir: str) -> dict:
-    """Runs parts (a)-(c); writes results.json and three figures."""
+    """Runs (a)-(c); writes results.json and three figures."""
     validate(config)
     common.start(config, workdir)
-    raw = common.load_dataset(config, standardize=False).x_train
-    raw_std, raw_range = float(raw.std()), (float(raw.min()), float(raw.max()))
-    ds = common.load_dataset(config)
+    raw = common.load_dataset(config, standardize=False)
+    ds = ws.data.standardize(raw)
     model = ws.models.MLP(features=tuple(config.hidden), num_classes=ds.num_classes)
     quality = gradient_quality(config, ds, model, workdir)
-    per_arm = common.run_arms(workdir, config, arm_fns(config, ds, model))
-    attacks = [_attack(k, e) for k in ("whitebox", "transfer") for e in config.fgsm_eps]
+    per_arm = common.run_arms(workdir, config, arm_fns(config, ds, model, workdir))
+    accuracies = ["test_accuracy", *(attack(k, e) for k in KINDS for e in config.fgsm_eps)]
     tables = {
-        "Test accuracy and FGSM accuracy by arm": common.summarize(
-            per_arm, ["test_accuracy", *attacks]
-        ),
-        "Forward evaluations per example and step": {
-            "columns": ["arm", "forward evaluations"],
-            "rows": [[arm, str(r[0]["forward_evaluations"])] for arm, r in per_arm.items()],
-        },
+        "Test accuracy and FGSM accuracy by arm": common.summarize(per_arm, accuracies),
         "Gradient quality at initialisation (cosine to jax.grad by forward evaluations)": {
             "columns": ["estimator", "forward evaluations", "cosine", "relative bias"],
-            "rows": [
-                [name, n, c, b]
-                for name, q in quality.items()
-                for n, c, b in zip(
-                    q["forward_evaluations"], q["cosine"], q["relative_bias"], strict=True
-                )
-            ],
+            "rows": [[name, *row] for name, q in quality.items() for row in zip(
+                q["forward_evaluations"], q["cosine"], q["relative_bias"], strict=True)],
         },
-    }
-    figures = [
-        _plot_quality(config, quality, workdir),
-        _plot_training(config, per_arm, workdir),
-        _plot_robustness(config, per_arm, workdir),
-    ]
+    }  # fmt: skip
+    x = raw.x_train
     notes = [
         f"{config.dataset}, MLP {tuple(config.hidden)}, Adam {config.lr:g}, {config.steps} steps "
-        f"of batch {config.batch_size}; ULR and ES with N={config.copies} copies",
-        f"FGSM eps is in standardized units (inputs / the training inputs' std): eps = 0.1 "
-        f"is {0.1 * raw_std:.3g} in raw pixel units ({config.dataset} pixels in "
-        f"[{raw_range[0]:g}, {raw_range[1]:g}]); every model is attacked and evaluated "
-        "without noise",
-        "transfer: adversarial examples crafted on a backprop model trained with seed + "
-        f"{config.source_seed_offset}",
-        "noisy_bp arms: backprop through the same injected noise as the ULR arm "
-        "(likelihood_ratio.noisy_loss), the control for the noise's own effect",
-        "transfer accuracy also rises as a model grows less similar to the source (ES, the "
-        "least accurate arm, keeps the most under transfer): read it next to white-box",
+        f"of batch {config.batch_size}; forward evaluations per example and step: "
+        + ", ".join(f"{arm} {r[0]['forward_evaluations']}" for arm, r in per_arm.items()),
+        "noisy_bp arms: backprop through the ULR arm's noise, the control for the noise's effect",
+        f"FGSM eps is in units of the training inputs' std: eps = 0.1 is {0.1 * x.std():.3g} in "
+        f"raw units ({config.dataset} in [{x.min():g}, {x.max():g}]); models are attacked and "
+        "evaluated without noise",
+        f"transfer: crafted on backprop models trained with seed + {config.source_seed_offset}; "
+        "its accuracy also rises as a model grows less like the source (ES keeps the most): "
+        "read it next to white-box",
         "gradient quality: one batch at initialisation; relative bias includes Monte Carlo "
         f"error (~sqrt(variance/R), R={config.quality_repeats})",
     ]
+    figures = [plot_quality(config, quality, workdir), *plot_arms(config, per_arm, workdir)]
     return common.save_results(
-        workdir,
-        config,
-        "likelihood_ratio",
-        claims=_claims(config, per_arm),
-        tables=tables,
-        figures=figures,
-        notes=notes,
-    )
-
-
-# ----------------------------------------------------------------------------- figures
-
-
-def _plot_quality(config, quality, workdir):
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name, q in quality.items():
-        style = "--" if name == "es" else "-"
-        axes[0].errorbar(
-            q["forward_evaluations"], q["cosine"], yerr=q["cosine_se"], marker="o", capsize=2,
-            linestyle=style, label=name,
-        )  # fmt: skip
-        axes[1].plot(q["forward_evaluations"], q["relative_bias"], marker="o", linestyle=style)
-    axes[0].set(xscale="log", xlabel="forward evaluations per example", ylabel="cosine to jax.grad")
-    axes[1].set(
-        xscale="log", yscale="log", xlabel="forward evaluations per example",
-        ylabel="relative bias (incl. MC error)",
+        workdir, config, "likelihood_ratio", claims=common.judge(claims(config), per_arm),
+        tables=tables, figures=figures, notes=notes,
     )  # fmt: skip
+
+
+def plot_quality(config, quality: dict, workdir: str) -> str:
+    """gradient_quality.png: cosine (± its Monte Carlo s.e.) and relative bias by cost."""
+    fig, (cosine, bias) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for name, q in quality.items():
+        n, style = q["forward_evaluations"], "--" if name == "es" else "-"
+        cosine.errorbar(n, q["cosine"], q["cosine_se"], marker="o", capsize=2, ls=style, label=name)
+        bias.plot(n, q["relative_bias"], marker="o", ls=style)
+    cosine.set(ylabel="cosine to jax.grad")
+    bias.set(yscale="log", ylabel="relative bias (incl. MC error)")
     ticks = sorted({n for q in quality.values() for n in q["forward_evaluations"]})
-    for ax in axes:
-        ax.set_xticks(ticks, [str(n) for n in ticks])
+    for ax in (cosine, bias):
+        ax.set(
+            xscale="log", xlabel="forward evaluations per example", xticks=ticks, xticklabels=ticks
+        )
         ax.minorticks_off()
     if quality:  # no variants: an empty panel, no legend
-        axes[0].legend(fontsize=7)
+        cosine.legend(fontsize=7)
     fig.suptitle(f"{config.dataset}, MLP {tuple(config.hidden)}, sigma={config.quality_sigma:g}")
     return common.savefig(fig, workdir, "gradient_quality.png", config)
 
 
-def _plot_training(config, per_arm, workdir):
+def plot_arms(config, per_arm: dict, workdir: str) -> list[str]:
+    """training.png (test accuracy by step) and robustness.png (accuracy by FGSM eps)."""
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for arm, results in per_arm.items():
-        curves = np.asarray([r["curve"] for r in results])  # (seeds, points, 2)
+        curves = np.asarray([r["curve"] for r in results])  # (seeds, points, [step, accuracy])
         common.plot_mean_ci(ax, curves[0, :, 0], curves[:, :, 1], style="o-", label=arm)
     ax.set(xlabel="step", ylabel=f"test accuracy (mean, 95% interval, {config.num_seeds} seeds)")
     ax.legend(fontsize=7)
-    return common.savefig(fig, workdir, "training.png", config)
-
-
-def _plot_robustness(config, per_arm, workdir):
+    paths = [common.savefig(fig, workdir, "training.png", config)]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-    eps = [0.0, *sorted(float(e) for e in config.fgsm_eps)]
-    for ax, kind in zip(axes, ("whitebox", "transfer"), strict=True):
+    eps = sorted(config.fgsm_eps)
+    for ax, kind in zip(axes, KINDS, strict=True):
         for arm, results in per_arm.items():
-            accs = np.asarray(
-                [[r["test_accuracy"]] + [r[kind][f"{e:g}"] for e in eps[1:]] for r in results]
-            )
-            common.plot_mean_ci(ax, eps, accs, style="o-", label=arm, bars=True)
+            acc = [[r["test_accuracy"], *(attack(kind, e)(r) for e in eps)] for r in results]
+            common.plot_mean_ci(ax, [0.0, *eps], acc, style="o-", label=arm, bars=True)
         ax.set(xlabel="FGSM eps (standardized inputs)", title=f"{kind} FGSM")
-    axes[0].set_ylabel("test accuracy")
+    axes[0].set(ylabel="test accuracy")
     axes[0].legend(fontsize=7)
-    return common.savefig(fig, workdir, "robustness.png", config)
+    return [*paths, common.savefig(fig, workdir, "robustness.png", config)]
 
 
 if __name__ == "__main__":

@@ -454,16 +454,26 @@ def test_experiment_quick(tmp_path):
     for claim in results["claims"]:
         assert claim["verdict"] in ("holds", "does not hold", "inconclusive")
         assert claim["n"] == 2 and claim["ci95"][0] <= claim["diff_mean"] <= claim["ci95"][1]
+        assert claim["p_value"] >= claim["p_bootstrap"]  # seeds x test examples resampled too
     seed0 = json.loads((tmp_path / "arms" / "ulr_laplace1" / "seed_0.json").read_text())
     assert seed0["forward_evaluations"] == 4 and set(seed0["whitebox"]) == {"0.3"}
     assert 0.0 <= seed0["transfer"]["0.3"] <= 1.0
     correct = common.unpack_correct(seed0["test_correct"])  # per test example, this seed
     assert abs(correct.mean() - seed0["test_accuracy"]) < 1e-6
-    white = common.unpack_correct(seed0["whitebox_correct"]["0.3"])
+    white = common.unpack_correct(seed0["whitebox_correct_0.3"])
     assert len(white) == len(correct) and abs(white.mean() - seed0["whitebox"]["0.3"]) < 1e-6
     with pytest.raises(ValueError, match="noise_settings"):
         run_experiment("likelihood_ratio", tmp_path / "bad", noise_settings=("uniform:1",))
     assert not os.path.exists(tmp_path / "bad")  # rejected before any file write
+
+
+def test_experiment_writes_tensorboard_logs_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    tiny = dict(steps=4, eval_every=2, quality_variants=(), tensorboard=True)
+    run_experiment("likelihood_ratio", tmp_path, **tiny)
+    logs = {p.parts[-4]: p for p in tmp_path.glob("train/*/seeds_*/tb/events.out.tfevents.*")}
+    assert set(logs) == {"backprop", "es", "ulr_laplace1", "noisy_bp_laplace1", "source"}
+    assert b"test_accuracy/seed_1" in logs["ulr_laplace1"].read_bytes()  # each seed's records
 
 
 def test_notebook_runs():

@@ -1,6 +1,15 @@
-"""Config of `experiments.likelihood_ratio`: ULR gradient quality, training and robustness."""
+"""Config of `experiments.likelihood_ratio`: ULR gradient quality, training and robustness.
+
+Imports nothing heavy: the gradient-quality variants are named here."""
 
 from experiments.configs.base import base_config
+
+# Gradient-quality variants: name -> options of `likelihood_ratio.ulr` (None: ES).
+QUALITY_VARIANTS: dict[str, dict | None] = {
+    "none": {}, "mean": {"baseline": "mean"}, "clean": {"baseline": "clean"},
+    "antithetic+mean": {"antithetic": True, "baseline": "mean"},
+    "layerwise+clean": {"layerwise": True, "baseline": "clean"}, "qmc": {"qmc": True}, "es": None,
+}  # fmt: skip
 
 
 def get_config(arg: str = "small"):

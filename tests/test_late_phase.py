@@ -18,7 +18,7 @@ import pytest
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
 from wspace import late_phase as lp
-from wspace.late_phase import LatePhase, _layout
+from wspace.late_phase import LatePhase
 
 K = 4
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -66,9 +66,6 @@ def _perturb(tree, key, scale=0.3):
     return jax.tree.unflatten(treedef, noisy)
 
 
-_paths = _layout._paths
-
-
 def _flags(cfg, tree) -> list[bool]:
     return jax.tree.leaves(cfg.member_mask(tree))
 
@@ -96,7 +93,8 @@ def test_presets_choose_bn_affine_and_head_or_rank1_factors():
     _, _, state, _ = _state("convnet")
     late = LatePhase(K)
     params = late.expand(state.params)
-    chosen = {"/".join(p) for p, f in zip(_paths(params), _flags(late, params), strict=True) if f}
+    names = ws.paths.named_leaves(params)[0]
+    chosen = {n for n, f in zip(names, _flags(late, params), strict=True) if f}
     assert chosen == {
         f"{m}/{n}" for m in ("BatchNorm_0", "BatchNorm_1") for n in ("scale", "bias")
     } | {"head/kernel", "head/bias"}

@@ -25,6 +25,7 @@ import optax
 
 from wspace import averaging, training
 from wspace import data as ws_data
+from wspace.late_phase import _optimizer
 
 if TYPE_CHECKING:  # the spec's class imports this module
     from wspace.late_phase import LatePhase
@@ -54,8 +55,10 @@ def step_body(
         if axis_name is not None:
             grads, model_state, metrics = jax.lax.pmean((grads, model_state, metrics), axis_name)
             if not parallel:  # rows of the other members bit for bit after the pmean
-                rows = [True] * len(jax.tree.leaves(model_state))
-                model_state = spec._keep_rows(model_state, state.model_state, rows, member)
+                rows = jax.tree.map(lambda _: True, model_state)
+                model_state = _optimizer.keep_rows(
+                    spec, model_state, state.model_state, rows, member, True
+                )
         updates, opt_state = opt.update(grads, state.opt_state, state.params, **(tx_args or {}))
         new_state = state.replace(
             step=state.step + 1,

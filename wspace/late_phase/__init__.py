@@ -95,8 +95,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wspace import averaging, pruning, training
 from wspace import data as data_lib
-from wspace import pruning, training
 from wspace.late_phase import _optimizer, _train
 from wspace.late_phase._layout import (
     PRESETS,
@@ -543,7 +543,15 @@ class LatePhase:
 
         Reference: Izmailov et al. 2018, arXiv 1803.05407; von Oswald et al. 2021.
         """
-        return _train.recalibrate(self, loss_fn, params, model_state, batches, key)
+
+        def all_members(p, s, batch, k):  # a loss whose new model state holds every member's
+            def one(m):
+                pm, sm = self.member(p, s, m)
+                return loss_fn(pm, sm, batch, jax.random.fold_in(k, m))[1][0]
+
+            return None, (jax.vmap(one)(jnp.arange(self.num_members)), {})
+
+        return averaging.recompute_batch_stats(all_members, params, model_state, batches, key=key)
 
 
 def fit(

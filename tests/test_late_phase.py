@@ -18,7 +18,7 @@ import pytest
 import wspace as ws
 from tests.helpers import run_experiment, run_notebook
 from wspace import late_phase as lp
-from wspace.late_phase import LatePhase, _layout
+from wspace.late_phase import LatePhase
 
 K = 4
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -66,9 +66,6 @@ def _perturb(tree, key, scale=0.3):
     return jax.tree.unflatten(treedef, noisy)
 
 
-_paths = _layout._paths
-
-
 def _flags(cfg, tree) -> list[bool]:
     return jax.tree.leaves(cfg.member_mask(tree))
 
@@ -96,7 +93,8 @@ def test_presets_choose_bn_affine_and_head_or_rank1_factors():
     _, _, state, _ = _state("convnet")
     late = LatePhase(K)
     params = late.expand(state.params)
-    chosen = {"/".join(p) for p, f in zip(_paths(params), _flags(late, params), strict=True) if f}
+    names = ws.paths.named_leaves(params)[0]
+    chosen = {n for n, f in zip(names, _flags(late, params), strict=True) if f}
     assert chosen == {
         f"{m}/{n}" for m in ("BatchNorm_0", "BatchNorm_1") for n in ("scale", "bias")
     } | {"head/kernel", "head/bias"}
@@ -479,9 +477,15 @@ class _DenseBN(nn.Module):
         return nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
 
 
-def test_average_bn_is_mean_of_member_affine_maps():
+class _NestedBN(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return _DenseBN(name="Block_0")(x, train)  # BatchNorm at Block_0/BatchNorm_0
+
+
+@pytest.mark.parametrize("model", [_DenseBN(), _NestedBN()], ids=["flat", "nested"])
+def test_average_bn_is_mean_of_member_affine_maps(model):
     """Members differ in scale, bias AND running stats: averaged BN output = mean of outputs."""
-    model = _DenseBN()
     x, _ = _data()
     variables = model.init(jax.random.PRNGKey(0), x[:2])
     params, ms = variables["params"], {"batch_stats": variables["batch_stats"]}
@@ -498,10 +502,24 @@ def test_average_bn_is_mean_of_member_affine_maps():
     assert float(jnp.std(jnp.stack(outs), 0).mean()) > 0.1
     np.testing.assert_allclose(avg, np.mean(outs, 0), rtol=1e-5, atol=1e-5)
     naive = {
-        "params": {**jax.tree.map(lambda t: t.mean(0), late), "Dense_0": late["Dense_0"]},
+        "params": jax.tree.map(lambda t, m: t.mean(0) if m else t, late, cfg.member_mask(late)),
         "batch_stats": jax.tree.map(lambda t: t.mean(0), lms["batch_stats"]),
     }
     assert not np.allclose(model.apply(naive, x), np.mean(outs, 0), atol=1e-3)
+
+
+def test_layout_errors_name_what_was_found():
+    rank1 = LatePhase(K, "rank1")
+    with pytest.raises(ValueError, match="nested dicts; found tuple"):
+        rank1.expand(({"kernel": jnp.ones((3, 4))},))
+    clash = {"Dense_0": {"kernel": jnp.ones((3, 4)), "kernel_rank1_in": jnp.ones((2, 3))}}
+    with pytest.raises(ValueError, match="already hold Dense_0/kernel_rank1_in"):
+        rank1.expand(clash)
+    params = {"Block_0": {"BatchNorm_0": {"scale": jnp.ones((K, 3))}}}
+    stats = {"Block_0": {"BatchNorm_0": {"mean": jnp.zeros((K, 3)), "var": jnp.ones((K, 3))}}}
+    want = r"need 'scale' and 'bias' params at Block_0/BatchNorm_0.*\['Block_0/BatchNorm_0/scale'\]"
+    with pytest.raises(ValueError, match=want):
+        LatePhase(K, "batchnorm").average(params, {"batch_stats": stats})
 
 
 def test_expand_opt_state_copies_moments_and_keeps_counts():

@@ -538,3 +538,46 @@ def test_ulr_equals_reference_formula_with_documented_noise():
             for i, name in enumerate(names):
                 ref = sum((xs[c][i] * w[c][:, None]).T @ (es[c][i] / 0.1) for c in range(8)) / 8
                 np.testing.assert_allclose(grads[name]["kernel"], ref, rtol=2e-4, atol=1e-6)
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(7)(x))
+        return nn.tanh(nn.Dense(5)(x))
+
+
+class _Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3, name="head")(_Block(name="Block_0")(x))
+
+
+def test_per_layer_sigma_is_the_longest_path_prefix_value():
+    """sigma={"Block_0": a, "Block_0/Dense_1": b, "head": c}: o_l + sigma_l e_l by hand."""
+    model = _Nested()
+    params, batch = _problem(model)
+    loss = ws.training.classification_loss(model.apply, per_example=True)
+    key = jax.random.PRNGKey(3)
+    sigma = {"Block_0": 0.2, "Block_0/Dense_1": 0.05, "head": 0.3}
+    layers = [("Block_0/Dense_0", 0.2), ("Block_0/Dense_1", 0.05), ("head", 0.3)]
+    assert [n for n, _ in lr.perturbed_layers(loss, params, {}, batch, key)] == [
+        n for n, _ in layers
+    ]
+    with _HIGHEST():
+        got = jax.jit(lr.noisy_loss(loss, sigma=sigma))(params, {}, batch, key)[0]
+        h = batch["x"]
+        for i, (name, s) in enumerate(layers):  # noise of copy 0 at site i, by hand
+            p = params["Block_0"][name.split("/")[1]] if "/" in name else params[name]
+            o = h @ p["kernel"] + p["bias"]
+            o = o + s * lr.unit_noise(_noise_key(key), i, 0, o.shape)
+            h = o if name == "head" else jnp.tanh(o)
+        want = optax.softmax_cross_entropy_with_integer_labels(h, batch["y"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # ULR resolves the same way: the prefix mapping is the mapping of every layer's path
+    est = lambda s: jax.jit(lr.ulr(num_copies=4, sigma=s)(loss))(params, {}, batch, key)[1]
+    jax.tree.map(np.testing.assert_array_equal, est(sigma), est(dict(layers)))
+    with pytest.raises(ValueError, match=r"lacks the perturbed layers \['head'\]"):
+        est({"Block_0": 0.1})
+    with pytest.raises(ValueError, match=r"lacks the perturbed layers \['head'\]"):
+        lr.noisy_loss(loss, sigma={"Block_0": 0.1})(params, {}, batch, key)

@@ -34,6 +34,19 @@ def test_names_of_dict_attribute_and_sequence_keys():
     assert paths.path_name(keypath) == "a/second/0"
 
 
+def test_leaves_by_name_looks_leaves_up_across_layouts():
+    params = _params()
+    by_name = paths.leaves_by_name(params)
+    assert list(by_name) == paths.named_leaves(params)[0]
+    assert by_name["Dense_10/kernel"] is params["Dense_10"]["kernel"]
+    # a tree with an extra leaf (an expanded layout) looks the shared leaves up by name
+    grown = {**params, "head": {**params["head"], "kernel_rank1_in": jnp.ones((2, 4))}}
+    kept = paths.label_tree(grown, lambda n, x: by_name.get(n, jnp.zeros_like(x)))
+    assert kept["Dense_0"]["kernel"] is params["Dense_0"]["kernel"]
+    assert float(jnp.sum(kept["head"]["kernel_rank1_in"])) == 0.0
+    assert paths.leaves_by_name({}) == {}
+
+
 def test_label_tree_and_select_have_the_params_structure():
     params = _params()
     labels = paths.label_tree(params, lambda n, x: "head" if n.startswith("head/") else "body")

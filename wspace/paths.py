@@ -45,6 +45,13 @@ def named_leaves(tree: PyTree) -> tuple[list[str], list, Any]:
     return [path_name(p) for p, _ in flat], [x for _, x in flat], treedef
 
 
+def leaves_by_name(tree: PyTree) -> dict[str, Any]:
+    """The leaves of ``tree`` keyed by their names (as in `path_name`), e.g. to look a leaf
+    of one tree up while walking another shaped alike (the plain and an expanded layout)."""
+    names, leaves, _ = named_leaves(tree)
+    return dict(zip(names, leaves, strict=True))
+
+
 def label_tree(tree: PyTree, fn: Callable[[str, Any], Any]) -> PyTree:
     """The pytree of ``fn(name, leaf)`` for every leaf: labels shaped like ``tree``.
 

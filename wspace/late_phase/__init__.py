@@ -95,8 +95,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wspace import averaging, pruning, training
 from wspace import data as data_lib
-from wspace import pruning, training
 from wspace.late_phase import _optimizer, _train
 from wspace.late_phase._layout import (
     PRESETS,
@@ -105,7 +105,6 @@ from wspace.late_phase._layout import (
     _check_k,
     _effective,
     _expand,
-    _member_flags,
     _no_selection_error,
     _scale_grad,
     selection,
@@ -283,26 +282,22 @@ class LatePhase:
 
     def member_mask(self, late_params: PyTree) -> PyTree:
         """Which leaves of a late-phase tree carry the member axis: a bool per leaf."""
-        flags = iter(_member_flags(late_params, self.select))
-        return jax.tree.map(lambda _: next(flags), late_params)
+        return self.select.members(late_params)
 
     def member_axes(self, late_params: PyTree) -> PyTree:
         """The vmap ``in_axes`` of a late-phase params tree: 0 on member leaves, None on shared."""
-        flags = iter(_member_flags(late_params, self.select))
-        return jax.tree.map(lambda _: 0 if next(flags) else None, late_params)
+        return jax.tree.map(lambda m: 0 if m else None, self.select.members(late_params))
 
     def member(
         self, params: PyTree, model_state: PyTree, k: int | jax.Array
     ) -> tuple[PyTree, PyTree]:
         """Member k (an int or a traced index) as a plain network ``(params_k, model_state_k)``."""
-        flags = iter(_member_flags(params, self.select))
-        p = jax.tree.map(lambda x: x[k] if next(flags) else x, params)
+        p = jax.tree.map(lambda x, m: x[k] if m else x, params, self.select.members(params))
         return _effective(p, self.select), jax.tree.map(lambda x: x[k], model_state)
 
     def num_late_phase_params(self, late_params: PyTree) -> int:
         """Scalars in the member leaves (all K members): the ensemble's extra memory."""
-        flags = _member_flags(late_params, self.select)
-        leaves = jax.tree.leaves(late_params)
+        leaves, flags = jax.tree.leaves(late_params), jax.tree.leaves(self.member_mask(late_params))
         return sum(math.prod(x.shape) for x, f in zip(leaves, flags, strict=True) if f)
 
     def member_index(self, opt_state: LatePhaseState) -> jax.Array | None:
@@ -391,9 +386,6 @@ class LatePhase:
           An ``optax.GradientTransformationExtraArgs`` with state `LatePhaseState`.
         """
         return _optimizer.optimizer(self, tx)
-
-    def _keep_rows(self, new, old, flags, member):
-        return _optimizer.keep_rows(self, new, old, flags, member, True)
 
     def make_train_step(
         self,
@@ -551,7 +543,15 @@ class LatePhase:
 
         Reference: Izmailov et al. 2018, arXiv 1803.05407; von Oswald et al. 2021.
         """
-        return _train.recalibrate(self, loss_fn, params, model_state, batches, key)
+
+        def all_members(p, s, batch, k):  # a loss whose new model state holds every member's
+            def one(m):
+                pm, sm = self.member(p, s, m)
+                return loss_fn(pm, sm, batch, jax.random.fold_in(k, m))[1][0]
+
+            return None, (jax.vmap(one)(jnp.arange(self.num_members)), {})
+
+        return averaging.recompute_batch_stats(all_members, params, model_state, batches, key=key)
 
 
 def fit(

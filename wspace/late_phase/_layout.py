@@ -1,8 +1,9 @@
 """The tree layout of late-phase weights: which leaves are members, expansion, averaging.
 
 Internals of `wspace.late_phase` (public names are re-exported there): selections of
-weights by param path, the member axis (copies or rank-1 factors), member extraction,
-and the weight-space average (BatchNorm affine maps averaged exactly).
+weights by param path (bool pytrees from `wspace.paths.select`), the member axis
+(copies or rank-1 factors), member extraction, and the weight-space average
+(BatchNorm affine maps averaged exactly).
 
 Reference: von Oswald et al. 2021, arXiv 2007.12927; rank-1 factors: Wen et al. 2020,
 arXiv 2002.06715.
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from wspace import paths
 
 PyTree = Any
 PRESETS = ("bn_head", "batchnorm", "head", "rank1")
@@ -32,7 +35,8 @@ class Selection:
 
     Attributes:
       predicate: ``predicate(path) -> bool`` on a param path, a tuple of
-        strings such as ``("BatchNorm_0", "scale")`` or ``("head", "kernel")``.
+        strings such as ``("BatchNorm_0", "scale")`` or ``("head", "kernel")``
+        (the components of the `wspace.paths` name ``"BatchNorm_0/scale"``).
       rank1: False: the chosen leaves themselves get a member axis (copies).
         True: each chosen kernel (ndim >= 2) stays shared and gets per-member
         rank-1 multiplicative factors ``W * (r s^T)``.
@@ -42,6 +46,21 @@ class Selection:
     predicate: Callable[[tuple[str, ...]], bool]
     rank1: bool = False
     name: str = "custom"
+
+    def chosen(self, params: PyTree) -> PyTree:
+        """The bool pytree of the plain ``params`` leaves that become members (rank-1:
+        the chosen kernels, ndim >= 2, that get factors)."""
+        kernel = lambda x: not self.rank1 or jnp.ndim(x) >= 2
+        return paths.select(params, lambda name, x: self._picks(name) and kernel(x))
+
+    def members(self, late_params: PyTree) -> PyTree:
+        """The bool pytree of the leaves of a *late-phase* tree that carry the member axis."""
+        if self.rank1:
+            return paths.select(late_params, lambda name, _: name.endswith((_R_IN, _R_OUT)))
+        return paths.select(late_params, lambda name, _: self._picks(name))
+
+    def _picks(self, name: str) -> bool:
+        return bool(self.predicate(tuple(name.split("/"))))
 
 
 def _is_bn(path: tuple[str, ...]) -> bool:
@@ -86,26 +105,6 @@ def selection(select: str | Callable | Selection, *, rank1: bool = False) -> Sel
     )
 
 
-def _path(keypath) -> tuple[str, ...]:
-    return tuple(jax.tree_util.keystr(keypath, simple=True, separator="/").split("/"))
-
-
-def _paths(tree) -> list[tuple[str, ...]]:
-    return [_path(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _is_member_path(path: tuple[str, ...], sel: Selection) -> bool:
-    """Does this leaf of a *late-phase* tree carry the member axis?"""
-    if sel.rank1:
-        return path[-1].endswith(_R_IN) or path[-1].endswith(_R_OUT)
-    return bool(sel.predicate(path))
-
-
-def _member_flags(tree, sel: Selection) -> list[bool]:
-    """Per leaf of a late-phase-shaped tree: does it carry the member axis?"""
-    return [_is_member_path(p, sel) for p in _paths(tree)]
-
-
 def _check_k(num_members) -> int:
     if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 1:
         raise ValueError(f"num_members K must be an int >= 1, got {num_members!r}")
@@ -113,8 +112,8 @@ def _check_k(num_members) -> int:
 
 
 def _no_selection_error(tree, sel: Selection) -> ValueError:
-    paths = ["/".join(p) for p in _paths(tree)]
-    shown = ", ".join(paths[:12]) + (" ..." if len(paths) > 12 else "")
+    names = paths.named_leaves(tree)[0]
+    shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
     what = "kernels (ndim >= 2)" if sel.rank1 else "leaves"
     return ValueError(
         f"late-phase selection {sel.name!r} selects no {what} of the params; "
@@ -128,59 +127,55 @@ def _no_selection_error(tree, sel: Selection) -> ValueError:
 @functools.partial(jax.jit, static_argnames=("sel", "k_members", "noise"))
 def _expand(params: PyTree, key: jax.Array, *, sel: Selection, k_members: int, noise: float):
     """The late-phase layout of ``params`` (see `LatePhase.expand`)."""
-    if sel.rank1:
-        chosen = [
-            p
-            for p, x in zip(_paths(params), jax.tree.leaves(params), strict=True)
-            if sel.predicate(p) and jnp.ndim(x) >= 2
-        ]
-        if not chosen:
-            raise _no_selection_error(params, sel)
-        return _add_noise(_add_rank1(params, (), sel, k_members), sel, key, noise)
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    if not any(sel.predicate(_path(kp)) for kp, _ in flat):
+    chosen = sel.chosen(params)
+    if not any(jax.tree.leaves(chosen)):
         raise _no_selection_error(params, sel)
-    leaves = [
-        jnp.broadcast_to(x, (k_members,) + jnp.shape(x)) if sel.predicate(_path(kp)) else x
-        for kp, x in flat
-    ]
-    return _add_noise(jax.tree.unflatten(jax.tree.structure(params), leaves), sel, key, noise)
+    if sel.rank1:
+        late = _add_rank1(params, chosen, k_members)
+    else:
+        copies = lambda x, c: jnp.broadcast_to(x, (k_members,) + jnp.shape(x)) if c else x
+        late = jax.tree.map(copies, params, chosen)
+    return _add_noise(late, sel.members(late), key, noise)
 
 
-def _add_noise(late, sel: Selection, key, noise: float):
+def _add_noise(late, members, key, noise: float):
     """``x + noise * N(0, 1)`` on the member leaves: one draw for all of them, split by leaf."""
     if noise == 0:
         return late
-    paths, leaves = _paths(late), jax.tree.leaves(late)
-    idx = [i for i, p in enumerate(paths) if _is_member_path(p, sel)]
+    leaves, treedef = jax.tree.flatten(late)
+    idx = [i for i, m in enumerate(jax.tree.leaves(members)) if m]
     eps = jax.random.normal(key, (sum(leaves[i].size for i in idx),))
     start = 0
     for i in idx:
         x = leaves[i]
         leaves[i] = x + noise * eps[start : start + x.size].reshape(x.shape).astype(x.dtype)
         start += x.size
-    return jax.tree.unflatten(jax.tree.structure(late), leaves)
+    return jax.tree.unflatten(treedef, leaves)
 
 
-def _add_rank1(tree, path, sel, k_members):
-    if not isinstance(tree, Mapping):
+def _add_rank1(params, chosen, k_members):
+    """``params`` with factors ``<kernel>_rank1_in`` (K, in) and ``<kernel>_rank1_out``
+    (K, out), all ones, beside every chosen kernel (nested dicts walked with ``chosen``)."""
+    if not isinstance(params, Mapping):
         raise ValueError(
-            f"rank-1 late-phase weights need params as nested dicts; at {path} "
-            f"found {type(tree).__name__}"
+            f"rank-1 late-phase weights need params as nested dicts; found {type(params).__name__}"
         )
-    out = {}
-    for name, value in tree.items():
-        p = path + (str(name),)
-        if isinstance(value, Mapping):
-            out[name] = _add_rank1(value, p, sel, k_members)
-            continue
-        out[name] = value
-        if sel.predicate(p) and jnp.ndim(value) >= 2:
-            for suffix, size in ((_R_IN, value.shape[-2]), (_R_OUT, value.shape[-1])):
-                if name + suffix in tree:
-                    raise ValueError(f"params already hold {'/'.join(p)}{suffix}")
-                out[name + suffix] = jnp.ones((k_members, size), value.dtype)
-    return out
+    taken = set(paths.named_leaves(params)[0])
+    for name, picked in paths.leaves_by_name(chosen).items():
+        clash = sorted({name + _R_IN, name + _R_OUT} & taken)
+        if picked and clash:
+            raise ValueError(f"params already hold {clash[0]}, the name of a rank-1 factor")
+
+    def add(tree, picks):
+        out = {}
+        for name, value in tree.items():
+            out[name] = add(value, picks[name]) if isinstance(value, Mapping) else value
+            if picks[name] is True:  # a chosen leaf (a subtree's picks are a dict)
+                out[name + _R_IN] = jnp.ones((k_members, value.shape[-2]), value.dtype)
+                out[name + _R_OUT] = jnp.ones((k_members, value.shape[-1]), value.dtype)
+        return out
+
+    return add(params, chosen)
 
 
 def _effective(params, sel: Selection):
@@ -235,55 +230,52 @@ def _mean0(x):
 
 @functools.partial(jax.jit, static_argnames=("sel", "eps"))
 def _average(params, model_state, *, sel: Selection, eps: float):
-    flags = _member_flags(params, sel)
+    members = sel.members(params)
     if sel.rank1:
         avg = _fold_rank1(params, lambda r, s: _mean0(r[:, :, None] * s[:, None, :]))
     else:
-        it = iter(flags)
-        avg = jax.tree.map(lambda x: _mean0(x) if next(it) else x, params)
-    is_member = dict(zip(_paths(params), flags, strict=True))
-    bn = {}  # path of a BN module -> (scale*, bias*, mean*, var*)
-    for path, node in _stat_nodes(model_state):
-        bn[path[1:]] = _average_bn(params, path[1:], node, is_member, eps)
-    return _replace_affine(avg, (), bn), _replace_stats(model_state, bn)
+        avg = jax.tree.map(lambda x, m: _mean0(x) if m else x, params, members)
+    named, is_member = paths.leaves_by_name(params), paths.leaves_by_name(members)
+    new_params, new_stats = _average_bns(named, is_member, paths.leaves_by_name(model_state), eps)
+    avg = paths.label_tree(avg, lambda n, x: new_params.get(n, x))
+    return avg, paths.label_tree(model_state, lambda n, x: new_stats.get(n, _mean0(x)))
 
 
-def _stat_nodes(tree, path=()) -> Iterable:
-    if isinstance(tree, Mapping):
-        if "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
-            yield path, tree
-            return
-        for k, v in tree.items():
-            yield from _stat_nodes(v, path + (str(k),))
+def _average_bns(params, is_member, stats, eps):
+    """The averaged leaves of every BatchNorm layer, by name: ``scale``, ``bias`` of
+    ``params`` and ``mean``, ``var`` of the model state (``<collection>/<layer>/mean``)."""
+    new_params, new_stats = {}, {}
+    for mean in stats:
+        node = mean.removesuffix("/mean")
+        var = node + "/var"
+        if node == mean or var not in stats:
+            continue
+        layer = node.partition("/")[2]  # the layer's path in params: the collection dropped
+        scale, bias = _join(layer, "scale"), _join(layer, "bias")
+        if scale not in params or bias not in params:
+            found = [n for n in params if n.startswith(layer + "/")] if layer else list(params)
+            raise ValueError(
+                f"BatchNorm statistics at {node} need 'scale' and 'bias' params at "
+                f"{layer or 'the top level'} to average the affine maps; found {found}"
+            )
+        k_members = stats[mean].shape[0]
+        scale_k, bias_k = (_per_member(params[n], is_member[n], k_members) for n in (scale, bias))
+        new = _average_bn(scale_k, bias_k, stats[mean], stats[var], eps)
+        new_params[scale], new_params[bias], new_stats[mean], new_stats[var] = new
+    return new_params, new_stats
 
 
-def _get(tree, path):
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
+def _per_member(x, is_member: bool, k_members: int):
+    """``x`` with the member axis: itself for a member leaf, K copies for a shared one."""
+    return x if is_member else jnp.broadcast_to(x, (k_members,) + x.shape)
 
 
-def _average_bn(params, path, stats, is_member, eps):
-    node = _get(params, path)
-    if node is None or "scale" not in node or "bias" not in node:
-        raise ValueError(
-            f"BatchNorm statistics at {'/'.join(path)} need 'scale' and 'bias' params at the same "
-            f"path to average the affine maps; found {None if node is None else sorted(node)}"
-        )
-    mean, var = stats["mean"], stats["var"]  # (K, C)
-    k_members = mean.shape[0]
+def _join(layer: str, leaf: str) -> str:
+    return f"{layer}/{leaf}" if layer else leaf
 
-    def per_member(name):
-        x = node[name]
-        return (
-            x
-            if is_member.get(path + (name,), False)
-            else jnp.broadcast_to(x, (k_members,) + x.shape)
-        )
 
-    scale, bias = per_member("scale"), per_member("bias")
+def _average_bn(scale, bias, mean, var, eps):
+    """``(scale*, bias*, mean*, var*)`` of one BatchNorm layer's K members, shape (K, C)."""
     m_star, v_star = _mean0(mean), _mean0(var)
     root = jnp.sqrt(var + eps)
     a = scale / root
@@ -296,21 +288,3 @@ def _average_bn(params, path, stats, is_member, eps):
     b_star = _mean0(bias - a * mean)
     m_star = jnp.where(fix, -b_star / jnp.where(fix, a_star, 1.0), m_star)
     return scale_star, jnp.where(fix, 0.0, bias_star).astype(bias_star.dtype), m_star, v_star
-
-
-def _replace_stats(tree, bn, path=()):
-    if not isinstance(tree, Mapping):
-        return _mean0(tree)
-    if path[1:] in bn and "mean" in tree and "var" in tree:
-        _, _, m, v = bn[path[1:]]
-        return {**{k: _mean0(x) for k, x in tree.items()}, "mean": m, "var": v}
-    return {k: _replace_stats(v, bn, path + (str(k),)) for k, v in tree.items()}
-
-
-def _replace_affine(tree, path, bn):
-    if not isinstance(tree, Mapping):
-        return tree
-    if path in bn:
-        scale, bias, _, _ = bn[path]
-        return {**tree, "scale": scale, "bias": bias}
-    return {k: _replace_affine(v, path + (str(k),), bn) for k, v in tree.items()}

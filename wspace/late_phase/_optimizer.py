@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wspace import averaging
-from wspace.late_phase._layout import _is_member_path, _member_flags, _path, _paths
+from wspace import averaging, paths
 
 if TYPE_CHECKING:  # the spec's class imports this module
     from wspace.late_phase import LatePhase
@@ -72,10 +71,8 @@ def member_index(spec: LatePhase, state: LatePhaseState) -> jax.Array | None:
 def zero_accum(spec: LatePhase, late_params: PyTree) -> PyTree:
     if not spec.accumulates:
         return ()
-    flags = iter(_member_flags(late_params, spec.select))
-    return jax.tree.map(
-        lambda x: jnp.zeros((), x.dtype) if next(flags) else jnp.zeros_like(x), late_params
-    )
+    zero = lambda x, m: jnp.zeros((), x.dtype) if m else jnp.zeros_like(x)
+    return jax.tree.map(zero, late_params, spec.select.members(late_params))
 
 
 def optimizer(
@@ -84,7 +81,6 @@ def optimizer(
     """``tx`` wrapped so that a step moves only the active member and, when due, the shared
     weights (see `LatePhase.optimizer`)."""
     scale = 1.0 if spec.combine == "sum" else 1.0 / spec.num_members
-    sel = spec.select
 
     def init_fn(late_params):
         key = jax.random.PRNGKey(0)
@@ -94,8 +90,7 @@ def optimizer(
 
     def update_fn(grads, state, params=None, **extra_args):
         member = member_index(spec, state)
-        flags = _member_flags(grads, sel)
-        is_m = jax.tree.unflatten(jax.tree.structure(grads), flags)
+        is_m = spec.select.members(grads)
         boundary: bool | jax.Array = True  # a traced bool when accumulating
         accum, g_in = state.accum, grads
         if spec.accumulates:
@@ -107,7 +102,7 @@ def optimizer(
             )
         updates, inner = tx.update(g_in, state.inner, params, **extra_args)
         zeros = jax.tree.map(jnp.zeros_like, updates)
-        updates = keep_rows(spec, updates, zeros, flags, member, boundary)
+        updates = keep_rows(spec, updates, zeros, is_m, member, boundary)
         inner = _select_state(spec, inner, state.inner, grads, member, boundary)
         if params is not None:  # SWA means of the iterates really taken (rows held above)
             inner = _swa_of(inner, state.inner, optax.apply_updates(params, updates))
@@ -121,12 +116,13 @@ def keep_rows(
     spec: LatePhase,
     new: PyTree,
     old: PyTree,
-    flags: list[bool],
+    members: PyTree,
     member: jax.Array | None,
     take_shared: bool | jax.Array,
 ) -> PyTree:
     """Rows of the active member (all rows if member is None) and, if ``take_shared``,
-    shared leaves from ``new``; everything else from ``old`` (bit for bit)."""
+    shared leaves from ``new``; everything else from ``old`` (bit for bit). ``members``:
+    the bool pytree of the leaves that carry the member axis."""
     k_members = spec.num_members
 
     def one(n, o, is_member):
@@ -137,22 +133,18 @@ def keep_rows(
         rows = (jnp.arange(k_members) == member).reshape((k_members,) + (1,) * (n.ndim - 1))
         return jnp.where(rows, n, o)
 
-    leaves = [
-        one(n, o, f)
-        for n, o, f in zip(jax.tree.leaves(new), jax.tree.leaves(old), flags, strict=True)
-    ]
-    return jax.tree.unflatten(jax.tree.structure(new), leaves)
+    return jax.tree.map(one, new, old, members)
 
 
 def _select_state(spec, new, old, like, member, take_shared):
     """`keep_rows` on every part of a ``tx`` state shaped like the params; the rest from new."""
     ldef = jax.tree.structure(like)
-    flags = _member_flags(like, spec.select)
+    members = spec.select.members(like)
     is_l = lambda x: x is not None and jax.tree.structure(x) == ldef  # type: ignore[operator]  # jaxlib's PyTreeDef stub
     new_parts, ndef = jax.tree.flatten(new, is_leaf=is_l)
     old_parts = jax.tree.flatten(old, is_leaf=is_l)[0]
     out = [
-        keep_rows(spec, n, o, flags, member, take_shared) if is_l(n) else n
+        keep_rows(spec, n, o, members, member, take_shared) if is_l(n) else n
         for n, o in zip(new_parts, old_parts, strict=True)
     ]
     return jax.tree.unflatten(ndef, out)
@@ -267,16 +259,15 @@ def _expand_part(spec, part, fresh_part, late_params):
 def _lay_out(spec, part, fresh_part, late_params, fill):
     """One per-weight part on the late-phase layout: member rows from ``fresh_part``."""
     k = spec.num_members
-    kept = dict(zip(_paths(part), jax.tree.leaves(part), strict=True))
-    fresh = dict(zip(_paths(fresh_part), jax.tree.leaves(fresh_part), strict=True))
+    kept, fresh = paths.leaves_by_name(part), paths.leaves_by_name(fresh_part)
+    is_member = paths.leaves_by_name(spec.select.members(late_params))
 
-    def one(keypath, late_leaf):
-        path = _path(keypath)
-        if path not in kept:  # a new rank-1 factor
+    def one(name, late_leaf):
+        if name not in kept:  # a new rank-1 factor
             return fill(late_leaf)
-        if _is_member_path(path, spec.select):
-            x = jnp.asarray(fresh[path])
+        if is_member[name]:
+            x = jnp.asarray(fresh[name])
             return jnp.broadcast_to(x, (k,) + x.shape)
-        return kept[path]
+        return kept[name]
 
-    return jax.tree_util.tree_map_with_path(one, late_params)
+    return paths.label_tree(late_params, one)

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wspace import averaging, training
 from wspace import data as ws_data
+from wspace import training
+from wspace.late_phase import _optimizer
 
 if TYPE_CHECKING:  # the spec's class imports this module
     from wspace.late_phase import LatePhase
@@ -54,8 +55,10 @@ def step_body(
         if axis_name is not None:
             grads, model_state, metrics = jax.lax.pmean((grads, model_state, metrics), axis_name)
             if not parallel:  # rows of the other members bit for bit after the pmean
-                rows = [True] * len(jax.tree.leaves(model_state))
-                model_state = spec._keep_rows(model_state, state.model_state, rows, member)
+                rows = jax.tree.map(lambda _: True, model_state)
+                model_state = _optimizer.keep_rows(
+                    spec, model_state, state.model_state, rows, member, True
+                )
         updates, opt_state = opt.update(grads, state.opt_state, state.params, **(tx_args or {}))
         new_state = state.replace(
             step=state.step + 1,
@@ -176,24 +179,3 @@ def _late_tx_args(spec, tx_args):
         return args
 
     return (lambda batch: expand(tx_args(batch))) if callable(tx_args) else expand(tx_args)
-
-
-def recalibrate(
-    spec: LatePhase,
-    loss_fn: Callable,
-    params: PyTree,
-    model_state: PyTree,
-    batches: Iterable[dict],
-    key: jax.Array | None = None,
-) -> PyTree:
-    """Per-member BatchNorm statistics (`LatePhase.recalibrate`)."""
-    k_members = spec.num_members
-
-    def all_members(p, s, b, k):
-        def one(m):
-            pm, sm = spec.member(p, s, m)
-            return loss_fn(pm, sm, b, jax.random.fold_in(k, m))[1][0]
-
-        return None, (jax.vmap(one)(jnp.arange(k_members)), {})
-
-    return averaging.recompute_batch_stats(all_members, params, model_state, batches, key=key)

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wspace import paths
 from wspace.likelihood_ratio._copies import (
     check_options,
     forward_evaluations,
@@ -48,7 +49,8 @@ class ULR:
       num_copies: N, noisy copies of each example (forward evaluations per example).
       sigma: noise scale (Gaussian std, Laplace/logistic scale), finite and > 0,
         or a mapping from layer path (``"Dense_0"``, ``"Block_0/Conv_1"``,
-        ``"head"``) to scale.
+        ``"head"``) or path prefix (``"Block_0"``: its every layer) to scale; the
+        longest matching key wins (`wspace.paths.by_prefix`).
       noise: ``gaussian``, ``laplace`` or ``logistic``.
       antithetic: copies ``n`` and ``n + N/2`` get ``+e`` and ``-e`` (N even).
       baseline: ``none``; ``clean`` (the loss of one extra noise-free pass,
@@ -146,7 +148,14 @@ def _layer_name(module) -> str:
 
 
 def _sigma_of(sigma, name: str):
-    return sigma[name] if isinstance(sigma, Mapping) else sigma
+    """Layer ``name``'s sigma: ``sigma`` itself, or a mapping's value at the longest key
+    that is the layer's path or a prefix of it (`wspace.paths.by_prefix`)."""
+    if not isinstance(sigma, Mapping):
+        return sigma
+    value = paths.by_prefix(sigma, name)
+    if value is None:
+        raise ValueError(f"sigma mapping {dict(sigma)} lacks the perturbed layers {[name]}")
+    return value
 
 
 def perturbed_layers(
@@ -195,7 +204,7 @@ def _check_sites(sites, cfg: ULR) -> None:
             "at Dense/Conv outputs (pass layer_types= for other flax modules)"
         )
     if isinstance(cfg.sigma, Mapping):
-        missing = sorted({name for name, _ in sites} - set(cfg.sigma))
+        missing = sorted({name for name, _ in sites if paths.by_prefix(cfg.sigma, name) is None})
         if missing:
             raise ValueError(
                 f"sigma mapping {dict(cfg.sigma)} lacks the perturbed layers {missing}"
@@ -458,7 +467,8 @@ def noisy_loss(
 
     Args:
       loss_fn: the library's loss signature.
-      sigma: noise scale (finite, > 0), or a mapping from layer path to scale.
+      sigma: noise scale (finite, > 0), or a mapping from layer path or prefix to scale
+        (as `ULR`'s).
       noise: ``gaussian``, ``laplace`` or ``logistic``.
       layer_types: flax module classes that receive noise.
 

@@ -3,17 +3,13 @@ r"""The methods compose: a lottery ticket retrained with late-phase weights and 
   python -m experiments.compose --workdir=runs/compose
   python -m experiments.compose --config=experiments/configs/compose.py:quick --workdir=/tmp/c
 
-An MLP trains ``steps`` per arm with Adam, all seeds of an arm as one program, each seed's
-masks bound in its chain (``mask_gradients``, Adam, ``keep_masked``). ``dense`` is pruned
-once by global magnitude to ``sparsity`` (``head_sparsity`` for the output layer) and
-rewound to init: the ticket. Arms: ``ticket`` (backprop), ``ticket_late`` and
-``ticket_late_every`` (late-phase members from ``late_start``, combine "sum" / "every",
-evaluated weight-averaged), ``ticket_ulr`` (ULR, forward passes only), ``random_ulr`` (ULR
-on a random mask with the ticket's layer counts), ``dense_ulr``. Each arm counts its pruned
-weights that are not zero (must be 0). Claims (`claims`): late-phase retraining beats plain
-retraining; ULR retrains the ticket within ``margin`` of backprop; ULR trains the ticket,
-and a random mask, better than the dense network. TensorBoard
-(``--config.tensorboard=True``): each arm's records in ``workdir/train/<arm>/seeds_*/tb``.
+``dense`` (an MLP, Adam, ``steps``) is pruned once by magnitude to ``sparsity`` and rewound
+to init: the ticket, retrained through the lottery chain (masks bound in its state) by
+backprop (``ticket``), with late-phase members (``ticket_late``, ``ticket_late_every``) and
+by ULR (``ticket_ulr``); ``random_ulr`` and ``dense_ulr`` are ULR controls. Claims
+(`claims`): late-phase beats plain retraining; ULR retrains the ticket within ``margin`` of
+backprop and better than the dense network, as does a random mask. Every arm reports its
+non-zero pruned weights (must be 0). TensorBoard: ``workdir/train/<arm>/seeds_*/tb``.
 """
 
 from __future__ import annotations
@@ -92,9 +88,10 @@ def _t0(config) -> int:
     return max(1, int(round(config.late_start * config.steps)))
 
 
-def _pruned_nonzero(params, masks) -> float:
-    """Pruned weights that are not exactly zero (every arm must report 0)."""
+def _pruned_nonzero(params, masks, i: int) -> float:
+    """Seed ``i``'s pruned weights that are not exactly zero (every arm must report 0)."""
     pairs = zip(jax.tree.leaves(params), jax.tree.leaves(masks), strict=True)
+    pairs = ((p[i], m[i]) for p, m in pairs)
     return float(sum(int(np.count_nonzero(np.asarray(p)[~np.asarray(m)])) for p, m in pairs))
 
 
@@ -133,11 +130,11 @@ def _arm_fns(config, ds, workdir) -> dict:
                                                   ds.y_test, seed_axis=True)  # fmt: skip
         record = {k: v for k, v in history[-1].items()
                   if k not in ("step", "time", "phase") and "batch_" not in k}  # fmt: skip
-        nonzero = lambda p, m, i: _pruned_nonzero(slice_(p, i), slice_(m, i))
         return state, [
-            {**{k: v[i] for k, v in record.items()}, "pruned_nonzero": nonzero(params, masks, i),
+            {**{k: v[i] for k, v in record.items()},
+             "pruned_nonzero": _pruned_nonzero(params, masks, i),
              **({} if late is None else
-                {"pruned_nonzero_members": nonzero(state.params, members, i)}),
+                {"pruned_nonzero_members": _pruned_nonzero(state.params, members, i)}),
              "density": float(ws.pruning.sparsity(slice_(masks, i))["density"]),
              "test_correct": common.pack_correct(correct[i])}
             for i in range(len(seeds))

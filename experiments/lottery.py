@@ -214,25 +214,24 @@ def _at(results: list[dict], level: int) -> list[dict]:
 
 
 def _results(config, workdir, per_arm) -> dict:
-    last = {arm: _at(results, config.levels) for arm, results in per_arm.items()}
-    last = {"dense": _at(per_arm["ticket"], 0), **last}
-    last["threshold"] = [{"instability_error": STABLE} for _ in last["ticket"]]
+    last = {"dense": _at(per_arm["ticket"], 0)}
+    last |= {arm: _at(results, config.levels) for arm, results in per_arm.items()}
     at = f"{100 * np.mean([r['density'] for r in last['ticket']]):.1f}% of the weights"
-    measured = [c for c in claims(config, at) if all(c.metric in last.get(a, [{}])[0]
-                                                     for a in (c.arm, c.baseline))]  # fmt: skip
-    arms = [a for a in last if a != "threshold"]
-    metrics = ["test_accuracy", "train_accuracy", "train_loss"]
-    tables = {f"Test accuracy by arm at {at} (level {config.levels})":
-              common.summarize({a: last[a] for a in arms}, metrics)}  # fmt: skip
-    for arm, results in per_arm.items():
-        columns = ["density", "test_accuracy", *(g for g, _ in GEOMETRY if g in results[0])]
-        tables[f"Per level: {arm}"] = _level_table(results, columns)
+    tables = {
+        f"Test accuracy by arm at {at} (level {config.levels})":
+            common.summarize(last, ["test_accuracy", "train_accuracy", "train_loss"]),
+        "Test accuracy per level": common.summarize(
+            {f"{arm}, level {lv}": _at(r, lv) for arm, r in per_arm.items()
+             for lv in range(config.levels + 1)}, ["density", "test_accuracy"]),
+    }  # fmt: skip
+    last["threshold"] = [{"instability_error": STABLE} for _ in last["ticket"]]
+    measured = [c for c in claims(config, at)  # arms that ran and measured the metric
+                if all(c.metric in last.get(a, [{}])[0] for a in (c.arm, c.baseline))]  # fmt: skip
     figures = [_figure(per_arm, workdir, config, "lth.png", [("test_accuracy", "test accuracy")])]
     if any(g in r[0] for r in per_arm.values() for g, _ in GEOMETRY):
         panels = [("test_accuracy", "test accuracy"), *GEOMETRY]
         figures.append(_figure(per_arm, workdir, config, "geometry.png", panels))
-    losses = {a: np.mean([r["train_loss"] for r in last[a]]) for a in ("ticket", "reinit")
-              if a in last}  # fmt: skip
+    loss = lambda arm: f"{np.mean([r['train_loss'] for r in last[arm]]):.3g}"
     notes = [
         f"MLP {tuple(config.hidden)} on {config.dataset}, {config.optimizer} lr {config.lr} "
         f"(cosine), {config.steps} steps per level, batch {config.batch_size}; "
@@ -244,28 +243,16 @@ def _results(config, workdir, per_arm) -> dict:
         "curvature (the previous README's 222 -> 51 was mostly that).",
         "The flatness claim compares ticket and re-initialisation after the same number of "
         "steps, not at matched training loss (the previous claim's confound, issue 19): "
-        + (f"at level {config.levels} the ticket's training loss is {losses['ticket']:.3g} and "
-           f"the re-initialised networks' {losses['reinit']:.3g}." if "reinit" in losses
+        + (f"at level {config.levels} the ticket's training loss is {loss('ticket')} and the "
+           f"re-initialised networks' {loss('reinit')}." if "reinit" in last
            else "no re-initialisation arm in this run."),
         "Instability: the level's own run and a second copy from the same start with another "
         f"data order; test-error barrier on {config.path_points} points (Frankle et al. 2020 "
         "use 30).",
     ]  # fmt: skip
-    return common.save_results(
-        workdir, config, "lottery", claims=judge(measured, last, skip_missing=True),
-        tables=tables, figures=figures, notes=notes,
-        extra={"density_per_level": per_arm["ticket"][0]["density"]},
-    )  # fmt: skip
-
-
-def _level_table(results: list[dict], columns: list[str]) -> dict:
-    """Rows = levels; cells [mean, 95% half-width] over seeds, "–" where not measured."""
-    rows = []
-    for level in range(len(results[0]["density"])):
-        values = [[r[m][level] for r in results] for m in columns]
-        rows.append([level, *("–" if None in v else list(map(float, common.mean_ci(v)))
-                              for v in values)])  # fmt: skip
-    return {"columns": ["level", *columns], "rows": rows}
+    return common.save_results(workdir, config, "lottery", tables=tables, figures=figures,
+                               claims=judge(measured, last, skip_missing=True),
+                               notes=notes)  # fmt: skip
 
 
 def _figure(per_arm, workdir, config, name: str, panels) -> str:

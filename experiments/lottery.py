@@ -100,17 +100,14 @@ def run(config, workdir: str) -> dict:
     """Runs every arm for all seeds at once (resuming), writes results.json and the figures."""
     validate(config)
     common.start(config, workdir)
-    ds = common.load_dataset(config)
-    levels, model = _imp(config, ds, workdir)
-    arm_fns = {a: functools.partial(_seed_results, levels, a, model, ds)
-               for a in _names(config.arms)}  # fmt: skip
+    arm_fns = _arm_fns(config, common.load_dataset(config), workdir)
     return _results(config, workdir, common.run_arms(workdir, config, arm_fns))
 
 
-def _imp(config, ds, workdir):
-    """``(levels(arm, seeds) -> [lottery.Level], model)``: an arm's IMP levels, all seeds at
-    once (a seed axis), resumable under ``workdir/train``; the dense run and the ticket are
-    computed once per seed set and shared by the arms."""
+def _arm_fns(config, ds, workdir) -> dict:
+    """``{arm: fn(seeds) -> [result per seed]}``: an arm's IMP levels, all seeds at once (a
+    seed axis), resumable under ``workdir/train``; the dense run and the ticket's levels are
+    computed once per seeds and shared by the arms."""
     c = config
     model = ws.models.create("mlp", ds.num_classes, features=tuple(c.hidden))
     schedule = optax.cosine_decay_schedule(c.lr, c.steps)
@@ -155,13 +152,13 @@ def _imp(config, ds, workdir):
             instability_points=c.path_points,
         )  # fmt: skip
 
-    return levels, model
+    results = lambda arm, seeds: _seed_results(levels(arm, tuple(seeds)), model, ds)
+    return {arm: functools.partial(results, arm) for arm in _names(c.arms)}
 
 
-def _seed_results(levels, arm, model, ds, seeds) -> list[dict]:
+def _seed_results(levels, model, ds) -> list[dict]:
     """One result per seed: each metric per level (None where not measured, e.g. the barrier
     to the previous level at level 0), and ``test_correct`` (`common.pack_correct`)."""
-    levels = levels(arm, tuple(seeds))
     keys = ["density", "test_accuracy", "train_accuracy", "test_loss", "train_loss"]
     keys += [g for g, _ in GEOMETRY if g in levels[-1].metrics]
     correct = [ws.training.correct_predictions(model.apply, {"params": lv.params}, ds.x_test,
@@ -171,7 +168,7 @@ def _seed_results(levels, arm, model, ds, seeds) -> list[dict]:
     return [
         {k: [value(lv.metrics.get(k), i) for lv in levels] for k in keys}
         | {"test_correct": [common.pack_correct(c[i]) for c in correct]}
-        for i in range(len(seeds))
+        for i in range(len(correct[0]))
     ]
 
 

@@ -220,6 +220,21 @@ def _trainer(ds, tx, **kw):
     return lottery.Trainer(loss, tx, ds, apply_fn=_mlp_apply, batch_size=64, **kw)
 
 
+def test_trainer_sends_each_calls_record_to_its_writer():
+    class Recorder(ws.io.MetricWriter):
+        def __init__(self):
+            self.calls = []
+
+        def write_scalars(self, step, scalars):
+            self.calls.append((step, dict(scalars)))
+
+    ds, tx, state = _digits_setup()
+    writer = Recorder()
+    dense = lottery.train_dense(state, _trainer(ds, tx, writer=writer), num_steps=12, rewind_step=3)
+    assert [step for step, _ in writer.calls] == [3, 12]  # to the rewind step, then to T
+    assert writer.calls[-1][1]["test_accuracy"] == dense.metrics["test_accuracy"]
+
+
 def test_masked_training_keeps_pruned_weights_exactly_zero_and_sharded_agrees():
     ds, tx, state = _digits_setup()
     train = _trainer(ds, tx)
@@ -474,3 +489,12 @@ def test_experiment_runs_with_its_optional_lists_emptied(tmp_path):
 
 def test_notebook():
     run_notebook("lottery")
+
+
+def test_experiment_writes_tensorboard_logs_of_every_arm_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    run_experiment("lottery", tmp_path, num_seeds=1, steps=6, levels=1, rewind_step=2,
+                   arms="ticket,reinit", tensorboard=True)  # fmt: skip
+    for arm in ("dense", "ticket", "reinit"):
+        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
+        assert b"test_accuracy/seed_0" in events.read_bytes(), arm

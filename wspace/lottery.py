@@ -180,6 +180,8 @@ class Trainer:
         metrics are lists, one per seed.
       mode, mesh: ``jit`` | ``sharded`` | ``pmap`` and the mesh (`wspace.training.MODES`).
       estimator: gradient estimator with the shape of `jax.value_and_grad`.
+      writer: a metric writer (`wspace.io`, e.g. ``TensorBoardWriter``) that gets each
+        call's record (`wspace.training.fit`'s ``writer``; the caller closes it).
     """
 
     loss_fn: Callable
@@ -191,6 +193,7 @@ class Trainer:
     mode: str = "jit"
     mesh: Any = None
     estimator: Callable = jax.value_and_grad
+    writer: Any = None
 
     def __post_init__(self):
         if not isinstance(self.batch_size, int | np.integer) or self.batch_size < 1:
@@ -220,6 +223,7 @@ class Trainer:
             mode=self.mode,
             mesh=self.mesh,
             eval_every=int(num_steps),
+            writer=self.writer,
             progress=False,
         )
         skip = ("step", "time")

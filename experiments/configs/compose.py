@@ -4,7 +4,8 @@ from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
-    """quick: a smoke run in seconds; small: the demo (mnist1d, 5 seeds); paper: larger."""
+    """quick: a smoke run in seconds; small: the demo (mnist1d); paper: larger (seeds:
+    base_config)."""
     c = base_config(arg)
     size = c.size
     c.dataset = "digits" if size == "quick" else "mnist1d"  # digits saturates near 0.98

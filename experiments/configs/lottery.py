@@ -4,8 +4,8 @@ from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
-    """quick: a smoke run in seconds; small: the demo (LeNet-300-100 on mnist1d, 5 seeds,
-    8 levels to 16.8% of the weights); paper: 15 levels, 2,000 steps, every arm, 10 seeds."""
+    """quick: a smoke run in seconds; small: the demo (LeNet-300-100 on mnist1d, 8 levels to
+    about 17% of the weights); paper: 15 levels, 2,000 steps, every arm (seeds: base_config)."""
     c = base_config(arg)
     size = c.size
     c.hidden = (300, 100)  # MLP widths; (300, 100) is LeNet-300-100

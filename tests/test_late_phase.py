@@ -760,6 +760,27 @@ def test_seeds_as_an_axis_one_checkpoint_resume_bit_identical_and_a_seed_matches
     _assert_tree_equal(resumed, full)
 
 
+@pytest.mark.parametrize("schedule", ["cycle", "parallel"])
+def test_seeds_looped_by_lax_map_match_vmapped_seeds_through_fit(schedule):
+    """``vectorize_seeds=False`` (both phases' steps loop the seeds inside one program) gives
+    the vmapped run's state and records to float tolerance, on a BatchNorm ConvNet."""
+    model, _, _, batch = _init("convnet")
+    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
+    tx = optax.sgd(0.05, momentum=0.9)
+    loss = ws.training.classification_loss(model.apply)
+    seeds = [0, 1]
+    kw = dict(apply_fn=model.apply, t0=2, num_steps=6, batch_size=8, eval_every=3, seed=seeds,
+              progress=False, train_eval_examples=0)  # fmt: skip
+    late = LatePhase(2, "bn_head", schedule)
+    init = lambda: ws.training.init_states(model, tx, batch["x"][:1], seeds)
+    runs = [late.fit(init(), loss, tx, ds, vectorize_seeds=v, **kw) for v in (True, False)]
+    (vmapped, hist_v), (looped, hist_l) = runs
+    _assert_tree_close(looped.params, vmapped.params, rtol=1e-5, atol=1e-6)
+    _assert_tree_close(looped.model_state, vmapped.model_state, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hist_l[-1]["test_loss"], hist_v[-1]["test_loss"], rtol=1e-5)
+    assert not np.allclose(*hist_v[-1]["test_loss"])  # the two seeds differ: a real seed axis
+
+
 def test_fit_warns_when_members_cannot_all_be_trained():
     model, _, _, batch = _init("mlp")
     tx = optax.sgd(0.1)

@@ -595,11 +595,25 @@ def test_experiment_quick_runs_and_writes_results(tmp_path):
     for name in ("config.json", "results.json", "accuracy.png", "nqp.png"):
         assert os.path.exists(tmp_path / name), name
     assert os.path.exists(tmp_path / "arms" / "late" / "seed_1.json")
-    bad = get_config("quick")
-    bad.classify_arms = ("late", "ensemble")
-    with pytest.raises(ValueError, match="config.classify_arms=.*including 'sgd'"):
-        run(bad, str(tmp_path / "bad"))
-    assert not os.path.exists(tmp_path / "bad")
+    accuracy = [c for c in results["claims"] if c["metric"] == "test_accuracy"]
+    assert accuracy and all("disagreements" in c for c in accuracy)  # paired over test examples
+    for arms, message in ((("late", "ensemble"), r"unknown \['ensemble'\]"),
+                          (("late",), "must include 'sgd'")):  # fmt: skip
+        bad = get_config("quick")
+        bad.classify_arms = arms
+        with pytest.raises(ValueError, match=f"config.classify_arms=.*{message}"):
+            run(bad, str(tmp_path / "bad"))
+        assert not os.path.exists(tmp_path / "bad")
+
+
+def test_experiment_writes_tensorboard_logs_of_every_arm_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    run_experiment("late_phase", tmp_path, num_seeds=1, classify_arms=("sgd", "late"),
+                   nqp_arms=("sgd", "late"), tensorboard=True)  # fmt: skip
+    for arm, record in (("sgd", b"test_accuracy"), ("late", b"test_accuracy"),
+                        ("nqp_late", b"excess_loss")):  # fmt: skip
+        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
+        assert record in events.read_bytes(), arm
 
 
 def test_notebook_executes():

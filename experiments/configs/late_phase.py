@@ -3,6 +3,7 @@ the noisy quadratic problem (NQP). Imports nothing heavy: the arms are named her
 
 from experiments.configs.base import base_config
 
+PARTS = ("classify", "nqp")
 # arm order: cheapest first (sizes take prefixes)
 CLASSIFY_ARMS = (
     "sgd", "late", "late_t0_0", "late_random", "late_parallel", "sgd_ghost_bn", "swa", "late_swa",
@@ -14,7 +15,7 @@ def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo; paper: every arm, longer."""
     c = base_config(arg)
     size = c.size
-    c.parts = ("classify", "nqp")
+    c.parts = PARTS
 
     # Classification: ConvNet (BatchNorm) on mnist1d, SGD + momentum 0.9 on a cosine schedule.
     c.model = {"quick": "mlp", "small": "convnet", "paper": "convnet"}[size]

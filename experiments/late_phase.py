@@ -1,12 +1,12 @@
 """Late-phase weights vs SGD: a BatchNorm ConvNet on mnist1d and the noisy quadratic problem.
 
   python -m experiments.late_phase --workdir=runs/late_phase      # small: the demo size
-  python -m experiments.late_phase --config=experiments/configs/late_phase.py:paper \
+  python -m experiments.late_phase --config=experiments/configs/late_phase.py:paper \\
       --config.tensorboard=True                                   # every arm; TensorBoard logs
 
 Each arm trains all its seeds as one program on the same minibatches and lr schedule; late
 arms train plainly to T0, then as `wspace.late_phase.LatePhase` (K members of the BatchNorm
-affine + head) and are averaged in weight space. Arms are listed in the config module.
+affine + head) and are averaged in weight space. The config module describes the arms.
 NQP: l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2, c ~ N(1, diag(h)), h_i = 1/i, w = theta * gain
 (late arms replicate ``gain``); metric: the excess loss over the last quarter of the run.
 Claims (`claims`, paired by seed): each late arm beats its baseline (SGD, T0 = 0, SWA, ghost
@@ -32,7 +32,7 @@ from experiments.configs.late_phase import CLASSIFY_ARMS, NQP_ARMS, PARTS
 from wspace.averaging import recompute_batch_stats, swa, swa_params
 from wspace.late_phase import LatePhase
 
-# arm -> (schedule, combine) of its LatePhase; other arms train plainly
+# arm -> (schedule, combine) of its LatePhase; the other arms train plainly
 LATE = {"late": ("cycle", None), "late_t0_0": ("cycle", None), "late_random": ("random", None),
         "late_mean": ("cycle", "mean"), "late_parallel": ("parallel", None),
         "late_swa": ("cycle", None)}  # fmt: skip
@@ -91,7 +91,7 @@ def validate(config) -> None:
     _late(config, "late")  # raises on a bad select, noise or member_opt_state
 
 
-def _t0(config, steps=None) -> int:
+def _t0(config, steps: int | None = None) -> int:
     return int(config.t0_frac * (steps or config.steps))
 
 
@@ -110,19 +110,18 @@ def _check_select(config, model, sample_x) -> None:
                          f"{config.model!r}: {str(e).splitlines()[0]}") from None  # fmt: skip
 
 
-def _fit(config, workdir, arm, late, state, loss, tx, data, *, seeds, vectorize=True, **kw):
+def _fit(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, vectorize=True, **kw):
     """All seeds of an arm as one program: plain (``late`` None) or ``late.fit`` from ``t0``;
     TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
     writer = common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds))
     kw.update(seed=seeds, writer=writer)
     if late is None:
-        kw.pop("t0")
         step = ws.training.make_train_step(loss, tx, mode=kw.get("mode", "jit"), seed_axis=True,
                                            vectorize_seeds=vectorize)  # fmt: skip
         out = ws.training.fit(state, step, data, **kw)
     else:  # the members' initial noise (config.noise > 0) draws from this key, split per seed
         key = jax.random.PRNGKey(seeds[0]) if config.noise > 0 else None
-        out = late.fit(state, loss, tx, data, key=key, vectorize_seeds=vectorize, **kw)
+        out = late.fit(state, loss, tx, data, t0=t0, key=key, vectorize_seeds=vectorize, **kw)
     if writer is not None:
         writer.close()
     return out
@@ -137,29 +136,39 @@ def _ghost_bn_loss(loss_fn, num_slices: int):
 
     def wrapped(params, model_state, batch, key):
         sliced = jax.tree.map(lambda x: x.reshape((num_slices, -1) + x.shape[1:]), batch)
-        loss_of = jax.vmap(loss_fn, in_axes=(None, None, 0, None))
-        losses, rest = loss_of(params, model_state, sliced, key)
+        losses, rest = jax.vmap(loss_fn, (None, None, 0, None))(params, model_state, sliced, key)
         return jnp.mean(losses), jax.tree.map(lambda x: jnp.mean(x, axis=0), rest)
 
     return wrapped
 
 
+def _optimizers(config) -> dict:
+    """SGD + momentum 0.9 on a cosine schedule; for SWA cosine to swa_lr at T0, then constant,
+    averaging from T0. Built once per run: the arms share compiled plain steps."""
+    t0, lr = _t0(config), config.lr
+    decay = optax.cosine_decay_schedule(lr, max(t0, 1), alpha=config.swa_lr / lr)
+    swa_lr = optax.join_schedules([decay, optax.constant_schedule(config.swa_lr)], [t0])
+    return {
+        "sgd": optax.sgd(optax.cosine_decay_schedule(lr, config.steps), momentum=0.9),
+        "swa": optax.chain(optax.sgd(swa_lr, momentum=0.9), swa(start=t0, every=config.swa_every)),
+    }
+
+
 def classify_arm(config, workdir, ds, model, loss, txs, arm, seeds: list[int]) -> list[dict]:
     """One arm for all seeds at once; per seed: final test metrics, per-example correctness
-    and the test-accuracy curve. ``txs``: SGD and SWA optimizers shared by the arms."""
+    and the test-accuracy curve."""
     uses_swa, late = arm in ("swa", "late_swa"), _late(config, arm)
     tx = txs["swa" if uses_swa else "sgd"]
     train_loss = _ghost_bn_loss(loss, config.members) if arm == "sgd_ghost_bn" else loss
     # vmap the seeds, except convolutions on CPU: XLA turns per-seed kernels into a grouped
     # convolution ~2.8x slower than looping the seeds in the step (lax.map; 8 ConvNet seeds)
     vectorize = config.model not in ("convnet", "resnet20") or jax.default_backend() != "cpu"
-    state, hist = _fit(
-        config, workdir, arm, late, ws.training.init_states(model, tx, ds.x_train[:1], seeds),
-        train_loss, tx, ds, seeds=seeds, vectorize=vectorize, t0=0 if arm == "late_t0_0"
-        else _t0(config), num_steps=config.steps, batch_size=config.batch_size, mode=config.mode,
-        eval_every=config.eval_every, train_eval_examples=0, apply_fn=model.apply,
-        progress=config.progress,
-    )  # fmt: skip
+    kw = dict(num_steps=config.steps, batch_size=config.batch_size, mode=config.mode,
+              eval_every=config.eval_every, train_eval_examples=0, progress=config.progress,
+              apply_fn=model.apply, t0=0 if arm == "late_t0_0" else _t0(config))  # fmt: skip
+    state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
+    state, hist = _fit(config, workdir, arm, late, state, train_loss, tx, ds, seeds,
+                       vectorize=vectorize, **kw)  # fmt: skip
     params, model_state = state.params, state.model_state
     if uses_swa:  # statistics of the averaged weights (of every member for late_swa)
         params = swa_params(state.opt_state)
@@ -177,31 +186,17 @@ def classify_arm(config, workdir, ds, model, loss, txs, arm, seeds: list[int]) -
              "curve": _curve(hist, "test_accuracy", i)} for i in range(len(seeds))]  # fmt: skip
 
 
-class _NQPStream:
-    """Batches ``{"x": c}``, ``c ~ N(1, diag(h))``, one stream per seed stacked on axis 0;
-    every ``iter()`` restarts (as `LatePhase.fit` needs)."""
-
-    def __init__(self, h: np.ndarray, batch_size: int, seeds: list[int]):
-        self.h, self.batch_size, self.seeds = h, batch_size, seeds
-
-    def __iter__(self):
-        rngs = [np.random.default_rng(s) for s in self.seeds]
-        while True:
-            noise = np.stack([rng.normal(size=(self.batch_size, len(self.h))) for rng in rngs])
-            yield {"x": (1.0 + np.sqrt(self.h) * noise).astype(np.float32)}
-
-
 def nqp_arm(config, workdir, arm: str, seeds: list[int]) -> list[dict]:
     """One NQP arm for all seeds at once: the excess loss of its output network over the run."""
     steps, t0, dim = config.nqp_steps, _t0(config, config.nqp_steps), config.nqp_dim
     h = (1.0 / np.arange(1, dim + 1)).astype(np.float32)
+    w = lambda p: p["theta"] * p["gain"]
 
-    def loss_fn(params, model_state, batch, key):
-        w = params["theta"] * params["gain"]
-        return 0.5 * jnp.mean(jnp.sum(h * (w - batch["x"]) ** 2, axis=-1)), (model_state, {})
+    def loss(params, model_state, batch, key):
+        return 0.5 * jnp.mean(jnp.sum(h * (w(params) - batch["x"]) ** 2, -1)), (model_state, {})
 
     # E_c l(w; c) - min_w E_c l(w; c) = 1/2 sum_i h_i (w_i - 1)^2, per seed
-    excess = jax.jit(jax.vmap(lambda p: 0.5 * jnp.sum(h * (p["theta"] * p["gain"] - 1.0) ** 2)))
+    excess = jax.jit(jax.vmap(lambda p: 0.5 * jnp.sum(h * (w(p) - 1.0) ** 2)))
     late_lr = config.nqp_lr / (config.members if arm == "sgd_lr_over_K" else 1)
     lr = optax.join_schedules([optax.constant_schedule(v) for v in (config.nqp_lr, late_lr)], [t0])
     tx = optax.sgd(lr)
@@ -211,12 +206,10 @@ def nqp_arm(config, workdir, arm: str, seeds: list[int]) -> list[dict]:
         return ws.training.TrainState(jnp.zeros((), jnp.int32), params, {}, tx.init(params), key)
 
     state = jax.vmap(init)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
-    _, hist = _fit(
-        config, workdir, f"nqp_{arm}", _late(config, arm, NQP_SELECT), state, loss_fn, tx,
-        _NQPStream(h, config.nqp_batch_size, seeds), seeds=seeds, t0=t0, num_steps=steps,
-        eval_fn=lambda s: {"excess_loss": excess(s.params)}, eval_every=config.nqp_eval_every,
-        progress=False,
-    )  # fmt: skip
+    data = ws.data.GaussianBatches(1.0, np.sqrt(h), config.nqp_batch_size, seeds)
+    _, hist = _fit(config, workdir, f"nqp_{arm}", _late(config, arm, NQP_SELECT), state, loss, tx,
+                   data, seeds, t0=t0, num_steps=steps, eval_every=config.nqp_eval_every,
+                   eval_fn=lambda s: {"excess_loss": excess(s.params)}, progress=False)  # fmt: skip
     curves = [_curve(hist, "excess_loss", i) for i in range(len(seeds))]
     tail = lambda c: float(np.mean([r["excess_loss"] for r in c if r["step"] > 0.75 * steps]))
     return [{"excess_loss": tail(c), "curve": c} for c in curves]
@@ -238,10 +231,8 @@ def run(config, workdir: str) -> dict:
         model = ws.models.create(config.model, ds.num_classes, **width)
         _check_select(config, model, ds.x_train[:1])
         loss, txs = ws.training.classification_loss(model.apply), _optimizers(config)
-        arms = {
-            a: functools.partial(classify_arm, config, workdir, ds, model, loss, txs, a)
-            for a in config.classify_arms
-        }
+        arm = functools.partial(classify_arm, config, workdir, ds, model, loss, txs)
+        arms = {a: functools.partial(arm, a) for a in config.classify_arms}
         t0, k, late = _t0(config), config.members, config.steps - _t0(config)
         notes.append(
             f"{config.model} {tuple(config.channels)}: {config.steps} steps of batch "
@@ -250,8 +241,8 @@ def run(config, workdir: str) -> dict:
             f"T0 = 0 the shared weights take {config.steps // k} steps in all."
         )
     if "nqp" in config.parts:
-        nqp = functools.partial(nqp_arm, config, workdir)
-        arms |= {f"nqp_{a}": functools.partial(nqp, a) for a in config.nqp_arms}
+        arms |= {f"nqp_{a}": functools.partial(nqp_arm, config, workdir, a)
+                 for a in config.nqp_arms}  # fmt: skip
         notes.append(
             f"NQP: d = {config.nqp_dim}, batch {config.nqp_batch_size}, lr {config.nqp_lr}, "
             f"{config.nqp_steps} steps, T0 = {config.t0_frac:.0%}; cycle + sum steps theta "
@@ -269,21 +260,10 @@ def run(config, workdir: str) -> dict:
         if part in config.parts:
             tables[title] = common.summarize(results, metrics)
             figures.append(plot(results, workdir, config))
-    claims_ = judge(claims(config), per_arm, skip_missing=True)
-    return common.save_results(workdir, config, "late_phase", claims=claims_, tables=tables,
-                               figures=figures, notes=notes)  # fmt: skip
-
-
-def _optimizers(config) -> dict:
-    """SGD + momentum 0.9 on a cosine schedule; for SWA cosine to swa_lr at T0, then constant,
-    averaging from T0. Built once per run: the arms share compiled plain steps."""
-    t0, lr = _t0(config), config.lr
-    decay = optax.cosine_decay_schedule(lr, max(t0, 1), alpha=config.swa_lr / lr)
-    swa_lr = optax.join_schedules([decay, optax.constant_schedule(config.swa_lr)], [t0])
-    return {
-        "sgd": optax.sgd(optax.cosine_decay_schedule(lr, config.steps), momentum=0.9),
-        "swa": optax.chain(optax.sgd(swa_lr, momentum=0.9), swa(start=t0, every=config.swa_every)),
-    }
+    return common.save_results(
+        workdir, config, "late_phase", claims=judge(claims(config), per_arm, skip_missing=True),
+        tables=tables, figures=figures, notes=notes,
+    )  # fmt: skip
 
 
 def _plot_curves(ax, per_arm, metric: str, **kw) -> None:

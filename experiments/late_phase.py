@@ -115,16 +115,18 @@ def _fit(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, vector
     TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
     writer = common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds))
     kw.update(seed=seeds, writer=writer)
-    if late is None:
-        step = ws.training.make_train_step(loss, tx, mode=kw.get("mode", "jit"), seed_axis=True,
-                                           vectorize_seeds=vectorize)  # fmt: skip
-        out = ws.training.fit(state, step, data, **kw)
-    else:  # the members' initial noise (config.noise > 0) draws from this key, split per seed
+    try:
+        if late is None:
+            step = ws.training.make_train_step(
+                loss, tx, mode=kw.get("mode", "jit"), seed_axis=True, vectorize_seeds=vectorize
+            )
+            return ws.training.fit(state, step, data, **kw)
+        # the members' initial noise (config.noise > 0) draws from this key, split per seed
         key = jax.random.PRNGKey(seeds[0]) if config.noise > 0 else None
-        out = late.fit(state, loss, tx, data, t0=t0, key=key, vectorize_seeds=vectorize, **kw)
-    if writer is not None:
-        writer.close()
-    return out
+        return late.fit(state, loss, tx, data, t0=t0, key=key, vectorize_seeds=vectorize, **kw)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _curve(hist, metric: str, i: int) -> list[dict]:
@@ -223,7 +225,7 @@ def run(config, workdir: str) -> dict:
         "late = the paper's algorithm (schedule 'cycle': one member per minibatch, the whole "
         "minibatch; shared weights step once per K minibatches with the summed gradient; "
         f"member optimizer state at T0: {config.member_opt_state}).",
-        "Runs are on CPU; seeds pair the arms (same initialisation and data order per seed).",
+        "Seeds pair the arms (same initialisation and data order per seed).",
     ]  # fmt: skip
     if "classify" in config.parts:
         ds = common.load_dataset(config)

@@ -451,3 +451,23 @@ def test_atomic_open_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("killed")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp left
+
+
+def test_gaussian_batches_moments_restart_and_seed_axis():
+    std = np.sqrt(1.0 / np.arange(1, 5)).astype(np.float32)
+    stream = ws.data.GaussianBatches(1.0, std, batch_size=4000, seed=3)
+    first = next(iter(stream))["x"]
+    assert first.shape == (4000, 4) and first.dtype == np.float32
+    assert np.all(np.abs(first.mean(0) - 1.0) < 4 * std / np.sqrt(4000))  # 4 standard errors
+    np.testing.assert_allclose(first.std(0), std, rtol=0.05)
+    np.testing.assert_array_equal(next(iter(stream))["x"], first)  # iter() restarts
+    both = iter(ws.data.GaussianBatches(1.0, std, batch_size=4000, seed=[5, 3]))
+    for _ in range(2):  # a seed among several draws its own stream: seed 3 alone
+        x = next(both)["x"]
+        assert x.shape == (2, 4000, 4)
+    alone = iter(stream)
+    next(alone)
+    np.testing.assert_array_equal(x[1], next(alone)["x"])
+    for bad in (dict(batch_size=0), dict(std=-std), dict(mean=np.nan)):
+        with pytest.raises(ValueError, match="batch_size|std|mean"):
+            ws.data.GaussianBatches(**{"mean": 1.0, "std": std, "batch_size": 2, **bad})

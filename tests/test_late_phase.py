@@ -613,11 +613,25 @@ def test_experiment_quick_runs_and_writes_results(tmp_path):
     for name in ("config.json", "results.json", "accuracy.png", "nqp.png"):
         assert os.path.exists(tmp_path / name), name
     assert os.path.exists(tmp_path / "arms" / "late" / "seed_1.json")
-    bad = get_config("quick")
-    bad.classify_arms = ("late", "ensemble")
-    with pytest.raises(ValueError, match="config.classify_arms=.*including 'sgd'"):
-        run(bad, str(tmp_path / "bad"))
-    assert not os.path.exists(tmp_path / "bad")
+    accuracy = [c for c in results["claims"] if c["metric"] == "test_accuracy"]
+    assert accuracy and all("disagreements" in c for c in accuracy)  # paired over test examples
+    for arms, message in ((("late", "ensemble"), r"unknown \['ensemble'\]"),
+                          (("late",), "must include 'sgd'")):  # fmt: skip
+        bad = get_config("quick")
+        bad.classify_arms = arms
+        with pytest.raises(ValueError, match=f"config.classify_arms=.*{message}"):
+            run(bad, str(tmp_path / "bad"))
+        assert not os.path.exists(tmp_path / "bad")
+
+
+def test_experiment_writes_tensorboard_logs_of_every_arm_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    run_experiment("late_phase", tmp_path, num_seeds=1, classify_arms=("sgd", "late"),
+                   nqp_arms=("sgd", "late"), tensorboard=True)  # fmt: skip
+    for arm, record in (("sgd", b"test_accuracy"), ("late", b"test_accuracy"),
+                        ("nqp_late", b"excess_loss")):  # fmt: skip
+        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
+        assert record in events.read_bytes(), arm
 
 
 def test_notebook_executes():
@@ -776,6 +790,27 @@ def test_seeds_as_an_axis_one_checkpoint_resume_bit_identical_and_a_seed_matches
     shutil.rmtree(tmp_path / "late" / "checkpoints" / "12")  # as if killed after step 8
     resumed, _ = cfg.fit(states, loss, tx, ds, seed=seeds, **kw)
     _assert_tree_equal(resumed, full)
+
+
+@pytest.mark.parametrize("schedule", ["cycle", "parallel"])
+def test_seeds_looped_by_lax_map_match_vmapped_seeds_through_fit(schedule):
+    """``vectorize_seeds=False`` (both phases' steps loop the seeds inside one program) gives
+    the vmapped run's state and records to float tolerance, on a BatchNorm ConvNet."""
+    model, _, _, batch = _init("convnet")
+    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
+    tx = optax.sgd(0.05, momentum=0.9)
+    loss = ws.training.classification_loss(model.apply)
+    seeds = [0, 1]
+    kw = dict(apply_fn=model.apply, t0=2, num_steps=6, batch_size=8, eval_every=3, seed=seeds,
+              progress=False, train_eval_examples=0)  # fmt: skip
+    late = LatePhase(2, "bn_head", schedule)
+    init = lambda: ws.training.init_states(model, tx, batch["x"][:1], seeds)
+    runs = [late.fit(init(), loss, tx, ds, vectorize_seeds=v, **kw) for v in (True, False)]
+    (vmapped, hist_v), (looped, hist_l) = runs
+    _assert_tree_close(looped.params, vmapped.params, rtol=1e-5, atol=1e-6)
+    _assert_tree_close(looped.model_state, vmapped.model_state, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hist_l[-1]["test_loss"], hist_v[-1]["test_loss"], rtol=1e-5)
+    assert not np.allclose(*hist_v[-1]["test_loss"])  # the two seeds differ: a real seed axis
 
 
 def test_fit_warns_when_members_cannot_all_be_trained():

@@ -163,6 +163,38 @@ def batches(
         epoch += 1
 
 
+@dataclasses.dataclass(frozen=True)
+class GaussianBatches:
+    """Endless batches ``{"x": mean + std * eps}``, ``eps ~ N(0, I)``; each ``iter()`` restarts.
+
+    E.g. the noisy quadratic problem's per-example minima ``c ~ N(1, diag(h))``
+    (``mean=1, std=sqrt(h)``; Schaul et al. 2013, arXiv 1206.1106; Zhang et al. 2019,
+    arXiv 1907.04164). Batches have shape ``(batch_size, *std.shape)``, float32, from
+    ``numpy.random.default_rng(seed)``. With a list of seeds each seed draws its own
+    stream and batches carry a leading seed axis (`wspace.training.fit` with ``seed=[...]``).
+    """
+
+    mean: float | np.ndarray
+    std: np.ndarray
+    batch_size: int
+    seed: int | tuple[int, ...] | list[int] = 0
+
+    def __post_init__(self):
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        std, mean = np.asarray(self.std), np.asarray(self.mean)
+        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std >= 0)):
+            raise ValueError(f"mean must be finite and std finite and >= 0, got {mean}, {std}")
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        seeds = [self.seed] if isinstance(self.seed, int) else list(self.seed)
+        rngs = [np.random.default_rng(s) for s in seeds]
+        shape = (self.batch_size, *np.shape(self.std))
+        while True:
+            x = np.stack([self.mean + self.std * rng.normal(size=shape) for rng in rngs])
+            yield {"x": (x[0] if isinstance(self.seed, int) else x).astype(np.float32)}
+
+
 def standardize(ds: Dataset) -> Dataset:
     """Returns ``ds`` with inputs shifted and scaled by the train set's mean and std.
 

@@ -3,10 +3,20 @@ the noisy quadratic problem (NQP). Imports nothing heavy: the arms are named her
 
 from experiments.configs.base import base_config
 
-# arm order: cheapest first (sizes take prefixes)
+PARTS = ("classify", "nqp")
+# Arms, cheapest first (sizes take prefixes). Late arms train plainly to T0 = 60% of the steps,
+# then with K members. sgd: plain training; late: the paper (member t mod K takes the whole
+# minibatch, shared weights step once per K minibatches with the sum, as the official code);
+# late_t0_0: the same from step 0 (equal minibatches, fewer shared-weight steps); late_random:
+# a random member per step, shared weights every step; late_parallel: all K members per step
+# on B/K-example slices; sgd_ghost_bn: its control, BatchNorm over B/K slices, no members;
+# swa: cosine to swa_lr at T0, then constant, weights averaged, BatchNorm recomputed;
+# late_swa: late-phase on the SWA schedule, per-member BatchNorm recomputed, then averaged.
 CLASSIFY_ARMS = (
     "sgd", "late", "late_t0_0", "late_random", "late_parallel", "sgd_ghost_bn", "swa", "late_swa",
 )  # fmt: skip
+# NQP (plain SGD): late_mean: cycle with the mean of the K gradients (the ImageNet script's
+# lr / K); sgd_lr_over_K: SGD whose lr drops to lr / K at T0 (the learning-rate confound).
 NQP_ARMS = ("sgd", "late", "late_random", "late_mean", "sgd_lr_over_K", "late_parallel")
 
 
@@ -14,7 +24,7 @@ def get_config(arg: str = "small"):
     """quick: a smoke run in seconds; small: the demo; paper: every arm, longer."""
     c = base_config(arg)
     size = c.size
-    c.parts = ("classify", "nqp")
+    c.parts = PARTS
 
     # Classification: ConvNet (BatchNorm) on mnist1d, SGD + momentum 0.9 on a cosine schedule.
     c.model = {"quick": "mlp", "small": "convnet", "paper": "convnet"}[size]

@@ -47,6 +47,7 @@ gets and adds ``provenance`` and ``compute_seconds``; ``python -m experiments.re
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -54,7 +55,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -900,3 +901,20 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize(
         **{k: int(os.environ[v]) for k, v in names.items() if v in os.environ}
     )
+
+
+# --- shared helpers added by xst
+
+
+@contextlib.contextmanager
+def tensorboard(config, workdir: str | None) -> Iterator[Any]:
+    """`metric_writer` as a context: yields the writer (None when TensorBoard is off), closes it.
+
+    ``with tensorboard(config, seeds_workdir(workdir, arm, seeds)) as w: fit(..., writer=w)``
+    """
+    writer = metric_writer(config, workdir)
+    try:
+        yield writer
+    finally:
+        if writer is not None:
+            writer.close()

@@ -1,12 +1,10 @@
 r"""Straight-through estimators and forward-only ULR on stochastic binary networks (SBNs).
 
-(a) Arms ``sbn_<estimator>`` judge ULR, principled ST, identity ST and REINFORCE against the
-exact gradient of the ST paper's toy SBN (two-moons points, ``sbn_hidden`` logistic-noise
-binary layers, a real head; all states enumerated): exact and Monte Carlo bias, cosine and
-relative RMSE at equal forward evaluations per example, Adam training scored by the exact
-loss. (b) Training arms fit MLPs with Bernoulli weights and binary activations on
-``config.dataset``, each changing one thing of its parent (`ARM_SPECS`, `ARM_PARENTS`):
-the mode network's and the mean-of-samples accuracy. Each arm runs its seeds as one program.
+(a) Arms ``sbn_<estimator>``: ULR, principled ST, identity ST and REINFORCE against the exact
+gradient (all states enumerated) of the ST paper's toy SBN on two-moons: bias, cosine and
+relative RMSE at equal forward evaluations per example, Adam training scored by exact loss.
+(b) Arms training MLPs with Bernoulli weights and binary activations on ``config.dataset``,
+each changing one thing of its parent (`ARMS`): mode-network and mean-of-samples accuracy.
 
 References: Shekhovtsov & Yanush 2021 (arXiv 2006.06880); Shekhovtsov, Yanush & Flach
 2020 (arXiv 2006.03143, gradeval); Jiang et al. 2024 (arXiv 2305.08960, ULR); Williams 1992.
@@ -24,7 +22,6 @@ import optax
 
 import wspace as ws
 from experiments import common
-from experiments.claims import Claim
 from wspace import straight_through as st
 
 SBN_ESTIMATORS = ("ulr", "st", "identity", "reinforce")
@@ -37,7 +34,6 @@ ARMS = {  # part (b): arm -> (its parent, the one field it changes); roots have 
     "bin_st_uniform_clip": ("bin_st_uniform", dict(clip=1.0)),
     "bin_st_sgd_latent": ("bin_st", dict(weight_estimator="st")),
 }
-ARM_PARENTS = {arm: parent for arm, (parent, _) in ARMS.items() if parent}
 ARM_SPECS: dict[str, dict] = {}  # the full BinaryMLP fields (+ clip) of each arm
 for _arm, (_parent, _change) in ARMS.items():  # a parent comes before its children
     ARM_SPECS[_arm] = {**ARM_SPECS.get(_parent, {}), **_change}
@@ -45,18 +41,18 @@ TRAIN_ARMS = tuple(ARM_SPECS)
 PAIRS = (("ulr", "reinforce"), ("st", "ulr"))  # the SBN comparisons: (arm, baseline)
 
 
-def claims(config) -> list[Claim]:
+def claims(config) -> list[common.Claim]:
     """The claims, paired by seed (`common.judge` skips those whose arms did not run)."""
-    f, sbn = max(config.sbn_budgets), lambda e: f"sbn_{e}"  # noqa: E731
+    f, claim = max(config.sbn_budgets), common.Claim
     return [
-        Claim("Principled ST has lower exact bias than identity ST (SBN, at init)",
+        claim("Principled ST has lower exact bias than identity ST (SBN, at init)",
               "exact_relative_bias", "sbn_st", "sbn_identity", higher_is_better=False),
-        *[Claim(f"{a} has a higher cosine to the exact SBN gradient than {b} at {f} forward "
-                "evaluations", f"cosine_at_{f}", sbn(a), sbn(b)) for a, b in PAIRS],
-        *[Claim(f"{a} trains the SBN to a lower exact loss than {b} at equal forward "
-                "evaluations", "final_exact_loss", sbn(a), sbn(b), higher_is_better=False)
+        *[claim(f"{a} has a higher cosine to the exact SBN gradient than {b} at {f} forward "
+                "evaluations", f"cosine_at_{f}", f"sbn_{a}", f"sbn_{b}") for a, b in PAIRS],
+        *[claim(f"{a} trains the SBN to a lower exact loss than {b} at equal forward "
+                "evaluations", "final_exact_loss", f"sbn_{a}", f"sbn_{b}", higher_is_better=False)
           for a, b in PAIRS],
-        *[Claim(f"Principled ST beats identity ST with binary weights on {config.dataset} "
+        *[claim(f"Principled ST beats identity ST with binary weights on {config.dataset} "
                 f"({what})", f"{key}_accuracy", "bin_st", "bin_identity",
                 per_example=f"{key}_correct")
           for key, what in (("test", "mode network"), ("sampled_test", "mean of samples"))],
@@ -76,23 +72,17 @@ def validate(config) -> None:
     for field in ("sbn_budgets", "sbn_repeats", "sbn_train_evals"):
         if min(np.ravel(config[field])) < 2:  # leave-one-out baselines, sample variances
             raise ValueError(f"config.{field}={config[field]!r}; must be >= 2")
-    if sum(config.sbn_hidden) > st.MAX_UNITS:
-        raise ValueError(f"config.sbn_hidden={config.sbn_hidden}: at most {st.MAX_UNITS} "
-                         "binary units in all (2^units states are enumerated)")  # fmt: skip
+    if sum(config.sbn_hidden) > st.MAX_UNITS:  # all 2^units states are enumerated
+        raise ValueError(f"config.sbn_hidden={config.sbn_hidden}; at most {st.MAX_UNITS} units")
 
 
 def sbn_arm_fns(config, workdir: str) -> dict:
-    """Part (a): arm ``sbn_<estimator>`` -> ``fn(seeds) -> [result per seed]``.
-
-    Every estimator starts from the same initialisation of a seed and trains with the same
-    Adam; estimates, training and the enumerated exact values run all seeds as one program.
-    """
+    """Part (a): ``sbn_<estimator>`` -> ``fn(seeds)``; all start from a seed's same init."""
     x, y = ws.data.two_moons(config.sbn_points)
     ds, batch = ws.data.Dataset("two_moons", x, y, x, y, num_classes=2), {"x": x, "y": y}
     hidden, evals = tuple(config.sbn_hidden), config.sbn_train_evals
-    models = {a: st.BinaryMLP(hidden, num_classes=2, activation=a) for a in ("st", "identity")}
-    models.update(ulr=st.BinaryMLP(hidden, num_classes=2, activation="sign"))
-    models.update(reinforce=models["st"])  # its loss is `slf`, the network of its states
+    activations = {"st": "st", "identity": "identity", "ulr": "sign", "reinforce": "st"}
+    models = {e: st.BinaryMLP(hidden, num_classes=2, activation=a) for e, a in activations.items()}
     tx = optax.adam(config.sbn_lr)
     shapes = jax.eval_shape(models["st"].init, jax.random.PRNGKey(0), x[:1])  # no values used
     over_seeds = functools.partial(jax.vmap, in_axes=(0, None, None))  # params [S, ...]
@@ -126,7 +116,6 @@ def sbn_arm_fns(config, workdir: str) -> dict:
                 seed=seeds, eval_every=max(config.sbn_steps // config.sbn_evals, 1), writer=w,
                 eval_fn=lambda s: {"exact_loss": exact(s.params, x, y)[0]}, progress=False,
             )  # fmt: skip
-        steps = [0] + [r["step"] for r in history]
         losses = np.transpose([np.asarray(loss0).tolist()] + [r["exact_loss"] for r in history])
         out = [
             {
@@ -134,7 +123,7 @@ def sbn_arm_fns(config, workdir: str) -> dict:
                 **{f"cosine_at_{f}": v for f, v in zip(c["num_samples"], c["cosine"], strict=True)},
                 # Monte Carlo ||E g - G|| / ||G|| at the largest budget (debiased, clipped at 0)
                 "mc_relative_bias": float(np.sqrt(max(c["bias_squared"][-1], 0)) / c["norm"]),
-                "train_forward_evaluations": [n * evals for n in steps],
+                "train_forward_evaluations": [0] + [r["step"] * evals for r in history],
                 "train_exact_loss": curve.tolist(),
                 "final_exact_loss": float(curve[-1]),
             }
@@ -143,22 +132,17 @@ def sbn_arm_fns(config, workdir: str) -> dict:
         if est in ("st", "identity"):  # ||E[ST estimate] - G|| / ||G||, both by enumeration
             slf_st = st.states_loss(models[est].apply, shapes, x, straight_through=True)
             _, means = over_seeds(st.expected_estimate(slf_st))(state.params, x, y)
-            norms = jax.vmap(optax.tree.norm)
-            bias = norms(jax.tree.map(jnp.subtract, means, grads)) / norms(grads)
-            for o, b in zip(out, bias.tolist(), strict=True):
-                o["exact_relative_bias"] = b
+            norm = jax.vmap(optax.tree.norm)
+            bias = norm(jax.tree.map(jnp.subtract, means, grads)) / norm(grads)
+            out = [{**o, "exact_relative_bias": b} for o, b in zip(out, bias.tolist(), strict=True)]
         return out
 
     return {f"sbn_{e}": functools.partial(measure, e) for e in config.sbn_estimators}
 
 
 def build_arm(arm: str, config, num_classes: int):
-    """Model and optimizer of a part-(b) arm from its `ARM_SPECS` entry.
-
-    Binary weights: latents by mirror descent (``optax.sgd``, with `st.clip_latents` when
-    ``clip > 0``); with ``weight_estimator="st"`` the same SGD step sees the 2F'-scaled
-    gradient, i.e. plain SGD on the latent weights. Real parameters: Adam.
-    """
+    """Model and optimizer of a part-(b) arm: latents by mirror descent (`st.mirror_descent`;
+    ``weight_estimator="st"`` scales its gradient by 2F': plain SGD on them), the rest Adam."""
     spec = dict(ARM_SPECS[arm])  # BinaryMLP's fields (its defaults otherwise) and clip
     clip = spec.pop("clip", 0.0)
     model = st.BinaryMLP(tuple(config.hidden), num_classes=num_classes, **spec)
@@ -171,18 +155,16 @@ def build_arm(arm: str, config, num_classes: int):
 def train_arm(arm: str, config, ds, workdir: str, seeds: list[int]) -> list[dict]:
     """Trains a part-(b) arm for all ``seeds`` at once (a seed axis); one result per seed."""
     model, tx = build_arm(arm, config, ds.num_classes)
-    step = ws.training.make_train_step(
-        ws.training.classification_loss(model.apply), tx, mode=config.mode, seed_axis=True
-    )
+    loss = ws.training.classification_loss(model.apply)
+    step = ws.training.make_train_step(loss, tx, mode=config.mode, seed_axis=True)
     with common.tensorboard(config, common.seeds_workdir(workdir, arm, seeds)) as w:
         state, history = ws.training.fit(
             ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds, seed=seeds,
             apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size, writer=w,
             mode=config.mode, eval_every=max(config.steps // 4, 1), progress=config.progress,
         )  # fmt: skip
-    mode_correct = ws.training.correct_predictions(
-        model.apply, state.variables, ds.x_test, ds.y_test, seed_axis=True
-    )
+    mode_correct = ws.training.correct_predictions(model.apply, state.variables, ds.x_test,
+                                                   ds.y_test, seed_axis=True)  # fmt: skip
     keys = [jax.random.split(jax.random.PRNGKey(10_000 + s), config.eval_samples) for s in seeds]
     sample = lambda p, k: st.sampled_predictions(model.apply, p, ds.x_test, k)  # noqa: E731
     sampled_correct = np.asarray(jax.vmap(sample)(state.params, jnp.stack(keys))) == ds.y_test
@@ -227,17 +209,13 @@ def run(config, workdir: str) -> dict:
         )
         figures.append(_plot_training(trained, workdir, config))
     notes = [
-        "SBN: fixed 2-D two-moons data, seeds vary the initialisation (config.dataset is part "
-        "(b)'s). Forward evaluations are per example; ST and REINFORCE also run one backward "
-        "pass per sample, ULR none.",
-        "ULR's logistic noise of scale 1 on the binary layers' pre-activations is exactly the "
-        f"SBN's noise; its noise of scale {config.ulr_head_sigma} on the logits smooths the "
-        "loss, and that smoothing is its bias vs the exact SBN gradient.",
-        "mc_relative_bias: sqrt(max(0, ||mean - G||^2 - var/R)) / ||G|| at the largest "
-        "budget (Monte Carlo; a noisy floor for unbiased estimators).",
-        f"One latent step size for every training arm (latent_lr={config.latent_lr:g}; 100 was "
-        "the best of {10, 30, 100, 300} for bin_st on digits, seed 0, a seed of the claims; "
-        "identity ST's best on that seed was also 100).",
+        "SBN: fixed 2-D two-moons data; seeds vary the initialisation. Forward evaluations are "
+        "per example; ST and REINFORCE also run a backward pass per sample, ULR none. ULR's "
+        "logistic noise of scale 1 on the binary layers is exactly the SBN's noise; its noise of "
+        f"scale {config.ulr_head_sigma} on the logits smooths the loss: its bias vs the SBN's.",
+        "mc_relative_bias: sqrt(max(0, ||mean - G||^2 - var/R)) / ||G|| at the largest budget.",
+        f"latent_lr={config.latent_lr:g} in every arm (100: the best of {{10, 30, 100, 300}} for "
+        "bin_st, and for bin_identity, on digits at seed 0, a seed of the claims).",
     ]
     judged = common.judge(claims(config), per_arm, skip_missing=True)
     return common.save_results(workdir, config, "straight_through", claims=judged,
@@ -253,11 +231,8 @@ def _plot_sbn(sbn, workdir, config) -> str:
         common.plot_mean_ci(ax_cos, f, [r["cosine"] for r in results], style="o-", label=arm[4:])
         common.plot_mean_ci(ax_train, t, [r["train_exact_loss"] for r in results], label=arm[4:])
     ax_cos.set_xscale("log", base=2)
-    ax_cos.set(
-        xlabel="forward evaluations per example",
-        ylabel="cosine to exact gradient",
-        title=f"SBN {list(config.sbn_hidden)} at init (95% interval over seeds)",
-    )
+    ax_cos.set(xlabel="forward evaluations per example", ylabel="cosine to exact gradient",
+               title=f"SBN {list(config.sbn_hidden)} at init (95% CI over seeds)")  # fmt: skip
     ax_train.set(xlabel="forward evaluations per example", ylabel="exact expected loss",
                  title=f"Adam, {config.sbn_train_evals} evaluations/step")  # fmt: skip
     ax_cos.legend(fontsize=8)

@@ -388,11 +388,15 @@ def test_experiment_arms_change_one_thing_each():
     from experiments import straight_through as exp
     from experiments.configs.straight_through import get_config as exp_config
 
-    for arm, parent in exp.ARM_PARENTS.items():
+    parents = {arm: parent for arm, (parent, _) in exp.ARMS.items() if parent}
+    for arm, parent in parents.items():
         a, b = exp.ARM_SPECS[arm], exp.ARM_SPECS[parent]
         changed = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
         assert len(changed) == 1, (arm, parent, changed)
-    assert set(exp.ARM_SPECS) == set(exp.ARM_PARENTS) | {"act_st", "bin_st"}
+    assert set(exp.ARM_SPECS) == set(parents) | {"act_st", "bin_st"}
+    assert exp.ARM_SPECS["bin_st_uniform_clip"] == dict(
+        activation="st", binary_weights=True, clip=1.0, weight_noise="uniform"
+    )  # its parent's parent's fields too
     config = exp_config("quick")
     for arm in exp.TRAIN_ARMS:  # every arm builds (shapes only: no compile)
         model, tx = exp.build_arm(arm, config, 3)

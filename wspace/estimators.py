@@ -262,8 +262,7 @@ def metrics_vs_samples(
         estimates = [jax.tree.map(lambda v, m=m: _group(v, axis, repeats, m), singles) for m in ms]
     curves = []
     for s in range(len(key)) if seed_axis else [None]:
-        pick = (lambda t: t) if s is None else (lambda t, s=s: jax.tree.map(lambda v: v[s], t))
-        mets = [gradient_metrics(pick(e), pick(reference)) for e in estimates]
+        mets = [gradient_metrics(_seed(e, s), _seed(reference, s)) for e in estimates]
         curve: dict[str, Any] = {"num_samples": ms}
         curve["forward_evaluations"] = [m * evaluations_per_sample for m in ms]
         curve.update({k: [met[k] for met in mets] for k in METRICS})
@@ -275,3 +274,8 @@ def _group(v: np.ndarray, axis: int, repeats: int, m: int) -> np.ndarray:
     """Means of ``m`` consecutive draws along ``axis``: ``repeats`` of them (the first R*m)."""
     v = v[(slice(None),) * axis + (slice(0, repeats * m),)]
     return v.reshape(v.shape[:axis] + (repeats, m) + v.shape[axis + 1 :]).mean(axis + 1)
+
+
+def _seed(tree: PyTree, s: int | None) -> PyTree:
+    """Seed ``s``'s slice of every leaf (``s=None``: the tree itself, no seed axis)."""
+    return tree if s is None else jax.tree.map(lambda v: v[s], tree)

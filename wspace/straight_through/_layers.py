@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -246,7 +247,7 @@ class BinaryMLP(nn.Module):
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "rng_collection"))
 def sampled_predictions(
-    apply_fn: Callable, params, x: jax.Array, keys: jax.Array, rng_collection: str = "dropout"
+    apply_fn: Callable, params: Any, x: jax.Array, keys: jax.Array, rng_collection: str = "dropout"
 ) -> jax.Array:
     """Class predictions of a stochastic network: ``argmax_c mean_k softmax(f(x; k))_c``.
 

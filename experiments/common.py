@@ -45,6 +45,7 @@ gets and adds ``provenance`` and ``compute_seconds``; ``python -m experiments.re
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -52,7 +53,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -609,3 +610,20 @@ def write_text(path: str, text: str) -> None:
     """Writes a text file atomically."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+# --- shared helpers added by xst
+
+
+@contextlib.contextmanager
+def tensorboard(config, workdir: str | None) -> Iterator[Any]:
+    """`metric_writer` as a context: yields the writer (None when TensorBoard is off), closes it.
+
+    ``with tensorboard(config, seeds_workdir(workdir, arm, seeds)) as w: fit(..., writer=w)``
+    """
+    writer = metric_writer(config, workdir)
+    try:
+        yield writer
+    finally:
+        if writer is not None:
+            writer.close()

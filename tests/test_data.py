@@ -471,3 +471,24 @@ def test_gaussian_batches_moments_restart_and_seed_axis():
     for bad in (dict(batch_size=0), dict(std=-std), dict(mean=np.nan)):
         with pytest.raises(ValueError, match="batch_size|std|mean"):
             ws.data.GaussianBatches(**{"mean": 1.0, "std": std, "batch_size": 2, **bad})
+
+
+def test_two_moons_is_the_standardised_toy():
+    x, y = ws.data.two_moons(41, seed=3)
+    assert x.shape == (41, 2) and x.dtype == np.float32 and y.dtype == np.int32
+    np.testing.assert_array_equal(y, np.arange(41) % 2)
+    np.testing.assert_allclose(x.mean(0), 0, atol=1e-6)
+    np.testing.assert_allclose(x.std(0), 1, rtol=1e-5)
+    again, _ = ws.data.two_moons(41, seed=3)
+    np.testing.assert_array_equal(x, again)  # a seed gives the same points
+    assert not np.array_equal(x, ws.data.two_moons(41, seed=4)[0])
+    # without jitter: class 0 on the upper unit half circle about (0, 0), class 1 on the
+    # lower one about (0.5, 0.5), then standardised
+    raw, y = ws.data.two_moons(400, noise=0.0)
+    t = np.random.default_rng(0).uniform(0, np.pi, 400)
+    centre = np.where(y[:, None] == 0, [0.0, 0.0], [0.5, 0.5])
+    moons = centre + (1 - 2 * y)[:, None] * np.stack([np.cos(t), np.sin(t)], 1)
+    np.testing.assert_allclose(raw, (moons - moons.mean(0)) / moons.std(0), atol=1e-5)
+    for bad in (dict(n=1), dict(n=2.5), dict(n=10, noise=-0.1)):
+        with pytest.raises(ValueError, match="two_moons"):
+            ws.data.two_moons(**bad)

@@ -118,3 +118,30 @@ def test_bad_inputs():
         estimators.sample_gradients(
             _noisy(), _loss, PARAMS, {}, {}, jax.random.PRNGKey(0), repeats=0
         )
+
+
+def _quadratic(params, model_state, batch, key):
+    """``||params||^2 / 2``: its gradient is the params, so each seed's estimates differ."""
+    del batch, key
+    return 0.5 * optax.tree.norm(params, squared=True), (model_state, {})
+
+
+@pytest.mark.parametrize("family", [False, True])
+def test_seed_axis_matches_one_call_per_seed(family):
+    seeds = 3
+    params = jax.tree.map(lambda g: g + 0.05 * jnp.arange(1, seeds + 1)[:, None], G)
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(seeds) + 7)
+    averaged = {m: estimators.average_estimator(_noisy(0.01), m) for m in (1, 3)}
+    est = averaged.get if family else _noisy(0.01)
+    kw = dict(num_samples=(1, 3), repeats=4, family=family, evaluations_per_sample=2)
+    both = estimators.metrics_vs_samples(
+        est, _quadratic, params, {}, {}, params, keys, seed_axis=True, **kw
+    )
+    assert isinstance(both, list) and len(both) == seeds
+    for s in range(seeds):
+        p = jax.tree.map(lambda v, s=s: v[s], params)
+        one = estimators.metrics_vs_samples(est, _quadratic, p, {}, {}, p, keys[s], **kw)
+        assert both[s].keys() == one.keys() and both[s]["forward_evaluations"] == [2, 6]
+        for k in estimators.METRICS:
+            np.testing.assert_allclose(both[s][k], one[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert both[0]["cosine"] != both[1]["cosine"]  # the seeds' draws and params differ

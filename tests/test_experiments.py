@@ -134,6 +134,17 @@ def test_train_experiment_writes_tensorboard_logs_when_asked(tmp_path):
     assert common.metric_writer(common.base_config("quick"), str(tmp_path)) is None  # off
 
 
+def test_straight_through_writes_tensorboard_logs_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    one_arm_each = dict(num_seeds=1, sbn_estimators=["st"], train_arms=["bin_st"])
+    run_experiment("straight_through", tmp_path, tensorboard=True, **one_arm_each)
+    for arm, scalar in (("sbn_st", b"exact_loss"), ("bin_st", b"test_accuracy")):
+        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
+        assert scalar in events.read_bytes(), arm  # each arm's evaluation records
+    run_experiment("straight_through", tmp_path / "off", **one_arm_each)
+    assert not list((tmp_path / "off").rglob("events.out.tfevents.*"))  # off by default
+
+
 def _cli(*args):
     cmd = [sys.executable, "-m", "experiments.train", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)

@@ -173,6 +173,15 @@ def test_reinforce_is_unbiased():
     met = ws.estimators.gradient_metrics(est, exact)
     assert met["bias"] < 4 * np.sqrt(met["variance"] / 8000), met
     assert met["variance"] > 0
+    # the same estimator in the library's signature (for training steps, wspace.estimators)
+    est = st.reinforce_estimator(slf, 2)(None)
+    batch, key = {"x": x, "y": y}, jax.random.PRNGKey(6)
+    (loss, (model_state, aux)), grads = est(params, {"s": 1}, batch, key)
+    want_loss, want_grads = fn(params, key, x, y)
+    assert float(loss) == float(want_loss) and model_state == {"s": 1} and aux == {}
+    jax.tree.map(np.testing.assert_array_equal, grads, want_grads)
+    loss_only, _ = st.reinforce_estimator(slf, 2)(None, has_aux=False)(params, {}, batch, key)
+    assert float(loss_only) == float(want_loss)
 
 
 def test_ulr_on_binary_mlp_unbiased_for_sbn():
@@ -379,11 +388,15 @@ def test_experiment_arms_change_one_thing_each():
     from experiments import straight_through as exp
     from experiments.configs.straight_through import get_config as exp_config
 
-    for arm, parent in exp.ARM_PARENTS.items():
+    parents = {arm: parent for arm, (parent, _) in exp.ARMS.items() if parent}
+    for arm, parent in parents.items():
         a, b = exp.ARM_SPECS[arm], exp.ARM_SPECS[parent]
         changed = [k for k in a.keys() | b.keys() if a.get(k) != b.get(k)]
         assert len(changed) == 1, (arm, parent, changed)
-    assert set(exp.ARM_SPECS) == set(exp.ARM_PARENTS) | {"act_st", "bin_st"}
+    assert set(exp.ARM_SPECS) == set(parents) | {"act_st", "bin_st"}
+    assert exp.ARM_SPECS["bin_st_uniform_clip"] == dict(
+        activation="st", binary_weights=True, clip=1.0, weight_noise="uniform"
+    )  # its parent's parent's fields too
     config = exp_config("quick")
     for arm in exp.TRAIN_ARMS:  # every arm builds (shapes only: no compile)
         model, tx = exp.build_arm(arm, config, 3)
@@ -395,3 +408,18 @@ def test_experiment_arms_change_one_thing_each():
 
 def test_notebook():
     run_notebook("straight_through")
+
+
+def test_sampled_predictions_is_the_argmax_of_the_mean_softmax():
+    model, params, x, _ = _toy(hidden=(4,), n=16, binary_weights=True)
+    keys = jax.random.split(jax.random.PRNGKey(3), 5)
+    probs = [
+        jax.nn.softmax(model.apply({"params": params}, x, train=True, rngs={"dropout": k}))
+        for k in keys
+    ]
+    want = np.argmax(np.mean(probs, 0), -1)
+    np.testing.assert_array_equal(st.sampled_predictions(model.apply, params, x, keys), want)
+    assert not all(np.array_equal(np.argmax(p, -1), want) for p in probs)  # passes differ
+    det, det_params, _, _ = _toy(hidden=(4,), n=16, activation="deterministic")
+    mode = np.argmax(det.apply({"params": det_params}, x), -1)  # no noise: every pass the same
+    np.testing.assert_array_equal(st.sampled_predictions(det.apply, det_params, x, keys), mode)

@@ -19,7 +19,8 @@ validated when built: integer labels in [0, num_classes), finite inputs, and
 non-empty train and test splits with the same example shape.
 
 `batches` yields ``{"x": ..., "y": ...}`` dicts: seeded shuffles, a number of
-epochs, and per-process sharding for multi-host runs.
+epochs, and per-process sharding for multi-host runs. `two_moons` generates the 2-D
+toy of two interleaved half-moons (arrays, for estimator studies on tiny networks).
 """
 
 from __future__ import annotations
@@ -216,6 +217,36 @@ def standardize(ds: Dataset) -> Dataset:
         x_train=((ds.x_train - mean) / std).astype(np.float32),
         x_test=((ds.x_test - mean) / std).astype(np.float32),
     )
+
+
+def two_moons(n: int, *, noise: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two interleaved half-moons in 2-D, standardised: the classic toy of two classes.
+
+    Point ``i`` has label ``y = i % 2`` and angle ``t ~ U[0, pi]``: class 0 lies on
+    ``(cos t, sin t)``, class 1 on ``(0.5 - cos t, 0.5 - sin t)``; Gaussian jitter of sd
+    ``noise`` is added, then each coordinate is standardised (mean 0, sd 1).
+
+    Args:
+      n: number of points (>= 2; the classes alternate, so they differ by at most one).
+      noise: sd of the jitter (>= 0).
+      seed: seed of ``numpy.random.default_rng``.
+
+    Returns:
+      ``(x, y)``: float32 ``(n, 2)`` inputs and int32 ``(n,)`` labels in {0, 1}.
+    """
+    if not isinstance(n, int | np.integer) or n < 2:
+        raise ValueError(f"two_moons needs an int n >= 2, got {n!r}")
+    if not 0 <= noise < np.inf:
+        raise ValueError(f"two_moons needs a finite noise >= 0, got {noise!r}")
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    t = rng.uniform(0, np.pi, n)
+    x = np.stack(
+        [np.cos(t) + y * (1 - 2 * np.cos(t)) - 0.5 * y, np.sin(t) * (1 - 2 * y) + 0.5 * y], 1
+    )
+    x = x + noise * rng.normal(size=x.shape)
+    x = (x - x.mean(0)) / x.std(0)
+    return x.astype(np.float32), y.astype(np.int32)
 
 
 def cache_root(path: str | None = None) -> str:

@@ -121,6 +121,7 @@ def sample_gradients(
     repeats: int,
     has_aux: bool = True,
     chunk_size: int | None = None,
+    seed_axis: bool = False,
 ) -> PyTree:
     """``R`` independent estimates ``estimator(loss_fn)(params, model_state, batch, k_r)``, stacked.
 
@@ -132,20 +133,24 @@ def sample_gradients(
       repeats: ``R >= 1``.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
       chunk_size: estimates computed at once (`jax.lax.map` batch size; None: one vmap).
-        The jitted sampler is cached per ``(estimator, loss_fn, has_aux, chunk_size)``:
-        pass the same objects to reuse its compilation.
+        The jitted sampler is cached per ``(estimator, loss_fn, has_aux, chunk_size,
+        seed_axis)``: pass the same objects to reuse its compilation.
+      seed_axis: ``params``, ``model_state`` and ``key`` carry a leading seed axis ``S``
+        (`wspace.training.init_states`; ``batch`` is shared): all seeds are drawn by one
+        program, and seed ``s``'s slice equals the call on seed ``s`` alone.
 
     Returns:
-      grads with a leading axis of ``R``.
+      grads with a leading axis of ``R`` (``[S, R, ...]`` with ``seed_axis``).
     """
     if not isinstance(repeats, int | np.integer) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    sampler = _sampler(estimator, loss_fn, has_aux, chunk_size)
-    return sampler(params, model_state, batch, jax.random.split(key, int(repeats)))
+    sampler = _sampler(estimator, loss_fn, has_aux, chunk_size, seed_axis)
+    split = functools.partial(jax.random.split, num=int(repeats))
+    return sampler(params, model_state, batch, jax.vmap(split)(key) if seed_axis else split(key))
 
 
 @functools.lru_cache(maxsize=64)
-def _sampler(estimator, loss_fn, has_aux, chunk_size):
+def _sampler(estimator, loss_fn, has_aux, chunk_size, seed_axis):
     """One jitted sampler per (estimator, loss_fn): reused across params, batches and keys."""
     fn = estimator(loss_fn, has_aux=has_aux)
 
@@ -155,7 +160,7 @@ def _sampler(estimator, loss_fn, has_aux, chunk_size):
             return jax.vmap(one)(keys)
         return jax.lax.map(one, keys, batch_size=chunk_size)
 
-    return jax.jit(run)
+    return jax.jit(jax.vmap(run, in_axes=(0, 0, None, 0)) if seed_axis else run)
 
 
 def average_estimator(estimator: Callable, num_samples: int) -> Callable:
@@ -204,7 +209,8 @@ def metrics_vs_samples(
     family: bool = False,
     evaluations_per_sample: float = 1.0,
     chunk_size: int | None = None,
-) -> dict[str, Any]:
+    seed_axis: bool = False,
+) -> dict[str, Any] | list[dict[str, Any]]:
     """`gradient_metrics` of an estimator as functions of its number of samples ``m``.
 
     ``family=False``: the ``m``-sample estimate is the mean of ``m`` independent
@@ -226,10 +232,13 @@ def metrics_vs_samples(
       evaluations_per_sample: forward evaluations one sample costs (per example);
         ``forward_evaluations = m * evaluations_per_sample``.
       chunk_size: passed to `sample_gradients`.
+      seed_axis: ``params``, ``model_state``, ``reference`` and ``key`` carry a leading
+        seed axis (`sample_gradients`): every seed's estimates come from one program per
+        ``m`` (one in all for ``family=False``); the statistics are per seed.
 
     Returns:
       ``{"num_samples": [...], "forward_evaluations": [...], <metric>: [...] for
-      each of METRICS, "norm": float}``.
+      each of METRICS, "norm": float}``; with ``seed_axis`` a list of these, one per seed.
     """
     ms = [int(m) for m in num_samples]
     if not isinstance(repeats, int | np.integer) or repeats < 2 or not ms or min(ms) < 1:
@@ -237,43 +246,36 @@ def metrics_vs_samples(
             f"need repeats >= 2 and num_samples >= 1; got repeats={repeats!r}, "
             f"num_samples={tuple(num_samples)}"
         )
-    out: dict[str, Any] = {"num_samples": ms, "forward_evaluations": []}
-    out.update({k: [] for k in METRICS})
-    if not family:
-        singles = sample_gradients(
-            estimator,
-            loss_fn,
-            params,
-            model_state,
-            batch,
-            key,
-            repeats=repeats * max(ms),
-            has_aux=has_aux,
-            chunk_size=chunk_size,
-        )
-    for i, m in enumerate(ms):
-        if family:
-            est = sample_gradients(
-                estimator(m),
-                loss_fn,
-                params,
-                model_state,
-                batch,
-                jax.random.fold_in(key, i),
-                repeats=repeats,
-                has_aux=has_aux,
-                chunk_size=chunk_size,
-            )
-        else:
-            est = jax.tree.map(
-                lambda v, m=m: (
-                    np.asarray(v)[: repeats * m].reshape((repeats, m) + v.shape[1:]).mean(1)
-                ),
-                singles,
-            )
-        met = gradient_metrics(est, reference)
-        out["forward_evaluations"].append(m * evaluations_per_sample)
-        for k in METRICS:
-            out[k].append(met[k])
-        out["norm"] = met["norm"]
-    return out
+
+    def draw(est, k, r):
+        return sample_gradients(
+            est, loss_fn, params, model_state, batch, k, repeats=r, has_aux=has_aux,
+            chunk_size=chunk_size, seed_axis=seed_axis,
+        )  # fmt: skip
+
+    axis = 1 if seed_axis else 0  # the axis of repeats
+    if family:
+        fold = jax.vmap(jax.random.fold_in, in_axes=(0, None)) if seed_axis else jax.random.fold_in
+        estimates = [draw(estimator(m), fold(key, i), repeats) for i, m in enumerate(ms)]
+    else:
+        singles = jax.tree.map(np.asarray, draw(estimator, key, repeats * max(ms)))
+        estimates = [jax.tree.map(lambda v, m=m: _group(v, axis, repeats, m), singles) for m in ms]
+    curves = []
+    for s in range(len(key)) if seed_axis else [None]:
+        mets = [gradient_metrics(_seed(e, s), _seed(reference, s)) for e in estimates]
+        curve: dict[str, Any] = {"num_samples": ms}
+        curve["forward_evaluations"] = [m * evaluations_per_sample for m in ms]
+        curve.update({k: [met[k] for met in mets] for k in METRICS})
+        curves.append({**curve, "norm": mets[-1]["norm"]})
+    return curves if seed_axis else curves[0]
+
+
+def _group(v: np.ndarray, axis: int, repeats: int, m: int) -> np.ndarray:
+    """Means of ``m`` consecutive draws along ``axis``: ``repeats`` of them (the first R*m)."""
+    v = v[(slice(None),) * axis + (slice(0, repeats * m),)]
+    return v.reshape(v.shape[:axis] + (repeats, m) + v.shape[axis + 1 :]).mean(axis + 1)
+
+
+def _seed(tree: PyTree, s: int | None) -> PyTree:
+    """Seed ``s``'s slice of every leaf (``s=None``: the tree itself, no seed axis)."""
+    return tree if s is None else jax.tree.map(lambda v: v[s], tree)

@@ -1,9 +1,9 @@
 """Config of `experiments.straight_through`: estimators on an SBN with exact gradients; training.
 
-quick: a smoke run in seconds. small (the demo, ~250 CPU-s): the SBN comparison (ULR,
-principled ST, identity ST, REINFORCE) and principled vs identity ST with binary weights
-on digits, 5 seeds. paper: a deeper SBN, more budgets, every activation estimator and the
-latent-weight arms, 10 seeds.
+quick: a smoke run in seconds. small (the demo): the SBN comparison (ULR, principled ST,
+identity ST, REINFORCE) and principled vs identity ST with binary weights on digits.
+paper: a deeper SBN, more budgets, every activation estimator and the latent-weight arms.
+Seeds: `base_config` (each arm runs all its seeds as one program).
 """
 
 from experiments.configs.base import base_config

@@ -27,7 +27,8 @@ Pieces:
   weights and/or activations. Their noise comes from the flax rng stream
   ``rng_collection`` (default ``"dropout"``, the stream that
   `wspace.training.classification_loss` feeds). ``train=False`` uses the most
-  probable state (``sign(a)``, ``sign(eta)``), no rng needed.
+  probable state (``sign(a)``, ``sign(eta)``), no rng needed; `sampled_predictions`
+  predicts with the mean of S stochastic passes instead.
 * `mirror_descent`: the optax update of latent weights (``optax.sgd``, plus
   `clip_latents` for the clipped-latent variant); `latent_labels` for
   ``optax.multi_transform``.
@@ -35,9 +36,9 @@ Pieces:
   layers into a function of its binary states, `exact_value_and_grad`
   enumerates all ``2^n`` states of one example, `expected_estimate` gives the
   exact mean of an ST estimator, `reinforce` the unbiased score-function
-  estimator. Enumeration computes at ``Precision.HIGHEST``. Judging an
-  estimator against the exact gradient (bias, variance, cosine vs samples)
-  is `wspace.estimators`.
+  estimator (`reinforce_estimator`: the same in the library's estimator signature).
+  Enumeration computes at ``Precision.HIGHEST``. Judging an estimator against the
+  exact gradient (bias, variance, cosine vs samples) is `wspace.estimators`.
 
 Layout: `_estimators` (noise and the ST estimator family), `_layers` (flax layers),
 `_mirror_descent` (the optimizer of latent weights), `_enumeration` (exact
@@ -51,6 +52,7 @@ from wspace.straight_through._enumeration import (
     exact_value_and_grad,
     expected_estimate,
     reinforce,
+    reinforce_estimator,
     states_loss,
 )
 from wspace.straight_through._estimators import (
@@ -68,6 +70,7 @@ from wspace.straight_through._layers import (
     BinaryConv,
     BinaryDense,
     BinaryMLP,
+    sampled_predictions,
 )
 from wspace.straight_through._mirror_descent import (
     clip_latents,
@@ -94,6 +97,8 @@ __all__ = [
     "noise_cdf",
     "noise_pdf",
     "reinforce",
+    "reinforce_estimator",
+    "sampled_predictions",
     "sign_ste",
     "states_loss",
     "stochastic_sign",

@@ -247,3 +247,25 @@ def reinforce(slf: StatesLoss, num_samples: int) -> Callable:
         return loss, grads
 
     return jax.jit(fn)
+
+
+def reinforce_estimator(slf: StatesLoss, num_samples: int) -> Callable:
+    """`reinforce` in the library's estimator signature (that of `jax.value_and_grad`).
+
+    ``estimator(loss_fn, has_aux=True) -> fn(params, model_state, batch, key)`` returning
+    ``((loss, (model_state, {})), grads)``, for `wspace.training.make_train_step` and
+    `wspace.estimators`. ``loss_fn`` is ignored: REINFORCE needs the network as a
+    function of its states, ``slf``; ``batch`` holds ``"x"`` and ``"y"``.
+    """
+    fn = reinforce(slf, num_samples)
+
+    def estimator(loss_fn, has_aux=True):
+        del loss_fn
+
+        def call(params, model_state, batch, key):
+            loss, grads = fn(params, key, batch["x"], batch["y"])
+            return ((loss, (model_state, {})) if has_aux else loss), grads
+
+        return call
+
+    return estimator

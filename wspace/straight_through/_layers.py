@@ -1,6 +1,7 @@
 """Flax layers with stochastic binary weights and/or activations.
 
-`BinaryDense`, `BinaryConv`, `BinaryMLP`. Each array of binary units is a *site*
+`BinaryDense`, `BinaryConv`, `BinaryMLP`; `sampled_predictions` predicts with the mean of
+several stochastic passes. Each array of binary units is a *site*
 that samples (``train=True``), takes the most probable state (``train=False``),
 or, for exact enumeration (`wspace.straight_through._enumeration`), takes states
 injected through the variable collections below and sows their log-probability.
@@ -10,8 +11,10 @@ Reference: Shekhovtsov & Yanush 2021, arXiv 2006.06880.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -240,3 +243,31 @@ class BinaryMLP(nn.Module):
             if external:  # noise added to the BinaryDense output from outside (e.g. by ULR)
                 x = jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
         return nn.Dense(self.num_classes, name="head")(x)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "rng_collection"))
+def sampled_predictions(
+    apply_fn: Callable, params: Any, x: jax.Array, keys: jax.Array, rng_collection: str = "dropout"
+) -> jax.Array:
+    """Class predictions of a stochastic network: ``argmax_c mean_k softmax(f(x; k))_c``.
+
+    One stochastic pass (``train=True``) per key; the mean of the S passes' class
+    probabilities estimates the network's expected prediction, which the mode network
+    (``train=False``: every unit at its most probable state) only approximates.
+
+    Args:
+      apply_fn: a flax ``apply`` (e.g. `BinaryMLP`'s), hashable: compiled once per function.
+      params: its ``params``.
+      x: inputs ``[N, ...]``.
+      keys: ``[S, 2]`` PRNG keys, one per pass (passes run one after another: `jax.lax.map`).
+      rng_collection: the rng stream of the binary units.
+
+    Returns:
+      int predictions ``[N]``.
+    """
+
+    def probabilities(key):
+        logits = apply_fn({"params": params}, x, train=True, rngs={rng_collection: key})
+        return jax.nn.softmax(logits)
+
+    return jnp.argmax(jnp.mean(jax.lax.map(probabilities, keys), 0), -1)

@@ -53,7 +53,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -136,15 +136,16 @@ def _check_dataset_name(name: str) -> None:
         raise ValueError(f"config.dataset={name!r}: no such file {name[4:]!r}")
 
 
-def metric_writer(config, workdir: str | None):
-    """A `wspace.io.TensorBoardWriter` logging under ``<workdir>/tb`` if ``config.tensorboard``.
+def metric_writer(config, workdir: str | None) -> contextlib.AbstractContextManager:
+    """TensorBoard logs under ``<workdir>/tb`` if ``config.tensorboard``, as a context.
 
-    Returns None when TensorBoard is off or there is no workdir. Pass it as
-    `wspace.training.fit`'s ``writer`` and close it after the run; view the logs with
-    ``tensorboard --logdir <workdir>``.
+    ``with metric_writer(config, seeds_workdir(workdir, arm, seeds)) as writer:
+    fit(..., writer=writer)``: the writer is a `wspace.io.TensorBoardWriter`, closed when
+    the block ends, or None when TensorBoard is off or there is no workdir. View the logs
+    with ``tensorboard --logdir <workdir>``.
     """
     if not config.get("tensorboard") or workdir is None:
-        return None
+        return contextlib.nullcontext()
     import wspace as ws
 
     return ws.io.TensorBoardWriter(os.path.join(workdir, "tb"))
@@ -610,20 +611,3 @@ def write_text(path: str, text: str) -> None:
     """Writes a text file atomically."""
     with atomic_open(path, "w") as f:
         f.write(text)
-
-
-# --- shared helpers added by xst
-
-
-@contextlib.contextmanager
-def tensorboard(config, workdir: str | None) -> Iterator[Any]:
-    """`metric_writer` as a context: yields the writer (None when TensorBoard is off), closes it.
-
-    ``with tensorboard(config, seeds_workdir(workdir, arm, seeds)) as w: fit(..., writer=w)``
-    """
-    writer = metric_writer(config, workdir)
-    try:
-        yield writer
-    finally:
-        if writer is not None:
-            writer.close()

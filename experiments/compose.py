@@ -14,7 +14,6 @@ non-zero pruned weights (must be 0). TensorBoard: ``workdir/train/<arm>/seeds_*/
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -111,7 +110,7 @@ def _arm_fns(config, ds, workdir) -> dict:
         """``(state, result per seed)`` of ``arm`` trained through the chain (masks in its
         state), or plainly to t0 and with late-phase members after (evaluated averaged)."""
         where = common.seeds_workdir(workdir, arm, seeds)
-        with common.metric_writer(c, where) or contextlib.nullcontext() as writer:
+        with common.metric_writer(c, where) as writer:
             kw = dict(fit_kw, seed=list(seeds), writer=writer)
             if late is None:
                 step = ws.training.make_train_step(per_example if estimator is ulr else loss, tx,

@@ -113,9 +113,8 @@ def _check_select(config, model, sample_x) -> None:
 def _fit(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, vectorize=True, **kw):
     """All seeds of an arm as one program: plain (``late`` None) or ``late.fit`` from ``t0``;
     TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
-    writer = common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds))
-    kw.update(seed=seeds, writer=writer)
-    try:
+    with common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds)) as writer:
+        kw.update(seed=seeds, writer=writer)
         if late is None:
             step = ws.training.make_train_step(
                 loss, tx, mode=kw.get("mode", "jit"), seed_axis=True, vectorize_seeds=vectorize
@@ -124,9 +123,6 @@ def _fit(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, vector
         # the members' initial noise (config.noise > 0) draws from this key, split per seed
         key = jax.random.PRNGKey(seeds[0]) if config.noise > 0 else None
         return late.fit(state, loss, tx, data, t0=t0, key=key, vectorize_seeds=vectorize, **kw)
-    finally:
-        if writer is not None:
-            writer.close()
 
 
 def _curve(hist, metric: str, i: int) -> list[dict]:

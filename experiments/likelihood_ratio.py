@@ -172,17 +172,13 @@ def arm_fns(config, ds, model, workdir: str) -> dict:
         loss, estimator, _ = spec
         step = ws.training.make_train_step(loss, tx, estimator=estimator, mode=config.mode,
                                            seed_axis=True)  # fmt: skip
-        writer = common.metric_writer(config, common.seeds_workdir(workdir, name, seeds))
-        try:
+        with common.metric_writer(config, common.seeds_workdir(workdir, name, seeds)) as writer:
             state, history = ws.training.fit(
                 ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
                 apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size,
                 seed=seeds, mode=config.mode, eval_every=config.eval_every, writer=writer,
                 progress=False,
             )  # fmt: skip
-        finally:
-            if writer is not None:
-                writer.close()
         return state.params, history
 
     @functools.cache  # the transfer attacks' backprop models, shared by every arm

@@ -14,7 +14,6 @@ optimizer costs less than the margin. TensorBoard: ``workdir/train/<arm>/seeds_*
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 
@@ -124,7 +123,7 @@ def _arm_fns(config, ds, workdir) -> dict:
     def trained(arm, seeds, fn, **kw):
         """``fn(trainer, workdir=..., **kw)``: the arm's seeds, workdir and TensorBoard writer."""
         where = common.seeds_workdir(workdir, arm, seeds)
-        with common.metric_writer(c, where) or contextlib.nullcontext() as writer:
+        with common.metric_writer(c, where) as writer:
             return fn(dataclasses.replace(train, seed=list(seeds), writer=writer), workdir=where,
                       **kw)  # fmt: skip
 

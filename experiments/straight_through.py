@@ -110,7 +110,7 @@ def sbn_arm_fns(config, workdir: str) -> dict:
         )  # fmt: skip
         family = family or {evals: ws.estimators.average_estimator(jax.value_and_grad, evals)}
         step = ws.training.make_train_step(loss, tx, estimator=family[evals], seed_axis=True)
-        with common.tensorboard(config, common.seeds_workdir(workdir, f"sbn_{est}", seeds)) as w:
+        with common.metric_writer(config, common.seeds_workdir(workdir, f"sbn_{est}", seeds)) as w:
             _, history = ws.training.fit(
                 state, step, ds, num_steps=config.sbn_steps, batch_size=config.sbn_points,
                 seed=seeds, eval_every=max(config.sbn_steps // config.sbn_evals, 1), writer=w,
@@ -157,7 +157,7 @@ def train_arm(arm: str, config, ds, workdir: str, seeds: list[int]) -> list[dict
     model, tx = build_arm(arm, config, ds.num_classes)
     loss = ws.training.classification_loss(model.apply)
     step = ws.training.make_train_step(loss, tx, mode=config.mode, seed_axis=True)
-    with common.tensorboard(config, common.seeds_workdir(workdir, arm, seeds)) as w:
+    with common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds)) as w:
         state, history = ws.training.fit(
             ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds, seed=seeds,
             apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size, writer=w,

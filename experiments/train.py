@@ -51,8 +51,7 @@ def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]
     step = ws.training.make_train_step(
         ws.training.classification_loss(model.apply), tx, mode=config.mode, seed_axis=True
     )
-    writer = common.metric_writer(config, workdir)  # TensorBoard, if config.tensorboard
-    try:
+    with common.metric_writer(config, workdir) as writer:  # TensorBoard, if config.tensorboard
         state, history = ws.training.fit(
             state,
             step,
@@ -68,9 +67,6 @@ def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]
             progress=config.progress,
             identity=common.run_identity(config),
         )
-    finally:
-        if writer is not None:
-            writer.close()
     num_params = ws.training.num_params(ws.training.seed_slice(state.params, 0))
     curves = [[_seed_record(r, i) for r in history] for i in range(len(seeds))]
     return [

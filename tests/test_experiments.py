@@ -131,7 +131,8 @@ def test_train_experiment_writes_tensorboard_logs_when_asked(tmp_path):
     run_experiment("train", tmp_path, dataset="digits", model="mlp", tensorboard=True)
     (events,) = (tmp_path / "train" / "mlp" / "seeds_0" / "tb").glob("events.out.tfevents.*")
     assert b"test_accuracy" in events.read_bytes()  # the evaluation records, as scalars
-    assert common.metric_writer(common.base_config("quick"), str(tmp_path)) is None  # off
+    with common.metric_writer(common.base_config("quick"), str(tmp_path)) as off:
+        assert off is None
 
 
 def test_straight_through_writes_tensorboard_logs_when_asked(tmp_path):

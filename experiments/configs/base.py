@@ -15,7 +15,8 @@ def base_config(size: str) -> ml_collections.ConfigDict:
     Fields: ``size``, ``dataset`` (mnist1d | digits | npz:PATH | a TFDS name),
     ``data_dir`` ("" for none), ``seed`` (the first seed), ``num_seeds``,
     ``mode`` (jit | sharded | pmap), ``progress`` (tqdm bars), ``tensorboard``
-    (also write TensorBoard logs under ``<workdir>/tb``: `metric_writer`).
+    (also write TensorBoard logs: each arm under
+    ``<workdir>/train/<arm>/seeds_<a>-<b>/tb``, `metric_writer`).
     """
     if size not in SIZES:
         raise ValueError(f"unknown config size {size!r}; use one of {SIZES}")

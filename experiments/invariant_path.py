@@ -97,15 +97,12 @@ def _per_seed(correct=None, state=None, **values) -> list[dict]:
     if state is not None:
         pre = state.opt_state[0]
         values.update(final_residual=pre.residual, unconverged_steps=pre.num_unconverged)
-    out = [
-        {k: np.asarray(v).item() for k, v in zip(values, row, strict=True)}
-        for row in zip(*values.values(), strict=True)
-    ]
+    rows = zip(*values.values(), strict=True)
+    out = [{k: np.asarray(v).item() for k, v in zip(values, row, strict=True)} for row in rows]
     for name, bits in (correct or {}).items():
         for o, b in zip(out, np.asarray(bits), strict=True):
-            o.update(
-                {f"{name}_accuracy": float(b.mean()), f"{name}_correct": common.pack_correct(b)}
-            )
+            o.update({f"{name}_accuracy": float(b.mean()),
+                      f"{name}_correct": common.pack_correct(b)})  # fmt: skip
     return out
 
 
@@ -128,15 +125,11 @@ class _Run:
         return ws.training.correct_predictions(self.model.apply, {"params": params}, ds.x_test,
                                                ds.y_test, seed_axis=True)  # fmt: skip
 
-    def batches(self, seeds, keep=None, size=None, **per_seed):
-        """Endless batches of the training examples ``keep``, each seed its own shuffle,
-        plus ``per_seed`` ``[S, ...]`` entries."""
-        x, y = self.ds.x_train, self.ds.y_train
-        x, y = (x, y) if keep is None else (x[keep], y[keep])
+    def batches(self, seeds, keep=slice(None), size=None, **per_seed):
+        """`ws.data.seed_batches` of the training examples ``keep``."""
+        x, y = self.ds.x_train[keep], self.ds.y_train[keep]
         size = min(size or self.config.batch_size, len(x))
-        streams = [ws.data.batches(x, y, size, seed=s, epochs=None) for s in seeds]
-        for batches in zip(*streams, strict=True):
-            yield {**jax.tree.map(lambda *a: np.stack(a), *batches), **per_seed}
+        return ws.data.seed_batches(x, y, size, seeds, **jax.tree.map(np.asarray, per_seed))
 
     def train(self, name, loss, tx, params, batches, steps, seeds, opt_state=None, anchors=None):
         """``steps`` steps from ``params`` (a seed axis); the batch entry ``anchors`` holds
@@ -165,7 +158,7 @@ class _Run:
         if (task1, *seeds) not in self.memo:
             keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
             init = jax.vmap(lambda k: self.model.init(k, self.ds.x_train[:1])["params"])(keys)
-            batches = self.batches(seeds, self.old if task1 else None)
+            batches = self.batches(seeds, self.old if task1 else slice(None))
             state = self.train("task1" if task1 else "dense", self.ce, optax.adam(self.config.lr),
                                init, batches, self.config.base_steps, seeds)  # fmt: skip
             self.memo[task1, *seeds] = state.params
@@ -181,17 +174,6 @@ class _Run:
         )  # fmt: skip
         unit = [optax.normalize_by_update_norm()] if unit_steps else []
         return optax.chain(pre, *unit, optax.scale_by_learning_rate(lr))
-
-    def with_distance(self, base, weight, anchor_key="buf_x"):
-        """``base`` + ``weight`` x the output distance to each seed's ``anchor_logits`` on its
-        ``batch[anchor_key]`` (`ip.penalty_loss`, the anchor network's logits per seed)."""
-
-        def loss(params, model_state, batch, key):
-            value, (_, metrics) = base(params, model_state, batch, key)
-            dist = ip.output_distance(self.f(params, batch[anchor_key]), batch["anchor_logits"])
-            return value + weight * dist, (model_state, metrics)
-
-        return loss
 
 
 def continual_arms(run: _Run) -> dict:
@@ -220,7 +202,8 @@ def continual_arms(run: _Run) -> dict:
         return loss(params, model_state, batch, key)
 
     adam = optax.adam(c.lr)
-    losses = {"replay": replay, "ewc": ewc, "penalty": run.with_distance(run.ce, c.penalty_weight)}
+    penalty = ip.penalty_loss(run.ce, run.f, None, weight=c.penalty_weight, anchor_key="buf_x")
+    losses = {"replay": replay, "ewc": ewc, "penalty": penalty}  # penalty: anchor_logits per seed
     fip = {m: run.fip_tx(c.fip_lr, m.removeprefix("fip_") if "_" in m else "fisher", True)
            for m in ("fip", "fip_jacobian")}  # fmt: skip
 
@@ -234,16 +217,9 @@ def continual_arms(run: _Run) -> dict:
             fisher = jax.vmap(lambda p: ip.diagonal_fisher(run.f, p, jnp.asarray(x1)))(p1)
             per_seed.update(w0=p1, fisher=fisher)
         batches = run.batches([s + 1 for s in seeds], ~run.old, **per_seed)
-        state = run.train(
-            kind,
-            losses.get(kind, run.ce),
-            fip.get(kind, adam),
-            p1,
-            batches,
-            c.task2_steps,
-            seeds,
-            anchors="buf_x" if kind in fip else None,
-        )
+        anchors = "buf_x" if kind in fip else None
+        state = run.train(kind, losses.get(kind, run.ce), fip.get(kind, adam), p1, batches,
+                          c.task2_steps, seeds, anchors=anchors)  # fmt: skip
         return evaluate(state.params, p1, x1[buf], state if kind in fip else None)
 
     return {k: partial(arm, k) for k in ("after_task1", *c.continual_arms)}
@@ -302,11 +278,7 @@ def robustness_arms(run: _Run) -> dict:
     """``robust_<kind>`` -> ``fn(seeds)``: the dense network moved towards PGD robustness."""
     c, x, y = run.config, jnp.asarray(run.ds.x_test), jnp.asarray(run.ds.y_test)
     adv = ip.adversarial_loss(run.ce, eps=c.eps, method="pgd", steps=c.attack_steps)
-    losses = {
-        "adv_ft": adv,
-        "fip": adv,
-        "penalty": run.with_distance(adv, c.robust_penalty_weight, "x"),
-    }
+    penalty = ip.penalty_loss(adv, run.f, None, weight=c.robust_penalty_weight, anchor_key="x")
     fip_tx, adam = run.fip_tx(c.robust_path_lr), optax.adam(c.lr)
 
     @jax.jit
@@ -322,7 +294,8 @@ def robustness_arms(run: _Run) -> dict:
         if kind != "base":
             batches = ({**b, "anchor_logits": run.logits(p0, b["x"])}
                        for b in run.batches([s + 30 for s in seeds]))  # fmt: skip
-            state = run.train(f"robust_{kind}", losses[kind], fip_tx if kind == "fip" else adam,
+            state = run.train(f"robust_{kind}", penalty if kind == "penalty" else adv,
+                              fip_tx if kind == "fip" else adam,
                               p0, batches, c.robust_steps, seeds,
                               anchors="x" if kind == "fip" else None)  # fmt: skip
             params = state.params
@@ -353,14 +326,11 @@ def run(config, workdir: str) -> dict:
         tables["FIP solves"] = common.summarize(fip, ["final_residual", "unconverged_steps"])
     counts = ", ".join(f"{k} {sum(r['unconverged_steps'] for r in v):g}" for k, v in fip.items())
     notes = [
-        "fip = the paper's metric step with the softmax-Fisher metric (the official code's "
-        "Bhattacharyya distance, whose Hessian is Fisher/4); fip_jacobian = Euclidean J^T J on "
-        "the logits; penalty = what the official code runs (CE + Bhattacharyya distillation "
-        "on the buffer, summed as there). fip and fip_jacobian move exactly fip_lr="
-        f"{config.fip_lr:g} per step, so the metric claim compares equal step lengths.",
-        f"{config.dataset}, MLP {tuple(config.hidden)}; continual: {config.task2_steps} task-2 "
-        f"steps per arm, buffer {config.buffer_size}; sparsity: {config.path_steps} path "
-        f"steps, {config.ft_steps} fine-tuning steps. FIP solves that ended above "
+        "fip: the paper's metric step, softmax-Fisher metric (4x the Hessian of the official "
+        "code's Bhattacharyya distance); fip_jacobian: Euclidean J^T J on the logits; both "
+        f"move exactly fip_lr={config.fip_lr:g} per step. penalty: what the official code runs "
+        "(CE + Bhattacharyya distillation on the buffer, summed as there).",
+        f"{config.dataset}, MLP {tuple(config.hidden)}; FIP solves that ended above "
         f"tol={config.tol:g}, summed over seeds: {counts or 'none run'}.",
     ]
     return common.save_results(

@@ -451,3 +451,18 @@ def test_atomic_open_keeps_old_file_on_failure(tmp_path):
         raise RuntimeError("killed")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp left
+
+
+def test_seed_batches_stack_each_seeds_own_order():
+    x, y = np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10)
+    stream = ws.data.seed_batches(x, y, 4, [3, 5], buf=np.zeros((2, 7)))
+    for i, alone in enumerate(
+        zip(*(ws.data.batches(x, y, 4, seed=s, epochs=None) for s in (3, 5)), strict=True)
+    ):
+        batch = next(stream)
+        for j, b in enumerate(alone):
+            np.testing.assert_array_equal(batch["x"][j], b["x"])
+            np.testing.assert_array_equal(batch["y"][j], b["y"])
+        assert batch["buf"].shape == (2, 7)
+        if i == 5:  # past the first epoch (2 batches of 4 from 10 examples)
+            break

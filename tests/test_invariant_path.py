@@ -455,6 +455,14 @@ def test_penalty_loss_value_and_zero_gradient_at_anchor():
     assert float(m2["output_distance"]) > 0
     with pytest.raises(ValueError, match="anchors"):
         loss(params, {}, {"x": x, "y": batch["y"]}, None)
+    # The anchor network's logits may come with the batch instead (one per seed on an axis).
+    carried = ip.penalty_loss(base, f, None, weight=10.0)
+    v3, _ = jax.jit(carried)(
+        moved, {}, {**batch, "anchor_logits": f(params, batch["anchors"])}, None
+    )
+    np.testing.assert_allclose(v3, v2, rtol=1e-6)
+    with pytest.raises(ValueError, match="anchor_logits"):
+        carried(params, {}, batch, None)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -577,6 +585,15 @@ def test_experiment_rejects_bad_config_before_writing(tmp_path):
         with pytest.raises(ValueError, match=field):
             run_experiment("invariant_path", tmp_path / field, **{field: value})
         assert not os.path.exists(tmp_path / field)
+
+
+def test_experiment_writes_tensorboard_logs_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    run_experiment("invariant_path", tmp_path, tensorboard=True, parts=("continual",),
+                   continual_arms=("fip",), task2_steps=2)  # fmt: skip
+    for name in ("task1", "fip"):  # one log per training run: train/<name>/seeds_0-1/tb
+        (events,) = (tmp_path / "train" / name / "seeds_0-1" / "tb").glob("events.out.tfevents.*")
+        assert b"batch_loss" in events.read_bytes()  # the step metrics, as scalars
 
 
 def test_notebook_runs():

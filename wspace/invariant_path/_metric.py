@@ -349,7 +349,7 @@ def output_distance(
 def penalty_loss(
     loss_fn: Callable,
     apply_fn: Callable,
-    anchor_params: PyTree,
+    anchor_params: PyTree | None,
     *,
     weight: float = 1.0,
     kind: str = "bhattacharyya",
@@ -364,7 +364,9 @@ def penalty_loss(
       loss_fn: a loss in the library signature (``(params, model_state, batch, key) ->
         (loss, (model_state, metrics))``), e.g. the new task's cross-entropy.
       apply_fn: ``apply_fn(params, x) -> logits`` closure.
-      anchor_params: the parameters of the network to stay close to.
+      anchor_params: the parameters of the network to stay close to; None: its logits come
+        with each batch as ``batch["anchor_logits"]`` (e.g. one anchor network per seed
+        when seeds are an axis).
       weight: penalty weight.
       kind: ``"bhattacharyya"`` or ``"kl"``.
       anchor_key: the batch entry holding the anchor inputs.
@@ -382,7 +384,10 @@ def penalty_loss(
             raise ValueError(f"penalty_loss needs batch[{anchor_key!r}]; batch has {list(batch)}")
         value, (model_state, metrics) = loss_fn(params, model_state, batch, key)
         x_a = batch[anchor_key]
-        target = jax.lax.stop_gradient(apply_fn(anchor_params, x_a))
+        if anchor_params is None and "anchor_logits" not in batch:
+            raise ValueError("penalty_loss(anchor_params=None) needs batch['anchor_logits']")
+        anchor = batch["anchor_logits"] if anchor_params is None else apply_fn(anchor_params, x_a)
+        target = jax.lax.stop_gradient(anchor)
         dist = output_distance(apply_fn(params, x_a), target, kind=kind)
         metrics = {**metrics, "output_distance": dist}
         return value + weight * dist, (model_state, metrics)

@@ -84,16 +84,14 @@ def validate(config) -> None:
                          f"config.sparsities={tuple(config.sparsities)}")  # fmt: skip
     n = jax.device_count()  # sharded: the seeds (with their buffers) split over devices
     if config.mode == "pmap" or (config.mode == "sharded" and config.num_seeds % n):
-        raise ValueError(
-            f"config.mode={config.mode!r} with num_seeds={config.num_seeds}: seeds are an axis "
-            f"here; use 'jit', or 'sharded' with num_seeds a multiple of the {n} devices"
-        )
+        raise ValueError(f"config.mode={config.mode!r} with num_seeds={config.num_seeds}: "
+                         f"seeds are an axis; use 'jit', or 'sharded' with num_seeds divisible "
+                         f"by {n}")  # fmt: skip
 
 
 def _per_seed(correct=None, state=None, **values) -> list[dict]:
-    """One result per seed from ``[S]`` values; ``correct={name: [S, N] bools}`` adds
-    ``<name>_accuracy`` and the packed ``<name>_correct``; a FIP ``state`` its solve's last
-    residual and unconverged-step count."""
+    """One result per seed from ``[S]`` values, ``correct={name: [S, N] bools}`` (as
+    ``<name>_accuracy`` and ``<name>_correct``) and a FIP ``state``'s solve statistics."""
     if state is not None:
         pre = state.opt_state[0]
         values.update(final_residual=pre.residual, unconverged_steps=pre.num_unconverged)
@@ -113,17 +111,15 @@ class _Run:
         self.config, self.workdir, self.ds = config, workdir, common.load_dataset(config)
         self.model = ws.models.MLP(features=tuple(config.hidden), num_classes=self.ds.num_classes)
         self.ce = ws.training.classification_loss(self.model.apply)
+        self.f = lambda params, x: self.model.apply({"params": params}, x)
         self.logits = jax.jit(jax.vmap(self.f))  # per seed: params and inputs
         self.old = self.ds.y_train < self.ds.num_classes // 2  # task 1's training examples
         self.memo: dict = {}
 
-    def f(self, params, x):
-        return self.model.apply({"params": params}, x)
-
     def correct(self, params) -> np.ndarray:  # [S, N]: per seed and test example
-        ds = self.ds
-        return ws.training.correct_predictions(self.model.apply, {"params": params}, ds.x_test,
-                                               ds.y_test, seed_axis=True)  # fmt: skip
+        x, y = self.ds.x_test, self.ds.y_test
+        apply = self.model.apply
+        return ws.training.correct_predictions(apply, {"params": params}, x, y, seed_axis=True)
 
     def batches(self, seeds, keep=slice(None), size=None, **per_seed):
         """`ws.data.seed_batches` of the training examples ``keep``."""
@@ -132,8 +128,8 @@ class _Run:
         return ws.data.seed_batches(x, y, size, seeds, **jax.tree.map(np.asarray, per_seed))
 
     def train(self, name, loss, tx, params, batches, steps, seeds, opt_state=None, anchors=None):
-        """``steps`` steps from ``params`` (a seed axis); the batch entry ``anchors`` holds
-        each seed's FIP anchors. TensorBoard (if asked): ``train/<name>/seeds_<a>-<b>/tb``."""
+        """``steps`` steps from ``params`` (a seed axis); FIP ``anchors``: a batch entry.
+        TensorBoard (``config.tensorboard``) logs in ``train/<name>/seeds_<a>-<b>/tb``."""
         state = ws.training.TrainState(
             step=jnp.zeros(len(seeds), jnp.int32), params=params, model_state={},
             opt_state=jax.vmap(tx.init)(params) if opt_state is None else opt_state,
@@ -165,8 +161,7 @@ class _Run:
         return self.memo[task1, *seeds]
 
     def fip_tx(self, lr, metric="fisher", unit_steps=False):
-        """The metric step, then the norm bound ``max_norm`` or, with ``unit_steps``, the
-        direction rescaled to norm 1 (every step moves exactly ``lr``)."""
+        """The metric step, at most ``lr * max_norm`` long, or exactly ``lr`` (``unit_steps``)."""
         c = self.config
         pre = ip.scale_by_invariant_metric(
             self.f, metric=metric, damping=c.damping if metric == "fisher" else c.jacobian_damping,
@@ -182,15 +177,11 @@ def continual_arms(run: _Run) -> dict:
     old_test = run.ds.y_test < run.ds.num_classes // 2
 
     def evaluate(params, p1, buf_x, state=None) -> list[dict]:
-        k = run.correct(params)
-        return _per_seed(
-            {"all": k}, state, task1_accuracy=k[:, old_test].mean(1),
-            task2_accuracy=k[:, ~old_test].mean(1),
-            buffer_distance=jax.vmap(ip.output_distance)(run.logits(params, buf_x),
-                                                         run.logits(p1, buf_x)),
-            distance_moved=jax.vmap(lambda a, b: optax.tree.norm(jax.tree.map(jnp.subtract, a, b)))(
-                params, p1),
-        )  # fmt: skip
+        k, moved = run.correct(params), jax.tree.map(jnp.subtract, params, p1)
+        dist = jax.vmap(ip.output_distance)(run.logits(params, buf_x), run.logits(p1, buf_x))
+        return _per_seed({"all": k}, state, task1_accuracy=k[:, old_test].mean(1),
+                         task2_accuracy=k[:, ~old_test].mean(1), buffer_distance=dist,
+                         distance_moved=jax.vmap(optax.tree.norm)(moved))  # fmt: skip
 
     def replay(params, model_state, batch, key):
         new, (_, metrics) = run.ce(params, model_state, batch, key)
@@ -201,11 +192,11 @@ def continual_arms(run: _Run) -> dict:
         loss = ip.ewc_loss(run.ce, batch["w0"], batch["fisher"], weight=c.ewc_weight)
         return loss(params, model_state, batch, key)
 
-    adam = optax.adam(c.lr)
     penalty = ip.penalty_loss(run.ce, run.f, None, weight=c.penalty_weight, anchor_key="buf_x")
     losses = {"replay": replay, "ewc": ewc, "penalty": penalty}  # penalty: anchor_logits per seed
-    fip = {m: run.fip_tx(c.fip_lr, m.removeprefix("fip_") if "_" in m else "fisher", True)
-           for m in ("fip", "fip_jacobian")}  # fmt: skip
+    fip = {"fip": run.fip_tx(c.fip_lr, "fisher", True),
+           "fip_jacobian": run.fip_tx(c.fip_lr, "jacobian", True)}  # fmt: skip
+    adam = optax.adam(c.lr)
 
     def arm(kind, seeds):
         p1, n = run.trained(seeds, task1=True), min(c.buffer_size, len(x1))
@@ -217,9 +208,16 @@ def continual_arms(run: _Run) -> dict:
             fisher = jax.vmap(lambda p: ip.diagonal_fisher(run.f, p, jnp.asarray(x1)))(p1)
             per_seed.update(w0=p1, fisher=fisher)
         batches = run.batches([s + 1 for s in seeds], ~run.old, **per_seed)
-        anchors = "buf_x" if kind in fip else None
-        state = run.train(kind, losses.get(kind, run.ce), fip.get(kind, adam), p1, batches,
-                          c.task2_steps, seeds, anchors=anchors)  # fmt: skip
+        state = run.train(
+            kind,
+            losses.get(kind, run.ce),
+            fip.get(kind, adam),
+            p1,
+            batches,
+            c.task2_steps,
+            seeds,
+            anchors="buf_x" if kind in fip else None,
+        )
         return evaluate(state.params, p1, x1[buf], state if kind in fip else None)
 
     return {k: partial(arm, k) for k in ("after_task1", *c.continual_arms)}
@@ -254,8 +252,7 @@ def sparsity_arms(run: _Run) -> dict:
             c.path_steps + c.ft_steps,
         )  # fmt: skip
         return _per_seed({"pruned": k, "equal_budget": matched}, sparsity=sparsity,
-                         dense_accuracy=dense, ft_accuracy=ft.mean(1),
-                         ft_matched_accuracy=matched.mean(1))  # fmt: skip
+                         dense_accuracy=dense, ft_accuracy=ft.mean(1))  # fmt: skip
 
     def path(level, seeds):
         p0, name = run.trained(seeds), f"path@{level:g}"
@@ -290,13 +287,12 @@ def robustness_arms(run: _Run) -> dict:
 
     def arm(kind, seeds):
         p0 = params = run.trained(seeds)
-        state = None
+        state = None  # base: the dense network itself
         if kind != "base":
             batches = ({**b, "anchor_logits": run.logits(p0, b["x"])}
                        for b in run.batches([s + 30 for s in seeds]))  # fmt: skip
-            state = run.train(f"robust_{kind}", penalty if kind == "penalty" else adv,
-                              fip_tx if kind == "fip" else adam,
-                              p0, batches, c.robust_steps, seeds,
+            loss, tx = penalty if kind == "penalty" else adv, fip_tx if kind == "fip" else adam
+            state = run.train(f"robust_{kind}", loss, tx, p0, batches, c.robust_steps, seeds,
                               anchors="x" if kind == "fip" else None)  # fmt: skip
             params = state.params
         keys = jnp.stack([jax.random.PRNGKey(s + 99) for s in seeds])
@@ -359,7 +355,7 @@ def _plot(part, per_arm, workdir, config) -> str:
     else:
         for kind, key, style, label in (
             ("oneshot", "pruned_accuracy", "o-", "one-shot"),
-            ("oneshot", "ft_matched_accuracy", "o--", "one-shot + step-matched fine-tune"),
+            ("oneshot", "equal_budget_accuracy", "o--", "one-shot + step-matched fine-tune"),
             ("path", "pruned_accuracy", "s-", "FIP path"),
             ("path", "ft_accuracy", "s--", "FIP path + fine-tune"),
         ):  # fmt: skip

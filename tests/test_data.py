@@ -492,3 +492,18 @@ def test_two_moons_is_the_standardised_toy():
     for bad in (dict(n=1), dict(n=2.5), dict(n=10, noise=-0.1)):
         with pytest.raises(ValueError, match="two_moons"):
             ws.data.two_moons(**bad)
+
+
+def test_seed_batches_stack_each_seeds_own_order():
+    x, y = np.arange(20, dtype=np.float32).reshape(10, 2), np.arange(10)
+    stream = ws.data.seed_batches(x, y, 4, [3, 5], buf=np.zeros((2, 7)))
+    for i, alone in enumerate(
+        zip(*(ws.data.batches(x, y, 4, seed=s, epochs=None) for s in (3, 5)), strict=True)
+    ):
+        batch = next(stream)
+        for j, b in enumerate(alone):
+            np.testing.assert_array_equal(batch["x"][j], b["x"])
+            np.testing.assert_array_equal(batch["y"][j], b["y"])
+        assert batch["buf"].shape == (2, 7)
+        if i == 5:  # past the first epoch (2 batches of 4 from 10 examples)
+            break

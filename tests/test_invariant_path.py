@@ -166,6 +166,87 @@ def test_default_solve_reaches_its_tolerance_and_unconverged_solve_warns():
     assert int(state.num_unconverged) == 2
 
 
+def _spd_batch(copies, dim=64, seed=0):
+    """``copies`` SPD systems (float64) of mixed difficulty: condition numbers 1 to 100,
+    right-hand sides that are eigenvectors (CG converges in 1 step) and a zero one."""
+    rng = np.random.default_rng(seed)
+    mats, rhs = [], []
+    for i in range(copies):
+        q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+        eig = np.logspace(0, 2 * (i % 4) / 3, dim)
+        b = rng.normal(size=dim)
+        if i % 3 == 1:
+            b = q[:, i % dim] * (i + 1.0)  # an eigenvector: one CG step solves it
+        if i == copies - 1:
+            b = np.zeros(dim)
+        mats.append(q @ np.diag(eig) @ q.T)
+        rhs.append(b)
+    return np.stack(mats), np.stack(rhs)
+
+
+@pytest.mark.parametrize("copies", [1, 9, 12, 16])
+def test_conjugate_gradients_matches_dense_solve_under_vmap(copies):
+    mats, rhs = _spd_batch(copies)
+    with jax.enable_x64(True):
+        a, b = jnp.asarray(mats), jnp.asarray(rhs)
+
+        def solve(m, v, tol=1e-10):
+            matvec = lambda u: {"v": m @ u["v"]}  # noqa: E731
+            return ip.conjugate_gradients(matvec, {"v": v}, tol=tol, maxiter=100)["v"]
+
+        batched = jax.jit(jax.vmap(solve))(a, b)
+        exact = jnp.linalg.solve(a, b[..., None])[..., 0]
+        assert batched.dtype == jnp.float64 and bool(jnp.all(jnp.isfinite(batched)))
+        np.testing.assert_allclose(batched, exact, rtol=0, atol=1e-6)  # cond 100 x tol 1e-10
+        # At tol 1e-2 the copies stop at different iterations (1 to ~20 of 64), each where
+        # it would stop alone, and stopped copies stay as they were.
+        loose = jax.jit(jax.vmap(lambda m, v: solve(m, v, 1e-2)))(a, b)
+        one = jax.jit(lambda m, v: solve(m, v, 1e-2))
+        for i in range(copies):
+            np.testing.assert_allclose(loose[i], one(a[i], b[i]), rtol=1e-8, atol=1e-10)
+            res = np.linalg.norm(rhs[i] - mats[i] @ np.asarray(loose[i]))
+            assert res <= 1e-2 * np.linalg.norm(rhs[i]) * (1 + 1e-9)
+        assert float(jnp.abs(loose[-1]).max()) == 0.0  # b = 0: x = 0, no 0/0
+
+
+def test_conjugate_gradients_stops_on_a_singular_direction():
+    # A = diag(1, 0), b = (1, 1): the second direction has p^T A p = 0 after one step.
+    a = jnp.diag(jnp.array([1.0, 0.0]))
+    x = ip.conjugate_gradients(lambda v: a @ v, jnp.ones(2), tol=0.0, maxiter=10)
+    assert bool(jnp.all(jnp.isfinite(x)))
+
+
+@pytest.mark.parametrize("copies", [9, 12])
+def test_metric_step_vmapped_over_copies_matches_one_copy(copies):
+    # The experiment's seed axis: 9 or more copies of one trained network's system (with
+    # jax.scipy.sparse.linalg.cg these gave NaN), with per-copy damping so that copies
+    # converge at different iterations.
+    f, params, anchors, grads = _trained_problem()
+    tx = optax.inject_hyperparams(ip.scale_by_invariant_metric, static_args=("apply_fn", "warn"))(
+        f, warn=False
+    )
+    dampings = jnp.asarray(np.logspace(-2, 0, copies), jnp.float32)
+
+    def update(damping, g, p, a):
+        state = tx.init(p)
+        state.hyperparams["damping"] = damping
+        step, state = tx.update(g, state, p, anchors=a)
+        return step, state.inner_state
+
+    stack = lambda t: jax.tree.map(lambda x: jnp.stack([x] * copies), t)  # noqa: E731
+    steps, states = jax.jit(jax.vmap(update))(dampings, stack(grads), stack(params), stack(anchors))
+    one = jax.jit(update)
+    for i in (0, copies // 2, copies - 1):
+        step, state = one(dampings[i], grads, params, anchors)
+        got = ws.training.seed_slice(steps, i)
+        scale = float(optax.tree.norm(step))
+        assert np.isfinite(scale) and float(state.residual) <= 1e-2
+        err = float(optax.tree.norm(jax.tree.map(jnp.subtract, got, step)))
+        assert err <= 1e-3 * scale, (i, err, scale)
+        # the true residual of the batched solve (float32 products batched differently)
+        assert float(states.residual[i]) <= 1.01e-2 + 1e-6 and int(states.num_unconverged[i]) == 0
+
+
 def test_metric_products_run_at_highest_precision():
     _, params, x, f = _mlp()
     for metric in ("fisher", "jacobian"):
@@ -374,6 +455,14 @@ def test_penalty_loss_value_and_zero_gradient_at_anchor():
     assert float(m2["output_distance"]) > 0
     with pytest.raises(ValueError, match="anchors"):
         loss(params, {}, {"x": x, "y": batch["y"]}, None)
+    # The anchor network's logits may come with the batch instead (one per seed on an axis).
+    carried = ip.penalty_loss(base, f, None, weight=10.0)
+    v3, _ = jax.jit(carried)(
+        moved, {}, {**batch, "anchor_logits": f(params, batch["anchors"])}, None
+    )
+    np.testing.assert_allclose(v3, v2, rtol=1e-6)
+    with pytest.raises(ValueError, match="anchor_logits"):
+        carried(params, {}, batch, None)
 
 
 # ----------------------------------------------------------------------------- objectives
@@ -496,6 +585,15 @@ def test_experiment_rejects_bad_config_before_writing(tmp_path):
         with pytest.raises(ValueError, match=field):
             run_experiment("invariant_path", tmp_path / field, **{field: value})
         assert not os.path.exists(tmp_path / field)
+
+
+def test_experiment_writes_tensorboard_logs_when_asked(tmp_path):
+    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
+    run_experiment("invariant_path", tmp_path, tensorboard=True, parts=("continual",),
+                   continual_arms=("fip",), task2_steps=2)  # fmt: skip
+    for name in ("task1", "fip"):  # one log per training run: train/<name>/seeds_0-1/tb
+        (events,) = (tmp_path / "train" / name / "seeds_0-1" / "tb").glob("events.out.tfevents.*")
+        assert b"batch_loss" in events.read_bytes()  # the step metrics, as scalars
 
 
 def test_notebook_runs():

@@ -356,6 +356,28 @@ def test_init_states_slices_equal_init_state_per_seed(digits):
         chex.assert_trees_all_equal(ws.training.seed_slice(stacked, i), alone)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_seed_tx_args_give_each_seed_its_own(digits, vectorize):
+    # tx scales the gradient by its extra argument: seed i steps with scale[i]
+    def update(g, state, params=None, *, scale):
+        return jax.tree.map(lambda u: -scale * u, g), state
+
+    tx = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    model = ws.models.MLP(features=(8,))
+    loss_fn = ws.training.classification_loss(model.apply)
+    states = ws.training.init_states(model, tx, digits.x_train[:1], [0, 1])
+    batch = {"x": np.stack([digits.x_train[:8]] * 2), "y": np.stack([digits.y_train[:8]] * 2)}
+    step = ws.training.make_train_step(loss_fn, tx, seed_axis=True, vectorize_seeds=vectorize,
+                                       seed_tx_args=True, donate=False)  # fmt: skip
+    new, _ = step(states, batch, {"scale": jnp.array([0.1, 0.2])})
+    one = ws.training.make_train_step(loss_fn, tx, donate=False)
+    for i, scale in enumerate([0.1, 0.2]):
+        alone, _ = one(ws.training.seed_slice(states, i), ws.training.seed_slice(batch, i),
+                       {"scale": jnp.asarray(scale)})  # fmt: skip
+        chex.assert_trees_all_close(ws.training.seed_slice(new.params, i), alone.params,
+                                    rtol=1e-6, atol=1e-7)  # fmt: skip
+
+
 def test_a_seed_among_several_matches_the_seed_alone(digits):
     state, history = _seed_fit(digits, [0, 1, 2])
     assert np.shape(state.step) == (3,) and len(history[-1]["test_loss"]) == 3

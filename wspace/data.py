@@ -196,6 +196,21 @@ class GaussianBatches:
             yield {"x": (x[0] if isinstance(self.seed, int) else x).astype(np.float32)}
 
 
+def seed_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seeds: list[int], **per_seed: np.ndarray
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless ``{"x", "y"}`` batches with a leading seed axis, for steps with seeds as an axis.
+
+    Seed ``seeds[i]``'s slice is the batch ``batches(x, y, batch_size, seed=seeds[i],
+    epochs=None)`` draws (each seed its own data order); every batch also carries the
+    ``per_seed`` arrays (leading axis ``len(seeds)``) unchanged, e.g. each seed's buffer.
+    """
+    streams = [batches(x, y, batch_size, seed=s, epochs=None) for s in seeds]
+    for group in zip(*streams, strict=True):
+        yield {"x": np.stack([b["x"] for b in group]), "y": np.stack([b["y"] for b in group]),
+               **per_seed}  # fmt: skip
+
+
 def standardize(ds: Dataset) -> Dataset:
     """Returns ``ds`` with inputs shifted and scaled by the train set's mean and std.
 

@@ -17,11 +17,11 @@ This module gives both formulations:
 * `scale_by_invariant_metric` -- the metric step as an optax preconditioner, and
   the alias `invariant_path(learning_rate, apply_fn, ...)` = that plus
   ``optax.scale_by_learning_rate``. It solves ``(g + lambda I) d = grad`` by
-  `jax.scipy.sparse.linalg.cg` to a stated tolerance with matrix-free products
-  (`metric_matvec`: one `jax.linearize` per step at ``Precision.HIGHEST``, reused
-  by every CG iteration, and its transpose), records the residual in its state
-  and warns when a solve ends unconverged. The default metric is the softmax
-  Fisher ``J^T (diag p - p p^T) J / N`` (4x the Hessian of the Bhattacharyya
+  `conjugate_gradients` (also under `jax.vmap`) to a stated tolerance with
+  matrix-free products (`metric_matvec`: one `jax.linearize` per step at
+  ``Precision.HIGHEST``, reused by every CG iteration, and its transpose), records
+  the residual in its state and warns when a solve ends unconverged. The default
+  metric is the softmax Fisher ``J^T (diag p - p p^T) J / N`` (4x the Hessian of the Bhattacharyya
   distance the official code uses); ``metric="jacobian"`` is the Euclidean
   ``J^T J / N`` on the logits. The anchor inputs come as the keyword extra
   argument ``anchors=``.
@@ -54,6 +54,7 @@ from wspace.invariant_path._metric import (
     DISTANCES,
     METRICS,
     ScaleByInvariantMetricState,
+    conjugate_gradients,
     invariant_path,
     metric_matvec,
     output_distance,
@@ -77,6 +78,7 @@ __all__ = [
     "METRICS",
     "ScaleByInvariantMetricState",
     "adversarial_loss",
+    "conjugate_gradients",
     "diagonal_fisher",
     "ewc_loss",
     "fgsm",

@@ -260,10 +260,7 @@ def _batch_stream(data: data_lib.Dataset, batch_size: int, seed, seed_axis: bool
             data.x_train, data.y_train, batch_size, seed=seed, epochs=None,
             process_index=jax.process_index(), process_count=jax.process_count(),
         )  # fmt: skip
-    streams = [
-        data_lib.batches(data.x_train, data.y_train, batch_size, seed=s, epochs=None) for s in seed
-    ]
-    return (jax.tree.map(lambda *xs: np.stack(xs), *bs) for bs in zip(*streams, strict=True))
+    return data_lib.seed_batches(data.x_train, data.y_train, batch_size, seed)
 
 
 def _chunk_len(step: int, num_steps: int, period: int, chunk: int) -> int:

@@ -34,6 +34,7 @@ def make_train_step(
     donate: bool = True,
     seed_axis: bool = False,
     vectorize_seeds: bool = True,
+    seed_tx_args: bool = False,
 ) -> TrainStep:
     """Builds a compiled train step ``step(state, batch, tx_args=None) -> (state, metrics)``.
 
@@ -66,11 +67,13 @@ def make_train_step(
         convolution with per-seed kernels becomes a grouped convolution that ran ~2.8x
         slower than the loop for the ConvNet (8 seeds); dense models and accelerators
         favour vmap. The state and results are the same either way (float tolerance).
+      seed_tx_args: with ``seed_axis``, ``tx_args`` carry the seed axis too (each seed its
+        own, e.g. FIP anchors from its batch: ``fit(tx_args=lambda b: {"anchors": b["x"]})``).
     """
     _check_mode(mode)
     if mode == "sharded":
         mesh = mesh or default_mesh()
-    key = (loss_fn, tx, estimator, mode, mesh, donate, seed_axis, vectorize_seeds)
+    key = (loss_fn, tx, estimator, mode, mesh, donate, seed_axis, vectorize_seeds, seed_tx_args)
     try:
         return _cached_train_step(*key)
     except TypeError:  # an unhashable argument: build without the cache
@@ -78,7 +81,7 @@ def make_train_step(
 
 
 def _build_train_step(
-    loss_fn, tx, estimator, mode, mesh, donate, seed_axis, vectorize_seeds
+    loss_fn, tx, estimator, mode, mesh, donate, seed_axis, vectorize_seeds, seed_tx_args
 ) -> TrainStep:
     def step(state: TrainState, batch, tx_args, axis_name=None):
         key, sub = jax.random.split(state.key)
@@ -102,7 +105,13 @@ def _build_train_step(
         return new_state, metrics
 
     return compile_step(
-        step, mode, mesh, donate=donate, seed_axis=seed_axis, vectorize_seeds=vectorize_seeds
+        step,
+        mode,
+        mesh,
+        donate=donate,
+        seed_axis=seed_axis,
+        vectorize_seeds=vectorize_seeds,
+        seed_tx_args=seed_tx_args,
     )
 
 
@@ -146,6 +155,7 @@ class TrainStep:
         donate: bool,
         seed_axis: bool,
         vectorize_seeds: bool = True,
+        seed_tx_args: bool = False,
     ):
         self.mode, self.mesh, self.seed_axis = mode, mesh, seed_axis
         donate_argnums = (0,) if donate else ()
@@ -160,7 +170,7 @@ class TrainStep:
             )
             self._many = None
             return
-        one = _over_seeds(body, vectorize_seeds) if seed_axis else body
+        one = _over_seeds(body, vectorize_seeds, seed_tx_args) if seed_axis else body
 
         def many(state, batches, shared_args, step_args):
             def scan_body(s, xs):
@@ -215,10 +225,13 @@ class TrainStep:
         return self._many(state, batches, tx_args, None)
 
 
-def _over_seeds(body: Callable, vectorize: bool) -> Callable:
-    """``body`` over a leading seed axis of state and batch (``tx_args`` shared)."""
+def _over_seeds(body: Callable, vectorize: bool, seed_args: bool = False) -> Callable:
+    """``body`` over a leading seed axis of state and batch (and of ``tx_args`` with
+    ``seed_args``; else they are shared)."""
     if vectorize:
-        return jax.vmap(body, in_axes=(0, 0, None))
+        return jax.vmap(body, in_axes=(0, 0, 0 if seed_args else None))
+    if seed_args:
+        return lambda state, batch, args: jax.lax.map(lambda sba: body(*sba), (state, batch, args))
     return lambda state, batch, args: jax.lax.map(lambda sb: body(*sb, args), (state, batch))
 
 
@@ -230,6 +243,7 @@ def compile_step(
     donate: bool = True,
     seed_axis: bool = False,
     vectorize_seeds: bool = True,
+    seed_tx_args: bool = False,
 ) -> TrainStep:
     """Compiles ``step(state, batch, tx_args, axis_name=None) -> (state, metrics)`` for ``mode``.
 
@@ -238,8 +252,8 @@ def compile_step(
     or, with ``seed_axis``, state and batch split along their leading seed axis (seeds
     ``vmap``-ed, or looped with ``lax.map`` for ``vectorize_seeds=False``); ``pmap``:
     over local devices with ``axis_name="batch"`` (``step`` averages what it must).
-    Method modules with their own step body (e.g. `wspace.late_phase`) compile it
-    here.
+    ``seed_tx_args``: as in `make_train_step`. Method modules with their own step body
+    (e.g. `wspace.late_phase`) compile it here.
 
     Returns:
       a `TrainStep`.
@@ -248,7 +262,13 @@ def compile_step(
     if mode == "sharded":
         mesh = mesh or default_mesh()
     return TrainStep(
-        step, mode, mesh, donate=donate, seed_axis=seed_axis, vectorize_seeds=vectorize_seeds
+        step,
+        mode,
+        mesh,
+        donate=donate,
+        seed_axis=seed_axis,
+        vectorize_seeds=vectorize_seeds,
+        seed_tx_args=seed_tx_args,
     )
 
 

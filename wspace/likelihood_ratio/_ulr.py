@@ -387,8 +387,9 @@ def _folded_vjp(layer, theta, x, psi, w_signed) -> PyTree:
       layer: the unbound layer.
       theta: its parameters as the model used them (``kernel``, ``bias``).
       x: its inputs per copy, ``(S, P, B, ...)``.
-      psi: ``psi(dtype)``: per draw ``psi(e) / (sigma M)`` in ``dtype``, ``(P, B, ...)``.
-      w_signed: ``sign_s w_{s,p}``, ``(S, P)`` or ``(S, P, B)``.
+      psi: ``psi(dtype)``: per draw the score ``psi(e)`` in ``dtype``, ``(P, B, ...)``.
+      w_signed: ``sign_s w_{s,p}`` (any constant factor of ``psi`` included),
+        ``(S, P)`` or ``(S, P, B)``.
 
     Returns:
       The gradient with respect to ``theta``.
@@ -464,15 +465,15 @@ def _cotangents(cfg: ULR, sites, folded, primal, noises, inputs, w, per_layer):
     inputs = iter(inputs)
     out_cots, theta_cots = [], []
     for (name, _), layer, e, m in zip(sites, folded, noises, per_layer, strict=True):
-        psi = lambda dtype, name=name, e=e, m=m: (
-            score(cfg.noise, e.astype(dtype), _sigma_of(cfg.sigma, name)) / m
-        )
+        scale = 1 / (_sigma_of(cfg.sigma, name) * m)  # psi(e) = score(e, 1) / sigma, all families
+        unit_score = lambda dtype, e=e: score(cfg.noise, e.astype(dtype), 1.0)
         if layer is None:
             out = next(outs)
             w_out = w_signed.reshape(w_signed.shape + (1,) * (out.ndim - w_signed.ndim))
-            out_cots.append((w_out * psi(out.dtype)).astype(out.dtype))
+            out_cots.append((w_out * scale * unit_score(out.dtype)).astype(out.dtype))
         else:
-            theta_cots.append(_folded_vjp(layer, next(thetas), next(inputs), psi, w_signed))
+            theta = next(thetas)
+            theta_cots.append(_folded_vjp(layer, theta, next(inputs), unit_score, w_signed * scale))
     return out_cots, theta_cots
 
 

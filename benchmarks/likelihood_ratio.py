@@ -3,13 +3,16 @@ r"""ULR vs backprop (time, peak memory) and ULR vs ES vs evosax (cosine per forw
   PYTHONPATH=. python benchmarks/likelihood_ratio.py [--depths 4,8,16] [--width 256] [--rng]
 
 Part 1, side by side in one process, on deep ReLU MLPs at equal batch:
-time of one gradient (median of repeats, after compilation) and peak memory
-as XLA reports it for the compiled gradient function
+CPU time of one gradient (``time.process_time``, all threads: the median of
+``--repeats`` runs after compilation; ``--rounds`` such medians taken in
+turn for every method, so that load on a shared machine hits all alike),
+its ratio to backprop (median over rounds, and the rounds' range), and peak
+memory as XLA reports it for the compiled gradient function
 (``compiled.memory_analysis().temp_size_in_bytes``: the scratch buffers the
 program needs, activations included; parameters and outputs excluded).
 Baseline: ``jax.value_and_grad``. ULR one-pass and ULR ``recompute=True``.
 
-Part 3 (``--rng``): compile (CPU seconds) and run time of the whole ULR
+Part 3 (``--rng``): compile and run CPU time of the whole ULR
 estimator with its noise drawn by each `jax.random` implementation:
 threefry2x32 (the library's), rbg and unsafe_rbg (XLA RngBitGenerator).
 
@@ -47,28 +50,27 @@ def _setup(depth, width, batch, dim=64, seed=0):
     return model, params, {"x": x, "y": y}
 
 
-def _measure(fn, args, repeats):
-    compiled = jax.jit(fn).lower(*args).compile()
+def _temp_bytes(compiled) -> float:
     mem = compiled.memory_analysis()
-    temp = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
-    return _median_run(compiled, args, repeats), temp
+    return getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
 
 
 def _median_run(compiled, args, repeats) -> float:
-    """Median wall seconds of ``compiled(*args)`` over ``repeats`` runs, after one warm-up."""
-    jax.block_until_ready(compiled(*args))
+    """Median CPU seconds (`time.process_time`) of ``compiled(*args)`` over ``repeats`` runs."""
+    jax.block_until_ready(compiled(*args))  # warm-up
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.process_time()
         jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return statistics.median(times)
 
 
-def part1(depths, width, batch, copies, repeats):
+def part1(depths, width, batch, copies, repeats, rounds):
     print(f"\n== one gradient, MLP width {width}, batch {batch}, ULR N={copies} (antithetic) ==")
     print(
-        f"{'depth':>5} {'method':>16} {'time ms':>9} {'temp MiB':>9} {'time/bp':>8} {'mem/bp':>7}"
+        f"{'depth':>5} {'method':>16} {'cpu ms':>9} {'temp MiB':>9} {'time/bp':>8} "
+        f"{'(rounds range)':>15} {'mem/bp':>7}"
     )
     rows = []
     for depth in depths:
@@ -81,15 +83,24 @@ def part1(depths, width, batch, copies, repeats):
             "ulr": lr.ulr(num_copies=copies, antithetic=True)(per_ex),
             "ulr recompute": lr.ulr(num_copies=copies, antithetic=True, recompute=True)(per_ex),
         }
-        methods = {name: (lambda p, b, k, f=f: f(p, {}, b, k)[1]) for name, f in estimators.items()}
-        base = None
-        for name, fn in methods.items():
-            t, m = _measure(fn, (params, batch_, key), repeats)
-            base = base or (t, m)
-            rows.append((depth, name, t, m))
+        args = (params, batch_, key)
+        compiled = {
+            name: jax.jit(lambda p, b, k, f=f: f(p, {}, b, k)[1]).lower(*args).compile()
+            for name, f in estimators.items()
+        }
+        times: dict[str, list[float]] = {name: [] for name in compiled}
+        for _ in range(rounds):
+            for name, c in compiled.items():
+                times[name].append(_median_run(c, args, repeats))
+        for name, c in compiled.items():
+            t, m = statistics.median(times[name]), _temp_bytes(c)
+            ratios = [a / b for a, b in zip(times[name], times["backprop"], strict=True)]
+            rows.append((depth, name, t, m, statistics.median(ratios)))
+            spread = f"[{min(ratios):.2f}, {max(ratios):.2f}]"
             print(
                 f"{depth:>5} {name:>16} {1e3 * t:>9.2f} {m / 2**20:>9.2f} "
-                f"{t / base[0]:>8.2f} {m / base[1]:>7.2f}"
+                f"{statistics.median(ratios):>8.2f} {spread:>15} "
+                f"{m / _temp_bytes(compiled['backprop']):>7.2f}"
             )
     return rows
 
@@ -169,7 +180,7 @@ def part2(depth, width, batch, copies_list, repeats):
 def part3_rng(depths, width, batch, copies, repeats):
     """Whole-estimator compile and run time per noise RNG implementation."""
     print(f"\n== noise RNG: ULR N={copies} (antithetic), MLP width {width}, batch {batch} ==")
-    print(f"{'depth':>5} {'impl':>11} {'mode':>9} {'compile cpu-s':>13} {'run ms':>8}")
+    print(f"{'depth':>5} {'impl':>11} {'mode':>9} {'compile cpu-s':>13} {'run cpu-ms':>10}")
     threefry_key = _ulr._noise_key
 
     def impl_key(impl):
@@ -195,7 +206,7 @@ def part3_rng(depths, width, batch, copies, repeats):
                     tc = time.process_time() - t0
                     mode = "recompute" if recompute else "one-pass"
                     t_run = 1e3 * _median_run(compiled, args, repeats)
-                    print(f"{depth:>5} {impl:>11} {mode:>9} {tc:>13.2f} {t_run:>8.2f}")
+                    print(f"{depth:>5} {impl:>11} {mode:>9} {tc:>13.2f} {t_run:>10.2f}")
                     rows.append((depth, impl, mode, tc, t_run))
     finally:
         _ulr._noise_key = threefry_key
@@ -209,6 +220,7 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--copies", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="part 1: interleaved rounds")
     parser.add_argument("--rng", action="store_true", help="only part 3 (noise RNG timings)")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
@@ -216,9 +228,8 @@ def main():
         depths = [int(d) for d in args.depths.split(",")]
         part3_rng(depths, args.width, args.batch, args.copies, args.repeats)
         return
-    part1(
-        [int(d) for d in args.depths.split(",")], args.width, args.batch, args.copies, args.repeats
-    )
+    depths = [int(d) for d in args.depths.split(",")]
+    part1(depths, args.width, args.batch, args.copies, args.repeats, args.rounds)
     part2(8, args.width, args.batch, [16, 64], max(args.repeats // 2, 3))
 
 

@@ -315,18 +315,60 @@ def test_forward_evaluations_counted_exactly():
     assert lr.es(num_copies=6, baseline="clean").forward_evaluations == 7
 
 
-def test_after_barrier_only_on_cpu_or_recompute(monkeypatch):
-    """`_after` (``x != x`` on one element) appears on CPU or with recompute, not on GPU."""
+def test_after_barrier_only_with_recompute():
+    """`_after` (``x != x`` on one element) schedules the recompute passes only.
+
+    The one-pass estimator draws every site's noise first (it keeps it for
+    the cotangents anyway), so nothing there needs ordering.
+    """
     params, batch = _problem(_SMOOTH)
 
     def barriers(**options):
         jaxpr = _trace(lr.ulr(num_copies=2, **options), params, batch)
         return sum(e.primitive.name == "ne" and e.invars[0] is e.invars[1] for e in _eqns(jaxpr))
 
-    assert barriers() == 3  # one per perturbed layer on CPU
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert barriers() == 0
     assert barriers(recompute=True) > 0
+
+
+@pytest.mark.parametrize(
+    "model,per_example,options",
+    [
+        (_TinyConv(), True, dict(antithetic=True, baseline="mean")),
+        (_SMOOTH, False, dict(antithetic=True, layerwise=True, baseline="clean")),
+        (_SMOOTH, True, dict(noise="laplace")),
+    ],
+    ids=["conv-antithetic-mean", "scalarloss-layerwise-clean", "laplace-plain"],
+)
+def test_folded_vjp_equals_per_copy_vjp(monkeypatch, model, per_example, options):
+    """Dense/Conv gradients folded over antithetic pairs == the per-copy VJP (same noise),
+    and the folded kernel product runs over P = N/2 draws of the batch, not N copies."""
+    from wspace.likelihood_ratio import _ulr
+
+    params, batch = _problem(model)
+    loss = ws.training.classification_loss(model.apply, per_example=per_example)
+    key = jax.random.PRNGKey(4)
+    shape = params["head"]["kernel"].shape
+    lhs_dims = lambda numbers: numbers[0][0] + numbers[1][0]  # contracting + batch axes
+
+    def gradient_and_rows():  # a new estimator each time: no cached trace
+        est = lr.ulr(num_copies=8, sigma=0.1, **options)(loss)
+        with _HIGHEST():
+            grad = _flat(jax.jit(est)(params, {}, batch, key)[1])
+        rows = max(  # rows the head kernel's gradient contracts (its largest product)
+            math.prod(e.invars[0].aval.shape[d] for d in lhs_dims(e.params["dimension_numbers"]))
+            for e in _eqns(jax.make_jaxpr(est)(params, {}, batch, key).jaxpr)
+            if e.primitive.name == "dot_general" and e.outvars[0].aval.shape in (shape, shape[::-1])
+        )
+        return grad, rows
+
+    folded, folded_rows = gradient_and_rows()
+    monkeypatch.setattr(_ulr, "_foldable", lambda *args: False)
+    per_copy, per_copy_rows = gradient_and_rows()
+    assert np.abs(per_copy).max() > 0
+    np.testing.assert_allclose(folded, per_copy, rtol=1e-5, atol=1e-6 * np.abs(per_copy).max())
+    pairs = 4 if options.get("antithetic") else 8
+    assert folded_rows == pairs * 8 and per_copy_rows == 8 * 8
 
 
 def test_noise_distribution_independence_and_antithetic_pairs():

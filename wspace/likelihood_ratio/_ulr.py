@@ -6,7 +6,9 @@ For every Dense/Conv output ``o_l`` the model computes ``o_l + sigma_l e_l``
 it to parameter gradients, ``g_l = J_{theta_l}(o_l)^T c_l`` (``x_l^T c_l`` for a
 Dense layer). The copies run as one `jax.vmap`; each site's noise is drawn
 for all copies at once, each independent draw once (antithetic partners
-share theirs).
+share theirs). For Dense/Conv layers the local VJP runs once per draw, not
+per copy: the two copies of an antithetic pair share their noise, so their
+weighted inputs are summed first (`_folded_vjp`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from wspace.likelihood_ratio._noise import _noise_key, num_pairs, pair_noise, sc
 PyTree = Any
 
 LAYER_TYPES = (nn.Dense, nn.Conv)
-_COPIES = "ulr_copies"  # the vmap axis of the copies
+_SIGNS, _PAIRS = "ulr_signs", "ulr_pairs"  # the vmap axes of the copies
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -243,12 +245,11 @@ def _after(value, x, axis_names=()):
     """``value``, made data-dependent on ``x`` so XLA cannot compute with it early.
 
     ``x != x`` is false except for NaN, and XLA may not fold it away; the
-    value is unchanged for finite inputs. Needed on XLA:CPU (an optimisation
-    barrier does not survive its pipeline; without this all layers' noise is
-    materialised at the start and memory grows with depth) and in
-    ``recompute`` mode; see `_needs_after`. Under the copies' `jax.vmap`
-    the probe is summed over ``axis_names`` so that ``value`` stays unbatched
-    (a site's noise is drawn once for all copies, not once per copy).
+    value is unchanged for finite inputs. Used in ``recompute`` mode, whose
+    point is that no two layers' noise or inputs are held at once (an
+    optimisation barrier does not survive XLA:CPU's pipeline). Under the
+    copies' `jax.vmap` the probe is summed over ``axis_names`` so that
+    ``value`` stays unbatched (a site's noise is drawn once for all copies).
     """
     probe = jnp.ravel(x)[0]
     if axis_names:
@@ -259,46 +260,67 @@ def _after(value, x, axis_names=()):
     return value + (probe != probe).astype(value.dtype)
 
 
-def _needs_after(recompute: bool) -> bool:
-    """`_after` only where it is needed: the XLA:CPU pipeline, or ``recompute`` mode."""
-    return recompute or jax.default_backend() == "cpu"
-
-
 # ----------------------------------------------------------------------------- estimator
 
 
-def _site_noise(cfg: ULR, key_noise, site, shape, num_sites: int, i: int, dtype) -> jax.Array:
-    """``(N, *shape)``: every copy's unit noise at perturbed site ``i``, each draw made once.
+def _site_noise(cfg: ULR, key_noise, site, pair, shape, num_sites: int, i: int):
+    """Unit noise of draw ``pair`` (one antithetic pair, or one copy) at perturbed site ``i``.
 
-    The ``P`` independent draws (`num_pairs`) are stacked by `jax.lax.map`, a
-    loop whose output XLA stores: fused into its consumers instead (the noisy
-    forward and the cotangent), the threefry hash would be computed once per
-    consumer. Antithetic partners are the negated stack; with ``layerwise``
-    the draws of pairs assigned to other sites are zeroed.
+    With ``layerwise`` the draws of pairs assigned to other sites are zeroed.
     """
     n_pairs = num_pairs(cfg.num_copies, cfg.antithetic)
-    pairs = jnp.arange(n_pairs)
-    draw = functools.partial(
-        pair_noise, key_noise, site, shape=shape, noise=cfg.noise, num_pairs=n_pairs, qmc=cfg.qmc
-    )
-    e = jax.lax.map(lambda p: draw(p, dtype=dtype), pairs)
+    e = pair_noise(key_noise, site, pair, shape, noise=cfg.noise, num_pairs=n_pairs, qmc=cfg.qmc)
     if cfg.layerwise:
-        e = e * (pairs % num_sites == i).astype(e.dtype).reshape((-1,) + (1,) * len(shape))
-    return jnp.concatenate([e, -e]) if cfg.antithetic else e
+        e = e * (pair % num_sites == i).astype(e.dtype)
+    return e
 
 
-def _noisy_copies(cfg: ULR, loss_fn, has_aux, num_sites, model_state, batch, key_noise, key_loss):
-    """``wide(params) -> (outs, (losses, aux, noises))``: the N noisy passes as one program.
+def _pair_draws(cfg: ULR, key_noise, site, shape, num_sites: int, i: int) -> jax.Array:
+    """``(P, *shape)`` float32: the ``P`` independent draws (`num_pairs`) at site ``i``, each once.
 
-    A `jax.vmap` over copies. Each site's noise (`_site_noise`, all copies)
-    is drawn once, outside the copy axis, and comes back as is; ``outs``
-    (each perturbed layer's noise-free output), the losses and ``aux`` come
-    back per copy.
+    Stacked by `jax.lax.map`, a loop whose output XLA stores: drawn under a
+    vmap instead, the threefry hash fuses into each consumer (the noisy
+    forward of both signs, the cotangent) and is computed once for each (an
+    optimisation barrier does not survive XLA:CPU's pipeline).
     """
-    delay = _needs_after(cfg.recompute)
+    n_pairs = num_pairs(cfg.num_copies, cfg.antithetic)
+    draw = lambda pair: _site_noise(cfg, key_noise, site, pair, shape, num_sites, i)
+    return jax.lax.map(draw, jnp.arange(n_pairs))
 
-    def one_copy(p, copy):
-        counter, outs, noises = [0], [], []
+
+def _signs(cfg: ULR) -> jax.Array:
+    """The sign of copy ``n = s P + p`` on its draw: ``[+1]``, or ``[+1, -1]`` (antithetic)."""
+    return jnp.array([1.0, -1.0] if cfg.antithetic else [1.0])
+
+
+def _every_copy_noise(cfg: ULR, key_noise, site, shape, num_sites: int, i: int):
+    """``(N, *shape)``: every copy's unit noise at site ``i``, as the one-pass copies see it."""
+    e = _pair_draws(cfg, key_noise, site, shape, num_sites, i)
+    signs = _signs(cfg).reshape((-1, 1) + (1,) * len(shape))
+    return (signs * e).reshape((cfg.num_copies,) + tuple(shape))
+
+
+def _noisy_copies(cfg: ULR, loss_fn, has_aux, sites, model_state, batch, key_noise, key_loss):
+    """``wide(params) -> ((outs, thetas), (losses, aux, noises, inputs))``: the N noisy passes.
+
+    Two nested vmaps: over the signs (outer) and the ``P`` independent draws
+    (inner), so copy ``n = s P + p`` is copy-major (partner ``n + N/2``).
+    The noise of every site is drawn first (`_pair_draws`, ``(P, *shape)``)
+    and enters the inner vmap as an input: each copy reads its own draw, no
+    gather, and ``noises`` are these draws. Per perturbed site, in call
+    order, ``wide.folded[i]`` says how its gradient is formed: ``None``, by
+    the VJP of its noise-free output (in ``outs``, per copy ``(S, P, ...)``);
+    else the unbound layer, whose parameters as the model used them
+    (``thetas``) and inputs (``inputs``, per copy) feed `_folded_vjp`. The
+    losses and ``aux`` come back per copy. In ``recompute`` mode (the noises
+    are not kept) each site draws its noise in the pass instead, once its
+    input exists (`_after`), so that no two layers' noise is held at once.
+    """
+    num_sites = len(sites)
+    folded: list = []
+
+    def one_copy(p, sign, pair, drawn):
+        counter, outs, thetas, inputs = [0], [], [], []
 
         def intercept(next_fun, args, kwargs, context):
             if not _is_site(context, cfg.layer_types):
@@ -306,19 +328,97 @@ def _noisy_copies(cfg: ULR, loss_fn, has_aux, num_sites, model_state, batch, key
             i = counter[0]
             counter[0] += 1
             x = jax.lax.stop_gradient(args[0])  # local VJP only: no path through x
-            site = _after(jnp.uint32(i), x, _COPIES) if delay else i
             out = next_fun(x, *args[1:], **kwargs)
-            e = _site_noise(cfg, key_noise, site, out.shape, num_sites, i, out.dtype)
-            outs.append(out)
-            noises.append(e)
-            return out + _sigma_of(cfg.sigma, _layer_name(context.module)) * e[copy]
+            if drawn is None:
+                site = _after(jnp.uint32(i), x, (_SIGNS, _PAIRS))
+                e = _pair_draws(cfg, key_noise, site, out.shape, num_sites, i)[pair]
+            else:
+                e = drawn[i]
+            if drawn is not None and _foldable(context, args, kwargs):
+                folded.append(context.module.clone(parent=None))
+                thetas.append(context.module.variables["params"])
+                inputs.append(x)
+            else:
+                folded.append(None)
+                outs.append(out)
+            sigma = _sigma_of(cfg.sigma, _layer_name(context.module))
+            return out + (sigma * sign * e).astype(out.dtype)
 
         with nn.intercept_methods(intercept):
             loss, aux = split_loss(loss_fn(p, model_state, batch, key_loss), has_aux)
-        return outs, (loss, aux, noises)
+        return (outs, thetas), (loss, aux, inputs)
 
-    copies = jax.vmap(one_copy, (None, 0), (0, (0, 0, None)), axis_name=_COPIES)
-    return lambda p: copies(p, jnp.arange(cfg.num_copies))
+    axes = ((0, None), (0, 0, 0))  # thetas do not depend on the copy
+    per_pair = jax.vmap(one_copy, (None, None, 0, 0), axes, axis_name=_PAIRS)
+    copies = jax.vmap(per_pair, (None, 0, None, None), axes, axis_name=_SIGNS)
+    pairs = jnp.arange(num_pairs(cfg.num_copies, cfg.antithetic))
+    noises = None
+    if not cfg.recompute:
+        noises = [
+            _pair_draws(cfg, key_noise, i, shape, num_sites, i)
+            for i, (_, shape) in enumerate(sites)
+        ]
+
+    def wide(p):
+        folded.clear()
+        primal, (losses, aux, inputs) = copies(p, _signs(cfg), pairs, noises)
+        return primal, (losses, aux, noises, inputs)
+
+    wide.folded = folded  # type: ignore[attr-defined]  # filled when wide is traced
+    return wide
+
+
+def _foldable(context, args, kwargs) -> bool:
+    """Whether a site's parameter VJP may be folded over the copies of a pair (`_folded_vjp`).
+
+    Exactly `flax.linen.Dense` and `flax.linen.Conv` (a subclass may compute
+    something else) called on one input with a leading example axis: per
+    example their output is ``A(x; kernel) + bias`` with ``A`` linear in ``x``.
+    """
+    dense_or_conv = type(context.module) in (nn.Dense, nn.Conv)
+    return dense_or_conv and len(args) == 1 and not kwargs and jnp.ndim(args[0]) >= 2
+
+
+def _folded_vjp(layer, theta, x, psi, w_signed) -> PyTree:
+    """``sum_{s,p} J_theta(x_{s,p})^T (w_{s,p} sign_s psi_p)`` for a Dense/Conv layer, over P rows.
+
+    Per example the output is ``A(x; kernel) + bias`` with ``A`` linear in
+    ``x``, so the kernel's VJP ``A(x)^T c`` is bilinear: a per-example factor
+    moves from the cotangent to the input and the copies of a pair, which
+    share ``psi``, fold into one, ``sum_s A(x_s)^T (w_s sign_s psi) =
+    A(x~)^T psi`` with ``x~ = sum_s sign_s w_s x_s``: one transposed product
+    over P draws instead of N copies (half the rows with antithetic pairs).
+    The bias's VJP does not depend on ``x``: ``J(0)^T (dw psi)``,
+    ``dw = sum_s sign_s w_s``, one example's (summed over examples). The
+    same sum as the per-copy VJP, up to rounding.
+
+    Args:
+      layer: the unbound layer.
+      theta: its parameters as the model used them (``kernel``, ``bias``).
+      x: its inputs per copy, ``(S, P, B, ...)``.
+      psi: ``psi(dtype)``: per draw the score ``psi(e)`` in ``dtype``, ``(P, B, ...)``.
+      w_signed: ``sign_s w_{s,p}`` (any constant factor of ``psi`` included),
+        ``(S, P)`` or ``(S, P, B)``.
+
+    Returns:
+      The gradient with respect to ``theta``.
+    """
+    out_dtype = jax.eval_shape(lambda: layer.apply({"params": theta}, x[0, 0])).dtype
+    psi = psi(out_dtype)
+    expand = lambda a, ndim: a.reshape(a.shape + (1,) * (ndim - a.ndim))
+    # unrolled sums over the signs (a jnp.sum over that axis becomes a dot on XLA:CPU)
+    x_fold = sum(expand(w_signed[s], x.ndim - 1) * x[s] for s in range(len(x)))
+    dw = sum(w_signed[s] for s in range(len(x)))
+    dw_psi = jnp.sum(expand(dw, psi.ndim) * psi, (0, 1), keepdims=True)[0]
+
+    def transpose(inputs, cot):  # J(inputs)^T cot: the layer is linear in its parameters
+        apply = lambda t: layer.apply({"params": t}, inputs)
+        return jax.linear_transpose(apply, theta)(cot.astype(out_dtype))[0]
+
+    rows = lambda a: a.reshape((-1,) + a.shape[2:])
+    g = transpose(jnp.zeros((1,) + x.shape[3:], x.dtype), dw_psi)  # the bias
+    g["kernel"] = transpose(rows(x_fold.astype(x.dtype)), rows(psi))["kernel"]
+    return g
 
 
 def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):
@@ -329,13 +429,14 @@ def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):
     )
     _check_sites(sites, cfg)
     per_layer = _copies_per_site(cfg, len(sites))
-    wide = _noisy_copies(cfg, loss_fn, has_aux, len(sites), model_state, batch, key_noise, key_loss)
+    wide = _noisy_copies(cfg, loss_fn, has_aux, sites, model_state, batch, key_noise, key_loss)
 
-    # Pass 1 (the only one unless recompute): losses, and layer outputs for the VJP.
+    # Pass 1 (the only one unless recompute): losses, and layer outputs/inputs for the VJP.
     if cfg.recompute:
-        _, (losses, aux, _) = wide(params)
+        _, (losses, aux, _, _) = wide(params)
     else:
-        outs, vjp_fn, (losses, aux, noises) = jax.vjp(wide, params, has_aux=True)
+        primal, vjp_fn, (losses, aux, noises, inputs) = jax.vjp(wide, params, has_aux=True)
+    losses, aux = jax.tree.map(lambda a: a.reshape((cfg.num_copies,) + a.shape[2:]), (losses, aux))
     losses = _check_losses(losses, sites)
     clean_loss, clean_aux = None, None
     if cfg.baseline == "clean":
@@ -350,15 +451,39 @@ def _ulr_gradient(cfg: ULR, loss_fn, has_aux, params, model_state, batch, key):
             cfg, loss_fn, params, model_state, batch_w, key_noise, key_loss, w, per_layer
         )
     else:
-        cots = []
-        for (name, _), out, e, m in zip(sites, outs, noises, per_layer, strict=True):
-            psi = score(cfg.noise, e, _sigma_of(cfg.sigma, name))
-            cots.append(w.reshape(w.shape + (1,) * (out.ndim - w.ndim)) * psi / m)
-        (grads,) = vjp_fn(cots)
+        (grads,) = vjp_fn(
+            _cotangents(cfg, sites, wide.folded, primal, noises, inputs, w, per_layer)
+        )
 
     loss = jnp.mean(losses) if clean_loss is None else jnp.mean(clean_loss)
     aux = reduce_copies(aux) if clean_loss is None else clean_aux
     return ((loss, aux) if has_aux else loss), grads
+
+
+def _cotangents(cfg: ULR, sites, folded, primal, noises, inputs, w, per_layer):
+    """The cotangents of ``wide``'s ``(outs, thetas)``: the estimate, site by site.
+
+    Copy ``(s, p)`` has noise ``sign_s e_p``, so its output cotangent is
+    ``c = w_{s,p} sign_s psi(e_p) / M`` (psi is odd); a folded site gets the
+    parameter gradient `_folded_vjp` forms from the same ``c``.
+    """
+    signs = _signs(cfg)
+    w_signed = w.reshape(signs.shape + (-1,) + w.shape[1:])
+    w_signed = w_signed * signs.reshape((-1,) + (1,) * (w_signed.ndim - 1))
+    outs, thetas = iter(primal[0]), iter(primal[1])
+    inputs = iter(inputs)
+    out_cots, theta_cots = [], []
+    for (name, _), layer, e, m in zip(sites, folded, noises, per_layer, strict=True):
+        scale = 1 / (_sigma_of(cfg.sigma, name) * m)  # psi(e) = score(e, 1) / sigma, all families
+        unit_score = lambda dtype, e=e: score(cfg.noise, e.astype(dtype), 1.0)
+        if layer is None:
+            out = next(outs)
+            w_out = w_signed.reshape(w_signed.shape + (1,) * (out.ndim - w_signed.ndim))
+            out_cots.append((w_out * scale * unit_score(out.dtype)).astype(out.dtype))
+        else:
+            theta = next(thetas)
+            theta_cots.append(_folded_vjp(layer, theta, next(inputs), unit_score, w_signed * scale))
+    return out_cots, theta_cots
 
 
 # ----------------------------------------------------------------------------- recompute
@@ -416,7 +541,7 @@ def _second_pass(
         )
         inside[0] = False
         per_copy = (out.shape[0] // n,) + out.shape[1:]
-        e = _site_noise(cfg, key_noise, site, per_copy, len(per_layer), i, out.dtype)
+        e = _every_copy_noise(cfg, key_noise, site, per_copy, len(per_layer), i).astype(out.dtype)
         sigma = _sigma_of(cfg.sigma, _layer_name(context.module))
         w = copy_weights.reshape(copy_weights.shape + (1,) * (e.ndim - copy_weights.ndim))
         cot = (w * score(cfg.noise, e, sigma) / per_layer[i]).reshape(out.shape)

@@ -81,7 +81,7 @@ def validate_common(config) -> None:
 
     if config.size not in SIZES:
         raise ValueError(f"config.size={config.size!r}; use one of {SIZES}")
-    require_at_least_one(config, "num_seeds")
+    check(config, counts=("num_seeds",))
     if config.mode not in MODES:
         raise ValueError(f"config.mode={config.mode!r}; use one of {MODES}")
     _check_dataset_name(config.dataset)
@@ -101,13 +101,19 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def check(config, subsets: Mapping[str, Sequence] | None = None, **rules: Sequence[str]) -> None:
+def check(
+    config,
+    choices: Mapping[str, Sequence] | None = None,
+    subsets: Mapping[str, Sequence] | None = None,
+    **rules: Sequence[str],
+) -> None:
     """Validates fields by rule; raises ValueError naming the first bad field and its value.
 
     ``rules`` maps a rule (``counts``, ``positive``, ``nonnegative``, ``fractions``,
-    ``open_fractions``, ``widths``) to the fields it applies to; ``subsets`` maps a
-    list-valued field to its allowed values (the list must be non-empty), e.g.
-    ``check(config, counts=("steps",), positive=("lr",), subsets={"arms": ARMS})``.
+    ``open_fractions``, ``widths``) to the fields it applies to; ``choices`` maps a field to
+    its allowed values; ``subsets`` maps a list-valued field to its allowed values (the
+    list must be non-empty), e.g. ``check(config, counts=("steps",), positive=("lr",),
+    choices={"optimizer": ("sgd", "adam")}, subsets={"arms": ARMS})``.
     """
     for rule, fields in rules.items():
         if rule not in _RULES:
@@ -116,17 +122,15 @@ def check(config, subsets: Mapping[str, Sequence] | None = None, **rules: Sequen
         for field in fields:
             if not ok(config[field]):
                 raise ValueError(f"config.{field}={config[field]!r}; must be {what}")
+    for field, allowed in (choices or {}).items():
+        if config[field] not in allowed:
+            raise ValueError(f"config.{field}={config[field]!r}; use one of {tuple(allowed)}")
     for field, allowed in (subsets or {}).items():
         given = list(config[field])
         bad = [a for a in given if a not in allowed]
         if bad or not given:
             what = f"unknown {bad}" if bad else "empty"
             raise ValueError(f"config.{field}={given!r} ({what}); use a subset of {tuple(allowed)}")
-
-
-def require_at_least_one(config, *fields: str) -> None:
-    """Raises ValueError naming the first of ``fields`` that is not an int >= 1 (counts, sizes)."""
-    check(config, counts=fields)
 
 
 def _check_dataset_name(name: str) -> None:
@@ -324,11 +328,6 @@ def run_arms(
     return results
 
 
-def per_seed(fn: Callable[[int], dict]) -> Callable[[list[int]], list[dict]]:
-    """Adapts a one-seed ``fn(seed) -> dict`` to `run_arms` (a loop, for arms without an axis)."""
-    return lambda seeds_: [fn(s) for s in seeds_]
-
-
 def seeds_workdir(workdir: str, arm: str, seeds_: Sequence[int]) -> str:
     """The one workdir (checkpoints, metrics) of ``arm`` trained for ``seeds_`` at once."""
     return os.path.join(workdir, "train", arm, f"seeds_{_seed_text(seeds_)}")
@@ -420,15 +419,6 @@ def _check_finite_metrics(result: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- statistics
 
 
-def paired_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of ``a - b`` (paired by index) and its 95% t interval (`claims.paired_t`)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    if d.ndim != 1 or len(d) == 0:
-        raise ValueError(f"need equally many paired values, got {len(a)} and {len(b)}")
-    (lo, hi), _ = claims_lib.paired_t(d, 0.0)
-    return float(d.mean()), lo, hi
-
-
 def mean_ci(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Mean over seeds (``axis``) and the half-width of its 95% t interval (NaN for one seed).
 
@@ -462,26 +452,6 @@ def _t_half_width(values: np.ndarray, level: float = 0.95) -> float:
     if n < 2:
         return math.nan
     return float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
-
-
-def compare(
-    claim: str,
-    metric,
-    arm: str,
-    baseline: str,
-    per_arm: Mapping[str, list[dict]],
-    *,
-    higher_is_better: bool = True,
-    margin: float = 0.0,
-    metric_name: str | None = None,
-) -> dict:
-    """One claim judged alone: ``judge([Claim(claim, metric, arm, ...)], per_arm)[0]``.
-
-    Kept for experiments not yet declaring `Claim` lists; `save_results` applies Holm
-    over all claims of the file either way.
-    """
-    c = Claim(claim, metric, arm, baseline, higher_is_better, margin, metric_name)
-    return judge([c], per_arm)[0]
 
 
 def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:

@@ -23,15 +23,9 @@ OPTIMIZERS = ("sgd", "adam")
 
 def validate(config) -> None:
     """Rejects bad fields before any work or file write."""
-    if config.model not in ws.models.MODELS:
-        raise ValueError(f"config.model={config.model!r}; use one of {sorted(ws.models.MODELS)}")
-    if config.dtype not in ws.models.DTYPES:
-        raise ValueError(f"config.dtype={config.dtype!r}; use one of {sorted(ws.models.DTYPES)}")
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"config.optimizer={config.optimizer!r}; use one of {OPTIMIZERS}")
-    common.require_at_least_one(config, "steps", "batch_size", "eval_every")
-    if not config.lr > 0 or config.lr == float("inf"):
-        raise ValueError(f"config.lr={config.lr}; must be finite and > 0")
+    choices = {"model": sorted(ws.models.MODELS), "dtype": sorted(ws.models.DTYPES)}
+    common.check(config, choices={**choices, "optimizer": OPTIMIZERS}, positive=("lr",),
+                 counts=("steps", "batch_size", "eval_every"))  # fmt: skip
 
 
 def make_optimizer(name: str, lr: float, steps: int) -> optax.GradientTransformation:

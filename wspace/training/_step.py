@@ -104,15 +104,8 @@ def _build_train_step(
         )
         return new_state, metrics
 
-    return compile_step(
-        step,
-        mode,
-        mesh,
-        donate=donate,
-        seed_axis=seed_axis,
-        vectorize_seeds=vectorize_seeds,
-        seed_tx_args=seed_tx_args,
-    )
+    seeds = dict(seed_axis=seed_axis, vectorize_seeds=vectorize_seeds, seed_tx_args=seed_tx_args)
+    return compile_step(step, mode, mesh, donate=donate, **seeds)
 
 
 _cached_train_step = functools.lru_cache(maxsize=128)(_build_train_step)
@@ -261,15 +254,8 @@ def compile_step(
     _check_mode(mode)
     if mode == "sharded":
         mesh = mesh or default_mesh()
-    return TrainStep(
-        step,
-        mode,
-        mesh,
-        donate=donate,
-        seed_axis=seed_axis,
-        vectorize_seeds=vectorize_seeds,
-        seed_tx_args=seed_tx_args,
-    )
+    seeds = dict(seed_axis=seed_axis, vectorize_seeds=vectorize_seeds, seed_tx_args=seed_tx_args)
+    return TrainStep(step, mode, mesh, donate=donate, **seeds)
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:

@@ -7,11 +7,13 @@ Side by side in one process, wall time including compilation (what a user waits 
   serial  S calls of `ws.training.fit`, one per seed, with one compiled step (the step
           cache makes the rebuilt step free; before it, every seed also compiled);
   axis    one `fit` of S seeds as one program (`init_states`, `seed_axis=True`, fused
-          steps between evaluations).
+          steps between evaluations), the seeds vmapped;
+  loop    the same program with the seeds looped inside the step (`vectorize_seeds=False`,
+          `lax.map`): what convolutions want on XLA:CPU (`--loop`, on by default).
 Problems: the MLP on digits (the issue's command), the ConvNet on mnist1d, ResNet-20 on
 random 32x32x3 inputs. The persistent compilation cache is off here, so every row pays its
 compilation; the baseline of each ratio is the serial run with the same S. Prints seconds
-and the ratios axis / serial and axis(S) / axis(1).
+and the ratios axis / serial and loop / serial.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ flags.DEFINE_list("models", ["mlp", "convnet", "resnet20"], "Problems (see the d
 flags.DEFINE_integer("batch_size", 0, "Batch size (0: each problem's own).")
 flags.DEFINE_string("dtype", "float32", "Computation dtype (float32 | bfloat16).")
 flags.DEFINE_bool("serial", True, "Also time the serial baseline.")
+flags.DEFINE_bool("loop", True, "Also time the seed axis looped inside the step.")
 FLAGS = flags.FLAGS
 
 # model -> (dataset, steps, eval_every, batch size)
@@ -56,7 +59,7 @@ def _time(fn) -> float:
 
 
 def run_problem(model_name: str, seeds: list[int]) -> dict[str, dict[int, float]]:
-    """Seconds for each S: ``{"serial": {S: s}, "axis": {S: s}}``."""
+    """Seconds for each S: ``{"serial": {S: s}, "axis": {S: s}, "loop": {S: s}}``."""
     data_name, steps, eval_every, batch = PROBLEMS[model_name]
     batch = FLAGS.batch_size or batch
     ds = _dataset(data_name)
@@ -65,16 +68,21 @@ def run_problem(model_name: str, seeds: list[int]) -> dict[str, dict[int, float]
     loss_fn = ws.training.classification_loss(model.apply)
     kw = dict(apply_fn=model.apply, num_steps=steps, batch_size=batch, eval_every=eval_every,
               progress=False)  # fmt: skip
-    out = {"serial": {}, "axis": {}}
+    out: dict[str, dict[int, float]] = {"serial": {}, "axis": {}, "loop": {}}
     for s in seeds:
-        jax.clear_caches()  # every row pays its compilation, as a fresh process would
 
-        def axis(s=s):
+        def axis(s=s, vectorize=True):
             state = ws.training.init_states(model, tx, ds.x_train[:1], list(range(s)))
-            step = ws.training.make_train_step(loss_fn, tx, seed_axis=True)
+            step = ws.training.make_train_step(
+                loss_fn, tx, seed_axis=True, vectorize_seeds=vectorize
+            )
             return ws.training.fit(state, step, ds, seed=list(range(s)), **kw)[0].params
 
+        jax.clear_caches()  # every row pays its compilation, as a fresh process would
         out["axis"][s] = _time(axis)
+        if FLAGS.loop:
+            jax.clear_caches()
+            out["loop"][s] = _time(lambda s=s: axis(s, vectorize=False))
         if not FLAGS.serial:
             continue
         jax.clear_caches()
@@ -96,20 +104,14 @@ def main(argv):
     del argv
     seeds = [int(s) for s in FLAGS.seeds]
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), dtype {FLAGS.dtype}")
-    print("| problem | S | serial (s) | axis (s) | axis / serial | axis(S) / axis(1) |")
-    print("|---|---|---|---|---|---|")
+    print("| problem | S | serial (s) | axis (s) | loop (s) | axis / serial | loop / serial |")
+    print("|---|---|---|---|---|---|---|")
     for name in FLAGS.models:
         times = run_problem(name, seeds)
-        base = times["axis"].get(1)
         for s in seeds:
-            ser = times["serial"].get(s)
-            ax = times["axis"][s]
-            cells = [
-                f"{ser:.1f}" if ser else "–",
-                f"{ax:.1f}",
-                f"{ax / ser:.2f}" if ser else "–",
-                f"{ax / base:.2f}" if base else "–",
-            ]
+            ser, ax, lp = (times[k].get(s) for k in ("serial", "axis", "loop"))
+            cells = [f"{t:.1f}" if t else "–" for t in (ser, ax, lp)]
+            cells += [f"{t / ser:.2f}" if t and ser else "–" for t in (ax, lp)]
             print(f"| {name} ({PROBLEMS[name][0]}) | {s} | " + " | ".join(cells) + " |", flush=True)
 
 

@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 
+from tests.helpers import FAST_COMPILE_FLAGS, _compilation_cache_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, BATCH, EVAL_EVERY, DIE_AT = 12, 32, 4, 9
 SEEDS = [0, 1]
@@ -143,7 +145,8 @@ def _run_workers(tmp_path):
         **os.environ,
         "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1 " + FAST_COMPILE_FLAGS,
+        **_compilation_cache_env(),
     }
     procs = []
     for i in range(2):

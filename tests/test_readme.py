@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-from tests.helpers import ROOT, _env
+from tests.helpers import FAST_RUN_FLAGS, ROOT, _env
 
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
 
@@ -41,7 +41,7 @@ def test_readme_blocks_are_found():
 
 
 def test_readme_python_blocks_run_in_order_in_one_interpreter(tmp_path):
-    env = {**_env(), "WSPACE_README_STEPS": "20"}
+    env = {**_env(FAST_RUN_FLAGS), "WSPACE_README_STEPS": "20"}
     code = f"BLOCKS = {readme_python_blocks()!r}\n{_RUNNER}"
     run = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -103,8 +103,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 def check(
     config,
-    choices: Mapping[str, Sequence] | None = None,
     subsets: Mapping[str, Sequence] | None = None,
+    *,
+    choices: Mapping[str, Sequence] | None = None,
     **rules: Sequence[str],
 ) -> None:
     """Validates fields by rule; raises ValueError naming the first bad field and its value.

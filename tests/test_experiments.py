@@ -303,7 +303,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     assert [r["step"] for r in history] == list(range(5000, 60001, 5000))
 
 
-def test_every_config_has_three_sizes_and_the_common_fields():
+def test_every_config_has_three_sizes_and_the_common_fields_and_validates():
     names = [f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments", "configs"))]
     names = [n for n in names if not n.startswith("_") and n not in ("report", "base")]
     assert "train" in names
@@ -313,6 +313,7 @@ def test_every_config_has_three_sizes_and_the_common_fields():
             config = module.get_config(size)
             assert isinstance(config, ml_collections.ConfigDict)
             assert config.size == size, name
+            importlib.import_module(f"experiments.{name}").validate(config)  # every size runs
             common_fields = ("dataset", "data_dir", "seed", "num_seeds", "mode", "progress")
             for field in (*common_fields, "tensorboard"):
                 assert field in config, (name, field)

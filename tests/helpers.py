@@ -31,8 +31,13 @@ def fresh_state(params, tx, key):
     )  # fmt: skip
 
 
-def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
+def run_notebook(
+    name: str, timeout: int = 300, save: bool = False, xla_flags: str | None = None
+) -> None:
     """Executes ``notebooks/<name>.ipynb`` top to bottom in a fresh kernel; any error fails.
+
+    ``xla_flags``: the kernel's XLA flags (default `FAST_COMPILE_FLAGS`; `FAST_RUN_FLAGS`
+    for a notebook whose time goes into running steps rather than compiling them).
 
     The kernel starts in an empty temporary directory, so the notebook sees the
     installed ``wspace`` package and nothing else of the repository, as in Colab.
@@ -48,7 +53,8 @@ def run_notebook(name: str, timeout: int = 300, save: bool = False) -> None:
     if save:
         _write_header(nb, name)
     saved = dict(os.environ)
-    os.environ.update(_env())  # the kernel inherits this process's environment...
+    # the kernel inherits this process's environment...
+    os.environ.update(_env(xla_flags or FAST_COMPILE_FLAGS))
     # ...but draws with the notebook backend, so that figures are stored as outputs
     os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     try:

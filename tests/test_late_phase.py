@@ -16,7 +16,7 @@ import optax
 import pytest
 
 import wspace as ws
-from tests.helpers import run_experiment, run_notebook
+from tests.helpers import FAST_RUN_FLAGS, run_experiment, run_notebook
 from wspace import late_phase as lp
 from wspace.late_phase import LatePhase
 
@@ -635,7 +635,7 @@ def test_experiment_writes_tensorboard_logs_of_every_arm_when_asked(tmp_path):
 
 
 def test_notebook_executes():
-    run_notebook("late_phase")
+    run_notebook("late_phase", xla_flags=FAST_RUN_FLAGS)  # a ConvNet: time goes into steps
 
 
 def test_fit_lays_per_step_masks_out_on_the_member_axis():

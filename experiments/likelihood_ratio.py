@@ -21,7 +21,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 import optax
 
@@ -246,6 +245,8 @@ def run(config, workdir: str) -> dict:
 
 def plot_quality(config, quality: dict, workdir: str) -> str:
     """gradient_quality.png: cosine (± its Monte Carlo s.e.) and relative bias by cost."""
+    import matplotlib.pyplot as plt
+
     fig, (cosine, bias) = plt.subplots(1, 2, figsize=(9, 3.5))
     for name, q in quality.items():
         n, style = q["forward_evaluations"], "--" if name == "es" else "-"
@@ -267,6 +268,8 @@ def plot_quality(config, quality: dict, workdir: str) -> str:
 
 def plot_arms(config, per_arm: dict, workdir: str) -> list[str]:
     """training.png (test accuracy by step) and robustness.png (accuracy by FGSM eps)."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for arm, results in per_arm.items():
         curves = np.asarray([r["curve"] for r in results])  # (seeds, points, [step, accuracy])

@@ -172,11 +172,8 @@ class TrainStep:
 
             return jax.lax.scan(scan_body, state, (batches, step_args))
 
-        if mode == "jit":
-            self._one = jax.jit(one, donate_argnums=donate_argnums)
-            self._many = jax.jit(many, donate_argnums=donate_argnums)
-            return
-        if seed_axis:  # the layout follows the inputs (`place_state`, `place_batch`)
+        # sharded with a seed axis: the layout follows the inputs (`place_state`, `place_batch`)
+        if mode == "jit" or seed_axis:
             self._one = jax.jit(one, donate_argnums=donate_argnums)
             self._many = jax.jit(many, donate_argnums=donate_argnums)
             return

@@ -376,6 +376,8 @@ def test_seed_tx_args_give_each_seed_its_own(digits, vectorize):
                        {"scale": jnp.asarray(scale)})  # fmt: skip
         chex.assert_trees_all_close(ws.training.seed_slice(new.params, i), alone.params,
                                     rtol=1e-6, atol=1e-7)  # fmt: skip
+    with pytest.raises(ValueError, match="seed_tx_args=True needs seed_axis=True"):
+        ws.training.make_train_step(loss_fn, tx, seed_tx_args=True)
 
 
 def test_a_seed_among_several_matches_the_seed_alone(digits):

@@ -249,6 +249,8 @@ def compile_step(
       a `TrainStep`.
     """
     _check_mode(mode)
+    if seed_tx_args and not seed_axis:
+        raise ValueError("seed_tx_args=True needs seed_axis=True (tx_args per seed)")
     if mode == "sharded":
         mesh = mesh or default_mesh()
     seeds = dict(seed_axis=seed_axis, vectorize_seeds=vectorize_seeds, seed_tx_args=seed_tx_args)

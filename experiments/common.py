@@ -79,11 +79,7 @@ def validate_common(config) -> None:
     """Checks the fields of `base_config`; raises ValueError naming the bad value."""
     from wspace.training import MODES
 
-    if config.size not in SIZES:
-        raise ValueError(f"config.size={config.size!r}; use one of {SIZES}")
-    check(config, counts=("num_seeds",))
-    if config.mode not in MODES:
-        raise ValueError(f"config.mode={config.mode!r}; use one of {MODES}")
+    check(config, choices={"size": SIZES, "mode": MODES}, counts=("num_seeds",))
     _check_dataset_name(config.dataset)
     if config.get("tensorboard") and importlib.util.find_spec("tensorboardX") is None:
         raise ValueError(

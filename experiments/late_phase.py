@@ -76,13 +76,11 @@ def validate(config) -> None:
     counts = ("members", "steps", "batch_size", "eval_every", "swa_every", "nqp_dim", "nqp_steps",
               "nqp_batch_size", "nqp_eval_every")  # fmt: skip
     arms = {"parts": PARTS, "classify_arms": CLASSIFY_ARMS, "nqp_arms": NQP_ARMS}
-    common.check(config, arms, counts=counts, positive=("lr", "nqp_lr", "swa_lr"),
-                 open_fractions=("t0_frac",))  # fmt: skip
+    common.check(config, arms, choices={"model": sorted(ws.models.MODELS)}, counts=counts,
+                 positive=("lr", "nqp_lr", "swa_lr"), open_fractions=("t0_frac",))  # fmt: skip
     for field in ("classify_arms", "nqp_arms"):
         if "sgd" not in config[field]:
             raise ValueError(f"config.{field}={list(config[field])!r}; arms must include 'sgd'")
-    if config.model not in ws.models.MODELS:
-        raise ValueError(f"config.model={config.model!r}; use one of {sorted(ws.models.MODELS)}")
     if config.batch_size % config.members or config.nqp_batch_size % config.members:
         raise ValueError(
             f"config.batch_size={config.batch_size} and nqp_batch_size={config.nqp_batch_size} "

@@ -78,12 +78,10 @@ def validate(config) -> None:
                              f"config.arms={arms}")  # fmt: skip
     if "ticket" not in arms:
         raise ValueError(f"config.arms={arms} must include 'ticket' (the controls use its masks)")
-    for field, allowed in (("optimizer", OPTIMIZERS), ("rewind", lottery.REWINDS),
-                           ("scope", pruning.SCOPES)):  # fmt: skip
-        if config[field] not in allowed:
-            raise ValueError(f"config.{field}={config[field]!r}; use one of {allowed}")
     common.check(
-        config, widths=("hidden",), positive=("lr",),
+        config,
+        choices={"optimizer": OPTIMIZERS, "rewind": lottery.REWINDS, "scope": pruning.SCOPES},
+        widths=("hidden",), positive=("lr",),
         fractions=("rate", "head_rate", "match_margin"),
         counts=("steps", "batch_size", "levels", "geometry_examples", "lanczos_iters",
                 "trace_samples"),

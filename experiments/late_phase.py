@@ -108,19 +108,17 @@ def _check_select(config, model, sample_x) -> None:
                          f"{config.model!r}: {str(e).splitlines()[0]}") from None  # fmt: skip
 
 
-def _fit(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, vectorize=True, **kw):
+def _fit(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, **kw):
     """All seeds of an arm as one program: plain (``late`` None) or ``late.fit`` from ``t0``;
     TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
     with common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds)) as writer:
         kw.update(seed=seeds, writer=writer)
         if late is None:
-            step = ws.training.make_train_step(
-                loss, tx, mode=kw.get("mode", "jit"), seed_axis=True, vectorize_seeds=vectorize
-            )
+            step = ws.training.make_train_step(loss, tx, mode=kw.get("mode", "jit"), seed_axis=True)
             return ws.training.fit(state, step, data, **kw)
         # the members' initial noise (config.noise > 0) draws from this key, split per seed
         key = jax.random.PRNGKey(seeds[0]) if config.noise > 0 else None
-        return late.fit(state, loss, tx, data, t0=t0, key=key, vectorize_seeds=vectorize, **kw)
+        return late.fit(state, loss, tx, data, t0=t0, key=key, **kw)
 
 
 def _curve(hist, metric: str, i: int) -> list[dict]:
@@ -156,15 +154,11 @@ def classify_arm(config, workdir, ds, model, loss, txs, arm, seeds: list[int]) -
     uses_swa, late = arm in ("swa", "late_swa"), _late(config, arm)
     tx = txs["swa" if uses_swa else "sgd"]
     train_loss = _ghost_bn_loss(loss, config.members) if arm == "sgd_ghost_bn" else loss
-    # vmap the seeds, except convolutions on CPU: XLA turns per-seed kernels into a grouped
-    # convolution ~2.8x slower than looping the seeds in the step (lax.map; 8 ConvNet seeds)
-    vectorize = config.model not in ("convnet", "resnet20") or jax.default_backend() != "cpu"
     kw = dict(num_steps=config.steps, batch_size=config.batch_size, mode=config.mode,
               eval_every=config.eval_every, train_eval_examples=0, progress=config.progress,
               apply_fn=model.apply, t0=0 if arm == "late_t0_0" else _t0(config))  # fmt: skip
     state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
-    state, hist = _fit(config, workdir, arm, late, state, train_loss, tx, ds, seeds,
-                       vectorize=vectorize, **kw)  # fmt: skip
+    state, hist = _fit(config, workdir, arm, late, state, train_loss, tx, ds, seeds, **kw)
     params, model_state = state.params, state.model_state
     if uses_swa:  # statistics of the averaged weights (of every member for late_swa)
         params = swa_params(state.opt_state)

@@ -830,3 +830,23 @@ def test_expansion_refuses_an_optimizer_state_it_cannot_lay_out():
     with pytest.raises(ValueError, match="cannot lay the optimizer state out over the late"):
         LatePhase(K).expand_state(state, tx)
     LatePhase(K).expand_state(_state("convnet", optax.adam(0.1))[2], optax.adam(0.1))  # fine
+
+
+@pytest.mark.parametrize("schedule", ["cycle", "random"])
+def test_fused_late_phase_steps_match_the_step_loop(schedule):
+    """`fit`'s ``lax.scan`` calls (not the default on CPU) give the per-step run's state to
+    float tolerance: XLA compiles a convolution in a loop body on its own (last bits differ)."""
+    model, _, _, batch = _init("convnet")
+    ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
+    tx = optax.sgd(0.05, momentum=0.9)
+    loss = ws.training.classification_loss(model.apply)
+    kw = dict(apply_fn=model.apply, t0=3, num_steps=6, batch_size=8, eval_every=3, seed=[0, 1],
+              progress=False, train_eval_examples=0)  # fmt: skip
+    late = LatePhase(2, "bn_head", schedule)
+    init = lambda: ws.training.init_states(model, tx, batch["x"][:1], [0, 1])
+    (fused, hist_f), (loop, hist_l) = [
+        late.fit(init(), loss, tx, ds, steps_per_call=n, **kw) for n in (3, 1)
+    ]
+    _assert_tree_close(fused.params, loop.params, rtol=1e-5, atol=1e-6)
+    _assert_tree_close(fused.opt_state, loop.opt_state, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(hist_f[-1]["test_loss"], hist_l[-1]["test_loss"], rtol=1e-5)

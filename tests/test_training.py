@@ -393,7 +393,7 @@ def test_a_seed_among_several_matches_the_seed_alone(digits):
 
 
 def test_fused_steps_are_bit_identical_to_the_step_loop(digits):
-    fused, fused_history = _seed_fit(digits, [0, 1])
+    fused, fused_history = _seed_fit(digits, [0, 1], steps_per_call=20)
     loop, loop_history = _seed_fit(digits, [0, 1], steps_per_call=1)
     chex.assert_trees_all_equal(fused, loop)
     assert fused_history[-1]["batch_loss"] == loop_history[-1]["batch_loss"]

@@ -135,7 +135,8 @@ class TrainStep:
     ``step.scan(state, batches, tx_args=None)`` runs ``T`` steps as one ``lax.scan`` over
     ``batches`` stacked on a leading step axis (and ``tx_args`` either shared, or stacked
     per step with ``per_step_args=True``); it returns the metrics stacked the same way and
-    gives bit-for-bit the state of ``T`` single calls on CPU. Attributes ``mode``, ``mesh``
+    the state of ``T`` single calls (bit for bit for dense nets on CPU; a convolution
+    compiled inside the loop may differ in the last bits). Attributes ``mode``, ``mesh``
     and ``seed_axis`` tell `fit` how to feed it.
     """
 

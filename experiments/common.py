@@ -25,9 +25,6 @@ An experiment declares its arms and claims as data (`experiments.claims`)::
         Claim("ULR is within 0.02 of backprop", "test_accuracy", "ulr", "bp", margin=0.02),
     ]
 
-    def arm_names(config) -> list[str]:  # optional: the report's bar counts units up front
-        return list(config.arms)
-
     def run(config, workdir):
         start(config, workdir)
         per_arm = run_arms(workdir, config, {a: partial(all_seeds, config, a) for a in ...})
@@ -297,13 +294,11 @@ def run_arms(
       results (a shared workdir) and runs the same missing ones; process 0 alone writes.
     """
     results: dict[str, list[dict]] = {}
-    if PROGRESS is not None:
-        PROGRESS.expect(len(arm_fns) * config.num_seeds)
     for arm, fn in arm_fns.items():
         paths = {s: os.path.join(workdir, "arms", arm, f"seed_{s}.json") for s in seeds(config)}
         missing = [s for s, path in paths.items() if not os.path.exists(path)]
         if missing:
-            if config.progress and PROGRESS is None:
+            if config.progress:
                 print(f"[{arm}: seeds {_seed_text(missing)}]", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
             computed = [dict(r) for r in fn(missing)]
@@ -317,9 +312,6 @@ def run_arms(
                 _store_seconds(
                     workdir, f"{arm}/seeds_{_seed_text(missing)}", time.perf_counter() - t0
                 )
-        if PROGRESS is not None:
-            PROGRESS.done(computed=False, units=len(paths) - len(missing))
-            PROGRESS.done(computed=True, units=len(missing))
         done = dict(zip(missing, computed, strict=True)) if missing else {}
         results[arm] = [done[s] if s in done else read_json(p) for s, p in paths.items()]
     return results
@@ -349,61 +341,6 @@ def _stored_seconds(workdir: str) -> float | None:
     """The summed stored times of the workdir's arms (None when none was recorded)."""
     path = os.path.join(workdir, "arms", "seconds.json")
     return round(sum(read_json(path).values()), 1) if os.path.exists(path) else None
-
-
-class UnitProgress:
-    """One tqdm bar over units (arm x seed) whose ETA starts after the first computed unit.
-
-    The first unit of a run compiles; counting it in the rate would inflate the ETA
-    (tqdm's own shows ``1/300 [00:27<2:17:06]``), so the ETA is the mean time of the
-    computed units after the first, times the units left. Stored units tick at once.
-    """
-
-    def __init__(self, total: int = 0, desc: str = "report", disable: bool | None = None):
-        from wspace.training import progress_bar
-
-        fmt = "{desc}: {n}/{total} units |{bar}| {elapsed}{postfix}"
-        self.bar = progress_bar(total=total, desc=desc, bar_format=fmt, disable=disable)
-        self.planned, self.finished, self.computed, self.since = 0, 0, 0, None
-
-    def plan(self, units: int) -> None:
-        """Announces units already counted in ``total`` (the next `expect` calls use them up)."""
-        self.planned = units
-
-    def expect(self, units: int) -> None:
-        """A runner is about to go through ``units``; grows ``total`` by those not planned."""
-        extra = max(0, units - self.planned)
-        self.planned = max(0, self.planned - units)
-        if extra:
-            self.bar.total += extra
-            self.bar.refresh()
-
-    def done(self, computed: bool, units: int = 1) -> None:
-        """``units`` finished together (``computed``: run now, not read back)."""
-        if units < 1:
-            return
-        now = time.perf_counter()
-        if computed:
-            if self.since is None:
-                self.since = now  # the first computed call compiled: start timing here
-            else:
-                self.computed += units
-                rate = (now - self.since) / self.computed
-                left = max(0, self.bar.total - self.finished - units)
-                self.bar.set_postfix_str(f"ETA {_clock(rate * left)}", refresh=False)
-        self.finished += units
-        self.bar.update(units)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
-PROGRESS: UnitProgress | None = None  # set by experiments.report: one bar over the report
 
 
 def _check_finite_metrics(result: dict, where: str) -> None:

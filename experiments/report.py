@@ -20,12 +20,17 @@ exiting non-zero with one line per mismatch; `make test` runs it.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import functools
 import html
 import importlib
 import math
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from collections.abc import Mapping, Sequence
 
 from experiments import claims as claims_lib
@@ -98,24 +103,21 @@ METHODS = {
 def run(config, workdir: str) -> dict:
     """Runs every method of ``config.methods`` at ``config.size``; writes the report files.
 
-    One progress bar counts the report's arm x seed units (an experiment that defines
-    ``arm_names(config)`` has its units counted up front, the others when they start).
+    ``config.jobs`` methods run at once, each as ``python -m experiments.<name>`` in its
+    own process (its output in ``workdir/<name>.log``); with ``jobs=1`` they run here, in
+    turn. A line on stderr tells when each starts and ends.
     """
     methods = _methods(config)
+    if not (isinstance(config.jobs, int) and config.jobs >= 1):
+        raise ValueError(f"config.jobs={config.jobs!r}; must be an int >= 1")
     os.makedirs(workdir, exist_ok=True)
-    configs = {name: _method_config(name, config) for name in methods}
-    planned = {n: _planned_units(n, c) for n, c in configs.items()}
-    common.PROGRESS = bar = common.UnitProgress(sum(planned.values()))
-    all_results = {}
-    try:
-        for name in methods:
-            bar.bar.set_description(name)
-            bar.plan(planned[name])
-            module = importlib.import_module(f"experiments.{name}")
-            all_results[name] = module.run(configs[name], os.path.join(workdir, name))
-    finally:
-        common.PROGRESS = None
-        bar.close()
+    run_one = functools.partial(_run_method, config, workdir)
+    if config.jobs == 1:
+        all_results = {name: run_one(name) for name in methods}
+    else:
+        with concurrent.futures.ThreadPoolExecutor(config.jobs) as pool:
+            futures = {name: pool.submit(run_one, name) for name in methods}
+        all_results = {name: future.result() for name, future in futures.items()}
     seconds = {n: r["compute_seconds"] for n, r in all_results.items()}
     md = report_markdown(all_results, seconds)
     common.write_text(os.path.join(workdir, "report.md"), md)
@@ -123,16 +125,31 @@ def run(config, workdir: str) -> dict:
     return {"size": config.size, "methods": all_results, "seconds": seconds}
 
 
-def _method_config(name: str, config):
-    method_config = importlib.import_module(f"experiments.configs.{name}").get_config(config.size)
-    method_config.progress = config.progress
-    return method_config
-
-
-def _planned_units(name: str, method_config) -> int:
-    module = importlib.import_module(f"experiments.{name}")
-    arm_names = getattr(module, "arm_names", None)
-    return len(arm_names(method_config)) * method_config.num_seeds if arm_names else 0
+def _run_method(config, workdir: str, name: str) -> dict:
+    """One method's results: run here (``jobs=1``) or in a child process."""
+    method_workdir, t = os.path.join(workdir, name), time.perf_counter()
+    print(f"[report] {name}: started", file=sys.stderr, flush=True)
+    if config.jobs == 1:
+        method_config = importlib.import_module(f"experiments.configs.{name}").get_config(
+            config.size
+        )
+        method_config.progress = config.progress
+        results = importlib.import_module(f"experiments.{name}").run(method_config, method_workdir)
+    else:
+        log = os.path.join(workdir, f"{name}.log")
+        config_file = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
+        cmd = [sys.executable, "-m", f"experiments.{name}", f"--workdir={method_workdir}",
+               f"--config={config_file}:{config.size}",
+               f"--config.progress={config.progress}"]  # fmt: skip
+        with open(log, "w") as out:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
+        if code:
+            with open(log) as f:
+                last = (f.read().strip().splitlines() or [""])[-1]
+            raise RuntimeError(f"{name} exited with {code} ({log}): {last}")
+        results = common.read_json(os.path.join(method_workdir, "results.json"))
+    print(f"[report] {name}: done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    return results
 
 
 def _methods(config) -> list[str]:

@@ -273,8 +273,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
 
     cmd = [
         sys.executable, "-m", "experiments.train", f"--workdir={tmp_path}", QUICK,
-        "--config.dataset=digits", "--config.model=mlp", "--config.steps=60000",
-        "--config.eval_every=5000",
+        "--config.dataset=digits", "--config.model=mlp", "--config.steps=8000",
+        "--config.eval_every=400",
     ]  # fmt: skip
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -300,7 +300,7 @@ def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "replacing the config" not in again.stderr
     history = common.read_json(str(tmp_path / "arms" / "mlp" / "seed_0.json"))["curve"]
-    assert [r["step"] for r in history] == list(range(5000, 60001, 5000))
+    assert [r["step"] for r in history] == list(range(400, 8001, 400))
 
 
 def test_every_config_has_three_sizes_and_the_common_fields_and_validates():
@@ -329,9 +329,16 @@ def test_report_quick_writes_markdown_html_and_verdicts(tmp_path):
     assert common.SMOKE_STAMP in md and "## Baseline training" in md and "![curves.png]" in md
     assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
     assert out["methods"]["train"]["smoke"]
-    config.methods = "train,nonsense"
-    with pytest.raises(ValueError, match="nonsense"):
-        report.run(config, str(tmp_path / "x"))
+    config.jobs = 2  # the method in a child process, as `make demo` runs it: the same results
+    child = report.run(config, str(tmp_path / "child"))["methods"]["train"]
+    assert json.dumps(child["tables"]) == json.dumps(out["methods"]["train"]["tables"])  # NaNs
+    assert (tmp_path / "child" / "train.log").exists()
+    for field, bad in (("methods", "train,nonsense"), ("jobs", 0)):
+        with pytest.raises(ValueError, match=field):
+            report.run(
+                ml_collections.ConfigDict(config.to_dict() | {field: bad}), str(tmp_path / "x")
+            )
+    assert not (tmp_path / "x").exists()
 
 
 def test_second_run_in_a_locked_workdir_fails_at_once(tmp_path):

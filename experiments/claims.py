@@ -1,4 +1,4 @@
-"""Claims as data, judged over seeds: paired t-tests, a seeds x test-examples bootstrap, Holm.
+"""Claims as data, judged over seeds with the paired tests of `wspace.stats`.
 
 A claim is "``arm`` beats ``baseline`` on ``metric``" (or "is no worse by more than
 ``margin``"), declared as a frozen `Claim`. `judge` turns a list of them and the
@@ -9,40 +9,30 @@ derived fields from the stored values alone (``python -m experiments.report --ve
 The test of one claim, with ``d_s = arm_s - baseline_s`` over the S seeds and
 ``m0 = -margin`` (``+margin`` when lower is better):
 
-* ``paired t``: two-sided one-sample t-test of ``d`` against ``m0`` (`scipy.stats.ttest_1samp`,
-  the same as `ttest_rel` of arm and baseline shifted by ``m0``); ``ci95`` its 95% interval.
+* ``paired t``: `wspace.stats.paired_t` of ``d`` against ``m0``; ``ci95`` its 95% interval.
 * ``paired t + crossed bootstrap``, when each seed's result also stores per-example
-  correctness on one shared test set (`pack_correct`): the test set is a sample too, so
-  ``D[s, i] = correct_arm[s, i] - correct_baseline[s, i]`` is resampled over seeds *and*
-  test examples (a crossed design: every seed sees the same examples, so seeds and
-  examples are resampled independently, Owen 2007 "the pigeonhole bootstrap"; rliable,
-  Agarwal et al. 2021, resamples runs the same way). `crossed_bootstrap` gives B = 10,000
-  replicates ``theta_b = w_b' D v_b / (S N)`` (seed counts ``w_b`` ~ Multinomial(S),
-  example counts ``v_b`` ~ Multinomial(N), from ``numpy.random.default_rng(BOOTSTRAP_SEED)``,
-  integer arithmetic: bit-exact on every machine with the same numpy), its 95% percentile
-  interval and the two-sided percentile p-value
-  ``min(1, 2 min(#{theta_b <= m0} + 1, #{theta_b >= m0} + 1) / (B + 1))``. The claim's
+  correctness on one shared test set (`wspace.stats.pack_correct`): the seeds x test-examples
+  bootstrap `wspace.stats.crossed_bootstrap` of the per-example differences. The claim's
   ``p_value`` is the larger of the bootstrap and t p-values and ``ci95`` the hull of both
   intervals: test-set sampling can only widen the seed-level interval, and the t-test keeps
   the small-sample correction a bootstrap over ~10 seeds lacks.
 
-`holm` adjusts the p-values of all claims of one results file (Holm 1979, step-down);
+`wspace.stats.holm` adjusts the p-values of all claims of one results file (`adjust`);
 ``verdict`` is "holds" / "does not hold" when ``p_holm < 0.05`` (by the side of
 ``diff_mean`` against ``m0``), else "inconclusive"; ``verdict_unadjusted`` uses ``p_value``.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from wspace.stats import crossed_bootstrap, holm, paired_t, unpack_correct
+
 ALPHA = 0.05
-BOOTSTRAP_SEED = 20211206  # fixed: --verify re-derives every bootstrap bit for bit
-BOOTSTRAP_SAMPLES = 10_000
 TOLERANCE = 1e-9  # relative; --verify tolerates last-digit libm differences only
 _DERIVED = ("n", "arm_mean", "baseline_mean", "diff_mean", "ci95", "p_value", "p_holm")
 
@@ -58,7 +48,8 @@ class Claim:
       higher_is_better: the direction of "better" for this metric.
       margin: for "no worse than" claims, the tolerated shortfall (>= 0).
       metric_name: display name (default: ``metric`` when it is a string).
-      per_example: key of each seed's packed per-example correctness (`pack_correct`)
+      per_example: key of each seed's packed per-example correctness
+        (`wspace.stats.pack_correct`)
         behind an accuracy ``metric``; the claim then also resamples test examples.
     """
 
@@ -78,26 +69,7 @@ class Claim:
             raise ValueError(f"Claim {self.text!r}: arm and baseline are both {self.arm!r}")
 
 
-# ----------------------------------------------------------------------------- per-example
-
-
-def pack_correct(correct) -> dict:
-    """Per-example correctness (bools, one per test example) as compact JSON.
-
-    Returns ``{"n": N, "bits": base64 of numpy.packbits(correct)}`` (N/8 bytes): store it
-    in a seed's result dict, e.g. ``result["test_correct"] = pack_correct(pred == y)``,
-    and name that key in ``Claim(per_example="test_correct")``.
-    """
-    bits = np.asarray(correct)
-    if bits.ndim != 1 or bits.dtype != bool:
-        raise ValueError(f"pack_correct needs a 1-D bool array, got {bits.dtype} {bits.shape}")
-    return {"n": len(bits), "bits": base64.b64encode(np.packbits(bits)).decode("ascii")}
-
-
-def unpack_correct(packed: Mapping) -> np.ndarray:
-    """The bool array `pack_correct` stored."""
-    raw = np.frombuffer(base64.b64decode(packed["bits"]), np.uint8)
-    return np.unpackbits(raw, count=packed["n"]).astype(bool)
+# ----------------------------------------------------------------------------- statistics
 
 
 def _differences(arm: list[dict], base: list[dict], key: str, values) -> dict:
@@ -118,69 +90,6 @@ def _differences(arm: list[dict], base: list[dict], key: str, values) -> dict:
         "wins": [np.flatnonzero(s).tolist() for s in a & ~b],
         "losses": [np.flatnonzero(s).tolist() for s in b & ~a],
     }
-
-
-def crossed_bootstrap(examples: Mapping, null: float) -> tuple[list[float], float]:
-    """95% percentile interval and two-sided p-value of the mean of D over seeds x examples.
-
-    ``examples`` is ``{"n": N, "wins": [[i, ...] per seed], "losses": [...]}`` (D = +1 at
-    wins, -1 at losses, 0 elsewhere). Only the k examples where some seed disagrees carry
-    weight, so example counts are drawn on them plus one bucket for the other N - k
-    (the same multinomial). Returns ``([lo, hi], p)``.
-    """
-    n, seeds = examples["n"], len(examples["wins"])
-    cols = sorted({i for s in (*examples["wins"], *examples["losses"]) for i in s})
-    index = {c: j for j, c in enumerate(cols)}
-    d = np.zeros((seeds, len(cols)), np.int64)
-    for s, (wins, losses) in enumerate(zip(examples["wins"], examples["losses"], strict=True)):
-        d[s, [index[i] for i in wins]] = 1
-        d[s, [index[i] for i in losses]] = -1
-    rng = np.random.default_rng(BOOTSTRAP_SEED)
-    w = rng.multinomial(seeds, np.full(seeds, 1 / seeds), size=BOOTSTRAP_SAMPLES)
-    pvals = [1 / n] * len(cols) + [(n - len(cols)) / n]
-    chunk = max(1, 2**22 // (len(cols) + 1))  # bounded memory; fixed, so the stream is too
-    totals = []
-    for start in range(0, BOOTSTRAP_SAMPLES, chunk):
-        rows = min(chunk, BOOTSTRAP_SAMPLES - start)
-        v = rng.multinomial(n, pvals, size=rows)[:, : len(cols)]
-        totals.append(np.einsum("bk,bk->b", w[start : start + rows] @ d, v))
-    theta = np.concatenate(totals) / (seeds * n)
-    below, above = np.sum(theta <= null), np.sum(theta >= null)
-    p = min(1.0, 2 * (min(below, above) + 1) / (BOOTSTRAP_SAMPLES + 1))
-    return [float(x) for x in np.quantile(theta, [0.025, 0.975])], float(p)
-
-
-# ----------------------------------------------------------------------------- tests
-
-
-def paired_t(d: np.ndarray, null: float) -> tuple[list[float], float]:
-    """95% t interval of mean(d) and the two-sided p-value of mean(d) = ``null``.
-
-    Fewer than two values: ``([-inf, inf], 1.0)``; identical values: a point interval and
-    p = 0 (1 when they equal ``null``), the limit of the t-test as the spread vanishes.
-    """
-    from scipy import stats
-
-    if len(d) < 2:
-        return [-math.inf, math.inf], 1.0
-    if np.all(d == d[0]):
-        return [float(d[0])] * 2, float(d[0] == null)
-    test = stats.ttest_1samp(d, null)
-    ci = test.confidence_interval(0.95)
-    return [float(ci.low), float(ci.high)], float(test.pvalue)
-
-
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values: sorted ascending, ``min(1, max_{j<=i} (m-j) p_(j))``.
-
-    Holm, Scand. J. Statist. 1979; the same as statsmodels ``multipletests(method="holm")``.
-    """
-    p = np.asarray(p_values, np.float64)
-    order = np.argsort(p, kind="stable")
-    scaled = (len(p) - np.arange(len(p))) * p[order]
-    adjusted = np.empty_like(p)
-    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(scaled))
-    return adjusted.tolist()
 
 
 def _side(diff: float, null: float, higher_is_better: bool, p: float) -> str:

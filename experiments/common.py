@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from experiments import claims as claims_lib
-from experiments.claims import Claim, judge, pack_correct, unpack_correct  # noqa: F401
+from experiments.claims import Claim, judge  # noqa: F401
 from experiments.configs.base import DISPLAY_ONLY, NUM_SEEDS, SIZES, base_config  # noqa: F401
 from wspace.io import (
     atomic_open,
@@ -64,6 +64,7 @@ from wspace.io import (
     workdir_lock,
     write_json,
 )
+from wspace.stats import mean_ci, pack_correct, unpack_correct  # noqa: F401
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SMOKE_STAMP = "smoke size, not a result"
@@ -353,15 +354,6 @@ def _check_finite_metrics(result: dict, where: str) -> None:
 # ----------------------------------------------------------------------------- statistics
 
 
-def mean_ci(values, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean over seeds (``axis``) and the half-width of its 95% t interval (NaN for one seed).
-
-    The one interval of every table and figure: ``mean ± t_{0.975, S-1} sd / sqrt(S)``.
-    """
-    v = np.moveaxis(np.asarray(values, np.float64), axis, 0)
-    return v.mean(0), np.apply_along_axis(_t_half_width, 0, v) if v.ndim > 1 else _t_half_width(v)
-
-
 def plot_mean_ci(ax, x, values, *, label=None, style="-", color=None, bars=False):
     """Draws the mean over seeds of ``values`` (seeds x len(x)) with its 95% t interval.
 
@@ -376,16 +368,6 @@ def plot_mean_ci(ax, x, values, *, label=None, style="-", color=None, bars=False
         (line,) = ax.plot(x, mean, style, color=color, label=label)
         ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.2, lw=0)
     return mean
-
-
-def _t_half_width(values: np.ndarray, level: float = 0.95) -> float:
-    """Half-width of the two-sided t interval of the mean of ``values`` (NaN for fewer than 2)."""
-    from scipy import stats
-
-    n = len(values)
-    if n < 2:
-        return math.nan
-    return float(stats.t.ppf(0.5 + level / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
 
 
 def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:

@@ -1,4 +1,5 @@
-"""Claims as data: paired t-tests, the seeds x examples bootstrap, Holm, provenance, --verify."""
+"""Claims as data (judged with wspace.stats, tested in test_stats.py): pairing, margins, Holm
+over a file, per-example claims, provenance, --verify."""
 
 import json
 import subprocess
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from experiments import claims, common, report
+from experiments import common, report
 from tests.helpers import ROOT, _env
+from wspace import stats as ws_stats
 
 
 def _per_arm(n_seeds=10, n_examples=400, seed=0):
@@ -24,7 +26,7 @@ def _per_arm(n_seeds=10, n_examples=400, seed=0):
         for arm, bits in (("new", new), ("old", old)):
             per_arm[arm].append(
                 {"acc": float(bits.mean()), "loss": float(rng.normal(1.0 - bits.mean(), 0.01)),
-                 "correct": claims.pack_correct(bits)}
+                 "correct": ws_stats.pack_correct(bits)}
             )  # fmt: skip
     return per_arm
 
@@ -51,19 +53,6 @@ def test_paired_t_matches_scipy_ttest_rel_with_the_margin_shift():
     assert c["verdict"] == c["verdict_unadjusted"] == expected
 
 
-@pytest.mark.parametrize(
-    "p,expected",
-    [
-        ([0.01, 0.04, 0.03, 0.005], [0.03, 0.06, 0.06, 0.02]),  # sorted x 4, 3, 2, 1, running max
-        ([0.5, 0.001], [0.5, 0.002]),
-        ([0.6, 0.7], [1.0, 1.0]),  # capped at one
-        ([0.02, 0.02, 0.02], [0.06, 0.06, 0.06]),  # ties
-    ],
-)
-def test_holm_matches_hand_computed_values(p, expected):
-    np.testing.assert_allclose(claims.holm(p), expected, rtol=1e-12)
-
-
 def test_holm_turns_three_marginal_wins_inconclusive():
     rng = np.random.default_rng(3)
     base = rng.normal(0, 1, 10)
@@ -78,29 +67,6 @@ def test_holm_turns_three_marginal_wins_inconclusive():
     assert all(0.01 < c["p_value"] < 0.05 for c in judged)
     assert all(c["verdict_unadjusted"] == "holds" for c in judged)
     assert all(c["verdict"] == "inconclusive" for c in judged)
-
-
-def test_pack_correct_round_trips_in_an_eighth_of_the_bytes():
-    bits = np.random.default_rng(0).random(1003) < 0.5
-    packed = claims.pack_correct(bits)
-    np.testing.assert_array_equal(claims.unpack_correct(json.loads(json.dumps(packed))), bits)
-    assert packed["n"] == 1003 and len(packed["bits"]) <= 4 * (126 + 2) // 3 + 4
-    with pytest.raises(ValueError, match="1-D bool array"):
-        claims.pack_correct(np.ones(4))
-
-
-def test_crossed_bootstrap_over_examples_matches_the_binomial_standard_error():
-    """One seed: resampling examples alone gives sd(d) / sqrt(N) (closed form)."""
-    rng = np.random.default_rng(0)
-    n, d = 2000, rng.choice([-1, 0, 0, 0, 1, 1], 2000)
-    ex = {"n": n, "wins": [np.flatnonzero(d == 1).tolist()]}
-    ex["losses"] = [np.flatnonzero(d == -1).tolist()]
-    (lo, hi), p = claims.crossed_bootstrap(ex, 0.0)
-    half = 1.96 * d.std() / np.sqrt(n)
-    np.testing.assert_allclose([lo, hi], [d.mean() - half, d.mean() + half], atol=0.15 * half)
-    assert claims.crossed_bootstrap(ex, 0.0) == ([lo, hi], p)  # fixed seed: bit-exact
-    none = {"n": 50, "wins": [[], []], "losses": [[], []]}
-    assert claims.crossed_bootstrap(none, 0.0) == ([0.0, 0.0], 1.0)
 
 
 def test_accuracy_claims_add_test_set_sampling_and_count_disagreements():
@@ -119,7 +85,7 @@ def test_accuracy_claims_add_test_set_sampling_and_count_disagreements():
     np.testing.assert_allclose(np.mean(counted), acc["diff_mean"], atol=1e-12)
     np.testing.assert_allclose(
         [c["p_holm"] for c in (acc, loss, margin)],
-        claims.holm([c["p_value"] for c in (acc, loss, margin)]),
+        ws_stats.holm([c["p_value"] for c in (acc, loss, margin)]),
     )
     assert "examples" not in loss and margin["verdict"] == "holds"
 
@@ -160,20 +126,18 @@ def test_bad_claims_and_missing_arms_are_named():
     assert common.judge([missing], per_arm, skip_missing=True) == []
 
 
-def test_mean_ci_is_the_t_interval_and_the_plot_draws_it():
+def test_plot_mean_ci_draws_the_t_interval():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     values = np.random.default_rng(0).normal(size=(6, 4))
-    mean, half = common.mean_ci(values)
     ci = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)
-    np.testing.assert_allclose(mean - half, ci.low, rtol=1e-10)
     fig, ax = plt.subplots()
     common.plot_mean_ci(ax, np.arange(4), values, label="a")
     band = ax.collections[0].get_paths()[0].vertices
-    np.testing.assert_allclose(band[:, 1].min(), (mean - half).min(), rtol=1e-6)
+    np.testing.assert_allclose(band[:, 1].min(), ci.low.min(), rtol=1e-6)
     plt.close(fig)
 
 

@@ -3,7 +3,7 @@
 Import it flat: ``import wspace as ws; ws.pruning.magnitude_masks(...)``.
 
 Infrastructure: `data`, `models`, `training`, `io`, `paths`, `landscape`, `estimators`,
-`averaging`. Methods (one module each): `late_phase`, `likelihood_ratio`,
+`averaging`, `stats`. Methods (one module each): `late_phase`, `likelihood_ratio`,
 `straight_through`, `pruning` and `lottery`, `invariant_path`.
 """
 
@@ -20,6 +20,7 @@ from wspace import (
     models,
     paths,
     pruning,
+    stats,
     straight_through,
     training,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "landscape",
     "estimators",
     "averaging",
+    "stats",
     "pruning",
     "lottery",
     "late_phase",

@@ -30,7 +30,6 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import wspace as ws
-from experiments.compose import ARMS
 from tests.helpers import fresh_state, run_experiment, run_notebook
 from wspace import invariant_path as ip
 from wspace import likelihood_ratio as lr
@@ -285,14 +284,6 @@ def test_experiment_quick_runs_and_keeps_masks(tmp_path):
     with pytest.raises(ValueError, match="late_start"):
         run_experiment("compose", tmp_path / "bad", late_start=1.5)
     assert not (tmp_path / "bad").exists()  # refused before any file write
-
-
-def test_experiment_writes_tensorboard_logs_of_every_arm_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
-    run_experiment("compose", tmp_path, num_seeds=1, steps=8, tensorboard=True)
-    for arm in ARMS:
-        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
-        assert b"test_accuracy/seed_0" in events.read_bytes(), arm
 
 
 def test_notebook_executes():

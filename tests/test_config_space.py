@@ -96,10 +96,12 @@ def test_configuration_runs_or_is_refused(tmp_path, name, overrides, refused):
     workdir = tmp_path / "w"
     fields = {**TINY[name], **overrides}
     if refused is None:
-        run_experiment(name, workdir, **fields)
+        tensorboard = name != "train"  # on for the methods; the train cases keep the default
+        run_experiment(name, workdir, **fields, tensorboard=tensorboard)
         results = json.loads((workdir / "results.json").read_text())
         for figure in results["figures"]:
             assert (workdir / figure).exists(), figure
+        _assert_tensorboard_logs(workdir, tensorboard)
         return
     with pytest.raises(ValueError) as info:
         run_experiment(name, workdir, **fields)
@@ -108,6 +110,20 @@ def test_configuration_runs_or_is_refused(tmp_path, name, overrides, refused):
     for field in refused:
         assert f"config.{field}" in message, message
     assert not workdir.exists() or not any(workdir.iterdir()), sorted(os.listdir(workdir))
+
+
+def _assert_tensorboard_logs(workdir, on: bool) -> None:
+    """With ``tensorboard`` every training run's workdir (``train/<arm>/seeds_*``) has its
+    TensorBoard log of scalars; without it, no log anywhere."""
+    runs = sorted(workdir.glob("train/*/seeds_*"))
+    logs = {run: list(run.glob("tb/events.out.tfevents.*")) for run in runs}
+    if not on:
+        assert not list(workdir.rglob("events.out.tfevents.*"))
+        return
+    for run, found in logs.items():
+        assert len(found) == 1 and b"loss" in found[0].read_bytes(), run
+        if "-" in run.name or "_" in run.name[len("seeds_") :]:  # many seeds: one scalar each
+            assert b"/seed_" in found[0].read_bytes(), run
 
 
 def test_every_experiment_is_covered():

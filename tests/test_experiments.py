@@ -102,24 +102,10 @@ def test_train_experiment_in_process(tmp_path):
         assert json.load(f) == json.loads(json.dumps(results))
 
 
-def test_train_experiment_writes_tensorboard_logs_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
-    run_experiment("train", tmp_path, dataset="digits", model="mlp", tensorboard=True)
-    (events,) = (tmp_path / "train" / "mlp" / "seeds_0" / "tb").glob("events.out.tfevents.*")
-    assert b"test_accuracy" in events.read_bytes()  # the evaluation records, as scalars
-    with common.metric_writer(common.base_config("quick"), str(tmp_path)) as off:
+def test_tensorboard_is_off_by_default():
+    """Logs of every run when asked: `tests/test_config_space.py`."""
+    with common.metric_writer(common.base_config("quick"), "unused") as off:
         assert off is None
-
-
-def test_straight_through_writes_tensorboard_logs_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
-    one_arm_each = dict(num_seeds=1, sbn_estimators=["st"], train_arms=["bin_st"])
-    run_experiment("straight_through", tmp_path, tensorboard=True, **one_arm_each)
-    for arm, scalar in (("sbn_st", b"exact_loss"), ("bin_st", b"test_accuracy")):
-        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
-        assert scalar in events.read_bytes(), arm  # each arm's evaluation records
-    run_experiment("straight_through", tmp_path / "off", **one_arm_each)
-    assert not list((tmp_path / "off").rglob("events.out.tfevents.*"))  # off by default
 
 
 def _cli(*args):

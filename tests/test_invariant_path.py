@@ -587,14 +587,5 @@ def test_experiment_rejects_bad_config_before_writing(tmp_path):
         assert not os.path.exists(tmp_path / field)
 
 
-def test_experiment_writes_tensorboard_logs_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
-    run_experiment("invariant_path", tmp_path, tensorboard=True, parts=("continual",),
-                   continual_arms=("fip",), task2_steps=2)  # fmt: skip
-    for name in ("task1", "fip"):  # one log per training run: train/<name>/seeds_0-1/tb
-        (events,) = (tmp_path / "train" / name / "seeds_0-1" / "tb").glob("events.out.tfevents.*")
-        assert b"batch_loss" in events.read_bytes()  # the step metrics, as scalars
-
-
 def test_notebook_runs():
     run_notebook("invariant_path")

@@ -624,16 +624,6 @@ def test_experiment_quick_runs_and_writes_results(tmp_path):
         assert not os.path.exists(tmp_path / "bad")
 
 
-def test_experiment_writes_tensorboard_logs_of_every_arm_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
-    run_experiment("late_phase", tmp_path, num_seeds=1, classify_arms=("sgd", "late"),
-                   nqp_arms=("sgd", "late"), tensorboard=True)  # fmt: skip
-    for arm, record in (("sgd", b"test_accuracy"), ("late", b"test_accuracy"),
-                        ("nqp_late", b"excess_loss")):  # fmt: skip
-        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
-        assert record in events.read_bytes(), arm
-
-
 def test_notebook_executes():
     run_notebook("late_phase", xla_flags=FAST_RUN_FLAGS)  # a ConvNet: time goes into steps
 

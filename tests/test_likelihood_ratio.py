@@ -509,15 +509,6 @@ def test_experiment_quick(tmp_path):
     assert not os.path.exists(tmp_path / "bad")  # rejected before any file write
 
 
-def test_experiment_writes_tensorboard_logs_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
-    tiny = dict(steps=4, eval_every=2, quality_variants=(), tensorboard=True)
-    run_experiment("likelihood_ratio", tmp_path, **tiny)
-    logs = {p.parts[-4]: p for p in tmp_path.glob("train/*/seeds_*/tb/events.out.tfevents.*")}
-    assert set(logs) == {"backprop", "es", "ulr_laplace1", "noisy_bp_laplace1", "source"}
-    assert b"test_accuracy/seed_1" in logs["ulr_laplace1"].read_bytes()  # each seed's records
-
-
 def test_notebook_runs():
     run_notebook("likelihood_ratio")
 

@@ -468,20 +468,13 @@ def test_experiment_quick(tmp_path):
 
 
 def test_experiment_runs_with_its_optional_lists_emptied(tmp_path):
-    """Issue 23: ``--config.geometry_arms=`` crashed in the geometry plot after all training."""
-    small = dict(steps=6, rewind_step=2, levels=1, num_seeds=1)
-    for i, lists in enumerate(
-        [
-            dict(geometry_arms=""),
-            dict(geometry_arms="", instability_arms=""),
-            dict(arms="ticket", geometry_arms="ticket", instability_arms=""),
-        ]
-    ):
-        results = run_experiment("lottery", tmp_path / str(i), **small, **lists)
-        assert (tmp_path / str(i) / "results.json").exists() and (tmp_path / str(i) / "lth.png")
-        has_geometry = "geometry.png" in results["figures"]
-        assert has_geometry == bool(lists["geometry_arms"] or lists.get("instability_arms", 1))
-        assert {c["baseline"] for c in results["claims"]} >= {"dense"}
+    """Issue 23: ``--config.geometry_arms=`` crashed in the geometry plot after all training
+    (`tests/test_config_space.py` runs each list emptied alone)."""
+    none = dict(geometry_arms="", instability_arms="")
+    results = run_experiment("lottery", tmp_path, steps=6, rewind_step=2, levels=1, num_seeds=1,
+                             **none)  # fmt: skip
+    assert results["figures"] == ["lth.png"] and (tmp_path / "lth.png").exists()
+    assert {c["baseline"] for c in results["claims"]} >= {"dense"}
     with pytest.raises(ValueError, match=r"config.geometry_arms=\['reinit'\] must be a subset"):
         run_experiment("lottery", tmp_path / "bad", arms="ticket", geometry_arms="reinit")
     assert not (tmp_path / "bad").exists()
@@ -489,12 +482,3 @@ def test_experiment_runs_with_its_optional_lists_emptied(tmp_path):
 
 def test_notebook():
     run_notebook("lottery")
-
-
-def test_experiment_writes_tensorboard_logs_of_every_arm_when_asked(tmp_path):
-    pytest.importorskip("tensorboardX")  # the `tensorboard` extra, in `dev`
-    run_experiment("lottery", tmp_path, num_seeds=1, steps=6, levels=1, rewind_step=2,
-                   arms="ticket,reinit", tensorboard=True)  # fmt: skip
-    for arm in ("dense", "ticket", "reinit"):
-        (events,) = (tmp_path / "train" / arm / "seeds_0" / "tb").glob("events.out.tfevents.*")
-        assert b"test_accuracy/seed_0" in events.read_bytes(), arm

@@ -56,6 +56,7 @@ accel-check: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy  # configured in pyproject.toml [tool.mypy]
 	$(PY) -m pytest -q -n 0 tests/test_typing.py -k annotated  # every public def typed
 

@@ -36,7 +36,7 @@ notebooks: $(STAMP)
 	$(PY) -c "from tests.helpers import notebook_names, run_notebook; [run_notebook(n, save=True) for n in notebook_names()]"
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --durations=15 tests
+	$(PY) -m pytest -n 2 --dist worksteal --durations=15 tests
 
 # Speed ratios against each benchmark's named baseline (PyTorch for train_step).
 BENCHMARKS := train_step seeds pruning late_phase likelihood_ratio straight_through invariant_path

@@ -27,7 +27,7 @@ def get_config(arg: str = "small"):
     c.geometry_arms = {"quick": "ticket", "small": "ticket,reinit,random", "paper": c.arms}[size]
     # a second copy per level from the same start with another data order: the error barrier
     c.instability_arms = {"quick": "ticket", "small": "ticket", "paper": c.arms}[size]
-    c.geometry_examples = {"quick": 64, "small": 1000, "paper": 2000}[size]
+    c.geometry_examples = {"quick": 64, "small": 500, "paper": 2000}[size]  # training examples
     c.lanczos_iters = {"quick": 3, "small": 20, "paper": 30}[size]
     c.trace_samples = {"quick": 2, "small": 20, "paper": 50}[size]
     c.path_points = {"quick": 3, "small": 11, "paper": 31}[size]  # Frankle et al.: 30 alphas

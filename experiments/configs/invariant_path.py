@@ -17,11 +17,8 @@ def get_config(arg: str = "small"):
     c.base_steps = {"quick": 40, "small": 400, "paper": 1500}[size]  # task 1 / dense training
 
     # (a) continual: classes 0..K/2-1, then K/2..K-1, one head over all classes.
-    c.continual_arms = {
-        "quick": ("naive", "replay", "fip", "fip_jacobian", "penalty"),
-        "small": ("naive", "replay", "fip", "fip_jacobian", "penalty"),
-        "paper": ("naive", "replay", "fip", "fip_jacobian", "penalty", "ewc"),
-    }[size]
+    c.continual_arms = ("naive", "replay", "fip", "fip_jacobian", "penalty")
+    c.continual_arms += ("ewc",) if size == "paper" else ()
     c.task2_steps = {"quick": 8, "small": 200, "paper": 500}[size]
     c.buffer_size = 50  # stored task-1 examples (the official code's 50 MNIST images)
     # Both continual FIP arms rescale the solved direction to norm 1: every step moves

@@ -8,9 +8,7 @@ def get_config(arg: str = "small"):
     c = base_config(arg)
     size = c.size
     c.dataset = "digits" if size != "paper" else "mnist1d"
-    c.parts = (
-        ("continual", "sparsity", "robustness") if size == "paper" else ("continual", "sparsity")
-    )
+    c.parts = ("continual", "sparsity") + (("robustness",) if size == "paper" else ())
     c.hidden = {"quick": (32,), "small": (64, 64), "paper": (128, 128)}[size]
     c.lr = 1e-3  # Adam: base training, fine-tuning and the CE baselines
     c.batch_size = 64

@@ -497,3 +497,37 @@ def write_text(path: str, text: str) -> None:
     """Writes a text file atomically."""
     with atomic_open(path, "w") as f:
         f.write(text)
+
+
+# ----------------------------------------------------------------------------- arm helpers
+
+
+def fit_seeds(config, workdir, arm, seeds_, state, loss, tx, data, *, mode=None, **kwargs):
+    """Trains ``arm`` for ``seeds_`` as one program (a seed axis); returns ``(state, history)``.
+
+    `wspace.training.make_train_step` (``mode``: default ``config.mode``; ``estimator`` and
+    ``seed_tx_args`` from ``kwargs``), then `wspace.training.fit` (the other ``kwargs``),
+    with TensorBoard logs in the arm's `seeds_workdir` if ``config.tensorboard``.
+    """
+    import wspace as ws
+
+    mode = mode or config.mode
+    step_kwargs = {k: kwargs.pop(k) for k in ("estimator", "seed_tx_args") if k in kwargs}
+    step = ws.training.make_train_step(loss, tx, mode=mode, seed_axis=True, **step_kwargs)
+    with metric_writer(config, seeds_workdir(workdir, arm, seeds_)) as writer:
+        return ws.training.fit(state, step, data, seed=seeds_, mode=mode, writer=writer, **kwargs)
+
+
+def seeds_by_arm(per_arm: Mapping[str, list[dict]], arms: Sequence[str], metric) -> np.ndarray:
+    """``[seeds, len(arms)]``: ``metric`` (a key or ``fn(result)``) of each seed in each arm."""
+    return np.array([claims_lib._values(per_arm[a], metric) for a in arms]).T
+
+
+def plot_by_arm(ax, per_arm: Mapping[str, list[dict]], series: Mapping[str, str], rotation=20):
+    """Each ``series`` (metric -> label) by arm (x) as `plot_mean_ci` bars, 0.2 apart."""
+    arms, pos = list(per_arm), np.arange(len(per_arm))
+    for j, (metric, label) in enumerate(series.items()):
+        shift = 0.2 * (j - (len(series) - 1) / 2)
+        values = seeds_by_arm(per_arm, arms, metric)
+        plot_mean_ci(ax, pos + shift, values, style="o", label=label, bars=True)
+    ax.set_xticks(pos, arms, rotation=rotation, ha="right")

@@ -128,8 +128,7 @@ class _Run:
         return ws.data.seed_batches(x, y, size, seeds, **jax.tree.map(np.asarray, per_seed))
 
     def train(self, name, loss, tx, params, batches, steps, seeds, opt_state=None, anchors=None):
-        """``steps`` steps from ``params`` (a seed axis); FIP ``anchors``: a batch entry.
-        TensorBoard (``config.tensorboard``) logs in ``train/<name>/seeds_<a>-<b>/tb``."""
+        """``steps`` steps from ``params`` (a seed axis); FIP ``anchors``: a batch entry."""
         state = ws.training.TrainState(
             step=jnp.zeros(len(seeds), jnp.int32), params=params, model_state={},
             opt_state=jax.vmap(tx.init)(params) if opt_state is None else opt_state,
@@ -137,16 +136,11 @@ class _Run:
         )  # fmt: skip
         if steps == 0:
             return state
-        step = ws.training.make_train_step(loss, tx, mode=self.config.mode, seed_axis=True,
-                                           seed_tx_args=anchors is not None)  # fmt: skip
-        where = common.seeds_workdir(self.workdir, name, seeds)
-        with common.metric_writer(self.config, where) as writer:
-            state, _ = ws.training.fit(
-                state, step, batches, num_steps=steps, eval_fn=lambda s: {}, eval_every=steps,
-                seed=seeds, mode=self.config.mode, progress=False, writer=writer,
-                tx_args=(lambda b: {"anchors": b[anchors]}) if anchors else None,
-            )  # fmt: skip
-        return state
+        return common.fit_seeds(
+            self.config, self.workdir, name, seeds, state, loss, tx, batches, num_steps=steps,
+            eval_fn=lambda s: {}, eval_every=steps, progress=False, seed_tx_args=bool(anchors),
+            tx_args=(lambda b: {"anchors": b[anchors]}) if anchors else None,
+        )[0]  # fmt: skip
 
     def trained(self, seeds, task1=False):
         """Each seed's network trained by Adam for ``base_steps`` on task 1 or on all classes."""
@@ -207,16 +201,9 @@ def continual_arms(run: _Run) -> dict:
             fisher = jax.vmap(lambda p: ip.diagonal_fisher(run.f, p, jnp.asarray(x1)))(p1)
             per_seed.update(w0=p1, fisher=fisher)
         batches = run.batches([s + 1 for s in seeds], ~run.old, **per_seed)
-        state = run.train(
-            kind,
-            losses.get(kind, run.ce),
-            fip.get(kind, adam),
-            p1,
-            batches,
-            c.task2_steps,
-            seeds,
-            anchors="buf_x" if kind in fip else None,
-        )
+        loss, tx = losses.get(kind, run.ce), fip.get(kind, adam)
+        anchors = "buf_x" if kind in fip else None  # the metric step's anchors: the buffer
+        state = run.train(kind, loss, tx, p1, batches, c.task2_steps, seeds, anchors=anchors)
         return evaluate(state.params, p1, x1[buf], state if kind in fip else None)
 
     return {k: partial(arm, k) for k in ("after_task1", *c.continual_arms)}
@@ -339,26 +326,19 @@ def _plot(part, per_arm, workdir, config) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.5) if part == "continual" else (5.5, 3.5))
-    levels, arms = list(config.sparsities), list(per_arm)
-
-    def seeds_by(keys, metric):  # seeds x keys
-        return np.array([[r[metric] for r in per_arm[k]] for k in keys]).T
-
     if part == "continual":
-        for j, label in enumerate(("task 1", "task 2", "all")):
-            key = TABLES[part][1][j]
-            common.plot_mean_ci(ax, np.arange(len(arms)) + 0.2 * (j - 1), seeds_by(arms, key),
-                                style="o", label=label, bars=True)  # fmt: skip
-        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right")
+        series = {"task1_accuracy": "task 1", "task2_accuracy": "task 2", "all_accuracy": "all"}
+        common.plot_by_arm(ax, per_arm, series, rotation=30)
         ax.set(ylim=(0, 1), title=f"Continual learning, {config.dataset}")
     else:
+        levels = list(config.sparsities)
         for kind, key, style, label in (
             ("oneshot", "pruned_accuracy", "o-", "one-shot"),
             ("oneshot", "equal_budget_accuracy", "o--", "one-shot + step-matched fine-tune"),
             ("path", "pruned_accuracy", "s-", "FIP path"),
             ("path", "ft_accuracy", "s--", "FIP path + fine-tune"),
         ):  # fmt: skip
-            values = seeds_by([f"{kind}@{s:g}" for s in levels], key)
+            values = common.seeds_by_arm(per_arm, [f"{kind}@{s:g}" for s in levels], key)
             common.plot_mean_ci(ax, levels, values, style=style, label=label, bars=True)
         dense = np.mean([r["dense_accuracy"] for r in per_arm[f"oneshot@{levels[0]:g}"]])
         ax.axhline(dense, color="k", ls=":", label="dense")

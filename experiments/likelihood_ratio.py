@@ -7,11 +7,9 @@ Runs (a) gradient quality: cosine and relative bias to jax.grad of ULR variance 
 and ES by forward evaluations per example; (b) an MLP trained by each arm, all seeds at
 once, with Adam and equal steps and batches: ``backprop``, ``es`` and per noise setting
 "family:sigma" ``ulr_<family><sigma>`` and ``noisy_bp_<family><sigma>`` (backprop through
-the same noise); (c) white-box and transfer FGSM. Claims (`claims`): per noise setting, ULR
-is more robust than backprop and than the noisy control under both attacks at each
-``claim_eps``, beats ES in test accuracy at equal forward evaluations and is within 0.02 of
-backprop's test accuracy. Papers: Jiang et al., ICLR 2024, arXiv 2305.08960 (ULR); Peng et
-al., LR_Experiment, INFORMS JoC (the robustness protocol); Salimans et al. 2017 (ES).
+the same noise); (c) white-box and transfer FGSM; judged by `claims`. Papers: Jiang et al.,
+ICLR 2024, arXiv 2305.08960 (ULR); Peng et al., LR_Experiment, INFORMS JoC (the robustness
+protocol); Salimans et al. 2017 (ES).
 """
 
 import functools
@@ -135,20 +133,6 @@ def gradient_quality(config, ds, model, workdir: str) -> dict:
     return out
 
 
-def arm_specs(config, model) -> dict:
-    """Arm -> (loss, estimator, forward evaluations per example and step); built once."""
-    clean = ws.training.classification_loss(model.apply)
-    per_example = ws.training.classification_loss(model.apply, per_example=True)
-    backprop = (jax.value_and_grad, "1 fwd + 1 bwd")
-    specs: dict[str, tuple] = {"backprop": (clean, *backprop)}
-    for name, (family, sigma) in noise_settings(config).items():
-        ulr = lr.ulr(num_copies=config.copies, sigma=sigma, noise=family, baseline=config.baseline)
-        specs[f"ulr_{name}"] = (per_example, ulr, ulr.forward_evaluations)
-        specs[f"noisy_bp_{name}"] = (lr.noisy_loss(clean, sigma=sigma, noise=family), *backprop)
-    es = lr.es(num_copies=config.copies, sigma=config.es_sigma)
-    return {**specs, "es": (clean, es, es.forward_evaluations)}
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def fgsm_correct(apply_fn, source, target, x, y, eps):
     """``[S, N]``: seed s's ``target`` right on ``x + eps sign(grad_x CE(source_s))``."""
@@ -164,20 +148,25 @@ def fgsm_correct(apply_fn, source, target, x, y, eps):
 
 def arm_fns(config, ds, model, workdir: str) -> dict:
     """Arm -> ``fn(seeds) -> [result per seed]``, each arm trained on the seed axis."""
-    tx, specs, eps = optax.adam(config.lr), arm_specs(config, model), config.fgsm_eps
+    tx, eps = optax.adam(config.lr), config.fgsm_eps
     x, y = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
+    clean = ws.training.classification_loss(model.apply)
+    per_example = ws.training.classification_loss(model.apply, per_example=True)
+    backprop = (jax.value_and_grad, "1 fwd + 1 bwd")
+    specs = {"backprop": (clean, *backprop)}  # arm -> (loss, estimator, forward evaluations)
+    for name, (family, sigma) in noise_settings(config).items():
+        ulr = lr.ulr(num_copies=config.copies, sigma=sigma, noise=family, baseline=config.baseline)
+        specs[f"ulr_{name}"] = (per_example, ulr, ulr.forward_evaluations)
+        specs[f"noisy_bp_{name}"] = (lr.noisy_loss(clean, sigma=sigma, noise=family), *backprop)
+    es = lr.es(num_copies=config.copies, sigma=config.es_sigma)
+    specs["es"] = (clean, es, es.forward_evaluations)
 
-    def train(name, spec, seeds):  # -> (params, history); TensorBoard logs if config.tensorboard
-        loss, estimator, _ = spec
-        step = ws.training.make_train_step(loss, tx, estimator=estimator, mode=config.mode,
-                                           seed_axis=True)  # fmt: skip
-        with common.metric_writer(config, common.seeds_workdir(workdir, name, seeds)) as writer:
-            state, history = ws.training.fit(
-                ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds,
-                apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size,
-                seed=seeds, mode=config.mode, eval_every=config.eval_every, writer=writer,
-                progress=False,
-            )  # fmt: skip
+    def train(name, spec, seeds):  # -> (params, history)
+        state, history = common.fit_seeds(
+            config, workdir, name, seeds, ws.training.init_states(model, tx, ds.x_train[:1], seeds),
+            spec[0], tx, ds, estimator=spec[1], apply_fn=model.apply, num_steps=config.steps,
+            batch_size=config.batch_size, eval_every=config.eval_every, progress=False,
+        )  # fmt: skip
         return state.params, history
 
     @functools.cache  # the transfer attacks' backprop models, shared by every arm

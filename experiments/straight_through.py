@@ -109,13 +109,12 @@ def sbn_arm_fns(config, workdir: str) -> dict:
             num_samples=config.sbn_budgets, repeats=config.sbn_repeats, seed_axis=True,
         )  # fmt: skip
         family = family or {evals: ws.estimators.average_estimator(jax.value_and_grad, evals)}
-        step = ws.training.make_train_step(loss, tx, estimator=family[evals], seed_axis=True)
-        with common.metric_writer(config, common.seeds_workdir(workdir, f"sbn_{est}", seeds)) as w:
-            _, history = ws.training.fit(
-                state, step, ds, num_steps=config.sbn_steps, batch_size=config.sbn_points,
-                seed=seeds, eval_every=max(config.sbn_steps // config.sbn_evals, 1), writer=w,
-                eval_fn=lambda s: {"exact_loss": exact(s.params, x, y)[0]}, progress=False,
-            )  # fmt: skip
+        _, history = common.fit_seeds(
+            config, workdir, f"sbn_{est}", seeds, state, loss, tx, ds, mode="jit",
+            estimator=family[evals], num_steps=config.sbn_steps, batch_size=config.sbn_points,
+            eval_every=max(config.sbn_steps // config.sbn_evals, 1), progress=False,
+            eval_fn=lambda s: {"exact_loss": exact(s.params, x, y)[0]},
+        )  # fmt: skip
         losses = np.transpose([np.asarray(loss0).tolist()] + [r["exact_loss"] for r in history])
         out = [
             {
@@ -155,14 +154,12 @@ def build_arm(arm: str, config, num_classes: int):
 def train_arm(arm: str, config, ds, workdir: str, seeds: list[int]) -> list[dict]:
     """Trains a part-(b) arm for all ``seeds`` at once (a seed axis); one result per seed."""
     model, tx = build_arm(arm, config, ds.num_classes)
-    loss = ws.training.classification_loss(model.apply)
-    step = ws.training.make_train_step(loss, tx, mode=config.mode, seed_axis=True)
-    with common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds)) as w:
-        state, history = ws.training.fit(
-            ws.training.init_states(model, tx, ds.x_train[:1], seeds), step, ds, seed=seeds,
-            apply_fn=model.apply, num_steps=config.steps, batch_size=config.batch_size, writer=w,
-            mode=config.mode, eval_every=max(config.steps // 4, 1), progress=config.progress,
-        )  # fmt: skip
+    state, history = common.fit_seeds(
+        config, workdir, arm, seeds, ws.training.init_states(model, tx, ds.x_train[:1], seeds),
+        ws.training.classification_loss(model.apply), tx, ds, apply_fn=model.apply,
+        num_steps=config.steps, batch_size=config.batch_size,
+        eval_every=max(config.steps // 4, 1), progress=config.progress,
+    )  # fmt: skip
     mode_correct = ws.training.correct_predictions(model.apply, state.variables, ds.x_test,
                                                    ds.y_test, seed_axis=True)  # fmt: skip
     keys = [jax.random.split(jax.random.PRNGKey(10_000 + s), config.eval_samples) for s in seeds]
@@ -243,13 +240,10 @@ def _plot_sbn(sbn, workdir, config) -> str:
 def _plot_training(trained, workdir, config) -> str:
     import matplotlib.pyplot as plt
 
-    names, pos = list(trained), np.arange(len(trained))
-    fig, ax = plt.subplots(figsize=(0.8 * len(names) + 3, 3.6))
+    fig, ax = plt.subplots(figsize=(0.8 * len(trained) + 3, 3.6))
     samples = f"mean of {config.eval_samples} samples"
-    for shift, key, label in ((-0.1, "test", "mode network"), (0.1, "sampled_test", samples)):
-        by_arm = np.transpose([[r[f"{key}_accuracy"] for r in trained[a]] for a in names])
-        common.plot_mean_ci(ax, pos + shift, by_arm, style="o", bars=True, label=label)
-    ax.set_xticks(pos, names, rotation=20, ha="right")
+    series = {"test_accuracy": "mode network", "sampled_test_accuracy": samples}
+    common.plot_by_arm(ax, trained, series)
     ax.set(ylabel="test accuracy (95% interval over seeds)", title=config.dataset)
     ax.legend(fontsize=8)
     fig.tight_layout()

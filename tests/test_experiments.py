@@ -381,3 +381,25 @@ def test_two_process_run_matches_one_process(tmp_path):
     np.testing.assert_allclose(
         [c[0] for c in row_two[1:]], [c[0] for c in row_one[1:]], rtol=1e-4, atol=1e-5
     )
+
+
+def test_seeds_by_arm_and_plot_by_arm_draw_each_series_by_arm():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_arm = {
+        "a": [{"m": 1.0, "n": {"x": 2.0}}, {"m": 3.0, "n": {"x": 4.0}}],
+        "b": [{"m": 5.0, "n": {"x": 6.0}}, {"m": 9.0, "n": {"x": 8.0}}],
+    }
+    np.testing.assert_array_equal(common.seeds_by_arm(per_arm, ["b", "a"], "m"), [[5, 1], [9, 3]])
+    np.testing.assert_array_equal(common.seeds_by_arm(per_arm, ["a"], "n.x"), [[2], [4]])
+    fig, ax = plt.subplots()
+    common.plot_by_arm(ax, per_arm, {"m": "M", "n.x": "X"})
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b"]
+    lines = {c.get_label(): c.lines[0] for c in ax.containers}  # one errorbar set per series
+    np.testing.assert_allclose(lines["M"].get_xdata(), [-0.1, 0.9])  # side by side, 0.2 apart
+    np.testing.assert_allclose(lines["X"].get_xdata(), [0.1, 1.1])
+    np.testing.assert_allclose(lines["M"].get_ydata(), [2.0, 7.0])  # the mean over seeds
+    plt.close(fig)

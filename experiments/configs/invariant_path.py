@@ -8,20 +8,15 @@ def get_config(arg: str = "small"):
     c = base_config(arg)
     size = c.size
     c.dataset = "digits" if size != "paper" else "mnist1d"
-    c.parts = (
-        ("continual", "sparsity", "robustness") if size == "paper" else ("continual", "sparsity")
-    )
+    c.parts = ("continual", "sparsity") + (("robustness",) if size == "paper" else ())
     c.hidden = {"quick": (32,), "small": (64, 64), "paper": (128, 128)}[size]
     c.lr = 1e-3  # Adam: base training, fine-tuning and the CE baselines
     c.batch_size = 64
     c.base_steps = {"quick": 40, "small": 400, "paper": 1500}[size]  # task 1 / dense training
 
     # (a) continual: classes 0..K/2-1, then K/2..K-1, one head over all classes.
-    c.continual_arms = {
-        "quick": ("naive", "replay", "fip", "fip_jacobian", "penalty"),
-        "small": ("naive", "replay", "fip", "fip_jacobian", "penalty"),
-        "paper": ("naive", "replay", "fip", "fip_jacobian", "penalty", "ewc"),
-    }[size]
+    c.continual_arms = ("naive", "replay", "fip", "fip_jacobian", "penalty")
+    c.continual_arms += ("ewc",) if size == "paper" else ()
     c.task2_steps = {"quick": 8, "small": 200, "paper": 500}[size]
     c.buffer_size = 50  # stored task-1 examples (the official code's 50 MNIST images)
     # Both continual FIP arms rescale the solved direction to norm 1: every step moves

@@ -1,16 +1,12 @@
-"""Config of `experiments.straight_through`: estimators on an SBN with exact gradients; training.
-
-quick: a smoke run in seconds. small (the demo): the SBN comparison (ULR, principled ST,
-identity ST, REINFORCE) and principled vs identity ST with binary weights on digits.
-paper: a deeper SBN, more budgets, every activation estimator and the latent-weight arms.
-Seeds: `base_config` (each arm runs all its seeds as one program).
-"""
+"""Config of `experiments.straight_through`: estimators on an SBN with exact gradients; training."""
 
 from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
-    """Every field `experiments.straight_through.run` reads (see its docstring)."""
+    """quick: a smoke run in seconds; small (the demo): the SBN comparison (ULR, principled ST,
+    identity ST, REINFORCE) and principled vs identity ST with binary weights on digits; paper:
+    a deeper SBN, more budgets, every activation estimator and the latent-weight arms."""
     c = base_config(arg)
     size = c.size
     c.dataset = "digits"  # the training part (b); the SBN part (a) is its own 2-D toy
@@ -29,19 +25,10 @@ def get_config(arg: str = "small"):
     c.train_arms = {
         "quick": ["bin_st", "bin_identity"],
         "small": ["bin_st", "bin_identity"],
-        "paper": [
-            "act_st",
-            "act_identity",
-            "act_hardtanh",
-            "act_tanh",
-            "act_deterministic",
-            "bin_st",
-            "bin_identity",
-            "bin_st_uniform",
-            "bin_st_uniform_clip",
-            "bin_st_sgd_latent",
-        ],
-    }[size]
+        "paper": [*(f"act_{e}" for e in ("st", "identity", "hardtanh", "tanh", "deterministic")),
+                  "bin_st", "bin_identity", "bin_st_uniform", "bin_st_uniform_clip",
+                  "bin_st_sgd_latent"],  # every arm of `experiments.straight_through.ARMS`
+    }[size]  # fmt: skip
     c.hidden = {"quick": [8], "small": [64, 64], "paper": [256, 256]}[size]
     c.steps = {"quick": 4, "small": 400, "paper": 3000}[size]
     c.batch_size = {"quick": 32, "small": 64, "paper": 100}[size]

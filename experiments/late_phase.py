@@ -224,8 +224,15 @@ def run(config, workdir: str) -> dict:
         width = {"channels": tuple(c.channels)} if c.model == "convnet" else {}
         model = ws.models.create(c.model, ds.num_classes, **width)
         _check_select(c, model, ds.x_train[:1])
-        arm = functools.partial(classify_arm, c, workdir, ds, model,
-                                ws.training.classification_loss(model.apply), _optimizers(c))
+        arm = functools.partial(
+            classify_arm,
+            c,
+            workdir,
+            ds,
+            model,
+            ws.training.classification_loss(model.apply),
+            _optimizers(c),
+        )
         arms = {a: functools.partial(arm, a) for a in c.classify_arms}
         notes.append(
             f"{c.model} {tuple(c.channels)}: {c.steps} steps of batch {c.batch_size}, T0 = {t0}: "

@@ -104,19 +104,20 @@ def _arm_fns(config, ds, workdir) -> dict:
     model = ws.models.MLP(features=tuple(c.hidden), num_classes=ds.num_classes)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ds.x_train[:1]))
     tx = _chain(c, jax.tree.map(lambda s: np.ones(s.shape, bool), shapes["params"]))
-    losses = {"backprop": ws.training.classification_loss(model.apply),
-              "ulr": ws.training.classification_loss(model.apply, per_example=True)}  # fmt: skip
-    estimators = {"backprop": jax.value_and_grad, "ulr": _ulr(c)}
+    loss = ws.training.classification_loss  # ULR: the per-example losses
+    grads = {"backprop": (loss(model.apply), jax.value_and_grad),
+             "ulr": (loss(model.apply, per_example=True), _ulr(c))}  # fmt: skip
     fit_kw = dict(apply_fn=model.apply, num_steps=c.steps, batch_size=c.batch_size,
                   mode=c.mode, eval_every=c.steps, progress=False)  # fmt: skip
 
     def train(arm, state, seeds, masks):
         """``(state, result per seed)`` of ``arm`` trained through the chain (masks in its
         state), or plainly to t0 and with late-phase members after (evaluated averaged)."""
-        late, grads = _late(c, LATE[arm]) if arm in LATE else None, ARMS[arm][1]
-        state, history = fit_arm(c, workdir, arm, seeds, late, state, losses[grads], tx, ds,
-                                 t0=_t0(c), noise=c.late_noise, masks=masks,
-                                 estimator=estimators[grads], **fit_kw)  # fmt: skip
+        late = _late(c, LATE[arm]) if arm in LATE else None
+        loss_fn, estimator = grads[ARMS[arm][1]]
+        state, history = fit_arm(c, workdir, arm, seeds, late, state, loss_fn, tx, ds, t0=_t0(c),
+                                 noise=c.late_noise, masks=masks, estimator=estimator,
+                                 **fit_kw)  # fmt: skip
         params, members = state.params, None
         if late is not None:
             params = jax.vmap(late.average)(state.params, state.model_state)[0]

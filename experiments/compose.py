@@ -115,9 +115,8 @@ def _arm_fns(config, ds, workdir) -> dict:
         state), or plainly to t0 and with late-phase members after (evaluated averaged)."""
         late = _late(c, LATE[arm]) if arm in LATE else None
         loss_fn, estimator = grads[ARMS[arm][1]]
-        state, history = fit_arm(c, workdir, arm, seeds, late, state, loss_fn, tx, ds, t0=_t0(c),
-                                 noise=c.late_noise, masks=masks, estimator=estimator,
-                                 **fit_kw)  # fmt: skip
+        state, history = fit_arm(c, workdir, arm, late, state, loss_fn, tx, ds, seeds, t0=_t0(c),
+                                 masks=masks, estimator=estimator, **fit_kw)  # fmt: skip
         params, members = state.params, None
         if late is not None:
             params = jax.vmap(late.average)(state.params, state.model_state)[0]

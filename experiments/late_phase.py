@@ -105,10 +105,10 @@ def _check_select(config, model, sample_x) -> None:
                          f"{config.model!r}: {str(e).splitlines()[0]}") from None  # fmt: skip
 
 
-def fit_arm(config, workdir, arm, seeds, late, state, loss, tx, data, *, t0, noise=0.0,
-            masks=None, estimator=jax.value_and_grad, **kw):  # fmt: skip
+def fit_arm(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, masks=None,
+            estimator=jax.value_and_grad, **kw):  # fmt: skip
     """All seeds of an arm as one program: plain `wspace.training.fit` (``late`` None) or
-    ``late.fit`` from ``t0`` with ``masks`` (the members' initial ``noise`` keyed by the first
+    ``late.fit`` from ``t0`` with ``masks`` (the members' initial noise keyed by the first
     seed); TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
     with common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds)) as writer:
         kw.update(seed=list(seeds), writer=writer)
@@ -116,7 +116,7 @@ def fit_arm(config, workdir, arm, seeds, late, state, loss, tx, data, *, t0, noi
             step = ws.training.make_train_step(loss, tx, estimator=estimator, seed_axis=True,
                                                mode=kw.get("mode", "jit"))  # fmt: skip
             return ws.training.fit(state, step, data, **kw)
-        key = jax.random.PRNGKey(seeds[0]) if noise > 0 else None
+        key = jax.random.PRNGKey(seeds[0]) if late.noise > 0 else None
         return late.fit(state, loss, tx, data, t0=t0, key=key, masks=masks, estimator=estimator,
                         **kw)  # fmt: skip
 
@@ -154,13 +154,11 @@ def classify_arm(config, workdir, ds, model, loss, txs, arm, seeds: list[int]) -
     uses_swa, late = arm in ("swa", "late_swa"), _late(config, arm)
     tx = txs["swa" if uses_swa else "sgd"]
     train_loss = _ghost_bn_loss(loss, config.members) if arm == "sgd_ghost_bn" else loss
+    kw = dict(num_steps=config.steps, batch_size=config.batch_size, mode=config.mode,
+              eval_every=config.eval_every, train_eval_examples=0, progress=config.progress,
+              apply_fn=model.apply, t0=0 if arm == "late_t0_0" else _t0(config))  # fmt: skip
     state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
-    state, hist = fit_arm(
-        config, workdir, arm, seeds, late, state, train_loss, tx, ds, noise=config.noise,
-        t0=0 if arm == "late_t0_0" else _t0(config), num_steps=config.steps,
-        batch_size=config.batch_size, mode=config.mode, eval_every=config.eval_every,
-        train_eval_examples=0, progress=config.progress, apply_fn=model.apply,
-    )  # fmt: skip
+    state, hist = fit_arm(config, workdir, arm, late, state, train_loss, tx, ds, seeds, **kw)
     params, model_state = state.params, state.model_state
     if uses_swa:  # statistics of the averaged weights (of every member for late_swa)
         params = swa_params(state.opt_state)
@@ -199,10 +197,10 @@ def nqp_arm(config, workdir, arm: str, seeds: list[int]) -> list[dict]:
 
     state = jax.vmap(init)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
     data = ws.data.GaussianBatches(1.0, np.sqrt(h), config.nqp_batch_size, seeds)
-    _, hist = fit_arm(config, workdir, f"nqp_{arm}", seeds, _late(config, arm, NQP_SELECT), state,
-                      loss, tx, data, t0=t0, noise=config.noise, num_steps=steps,
-                      eval_every=config.nqp_eval_every, progress=False,
-                      eval_fn=lambda s: {"excess_loss": excess(s.params)})  # fmt: skip
+    _, hist = fit_arm(config, workdir, f"nqp_{arm}", _late(config, arm, NQP_SELECT), state, loss,
+                      tx, data, seeds, t0=t0, num_steps=steps, eval_every=config.nqp_eval_every,
+                      eval_fn=lambda s: {"excess_loss": excess(s.params)},
+                      progress=False)  # fmt: skip
     curves = [_curve(hist, "excess_loss", i) for i in range(len(seeds))]
     tail = lambda c: float(np.mean([r["excess_loss"] for r in c if r["step"] > 0.75 * steps]))
     return [{"excess_loss": tail(c), "curve": c} for c in curves]
@@ -212,56 +210,49 @@ def run(config, workdir: str) -> dict:
     """Runs the configured parts and arms (all seeds of an arm at once); writes results.json
     and figures."""
     validate(config)
-    c, t0, k = config, _t0(config), config.members
-    arms, notes = {}, [
+    arms, tables, figures, notes = {}, {}, [], [
         "late = the paper's algorithm (schedule 'cycle': one member per minibatch, the whole "
         "minibatch; shared weights step once per K minibatches with the summed gradient; "
-        f"member optimizer state at T0: {c.member_opt_state}).",
+        f"member optimizer state at T0: {config.member_opt_state}).",
         "Seeds pair the arms (same initialisation and data order per seed).",
     ]  # fmt: skip
-    if "classify" in c.parts:
-        ds = common.load_dataset(c)
-        width = {"channels": tuple(c.channels)} if c.model == "convnet" else {}
-        model = ws.models.create(c.model, ds.num_classes, **width)
-        _check_select(c, model, ds.x_train[:1])
-        arm = functools.partial(
-            classify_arm,
-            c,
-            workdir,
-            ds,
-            model,
-            ws.training.classification_loss(model.apply),
-            _optimizers(c),
-        )
-        arms = {a: functools.partial(arm, a) for a in c.classify_arms}
+    if "classify" in config.parts:
+        ds = common.load_dataset(config)
+        width = {"channels": tuple(config.channels)} if config.model == "convnet" else {}
+        model = ws.models.create(config.model, ds.num_classes, **width)
+        _check_select(config, model, ds.x_train[:1])
+        loss, txs = ws.training.classification_loss(model.apply), _optimizers(config)
+        arm = functools.partial(classify_arm, config, workdir, ds, model, loss, txs)
+        arms = {a: functools.partial(arm, a) for a in config.classify_arms}
+        t0, k, late = _t0(config), config.members, config.steps - _t0(config)
         notes.append(
-            f"{c.model} {tuple(c.channels)}: {c.steps} steps of batch {c.batch_size}, T0 = {t0}: "
-            f"the late phase covers {c.steps - t0} minibatches, {(c.steps - t0) // k} per member "
-            f"and {(c.steps - t0) // k} shared-weight steps (cycle + sum); from T0 = 0 the "
-            f"shared weights take {c.steps // k} steps in all."
-        )  # fmt: skip
-    if "nqp" in c.parts:
-        arms |= {f"nqp_{a}": functools.partial(nqp_arm, c, workdir, a) for a in c.nqp_arms}
-        notes.append(
-            f"NQP: d = {c.nqp_dim}, batch {c.nqp_batch_size}, lr {c.nqp_lr}, {c.nqp_steps} "
-            f"steps, T0 = {c.t0_frac:.0%}; cycle + sum steps theta with K x the mean gradient, "
-            "so it diverges where K lr h_max > 2 (e.g. lr 0.5)."
+            f"{config.model} {tuple(config.channels)}: {config.steps} steps of batch "
+            f"{config.batch_size}, T0 = {t0}: the late phase covers {late} minibatches, "
+            f"{late // k} per member and {late // k} shared-weight steps (cycle + sum); from "
+            f"T0 = 0 the shared weights take {config.steps // k} steps in all."
         )
-    common.start(c, workdir)
-    per_arm = common.run_arms(workdir, c, arms)
-    tables, figures = {}, []
+    if "nqp" in config.parts:
+        arms |= {f"nqp_{a}": functools.partial(nqp_arm, config, workdir, a)
+                 for a in config.nqp_arms}  # fmt: skip
+        notes.append(
+            f"NQP: d = {config.nqp_dim}, batch {config.nqp_batch_size}, lr {config.nqp_lr}, "
+            f"{config.nqp_steps} steps, T0 = {config.t0_frac:.0%}; cycle + sum steps theta "
+            "with K x the mean gradient, so it diverges where K lr h_max > 2 (e.g. lr 0.5)."
+        )
+    common.start(config, workdir)
+    per_arm = common.run_arms(workdir, config, arms)
     for part, title, metrics, plot in (
         ("classify", "ConvNet on mnist1d: final test metrics by arm",
          ["test_accuracy", "test_nll"], _plot_classify),
         ("nqp", "Noisy quadratic problem: steady-state excess loss by arm", ["excess_loss"],
          _plot_nqp),
     ):  # fmt: skip
-        if part in c.parts:
-            results = {a: r for a, r in per_arm.items() if a.startswith("nqp_") == (part == "nqp")}
+        results = {a: r for a, r in per_arm.items() if a.startswith("nqp_") == (part == "nqp")}
+        if part in config.parts:
             tables[title] = common.summarize(results, metrics)
-            figures.append(plot(results, workdir, c))
+            figures.append(plot(results, workdir, config))
     return common.save_results(
-        workdir, c, "late_phase", claims=judge(claims(c), per_arm, skip_missing=True),
+        workdir, config, "late_phase", claims=judge(claims(config), per_arm, skip_missing=True),
         tables=tables, figures=figures, notes=notes,
     )  # fmt: skip
 

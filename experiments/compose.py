@@ -6,10 +6,8 @@ r"""The methods compose: a lottery ticket retrained with late-phase weights and 
 ``dense`` (an MLP, Adam, ``steps``) is pruned once by magnitude to ``sparsity`` and rewound
 to init: the ticket, retrained through the lottery chain (masks bound in its state) by
 backprop (``ticket``), with late-phase members (``ticket_late``, ``ticket_late_every``) and
-by ULR (``ticket_ulr``); ``random_ulr`` and ``dense_ulr`` are ULR controls. Claims
-(`claims`): late-phase beats plain retraining; ULR retrains the ticket within ``margin`` of
-backprop and better than the dense network, as does a random mask. Every arm reports its
-non-zero pruned weights (must be 0). TensorBoard: ``workdir/train/<arm>/seeds_*/tb``.
+by ULR (``ticket_ulr``); ``random_ulr`` and ``dense_ulr`` are ULR controls (`ARMS`). Each
+arm reports its non-zero pruned weights (must be 0). TensorBoard: ``workdir/train/<arm>/seeds_*``.
 """
 
 from __future__ import annotations
@@ -23,11 +21,16 @@ import optax
 import wspace as ws
 from experiments import cli, common
 from experiments.claims import Claim, judge
+from experiments.late_phase import fit_arm
 from wspace import late_phase as lp
 from wspace import likelihood_ratio as lr
 
-ARMS = ("dense", "ticket", "ticket_late", "ticket_late_every", "ticket_ulr", "random_ulr",
-        "dense_ulr")  # fmt: skip
+# arm -> (its masks: dense | ticket | random, with the ticket's per-layer sparsity; gradients)
+ARMS = {"dense": ("dense", "backprop"), "ticket": ("ticket", "backprop"),
+        "ticket_late": ("ticket", "backprop"), "ticket_late_every": ("ticket", "backprop"),
+        "ticket_ulr": ("ticket", "ulr"), "random_ulr": ("random", "ulr"),
+        "dense_ulr": ("dense", "ulr")}  # fmt: skip
+LATE = {"ticket_late": None, "ticket_late_every": "every"}  # arm -> combine of its LatePhase
 
 
 def claims(config) -> list[Claim]:
@@ -101,26 +104,19 @@ def _arm_fns(config, ds, workdir) -> dict:
     model = ws.models.MLP(features=tuple(c.hidden), num_classes=ds.num_classes)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ds.x_train[:1]))
     tx = _chain(c, jax.tree.map(lambda s: np.ones(s.shape, bool), shapes["params"]))
-    loss = ws.training.classification_loss(model.apply)
-    per_example, ulr = ws.training.classification_loss(model.apply, per_example=True), _ulr(c)
+    loss = ws.training.classification_loss  # ULR: the per-example losses
+    grads = {"backprop": (loss(model.apply), jax.value_and_grad),
+             "ulr": (loss(model.apply, per_example=True), _ulr(c))}  # fmt: skip
     fit_kw = dict(apply_fn=model.apply, num_steps=c.steps, batch_size=c.batch_size,
                   mode=c.mode, eval_every=c.steps, progress=False)  # fmt: skip
 
-    def train(arm, state, seeds, masks, estimator=jax.value_and_grad, late=None):
+    def train(arm, state, seeds, masks):
         """``(state, result per seed)`` of ``arm`` trained through the chain (masks in its
         state), or plainly to t0 and with late-phase members after (evaluated averaged)."""
-        where = common.seeds_workdir(workdir, arm, seeds)
-        with common.metric_writer(c, where) as writer:
-            kw = dict(fit_kw, seed=list(seeds), writer=writer)
-            if late is None:
-                step = ws.training.make_train_step(per_example if estimator is ulr else loss, tx,
-                                                   estimator=estimator, mode=c.mode,
-                                                   seed_axis=True)  # fmt: skip
-                state, history = ws.training.fit(state, step, ds, **kw)
-            else:  # the members' initial noise (config.late_noise > 0) draws from this key
-                key = jax.random.PRNGKey(seeds[0]) if c.late_noise > 0 else None
-                state, history = late.fit(state, loss, tx, ds, t0=_t0(c), masks=masks, key=key,
-                                          **kw)  # fmt: skip
+        late = _late(c, LATE[arm]) if arm in LATE else None
+        loss_fn, estimator = grads[ARMS[arm][1]]
+        state, history = fit_arm(c, workdir, arm, late, state, loss_fn, tx, ds, seeds, t0=_t0(c),
+                                 masks=masks, estimator=estimator, **fit_kw)  # fmt: skip
         params, members = state.params, None
         if late is not None:
             params = jax.vmap(late.average)(state.params, state.model_state)[0]
@@ -141,30 +137,26 @@ def _arm_fns(config, ds, workdir) -> dict:
 
     @functools.cache
     def dense(seeds):
-        """``(initial states, ticket masks, all-true masks, dense results)`` of ``seeds``."""
+        """``(initial states, {kind: masks}, dense results)`` of ``seeds``."""
         state0 = ws.training.init_states(model, tx, ds.x_train[:1], list(seeds))
         ones = jax.tree.map(lambda p: np.ones(p.shape, bool), state0.params)
         state, results = train("dense", state0, seeds, ones)
-        masks = [ws.pruning.magnitude_masks(slice_(state.params, i), c.sparsity,
-                                            layer_sparsity={"head": c.head_sparsity})
-                 for i in range(len(seeds))]  # fmt: skip
-        return state0, stack(masks), ones, results
+        ticket = [ws.pruning.magnitude_masks(slice_(state.params, i), c.sparsity,
+                                             layer_sparsity={"head": c.head_sparsity})
+                  for i in range(len(seeds))]  # fmt: skip
+        keys = [jax.random.fold_in(jax.random.PRNGKey(s), 0x5EED) for s in seeds]
+        shuffled = [ws.pruning.shuffle_masks(m, key=k) for m, k in zip(ticket, keys, strict=True)]
+        return state0, {"dense": ones, "ticket": stack(ticket), "random": stack(shuffled)}, results
 
     def arm(name, seeds):
-        seeds = tuple(seeds)
-        state0, masks, ones, dense_results = dense(seeds)
-        if name in ("dense", "dense_ulr"):
-            return dense_results if name == "dense" else train(name, state0, seeds, ones, ulr)[1]
-        if name == "random_ulr":
-            keys = [jax.random.fold_in(jax.random.PRNGKey(s), 0x5EED) for s in seeds]
-            masks = stack([ws.pruning.shuffle_masks(slice_(masks, i), key=k)
-                           for i, k in enumerate(keys)])  # fmt: skip
+        state0, masks, dense_results = dense(tuple(seeds))
+        if name == "dense":
+            return dense_results
+        masks = masks[ARMS[name][0]]
         params = jax.vmap(ws.pruning.apply_masks)(state0.params, masks)
         opt_state = jax.vmap(lambda p, m: _chain(c, m).init(p))(params, masks)
         start = state0.replace(params=params, opt_state=opt_state)  # masks in the chain's state
-        late = {"ticket_late": _late(c), "ticket_late_every": _late(c, "every")}.get(name)
-        return train(name, start, seeds, masks, ulr if name.endswith("ulr") else
-                     jax.value_and_grad, late)[1]  # fmt: skip
+        return train(name, start, tuple(seeds), masks)[1]
 
     return {name: functools.partial(arm, name) for name in ARMS}
 

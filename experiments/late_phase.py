@@ -5,12 +5,9 @@
       --config.tensorboard=True                                   # every arm; TensorBoard logs
 
 Each arm trains all its seeds as one program on the same minibatches and lr schedule; late
-arms train plainly to T0, then as `wspace.late_phase.LatePhase` (K members of the BatchNorm
-affine + head) and are averaged in weight space. The config module describes the arms.
-NQP: l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2, c ~ N(1, diag(h)), h_i = 1/i, w = theta * gain
-(late arms replicate ``gain``); metric: the excess loss over the last quarter of the run.
-Claims (`claims`, paired by seed): each late arm beats its baseline (SGD, T0 = 0, SWA, ghost
-BatchNorm), T0 = 0 beats SGD (the paper: no), late_mean beats SGD with lr / K on the NQP.
+arms run `wspace.late_phase.LatePhase` from T0 and are averaged in weight space. The config
+module describes the arms and the NQP (metric: the excess loss over the last quarter of the
+run); `claims` pairs each arm with its baseline by seed.
 
 Reference: von Oswald et al., "Neural networks with late-phase weights", ICLR 2021, arXiv
 2007.12927; Izmailov et al. 2018 (SWA), arXiv 1803.05407.
@@ -108,17 +105,20 @@ def _check_select(config, model, sample_x) -> None:
                          f"{config.model!r}: {str(e).splitlines()[0]}") from None  # fmt: skip
 
 
-def _fit(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, **kw):
-    """All seeds of an arm as one program: plain (``late`` None) or ``late.fit`` from ``t0``;
-    TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
+def fit_arm(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, masks=None,
+            estimator=jax.value_and_grad, **kw):  # fmt: skip
+    """All seeds of an arm as one program: plain `wspace.training.fit` (``late`` None) or
+    ``late.fit`` from ``t0`` with ``masks`` (the members' initial noise keyed by the first
+    seed); TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
     with common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds)) as writer:
-        kw.update(seed=seeds, writer=writer)
+        kw.update(seed=list(seeds), writer=writer)
         if late is None:
-            step = ws.training.make_train_step(loss, tx, mode=kw.get("mode", "jit"), seed_axis=True)
+            step = ws.training.make_train_step(loss, tx, estimator=estimator, seed_axis=True,
+                                               mode=kw.get("mode", "jit"))  # fmt: skip
             return ws.training.fit(state, step, data, **kw)
-        # the members' initial noise (config.noise > 0) draws from this key, split per seed
-        key = jax.random.PRNGKey(seeds[0]) if config.noise > 0 else None
-        return late.fit(state, loss, tx, data, t0=t0, key=key, **kw)
+        key = jax.random.PRNGKey(seeds[0]) if late.noise > 0 else None
+        return late.fit(state, loss, tx, data, t0=t0, key=key, masks=masks, estimator=estimator,
+                        **kw)  # fmt: skip
 
 
 def _curve(hist, metric: str, i: int) -> list[dict]:
@@ -158,7 +158,7 @@ def classify_arm(config, workdir, ds, model, loss, txs, arm, seeds: list[int]) -
               eval_every=config.eval_every, train_eval_examples=0, progress=config.progress,
               apply_fn=model.apply, t0=0 if arm == "late_t0_0" else _t0(config))  # fmt: skip
     state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
-    state, hist = _fit(config, workdir, arm, late, state, train_loss, tx, ds, seeds, **kw)
+    state, hist = fit_arm(config, workdir, arm, late, state, train_loss, tx, ds, seeds, **kw)
     params, model_state = state.params, state.model_state
     if uses_swa:  # statistics of the averaged weights (of every member for late_swa)
         params = swa_params(state.opt_state)
@@ -197,9 +197,10 @@ def nqp_arm(config, workdir, arm: str, seeds: list[int]) -> list[dict]:
 
     state = jax.vmap(init)(jnp.stack([jax.random.PRNGKey(s) for s in seeds]))
     data = ws.data.GaussianBatches(1.0, np.sqrt(h), config.nqp_batch_size, seeds)
-    _, hist = _fit(config, workdir, f"nqp_{arm}", _late(config, arm, NQP_SELECT), state, loss, tx,
-                   data, seeds, t0=t0, num_steps=steps, eval_every=config.nqp_eval_every,
-                   eval_fn=lambda s: {"excess_loss": excess(s.params)}, progress=False)  # fmt: skip
+    _, hist = fit_arm(config, workdir, f"nqp_{arm}", _late(config, arm, NQP_SELECT), state, loss,
+                      tx, data, seeds, t0=t0, num_steps=steps, eval_every=config.nqp_eval_every,
+                      eval_fn=lambda s: {"excess_loss": excess(s.params)},
+                      progress=False)  # fmt: skip
     curves = [_curve(hist, "excess_loss", i) for i in range(len(seeds))]
     tail = lambda c: float(np.mean([r["excess_loss"] for r in c if r["step"] > 0.75 * steps]))
     return [{"excess_loss": tail(c), "curve": c} for c in curves]

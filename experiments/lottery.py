@@ -7,9 +7,7 @@ Each level prunes ``rate`` of an MLP's surviving weights per layer and retrains 
 all seeds of an arm as one program (`wspace.lottery`). Arms: ``ticket`` (rewind to step k,
 fresh optimizer), ``ticket_restore``, ``ticket_init``, ``reinit``, ``random``, ``oneshot``;
 ``geometry_arms`` measure Hessian sharpness and trace per level, ``instability_arms`` the
-instability. Claims (`claims`, deepest level): the ticket matches dense, beats re-init and
-random pruning, is stable to SGD noise and flatter per weight than re-init; restoring the
-optimizer costs less than the margin. TensorBoard: ``workdir/train/<arm>/seeds_*/tb``.
+instability; `claims` are judged at the deepest level. TensorBoard: ``workdir/train/<arm>/*/tb``.
 """
 
 from __future__ import annotations
@@ -23,12 +21,11 @@ import numpy as np
 import optax
 
 import wspace as ws
-from experiments import cli, common
+from experiments import cli, common, train
 from experiments.claims import Claim, judge
 from wspace import landscape, lottery, pruning
 
 ALL_ARMS = ("ticket", "ticket_restore", "ticket_init", "reinit", "random", "oneshot")
-OPTIMIZERS = ("sgd", "adam")
 STABLE = 0.02  # Frankle et al. 2020: "stable" = error barrier below 2%
 GEOMETRY = (
     ("sharpness", "top Hessian eigenvalue (surviving weights)"),
@@ -80,7 +77,7 @@ def validate(config) -> None:
         raise ValueError(f"config.arms={arms} must include 'ticket' (the controls use its masks)")
     common.check(
         config,
-        choices={"optimizer": OPTIMIZERS, "rewind": lottery.REWINDS, "scope": pruning.SCOPES},
+        choices={"optimizer": train.OPTIMIZERS, "rewind": lottery.REWINDS, "scope": pruning.SCOPES},
         widths=("hidden",), positive=("lr",),
         fractions=("rate", "head_rate", "match_margin"),
         counts=("steps", "batch_size", "levels", "geometry_examples", "lanczos_iters",
@@ -107,11 +104,10 @@ def _arm_fns(config, ds, workdir) -> dict:
     computed once per seeds and shared by the arms."""
     c = config
     model = ws.models.create("mlp", ds.num_classes, features=tuple(c.hidden))
-    schedule = optax.cosine_decay_schedule(c.lr, c.steps)
-    base = optax.sgd(schedule, momentum=0.9) if c.optimizer == "sgd" else optax.adam(schedule)
+    base = train.make_optimizer(c.optimizer, c.lr, c.steps)
     tx = optax.chain(pruning.mask_gradients(), base, pruning.keep_masked())
     loss = ws.training.classification_loss(model.apply)
-    train = lottery.Trainer(loss, tx, ds, model.apply, c.batch_size, seed=[0], mode=c.mode)
+    trainer = lottery.Trainer(loss, tx, ds, model.apply, c.batch_size, seed=[0], mode=c.mode)
     init_fn = jax.jit(lambda k: model.init(k, ds.x_train[:1])["params"])
     test_error = landscape.classification_objective(
         model.apply, {}, ds.x_test, ds.y_test, metric="all"
@@ -122,8 +118,8 @@ def _arm_fns(config, ds, workdir) -> dict:
         """``fn(trainer, workdir=..., **kw)``: the arm's seeds, workdir and TensorBoard writer."""
         where = common.seeds_workdir(workdir, arm, seeds)
         with common.metric_writer(c, where) as writer:
-            return fn(dataclasses.replace(train, seed=list(seeds), writer=writer), workdir=where,
-                      **kw)  # fmt: skip
+            seeded = dataclasses.replace(trainer, seed=list(seeds), writer=writer)
+            return fn(seeded, workdir=where, **kw)
 
     @functools.cache
     def dense(seeds):
@@ -173,7 +169,7 @@ def _make_measure(config, ds, model, test_error):
     """``measure(level, previous, dense)`` per seed: the top Hessian eigenvalue and the Hessian
     trace (summed, per surviving weight) of the training loss on ``geometry_examples``
     examples over the surviving weights; the test-error barrier to the previous level."""
-    n = min(config.geometry_examples, len(ds.x_train))
+    n = config.geometry_examples
     f = landscape.classification_objective(model.apply, {}, ds.x_train[:n], ds.y_train[:n])
 
     @jax.jit

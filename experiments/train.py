@@ -35,81 +35,55 @@ def make_optimizer(name: str, lr: float, steps: int) -> optax.GradientTransforma
 
 
 def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]:
-    """Trains one model per seed as one program (a seed axis); returns each seed's result.
-
-    Each result holds the final metrics, ``num_params`` and the evaluation ``curve``.
-    """
-    model = ws.models.create(config.model, ds.num_classes, dtype=config.dtype)
-    tx = make_optimizer(config.optimizer, config.lr, config.steps)
+    """Trains one model per seed as one program (a seed axis); per seed: the final metrics,
+    ``num_params`` and the evaluation ``curve``."""
+    c = config
+    model = ws.models.create(c.model, ds.num_classes, dtype=c.dtype)
+    tx = make_optimizer(c.optimizer, c.lr, c.steps)
     state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
-    step = ws.training.make_train_step(
-        ws.training.classification_loss(model.apply), tx, mode=config.mode, seed_axis=True
-    )
-    with common.metric_writer(config, workdir) as writer:  # TensorBoard, if config.tensorboard
+    loss = ws.training.classification_loss(model.apply)
+    step = ws.training.make_train_step(loss, tx, mode=c.mode, seed_axis=True)
+    with common.metric_writer(c, workdir) as writer:  # TensorBoard, if config.tensorboard
         state, history = ws.training.fit(
-            state,
-            step,
-            ds,
-            apply_fn=model.apply,
-            num_steps=config.steps,
-            batch_size=config.batch_size,
-            seed=seeds,
-            mode=config.mode,
-            eval_every=config.eval_every,
-            workdir=workdir,
-            writer=writer,
-            progress=config.progress,
-            identity=common.run_identity(config),
-        )
+            state, step, ds, apply_fn=model.apply, num_steps=c.steps, batch_size=c.batch_size,
+            seed=seeds, mode=c.mode, eval_every=c.eval_every, workdir=workdir, writer=writer,
+            progress=c.progress, identity=common.run_identity(c),
+        )  # fmt: skip
     num_params = ws.training.num_params(ws.training.seed_slice(state.params, 0))
-    curves = [[_seed_record(r, i) for r in history] for i in range(len(seeds))]
-    return [
-        {**{k: v for k, v in curve[-1].items() if k != "time"}, "num_params": num_params,
-         "curve": curve}
-        for curve in curves
-    ]  # fmt: skip
-
-
-def _seed_record(record: dict, i: int) -> dict:
-    """Seed ``i``'s values of a `fit` record of a seed-axis run."""
-    return {k: v[i] if isinstance(v, list) else v for k, v in record.items()}
+    curves = [[{k: v[i] if isinstance(v, list) else v for k, v in r.items()} for r in history]
+              for i in range(len(seeds))]  # fmt: skip
+    return [{**{k: v for k, v in curve[-1].items() if k != "time"}, "num_params": num_params,
+             "curve": curve} for curve in curves]  # fmt: skip
 
 
 def run(config, workdir: str) -> dict:
     """Trains ``config.num_seeds`` models and writes results.json and curves.png."""
     validate(config)
     common.start(config, workdir)
-    ds = common.load_dataset(config)
-
-    def all_seeds(seeds):
-        return train_seeds(config, ds, seeds, common.seeds_workdir(workdir, config.model, seeds))
-
-    per_arm = common.run_arms(workdir, config, {config.model: all_seeds})
+    ds, arm = common.load_dataset(config), config.model
+    fn = lambda seeds: train_seeds(config, ds, seeds, common.seeds_workdir(workdir, arm, seeds))
+    per_arm = common.run_arms(workdir, config, {arm: fn})
     metrics = ["test_accuracy", "test_loss", "train_accuracy", "train_loss"]
-    figure = _plot(per_arm[config.model], workdir, config)
     return common.save_results(
-        workdir,
-        config,
-        "train",
-        tables={f"{config.model} on {config.dataset}": common.summarize(per_arm, metrics)},
-        figures=[figure],
-        extra={"num_params": per_arm[config.model][0]["num_params"]},
-    )
+        workdir, config, "train", figures=[_plot(per_arm[arm], workdir, config)],
+        tables={f"{arm} on {config.dataset}": common.summarize(per_arm, metrics)},
+        extra={"num_params": per_arm[arm][0]["num_params"]},
+    )  # fmt: skip
 
 
 def _plot(results: list[dict], workdir: str, config) -> str:
+    """Train (dashed) and test loss and accuracy: mean and 95% interval over seeds."""
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for i, r in enumerate(results):
-        steps = [c["step"] for c in r["curve"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    steps = [c["step"] for c in results[0]["curve"]]
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for split, style in (("train", "--"), ("test", "-")):
-            label = split if i == 0 else None
-            ax_loss.plot(steps, [c[f"{split}_loss"] for c in r["curve"]], style, label=label)
-            ax_acc.plot(steps, [c[f"{split}_accuracy"] for c in r["curve"]], style, label=label)
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", yscale="log")
-    ax_acc.set(xlabel="step", ylabel="accuracy")
-    ax_acc.legend()
+            values = [[c[f"{split}_{metric}"] for c in r["curve"]] for r in results]
+            common.plot_mean_ci(ax, steps, values, style=style, label=split)
+    axes[0].set(xlabel="step", ylabel="cross-entropy", yscale="log")
+    axes[1].set(xlabel="step", ylabel="accuracy")
+    axes[1].legend()
     fig.suptitle(f"{config.model} on {config.dataset}")
     return common.savefig(fig, workdir, "curves.png", config)
 

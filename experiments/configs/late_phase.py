@@ -41,11 +41,7 @@ def get_config(arg: str = "small"):
     c.eval_every = {"quick": 6, "small": 500, "paper": 500}[size]
     c.swa_lr = 0.01  # constant learning rate of the SWA phase
     c.swa_every = {"quick": 2, "small": 10, "paper": 10}[size]
-    c.classify_arms = {
-        "quick": CLASSIFY_ARMS[:3],
-        "small": CLASSIFY_ARMS[:5],
-        "paper": CLASSIFY_ARMS,
-    }[size]
+    c.classify_arms = CLASSIFY_ARMS[: {"quick": 3, "small": 5, "paper": None}[size]]
 
     # NQP: l(w; c) = 1/2 sum_i h_i (w_i - c_i)^2, c ~ N(1, diag(h)), w = theta * gain.
     c.nqp_dim = {"quick": 10, "small": 50, "paper": 50}[size]
@@ -53,5 +49,5 @@ def get_config(arg: str = "small"):
     c.nqp_batch_size = 10
     c.nqp_lr = 0.2  # stable for every arm (cycle + sum steps theta with K x the gradient)
     c.nqp_eval_every = {"quick": 10, "small": 50, "paper": 100}[size]
-    c.nqp_arms = {"quick": NQP_ARMS[:3], "small": NQP_ARMS[:5], "paper": NQP_ARMS}[size]
+    c.nqp_arms = NQP_ARMS[: {"quick": 3, "small": 5, "paper": None}[size]]
     return c

@@ -110,15 +110,13 @@ def fit_arm(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, mas
     """All seeds of an arm as one program: plain `wspace.training.fit` (``late`` None) or
     ``late.fit`` from ``t0`` with ``masks`` (the members' initial noise keyed by the first
     seed); TensorBoard logs in the arm's seeds workdir when ``config.tensorboard``."""
+    if late is None:
+        return common.fit_seeds(config, workdir, arm, list(seeds), state, loss, tx, data,
+                                mode=kw.pop("mode", "jit"), estimator=estimator, **kw)  # fmt: skip
     with common.metric_writer(config, common.seeds_workdir(workdir, arm, seeds)) as writer:
-        kw.update(seed=list(seeds), writer=writer)
-        if late is None:
-            step = ws.training.make_train_step(loss, tx, estimator=estimator, seed_axis=True,
-                                               mode=kw.get("mode", "jit"))  # fmt: skip
-            return ws.training.fit(state, step, data, **kw)
         key = jax.random.PRNGKey(seeds[0]) if late.noise > 0 else None
         return late.fit(state, loss, tx, data, t0=t0, key=key, masks=masks, estimator=estimator,
-                        **kw)  # fmt: skip
+                        seed=list(seeds), writer=writer, **kw)  # fmt: skip
 
 
 def _curve(hist, metric: str, i: int) -> list[dict]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import jax
@@ -15,7 +17,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import wspace as ws
-from tests.helpers import fresh_state, run_experiment, run_notebook
+from tests.helpers import ROOT, _env, fresh_state, run_experiment, run_notebook
 from wspace import invariant_path as ip
 
 
@@ -552,6 +554,18 @@ def test_diagonal_fisher_matches_enumeration_and_ewc_gradient():
 
 
 # ----------------------------------------------------------------------------- experiment, notebook
+
+
+def test_fip_arm_with_its_host_callback_runs_past_the_cpu_dispatch_limit(tmp_path):
+    """The FIP step calls back to the host (its unconverged warning); with 10 seeds and 100
+    steps dispatched one call at a time, XLA:CPU's limit of in-flight computations used to
+    deadlock `fit` (jax-ml/jax#25861, `make demo` hung). A child process, so a hang fails."""
+    cmd = [sys.executable, "-m", "experiments.invariant_path", f"--workdir={tmp_path}",
+           "--config=experiments/configs/invariant_path.py:quick", "--config.parts=continual",
+           "--config.continual_arms=fip", "--config.num_seeds=10", "--config.task2_steps=100",
+           "--config.progress=False"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_experiment_quick(tmp_path):

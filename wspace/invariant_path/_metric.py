@@ -152,7 +152,9 @@ def scale_by_invariant_metric(
       max_norm: bound on the global norm of the step (None: no bound).
       input_shape: shape of one anchor input, checked when given.
       warn: warn (host callback, also under jit) at the first solve that ends above
-        ``tol``; every such solve is counted in the state.
+        ``tol``; every such solve is counted in the state. In a loop of your own on CPU,
+        read a result at least every 16 steps, as `wspace.training.fit` does: 32 calls
+        in flight with a host callback can deadlock (jax-ml/jax#25861).
 
     Returns:
       An optax ``GradientTransformationExtraArgs`` whose ``update`` needs ``params``

@@ -45,6 +45,12 @@ from wspace.training._placement import (
 from wspace.training._state import TrainState, _is_int
 from wspace.training._workdir import _check_identity, _resume_metrics
 
+# Calls of a step in flight before `fit` waits for their metrics. XLA:CPU blocks a
+# dispatch, holding the GIL, once 32 computations are in flight; a step that calls back
+# to the host (FIP's unconverged warning) then waits for the GIL forever
+# (jax-ml/jax#25861; `make demo` hung at 50). Below that limit the wait never comes.
+_MAX_IN_FLIGHT = 16
+
 
 def fit(
     state: TrainState,
@@ -216,7 +222,7 @@ def fit(
             is_eval = step % eval_every == 0 or step == num_steps
             is_ckpt = ckpt is not None and (step % (checkpoint_every or eval_every) == 0)
             is_ckpt = is_ckpt or (ckpt is not None and step == num_steps)
-            if is_eval or is_ckpt or len(pending) >= 50:
+            if is_eval or is_ckpt or len(pending) >= _MAX_IN_FLIGHT:
                 _check_finite(_host_metrics(pending), sums, last_good, ckpt, seed_axis)
                 pending = []
             if is_ckpt and not bool(_all_finite(placed)):

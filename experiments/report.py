@@ -130,7 +130,7 @@ def run(config, workdir: str) -> dict:
 def _run_method(config, workdir: str, name: str) -> dict:
     """One method's results: run here (``jobs=1``) or in a child process."""
     method_workdir, t = os.path.join(workdir, name), time.perf_counter()
-    print(f"[report] {name}: started", file=sys.stderr, flush=True)
+    _say(f"[report] {name}: started")
     if config.jobs == 1:
         method_config = importlib.import_module(f"experiments.configs.{name}").get_config(
             config.size
@@ -150,8 +150,13 @@ def _run_method(config, workdir: str, name: str) -> dict:
                 last = (f.read().strip().splitlines() or [""])[-1]
             raise RuntimeError(f"{name} exited with {code} ({log}): {last}")
         results = common.read_json(os.path.join(method_workdir, "results.json"))
-    print(f"[report] {name}: done in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    _say(f"[report] {name}: done in {time.perf_counter() - t:.0f} s")
     return results
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")  # one write: lines of two threads stay apart
+    sys.stderr.flush()
 
 
 def _methods(config) -> list[str]:

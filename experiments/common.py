@@ -64,7 +64,7 @@ from wspace.io import (
     workdir_lock,
     write_json,
 )
-from wspace.stats import mean_ci, pack_correct, unpack_correct  # noqa: F401
+from wspace.stats import mean_ci
 
 VERDICTS = ("holds", "does not hold", "inconclusive")
 SMOKE_STAMP = "smoke size, not a result"

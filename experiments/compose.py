@@ -131,7 +131,7 @@ def _arm_fns(config, ds, workdir) -> dict:
              **({} if late is None else
                 {"pruned_nonzero_members": _pruned_nonzero(state.params, members, i)}),
              "density": float(ws.pruning.sparsity(slice_(masks, i))["density"]),
-             "test_correct": common.pack_correct(correct[i])}
+             "test_correct": ws.stats.pack_correct(correct[i])}
             for i in range(len(seeds))
         ]  # fmt: skip
 

@@ -100,7 +100,7 @@ def _per_seed(correct=None, state=None, **values) -> list[dict]:
     for name, bits in (correct or {}).items():
         for o, b in zip(out, np.asarray(bits), strict=True):
             o.update({f"{name}_accuracy": float(b.mean()),
-                      f"{name}_correct": common.pack_correct(b)})  # fmt: skip
+                      f"{name}_correct": ws.stats.pack_correct(b)})  # fmt: skip
     return out
 
 

@@ -170,7 +170,7 @@ def classify_arm(config, workdir, ds, model, loss, txs, arm, seeds: list[int]) -
     final = ws.training.evaluate(model.apply, variables, *test, seed_axis=True)
     correct = ws.training.correct_predictions(model.apply, variables, *test, seed_axis=True)
     return [{"test_accuracy": final["accuracy"][i], "test_nll": final["loss"][i],
-             "test_correct": common.pack_correct(correct[i]),
+             "test_correct": ws.stats.pack_correct(correct[i]),
              "curve": _curve(hist, "test_accuracy", i)} for i in range(len(seeds))]  # fmt: skip
 
 

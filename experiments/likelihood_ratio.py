@@ -185,8 +185,8 @@ def arm_fns(config, ds, model, workdir: str) -> dict:
             "forward_evaluations": specs[arm][2],
             "curve": [[r["step"], r["test_accuracy"][i]] for r in history],
             **{k: {f"{e:g}": float(correct[k, f"{e:g}"][i].mean()) for e in eps} for k in KINDS},
-            "test_correct": common.pack_correct(clean[i]),
-            **{f"{k}_correct_{e}": common.pack_correct(c[i]) for (k, e), c in correct.items()},
+            "test_correct": ws.stats.pack_correct(clean[i]),
+            **{f"{k}_correct_{e}": ws.stats.pack_correct(c[i]) for (k, e), c in correct.items()},
         } for i in range(len(seeds))]  # fmt: skip
 
     return {arm: functools.partial(fn, arm) for arm in specs}

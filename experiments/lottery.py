@@ -151,7 +151,7 @@ def _arm_fns(config, ds, workdir) -> dict:
 
 def _seed_results(levels, model, ds) -> list[dict]:
     """One result per seed: each metric per level (None where not measured, e.g. the barrier
-    to the previous level at level 0), and ``test_correct`` (`common.pack_correct`)."""
+    to the previous level at level 0), and ``test_correct`` (`wspace.stats.pack_correct`)."""
     keys = ["density", "test_accuracy", "train_accuracy", "test_loss", "train_loss"]
     keys += [g for g, _ in GEOMETRY if g in levels[-1].metrics]
     correct = [ws.training.correct_predictions(model.apply, {"params": lv.params}, ds.x_test,
@@ -160,7 +160,7 @@ def _seed_results(levels, model, ds) -> list[dict]:
     value = lambda v, i: None if v is None else float(v[i])
     return [
         {k: [value(lv.metrics.get(k), i) for lv in levels] for k in keys}
-        | {"test_correct": [common.pack_correct(c[i]) for c in correct]}
+        | {"test_correct": [ws.stats.pack_correct(c[i]) for c in correct]}
         for i in range(len(correct[0]))
     ]
 

@@ -176,8 +176,8 @@ def train_arm(arm: str, config, ds, workdir: str, seeds: list[int]) -> list[dict
             "mean_abs_latent": float(np.mean([v[i] for v in latents])) if latents else 0.0,
             "curve": [{"step": r["step"], **{k: r[k][i] for k in ("test_accuracy", "train_loss")}}
                       for r in history],
-            "test_correct": common.pack_correct(mode_correct[i]),
-            "sampled_test_correct": common.pack_correct(sampled_correct[i]),
+            "test_correct": ws.stats.pack_correct(mode_correct[i]),
+            "sampled_test_correct": ws.stats.pack_correct(sampled_correct[i]),
         }
         for i in range(len(seeds))
     ]  # fmt: skip

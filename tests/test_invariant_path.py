@@ -569,7 +569,6 @@ def test_fip_arm_with_its_host_callback_runs_past_the_cpu_dispatch_limit(tmp_pat
 
 
 def test_experiment_quick(tmp_path):
-    from experiments import common
 
     results = run_experiment("invariant_path", tmp_path, task2_steps=1)
     assert results["smoke"] and len(results["seeds"]) == 2
@@ -585,7 +584,7 @@ def test_experiment_quick(tmp_path):
     with open(tmp_path / "arms" / "fip" / "seed_0.json") as f:
         fip = json.load(f)
     assert {"final_residual", "unconverged_steps", "task1_accuracy"} <= set(fip)
-    assert abs(common.unpack_correct(fip["all_correct"]).mean() - fip["all_accuracy"]) < 1e-6
+    assert abs(ws.stats.unpack_correct(fip["all_correct"]).mean() - fip["all_accuracy"]) < 1e-6
     with open(tmp_path / "config.json") as f:
         step_length = json.load(f)["fip_lr"]
     for arm in ("fip", "fip_jacobian"):  # the metric arms move equal lengths: fip_lr per step

@@ -484,7 +484,6 @@ def test_bad_input_raises_value_error():
 
 
 def test_experiment_quick(tmp_path):
-    from experiments import common
 
     results = run_experiment("likelihood_ratio", tmp_path, steps=10, eval_every=5)
     for name in ("config.json", "results.json", *results["figures"]):
@@ -500,9 +499,9 @@ def test_experiment_quick(tmp_path):
     seed0 = json.loads((tmp_path / "arms" / "ulr_laplace1" / "seed_0.json").read_text())
     assert seed0["forward_evaluations"] == 4 and set(seed0["whitebox"]) == {"0.3"}
     assert 0.0 <= seed0["transfer"]["0.3"] <= 1.0
-    correct = common.unpack_correct(seed0["test_correct"])  # per test example, this seed
+    correct = ws.stats.unpack_correct(seed0["test_correct"])  # per test example, this seed
     assert abs(correct.mean() - seed0["test_accuracy"]) < 1e-6
-    white = common.unpack_correct(seed0["whitebox_correct_0.3"])
+    white = ws.stats.unpack_correct(seed0["whitebox_correct_0.3"])
     assert len(white) == len(correct) and abs(white.mean() - seed0["whitebox"]["0.3"]) < 1e-6
     with pytest.raises(ValueError, match="noise_settings"):
         run_experiment("likelihood_ratio", tmp_path / "bad", noise_settings=("uniform:1",))

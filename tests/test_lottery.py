@@ -10,9 +10,9 @@ import optax
 import pytest
 
 import wspace as ws
-from experiments.common import unpack_correct
 from tests.helpers import fresh_state, run_experiment, run_notebook
 from wspace import lottery, pruning
+from wspace.stats import unpack_correct
 
 T, K = 10, 4
 

@@ -9,7 +9,7 @@ Side by side in one process, wall time including compilation (what a user waits 
   axis    one `fit` of S seeds as one program (`init_states`, `seed_axis=True`, fused
           steps between evaluations), the seeds vmapped;
   loop    the same program with the seeds looped inside the step (`vectorize_seeds=False`,
-          `lax.map`): what convolutions want on XLA:CPU (`--loop`, on by default).
+          `lax.map`; `--loop`, on by default).
 Problems: the MLP on digits (the issue's command), the ConvNet on mnist1d, ResNet-20 on
 random 32x32x3 inputs. The persistent compilation cache is off here, so every row pays its
 compilation; the baseline of each ratio is the serial run with the same S. Prints seconds

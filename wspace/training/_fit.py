@@ -46,9 +46,9 @@ from wspace.training._state import TrainState, _is_int
 from wspace.training._workdir import _check_identity, _resume_metrics
 
 # Calls of a step in flight before `fit` waits for their metrics. XLA:CPU blocks a
-# dispatch, holding the GIL, once 32 computations are in flight; a step that calls back
-# to the host (FIP's unconverged warning) then waits for the GIL forever
-# (jax-ml/jax#25861; `make demo` hung at 50). Below that limit the wait never comes.
+# dispatch once 32 computations are in flight; with a step that calls back to the host
+# (FIP's unconverged warning) that wait never ended: `make demo` hung at 50, the dispatch
+# blocked and every XLA thread idle (jax-ml/jax#25861). At 16 the limit is never reached.
 _MAX_IN_FLIGHT = 16
 
 

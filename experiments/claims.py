@@ -135,7 +135,8 @@ def adjust(claims: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- judging
 
 
-def _values(results: list[dict], metric) -> list[float]:
+def metric_values(results: list[dict], metric) -> list[float]:
+    """``metric`` of each seed's result: a key, a dotted path into it, or ``fn(result)``."""
     if callable(metric):
         return [float(metric(r)) for r in results]
     values = []
@@ -170,7 +171,8 @@ def judge(
             continue
         if missing:
             raise ValueError(f"claim {c.text!r}: no arm {missing}; arms run: {sorted(per_arm)}")
-        a, b = _values(per_arm[c.arm], c.metric), _values(per_arm[c.baseline], c.metric)
+        a = metric_values(per_arm[c.arm], c.metric)
+        b = metric_values(per_arm[c.baseline], c.metric)
         name = c.metric_name or (c.metric if isinstance(c.metric, str) else "metric")
         d = {"claim": c.text, "metric": name, "arm": c.arm, "baseline": c.baseline}
         d.update(higher_is_better=bool(c.higher_is_better), margin=float(c.margin))

@@ -377,7 +377,7 @@ def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
     for arm, results in per_arm.items():
         row: list[Any] = [arm]
         for m in metrics:
-            mean, half = mean_ci(claims_lib._values(results, m))
+            mean, half = mean_ci(claims_lib.metric_values(results, m))
             row.append([float(mean), float(half)])
         rows.append(row)
     return {"columns": ["arm", *names], "rows": rows}
@@ -520,7 +520,7 @@ def fit_seeds(config, workdir, arm, seeds_, state, loss, tx, data, *, mode=None,
 
 def seeds_by_arm(per_arm: Mapping[str, list[dict]], arms: Sequence[str], metric) -> np.ndarray:
     """``[seeds, len(arms)]``: ``metric`` (a key or ``fn(result)``) of each seed in each arm."""
-    return np.array([claims_lib._values(per_arm[a], metric) for a in arms]).T
+    return np.array([claims_lib.metric_values(per_arm[a], metric) for a in arms]).T
 
 
 def plot_by_arm(ax, per_arm: Mapping[str, list[dict]], series: Mapping[str, str], rotation=20):

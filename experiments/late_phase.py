@@ -146,17 +146,38 @@ def _optimizers(config) -> dict:
     }
 
 
-def classify_arm(config, workdir, ds, model, loss, txs, arm, seeds: list[int]) -> list[dict]:
+def _fit_kwargs(config, model) -> dict:
+    return dict(batch_size=config.batch_size, mode=config.mode, eval_every=config.eval_every,
+                train_eval_examples=0, progress=config.progress, apply_fn=model.apply)  # fmt: skip
+
+
+def _plain_to_t0(config, workdir, ds, model, loss, txs):
+    """``prefix(optimizer, seeds) -> (state at T0, history)``: plain training to T0, run once
+    and shared by every arm that starts its late phase (or goes on plainly) from there."""
+
+    @functools.cache
+    def prefix(opt: str, seeds: tuple[int, ...]):
+        state = ws.training.init_states(model, txs[opt], ds.x_train[:1], list(seeds))
+        return fit_arm(config, workdir, f"{opt}_to_t0", None, state, loss, txs[opt], ds, seeds,
+                       t0=0, num_steps=_t0(config), **_fit_kwargs(config, model))  # fmt: skip
+
+    return prefix
+
+
+def classify_arm(config, workdir, ds, model, loss, txs, prefix, arm, seeds) -> list[dict]:
     """One arm for all seeds at once; per seed: final test metrics, per-example correctness
-    and the test-accuracy curve."""
+    and the test-accuracy curve. Arms with plain training to T0 continue from ``prefix``'s."""
     uses_swa, late = arm in ("swa", "late_swa"), _late(config, arm)
-    tx = txs["swa" if uses_swa else "sgd"]
+    opt = "swa" if uses_swa else "sgd"
+    t0 = 0 if arm == "late_t0_0" else _t0(config)
+    if arm == "sgd_ghost_bn" or t0 == 0:
+        state, before = ws.training.init_states(model, txs[opt], ds.x_train[:1], seeds), []
+    else:  # the same steps the arm would take to T0, bit for bit (same step, data, seeds)
+        state, before = prefix(opt, tuple(seeds))
     train_loss = _ghost_bn_loss(loss, config.members) if arm == "sgd_ghost_bn" else loss
-    kw = dict(num_steps=config.steps, batch_size=config.batch_size, mode=config.mode,
-              eval_every=config.eval_every, train_eval_examples=0, progress=config.progress,
-              apply_fn=model.apply, t0=0 if arm == "late_t0_0" else _t0(config))  # fmt: skip
-    state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
-    state, hist = fit_arm(config, workdir, arm, late, state, train_loss, tx, ds, seeds, **kw)
+    state, hist = fit_arm(config, workdir, arm, late, state, train_loss, txs[opt], ds, seeds,
+                          t0=t0, num_steps=config.steps, **_fit_kwargs(config, model))  # fmt: skip
+    hist = before + hist
     params, model_state = state.params, state.model_state
     if uses_swa:  # statistics of the averaged weights (of every member for late_swa)
         params = swa_params(state.opt_state)
@@ -212,7 +233,8 @@ def run(config, workdir: str) -> dict:
         "late = the paper's algorithm (schedule 'cycle': one member per minibatch, the whole "
         "minibatch; shared weights step once per K minibatches with the summed gradient; "
         f"member optimizer state at T0: {config.member_opt_state}).",
-        "Seeds pair the arms (same initialisation and data order per seed).",
+        "Seeds pair the arms (same initialisation and data order per seed); arms that train "
+        "plainly to T0 share that training (computed once).",
     ]  # fmt: skip
     if "classify" in config.parts:
         ds = common.load_dataset(config)
@@ -220,7 +242,8 @@ def run(config, workdir: str) -> dict:
         model = ws.models.create(config.model, ds.num_classes, **width)
         _check_select(config, model, ds.x_train[:1])
         loss, txs = ws.training.classification_loss(model.apply), _optimizers(config)
-        arm = functools.partial(classify_arm, config, workdir, ds, model, loss, txs)
+        prefix = _plain_to_t0(config, workdir, ds, model, loss, txs)
+        arm = functools.partial(classify_arm, config, workdir, ds, model, loss, txs, prefix)
         arms = {a: functools.partial(arm, a) for a in config.classify_arms}
         t0, k, late = _t0(config), config.members, config.steps - _t0(config)
         notes.append(

@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml | $(PY)
 # The development environment: the package and the `dev` extra.
 setup: $(STAMP)
 
-# The reproduction report: each method's headline comparison at the small size, 5 seeds,
+# The reproduction report: each method's headline comparison at the small size, 10 seeds,
 # with 95% intervals and verdicts (resumable); ends with the verdict table.
 demo: $(BASE_STAMP)
 	$(PY) -m experiments.report --workdir=runs/report --config=experiments/configs/report.py:small

@@ -4,7 +4,7 @@ from experiments.configs.base import base_config
 
 
 def get_config(arg: str = "small"):
-    """quick: a smoke run in seconds; small: the demo (digits, 5 seeds); paper: wider sweeps."""
+    """quick: a smoke run in seconds; small: the demo (digits); paper: wider sweeps."""
     c = base_config(arg)
     size = c.size
     c.dataset = "digits" if size != "paper" else "mnist1d"

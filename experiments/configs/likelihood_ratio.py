@@ -13,7 +13,7 @@ QUALITY_VARIANTS: dict[str, dict | None] = {
 
 
 def get_config(arg: str = "small"):
-    """quick: a smoke run in seconds; small: the demo (digits, 5 seeds); paper: wider sweeps."""
+    """quick: a smoke run in seconds; small: the demo (digits); paper: wider sweeps."""
     c = base_config(arg)
     size = c.size
     c.dataset = "digits"

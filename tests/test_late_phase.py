@@ -602,6 +602,7 @@ def test_pruned_weights_are_exactly_zero_in_every_member_through_expansion_train
 
 def test_experiment_quick_runs_and_writes_results(tmp_path):
     from experiments import common
+    from experiments import late_phase as lp_experiment
     from experiments.configs.late_phase import get_config
     from experiments.late_phase import run
 
@@ -615,6 +616,20 @@ def test_experiment_quick_runs_and_writes_results(tmp_path):
     assert os.path.exists(tmp_path / "arms" / "late" / "seed_1.json")
     accuracy = [c for c in results["claims"] if c["metric"] == "test_accuracy"]
     assert accuracy and all("disagreements" in c for c in accuracy)  # paired over test examples
+    # the late arm went on from the run to T0 it shared with sgd: the same as its own run
+    config, late = get_config("quick"), common.read_json(str(tmp_path / "arms/late/seed_1.json"))
+    ds = common.load_dataset(config)
+    model = ws.models.create(config.model, ds.num_classes)
+    tx, spec = lp_experiment._optimizers(config)["sgd"], lp_experiment._late(config, "late")
+    state = ws.training.init_states(model, tx, ds.x_train[:1], [1])
+    state, _ = spec.fit(state, ws.training.classification_loss(model.apply), tx, ds, seed=[1],
+                        t0=lp_experiment._t0(config), num_steps=config.steps, apply_fn=model.apply,
+                        batch_size=config.batch_size, eval_every=config.eval_every,
+                        train_eval_examples=0, progress=False)  # fmt: skip
+    params, model_state = jax.vmap(spec.average)(state.params, state.model_state)
+    alone = ws.training.evaluate(model.apply, {"params": params, **model_state}, ds.x_test,
+                                 ds.y_test, seed_axis=True)  # fmt: skip
+    assert late["test_nll"] == float(alone["loss"][0])
     for arms, message in ((("late", "ensemble"), r"unknown \['ensemble'\]"),
                           (("late",), "must include 'sgd'")):  # fmt: skip
         bad = get_config("quick")

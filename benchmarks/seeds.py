@@ -6,14 +6,14 @@ r"""Seeds as an axis: S seeds trained serially against S seeds as one program.
 Side by side in one process, wall time including compilation (what a user waits for):
   serial  S calls of `ws.training.fit`, one per seed, with one compiled step (the step
           cache makes the rebuilt step free; before it, every seed also compiled);
-  axis    one `fit` of S seeds as one program (`init_states`, `seed_axis=True`, fused
-          steps between evaluations), the seeds vmapped;
-  loop    the same program with the seeds looped inside the step (`vectorize_seeds=False`,
-          `lax.map`; `--loop`, on by default).
+  vmap    one `fit` of S seeds as one program (`init_states`, `seed_axis=True`, fused
+          steps between evaluations), the step vmapped over the seeds;
+  map     the same program, the step covering the seeds by `lax.map` (`seed_loop="map"`);
+  unroll  the same program, S copies of the one-seed step in it (`seed_loop="unroll"`).
 Problems: the MLP on digits (the issue's command), the ConvNet on mnist1d, ResNet-20 on
 random 32x32x3 inputs. The persistent compilation cache is off here, so every row pays its
 compilation; the baseline of each ratio is the serial run with the same S. Prints seconds
-and the ratios axis / serial and loop / serial.
+and each seed loop's ratio to serial.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ flags.DEFINE_list("models", ["mlp", "convnet", "resnet20"], "Problems (see the d
 flags.DEFINE_integer("batch_size", 0, "Batch size (0: each problem's own).")
 flags.DEFINE_string("dtype", "float32", "Computation dtype (float32 | bfloat16).")
 flags.DEFINE_bool("serial", True, "Also time the serial baseline.")
-flags.DEFINE_bool("loop", True, "Also time the seed axis looped inside the step.")
+flags.DEFINE_list("seed_loops", list(ws.training.SEED_LOOPS), "Seed loops of the one program.")
 FLAGS = flags.FLAGS
 
 # model -> (dataset, steps, eval_every, batch size, training examples evaluated)
@@ -60,7 +60,7 @@ def _time(fn) -> float:
 
 
 def run_problem(model_name: str, seeds: list[int]) -> dict[str, dict[int, float]]:
-    """Seconds for each S: ``{"serial": {S: s}, "axis": {S: s}, "loop": {S: s}}``."""
+    """Seconds for each S: ``{"serial": {S: s}, <seed loop>: {S: s}, ...}``."""
     data_name, steps, eval_every, batch, train_eval = PROBLEMS[model_name]
     batch = FLAGS.batch_size or batch
     ds = _dataset(data_name)
@@ -69,21 +69,17 @@ def run_problem(model_name: str, seeds: list[int]) -> dict[str, dict[int, float]
     loss_fn = ws.training.classification_loss(model.apply)
     kw = dict(apply_fn=model.apply, num_steps=steps, batch_size=batch, eval_every=eval_every,
               train_eval_examples=train_eval, progress=False)  # fmt: skip
-    out: dict[str, dict[int, float]] = {"serial": {}, "axis": {}, "loop": {}}
+    out: dict[str, dict[int, float]] = {k: {} for k in ("serial", *FLAGS.seed_loops)}
     for s in seeds:
 
-        def axis(s=s, vectorize=True):
+        def axis(s, seed_loop):
             state = ws.training.init_states(model, tx, ds.x_train[:1], list(range(s)))
-            step = ws.training.make_train_step(
-                loss_fn, tx, seed_axis=True, vectorize_seeds=vectorize
-            )
+            step = ws.training.make_train_step(loss_fn, tx, seed_axis=True, seed_loop=seed_loop)
             return ws.training.fit(state, step, ds, seed=list(range(s)), **kw)[0].params
 
-        jax.clear_caches()  # every row pays its compilation, as a fresh process would
-        out["axis"][s] = _time(axis)
-        if FLAGS.loop:
-            jax.clear_caches()
-            out["loop"][s] = _time(lambda s=s: axis(s, vectorize=False))
+        for seed_loop in FLAGS.seed_loops:
+            jax.clear_caches()  # every row pays its compilation, as a fresh process would
+            out[seed_loop][s] = _time(lambda s=s, loop=seed_loop: axis(s, loop))
         if not FLAGS.serial:
             continue
         jax.clear_caches()
@@ -105,14 +101,16 @@ def main(argv):
     del argv
     seeds = [int(s) for s in FLAGS.seeds]
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s), dtype {FLAGS.dtype}")
-    print("| problem | S | serial (s) | axis (s) | loop (s) | axis / serial | loop / serial |")
-    print("|---|---|---|---|---|---|---|")
+    loops = FLAGS.seed_loops
+    columns = ["problem", "S", "serial (s)", *(f"{k} (s)" for k in loops)]
+    columns += [f"{k} / serial" for k in loops]
+    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for name in FLAGS.models:
         times = run_problem(name, seeds)
         for s in seeds:
-            ser, ax, lp = (times[k].get(s) for k in ("serial", "axis", "loop"))
-            cells = [f"{t:.1f}" if t else "–" for t in (ser, ax, lp)]
-            cells += [f"{t / ser:.2f}" if t and ser else "–" for t in (ax, lp)]
+            ser, *rest = (times[k].get(s) for k in ("serial", *loops))
+            cells = [f"{t:.1f}" if t else "–" for t in (ser, *rest)]
+            cells += [f"{t / ser:.2f}" if t and ser else "–" for t in rest]
             print(f"| {name} ({PROBLEMS[name][0]}) | {s} | " + " | ".join(cells) + " |", flush=True)
 
 

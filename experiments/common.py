@@ -370,6 +370,23 @@ def plot_mean_ci(ax, x, values, *, label=None, style="-", color=None, bars=False
     return mean
 
 
+def seed_curves(history: Sequence[dict], keys: Sequence[str]) -> list[list[dict]]:
+    """Each seed's curve from a seed-axis `wspace.training.fit` history (every record value
+    a list, one item per seed): ``[[{"step": ..., key: ...} for each record] for each seed]``."""
+    num_seeds = len(history[-1][keys[0]])
+    return [[{"step": r["step"], **{k: r[k][i] for k in keys}} for r in history]
+            for i in range(num_seeds)]  # fmt: skip
+
+
+def plot_curves(ax, per_arm: Mapping[str, list[dict]], metric: str, **kw) -> None:
+    """``metric`` of each arm's `seed_curves` (result field ``curve``) by step, as
+    `plot_mean_ci` lines labelled by arm (``kw``: its style)."""
+    for arm, results in per_arm.items():
+        values = [[r[metric] for r in result["curve"]] for result in results]
+        steps = [r["step"] for r in results[0]["curve"]]
+        plot_mean_ci(ax, steps, values, label=arm, **kw)
+
+
 def summarize(per_arm: Mapping[str, list[dict]], metrics: Sequence) -> dict:
     """A table of mean ± 95% half-width per arm (rows) and metric (columns)."""
     names = [m if isinstance(m, str) else getattr(m, "__name__", "metric") for m in metrics]

@@ -119,10 +119,6 @@ def fit_arm(config, workdir, arm, late, state, loss, tx, data, seeds, *, t0, mas
                         seed=list(seeds), writer=writer, **kw)  # fmt: skip
 
 
-def _curve(hist, metric: str, i: int) -> list[dict]:
-    return [{"step": r["step"], metric: r[metric][i]} for r in hist]
-
-
 def _ghost_bn_loss(loss_fn, num_slices: int):
     """The plain loss with BatchNorm statistics per slice of the batch; shared running stats."""
 
@@ -190,9 +186,10 @@ def classify_arm(config, workdir, ds, model, loss, txs, prefix, arm, seeds) -> l
     variables, test = {"params": params, **model_state}, (ds.x_test, ds.y_test)
     final = ws.training.evaluate(model.apply, variables, *test, seed_axis=True)
     correct = ws.training.correct_predictions(model.apply, variables, *test, seed_axis=True)
+    curves = common.seed_curves(hist, ["test_accuracy"])
     return [{"test_accuracy": final["accuracy"][i], "test_nll": final["loss"][i],
-             "test_correct": ws.stats.pack_correct(correct[i]),
-             "curve": _curve(hist, "test_accuracy", i)} for i in range(len(seeds))]  # fmt: skip
+             "test_correct": ws.stats.pack_correct(correct[i]), "curve": curves[i]}
+            for i in range(len(seeds))]  # fmt: skip
 
 
 def nqp_arm(config, workdir, arm: str, seeds: list[int]) -> list[dict]:
@@ -220,7 +217,7 @@ def nqp_arm(config, workdir, arm: str, seeds: list[int]) -> list[dict]:
                       tx, data, seeds, t0=t0, num_steps=steps, eval_every=config.nqp_eval_every,
                       eval_fn=lambda s: {"excess_loss": excess(s.params)},
                       progress=False)  # fmt: skip
-    curves = [_curve(hist, "excess_loss", i) for i in range(len(seeds))]
+    curves = common.seed_curves(hist, ["excess_loss"])
     tail = lambda c: float(np.mean([r["excess_loss"] for r in c if r["step"] > 0.75 * steps]))
     return [{"excess_loss": tail(c), "curve": c} for c in curves]
 
@@ -278,18 +275,12 @@ def run(config, workdir: str) -> dict:
     )  # fmt: skip
 
 
-def _plot_curves(ax, per_arm, metric: str, **kw) -> None:
-    for arm, rs in per_arm.items():
-        values = [[r[metric] for r in x["curve"]] for x in rs]
-        common.plot_mean_ci(ax, [r["step"] for r in rs[0]["curve"]], values, label=arm, **kw)
-    ax.legend()
-
-
 def _plot_classify(per_arm, workdir, config) -> str:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax_d) = plt.subplots(1, 2, figsize=(11, 4))
-    _plot_curves(ax, per_arm, "test_accuracy", style=".-")
+    common.plot_curves(ax, per_arm, "test_accuracy", style=".-")
+    ax.legend()
     ax.set(xlabel="step", ylabel="test accuracy (late arms: averaged network)",
            title=f"mean and 95% interval over {config.num_seeds} seeds")  # fmt: skip
     acc = {a: 100 * np.array([r["test_accuracy"] for r in rs]) for a, rs in per_arm.items()}
@@ -310,7 +301,8 @@ def _plot_nqp(per_arm, workdir, config) -> str:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.axvline(_t0(config, config.nqp_steps), color="gray", ls=":", label="T0")
-    _plot_curves(ax, per_arm, "excess_loss")
+    common.plot_curves(ax, per_arm, "excess_loss")
+    ax.legend()
     ax.set(xlabel="step", ylabel="excess loss of the output network", yscale="log",
            title="noisy quadratic problem (mean, 95% interval over seeds)")  # fmt: skip
     return common.savefig(fig, workdir, "nqp.png", config)

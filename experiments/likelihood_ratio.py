@@ -175,6 +175,7 @@ def arm_fns(config, ds, model, workdir: str) -> dict:
 
     def fn(arm, seeds):
         params, history = train(arm, specs[arm], seeds)
+        curves = common.seed_curves(history, ["test_accuracy"])
         sources = {"whitebox": params, "transfer": source(tuple(seeds))}
         correct = {(k, f"{e:g}"): np.asarray(fgsm_correct(model.apply, sources[k], params, x, y, e))
                    for k in KINDS for e in eps}  # fmt: skip
@@ -183,7 +184,7 @@ def arm_fns(config, ds, model, workdir: str) -> dict:
         return [{
             **{k: history[-1][k][i] for k in ("test_accuracy", "test_loss", "train_accuracy")},
             "forward_evaluations": specs[arm][2],
-            "curve": [[r["step"], r["test_accuracy"][i]] for r in history],
+            "curve": curves[i],
             **{k: {f"{e:g}": float(correct[k, f"{e:g}"][i].mean()) for e in eps} for k in KINDS},
             "test_correct": ws.stats.pack_correct(clean[i]),
             **{f"{k}_correct_{e}": ws.stats.pack_correct(c[i]) for (k, e), c in correct.items()},
@@ -260,9 +261,7 @@ def plot_arms(config, per_arm: dict, workdir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    for arm, results in per_arm.items():
-        curves = np.asarray([r["curve"] for r in results])  # (seeds, points, [step, accuracy])
-        common.plot_mean_ci(ax, curves[0, :, 0], curves[:, :, 1], style="o-", label=arm)
+    common.plot_curves(ax, per_arm, "test_accuracy", style="o-")
     ax.set(xlabel="step", ylabel=f"test accuracy (mean, 95% interval, {config.num_seeds} seeds)")
     ax.legend(fontsize=7)
     paths = [common.savefig(fig, workdir, "training.png", config)]

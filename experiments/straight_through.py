@@ -165,6 +165,7 @@ def train_arm(arm: str, config, ds, workdir: str, seeds: list[int]) -> list[dict
     keys = [jax.random.split(jax.random.PRNGKey(10_000 + s), config.eval_samples) for s in seeds]
     sample = lambda p, k: st.sampled_predictions(model.apply, p, ds.x_test, k)  # noqa: E731
     sampled_correct = np.asarray(jax.vmap(sample)(state.params, jnp.stack(keys))) == ds.y_test
+    curves = common.seed_curves(history, ["test_accuracy", "train_loss"])
     latents = jax.tree.leaves(jax.tree.map(  # mean |latent| per seed, on latent leaves only
         lambda v, label: np.abs(v).reshape(len(seeds), -1).mean(1) if label == "latent" else None,
         state.params, st.latent_labels(state.params),
@@ -174,8 +175,7 @@ def train_arm(arm: str, config, ds, workdir: str, seeds: list[int]) -> list[dict
             **{k: history[-1][k][i] for k in ("test_accuracy", "train_accuracy", "train_loss")},
             "sampled_test_accuracy": float(sampled_correct[i].mean()),  # test_accuracy: mode net
             "mean_abs_latent": float(np.mean([v[i] for v in latents])) if latents else 0.0,
-            "curve": [{"step": r["step"], **{k: r[k][i] for k in ("test_accuracy", "train_loss")}}
-                      for r in history],
+            "curve": curves[i],
             "test_correct": ws.stats.pack_correct(mode_correct[i]),
             "sampled_test_correct": ws.stats.pack_correct(sampled_correct[i]),
         }

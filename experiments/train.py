@@ -50,10 +50,8 @@ def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]
             progress=c.progress, identity=common.run_identity(c),
         )  # fmt: skip
     num_params = ws.training.num_params(ws.training.seed_slice(state.params, 0))
-    curves = [[{k: v[i] if isinstance(v, list) else v for k, v in r.items()} for r in history]
-              for i in range(len(seeds))]  # fmt: skip
-    return [{**{k: v for k, v in curve[-1].items() if k != "time"}, "num_params": num_params,
-             "curve": curve} for curve in curves]  # fmt: skip
+    curves = common.seed_curves(history, [k for k in history[-1] if k not in ("step", "time")])
+    return [{**curve[-1], "num_params": num_params, "curve": curve} for curve in curves]
 
 
 def run(config, workdir: str) -> dict:
@@ -76,11 +74,9 @@ def _plot(results: list[dict], workdir: str, config) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    steps = [c["step"] for c in results[0]["curve"]]
     for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
         for split, style in (("train", "--"), ("test", "-")):
-            values = [[c[f"{split}_{metric}"] for c in r["curve"]] for r in results]
-            common.plot_mean_ci(ax, steps, values, style=style, label=split)
+            common.plot_curves(ax, {split: results}, f"{split}_{metric}", style=style)
     axes[0].set(xlabel="step", ylabel="cross-entropy", yscale="log")
     axes[1].set(xlabel="step", ylabel="accuracy")
     axes[1].legend()

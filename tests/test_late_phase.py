@@ -798,9 +798,10 @@ def test_seeds_as_an_axis_one_checkpoint_resume_bit_identical_and_a_seed_matches
 
 
 @pytest.mark.parametrize("schedule", ["cycle", "parallel"])
-def test_seeds_looped_by_lax_map_match_vmapped_seeds_through_fit(schedule):
-    """``vectorize_seeds=False`` (both phases' steps loop the seeds inside one program) gives
-    the vmapped run's state and records to float tolerance, on a BatchNorm ConvNet."""
+def test_seeds_looped_inside_the_step_match_vmapped_seeds_through_fit(schedule):
+    """``seed_loop="map"`` and ``"unroll"`` (both phases' steps cover the seeds one by one
+    inside one program) give the vmapped run's state and records to float tolerance, on a
+    BatchNorm ConvNet."""
     model, _, _, batch = _init("convnet")
     ds = ws.data.Dataset("toy", batch["x"], batch["y"], batch["x"], batch["y"], 3)
     tx = optax.sgd(0.05, momentum=0.9)
@@ -810,11 +811,13 @@ def test_seeds_looped_by_lax_map_match_vmapped_seeds_through_fit(schedule):
               progress=False, train_eval_examples=0)  # fmt: skip
     late = LatePhase(2, "bn_head", schedule)
     init = lambda: ws.training.init_states(model, tx, batch["x"][:1], seeds)
-    runs = [late.fit(init(), loss, tx, ds, vectorize_seeds=v, **kw) for v in (True, False)]
-    (vmapped, hist_v), (looped, hist_l) = runs
-    _assert_tree_close(looped.params, vmapped.params, rtol=1e-5, atol=1e-6)
-    _assert_tree_close(looped.model_state, vmapped.model_state, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(hist_l[-1]["test_loss"], hist_v[-1]["test_loss"], rtol=1e-5)
+    (vmapped, hist_v), *looped = [
+        late.fit(init(), loss, tx, ds, seed_loop=loop, **kw) for loop in ws.training.SEED_LOOPS
+    ]
+    for state, hist in looped:
+        _assert_tree_close(state.params, vmapped.params, rtol=1e-5, atol=1e-6)
+        _assert_tree_close(state.model_state, vmapped.model_state, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(hist[-1]["test_loss"], hist_v[-1]["test_loss"], rtol=1e-5)
     assert not np.allclose(*hist_v[-1]["test_loss"])  # the two seeds differ: a real seed axis
 
 

@@ -356,8 +356,8 @@ def test_init_states_slices_equal_init_state_per_seed(digits):
         chex.assert_trees_all_equal(ws.training.seed_slice(stacked, i), alone)
 
 
-@pytest.mark.parametrize("vectorize", [True, False])
-def test_seed_tx_args_give_each_seed_its_own(digits, vectorize):
+@pytest.mark.parametrize("seed_loop", ws.training.SEED_LOOPS)
+def test_seed_tx_args_give_each_seed_its_own(digits, seed_loop):
     # tx scales the gradient by its extra argument: seed i steps with scale[i]
     def update(g, state, params=None, *, scale):
         return jax.tree.map(lambda u: -scale * u, g), state
@@ -367,7 +367,7 @@ def test_seed_tx_args_give_each_seed_its_own(digits, vectorize):
     loss_fn = ws.training.classification_loss(model.apply)
     states = ws.training.init_states(model, tx, digits.x_train[:1], [0, 1])
     batch = {"x": np.stack([digits.x_train[:8]] * 2), "y": np.stack([digits.y_train[:8]] * 2)}
-    step = ws.training.make_train_step(loss_fn, tx, seed_axis=True, vectorize_seeds=vectorize,
+    step = ws.training.make_train_step(loss_fn, tx, seed_axis=True, seed_loop=seed_loop,
                                        seed_tx_args=True, donate=False)  # fmt: skip
     new, _ = step(states, batch, {"scale": jnp.array([0.1, 0.2])})
     one = ws.training.make_train_step(loss_fn, tx, donate=False)
@@ -467,7 +467,12 @@ def test_seeds_looped_inside_the_step_match_vmapped_seeds(digits):
     states = ws.training.init_states(model, tx, digits.x_train[:1], [0, 1])
     batch = {"x": np.stack([digits.x_train[:16]] * 2), "y": np.stack([digits.y_train[:16]] * 2)}
     outs = []
-    for vectorize in (True, False):
-        step = ws.training.make_train_step(loss_fn, tx, seed_axis=True, vectorize_seeds=vectorize)
+    for seed_loop in ws.training.SEED_LOOPS:
+        step = ws.training.make_train_step(loss_fn, tx, seed_axis=True, seed_loop=seed_loop)
         outs.append(step(jax.tree.map(jnp.copy, states), batch))
-    chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for out in outs[1:]:
+        chex.assert_trees_all_close(outs[0], out, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown seed_loop 'pmap'"):
+        ws.training.make_train_step(loss_fn, tx, seed_axis=True, seed_loop="pmap")
+    with pytest.raises(ValueError, match="seed_loop='unroll' needs seed_axis=True"):
+        ws.training.make_train_step(loss_fn, tx, seed_loop="unroll")

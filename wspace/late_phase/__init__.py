@@ -397,7 +397,7 @@ class LatePhase:
         mesh: jax.sharding.Mesh | None = None,
         donate: bool = True,
         seed_axis: bool = False,
-        vectorize_seeds: bool = True,
+        seed_loop: str = "vmap",
     ) -> training.TrainStep:
         """A compiled late-phase step ``step(state, batch, tx_args=None) -> (state, metrics)``.
 
@@ -407,8 +407,8 @@ class LatePhase:
         ``optimizer(tx).update(...)``. Rows of members other than k (params, model
         state, optimizer state) are carried over bit for bit. Compiled by
         `wspace.training.compile_step` (``step.scan`` fuses steps), so ``mode``,
-        ``mesh``, ``donate``, ``seed_axis`` and ``vectorize_seeds`` (seeds ``vmap``-ed, or
-        looped by ``lax.map`` inside the step) mean what they mean there; in
+        ``mesh``, ``donate``, ``seed_axis`` and ``seed_loop`` (``vmap``, ``map`` or
+        ``unroll`` over the seeds) mean what they mean there; in
         ``pmap`` mode BatchNorm statistics are per device and the member is the same
         on every device. The state comes from `expand_state` (vmapped over seeds for
         ``seed_axis``).
@@ -417,7 +417,7 @@ class LatePhase:
             raise ValueError(f"unknown mode {mode!r}; use one of {training.MODES}")
         body = _train.step_body(self, loss_fn, tx, estimator)
         return training.compile_step(
-            body, mode, mesh, donate=donate, seed_axis=seed_axis, vectorize_seeds=vectorize_seeds
+            body, mode, mesh, donate=donate, seed_axis=seed_axis, seed_loop=seed_loop
         )
 
     def fit(
@@ -435,7 +435,7 @@ class LatePhase:
         key: jax.Array | None = None,
         masks: PyTree | None = None,
         workdir: str | None = None,
-        vectorize_seeds: bool = True,
+        seed_loop: str = "vmap",
         **fit_kwargs: Any,
     ) -> tuple[training.TrainState, list[dict]]:
         """Plain training up to step ``t0``, then late-phase training to ``num_steps``.
@@ -469,9 +469,9 @@ class LatePhase:
             (``keep_masked(masks)``) or pass them per step as
             ``tx_args={"masks": masks}`` (laid out on the member axis for the late phase).
           workdir: as `wspace.training.fit` (None: nothing written).
-          vectorize_seeds: with a seed axis, ``vmap`` the seeds (True) or loop them by
-            ``lax.map`` inside each compiled step (both phases; see
-            `wspace.training.make_train_step`: faster for convolutions on CPU).
+          seed_loop: with a seed axis, how each compiled step (both phases) covers the
+            seeds: ``"vmap"``, ``"map"`` or ``"unroll"`` (see
+            `wspace.training.make_train_step`; ``"unroll"``: convolutions on CPU).
           **fit_kwargs: the other arguments of `wspace.training.fit` (``batch_size``,
             ``seed``, ``mode``, ``mesh``, ``eval_every``, ``tx_args``, ``writer``,
             ``train_eval_examples``, ``checkpoint_every``, ``progress``, ``steps_per_call``).
@@ -483,7 +483,7 @@ class LatePhase:
         return _train.fit(
             self, state, loss_fn, tx, data, t0=t0, num_steps=num_steps, estimator=estimator,
             eval_fn=eval_fn, apply_fn=apply_fn, key=key, masks=masks, workdir=workdir,
-            vectorize_seeds=vectorize_seeds, fit_kwargs=fit_kwargs,
+            seed_loop=seed_loop, fit_kwargs=fit_kwargs,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ averaging

@@ -91,7 +91,7 @@ def fit(
     key: jax.Array | None,
     masks: PyTree | None,
     workdir: str | None,
-    vectorize_seeds: bool,
+    seed_loop: str,
     fit_kwargs: dict[str, Any],
 ) -> tuple[training.TrainState, list[dict]]:
     """`LatePhase.fit` (see there)."""
@@ -117,9 +117,8 @@ def fit(
         )  # fmt: skip
     sub = (lambda name: os.path.join(workdir, name)) if workdir else (lambda name: None)
     steps = dict(
-        estimator=estimator, mode=mode, mesh=mesh, seed_axis=seed_axis,
-        vectorize_seeds=vectorize_seeds,
-    )  # fmt: skip
+        estimator=estimator, mode=mode, mesh=mesh, seed_axis=seed_axis, seed_loop=seed_loop
+    )
     history = []
     if t0 > 0:
         plain_step = training.make_train_step(loss_fn, tx, **steps)

@@ -34,8 +34,9 @@ Layout (every public name is re-exported here, ``ws.training.X``):
   `seed_slice`, `classification_loss`, `check_learning_rate`, `num_params`.
 * `_placement`: the modes (`MODES`, `default_mesh`) and where state and batches live:
   `place_state`, `place_batch`, `unplace_state`.
-* `_step`: `make_train_step` (cached on its arguments), `compile_step` for a custom step
-  body, `TrainStep` (``step.scan`` fuses steps), `enable_compilation_cache`.
+* `_step`: `make_train_step` (cached on its arguments; `SEED_LOOPS`: how a step covers a
+  seed axis), `compile_step` for a custom step body, `TrainStep` (``step.scan`` fuses
+  steps), `enable_compilation_cache`.
 * `_evaluation`: `evaluate`, `correct_predictions`, `classification_eval` (the default
   ``eval_fn`` of `fit`).
 * `_fit`: `fit` (over a `wspace.data.Dataset` or any iterable of batches; evaluation,
@@ -63,6 +64,7 @@ from wspace.training._state import (
     seed_slice,
 )
 from wspace.training._step import (
+    SEED_LOOPS,
     TrainStep,
     compile_step,
     enable_compilation_cache,
@@ -71,6 +73,7 @@ from wspace.training._step import (
 
 __all__ = [
     "MODES",
+    "SEED_LOOPS",
     "TrainState",
     "TrainStep",
     "check_learning_rate",

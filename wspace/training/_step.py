@@ -23,6 +23,8 @@ from wspace import data as data_lib
 from wspace.training._placement import _check_mode, default_mesh
 from wspace.training._state import TrainState
 
+SEED_LOOPS = ("vmap", "map", "unroll")  # how a step with a seed axis covers the seeds
+
 
 def make_train_step(
     loss_fn: Callable,
@@ -33,7 +35,7 @@ def make_train_step(
     mesh: jax.sharding.Mesh | None = None,
     donate: bool = True,
     seed_axis: bool = False,
-    vectorize_seeds: bool = True,
+    seed_loop: str = "vmap",
     seed_tx_args: bool = False,
 ) -> TrainStep:
     """Builds a compiled train step ``step(state, batch, tx_args=None) -> (state, metrics)``.
@@ -62,20 +64,21 @@ def make_train_step(
         shared by all seeds and metrics are per seed. In ``sharded`` mode the seed axis is
         split over the mesh (seeds on different devices and hosts) when S divides by the
         number of devices, else each batch is (see `place_state`); not in ``pmap`` mode.
-      vectorize_seeds: with ``seed_axis``, ``vmap`` the seeds (True) or run them one after
-        another inside the same compiled step (``lax.map``; False). vmap measured faster
-        on XLA:CPU too, for dense nets and the ConvNet alike (10 ConvNet seeds: 9.4 ms
-        against 24.5 ms a step); the loop bounds memory to one seed's activations. The
-        state and results are the same either way (float tolerance). Not for 2-D
-        convolutions on CPU: 8 ResNet-20 seeds took 5.9 s a step vmapped (grouped
-        convolutions) and 20 s looped, against 0.15 s for one seed; train them one by one.
+      seed_loop: with ``seed_axis``, how the one compiled step covers the seeds (`SEED_LOOPS`):
+        ``"vmap"`` (default: batched, the fastest for dense nets and on accelerators),
+        ``"map"`` (``lax.map``, one seed after another: memory of one seed's activations)
+        or ``"unroll"`` (S copies of the one-seed step in the program, no batching: for
+        convolutions on XLA:CPU, where ``vmap`` turns them into slow grouped convolutions;
+        compilation grows with S). The state and results are the same every way (float
+        tolerance). Measured on CPU, a step of 8 ResNet-20 seeds: vmap 5.9 s, map 20 s,
+        unroll 0.86 s (one seed 0.15 s; see README, Speed).
       seed_tx_args: with ``seed_axis``, ``tx_args`` carry the seed axis too (each seed its
         own, e.g. FIP anchors from its batch: ``fit(tx_args=lambda b: {"anchors": b["x"]})``).
     """
     _check_mode(mode)
     if mode == "sharded":
         mesh = mesh or default_mesh()
-    key = (loss_fn, tx, estimator, mode, mesh, donate, seed_axis, vectorize_seeds, seed_tx_args)
+    key = (loss_fn, tx, estimator, mode, mesh, donate, seed_axis, seed_loop, seed_tx_args)
     try:
         return _cached_train_step(*key)
     except TypeError:  # an unhashable argument: build without the cache
@@ -83,7 +86,7 @@ def make_train_step(
 
 
 def _build_train_step(
-    loss_fn, tx, estimator, mode, mesh, donate, seed_axis, vectorize_seeds, seed_tx_args
+    loss_fn, tx, estimator, mode, mesh, donate, seed_axis, seed_loop, seed_tx_args
 ) -> TrainStep:
     def step(state: TrainState, batch, tx_args, axis_name=None):
         key, sub = jax.random.split(state.key)
@@ -106,7 +109,7 @@ def _build_train_step(
         )
         return new_state, metrics
 
-    seeds = dict(seed_axis=seed_axis, vectorize_seeds=vectorize_seeds, seed_tx_args=seed_tx_args)
+    seeds = dict(seed_axis=seed_axis, seed_loop=seed_loop, seed_tx_args=seed_tx_args)
     return compile_step(step, mode, mesh, donate=donate, **seeds)
 
 
@@ -150,7 +153,7 @@ class TrainStep:
         *,
         donate: bool,
         seed_axis: bool,
-        vectorize_seeds: bool = True,
+        seed_loop: str = "vmap",
         seed_tx_args: bool = False,
     ):
         self.mode, self.mesh, self.seed_axis = mode, mesh, seed_axis
@@ -166,7 +169,7 @@ class TrainStep:
             )
             self._many = None
             return
-        one = _over_seeds(body, vectorize_seeds, seed_tx_args) if seed_axis else body
+        one = _over_seeds(body, seed_loop, seed_tx_args) if seed_axis else body
 
         def many(state, batches, shared_args, step_args):
             def scan_body(s, xs):
@@ -218,14 +221,32 @@ class TrainStep:
         return self._many(state, batches, tx_args, None)
 
 
-def _over_seeds(body: Callable, vectorize: bool, seed_args: bool = False) -> Callable:
+def _over_seeds(body: Callable, seed_loop: str, seed_args: bool = False) -> Callable:
     """``body`` over a leading seed axis of state and batch (and of ``tx_args`` with
-    ``seed_args``; else they are shared)."""
-    if vectorize:
+    ``seed_args``; else they are shared), by ``seed_loop`` (see `make_train_step`)."""
+    if seed_loop == "vmap":
         return jax.vmap(body, in_axes=(0, 0, 0 if seed_args else None))
-    if seed_args:
-        return lambda state, batch, args: jax.lax.map(lambda sba: body(*sba), (state, batch, args))
-    return lambda state, batch, args: jax.lax.map(lambda sb: body(*sb, args), (state, batch))
+    if seed_loop == "map":
+        if seed_args:
+            return lambda state, batch, args: jax.lax.map(lambda x: body(*x), (state, batch, args))
+        return lambda state, batch, args: jax.lax.map(lambda x: body(*x, args), (state, batch))
+
+    def unrolled(state, batch, args):
+        def seed(i):
+            pick = lambda tree: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
+            return body(pick(state), pick(batch), pick(args) if seed_args else args)
+
+        outs = [seed(i) for i in range(state.step.shape[0])]  # the seed count is static
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return unrolled
+
+
+def _check_seed_loop(seed_loop: str, seed_axis: bool) -> None:
+    if seed_loop not in SEED_LOOPS:
+        raise ValueError(f"unknown seed_loop {seed_loop!r}; use one of {SEED_LOOPS}")
+    if seed_loop != "vmap" and not seed_axis:
+        raise ValueError(f"seed_loop={seed_loop!r} needs seed_axis=True (a leading seed axis)")
 
 
 def compile_step(
@@ -235,7 +256,7 @@ def compile_step(
     *,
     donate: bool = True,
     seed_axis: bool = False,
-    vectorize_seeds: bool = True,
+    seed_loop: str = "vmap",
     seed_tx_args: bool = False,
 ) -> TrainStep:
     """Compiles ``step(state, batch, tx_args, axis_name=None) -> (state, metrics)`` for ``mode``.
@@ -243,7 +264,7 @@ def compile_step(
     ``jit``: one device; ``sharded``: ``tx_args`` replicated, and either the state
     replicated with the batch split along ``data`` of ``mesh`` (default `default_mesh`),
     or, with ``seed_axis``, state and batch split along their leading seed axis (seeds
-    ``vmap``-ed, or looped with ``lax.map`` for ``vectorize_seeds=False``); ``pmap``:
+    covered as ``seed_loop`` says: ``vmap``, ``map`` or ``unroll``); ``pmap``:
     over local devices with ``axis_name="batch"`` (``step`` averages what it must).
     ``seed_tx_args``: as in `make_train_step`. Method modules with their own step body
     (e.g. `wspace.late_phase`) compile it here.
@@ -254,10 +275,11 @@ def compile_step(
     _check_mode(mode)
     if seed_tx_args and not seed_axis:
         raise ValueError("seed_tx_args=True needs seed_axis=True (tx_args per seed)")
+    _check_seed_loop(seed_loop, seed_axis)
     if mode == "sharded":
         mesh = mesh or default_mesh()
-    seeds = dict(seed_axis=seed_axis, vectorize_seeds=vectorize_seeds, seed_tx_args=seed_tx_args)
-    return TrainStep(step, mode, mesh, donate=donate, **seeds)
+    return TrainStep(step, mode, mesh, donate=donate, seed_axis=seed_axis, seed_loop=seed_loop,
+                     seed_tx_args=seed_tx_args)  # fmt: skip
 
 
 def enable_compilation_cache(path: str | None = None) -> str | None:

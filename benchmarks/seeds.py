@@ -30,6 +30,7 @@ import wspace as ws
 flags.DEFINE_list("seeds", ["1", "8", "32"], "Seed counts S.")
 flags.DEFINE_list("models", ["mlp", "convnet", "resnet20"], "Problems (see the docstring).")
 flags.DEFINE_integer("batch_size", 0, "Batch size (0: each problem's own).")
+flags.DEFINE_integer("steps", 0, "Training steps, evaluated at the end (0: each problem's own).")
 flags.DEFINE_string("dtype", "float32", "Computation dtype (float32 | bfloat16).")
 flags.DEFINE_bool("serial", True, "Also time the serial baseline.")
 flags.DEFINE_list("seed_loops", list(ws.training.SEED_LOOPS), "Seed loops of the one program.")
@@ -63,6 +64,7 @@ def run_problem(model_name: str, seeds: list[int]) -> dict[str, dict[int, float]
     """Seconds for each S: ``{"serial": {S: s}, <seed loop>: {S: s}, ...}``."""
     data_name, steps, eval_every, batch, train_eval = PROBLEMS[model_name]
     batch = FLAGS.batch_size or batch
+    steps, eval_every = (FLAGS.steps, FLAGS.steps) if FLAGS.steps else (steps, eval_every)
     ds = _dataset(data_name)
     model = ws.models.create(model_name, ds.num_classes, dtype=FLAGS.dtype)
     tx = optax.sgd(optax.cosine_decay_schedule(0.05, steps), momentum=0.9)

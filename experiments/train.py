@@ -23,7 +23,8 @@ OPTIMIZERS = ("sgd", "adam")
 
 def validate(config) -> None:
     """Rejects bad fields before any work or file write."""
-    choices = {"model": sorted(ws.models.MODELS), "dtype": sorted(ws.models.DTYPES)}
+    choices = {"model": sorted(ws.models.MODELS), "dtype": sorted(ws.models.DTYPES),
+               "seed_loop": ws.training.SEED_LOOPS}  # fmt: skip
     common.check(config, choices={**choices, "optimizer": OPTIMIZERS}, positive=("lr",),
                  counts=("steps", "batch_size", "eval_every"))  # fmt: skip
 
@@ -42,7 +43,8 @@ def train_seeds(config, ds, seeds: list[int], workdir: str | None) -> list[dict]
     tx = make_optimizer(c.optimizer, c.lr, c.steps)
     state = ws.training.init_states(model, tx, ds.x_train[:1], seeds)
     loss = ws.training.classification_loss(model.apply)
-    step = ws.training.make_train_step(loss, tx, mode=c.mode, seed_axis=True)
+    step = ws.training.make_train_step(loss, tx, mode=c.mode, seed_axis=True,
+                                       seed_loop=c.seed_loop)  # fmt: skip
     with common.metric_writer(c, workdir) as writer:  # TensorBoard, if config.tensorboard
         state, history = ws.training.fit(
             state, step, ds, apply_fn=model.apply, num_steps=c.steps, batch_size=c.batch_size,

@@ -38,6 +38,8 @@ CASES = [
     ("train", "default", {}, None),
     ("train", "adam-digits", dict(optimizer="adam", dataset="digits"), None),
     ("train", "bad-optimizer", dict(optimizer="lion"), ("optimizer",)),
+    ("train", "unrolled-seeds", dict(num_seeds=2, seed_loop="unroll"), None),
+    ("train", "bad-seed-loop", dict(seed_loop="pmap"), ("seed_loop",)),
     ("late_phase", "classify-only", dict(parts=("classify",)), None),
     ("late_phase", "nqp-only", dict(parts=("nqp",)), None),
     ("late_phase", "no-parts", dict(parts=()), ("parts",)),

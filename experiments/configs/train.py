@@ -9,6 +9,7 @@ def get_config(arg: str = "small"):
     c.num_seeds = 1
     c.model = "convnet"
     c.dtype = "float32"  # computation dtype: float32 | bfloat16 (params stay float32)
+    c.seed_loop = "vmap"  # how a step covers the seeds: vmap | map | unroll (convs on CPU)
     c.optimizer = "sgd"  # sgd (momentum 0.9) | adam, on a cosine-decayed learning rate
     c.lr = 0.05
     c.steps = {"quick": 30, "small": 2000, "paper": 5000}[c.size]

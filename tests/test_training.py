@@ -331,8 +331,8 @@ def _seed_fit(ds, seeds, **kw):
     else:
         state = ws.training.init_state(model, tx, ds.x_train[:1], jax.random.PRNGKey(seeds))
     kw = dict(num_steps=40, batch_size=32, eval_every=20, progress=False) | kw
-    mode = kw.pop("mode", "jit")
-    step = ws.training.make_train_step(loss_fn, tx, mode=mode, seed_axis=many)
+    mode, seed_loop = kw.pop("mode", "jit"), kw.pop("seed_loop", "vmap")
+    step = ws.training.make_train_step(loss_fn, tx, mode=mode, seed_axis=many, seed_loop=seed_loop)
     return ws.training.fit(state, step, ds, apply_fn=model.apply, seed=seeds, mode=mode, **kw)
 
 
@@ -409,9 +409,10 @@ def test_seed_axis_resumes_bit_identically(digits, tmp_path):
     assert [r["step"] for r in history] == [20, 40]
 
 
-def test_seed_axis_splits_over_8_devices_in_sharded_mode(digits):
+@pytest.mark.parametrize("seed_loop", ["vmap", "unroll"])
+def test_seed_axis_splits_over_8_devices_in_sharded_mode(digits, seed_loop):
     seeds = list(range(8))
-    sharded, history = _seed_fit(digits, seeds, mode="sharded", num_steps=20)
+    sharded, history = _seed_fit(digits, seeds, mode="sharded", num_steps=20, seed_loop=seed_loop)
     assert len(sharded.params["Dense_0"]["kernel"].sharding.device_set) == 8
     single, single_history = _seed_fit(digits, seeds, num_steps=20)
     chex.assert_trees_all_close(sharded.params, single.params, rtol=1e-4, atol=1e-5)

@@ -442,7 +442,8 @@ def save_results(
 
 
 def provenance() -> dict:
-    """Where a result came from: commit (and a dirty tree), versions, backend, machine, date."""
+    """Where a result came from: commit (and a dirty tree), versions, backend, machine, the
+    ``XLA_FLAGS`` it ran under (they can change the floating-point path), date."""
     import datetime
     import platform
     import subprocess
@@ -474,6 +475,7 @@ def provenance() -> dict:
         "device_kind": jax.devices()[0].device_kind,
         "device_count": jax.device_count(),
         "cpu": _cpu_model(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }

@@ -38,6 +38,7 @@ from experiments import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, "experiments", "results")
+RERUNS_DIR = os.path.join(RESULTS_DIR, "reruns")  # reruns/<name>/<method>.json: the demo rerun
 README = os.path.join(ROOT, "README.md")
 
 # What each method's paper claims, in one sentence, and where it comes from.
@@ -364,21 +365,81 @@ def published_results() -> dict[str, dict]:
 
 
 def _read_dir(directory: str) -> dict[str, dict]:
-    """``directory/<method>.json`` files by method, in the report's order."""
+    """Results by method, in the report's order: ``directory/<method>.json`` (published) or
+    ``directory/<method>/results.json`` (a report's workdir)."""
     if not os.path.isdir(directory):
         return {}
-    names = [f[: -len(".json")] for f in os.listdir(directory) if f.endswith(".json")]
-    order = list(METHODS) + sorted(set(names) - set(METHODS))  # the report's order
-    return {n: common.read_json(os.path.join(directory, f"{n}.json")) for n in order if n in names}
+    paths = {f[: -len(".json")]: os.path.join(directory, f)
+             for f in os.listdir(directory) if f.endswith(".json")}  # fmt: skip
+    paths |= {n: os.path.join(directory, n, "results.json") for n in METHODS
+              if os.path.exists(os.path.join(directory, n, "results.json"))}  # fmt: skip
+    order = list(METHODS) + sorted(set(paths) - set(METHODS))
+    return {n: common.read_json(paths[n]) for n in order if n in paths}
 
 
-def render_readme(text: str, all_results: dict) -> str:
-    """``text`` with every ``<!-- results:NAME -->...<!-- /results:NAME -->`` block regenerated."""
+def _read_reruns() -> dict[str, dict[str, dict]]:
+    """Each published rerun (``experiments/results/reruns/<name>/``) by name: its results
+    by method."""
+    names = sorted(os.listdir(RERUNS_DIR)) if os.path.isdir(RERUNS_DIR) else []
+    return {n: _read_dir(os.path.join(RERUNS_DIR, n)) for n in names}
+
+
+# ----------------------------------------------------------------------------- reruns
+
+# how a claim's verdict in a rerun relates to the published one (see `compare`)
+CHANGES = ("same", "inconclusive", "flipped", "missing")
+
+
+def compare(published: Mapping[str, dict], rerun: Mapping[str, dict]) -> list[dict]:
+    """Each published claim beside the same claim of a rerun (same method, text, arms and
+    metric): ``{"method", "published", "rerun", "change"}``, where ``change`` is "same"
+    (the same verdict), "inconclusive" (one of the two verdicts is inconclusive), "flipped"
+    (holds against does not hold) or "missing" (the rerun lacks the claim)."""
+    rows = []
+    for name, results in published.items():
+        key = lambda c: (c["claim"], c["arm"], c["baseline"], c["metric"])  # noqa: E731
+        others = {key(c): c for c in rerun.get(name, {}).get("claims", [])}
+        for claim in results["claims"]:
+            other = others.get(key(claim))
+            verdicts = {claim["verdict"], other["verdict"]} if other else set()
+            change = ("missing" if other is None else "same" if len(verdicts) == 1
+                      else "inconclusive" if "inconclusive" in verdicts else "flipped")  # fmt: skip
+            rows.append({"method": name, "published": claim, "rerun": other, "change": change})
+    return rows
+
+
+def rerun_markdown(name: str, published: Mapping[str, dict], rerun: Mapping[str, dict]) -> str:
+    """A rerun against the published results: where and how it ran, how many verdicts
+    stayed, and every claim whose verdict changed."""
+    rows = compare(published, rerun)
+    counts = {k: sum(r["change"] == k for r in rows) for k in CHANGES}
+    p = next(iter(rerun.values()), {}).get("provenance") or {}
+    where = (f"commit {(p.get('commit') or 'no git')[:10]}, {p.get('backend')} "
+             f"({p.get('cpu')}), XLA_FLAGS={p.get('xla_flags') or 'unset'}")  # fmt: skip
+    summary = (f"**{name}** ({where}): of {len(rows)} published claims, {counts['same']} keep "
+               f"their verdict, {counts['inconclusive']} move between a decisive verdict and "
+               f"inconclusive, {counts['flipped']} flip between holds and does not hold, "
+               f"{counts['missing']} are missing.")  # fmt: skip
+    changed = [
+        [r["method"], r["published"]["claim"], *(f"{_difference(c)}, p {_p_holm(c)}: "
+         f"**{c['verdict']}**" for c in (r["published"], r["rerun"]))]
+        for r in rows if r["change"] in ("inconclusive", "flipped")
+    ]  # fmt: skip
+    if not changed:
+        return summary
+    return summary + "\n\n" + markdown_table(["method", "claim", "published", name], changed)
+
+
+def render_readme(text: str, all_results: dict, reruns: dict | None = None) -> str:
+    """``text`` with every ``<!-- results:NAME -->...<!-- /results:NAME -->`` block regenerated
+    (``reruns``: the ``reruns`` block's `rerun_markdown` of each, by name)."""
 
     def replace(match):
         name = match.group(1)
         if name == "verdicts":
             body = f"{VERDICT_RULE}\n\n{verdict_summary(all_results)}"
+        elif name == "reruns" and reruns:
+            body = "\n\n".join(rerun_markdown(n, all_results, r) for n, r in reruns.items())
         elif name in all_results:
             body = readme_block(name, all_results[name])
         else:
@@ -388,16 +449,21 @@ def render_readme(text: str, all_results: dict) -> str:
     return re.sub(r"<!-- results:(\w+) -->.*?<!-- /results:\1 -->", replace, text, flags=re.S)
 
 
-def publish(workdir: str, readme: str = README) -> None:
-    """Copies ``workdir/<method>/results.json`` to experiments/results/ and refreshes the README."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
+def publish(workdir: str, readme: str = README, rerun: str | None = None) -> None:
+    """Copies ``workdir/<method>/results.json`` to experiments/results/ (or, for a ``rerun``
+    of the published demo on another machine, to ``experiments/results/reruns/<rerun>/``)
+    and refreshes the README."""
+    if rerun is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", rerun):
+        raise ValueError(f"rerun name {rerun!r}: use letters, digits, '_' and '-'")
+    dest = RESULTS_DIR if rerun is None else os.path.join(RERUNS_DIR, rerun)
+    os.makedirs(dest, exist_ok=True)
     for name in METHODS:
         src = os.path.join(workdir, name, "results.json")
         if os.path.exists(src):
-            shutil.copyfile(src, os.path.join(RESULTS_DIR, f"{name}.json"))
+            shutil.copyfile(src, os.path.join(dest, f"{name}.json"))
     with open(readme) as f:
         text = f.read()
-    common.write_text(readme, render_readme(text, published_results()))
+    common.write_text(readme, render_readme(text, published_results(), _read_reruns()))
 
 
 def verify(results_dir: str = RESULTS_DIR, readme: str | None = README) -> list[str]:
@@ -407,18 +473,17 @@ def verify(results_dir: str = RESULTS_DIR, readme: str | None = README) -> list[
     per-seed values do not give (`experiments.claims.rejudge`), a file without
     provenance, or a README result block that differs from the files.
     """
-    problems, all_results = [], _read_dir(results_dir)
+    all_results = _read_dir(results_dir)
     if not all_results:
         return [f"{results_dir}: no results files"]
-    for name, results in all_results.items():
-        where = os.path.join(results_dir, f"{name}.json")
-        problems += [f"{where}: {p}" for p in claims_lib.rejudge(results["claims"])]
-        if not results.get("provenance"):
-            problems.append(f"{where}: no provenance")
-    if readme is not None:
+    problems = _verify_files(results_dir, all_results)
+    if readme is not None:  # the published results: their reruns too
+        reruns = _read_reruns()
+        for name, rerun in reruns.items():
+            problems += _verify_files(os.path.join(RERUNS_DIR, name), rerun)
         with open(readme) as f:
             text = f.read()
-        if render_readme(text, all_results) != text:
+        if render_readme(text, all_results, reruns) != text:
             problems.append(f"{readme}: result blocks differ from {results_dir} (--publish)")
         problems += [
             f"{readme}: no block <!-- results:{n} -->"
@@ -428,11 +493,30 @@ def verify(results_dir: str = RESULTS_DIR, readme: str | None = README) -> list[
     return problems
 
 
+def _verify_files(directory: str, all_results: dict) -> list[str]:
+    """Each file's claims re-derived from its stored values, and its provenance."""
+    problems = []
+    for name, results in all_results.items():
+        where = os.path.join(directory, f"{name}.json")
+        problems += [f"{where}: {p}" for p in claims_lib.rejudge(results["claims"])]
+        if not results.get("provenance"):
+            problems.append(f"{where}: no provenance")
+    return problems
+
+
 def main(argv):
     from absl import flags
 
     del argv
     FLAGS = flags.FLAGS
+    if FLAGS.compare:
+        rerun = _read_dir(FLAGS.compare)
+        if not rerun:
+            raise SystemExit(f"--compare={FLAGS.compare}: no results files there")
+        print(rerun_markdown(os.path.basename(os.path.normpath(FLAGS.compare)),
+                             _read_dir(FLAGS.results_dir), rerun))  # fmt: skip
+        changes = compare(_read_dir(FLAGS.results_dir), rerun)
+        raise SystemExit(1 if any(r["change"] == "flipped" for r in changes) else 0)
     if FLAGS.verify:
         same = os.path.realpath(FLAGS.results_dir) == os.path.realpath(RESULTS_DIR)
         readme = README if same else None
@@ -447,8 +531,9 @@ def main(argv):
         f"{os.path.join(FLAGS.workdir, 'report.md')} and report.html"
     )
     if FLAGS.publish:
-        publish(FLAGS.workdir)
-        print(f"published to {RESULTS_DIR} and README.md")
+        publish(FLAGS.workdir, rerun=FLAGS.rerun)
+        where = RESULTS_DIR if FLAGS.rerun is None else os.path.join(RERUNS_DIR, FLAGS.rerun)
+        print(f"published to {where} and README.md")
 
 
 if __name__ == "__main__":
@@ -458,7 +543,10 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", "runs/report", "Output directory (resumes if it exists).")
     flags.DEFINE_bool("publish", False, "Copy results to experiments/results/ and refresh README.")
     flags.DEFINE_bool("verify", False, "Re-derive every verdict of --results_dir; run nothing.")
-    flags.DEFINE_string("results_dir", RESULTS_DIR, "The results files --verify checks.")
+    flags.DEFINE_string("results_dir", RESULTS_DIR, "The results --verify and --compare read.")
+    flags.DEFINE_string("rerun", None, "With --publish: publish as a rerun of that name.")
+    flags.DEFINE_string("compare", None, "A rerun's workdir: compare its verdicts with "
+                        "--results_dir's; exit 1 if any flips.")  # fmt: skip
     config_flags.DEFINE_config_file(
         "config",
         os.path.join(os.path.dirname(__file__), "configs", "report.py:small"),

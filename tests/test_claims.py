@@ -152,6 +152,61 @@ def _results_dir(tmp_path, per_arm=None):
     return out, results
 
 
+def _claim(text, verdict):
+    return {"claim": text, "arm": "a", "baseline": "b", "metric": "acc", "verdict": verdict,
+            "diff_mean": 0.01, "ci95": [0.0, 0.02], "p_holm": 0.01}  # fmt: skip
+
+
+def test_compare_names_how_each_verdict_of_a_rerun_changed():
+    verdicts = {"x": "holds", "y": "holds", "z": "does not hold", "w": "inconclusive"}
+    published = {"m": {"claims": [_claim(text, v) for text, v in verdicts.items()]}}
+    verdicts = {"x": "holds", "y": "inconclusive", "z": "holds"}  # w is missing
+    claims = [_claim(text, v) for text, v in verdicts.items()]
+    rerun = {"m": {"claims": claims, "provenance": {"xla_flags": "--f"}}}
+    changes = [r["change"] for r in report.compare(published, rerun)]
+    assert changes == ["same", "inconclusive", "flipped", "missing"]
+    md = report.rerun_markdown("other", published, rerun)
+    assert "of 4 published claims, 1 keep their verdict, 1 move" in md and "1 flip" in md
+    assert "XLA_FLAGS=--f" in md and "| m | y |" in md and "| m | z |" in md
+    assert "| m | x |" not in md  # unchanged claims are counted, not listed
+
+
+def _demo_workdir(path, new, old):
+    """A report workdir with one method's (train's) results.json: "new beats old" judged
+    from their 10 seeds' accuracies."""
+    config = common.base_config("quick")
+    config.num_seeds = 10
+    (path / "train").mkdir(parents=True)
+    per_arm = {"new": [{"acc": a} for a in new], "old": [{"acc": a} for a in old]}
+    judged = common.judge([common.Claim("new beats old", "acc", "new", "old")], per_arm)
+    common.save_results(str(path / "train"), config, "train", claims=judged)
+    return str(path)
+
+
+def test_a_published_rerun_is_verified_and_rendered_in_the_readme(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(report, "RERUNS_DIR", str(tmp_path / "results" / "reruns"))
+    readme = tmp_path / "README.md"
+    blocks = [f"<!-- results:{n} -->\n<!-- /results:{n} -->" for n in ("train", "reruns")]
+    readme.write_text("\n".join(blocks))
+    better, worse = 0.9 + 0.01 * np.sin(np.arange(10)), 0.8 + 0.01 * np.cos(np.arange(10))
+    report.publish(_demo_workdir(tmp_path / "demo", better, worse), str(readme))
+    swapped = _demo_workdir(tmp_path / "swapped", worse, better)
+    report.publish(swapped, str(readme), rerun="swapped")
+    assert report.verify(report.RESULTS_DIR, str(readme)) == []
+    assert "**swapped** (commit" in readme.read_text()
+    rows = report.compare(report.published_results(), report._read_dir(swapped))
+    assert rows[0]["change"] == "flipped"  # new beats old: holds, then does not hold
+    stored = tmp_path / "results" / "reruns" / "swapped" / "train.json"
+    data = json.loads(stored.read_text())
+    data["claims"][0]["p_holm"] *= 0.5
+    stored.write_text(json.dumps(data))
+    problems = report.verify(report.RESULTS_DIR, str(readme))
+    assert any(p.startswith(str(stored)) and "p_holm stored" in p for p in problems), problems
+    with pytest.raises(ValueError, match="rerun name '../x'"):
+        report.publish(swapped, str(readme), rerun="../x")
+
+
 def test_results_store_provenance_and_verify_passes(tmp_path):
     out, results = _results_dir(tmp_path)
     p = results["provenance"]

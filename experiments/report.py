@@ -416,10 +416,14 @@ def rerun_markdown(name: str, published: Mapping[str, dict], rerun: Mapping[str,
     p = next(iter(rerun.values()), {}).get("provenance") or {}
     where = (f"commit {(p.get('commit') or 'no git')[:10]}, {p.get('backend')} "
              f"({p.get('cpu')}), XLA_FLAGS={p.get('xla_flags') or 'unset'}")  # fmt: skip
+    values = lambda c: c["arm_values"] + c["baseline_values"]  # noqa: E731
+    moved = [r for r in rows if r["rerun"] and values(r["rerun"]) != values(r["published"])]
     summary = (f"**{name}** ({where}): of {len(rows)} published claims, {counts['same']} keep "
                f"their verdict, {counts['inconclusive']} move between a decisive verdict and "
                f"inconclusive, {counts['flipped']} flip between holds and does not hold, "
-               f"{counts['missing']} are missing.")  # fmt: skip
+               f"{counts['missing']} are missing; the per-seed values differ from the "
+               f"published ones in {len(moved)} claims (methods: "
+               f"{', '.join(dict.fromkeys(r['method'] for r in moved)) or 'none'}).")  # fmt: skip
     changed = [
         [r["method"], r["published"]["claim"], *(f"{_difference(c)}, p {_p_holm(c)}: "
          f"**{c['verdict']}**" for c in (r["published"], r["rerun"]))]

@@ -154,7 +154,8 @@ def _results_dir(tmp_path, per_arm=None):
 
 def _claim(text, verdict):
     return {"claim": text, "arm": "a", "baseline": "b", "metric": "acc", "verdict": verdict,
-            "diff_mean": 0.01, "ci95": [0.0, 0.02], "p_holm": 0.01}  # fmt: skip
+            "diff_mean": 0.01, "ci95": [0.0, 0.02], "p_holm": 0.01,
+            "arm_values": [0.5 + (verdict == "holds")], "baseline_values": [0.5]}  # fmt: skip
 
 
 def test_compare_names_how_each_verdict_of_a_rerun_changed():
@@ -169,6 +170,7 @@ def test_compare_names_how_each_verdict_of_a_rerun_changed():
     assert "of 4 published claims, 1 keep their verdict, 1 move" in md and "1 flip" in md
     assert "XLA_FLAGS=--f" in md and "| m | y |" in md and "| m | z |" in md
     assert "| m | x |" not in md  # unchanged claims are counted, not listed
+    assert "values differ from the published ones in 2 claims (methods: m)" in md  # y, z
 
 
 def _demo_workdir(path, new, old):

@@ -4,6 +4,8 @@ r"""The reproduction report: every method's headline comparison, measured, with 
   python -m experiments.report --workdir=/tmp/r --config=experiments/configs/report.py:quick
   python -m experiments.report --workdir=runs/report --publish       # also refresh the README
   python -m experiments.report --verify [--results_dir=DIR]          # re-derive every verdict
+  python -m experiments.report --compare=runs/other                  # a rerun's verdicts vs ours
+  python -m experiments.report --workdir=runs/other --publish --rerun=NAME  # file the rerun
 
 Runs each method's experiment (``run(config, workdir)``) at the report's size
 into ``workdir/<method>`` (resumable: finished arms and seeds are read back),
@@ -14,7 +16,11 @@ blocks from those files (`readme_block`); the tests check that the README
 matches them, so no number in it is typed by hand. ``--verify`` runs nothing: it
 re-derives every claim's interval, p-value, Holm adjustment and verdict from the
 stored per-seed values (`experiments.claims.rejudge`) and checks the README blocks,
-exiting non-zero with one line per mismatch; `make test` runs it.
+exiting non-zero with one line per mismatch; `make test` runs it. A rerun of the demo on
+another machine (or floating-point path) is compared claim by claim with ``--compare``
+(`compare`: same verdict, to or from inconclusive, flipped) and, with ``--rerun=NAME``,
+published under ``experiments/results/reruns/NAME/``, where ``--verify`` checks it too and
+the README's ``reruns`` block shows it (`rerun_markdown`).
 """
 
 from __future__ import annotations

@@ -199,6 +199,10 @@ def test_a_published_rerun_is_verified_and_rendered_in_the_readme(tmp_path, monk
     assert "**swapped** (commit" in readme.read_text()
     rows = report.compare(report.published_results(), report._read_dir(swapped))
     assert rows[0]["change"] == "flipped"  # new beats old: holds, then does not hold
+    cmd = [sys.executable, "-m", "experiments.report", f"--compare={swapped}",
+           f"--results_dir={report.RESULTS_DIR}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 1 and "1 flip between holds and does not hold" in done.stdout
     stored = tmp_path / "results" / "reruns" / "swapped" / "train.json"
     data = json.loads(stored.read_text())
     data["claims"][0]["p_holm"] *= 0.5

@@ -117,6 +117,8 @@ def run(config, workdir: str) -> dict:
     methods = _methods(config)
     if not (isinstance(config.jobs, int) and config.jobs >= 1):
         raise ValueError(f"config.jobs={config.jobs!r}; must be an int >= 1")
+    if not (isinstance(config.seed, int) and config.seed >= 0):
+        raise ValueError(f"config.seed={config.seed!r}; must be an int >= 0")
     os.makedirs(workdir, exist_ok=True)
     run_one = functools.partial(_run_method, config, workdir)
     if config.jobs == 1:
@@ -142,14 +144,14 @@ def _run_method(config, workdir: str, name: str) -> dict:
         method_config = importlib.import_module(f"experiments.configs.{name}").get_config(
             config.size
         )
-        method_config.progress = config.progress
+        method_config.progress, method_config.seed = config.progress, config.seed
         results = importlib.import_module(f"experiments.{name}").run(method_config, method_workdir)
     else:
         log = os.path.join(workdir, f"{name}.log")
         config_file = os.path.join(ROOT, "experiments", "configs", f"{name}.py")
         cmd = [sys.executable, "-m", f"experiments.{name}", f"--workdir={method_workdir}",
                f"--config={config_file}:{config.size}",
-               f"--config.progress={config.progress}"]  # fmt: skip
+               f"--config.progress={config.progress}", f"--config.seed={config.seed}"]  # fmt: skip
         with open(log, "w") as out:
             code = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT).returncode
         if code:
@@ -420,7 +422,9 @@ def rerun_markdown(name: str, published: Mapping[str, dict], rerun: Mapping[str,
     rows = compare(published, rerun)
     counts = {k: sum(r["change"] == k for r in rows) for k in CHANGES}
     p = next(iter(rerun.values()), {}).get("provenance") or {}
-    where = (f"commit {(p.get('commit') or 'no git')[:10]}, {p.get('backend')} "
+    seeds = next(iter(rerun.values()), {}).get("seeds") or []
+    where = (f"seeds {seeds[0]}-{seeds[-1]}, " if seeds else "") + (
+             f"commit {(p.get('commit') or 'no git')[:10]}, {p.get('backend')} "
              f"({p.get('cpu')}), XLA_FLAGS={p.get('xla_flags') or 'unset'}")  # fmt: skip
     values = lambda c: c["arm_values"] + c["baseline_values"]  # noqa: E731
     moved = [r for r in rows if r["rerun"] and values(r["rerun"]) != values(r["published"])]

@@ -319,7 +319,12 @@ def test_report_quick_writes_markdown_html_and_verdicts(tmp_path):
     child = report.run(config, str(tmp_path / "child"))["methods"]["train"]
     assert json.dumps(child["tables"]) == json.dumps(out["methods"]["train"]["tables"])  # NaNs
     assert (tmp_path / "child" / "train.log").exists()
-    for field, bad in (("methods", "train,nonsense"), ("jobs", 0)):
+    config.seed = 3  # a replication on fresh seeds: every method starts at seed 3
+    for jobs in (1, 2):
+        config.jobs = jobs
+        replicated = report.run(config, str(tmp_path / f"seed3_{jobs}"))["methods"]["train"]
+        assert replicated["seeds"] == [3]
+    for field, bad in (("methods", "train,nonsense"), ("jobs", 0), ("seed", -1)):
         with pytest.raises(ValueError, match=field):
             report.run(
                 ml_collections.ConfigDict(config.to_dict() | {field: bad}), str(tmp_path / "x")

@@ -196,7 +196,7 @@ def test_a_published_rerun_is_verified_and_rendered_in_the_readme(tmp_path, monk
     swapped = _demo_workdir(tmp_path / "swapped", worse, better)
     report.publish(swapped, str(readme), rerun="swapped")
     assert report.verify(report.RESULTS_DIR, str(readme)) == []
-    assert "**swapped** (commit" in readme.read_text()
+    assert "**swapped** (seeds 0-9, commit" in readme.read_text()
     rows = report.compare(report.published_results(), report._read_dir(swapped))
     assert rows[0]["change"] == "flipped"  # new beats old: holds, then does not hold
     cmd = [sys.executable, "-m", "experiments.report", f"--compare={swapped}",

@@ -403,9 +403,9 @@ def compare(published: Mapping[str, dict], rerun: Mapping[str, dict]) -> list[di
     metric): ``{"method", "published", "rerun", "change"}``, where ``change`` is "same"
     (the same verdict), "inconclusive" (one of the two verdicts is inconclusive), "flipped"
     (holds against does not hold) or "missing" (the rerun lacks the claim)."""
+    key = lambda c: (c["claim"], c["arm"], c["baseline"], c["metric"])  # noqa: E731
     rows = []
     for name, results in published.items():
-        key = lambda c: (c["claim"], c["arm"], c["baseline"], c["metric"])  # noqa: E731
         others = {key(c): c for c in rerun.get(name, {}).get("claims", [])}
         for claim in results["claims"]:
             other = others.get(key(claim))
@@ -421,8 +421,8 @@ def rerun_markdown(name: str, published: Mapping[str, dict], rerun: Mapping[str,
     stayed, and every claim whose verdict changed."""
     rows = compare(published, rerun)
     counts = {k: sum(r["change"] == k for r in rows) for k in CHANGES}
-    p = next(iter(rerun.values()), {}).get("provenance") or {}
-    seeds = next(iter(rerun.values()), {}).get("seeds") or []
+    first = next(iter(rerun.values()), {})  # every method of a rerun ran at one commit
+    p, seeds = first.get("provenance") or {}, first.get("seeds") or []
     where = (f"seeds {seeds[0]}-{seeds[-1]}, " if seeds else "") + (
              f"commit {(p.get('commit') or 'no git')[:10]}, {p.get('backend')} "
              f"({p.get('cpu')}), XLA_FLAGS={p.get('xla_flags') or 'unset'}")  # fmt: skip
@@ -527,9 +527,10 @@ def main(argv):
         rerun = _read_dir(FLAGS.compare)
         if not rerun:
             raise SystemExit(f"--compare={FLAGS.compare}: no results files there")
-        print(rerun_markdown(os.path.basename(os.path.normpath(FLAGS.compare)),
-                             _read_dir(FLAGS.results_dir), rerun))  # fmt: skip
-        changes = compare(_read_dir(FLAGS.results_dir), rerun)
+        published = _read_dir(FLAGS.results_dir)
+        name = os.path.basename(os.path.normpath(FLAGS.compare))
+        print(rerun_markdown(name, published, rerun))
+        changes = compare(published, rerun)
         raise SystemExit(1 if any(r["change"] == "flipped" for r in changes) else 0)
     if FLAGS.verify:
         same = os.path.realpath(FLAGS.results_dir) == os.path.realpath(RESULTS_DIR)

@@ -467,8 +467,7 @@ def publish(workdir: str, readme: str = README, rerun: str | None = None) -> Non
     """Copies ``workdir/<method>/results.json`` to experiments/results/ (or, for a ``rerun``
     of the published demo on another machine, to ``experiments/results/reruns/<rerun>/``)
     and refreshes the README."""
-    if rerun is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", rerun):
-        raise ValueError(f"rerun name {rerun!r}: use letters, digits, '_' and '-'")
+    _check_rerun_name(rerun)
     dest = RESULTS_DIR if rerun is None else os.path.join(RERUNS_DIR, rerun)
     os.makedirs(dest, exist_ok=True)
     for name in METHODS:
@@ -507,6 +506,11 @@ def verify(results_dir: str = RESULTS_DIR, readme: str | None = README) -> list[
     return problems
 
 
+def _check_rerun_name(rerun: str | None) -> None:
+    if rerun is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", rerun):
+        raise ValueError(f"rerun name {rerun!r}: use letters, digits, '_' and '-'")
+
+
 def _verify_files(directory: str, all_results: dict) -> list[str]:
     """Each file's claims re-derived from its stored values, and its provenance."""
     problems = []
@@ -538,6 +542,12 @@ def main(argv):
         problems = verify(FLAGS.results_dir, readme)
         print("\n".join(problems) or f"verified: every claim in {FLAGS.results_dir}")
         raise SystemExit(1 if problems else 0)
+    if FLAGS.rerun is not None and not FLAGS.publish:
+        raise SystemExit("--rerun=NAME names what --publish files: add --publish")
+    try:
+        _check_rerun_name(FLAGS.rerun)  # before any training
+    except ValueError as e:
+        raise SystemExit(f"report: {e}") from None
     report = run(FLAGS.config, FLAGS.workdir)
     print("\n" + verdict_table(report["methods"]))
     total = sum(s for s in report["seconds"].values() if s)

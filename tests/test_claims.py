@@ -211,6 +211,12 @@ def test_a_published_rerun_is_verified_and_rendered_in_the_readme(tmp_path, monk
     assert any(p.startswith(str(stored)) and "p_holm stored" in p for p in problems), problems
     with pytest.raises(ValueError, match="rerun name '../x'"):
         report.publish(swapped, str(readme), rerun="../x")
+    for args in (["--publish", "--rerun=../x"], ["--rerun=x"]):  # refused before any run
+        cmd = [sys.executable, "-m", "experiments.report", f"--workdir={tmp_path / 'w'}", *args]
+        kw = dict(cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
+        done = subprocess.run(cmd, **kw)
+        assert done.returncode == 1 and "rerun" in done.stderr.splitlines()[-1], done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "w").exists()
 
 
 def test_results_store_provenance_and_verify_passes(tmp_path):
